@@ -1,0 +1,147 @@
+"""The library API behind the CLI: recipe → plan → fetch → merge → card → publish.
+
+    >>> import hubmerge
+    >>> result = hubmerge.merge("recipes/examples/tiny-ties.toml")
+    >>> result.output_dir
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .engine import write_weights
+from .errors import HubmergeError
+from .lock import LOCK_FILE, apply_lock, lock_data
+from .plan import MergePlan, build_plan
+from .recipe import load_recipe
+from .sources import TOKENIZER_FILES, fetch
+
+__all__ = ["MergeResult", "merge", "plan"]
+
+RECIPE_COPY = "hubmerge.toml"
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    plan: MergePlan
+    output_dir: Path
+    files: tuple[str, ...]
+    commit_url: str | None = None
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def plan(recipe_path: str | Path, output_dir: str | Path | None = None, lock: str | Path | None = None) -> MergePlan:
+    """Validate the recipe and resolve its sources (metadata only) into a `MergePlan`."""
+    recipe = load_recipe(recipe_path, output_dir)
+    if lock is not None:
+        recipe = apply_lock(recipe, Path(lock))
+    return build_plan(recipe)
+
+
+def _check_output_dir(plan: MergePlan) -> None:
+    directory = plan.recipe.output.dir
+    if directory.exists() and any(directory.iterdir()) and not (directory / RECIPE_COPY).is_file():
+        raise HubmergeError(
+            f"{directory} exists and is not a hubmerge output; choose another [output] dir or --output, or remove it"
+        )
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), Path.cwd())
+    free = shutil.disk_usage(existing).free
+    if free < plan.output_bytes:
+        raise HubmergeError(
+            f"{existing} has {free / 1e9:.1f} GB free but the merged weights need {plan.output_bytes / 1e9:.1f} GB; "
+            "free some space or choose another --output"
+        )
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise HubmergeError("--device cuda: no CUDA device is available to torch here; use --device cpu")
+    return torch.device(name)
+
+
+def _fetch_all(plan: MergePlan, quiet: bool) -> dict[int, Path]:
+    folders: dict[int, Path] = {}
+    for source in (*plan.weight_sources, plan.tokenizer):
+        if id(source) not in folders:
+            folders[id(source)] = fetch(source, weights=bool(source.tensors), tokenizer=source is plan.tokenizer, quiet=quiet)
+    return folders
+
+
+def _copy_side_files(plan: MergePlan, folders: dict[int, Path], directory: Path) -> list[str]:
+    (directory / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+    written = ["config.json"]
+    tokenizer_folder = folders[id(plan.tokenizer)]
+    for name in TOKENIZER_FILES:
+        source_file = tokenizer_folder / name
+        if not source_file.is_file() and name == "generation_config.json":
+            source_file = folders[id(plan.config_source)] / name
+        if source_file.is_file():
+            shutil.copyfile(source_file, directory / name)
+            written.append(name)
+    (directory / RECIPE_COPY).write_text(plan.recipe.text)
+    return [*written, RECIPE_COPY]
+
+
+def _replace(directory: Path, staging: Path) -> None:
+    """Move the finished staging folder into place; a previous hubmerge output there is replaced."""
+    old = directory.with_name(f".{directory.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if directory.exists():
+        directory.rename(old)
+    staging.rename(directory)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def merge(
+    recipe_path: str | Path,
+    *,
+    output_dir: str | Path | None = None,
+    push: bool = True,
+    device: str = "cpu",
+    lock: str | Path | None = None,
+    quiet: bool = False,
+    log: Log = _stderr,
+) -> MergeResult:
+    """Run a recipe end to end. Raises a `HubmergeError` subclass with an actionable message."""
+    merge_plan = plan(recipe_path, output_dir, lock)
+    for warning in merge_plan.warnings:
+        log(f"warning: {warning}")
+    directory = merge_plan.recipe.output.dir
+    _check_output_dir(merge_plan)
+    compute = _device(device)
+
+    folders = _fetch_all(merge_plan, quiet)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.with_name(f".{directory.name}.partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        from tqdm.auto import tqdm
+
+        with tqdm(
+            total=merge_plan.output_bytes, unit="B", unit_scale=True, desc="merging",
+            disable=quiet or not sys.stderr.isatty(),
+        ) as bar:
+            files = write_weights(merge_plan, folders, staging, compute, bar.update)
+        files += _copy_side_files(merge_plan, folders, staging)
+        (staging / LOCK_FILE).write_text(json.dumps(lock_data(merge_plan, folders, staging, files), indent=2) + "\n")
+        files.append(LOCK_FILE)
+        _replace(directory, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return MergeResult(merge_plan, directory, tuple(sorted(files)))

@@ -1,0 +1,215 @@
+"""Reading and writing safetensors checkpoints a tensor (or a slice of rows) at a time.
+
+We parse the safetensors header ourselves and read with `pread` into buffers we own instead of using
+`safe_open`: `safe_open` memory-maps whole files, and every page a merge touches then counts towards the
+process's resident memory, so a 4 × 3 GB merge would report (and, under pressure, hold) gigabytes of
+mapped pages. Writing is streamed too: output shapes are known from the plan, so each shard's header is
+written first and tensor bytes follow in order, without buffering a shard in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import SourceError
+
+__all__ = [
+    "DTYPES",
+    "PICKLE_SUFFIXES",
+    "ShardWriter",
+    "TensorInfo",
+    "TensorReader",
+    "index_folder",
+    "read_header",
+    "weight_files",
+]
+
+DTYPES: dict[str, torch.dtype] = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
+SAFETENSORS_NAME = {v: k for k, v in DTYPES.items()}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+INDEX_FILE = "model.safetensors.index.json"
+_MAX_HEADER = 100 * 2**20  # the safetensors format's own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: `offsets` are relative to the data section of `file`."""
+
+    name: str
+    dtype: str  # safetensors dtype name, e.g. "BF16"
+    shape: tuple[int, ...]
+    file: str  # relative to the checkpoint folder
+    offsets: tuple[int, int]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets[1] - self.offsets[0]
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The header dict of a safetensors file and the absolute offset where its data starts."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise SourceError(f"{path} is not a safetensors file (shorter than 8 bytes); re-download it")
+        (length,) = struct.unpack("<Q", raw)
+        if length > _MAX_HEADER:
+            raise SourceError(f"{path} is not a safetensors file (header of {length} bytes); re-download it")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:
+            raise SourceError(f"{path} has a corrupt safetensors header; re-download it") from None
+    return header, 8 + length
+
+
+def header_tensors(header: Mapping[str, Any], file: str) -> dict[str, TensorInfo]:
+    return {
+        name: TensorInfo(name, spec["dtype"], tuple(spec["shape"]), file, tuple(spec["data_offsets"]))  # type: ignore[arg-type]
+        for name, spec in header.items()
+        if name != "__metadata__"
+    }
+
+
+def weight_files(names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Split a listing into safetensors weight files and pickle weight files."""
+    names = list(names)
+    safetensors = sorted(n for n in names if n.endswith(".safetensors") and "/" not in n)
+    pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES) and "/" not in n and not n.startswith("training_args"))
+    return safetensors, pickles
+
+
+def index_folder(folder: Path, label: str) -> dict[str, TensorInfo]:
+    """Every tensor of a local checkpoint folder, single-file or sharded."""
+    if not folder.is_dir():
+        raise SourceError(f"{label}: no such folder {folder}")
+    names = [p.name for p in folder.iterdir()]
+    files, pickles = weight_files(names)
+    if not files:
+        if pickles:
+            raise SourceError(
+                f"{label} has only pickle weights ({pickles[0]}); hubmerge never loads pickle files because "
+                "they can run code. Convert them to safetensors (transformers: save_pretrained(safe_serialization=True))"
+            )
+        raise SourceError(f"{label}: no *.safetensors weights in {folder}")
+    if INDEX_FILE in names:
+        weight_map: dict[str, str] = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        path = folder / file
+        if not path.is_file():
+            raise SourceError(f"{label}: {INDEX_FILE} lists {file}, which is missing from {folder}")
+        tensors.update(header_tensors(read_header(path)[0], file))
+    return tensors
+
+
+class TensorReader:
+    """Reads tensors, or ranges of their leading dimension, from one checkpoint folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._files: dict[str, tuple[int, int]] = {}  # file -> (fd, data start)
+
+    def _open(self, file: str) -> tuple[int, int]:
+        if file not in self._files:
+            path = self.folder / file
+            _, start = read_header(path)
+            self._files[file] = (os.open(path, os.O_RDONLY), start)
+        return self._files[file]
+
+    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor (or rows [a, b) of it) in its stored dtype, in memory we own."""
+        fd, start = self._open(info.file)
+        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
+        a, b = rows if rows is not None else (0, info.shape[0] if info.shape else 1)
+        first, count = start + info.offsets[0] + a * row_bytes, (b - a) * row_bytes
+        buffer = torch.empty(count, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        done = 0
+        while done < count:
+            n = os.preadv(fd, [view[done:]], first + done)
+            if n <= 0:
+                raise SourceError(f"{self.folder / info.file} is truncated at tensor {info.name}; re-download it")
+            done += n
+        shape = ((b - a), *info.shape[1:]) if info.shape else ()
+        return buffer.view(DTYPES[info.dtype]).reshape(shape)
+
+    def close(self) -> None:
+        for fd, _ in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """One output file: its tensors in data order, with their shapes and dtype."""
+
+    file: str
+    tensors: tuple[tuple[str, tuple[int, ...]], ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        item = torch.empty(0, dtype=self.dtype).element_size()
+        return sum(_numel(shape) * item for _, shape in self.tensors)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class ShardWriter:
+    """Writes one safetensors file whose header is known up front; data arrives in order, in pieces."""
+
+    def __init__(self, path: Path, layout: ShardLayout, metadata: Mapping[str, str]) -> None:
+        item = torch.empty(0, dtype=layout.dtype).element_size()
+        header: dict[str, Any] = {"__metadata__": dict(metadata)}
+        offset = 0
+        self.offsets: dict[str, int] = {}
+        for name, shape in layout.tensors:
+            size = _numel(shape) * item
+            header[name] = {"dtype": SAFETENSORS_NAME[layout.dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
+            self.offsets[name] = offset
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data stays 8-byte aligned, as the safetensors library writes it
+        self.data_start = 8 + len(raw)
+        self.size = offset
+        self.path = path
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._written = 0
+
+    def write(self, data: torch.Tensor) -> None:
+        view = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
+        self._file.write(view)
+        self._written += len(view)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._written != self.size:
+            raise RuntimeError(f"{self.path}: wrote {self._written} of {self.size} bytes")  # an engine bug

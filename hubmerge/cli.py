@@ -1,0 +1,144 @@
+"""The `hubmerge` command: a thin layer over `hubmerge.api` that turns errors into one line and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import HubmergeError
+
+__all__ = ["main"]
+
+COMMANDS = ("validate", "plan", "card")
+_EPILOG = """commands:
+  hubmerge RECIPE.toml            merge, write the model folder and card, push if [output] repo is set
+  hubmerge validate RECIPE...     check recipes (schema and references) without reading weights
+  hubmerge plan RECIPE [--json]   resolve sources and print what a merge would do (same as --dry-run)
+  hubmerge card RECIPE [-o FILE]  render the model card alone
+
+exit codes: 0 ok, 1 other error, 2 recipe, 3 source, 4 incompatible sources, 5 card, 6 publish, 130 interrupted.
+Set HUBMERGE_DEBUG=1 to see tracebacks."""
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hubmerge",
+        description="Merge Qwen2.5 checkpoints from a TOML recipe and publish the result to the Hugging Face Hub.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("recipe", type=Path, help="the recipe file (TOML)")
+    p.add_argument("--output", type=Path, help="output folder (overrides [output] dir)")
+    p.add_argument("--no-push", action="store_true", help="do not push even if [output] repo is set")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and stop (no weights are downloaded)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the arithmetic runs (default cpu)")
+    p.add_argument("--lock", type=Path, help="reproduce the merge recorded in this hubmerge.lock.json")
+    p.add_argument("--summary", type=Path, default=_default_summary(), help="append a Markdown summary here "
+                   "(default: $GITHUB_STEP_SUMMARY when set)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only errors and warnings")
+    p.add_argument("--version", action="version", version=f"hubmerge {__version__}")
+    return p
+
+
+def _default_summary() -> Path | None:
+    value = os.environ.get("GITHUB_STEP_SUMMARY")
+    return Path(value) if value else None
+
+
+def _command_parser(command: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"hubmerge {command}")
+    if command == "validate":
+        p.add_argument("recipes", type=Path, nargs="+")
+    else:
+        p.add_argument("recipe", type=Path)
+        p.add_argument("--output", type=Path, help="output folder (overrides [output] dir)")
+    if command == "plan":
+        p.add_argument("--json", action="store_true", help="print the plan as JSON")
+        p.add_argument("--lock", type=Path, help="pin sources to this hubmerge.lock.json")
+        p.add_argument("--summary", type=Path, default=_default_summary(), help="append a Markdown summary here")
+    if command == "card":
+        p.add_argument("-o", "--out", type=Path, help="write the card here instead of stdout")
+    return p
+
+
+def _append(path: Path | None, text: str) -> None:
+    if path is not None:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+
+
+def _dispatch(argv: Sequence[str]) -> int:
+    from . import api
+    from .recipe import load_recipe
+    from .report import plan_json, plan_text, summary_markdown
+
+    if argv and argv[0] in COMMANDS:
+        command, args = argv[0], _command_parser(argv[0]).parse_args(argv[1:])
+        if command == "validate":
+            for path in args.recipes:
+                recipe = load_recipe(path)
+                print(f"ok  {path}  ({recipe.method.name}, {len(recipe.models)} models)")
+            return 0
+        merge_plan = api.plan(args.recipe, args.output, getattr(args, "lock", None))
+        if command == "plan":
+            print(json.dumps(plan_json(merge_plan), indent=2) if args.json else plan_text(merge_plan))
+            _append(args.summary, summary_markdown(merge_plan))
+            return 0
+        from .card import render_card
+
+        card = render_card(merge_plan)
+        if args.out:
+            args.out.write_text(card)
+        else:
+            sys.stdout.write(card)
+        return 0
+
+    args = _run_parser().parse_args(argv)
+    if args.dry_run:
+        merge_plan = api.plan(args.recipe, args.output, args.lock)
+        print(plan_text(merge_plan))
+        _append(args.summary, summary_markdown(merge_plan))
+        return 0
+    result = api.merge(
+        args.recipe, output_dir=args.output, push=not args.no_push, device=args.device, lock=args.lock, quiet=args.quiet
+    )
+    if not args.quiet:
+        print(f"wrote {result.output_dir}")
+    if result.commit_url:
+        print(result.commit_url)
+    _append(args.summary, summary_markdown(result.plan, result.commit_url, merged=True))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("HUBMERGE_DEBUG") not in (None, "", "0")
+    try:
+        return _dispatch(argv)
+    except HubmergeError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"hubmerge: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("hubmerge: interrupted; no output was left behind", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        print(
+            f"hubmerge: internal error: {type(exc).__name__}: {exc} (run with HUBMERGE_DEBUG=1 for a traceback and "
+            "please report it)",
+            file=sys.stderr,
+        )
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())

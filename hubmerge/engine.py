@@ -1,0 +1,165 @@
+"""The engine: execute a `MergePlan`, streaming tensor slices from the inputs into the output shards.
+
+Memory stays a small multiple of one slice (`plan.CHUNK_ELEMENTS` per input) whatever the model size:
+every method is elementwise once TIES's per-model magnitude cut-offs are known, and those come from a
+two-pass streaming selection (`selection.py`). Arithmetic runs in float32 (float64 inputs stay float64)
+on the chosen device and is rounded once to the output dtype.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import ShardWriter, TensorReader
+from .methods import TiesChunk, simple_average, linear, task_arithmetic, ties, ties_keep_count
+from .plan import MergePlan, OutputTensor
+from .selection import kth_smallest
+
+__all__ = ["Progress", "write_weights"]
+
+Progress = Callable[[int], None]  # called with the number of output bytes just written
+
+
+@dataclass
+class _Patches:
+    """TIES positions whose value depends on the global majority sign (see `methods.TiesChunk`)."""
+
+    sign_sum: int = 0
+    items: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+class _Inputs:
+    """Reads the math inputs' slices of one output tensor and upcasts them on the compute device."""
+
+    def __init__(self, plan: MergePlan, folders: Sequence[Path], device: torch.device) -> None:
+        self.readers = [TensorReader(folder) for folder in folders]
+        self.dtype = plan.compute_dtype
+        self.device = device
+
+    def slices(self, tensor: OutputTensor) -> Iterator[tuple[int, list[torch.Tensor]]]:
+        rows = tensor.shape[0] if tensor.shape else 1
+        for start in range(0, rows, tensor.chunk_rows):
+            stop = min(rows, start + tensor.chunk_rows)
+            span = (start, stop) if tensor.shape else None
+            yield start, [
+                reader.read(info, span).to(self.device, non_blocking=True).to(self.dtype)
+                for reader, info in zip(self.readers, tensor.inputs)
+            ]
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+
+
+def _magnitudes(inputs: _Inputs, tensors: Sequence[OutputTensor]) -> Callable[[], Iterator[torch.Tensor]]:
+    def chunks() -> Iterator[torch.Tensor]:
+        for tensor in tensors:
+            for _, (base, *models) in inputs.slices(tensor):
+                yield torch.stack([(m - base).abs_().flatten() for m in models]).to("cpu", torch.float32)
+
+    return chunks
+
+
+def _ties_thresholds(plan: MergePlan, inputs: _Inputs) -> dict[str, list[float]]:
+    """Per output tensor, each model's magnitude cut-off: over the whole model, or per tensor."""
+    threshold = float(plan.recipe.parameters["threshold"])
+    n = len(plan.models)
+    if plan.recipe.parameters["trim"] == "global":
+        # d counts every merged parameter once: a tied embedding is one tensor here, not two.
+        rank = ties_keep_count(plan.parameter_count, threshold)
+        cut = kth_smallest(_magnitudes(inputs, plan.tensors), [rank] * n)
+        return {t.name: cut for t in plan.tensors}
+    return {
+        t.name: kth_smallest(_magnitudes(inputs, [t]), [ties_keep_count(t.numel, threshold)] * n) for t in plan.tensors
+    }
+
+
+def _merge_slice(
+    plan: MergePlan, slices: list[torch.Tensor], thresholds: list[float] | None
+) -> torch.Tensor | TiesChunk:
+    params = plan.recipe.parameters
+    method = plan.recipe.method.name
+    weights = [float(m.ref.params.get("weight", 1.0)) for m in plan.models]
+    if method == "simple_average":
+        return simple_average(slices)
+    if method == "linear":
+        return linear(slices, weights)
+    base, *models = slices
+    if method == "task_arithmetic":
+        return task_arithmetic(base, models, weights, float(params["scaling_factor"]))
+    assert thresholds is not None
+    return ties(base, models, thresholds, float(params["scaling_factor"]), str(params["merge_func"]))
+
+
+def write_weights(
+    plan: MergePlan, folders: Mapping[int, Path], directory: Path, device: torch.device, progress: Progress
+) -> list[str]:
+    """Write the merged safetensors shards (and index) into `directory`; return the file names."""
+    inputs = _Inputs(plan, [folders[id(s)] for s in plan.inputs], device)
+    patches = _Patches()
+    files: dict[str, ShardWriter] = {}
+    try:
+        thresholds = _ties_thresholds(plan, inputs) if plan.recipe.method.trims else {}
+        by_name = {t.name: t for t in plan.tensors}
+        for layout in plan.shards:
+            writer = ShardWriter(directory / layout.file, layout, {"format": "pt"})
+            files[layout.file] = writer
+            try:
+                for name, _ in layout.tensors:
+                    tensor = by_name[name]
+                    row = tensor.numel // tensor.shape[0] if tensor.shape and tensor.shape[0] else 1
+                    for start, slices in inputs.slices(tensor):
+                        result = _merge_slice(plan, slices, thresholds.get(name))
+                        if isinstance(result, TiesChunk):
+                            patches.sign_sum += result.sign_sum
+                            if result.undecided.numel():
+                                patches.items.append(
+                                    (name, (result.undecided + start * row).cpu(),
+                                     result.if_negative.to(plan.out_dtype).cpu(), result.if_zero.to(plan.out_dtype).cpu())
+                                )
+                            result = result.values
+                        out = result.to(plan.out_dtype).cpu()
+                        writer.write(out)
+                        progress(out.numel() * out.element_size())
+            finally:
+                writer.close()
+        if patches.items and patches.sign_sum <= 0:
+            _apply_patches(patches, files, plan)
+    finally:
+        inputs.close()
+    if len(plan.shards) > 1:
+        _write_index(plan, directory)
+    return [layout.file for layout in plan.shards] + (["model.safetensors.index.json"] if len(plan.shards) > 1 else [])
+
+
+def _apply_patches(patches: _Patches, files: Mapping[str, ShardWriter], plan: MergePlan) -> None:
+    """Rewrite the TIES positions written under a +1 majority that turned out -1 (or 0)."""
+    where = {name: (writer.path, writer.data_start + writer.offsets[name]) for writer in files.values() for name in writer.offsets}
+    item = torch.empty(0, dtype=plan.out_dtype).element_size()
+    for name, positions, if_negative, if_zero in patches.items:
+        values = if_negative if patches.sign_sum < 0 else if_zero
+        path, offset = where[name]
+        raw = values.contiguous().view(torch.uint8).reshape(-1, item).numpy()
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            for position, data in zip(positions.tolist(), raw):
+                os.pwrite(fd, data.tobytes(), offset + position * item)
+        finally:
+            os.close(fd)
+
+
+def _write_index(plan: MergePlan, directory: Path) -> None:
+    import json
+
+    weight_map = {name: layout.file for layout in plan.shards for name, _ in layout.tensors}
+    index = {
+        "metadata": {"total_size": plan.output_bytes, "total_parameters": plan.parameter_count, "hubmerge_version": __version__},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,48 @@
+"""The errors hubmerge raises, each rendered by the CLI as one line that says what to do next.
+
+    HubmergeError                     exit 1: anything else we anticipated
+     ├── RecipeError                  exit 2: the recipe file is not valid (syntax, schema, parameters)
+     ├── SourceError                  exit 3: a source model cannot be found, read or downloaded
+     ├── IncompatibleSourcesError     exit 4: the sources cannot be merged together (names, shapes, architecture)
+     ├── CardError                    exit 5: the model card cannot be rendered (template, license)
+     └── PublishError                 exit 6: the result cannot be pushed (token, permissions, Hub errors)
+
+Exit code 130 means interrupted; any other code is a bug (run with HUBMERGE_DEBUG=1 for a traceback).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CardError",
+    "HubmergeError",
+    "IncompatibleSourcesError",
+    "PublishError",
+    "RecipeError",
+    "SourceError",
+]
+
+
+class HubmergeError(Exception):
+    """Base class: `str(error)` is a complete, actionable sentence."""
+
+    exit_code = 1
+
+
+class RecipeError(HubmergeError, ValueError):
+    exit_code = 2
+
+
+class SourceError(HubmergeError):
+    exit_code = 3
+
+
+class IncompatibleSourcesError(HubmergeError):
+    exit_code = 4
+
+
+class CardError(HubmergeError):
+    exit_code = 5
+
+
+class PublishError(HubmergeError):
+    exit_code = 6

@@ -1,0 +1,112 @@
+"""`hubmerge.lock.json`: what exactly went into a merge and what came out, so it can be reproduced.
+
+Hub sources are recorded by commit sha and the Hub's sha256 of their LFS files; local sources and small
+files by the sha256 of the bytes read. `hubmerge RECIPE --lock FILE` pins every Hub source to the
+recorded sha and refuses local sources whose bytes changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import RecipeError
+from .plan import MergePlan
+from .recipe import Recipe
+
+__all__ = ["LOCK_FILE", "apply_lock", "file_sha256", "lock_data"]
+
+LOCK_FILE = "hubmerge.lock.json"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(2**24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _labels(recipe: Recipe) -> list[tuple[str, Any]]:
+    pairs: list[tuple[str, Any]] = [("base", recipe.base)] if recipe.base else []
+    pairs += [(f"models[{i}]", m) for i, m in enumerate(recipe.models)]
+    if recipe.tokenizer:
+        pairs.append(("tokenizer", recipe.tokenizer))
+    return pairs
+
+
+def lock_data(plan: MergePlan, folders: Mapping[int, Path], output: Path, output_files: list[str]) -> dict[str, Any]:
+    sources = []
+    by_label = {s.label.split(" ")[0]: s for s in (*plan.weight_sources, plan.tokenizer)}
+    for label, ref in _labels(plan.recipe):
+        source = by_label[label]
+        folder = folders[id(source)]
+        used = source.needed_files(weights=bool(source.tensors), tokenizer=source is plan.tokenizer)
+        files = {
+            f: {
+                "size": source.files.get(f, 0),
+                "sha256": source.lfs_sha256.get(f) or file_sha256(folder / f),
+            }
+            for f in used
+            if (folder / f).is_file()
+        }
+        sources.append({
+            "role": label,
+            "reference": ref.text,
+            "repo_id": ref.repo_id,
+            "revision": ref.revision,
+            "sha": source.sha,
+            "path": str(ref.path) if ref.path else None,
+            "files": files,
+        })
+    return {
+        "hubmerge_version": __version__,
+        "recipe": {"file": plan.recipe.path.name, "sha256": plan.recipe.sha256},
+        "method": plan.recipe.method.name,
+        "parameters": dict(plan.recipe.parameters),
+        "sources": sources,
+        "output": {
+            "files": {
+                f: {"size": (output / f).stat().st_size, "sha256": file_sha256(output / f)} for f in sorted(output_files)
+            }
+        },
+    }
+
+
+def apply_lock(recipe: Recipe, lock_path: Path) -> Recipe:
+    """The recipe with every Hub source pinned to the sha recorded in `lock_path`."""
+    try:
+        lock = json.loads(lock_path.read_text())
+        recorded = {entry["role"]: entry for entry in lock["sources"]}
+        recipe_sha = lock["recipe"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RecipeError(f"{lock_path}: not a readable {LOCK_FILE} ({exc})") from None
+    if recipe_sha != recipe.sha256:
+        raise RecipeError(
+            f"{lock_path} was written for another version of {recipe.path.name} (recipe sha256 differs); "
+            "use the recipe stored beside it as hubmerge.toml"
+        )
+    pinned: dict[str, Any] = {}
+    for label, ref in _labels(recipe):
+        entry = recorded.get(label)
+        if entry is None:
+            raise RecipeError(f"{lock_path} has no entry for {label}")
+        if ref.repo_id is not None:
+            pinned[label] = dataclasses.replace(ref, revision=entry["sha"])
+        else:
+            for name, meta in entry["files"].items():
+                path = ref.path / name
+                if not path.is_file() or file_sha256(path) != meta["sha256"]:
+                    raise RecipeError(f"{label}: {path} differs from the bytes recorded in {lock_path}")
+            pinned[label] = ref
+    return dataclasses.replace(
+        recipe,
+        base=pinned.get("base", recipe.base),
+        models=tuple(pinned[f"models[{i}]"] for i in range(len(recipe.models))),
+        tokenizer=pinned.get("tokenizer", recipe.tokenizer),
+    )

@@ -1,0 +1,100 @@
+"""Human and machine renderings of a plan and of a finished merge (terminal text, JSON, Markdown)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import __version__
+from .plan import MergePlan
+
+__all__ = ["plan_json", "plan_text", "summary_markdown"]
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.2f} MB" if n >= 10**5 else f"{n} B"
+
+
+def plan_json(plan: MergePlan) -> dict[str, Any]:
+    r = plan.recipe
+    return {
+        "hubmerge_version": __version__,
+        "recipe": str(r.path),
+        "recipe_sha256": r.sha256,
+        "method": r.method.name,
+        "parameters": dict(r.parameters),
+        "sources": [
+            {
+                "role": s.label.split(" ")[0],
+                "reference": s.ref.text,
+                "repo_id": s.ref.repo_id,
+                "revision": s.ref.revision,
+                "sha": s.sha,
+                "path": str(s.ref.path) if s.ref.path else None,
+                "parameters": dict(s.ref.params),
+            }
+            for s in (*plan.weight_sources, *(() if plan.tokenizer in plan.weight_sources else (plan.tokenizer,)))
+        ],
+        "downloads": [
+            {"source": d.source, "files": list(d.files), "bytes": d.bytes, "cached_bytes": d.cached_bytes}
+            for d in plan.downloads
+        ],
+        "output": {
+            "dir": str(r.output.dir),
+            "dtype": str(plan.out_dtype).removeprefix("torch."),
+            "tensors": len(plan.tensors),
+            "parameters": plan.parameter_count,
+            "bytes": plan.output_bytes,
+            "shards": [s.file for s in plan.shards],
+            "tie_word_embeddings": plan.tie_word_embeddings,
+        },
+        "estimates": {
+            "peak_memory_bytes": plan.peak_memory_estimate,
+            "disk_bytes": plan.output_bytes + sum(d.bytes - d.cached_bytes for d in plan.downloads),
+        },
+        "push": None
+        if r.output.repo is None
+        else {"repo": r.output.repo, "private": r.output.private, "branch": r.output.branch, "create_pr": r.output.create_pr},
+        "warnings": list(plan.warnings),
+    }
+
+
+def plan_text(plan: MergePlan) -> str:
+    data = plan_json(plan)
+    lines = [f"recipe   {data['recipe']}", f"method   {data['method']} {data['parameters'] or ''}".rstrip()]
+    for s in data["sources"]:
+        pinned = f" @ {s['sha']}" if s["sha"] else ""
+        params = f" {s['parameters']}" if s["parameters"] and s["parameters"] != {"weight": 1.0} else ""
+        lines.append(f"{s['role']:<9}{s['repo_id'] or s['path']}{pinned}{params}")
+    for d in data["downloads"]:
+        lines.append(f"download {d['source']}: {len(d['files'])} files, {_gb(d['bytes'])} ({_gb(d['cached_bytes'])} cached)")
+    out = data["output"]
+    lines.append(
+        f"output   {out['dir']}: {out['tensors']} tensors, {out['parameters']:,} parameters, {out['dtype']}, "
+        f"{_gb(out['bytes'])} in {len(out['shards'])} file(s), "
+        f"{'tied' if out['tie_word_embeddings'] else 'untied'} lm_head"
+    )
+    est = data["estimates"]
+    lines.append(f"needs    ~{_gb(est['peak_memory_bytes'])} peak memory, {_gb(est['disk_bytes'])} disk")
+    push = data["push"]
+    lines.append(
+        "push     none ([output] repo not set)"
+        if push is None
+        else f"push     {push['repo']} ({'pull request' if push['create_pr'] else push['branch'] or 'main'}"
+        f"{', private' if push['private'] else ''}): the output folder"
+    )
+    lines += [f"warning  {w}" for w in data["warnings"]]
+    return "\n".join(lines)
+
+
+def summary_markdown(plan: MergePlan, commit_url: str | None = None, merged: bool = False) -> str:
+    data = plan_json(plan)
+    title = "Merged" if merged else "Plan for"
+    lines = [f"### {title} `{plan.recipe.path.name}` ({data['method']})", "", "| role | source | revision | sha |", "|---|---|---|---|"]
+    for s in data["sources"]:
+        lines.append(f"| {s['role']} | `{s['repo_id'] or s['path']}` | {s['revision'] or ''} | `{s['sha'] or 'local'}` |")
+    out = data["output"]
+    lines += ["", f"Output: {out['tensors']} tensors, {out['parameters']:,} parameters, {_gb(out['bytes'])} ({out['dtype']})."]
+    if commit_url:
+        lines.append(f"Pushed: {commit_url}")
+    lines += [f"> warning: {w}" for w in data["warnings"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,228 @@
+"""Sources: turn each model reference into a `Source` (resolved revision, files, config, tensor headers),
+and later fetch the files a merge needs.
+
+Resolution reads only metadata: the Hub API for the commit sha and file list, `config.json`, and the
+safetensors headers through HTTP range requests, so a wrong recipe fails in seconds instead of after
+gigabytes of downloads. Hub sources are pinned to the resolved sha from then on; downloads go to the
+standard Hugging Face cache, so `HF_HUB_OFFLINE=1`, `HF_TOKEN`, `hf auth login` and `hf cache` work as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import INDEX_FILE, TensorInfo, header_tensors, index_folder, weight_files
+from .errors import SourceError
+from .recipe import ModelRef
+
+__all__ = ["TOKENIZER_FILES", "Source", "fetch", "resolve"]
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+# What every source contributes besides weights: its config and what the card needs (license, metadata).
+_ALWAYS = ("config.json", "README.md", "LICENSE", "LICENSE.txt", "LICENSE.md")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A model reference resolved to something exact: a local folder, or a Hub repo at a commit sha."""
+
+    ref: ModelRef
+    label: str  # e.g. "models[1] (Qwen/Qwen2.5-Coder-1.5B)", for messages
+    config: Mapping[str, Any]
+    tensors: Mapping[str, TensorInfo]
+    files: Mapping[str, int]  # every file of the repo or folder -> size in bytes
+    card_data: Mapping[str, Any] | None  # README.md front matter
+    sha: str | None = None  # resolved commit, for Hub sources
+    lfs_sha256: Mapping[str, str] = field(default_factory=dict)  # Hub-side sha256 of LFS files
+    gated: bool = False
+
+    @property
+    def weight_files(self) -> tuple[str, ...]:
+        return tuple(sorted({t.file for t in self.tensors.values()} | ({INDEX_FILE} & set(self.files))))
+
+    def needed_files(self, weights: bool, tokenizer: bool) -> tuple[str, ...]:
+        wanted = set(_ALWAYS) | (set(self.weight_files) if weights else set()) | (set(TOKENIZER_FILES) if tokenizer else set())
+        return tuple(sorted(f for f in self.files if f in wanted))
+
+
+def resolve(ref: ModelRef, label: str, weights: bool = True) -> Source:
+    """Resolve a reference without downloading weights. `weights=False` for a tokenizer-only source."""
+    label = f"{label} ({ref.display})"
+    if ref.path is not None:
+        return _resolve_local(ref, label, weights)
+    return _resolve_hub(ref, label, weights)
+
+
+def _read_json(path: Path, label: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SourceError(f"{label}: no {path.name} in {path.parent}; is it a transformers model folder?") from None
+    except ValueError as exc:
+        raise SourceError(f"{label}: {path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise SourceError(f"{label}: {path} is not a JSON object")
+    return data
+
+
+def _front_matter(path: Path) -> dict[str, Any] | None:
+    from huggingface_hub.repocard import metadata_load
+
+    if not path.is_file():
+        return None
+    try:
+        return metadata_load(path)
+    except Exception:  # a README with broken YAML simply carries no metadata
+        return None
+
+
+def _resolve_local(ref: ModelRef, label: str, weights: bool) -> Source:
+    folder = ref.path
+    assert folder is not None
+    if not folder.is_dir():
+        raise SourceError(f"{label}: no such folder {folder}")
+    files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
+    return Source(
+        ref=ref,
+        label=label,
+        config=_read_json(folder / "config.json", label),
+        tensors=index_folder(folder, label) if weights else {},
+        files=files,
+        card_data=_front_matter(folder / "README.md"),
+    )
+
+
+@contextlib.contextmanager
+def hub_errors(label: str, repo_id: str, revision: str | None) -> Iterator[None]:
+    """Translate huggingface_hub's exceptions into one line that says what to do."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    url = f"{constants.ENDPOINT}/{repo_id}"
+    try:
+        yield
+    except GatedRepoError:
+        raise SourceError(
+            f"{label}: {repo_id} is gated; accept its terms at {url} and use a token of that account "
+            "(HF_TOKEN or `hf auth login`)"
+        ) from None
+    except RepositoryNotFoundError:
+        hint = "check the id" if os.environ.get("HF_TOKEN") else "check the id, or log in (HF_TOKEN or `hf auth login`) if it is private"
+        raise SourceError(f"{label}: repository {repo_id} not found on {constants.ENDPOINT}; {hint}") from None
+    except RevisionNotFoundError:
+        raise SourceError(
+            f"{label}: revision {revision!r} not found in {repo_id}; use a branch, tag or commit sha listed at {url}"
+        ) from None
+    except RemoteEntryNotFoundError as exc:
+        raise SourceError(f"{label}: a file is missing from {repo_id}@{revision}: {exc}") from None
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError):
+        raise SourceError(
+            f"{label}: cannot reach {constants.ENDPOINT} and {repo_id}@{revision or 'main'} is not in the cache; "
+            "check your network, or run once online (unset HF_HUB_OFFLINE)"
+        ) from None
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "?"
+        if status == 401:
+            raise SourceError(f"{label}: the Hub rejected the token (401); run `hf auth login` or fix HF_TOKEN") from None
+        raise SourceError(f"{label}: the Hub answered {status} for {repo_id}; try again later ({exc})") from None
+    except OSError as exc:  # connection refused, DNS failure, disk full while caching
+        raise SourceError(f"{label}: cannot reach {constants.ENDPOINT} ({exc}); check your network") from None
+    except Exception as exc:
+        if type(exc).__module__.startswith(("httpx", "httpcore")):
+            raise SourceError(f"{label}: cannot reach {constants.ENDPOINT} ({exc}); check your network") from None
+        raise
+
+
+def _resolve_hub(ref: ModelRef, label: str, weights: bool) -> Source:
+    from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+
+    repo_id = ref.repo_id
+    assert repo_id is not None
+    revision = ref.revision or "main"
+    if constants.HF_HUB_OFFLINE:
+        # Offline: the cache is the only truth. Resolve the revision through the cache's refs.
+        with hub_errors(label, repo_id, revision):
+            folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+        local = _resolve_local(ModelRef(ref.text, path=folder), label, weights)
+        return Source(ref, label, local.config, local.tensors, local.files, local.card_data, sha=folder.name)
+
+    api = HfApi()
+    with hub_errors(label, repo_id, revision):
+        info = api.model_info(repo_id, revision=revision, files_metadata=True)
+        sha = info.sha
+        assert sha is not None
+        files = {s.rfilename: s.size or 0 for s in info.siblings or []}
+        lfs = {s.rfilename: s.lfs.sha256 for s in info.siblings or [] if s.lfs is not None}
+        safetensors, pickles = weight_files(files)
+        if weights and not safetensors:
+            if pickles:
+                raise SourceError(
+                    f"{label}: {repo_id}@{sha[:12]} has only pickle weights ({pickles[0]}); hubmerge never loads "
+                    "pickle files because they can run code. Pick a revision with *.safetensors weights"
+                )
+            raise SourceError(f"{label}: {repo_id}@{sha[:12]} has no *.safetensors weights")
+        if "config.json" not in files:
+            raise SourceError(f"{label}: {repo_id}@{sha[:12]} has no config.json; is it a transformers model?")
+        config = _read_json(Path(hf_hub_download(repo_id, "config.json", revision=sha)), label)
+        tensors: dict[str, TensorInfo] = {}
+        if weights:
+            metadata = api.get_safetensors_metadata(repo_id, revision=sha)
+            for file, file_metadata in metadata.files_metadata.items():
+                header = {
+                    name: {"dtype": t.dtype, "shape": t.shape, "data_offsets": t.data_offsets}
+                    for name, t in file_metadata.tensors.items()
+                }
+                tensors.update(header_tensors(header, file))
+    card_data = info.card_data.to_dict() if info.card_data is not None else None
+    return Source(ref, label, config, tensors, files, card_data, sha=sha, lfs_sha256=lfs, gated=bool(info.gated))
+
+
+def fetch(source: Source, weights: bool, tokenizer: bool, quiet: bool) -> Path:
+    """Make the needed files local and return the folder (the snapshot folder for Hub sources)."""
+    if source.ref.path is not None:
+        return source.ref.path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import disable_progress_bars
+
+    if quiet:
+        disable_progress_bars()
+    repo_id = source.ref.repo_id
+    assert repo_id is not None
+    with hub_errors(source.label, repo_id, source.sha):
+        return Path(
+            snapshot_download(repo_id, revision=source.sha, allow_patterns=list(source.needed_files(weights, tokenizer)))
+        )
+
+
+def cached_files(source: Source, files: tuple[str, ...]) -> set[str]:
+    """Which of `files` are already in the local cache at the source's sha."""
+    if source.ref.path is not None:
+        return set(files)
+    from huggingface_hub import try_to_load_from_cache
+
+    return {f for f in files if isinstance(try_to_load_from_cache(source.ref.repo_id or "", f, revision=source.sha), str)}
