@@ -192,11 +192,12 @@ def load_recipe(path: str | Path, output_dir: str | Path | None = None) -> Recip
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         message = str(exc)
-        where = re.search(r"\(at line (\d+), column (\d+)\)", message)
-        if where:
-            message = message[: where.start()].strip()
-            raise RecipeError(f"{path}:{where.group(1)}:{where.group(2)}: TOML syntax error: {message}") from None
-        raise RecipeError(f"{path}: TOML syntax error: {message}") from None
+        where = re.search(r"\(at line (\d+), column (\d+)\)|\(at end of document\)", message)
+        if where is None:
+            raise RecipeError(f"{path}: TOML syntax error: {message}") from None
+        lines = text.splitlines() or [""]
+        line, column = (where.group(1), where.group(2)) if where.group(1) else (len(lines), len(lines[-1]) + 1)
+        raise RecipeError(f"{path}:{line}:{column}: TOML syntax error: {message[: where.start()].strip()}") from None
     return _build(_Reader(path), data, text, output_dir)
 
 
