@@ -20,6 +20,8 @@ from .engine import write_weights
 from .errors import HubmergeError
 from .lock import LOCK_FILE, apply_lock, lock_data
 from .plan import MergePlan, build_plan
+from .publish import check_push_access
+from .publish import push as publish
 from .recipe import load_recipe
 from .sources import TOKENIZER_FILES, fetch
 
@@ -122,6 +124,9 @@ def merge(
     directory = merge_plan.recipe.output.dir
     _check_output_dir(merge_plan)
     compute = _device(device)
+    publishing = push and merge_plan.recipe.output.repo is not None
+    if publishing:
+        check_push_access(merge_plan)
 
     folders = _fetch_all(merge_plan, quiet)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -144,4 +149,10 @@ def merge(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return MergeResult(merge_plan, directory, tuple(sorted(files)))
+    result = MergeResult(merge_plan, directory, tuple(sorted(files)))
+    if not publishing:
+        return result
+    pushed = publish(merge_plan, directory)
+    if not pushed.changed:
+        log(f"{merge_plan.recipe.output.repo} already holds exactly this output; no new commit was made")
+    return MergeResult(merge_plan, directory, result.files, pushed.url)

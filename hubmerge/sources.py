@@ -116,6 +116,7 @@ def hub_errors(label: str, repo_id: str, revision: str | None) -> Iterator[None]
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
+        IncompleteSnapshotError,
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
         RemoteEntryNotFoundError,
@@ -140,7 +141,7 @@ def hub_errors(label: str, repo_id: str, revision: str | None) -> Iterator[None]
         ) from None
     except RemoteEntryNotFoundError as exc:
         raise SourceError(f"{label}: a file is missing from {repo_id}@{revision}: {exc}") from None
-    except (OfflineModeIsEnabled, LocalEntryNotFoundError):
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError, IncompleteSnapshotError):
         raise SourceError(
             f"{label}: cannot reach {constants.ENDPOINT} and {repo_id}@{revision or 'main'} is not in the cache; "
             "check your network, or run once online (unset HF_HUB_OFFLINE)"
@@ -167,8 +168,8 @@ def _resolve_hub(ref: ModelRef, label: str, weights: bool) -> Source:
     if constants.HF_HUB_OFFLINE:
         # Offline: the cache is the only truth. Resolve the revision through the cache's refs.
         with hub_errors(label, repo_id, revision):
-            folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-        local = _resolve_local(ModelRef(ref.text, path=folder), label, weights)
+            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["config.json"], local_files_only=True))
+        local = _resolve_local(ModelRef(ref.text, path=folder), f"{label} (offline, from the cache)", weights)
         return Source(ref, label, local.config, local.tensors, local.files, local.card_data, sha=folder.name)
 
     api = HfApi()
@@ -188,7 +189,12 @@ def _resolve_hub(ref: ModelRef, label: str, weights: bool) -> Source:
             raise SourceError(f"{label}: {repo_id}@{sha[:12]} has no *.safetensors weights")
         if "config.json" not in files:
             raise SourceError(f"{label}: {repo_id}@{sha[:12]} has no config.json; is it a transformers model?")
-        config = _read_json(Path(hf_hub_download(repo_id, "config.json", revision=sha)), label)
+        # Downloading by the revision's name (not the sha) records the name -> sha ref in the cache,
+        # which is what lets a later HF_HUB_OFFLINE=1 run resolve the same recipe.
+        config_path = Path(hf_hub_download(repo_id, "config.json", revision=revision))
+        if config_path.parent.name != sha:
+            raise SourceError(f"{label}: {repo_id}@{revision} moved while it was being resolved; run again")
+        config = _read_json(config_path, label)
         tensors: dict[str, TensorInfo] = {}
         if weights:
             metadata = api.get_safetensors_metadata(repo_id, revision=sha)

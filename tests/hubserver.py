@@ -43,10 +43,10 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote
 
@@ -173,6 +173,7 @@ class _Fault:
     remaining: int
     status: int | None  # None: close the connection without answering
     path_contains: str | None
+    method: str | None
 
 
 @dataclass
@@ -188,13 +189,16 @@ class _Request:
     def flag(self, name: str) -> bool:
         return self.query.get(name, [""])[-1].lower() in ("1", "true")
 
-    def json(self) -> Any:
+    def json(self) -> dict[str, Any]:
         if not self.body.strip():
             return {}
         try:
-            return json.loads(self.body)
+            payload = json.loads(self.body)
         except ValueError as err:
             raise HubError(400, f"Malformed JSON body: {err}") from err
+        if not isinstance(payload, dict):
+            raise HubError(400, "The JSON body must be an object")
+        return payload
 
 
 @dataclass
@@ -349,12 +353,14 @@ class LocalHub:
         """The repo's pull requests (not plain discussions), oldest first."""
         with self._lock:
             repo = self._repo(repo_id)
-            return [d for _, d in sorted(repo.discussions.items()) if d.is_pull_request]
+            return [replace(d) for _, d in sorted(repo.discussions.items()) if d.is_pull_request]
 
     # ------------------------------------------------------------------ request log and faults
 
-    def bytes_served(self, match: Callable[[str], bool], *, include_ranges: bool = True) -> int:
-        """Body bytes sent by GETs whose decoded path satisfies `match`.
+    def bytes_served(
+        self, match: Callable[[str], bool], *, include_ranges: bool = True, since: int = 0
+    ) -> int:
+        """Body bytes sent by GETs whose decoded path satisfies `match`, from `requests[since]` on.
 
         With `include_ranges=False`, requests that carried a `Range` header are left out, so a test can allow
         safetensors header probes while asserting that no whole file was downloaded.
@@ -362,19 +368,25 @@ class LocalHub:
         with self._lock:
             return sum(
                 record.body_bytes
-                for record in self.requests
+                for record in self.requests[since:]
                 if record.method == "GET" and match(record.path) and (include_ranges or record.range is None)
             )
 
-    def fail_next(self, n: int, status: int = 500, path_contains: str | None = None) -> None:
-        """Answer the next `n` requests whose target contains `path_contains` (any if None) with `status`."""
-        with self._lock:
-            self._faults.append(_Fault(n, status, path_contains))
+    def fail_next(
+        self, n: int, status: int = 500, path_contains: str | None = None, method: str | None = None
+    ) -> None:
+        """Answer `status` to the next `n` requests whose target (raw or decoded) contains `path_contains`.
 
-    def drop_next(self, n: int, path_contains: str | None = None) -> None:
-        """Close the connection, without an answer, on the next `n` matching requests."""
+        None matches any target; `method` (e.g. "GET") narrows the match, since a download is a HEAD then a
+        GET on the same path and the client retries them differently.
+        """
         with self._lock:
-            self._faults.append(_Fault(n, None, path_contains))
+            self._faults.append(_Fault(n, status, path_contains, method))
+
+    def drop_next(self, n: int, path_contains: str | None = None, method: str | None = None) -> None:
+        """Close the connection without an answer on the next `n` matching requests (see `fail_next`)."""
+        with self._lock:
+            self._faults.append(_Fault(n, None, path_contains, method))
 
     # ------------------------------------------------------------------ request entry point
 
@@ -404,14 +416,13 @@ class LocalHub:
             except Exception:
                 self.server_errors.append(traceback.format_exc())
                 response = self._error_response(request, HubError(500, "Internal error in LocalHub"))
-            if method == "HEAD":
-                # A HEAD answer carries the length of the GET body it describes, but no body.
-                response.headers.setdefault("Content-Length", str(len(response.body)))
             self._log(request, response.status, 0 if method == "HEAD" else len(response.body))
             return response
 
     def _take_fault(self, request: _Request) -> _Fault | None:
         for fault in self._faults:
+            if fault.method is not None and fault.method != request.method:
+                continue
             needle = fault.path_contains
             if needle is None or needle in request.target or needle in unquote(request.target):
                 fault.remaining -= 1
@@ -490,12 +501,10 @@ class LocalHub:
 
     # ------------------------------------------------------------------ auth
 
-    def _user(self, req: _Request, required: bool) -> _User | None:
-        """The user behind the Bearer token; an unknown token is a 401 even where none is needed."""
+    def _optional_user(self, req: _Request) -> _User | None:
+        """The user behind the Bearer token, if any; an unknown token is a 401 even where none is needed."""
         header = req.headers.get("Authorization", "")
         if not header:
-            if required:
-                raise HubError(401, _INVALID_CREDENTIALS)
             return None
         scheme, _, token = header.partition(" ")
         name = self._tokens.get(token.strip()) if scheme.lower() == "bearer" else None
@@ -503,8 +512,14 @@ class LocalHub:
             raise HubError(401, _INVALID_CREDENTIALS)
         return self._users[name]
 
+    def _required_user(self, req: _Request) -> _User:
+        user = self._optional_user(req)
+        if user is None:
+            raise HubError(401, _INVALID_CREDENTIALS)
+        return user
+
     def _readable_repo(self, req: _Request, repo_id: str) -> _Repo:
-        user = self._user(req, required=False)
+        user = self._optional_user(req)
         repo = self._repos.get(repo_id)
         # The Hub answers "not found" for private repos of others, so their existence does not leak.
         if repo is None or (repo.private and not _can_write(user, repo.namespace)):
@@ -519,8 +534,7 @@ class LocalHub:
         return repo
 
     def _writable_repo(self, req: _Request, repo_id: str) -> tuple[_Repo, _User]:
-        user = self._user(req, required=True)
-        assert user is not None  # required=True raises instead
+        user = self._required_user(req)
         repo = self._readable_repo(req, repo_id)
         if not _can_write(user, repo.namespace):
             raise HubError(403, f"You don't have the rights to write to {repo_id}")
@@ -529,8 +543,7 @@ class LocalHub:
     # ------------------------------------------------------------------ account and repo routes
 
     def _whoami(self, req: _Request) -> _Response:
-        user = self._user(req, required=True)
-        assert user is not None
+        user = self._required_user(req)
         return _json_response(
             {
                 "type": "user",
@@ -546,8 +559,7 @@ class LocalHub:
         )
 
     def _create_repo_route(self, req: _Request) -> _Response:
-        user = self._user(req, required=True)
-        assert user is not None
+        user = self._required_user(req)
         payload = req.json()
         if payload.get("type", "model") != "model":
             raise HubError(400, "LocalHub only serves model repos")
@@ -734,7 +746,7 @@ class LocalHub:
         target = self._commit_target(repo, rev, create_pr=req.flag("create_pr"))
         remote = repo.commits[target[1]].files
         answers = []
-        for item in req.json().get("files", []):
+        for item in _list_of_objects(req.json().get("files")):
             path, size = item.get("path"), item.get("size")
             if not isinstance(path, str) or not isinstance(size, int):
                 raise HubError(400, "Each file needs a path and a size")
@@ -762,7 +774,7 @@ class LocalHub:
         if payload.get("operation") != "upload":
             raise HubError(400, "LocalHub only supports LFS uploads through the batch API")
         objects = []
-        for obj in payload.get("objects", []):
+        for obj in _list_of_objects(payload.get("objects")):
             oid, size = obj.get("oid"), obj.get("size")
             if not isinstance(oid, str) or not _is_sha256(oid) or not isinstance(size, int) or size < 0:
                 error = {"code": 422, "message": "Invalid object"}
@@ -875,8 +887,11 @@ class LocalHub:
                 snapshot[path] = blob_key
             elif key == "lfsFile":
                 oid = value.get("oid")
-                stored = self._blobs.get(oid) if isinstance(oid, str) else None
-                if stored is None or len(stored) != value.get("size"):
+                if (
+                    not isinstance(oid, str)
+                    or oid not in self._blobs
+                    or len(self._blobs[oid]) != value.get("size")
+                ):
                     raise HubError(400, f"LFS object {oid} for {path} was not uploaded")
                 snapshot[path] = oid
             elif key == "deletedFile":
@@ -987,7 +1002,9 @@ class LocalHub:
         # A per-server counter makes every sha unique, even for identical trees and messages.
         seed = json.dumps([next(self._commit_counter), repo.repo_id, parent, summary, sorted(files.items())])
         sha = hashlib.sha1(seed.encode()).hexdigest()
-        repo.commits[sha] = HubCommit(sha, parent, summary, description, author, time.time(), files)
+        # Read-only, because `commits()` hands these snapshots to tests.
+        snapshot = MappingProxyType(files)
+        repo.commits[sha] = HubCommit(sha, parent, summary, description, author, time.time(), snapshot)
         return sha
 
     def _open_discussion(
@@ -1103,7 +1120,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            chunks = []
+            chunks: list[bytes] = []
             while True:
                 size = int(self.rfile.readline().split(b";")[0].strip(), 16)
                 if size == 0:
@@ -1124,8 +1141,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(response.status)
         for name, value in response.headers.items():
             self.send_header(name, value)
-        if "Content-Length" not in response.headers:
-            self.send_header("Content-Length", str(len(response.body)))
+        # A HEAD answer carries the length of the GET body it describes, without the body.
+        self.send_header("Content-Length", str(len(response.body)))
         self.end_headers()
         if self.command != "HEAD" and response.body:
             self.wfile.write(response.body)
@@ -1148,6 +1165,12 @@ def _valid_repo_name(name: str) -> bool:
         and name[-1] not in "-."
         and not name.endswith(".git")
     )
+
+
+def _list_of_objects(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise HubError(400, "Expected a list of objects")
+    return value
 
 
 def _is_sha256(value: str) -> bool:

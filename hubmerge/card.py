@@ -1,0 +1,628 @@
+"""The model card: README.md front matter the Hub understands, and a body a reader can check.
+
+The front matter is built with `huggingface_hub.ModelCardData`, so it is valid YAML that `ModelCard`
+parses and writes back unchanged. The body is a Jinja template (`templates/model_card.md.j2`, or the
+recipe's `[card] template`) rendered in a sandbox with `StrictUndefined`: a misspelt variable is an error,
+and a template cannot reach Python internals. The rendered card must still carry the computed metadata.
+
+License: derived from the sources' own cards, never guessed. Each source's `license` (with `license_name`
+when it is `other`) is read from its README front matter at the pinned revision; Qwen's names are ranked
+apache-2.0 < qwen < qwen-research, and the most restrictive governs. `qwen` and `qwen-research` are not
+Hub license ids, so they are written as `license: other` + `license_name` + `license_link`. A card that
+says `license_name: tongyi-qianwen` (early Qwen2.5-3B revisions, later relabelled qwen-research; also
+the name of the older Qwen and Qwen2 licence) is counted as qwen-research, the most restrictive reading, since the
+name alone does not tell which terms apply. A source without a license, or licenses that cannot be ranked,
+stop the run until the recipe sets `[card] license`.
+
+Template context (every variable is always defined):
+
+    front_matter   str    the YAML metadata, without the `---` lines
+    metadata       dict   the same metadata as a mapping
+    title          str    `[card] title`, or the output repo name, or the recipe file name
+    description    str    `[card] description`, or a one-paragraph summary
+    method         dict   name, title, formula, legend (list of "symbol: meaning"), paper (dict or None:
+                          id, cite, title, url)
+    parameters     list   method parameters: dicts of name, value, help
+    sources        list   dicts of role ("base", "model", "tokenizer"), name (Hub id or folder relative to
+                          the recipe), markdown, repo_id, reference (as written), revision (as written), sha,
+                          url, license (as the source's card declares it), parameters (dict, per model)
+    license        dict   id, name, link, text ("apache-2.0", "other (qwen-research)"), from_recipe (bool),
+                          file (LICENSE file copied into the output, or None), file_source (its role and name),
+                          aliased (the sources whose tongyi-qianwen was counted as qwen-research)
+    fusionbench    dict or None   pool, method_config, command, notes: when the recipe reproduces a
+                          FusionBench Qwen2.5-1.5B configuration
+    architecture   dict   model_type, hidden_size, layers, heads, kv_heads, vocab_size, context,
+                          tie_embedding, parameter_count, dtype, compute_dtype, shards
+    qwen25         dict or None   name, layers, heads, kv_heads, tie_embedding, context, generation, license
+    notes          list   statements about the merge (where config.json comes from, config differences)
+    usage          dict   model_id, chat_template (bool)
+    recipe         dict   file, text, fence (a Markdown fence longer than any backtick run in text), sha256,
+                          saved_as (the recipe's file name in the output)
+    provenance     dict   hubmerge_version, lock_file, reproducible (every source is a Hub repo at a sha)
+    citations      list   BibTeX entries: Qwen2.5, the method's paper, FusionBench when it is the reference
+    hubmerge_version  str
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .errors import CardError
+from .lock import LOCK_FILE
+from .plan import MergePlan
+from .recipe import ModelRef
+from .sources import Source
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCardData
+
+__all__ = ["LICENSE_FILES", "License", "combine_licenses", "license_file", "render_card", "source_license"]
+
+LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md")
+# Licenses hubmerge can rank, least to most restrictive (Qwen2.5: 0.5B-32B apache-2.0, 72B qwen, 3B qwen-research).
+QWEN_LICENSES = ("apache-2.0", "qwen", "qwen-research")
+_ALIASES = {"tongyi-qianwen": "qwen-research"}
+_DEFAULT_TEMPLATE = Path(__file__).parent / "templates" / "model_card.md.j2"
+_HUB = "https://huggingface.co"
+
+
+@dataclass(frozen=True)
+class License:
+    """A license as Hub metadata states it: a Hub license id, and for `other` a name and a link."""
+
+    id: str
+    name: str | None = None
+    link: str | None = None
+
+    @property
+    def key(self) -> str:
+        """What the license is: its name when the id is `other`, else its id."""
+        return (self.name or "other") if self.id == "other" else self.id
+
+    def __str__(self) -> str:
+        return f"other ({self.name})" if self.id == "other" and self.name else self.id
+
+
+def _text(value: Any) -> str | None:
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def _declared(card_data: Mapping[str, Any] | None) -> tuple[str, str]:
+    """(license, license_name) as a card states them, lower-cased; "" where absent."""
+    data = card_data or {}
+    return (_text(data.get("license")) or "").lower(), (_text(data.get("license_name")) or "").lower()
+
+
+def _declared_name(card_data: Mapping[str, Any] | None) -> str:
+    """The license's name as declared: `license_name` for `other`, else `license`."""
+    declared, name = _declared(card_data)
+    return name if declared == "other" else declared
+
+
+def source_license(card_data: Mapping[str, Any] | None) -> License | None:
+    """The license a source's card metadata declares, normalised; None when it declares none.
+
+    `license: qwen-research` and `license: other` + `license_name: qwen-research` are the same license;
+    `tongyi-qianwen` counts as `qwen-research`. `other` without a `license_name` says nothing: None.
+    """
+    raw = _declared_name(card_data)
+    key = _ALIASES.get(raw, raw)
+    if not key:
+        return None
+    link = _text((card_data or {}).get("license_link"))
+    if _declared(card_data)[0] == "other" or key in QWEN_LICENSES[1:]:
+        return License("other", key, link)
+    return License(key, None, link)
+
+
+def combine_licenses(licenses: Sequence[License]) -> License | None:
+    """The license that governs a merge of sources under `licenses` (non-empty), or None if undecidable.
+
+    Identical licenses govern themselves. Different ones are ranked only when all are Qwen's
+    (apache-2.0 < qwen < qwen-research); the first of the most restrictive is returned, with its link.
+    """
+    keys = [lic.key for lic in licenses]
+    if all(k == keys[0] for k in keys):
+        return licenses[0]
+    if all(k in QWEN_LICENSES for k in keys):
+        return max(licenses, key=lambda lic: QWEN_LICENSES.index(lic.key))
+    return None
+
+
+@dataclass(frozen=True)
+class _Entry:
+    role: str
+    source: Source
+    ref: ModelRef  # as the recipe wrote it, with this entry's per-model parameters
+
+
+def _entries(plan: MergePlan) -> list[_Entry]:
+    r = plan.recipe
+    entries = [_Entry("base", plan.base, r.base)] if plan.base is not None and r.base is not None else []
+    entries += [_Entry("model", s, ref) for s, ref in zip(plan.models, r.models)]
+    if all(e.source is not plan.tokenizer for e in entries):
+        entries.append(_Entry("tokenizer", plan.tokenizer, r.tokenizer_source))
+    return entries
+
+
+@dataclass(frozen=True)
+class _Licensing:
+    license: License  # as the front matter states it
+    from_recipe: bool
+    file: tuple[_Entry, str] | None
+
+
+def _no_license_reason(source: Source) -> str:
+    data = source.card_data
+    if not data:
+        return "it has no README.md with YAML front matter" if source.ref.is_local else "its model card has no metadata"
+    if _text(data.get("license")) is None:
+        return "its model card metadata has no `license`"
+    return "its model card says `license: other` without a `license_name`"
+
+
+def _licensing(plan: MergePlan) -> _Licensing:
+    spec = plan.recipe.card
+    where = f"{plan.recipe.path}: card"
+    entries = _entries(plan)
+    found = [(e, source_license(e.source.card_data)) for e in entries]
+    if spec.license is not None:
+        if spec.license == "other" and not spec.license_name:
+            raise CardError(
+                f'{where}.license: "other" needs license_name (a short slug such as "qwen-research") and license_link'
+            )
+        chosen = License(spec.license, spec.license_name, spec.license_link)
+    else:
+        if spec.license_name is not None:
+            raise CardError(
+                f'{where}.license_name: also set license = "other"; without [card] license, hubmerge derives the '
+                "license from the sources"
+            )
+        for entry, lic in found:
+            if lic is None:
+                raise CardError(
+                    f"{entry.source.label}: no license: {_no_license_reason(entry.source)}. hubmerge never guesses a "
+                    f"license: check the source's terms and set [card] license in {plan.recipe.path} "
+                    '(for a custom license: license = "other" with license_name and license_link)'
+                )
+        combined = combine_licenses([lic for _, lic in found if lic is not None])
+        if combined is None:
+            listing = "; ".join(f"{e.source.label}: {lic}" for e, lic in found)
+            raise CardError(
+                f"cannot combine the sources' licenses ({listing}); hubmerge ranks only "
+                f"{' < '.join(QWEN_LICENSES)}. Decide the merge's license and set [card] license in {plan.recipe.path}"
+            )
+        chosen = combined
+    governing = [(e, lic) for e, lic in found if lic is not None and lic.key == chosen.key]
+    file = next(((e, name) for e, _ in governing for name in LICENSE_FILES if name in e.source.files), None)
+    link = spec.license_link or (file[1] if file else None) or next((lic.link for _, lic in governing if lic.link), None)
+    if chosen.id == "other" and link is None:
+        raise CardError(
+            f"{where}: license {chosen.key!r} is `other` on the Hub, which needs a link to its terms, and no source "
+            f"ships a LICENSE file or a license_link; set [card] license_link in {plan.recipe.path}"
+        )
+    keep_link = chosen.id == "other" or spec.license_link is not None
+    return _Licensing(License(chosen.id, chosen.name, link if keep_link else None), spec.license is not None, file)
+
+
+def license_file(plan: MergePlan) -> tuple[Source, str] | None:
+    """The source whose LICENSE file governs the merge, and the file's name, to copy into the output.
+
+    It is the first source (base, models, tokenizer) under the card's license that ships one of
+    `LICENSE_FILES`; None when none does. Raises `CardError` when the license cannot be decided.
+    """
+    found = _licensing(plan).file
+    return (found[0].source, found[1]) if found else None
+
+
+# --- the body ----------------------------------------------------------------------------------------------
+
+_QWEN25_BIBTEX = """\
+@misc{qwen2025qwen25technicalreport,
+      title={Qwen2.5 Technical Report},
+      author={Qwen and : and An Yang and Baosong Yang and Beichen Zhang and Binyuan Hui and Bo Zheng and Bowen Yu and Chengyuan Li and Dayiheng Liu and Fei Huang and Haoran Wei and Huan Lin and Jian Yang and Jianhong Tu and Jianwei Zhang and Jianxin Yang and Jiaxi Yang and Jingren Zhou and Junyang Lin and Kai Dang and Keming Lu and Keqin Bao and Kexin Yang and Le Yu and Mei Li and Mingfeng Xue and Pei Zhang and Qin Zhu and Rui Men and Runji Lin and Tianhao Li and Tianyi Tang and Tingyu Xia and Xingzhang Ren and Xuancheng Ren and Yang Fan and Yang Su and Yichang Zhang and Yu Wan and Yuqiong Liu and Zeyu Cui and Zhenru Zhang and Zihan Qiu},
+      year={2025},
+      eprint={2412.15115},
+      archivePrefix={arXiv},
+      primaryClass={cs.CL},
+      url={https://arxiv.org/abs/2412.15115},
+}"""
+
+
+@dataclass(frozen=True)
+class _Paper:
+    cite: str
+    title: str
+    authors: str
+    year: int
+    key: str
+
+    def bibtex(self, arxiv_id: str) -> str:
+        return (
+            f"@misc{{{self.key},\n      title={{{self.title}}},\n      author={{{self.authors}}},\n"
+            f"      year={{{self.year}}},\n      eprint={{{arxiv_id}}},\n      archivePrefix={{arXiv}},\n"
+            f"      primaryClass={{cs.LG}},\n      url={{https://arxiv.org/abs/{arxiv_id}}},\n}}"
+        )
+
+
+# The papers `Method.paper` names (by arXiv id), and FusionBench.
+_PAPERS = {
+    "2203.05482": _Paper(
+        "Wortsman et al. 2022",
+        "Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing "
+        "inference time",
+        "Mitchell Wortsman and Gabriel Ilharco and Samir Yitzhak Gadre and Rebecca Roelofs and Raphael Gontijo-Lopes "
+        "and Ari S. Morcos and Hongseok Namkoong and Ali Farhadi and Yair Carmon and Simon Kornblith and Ludwig Schmidt",
+        2022,
+        "wortsman2022modelsoups",
+    ),
+    "2212.04089": _Paper(
+        "Ilharco et al. 2023",
+        "Editing Models with Task Arithmetic",
+        "Gabriel Ilharco and Marco Tulio Ribeiro and Mitchell Wortsman and Suchin Gururangan and Ludwig Schmidt and "
+        "Hannaneh Hajishirzi and Ali Farhadi",
+        2023,
+        "ilharco2023editing",
+    ),
+    "2306.01708": _Paper(
+        "Yadav et al. 2023",
+        "TIES-Merging: Resolving Interference When Merging Models",
+        "Prateek Yadav and Derek Tam and Leshem Choshen and Colin Raffel and Mohit Bansal",
+        2023,
+        "yadav2023tiesmerging",
+    ),
+}
+_FUSIONBENCH_ID = "2406.03280"
+_FUSIONBENCH = _Paper(
+    "Tang et al. 2024",
+    "FusionBench: A Comprehensive Benchmark of Deep Model Fusion",
+    "Anke Tang and Li Shen and Yong Luo and Han Hu and Bo Du and Dacheng Tao",
+    2024,
+    "tang2024fusionbench",
+)
+
+# FusionBench's Qwen2.5-1.5B model pools (config/modelpool/CausalLMPool/) and the method configs its docs run.
+_FB_BASE = "Qwen/Qwen2.5-1.5B"
+_FB_POOLS = {
+    frozenset({"Qwen/Qwen2.5-Math-1.5B", "Qwen/Qwen2.5-Coder-1.5B"}): "Qwen2.5-1.5B_math_and_code",
+    frozenset({"Qwen/Qwen2.5-Math-1.5B", "Qwen/Qwen2.5-Coder-1.5B", "Qwen/Qwen2.5-1.5B-Instruct"}):
+        "Qwen2.5-1.5B_three_models",
+}
+_FB_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "simple_average": ("linear/simple_average_for_causallm", {}),
+    "task_arithmetic": ("linear/task_arithmetic_for_causallm", {"scaling_factor": 0.8}),
+    "ties": (
+        "linear/ties_merging_for_causallm",
+        {"scaling_factor": 0.8, "threshold": 20.0, "merge_func": "sum", "trim": "global"},
+    ),
+}
+
+# Symbols of the formulas in methods.py.
+_SYMBOLS = (
+    ("θ", "the merged parameters"),
+    ("θᵢ", "the parameters of model i"),
+    ("θ_base", "the parameters of the base"),
+    ("λ", "`scaling_factor`"),
+    ("wᵢ", "the `weight` of model i"),
+    ("n", "the number of models"),
+)
+
+
+def _dtype(value: Any) -> str:
+    return str(value).removeprefix("torch.")
+
+
+def _local_name(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.name
+
+
+def _source_context(entry: _Entry, root: Path) -> dict[str, Any]:
+    s, ref = entry.source, entry.ref
+    repo_id = ref.repo_id
+    name = repo_id or _local_name(ref.path or Path(ref.text), root)
+    declared, license_name = _declared(s.card_data)
+    return {
+        "role": entry.role,
+        "name": name,
+        "markdown": f"[{repo_id}]({_HUB}/{repo_id})" if repo_id else f"`{name}`",
+        "repo_id": repo_id,
+        "reference": ref.text,
+        "revision": ref.revision,
+        "sha": s.sha,
+        "url": f"{_HUB}/{repo_id}/tree/{s.sha}" if repo_id and s.sha else None,
+        "license": str(License(declared, license_name or None)) if declared else "unknown",
+        "parameters": dict(ref.params) if entry.role == "model" else {},
+    }
+
+
+def _fusionbench(plan: MergePlan, entries: list[_Entry]) -> dict[str, Any] | None:
+    r = plan.recipe
+    if r.base is None or r.base.repo_id != _FB_BASE or r.tokenizer_source.repo_id != _FB_BASE:
+        return None
+    ids = [m.repo_id for m in r.models]
+    pool = _FB_POOLS.get(frozenset(ids)) if len(set(ids)) == len(ids) else None
+    method = _FB_METHODS.get(r.method.name)
+    if pool is None or method is None:
+        return None
+    config, fixed = method
+    if any(r.parameters.get(k) != v for k, v in fixed.items()) or any(m.params.get("weight", 1.0) != 1.0 for m in r.models):
+        return None
+    override = f" method.scaling_factor={fixed['scaling_factor']}" if "scaling_factor" in fixed else ""
+    notes = [
+        f"FusionBench computes in the pool's bfloat16 and rounds after every operation; hubmerge computes in "
+        f"{_dtype(plan.compute_dtype)} and rounds once to {_dtype(plan.out_dtype)}, so the weights can differ in the "
+        "last bits."
+    ]
+    if r.method.name == "simple_average":
+        config_from = next(e for e in entries if e.source is plan.config_source)
+        notes.append(
+            "FusionBench's simple average takes config.json from Qwen/Qwen2.5-Math-1.5B; this merge takes it from "
+            f"{config_from.ref.repo_id or config_from.role}."
+        )
+    return {
+        "pool": f"CausalLMPool/{pool}",
+        "method_config": config,
+        "command": f"fusion_bench method={config}{override} modelpool=CausalLMPool/{pool}",
+        "notes": notes,
+    }
+
+
+def _has_chat_template(source: Source) -> bool:
+    if {"chat_template.jinja", "chat_template.json"} & set(source.files):
+        return True
+    if "tokenizer_config.json" not in source.files:
+        return False
+    if source.ref.path is not None:
+        path: Path | None = source.ref.path / "tokenizer_config.json"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source.ref.repo_id or "", "tokenizer_config.json", revision=source.sha)
+        path = Path(cached) if isinstance(cached, str) else None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path is not None else {}
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and bool(data.get("chat_template"))
+
+
+def _fence(text: str) -> str:
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    return "`" * max(3, longest + 1)
+
+
+def _lower_first(title: str) -> str:
+    """"Task arithmetic" -> "task arithmetic", but "TIES merging" stays."""
+    return title if title[1:2].isupper() else title[:1].lower() + title[1:]
+
+
+def _join(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _card_data(plan: MergePlan, entries: list[_Entry], lic: License) -> ModelCardData:
+    from huggingface_hub import ModelCardData
+
+    spec = plan.recipe.card
+    base_model = list(dict.fromkeys(e.ref.repo_id for e in entries if e.role != "tokenizer" and e.ref.repo_id))
+    languages: list[str] = []
+    for e in entries:
+        value = (e.source.card_data or {}).get("language")
+        languages += [value] if isinstance(value, str) else [v for v in value or [] if isinstance(v, str)]
+    return ModelCardData(
+        base_model=base_model or None,
+        language=list(dict.fromkeys([*languages, *spec.language])) or None,
+        library_name="transformers",
+        license=lic.id,
+        license_name=lic.name,
+        license_link=lic.link,
+        pipeline_tag="text-generation",
+        tags=["merge", "hubmerge", plan.recipe.method.name, "qwen2.5", *spec.tags],
+        base_model_relation="merge" if base_model else None,
+    )
+
+
+def _context(plan: MergePlan) -> dict[str, Any]:
+    r = plan.recipe
+    entries = _entries(plan)
+    licensing = _licensing(plan)
+    lic = licensing.license
+    card_data = _card_data(plan, entries, lic)
+    sources = [_source_context(e, r.path.parent) for e in entries]
+    by_entry = {id(e): s for e, s in zip(entries, sources)}
+    base = next((s for s in sources if s["role"] == "base"), None)
+    title = r.card.title or (r.output.repo.split("/")[-1] if r.output.repo else r.path.stem)
+    with_base = f", with {base['markdown']} as the base" if base and r.method.needs_base else ""
+    description = r.card.description or (
+        f"{title} is a merge of {_join([s['markdown'] for s in sources if s['role'] == 'model'])}{with_base}, "
+        f"made with hubmerge {__version__} using {_lower_first(r.method.title)}. No training was involved: every weight "
+        "was computed from the sources listed below by the recipe included in this card."
+    )
+    paper_id = (r.method.paper or "").removeprefix("arXiv:") or None
+    paper = _PAPERS.get(paper_id or "")
+    fusionbench = _fusionbench(plan, entries)
+    citations = [_QWEN25_BIBTEX]
+    if paper is not None and paper_id is not None:
+        citations.append(paper.bibtex(paper_id))
+    if fusionbench is not None:
+        citations.append(_FUSIONBENCH.bibtex(_FUSIONBENCH_ID))
+
+    config_from = next(by_entry[id(e)] for e in entries if e.source is plan.config_source)
+    if base is not None and not r.method.needs_base:
+        notes = [f"The base ({base['markdown']}) takes no part in the {_lower_first(r.method.title)}; it provides config.json."]
+    else:
+        notes = [f"config.json comes from the {config_from['role']} ({config_from['markdown']})."]
+    if plan.config_differences:
+        notes.append("These config.json fields differ between the sources: " + "; ".join(plan.config_differences) + ".")
+    config = plan.config
+    q = plan.qwen25
+    file = licensing.file
+    return {
+        "front_matter": card_data.to_yaml(),
+        "metadata": card_data.to_dict(),
+        "title": title,
+        "description": description,
+        "method": {
+            "name": r.method.name,
+            "title": r.method.title,
+            "formula": r.method.formula,
+            "legend": [
+                f"{sym}: {meaning}"
+                for sym, meaning in _SYMBOLS
+                if re.search(rf"(?<!\w){re.escape(sym)}(?!\w)", r.method.formula)
+            ],
+            "paper": None
+            if paper_id is None
+            else {
+                "id": paper_id,
+                "cite": paper.cite if paper else f"arXiv:{paper_id}",
+                "title": paper.title if paper else None,
+                "url": f"https://arxiv.org/abs/{paper_id}",
+            },
+        },
+        "parameters": [{"name": p.name, "value": r.parameters[p.name], "help": p.help} for p in r.method.params],
+        "sources": sources,
+        "license": {
+            "id": lic.id,
+            "name": lic.name,
+            "link": lic.link,
+            "text": str(lic),
+            "from_recipe": licensing.from_recipe,
+            "file": file[1] if file else None,
+            "file_source": f"{by_entry[id(file[0])]['role']} ({by_entry[id(file[0])]['markdown']})" if file else None,
+            "aliased": [by_entry[id(e)]["markdown"] for e in entries if _declared_name(e.source.card_data) in _ALIASES],
+        },
+        "fusionbench": fusionbench,
+        "architecture": {
+            "model_type": config.get("model_type"),
+            "hidden_size": config.get("hidden_size"),
+            "layers": config.get("num_hidden_layers"),
+            "heads": config.get("num_attention_heads"),
+            "kv_heads": config.get("num_key_value_heads"),
+            "vocab_size": config.get("vocab_size"),
+            "context": config.get("max_position_embeddings"),
+            "tie_embedding": plan.tie_word_embeddings,
+            "parameter_count": plan.parameter_count,
+            "dtype": _dtype(plan.out_dtype),
+            "compute_dtype": _dtype(plan.compute_dtype),
+            "shards": [s.file for s in plan.shards],
+        },
+        "qwen25": None
+        if q is None
+        else {
+            "name": q.name,
+            "layers": q.layers,
+            "heads": q.heads,
+            "kv_heads": q.kv_heads,
+            "tie_embedding": q.tie_embedding,
+            "context": q.context,
+            "generation": q.generation,
+            "license": q.license,
+        },
+        "notes": notes,
+        "usage": {"model_id": r.output.repo or r.output.dir.name, "chat_template": _has_chat_template(plan.tokenizer)},
+        "recipe": {
+            "file": r.path.name,
+            "text": r.text.rstrip("\n"),
+            "fence": _fence(r.text),
+            "sha256": r.sha256,
+            "saved_as": _recipe_copy(),
+        },
+        "provenance": {
+            "hubmerge_version": __version__,
+            "lock_file": LOCK_FILE,
+            "reproducible": all(s["repo_id"] and s["sha"] for s in sources),
+        },
+        "citations": citations,
+        "hubmerge_version": __version__,
+    }
+
+
+def _recipe_copy() -> str:
+    from .api import RECIPE_COPY  # imported here: api imports this module
+
+    return RECIPE_COPY
+
+
+# --- rendering ---------------------------------------------------------------------------------------------
+
+
+def _template_line(exc: BaseException, filename: str) -> int | None:
+    line = None
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == filename:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def _render(template_path: Path, context: Mapping[str, Any]) -> str:
+    from jinja2 import FileSystemLoader, StrictUndefined, TemplateError, TemplateNotFound, TemplateSyntaxError
+    from jinja2.exceptions import SecurityError, UndefinedError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(
+        loader=FileSystemLoader(template_path.parent),
+        undefined=StrictUndefined,
+        autoescape=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    filename = str(template_path)
+    try:
+        return env.get_template(template_path.name).render(context)
+    except TemplateSyntaxError as exc:
+        raise CardError(f"{exc.filename or filename}:{exc.lineno}: template syntax error: {exc.message}") from None
+    except TemplateNotFound as exc:
+        raise CardError(f"{filename}: template {exc.name!r} not found next to it") from None
+    except SecurityError as exc:
+        at = f"{filename}:{_template_line(exc, filename) or '?'}"
+        raise CardError(
+            f"{at}: refused by the sandbox: {exc}. Card templates may use only the documented variables "
+            "(see hubmerge/card.py)"
+        ) from None
+    except UndefinedError as exc:
+        at = f"{filename}:{_template_line(exc, filename) or '?'}"
+        raise CardError(f"{at}: {exc}; the template can use: {', '.join(sorted(context))}") from None
+    except TemplateError as exc:
+        raise CardError(f"{filename}:{_template_line(exc, filename) or '?'}: {exc}") from None
+    except Exception as exc:  # a template is user code: a filter applied to the wrong type, a division by zero
+        raise CardError(
+            f"{filename}:{_template_line(exc, filename) or '?'}: rendering failed: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def _check_front_matter(card: str, metadata: Mapping[str, Any], template: Path) -> None:
+    from huggingface_hub import ModelCard
+
+    try:
+        found = ModelCard(card).data.to_dict() if card.lstrip().startswith("---") else {}
+    except Exception as exc:  # YAML errors from a custom template
+        raise CardError(f"{template}: the card's front matter is not valid YAML ({exc})") from None
+    wrong = [key for key, value in metadata.items() if found.get(key) != value]
+    if wrong:
+        raise CardError(
+            f"{template}: the card must start with the metadata hubmerge computed ({', '.join(wrong)} missing or "
+            "changed); begin the template with ---, {{ front_matter }}, --- on three lines, and change metadata "
+            "through the [card] keys of the recipe"
+        )
+
+
+def render_card(plan: MergePlan) -> str:
+    """Render README.md for the merge `plan` describes. Raises `CardError` (license, template)."""
+    context = _context(plan)
+    template = plan.recipe.card.template or _DEFAULT_TEMPLATE
+    card = _render(template, context).rstrip("\n") + "\n"
+    _check_front_matter(card, context["metadata"], template)
+    return card
