@@ -8,8 +8,9 @@ The pipeline runs one way: recipe → plan → fetch → merge → card → publ
 
 __version__ = "0.1.0"
 
-from .api import MergeResult, merge, plan  # noqa: E402
-from .errors import (  # noqa: E402
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
     CardError,
     HubmergeError,
     IncompatibleSourcesError,
@@ -17,7 +18,20 @@ from .errors import (  # noqa: E402
     RecipeError,
     SourceError,
 )
-from .recipe import Recipe, load_recipe  # noqa: E402
+from .recipe import Recipe, load_recipe
+
+if TYPE_CHECKING:
+    from .api import MergeResult, merge, plan
+
+
+def __getattr__(name: str) -> Any:
+    # The merge API imports torch; keep `import hubmerge` (and `hubmerge validate`) fast without it.
+    if name in ("MergeResult", "merge", "plan"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'hubmerge' has no attribute {name!r}")
+
 
 __all__ = [
     "CardError",

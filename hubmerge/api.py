@@ -1,8 +1,8 @@
 """The library API behind the CLI: recipe → plan → fetch → merge → card → publish.
 
-    >>> import hubmerge
-    >>> result = hubmerge.merge("recipes/examples/tiny-ties.toml")
-    >>> result.output_dir
+>>> import hubmerge
+>>> result = hubmerge.merge("recipes/examples/tiny-ties.toml")
+>>> result.output_dir
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def plan(recipe_path: str | Path, output_dir: str | Path | None = None, lock: str | Path | None = None) -> MergePlan:
+def plan(
+    recipe_path: str | Path, output_dir: str | Path | None = None, lock: str | Path | None = None
+) -> MergePlan:
     """Validate the recipe and resolve its sources (metadata only) into a `MergePlan`."""
     recipe = load_recipe(recipe_path, output_dir)
     if lock is not None:
@@ -76,7 +78,9 @@ def _fetch_all(plan: MergePlan, quiet: bool) -> dict[int, Path]:
     folders: dict[int, Path] = {}
     for source in (*plan.weight_sources, plan.tokenizer):
         if id(source) not in folders:
-            folders[id(source)] = fetch(source, weights=bool(source.tensors), tokenizer=source is plan.tokenizer, quiet=quiet)
+            folders[id(source)] = fetch(
+                source, weights=bool(source.tensors), tokenizer=source is plan.tokenizer, quiet=quiet
+            )
     return folders
 
 
@@ -138,12 +142,17 @@ def merge(
         from tqdm.auto import tqdm
 
         with tqdm(
-            total=merge_plan.output_bytes, unit="B", unit_scale=True, desc="merging",
+            total=merge_plan.output_bytes,
+            unit="B",
+            unit_scale=True,
+            desc="merging",
             disable=quiet or not sys.stderr.isatty(),
         ) as bar:
             files = write_weights(merge_plan, folders, staging, compute, bar.update)
         files += _copy_side_files(merge_plan, folders, staging)
-        (staging / LOCK_FILE).write_text(json.dumps(lock_data(merge_plan, folders, staging, files), indent=2) + "\n")
+        (staging / LOCK_FILE).write_text(
+            json.dumps(lock_data(merge_plan, folders, staging, files), indent=2) + "\n"
+        )
         files.append(LOCK_FILE)
         _replace(directory, staging)
     except BaseException:

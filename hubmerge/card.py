@@ -145,7 +145,7 @@ class _Entry:
 def _entries(plan: MergePlan) -> list[_Entry]:
     r = plan.recipe
     entries = [_Entry("base", plan.base, r.base)] if plan.base is not None and r.base is not None else []
-    entries += [_Entry("model", s, ref) for s, ref in zip(plan.models, r.models)]
+    entries += [_Entry("model", s, ref) for s, ref in zip(plan.models, r.models, strict=True)]
     if all(e.source is not plan.tokenizer for e in entries):
         entries.append(_Entry("tokenizer", plan.tokenizer, r.tokenizer_source))
     return entries
@@ -167,10 +167,9 @@ def _no_license_reason(source: Source) -> str:
     return "its model card says `license: other` without a `license_name`"
 
 
-def _licensing(plan: MergePlan) -> _Licensing:
+def _licensing(plan: MergePlan, entries: list[_Entry]) -> _Licensing:
     spec = plan.recipe.card
     where = f"{plan.recipe.path}: card"
-    entries = _entries(plan)
     found = [(e, source_license(e.source.card_data)) for e in entries]
     if spec.license is not None:
         if spec.license == "other" and not spec.license_name:
@@ -217,7 +216,7 @@ def license_file(plan: MergePlan) -> tuple[Source, str] | None:
     It is the first source (base, models, tokenizer) under the card's license that ships one of
     `LICENSE_FILES`; None when none does. Raises `CardError` when the license cannot be decided.
     """
-    found = _licensing(plan).file
+    found = _licensing(plan, _entries(plan)).file
     return (found[0].source, found[1]) if found else None
 
 
@@ -434,11 +433,11 @@ def _card_data(plan: MergePlan, entries: list[_Entry], lic: License) -> ModelCar
 def _context(plan: MergePlan) -> dict[str, Any]:
     r = plan.recipe
     entries = _entries(plan)
-    licensing = _licensing(plan)
+    licensing = _licensing(plan, entries)
     lic = licensing.license
     card_data = _card_data(plan, entries, lic)
     sources = [_source_context(e, r.path.parent) for e in entries]
-    by_entry = {id(e): s for e, s in zip(entries, sources)}
+    by_entry = {id(e): s for e, s in zip(entries, sources, strict=True)}
     base = next((s for s in sources if s["role"] == "base"), None)
     title = r.card.title or (r.output.repo.split("/")[-1] if r.output.repo else r.path.stem)
     with_base = f", with {base['markdown']} as the base" if base and r.method.needs_base else ""

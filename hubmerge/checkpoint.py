@@ -84,7 +84,7 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
 
 def header_tensors(header: Mapping[str, Any], file: str) -> dict[str, TensorInfo]:
     return {
-        name: TensorInfo(name, spec["dtype"], tuple(spec["shape"]), file, tuple(spec["data_offsets"]))  # type: ignore[arg-type]
+        name: TensorInfo(name, spec["dtype"], tuple(spec["shape"]), file, tuple(spec["data_offsets"]))
         for name, spec in header.items()
         if name != "__metadata__"
     }
@@ -94,7 +94,9 @@ def weight_files(names: Iterable[str]) -> tuple[list[str], list[str]]:
     """Split a listing into safetensors weight files and pickle weight files."""
     names = list(names)
     safetensors = sorted(n for n in names if n.endswith(".safetensors") and "/" not in n)
-    pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES) and "/" not in n and not n.startswith("training_args"))
+    pickles = sorted(
+        n for n in names if n.endswith(PICKLE_SUFFIXES) and "/" not in n and not n.startswith("training_args")
+    )
     return safetensors, pickles
 
 
@@ -144,12 +146,14 @@ class TensorReader:
         a, b = rows if rows is not None else (0, info.shape[0] if info.shape else 1)
         first, count = start + info.offsets[0] + a * row_bytes, (b - a) * row_bytes
         buffer = torch.empty(count, dtype=torch.uint8)
-        view = memoryview(buffer.numpy())
+        view = memoryview(buffer.numpy())  # type: ignore[arg-type]
         done = 0
         while done < count:
             n = os.preadv(fd, [view[done:]], first + done)
             if n <= 0:
-                raise SourceError(f"{self.folder / info.file} is truncated at tensor {info.name}; re-download it")
+                raise SourceError(
+                    f"{self.folder / info.file} is truncated at tensor {info.name}; re-download it"
+                )
             done += n
         shape = ((b - a), *info.shape[1:]) if info.shape else ()
         return buffer.view(DTYPES[info.dtype]).reshape(shape)
@@ -191,8 +195,11 @@ class ShardWriter:
         self.offsets: dict[str, int] = {}
         for name, shape in layout.tensors:
             size = _numel(shape) * item
-            header[name] = {"dtype": SAFETENSORS_NAME[layout.dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + size]}
+            header[name] = {
+                "dtype": SAFETENSORS_NAME[layout.dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
             self.offsets[name] = offset
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -205,7 +212,7 @@ class ShardWriter:
         self._written = 0
 
     def write(self, data: torch.Tensor) -> None:
-        view = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
+        view = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
         self._file.write(view)
         self._written += len(view)
 

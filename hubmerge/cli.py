@@ -36,11 +36,19 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", type=Path, help="the recipe file (TOML)")
     p.add_argument("--output", type=Path, help="output folder (overrides [output] dir)")
     p.add_argument("--no-push", action="store_true", help="do not push even if [output] repo is set")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and stop (no weights are downloaded)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the arithmetic runs (default cpu)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the plan and stop (no weights are downloaded)"
+    )
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where the arithmetic runs (default cpu)"
+    )
     p.add_argument("--lock", type=Path, help="reproduce the merge recorded in this hubmerge.lock.json")
-    p.add_argument("--summary", type=Path, default=_default_summary(), help="append a Markdown summary here "
-                   "(default: $GITHUB_STEP_SUMMARY when set)")
+    p.add_argument(
+        "--summary",
+        type=Path,
+        default=_default_summary(),
+        help="append a Markdown summary here (default: $GITHUB_STEP_SUMMARY when set)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only errors and warnings")
     p.add_argument("--version", action="version", version=f"hubmerge {__version__}")
     return p
@@ -61,7 +69,9 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
     if command == "plan":
         p.add_argument("--json", action="store_true", help="print the plan as JSON")
         p.add_argument("--lock", type=Path, help="pin sources to this hubmerge.lock.json")
-        p.add_argument("--summary", type=Path, default=_default_summary(), help="append a Markdown summary here")
+        p.add_argument(
+            "--summary", type=Path, default=_default_summary(), help="append a Markdown summary here"
+        )
     if command == "card":
         p.add_argument("-o", "--out", type=Path, help="write the card here instead of stdout")
     return p
@@ -73,18 +83,28 @@ def _append(path: Path | None, text: str) -> None:
             f.write(text)
 
 
-def _dispatch(argv: Sequence[str]) -> int:
-    from . import api
+def _validate(paths: Sequence[Path]) -> int:
+    from .errors import SourceError
     from .recipe import load_recipe
+
+    for path in paths:
+        recipe = load_recipe(path)
+        for ref in (recipe.base, *recipe.models, recipe.tokenizer):
+            if ref is not None and ref.path is not None and not ref.path.is_dir():
+                raise SourceError(f"{path}: {ref.text!r} is not a folder ({ref.path})")
+        print(f"ok  {path}  ({recipe.method.name}, {len(recipe.models)} models)")
+    return 0
+
+
+def _dispatch(argv: Sequence[str]) -> int:
+    if argv and argv[0] == "validate":  # before importing the merge API: validating needs no torch
+        return _validate(_command_parser("validate").parse_args(argv[1:]).recipes)
+
+    from . import api
     from .report import plan_json, plan_text, summary_markdown
 
     if argv and argv[0] in COMMANDS:
         command, args = argv[0], _command_parser(argv[0]).parse_args(argv[1:])
-        if command == "validate":
-            for path in args.recipes:
-                recipe = load_recipe(path)
-                print(f"ok  {path}  ({recipe.method.name}, {len(recipe.models)} models)")
-            return 0
         merge_plan = api.plan(args.recipe, args.output, getattr(args, "lock", None))
         if command == "plan":
             print(json.dumps(plan_json(merge_plan), indent=2) if args.json else plan_text(merge_plan))
@@ -106,7 +126,12 @@ def _dispatch(argv: Sequence[str]) -> int:
         _append(args.summary, summary_markdown(merge_plan))
         return 0
     result = api.merge(
-        args.recipe, output_dir=args.output, push=not args.no_push, device=args.device, lock=args.lock, quiet=args.quiet
+        args.recipe,
+        output_dir=args.output,
+        push=not args.no_push,
+        device=args.device,
+        lock=args.lock,
+        quiet=args.quiet,
     )
     if not args.quiet:
         print(f"wrote {result.output_dir}")

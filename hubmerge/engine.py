@@ -17,7 +17,7 @@ import torch
 
 from . import __version__
 from .checkpoint import ShardWriter, TensorReader
-from .methods import TiesChunk, simple_average, linear, task_arithmetic, ties, ties_keep_count
+from .methods import TiesChunk, linear, simple_average, task_arithmetic, ties, ties_keep_count
 from .plan import MergePlan, OutputTensor
 from .selection import kth_smallest
 
@@ -47,10 +47,13 @@ class _Inputs:
         for start in range(0, rows, tensor.chunk_rows):
             stop = min(rows, start + tensor.chunk_rows)
             span = (start, stop) if tensor.shape else None
-            yield start, [
-                reader.read(info, span).to(self.device, non_blocking=True).to(self.dtype)
-                for reader, info in zip(self.readers, tensor.inputs)
-            ]
+            yield (
+                start,
+                [
+                    reader.read(info, span).to(self.device, non_blocking=True).to(self.dtype)
+                    for reader, info in zip(self.readers, tensor.inputs, strict=True)
+                ],
+            )
 
     def close(self) -> None:
         for reader in self.readers:
@@ -76,7 +79,8 @@ def _ties_thresholds(plan: MergePlan, inputs: _Inputs) -> dict[str, list[float]]
         cut = kth_smallest(_magnitudes(inputs, plan.tensors), [rank] * n)
         return {t.name: cut for t in plan.tensors}
     return {
-        t.name: kth_smallest(_magnitudes(inputs, [t]), [ties_keep_count(t.numel, threshold)] * n) for t in plan.tensors
+        t.name: kth_smallest(_magnitudes(inputs, [t]), [ties_keep_count(t.numel, threshold)] * n)
+        for t in plan.tensors
     }
 
 
@@ -120,8 +124,12 @@ def write_weights(
                             patches.sign_sum += result.sign_sum
                             if result.undecided.numel():
                                 patches.items.append(
-                                    (name, (result.undecided + start * row).cpu(),
-                                     result.if_negative.to(plan.out_dtype).cpu(), result.if_zero.to(plan.out_dtype).cpu())
+                                    (
+                                        name,
+                                        (result.undecided + start * row).cpu(),
+                                        result.if_negative.to(plan.out_dtype).cpu(),
+                                        result.if_zero.to(plan.out_dtype).cpu(),
+                                    )
                                 )
                             result = result.values
                         out = result.to(plan.out_dtype).cpu()
@@ -135,12 +143,18 @@ def write_weights(
         inputs.close()
     if len(plan.shards) > 1:
         _write_index(plan, directory)
-    return [layout.file for layout in plan.shards] + (["model.safetensors.index.json"] if len(plan.shards) > 1 else [])
+    return [layout.file for layout in plan.shards] + (
+        ["model.safetensors.index.json"] if len(plan.shards) > 1 else []
+    )
 
 
 def _apply_patches(patches: _Patches, files: Mapping[str, ShardWriter], plan: MergePlan) -> None:
     """Rewrite the TIES positions written under a +1 majority that turned out -1 (or 0)."""
-    where = {name: (writer.path, writer.data_start + writer.offsets[name]) for writer in files.values() for name in writer.offsets}
+    where = {
+        name: (writer.path, writer.data_start + writer.offsets[name])
+        for writer in files.values()
+        for name in writer.offsets
+    }
     item = torch.empty(0, dtype=plan.out_dtype).element_size()
     for name, positions, if_negative, if_zero in patches.items:
         values = if_negative if patches.sign_sum < 0 else if_zero
@@ -148,7 +162,7 @@ def _apply_patches(patches: _Patches, files: Mapping[str, ShardWriter], plan: Me
         raw = values.contiguous().view(torch.uint8).reshape(-1, item).numpy()
         fd = os.open(path, os.O_WRONLY)
         try:
-            for position, data in zip(positions.tolist(), raw):
+            for position, data in zip(positions.tolist(), raw, strict=True):
                 os.pwrite(fd, data.tobytes(), offset + position * item)
         finally:
             os.close(fd)
@@ -159,7 +173,11 @@ def _write_index(plan: MergePlan, directory: Path) -> None:
 
     weight_map = {name: layout.file for layout in plan.shards for name, _ in layout.tensors}
     index = {
-        "metadata": {"total_size": plan.output_bytes, "total_parameters": plan.parameter_count, "hubmerge_version": __version__},
+        "metadata": {
+            "total_size": plan.output_bytes,
+            "total_parameters": plan.parameter_count,
+            "hubmerge_version": __version__,
+        },
         "weight_map": dict(sorted(weight_map.items())),
     }
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

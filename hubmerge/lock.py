@@ -40,7 +40,9 @@ def _labels(recipe: Recipe) -> list[tuple[str, Any]]:
     return pairs
 
 
-def lock_data(plan: MergePlan, folders: Mapping[int, Path], output: Path, output_files: list[str]) -> dict[str, Any]:
+def lock_data(
+    plan: MergePlan, folders: Mapping[int, Path], output: Path, output_files: list[str]
+) -> dict[str, Any]:
     sources = []
     by_label = {s.label.split(" ")[0]: s for s in (*plan.weight_sources, plan.tokenizer)}
     for label, ref in _labels(plan.recipe):
@@ -55,15 +57,17 @@ def lock_data(plan: MergePlan, folders: Mapping[int, Path], output: Path, output
             for f in used
             if (folder / f).is_file()
         }
-        sources.append({
-            "role": label,
-            "reference": ref.text,
-            "repo_id": ref.repo_id,
-            "revision": ref.revision,
-            "sha": source.sha,
-            "path": str(ref.path) if ref.path else None,
-            "files": files,
-        })
+        sources.append(
+            {
+                "role": label,
+                "reference": ref.text,
+                "repo_id": ref.repo_id,
+                "revision": ref.revision,
+                "sha": source.sha,
+                "path": str(ref.path) if ref.path else None,
+                "files": files,
+            }
+        )
     return {
         "hubmerge_version": __version__,
         "recipe": {"file": plan.recipe.path.name, "sha256": plan.recipe.sha256},
@@ -72,7 +76,8 @@ def lock_data(plan: MergePlan, folders: Mapping[int, Path], output: Path, output
         "sources": sources,
         "output": {
             "files": {
-                f: {"size": (output / f).stat().st_size, "sha256": file_sha256(output / f)} for f in sorted(output_files)
+                f: {"size": (output / f).stat().st_size, "sha256": file_sha256(output / f)}
+                for f in sorted(output_files)
             }
         },
     }

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["METHODS", "Method", "Param", "TiesChunk", "get_method", "ties_keep_count"]
 
@@ -50,9 +50,10 @@ class Param:
             return f"must be a {self.type.__name__}, got {value!r}"
         if self.choices and value not in self.choices:
             return f"must be one of {', '.join(map(repr, self.choices))}, got {value!r}"
-        if self.minimum is not None and value < self.minimum:
+        number = value if isinstance(value, (int, float)) else None
+        if self.minimum is not None and number is not None and number < self.minimum:
             return f"must be >= {self.minimum}, got {value!r}"
-        if self.maximum is not None and value > self.maximum:
+        if self.maximum is not None and number is not None and number > self.maximum:
             return f"must be <= {self.maximum}, got {value!r}"
         return None
 
@@ -74,7 +75,9 @@ class Method:
         """Method parameters with defaults filled in (`given` was validated by the recipe)."""
         values: dict[str, ParamValue] = {p.name: p.default for p in self.params}
         for name, value in given.items():
-            values[name] = float(value) if isinstance(value, int) and self.param(name).type is float else value
+            values[name] = (
+                float(value) if isinstance(value, int) and self.param(name).type is float else value
+            )
         return values
 
     def param(self, name: str) -> Param:
@@ -94,15 +97,17 @@ def simple_average(models: Sequence[Tensor]) -> Tensor:
 
 def linear(models: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     total = models[0] * weights[0]
-    for m, w in zip(models[1:], weights[1:]):
+    for m, w in zip(models[1:], weights[1:], strict=True):
         total += m * w
     return total / sum(weights)
 
 
-def task_arithmetic(base: Tensor, models: Sequence[Tensor], weights: Sequence[float], scaling_factor: float) -> Tensor:
+def task_arithmetic(
+    base: Tensor, models: Sequence[Tensor], weights: Sequence[float], scaling_factor: float
+) -> Tensor:
     # Deltas accumulate one after another, then scale, then add: FusionBench's order of operations.
     task_vector = (models[0] - base) * weights[0] if weights[0] != 1.0 else models[0] - base
-    for m, w in zip(models[1:], weights[1:]):
+    for m, w in zip(models[1:], weights[1:], strict=True):
         task_vector += (m - base) * w if w != 1.0 else m - base
     return base + scaling_factor * task_vector
 
@@ -135,6 +140,8 @@ class TiesChunk:
 
 
 def _disjoint_merge(task_vectors: Tensor, sign: Tensor, merge_func: str) -> Tensor:
+    import torch
+
     keep = torch.where(sign > 0, task_vectors > 0, task_vectors < 0)
     selected = task_vectors * keep
     if merge_func == "sum":
@@ -146,9 +153,15 @@ def _disjoint_merge(task_vectors: Tensor, sign: Tensor, merge_func: str) -> Tens
 
 
 def ties(
-    base: Tensor, models: Sequence[Tensor], thresholds: Sequence[float], scaling_factor: float, merge_func: str
+    base: Tensor,
+    models: Sequence[Tensor],
+    thresholds: Sequence[float],
+    scaling_factor: float,
+    merge_func: str,
 ) -> TiesChunk:
     """Trim each τᵢ to |τᵢ| >= thresholdsᵢ, elect sign(Σ trimmed τ), merge the agreeing entries."""
+    import torch  # here, not at module level: `hubmerge validate` reads the registry without loading torch
+
     task_vectors = torch.stack([m - base for m in models])
     cut = torch.tensor(thresholds, dtype=task_vectors.dtype).view(-1, *([1] * base.dim()))
     task_vectors = task_vectors * (task_vectors.abs() >= cut)
@@ -171,7 +184,9 @@ def ties(
 # --- the registry --------------------------------------------------------------------------------------
 
 _WEIGHT = Param("weight", float, 1.0, "this model's weight wᵢ")
-_SCALING = Param("scaling_factor", float, 0.3, "λ, the scale of the merged task vector (FusionBench default 0.3)")
+_SCALING = Param(
+    "scaling_factor", float, 0.3, "λ, the scale of the merged task vector (FusionBench default 0.3)"
+)
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -206,11 +221,24 @@ METHODS: dict[str, Method] = {
             needs_base=True,
             params=(
                 _SCALING,
-                Param("threshold", float, 20.0, "percent of each task vector kept, by magnitude", minimum=0.0,
-                      maximum=100.0),
-                Param("merge_func", str, "sum", "how agreeing entries combine", choices=("sum", "mean", "max")),
-                Param("trim", str, "global", "rank magnitudes over the whole model or per tensor",
-                      choices=("global", "tensor")),
+                Param(
+                    "threshold",
+                    float,
+                    20.0,
+                    "percent of each task vector kept, by magnitude",
+                    minimum=0.0,
+                    maximum=100.0,
+                ),
+                Param(
+                    "merge_func", str, "sum", "how agreeing entries combine", choices=("sum", "mean", "max")
+                ),
+                Param(
+                    "trim",
+                    str,
+                    "global",
+                    "rank magnitudes over the whole model or per tensor",
+                    choices=("global", "tensor"),
+                ),
             ),
             paper="arXiv:2306.01708",
             trims=True,
@@ -221,4 +249,3 @@ METHODS: dict[str, Method] = {
 
 def get_method(name: str) -> Method:
     return METHODS[name]
-

@@ -101,7 +101,10 @@ class MergePlan:
     def peak_memory_estimate(self) -> int:
         # Per chunk: every input in the compute dtype, the stacked task vectors and the method's temporaries.
         item = torch.empty(0, dtype=self.compute_dtype).element_size()
-        largest = max(min(t.numel, t.chunk_rows * (t.numel // max(t.shape[0], 1) if t.shape else 1)) for t in self.tensors)
+        largest = max(
+            min(t.numel, t.chunk_rows * (t.numel // max(t.shape[0], 1) if t.shape else 1))
+            for t in self.tensors
+        )
         return _BASELINE_BYTES + largest * item * (4 * len(self.inputs) + 8)
 
     @property
@@ -113,7 +116,9 @@ class MergePlan:
                 + "; ".join(self.config_differences)
             )
         if self.recipe.method.name in ("simple_average", "linear") and self.base is not None:
-            notes.append(f"the base is not part of {self.recipe.method.name} (as in FusionBench); it provides config.json")
+            notes.append(
+                f"the base is not part of {self.recipe.method.name} (as in FusionBench); it provides config.json"
+            )
         return tuple(notes)
 
 
@@ -166,7 +171,9 @@ def _check_compatible(sources: tuple[Source, ...]) -> None:
         for s in sources:
             info = s.tensors[name]
             if info.dtype not in DTYPES:
-                raise IncompatibleSourcesError(f"{s.label}: tensor {name} has dtype {info.dtype}; hubmerge merges float tensors only")
+                raise IncompatibleSourcesError(
+                    f"{s.label}: tensor {name} has dtype {info.dtype}; hubmerge merges float tensors only"
+                )
             if info.shape != first.tensors[name].shape:
                 raise IncompatibleSourcesError(
                     f"tensor {name} has shape {list(first.tensors[name].shape)} in {first.label} but "
@@ -180,7 +187,11 @@ def _config_differences(sources: tuple[Source, ...]) -> tuple[str, ...]:
     for key in keys:
         values = [s.config.get(key) for s in sources]
         if any(v != values[0] for v in values):
-            found.append(f"{key} (" + ", ".join(f"{s.label.split(' ')[0]}: {v!r}" for s, v in zip(sources, values)) + ")")
+            found.append(
+                f"{key} ("
+                + ", ".join(f"{s.label.split(' ')[0]}: {v!r}" for s, v in zip(sources, values, strict=True))
+                + ")"
+            )
     return tuple(found)
 
 
@@ -206,7 +217,8 @@ def _shards(tensors: tuple[OutputTensor, ...], dtype: torch.dtype, max_bytes: in
     else:
         names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     return tuple(
-        ShardLayout(name, tuple((t.name, t.shape) for t in group), dtype) for name, group in zip(names, groups)
+        ShardLayout(name, tuple((t.name, t.shape) for t in group), dtype)
+        for name, group in zip(names, groups, strict=True)
     )
 
 
@@ -248,7 +260,9 @@ def build_plan(recipe: Recipe) -> MergePlan:
         )
         for name in names
     )
-    if not tied and any(t.inputs[0].shape != t.shape or any(i.shape != t.shape for i in t.inputs) for t in tensors):
+    if not tied and any(
+        t.inputs[0].shape != t.shape or any(i.shape != t.shape for i in t.inputs) for t in tensors
+    ):
         raise IncompatibleSourcesError(f"{HEAD} and {EMBED} have different shapes across sources")
 
     config_source = base or models[0]
@@ -257,9 +271,13 @@ def build_plan(recipe: Recipe) -> MergePlan:
         if recipe.dtype
         else _dtype_named(config_source.config) or DTYPES[next(iter(config_source.tensors.values())).dtype]
     )
-    compute_dtype = torch.float64 if any(i.dtype == "F64" for t in tensors for i in t.inputs) else torch.float32
+    compute_dtype = (
+        torch.float64 if any(i.dtype == "F64" for t in tensors for i in t.inputs) else torch.float32
+    )
     config = copy.deepcopy(dict(config_source.config))
-    config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = str(out_dtype).removeprefix("torch.")
+    config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = str(
+        out_dtype
+    ).removeprefix("torch.")
     config["tie_word_embeddings"] = tied
     return MergePlan(
         recipe=recipe,

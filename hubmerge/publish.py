@@ -29,10 +29,16 @@ def _hub_failure(repo: str, exc: Exception) -> PublishError:
     if isinstance(exc, HfHubHTTPError) and exc.response is not None:
         status = exc.response.status_code
         if status == 401:
-            return PublishError(f"the Hub rejected the token while pushing to {repo} (401); run `hf auth login` or fix HF_TOKEN")
+            return PublishError(
+                f"the Hub rejected the token while pushing to {repo} (401); run `hf auth login` or fix HF_TOKEN"
+            )
         if status == 403:
-            return PublishError(f"the token may not write to {repo} (403); use a token with write access to its namespace")
-        return PublishError(f"pushing to {repo} failed: the Hub answered {status}; re-run to retry ({exc.server_message or exc})")
+            return PublishError(
+                f"the token may not write to {repo} (403); use a token with write access to its namespace"
+            )
+        return PublishError(
+            f"pushing to {repo} failed: the Hub answered {status}; re-run to retry ({exc.server_message or exc})"
+        )
     return PublishError(f"pushing to {repo} failed ({type(exc).__name__}: {exc}); re-run to retry")
 
 
@@ -60,7 +66,9 @@ def check_push_access(plan: MergePlan) -> str:
         )
     role = who.get("auth", {}).get("accessToken", {}).get("role")
     if role == "read":
-        raise PublishError("the token is read-only; create a write token at /settings/tokens and set HF_TOKEN")
+        raise PublishError(
+            "the token is read-only; create a write token at /settings/tokens and set HF_TOKEN"
+        )
     return str(who.get("name"))
 
 

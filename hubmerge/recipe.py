@@ -29,8 +29,17 @@ DTYPES = ("bfloat16", "float16", "float32")
 # Hub repo ids: `name` or `namespace/name`, as huggingface_hub validates them.
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9_.\-]{1,96}/)?[A-Za-z0-9_.\-]{1,96}$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 @dataclass(frozen=True)
@@ -104,7 +113,7 @@ def parse_size(value: int | str) -> int:
         return value
     match = _SIZE.match(value) if isinstance(value, str) else None
     if not match:
-        raise ValueError(f"must be a size such as \"5GB\", \"500MB\" or a number of bytes, got {value!r}")
+        raise ValueError(f'must be a size such as "5GB", "500MB" or a number of bytes, got {value!r}')
     size = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
     if size <= 0:
         raise ValueError(f"must be positive, got {value!r}")
@@ -130,15 +139,19 @@ class _Reader:
 
     def get(self, table: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
         value = table.get(key)
-        if value is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
+        if value is not None and (
+            not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))
+        ):
             names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
             raise self.fail(f"{where}{key}", f"must be a {names.replace('str', 'string')}, got {value!r}")
         return value
 
-    def reference(self, text: str, revision: str | None, key: str, params: Mapping[str, ParamValue]) -> ModelRef:
+    def reference(
+        self, text: str, revision: str | None, key: str, params: Mapping[str, ParamValue]
+    ) -> ModelRef:
         text = text.strip()
         if not text:
-            raise self.fail(key, "is empty; give a Hub id such as \"Qwen/Qwen2.5-1.5B\" or a folder path")
+            raise self.fail(key, 'is empty; give a Hub id such as "Qwen/Qwen2.5-1.5B" or a folder path')
         candidate = Path(text).expanduser()
         local = text.startswith((".", "/", "~")) or (self.root / candidate).is_dir()
         if local:
@@ -147,12 +160,14 @@ class _Reader:
             return ModelRef(text, path=(self.root / candidate).resolve(), params=params)
         repo_id, _, at_revision = text.partition("@")
         if at_revision and revision is not None:
-            raise self.fail(key, f"{text!r} already pins a revision; drop either '@{at_revision}' or 'revision'")
+            raise self.fail(
+                key, f"{text!r} already pins a revision; drop either '@{at_revision}' or 'revision'"
+            )
         if not _REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id:
             raise self.fail(
                 key,
                 f"{text!r} is neither an existing folder (relative to {self.root}) nor a Hub id like "
-                "\"org/name[@revision]\"",
+                '"org/name[@revision]"',
             )
         return ModelRef(text, repo_id=repo_id, revision=at_revision or revision, params=params)
 
@@ -162,7 +177,7 @@ class _Reader:
             return self.reference(value, None, key, params)
         if not isinstance(value, dict):
             raise self.fail(key, f"must be a model reference string or a table with 'source', got {value!r}")
-        allowed = ("source", "revision") + tuple(p.name for p in method.model_params)
+        allowed = ("source", "revision", *(p.name for p in method.model_params))
         self.check_keys(value, allowed, f"{key}.")
         source = self.get(value, "source", str, f"{key}.")
         if source is None:
@@ -176,7 +191,7 @@ class _Reader:
         problem = p.check(value)
         if problem:
             raise self.fail(key, problem)
-        return float(value) if p.type is float else value  # type: ignore[no-any-return]
+        return float(value) if p.type is float else value
 
 
 def load_recipe(path: str | Path, output_dir: str | Path | None = None) -> Recipe:
@@ -196,8 +211,12 @@ def load_recipe(path: str | Path, output_dir: str | Path | None = None) -> Recip
         if where is None:
             raise RecipeError(f"{path}: TOML syntax error: {message}") from None
         lines = text.splitlines() or [""]
-        line, column = (where.group(1), where.group(2)) if where.group(1) else (len(lines), len(lines[-1]) + 1)
-        raise RecipeError(f"{path}:{line}:{column}: TOML syntax error: {message[: where.start()].strip()}") from None
+        line, column = (
+            (where.group(1), where.group(2)) if where.group(1) else (len(lines), len(lines[-1]) + 1)
+        )
+        raise RecipeError(
+            f"{path}:{line}:{column}: TOML syntax error: {message[: where.start()].strip()}"
+        ) from None
     return _build(_Reader(path), data, text, output_dir)
 
 
@@ -214,9 +233,14 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
 
     parameters = r.get(data, "parameters", dict, "") or {}
     r.check_keys(parameters, tuple(p.name for p in method.params + method.model_params), "parameters.")
-    given = {p.name: r.param(p, parameters[p.name], f"parameters.{p.name}") for p in method.params if p.name in parameters}
+    given = {
+        p.name: r.param(p, parameters[p.name], f"parameters.{p.name}")
+        for p in method.params
+        if p.name in parameters
+    }
     model_defaults = {
-        p.name: r.param(p, parameters.get(p.name, p.default), f"parameters.{p.name}") for p in method.model_params
+        p.name: r.param(p, parameters.get(p.name, p.default), f"parameters.{p.name}")
+        for p in method.model_params
     }
 
     raw_models = data.get("models")
@@ -233,12 +257,18 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
             r.check_keys(raw_base, ("source", "revision"), "base.")
         base = r.model(raw_base, "base", METHODS["simple_average"], {})
     elif method.needs_base:
-        raise r.fail("base", f"is required by method {method.name!r}: the model the task vectors are taken from")
+        raise r.fail(
+            "base", f"is required by method {method.name!r}: the model the task vectors are taken from"
+        )
 
     dtype = r.get(data, "dtype", str, "")
     if dtype is not None and dtype not in DTYPES:
         close = difflib.get_close_matches(dtype, DTYPES, n=1)
-        raise r.fail("dtype", f"unknown dtype {dtype!r}; " + (f"did you mean {close[0]!r}?" if close else f"one of {', '.join(DTYPES)}"))
+        raise r.fail(
+            "dtype",
+            f"unknown dtype {dtype!r}; "
+            + (f"did you mean {close[0]!r}?" if close else f"one of {', '.join(DTYPES)}"),
+        )
 
     tokenizer_table = r.get(data, "tokenizer", dict, "") or {}
     r.check_keys(tokenizer_table, ("source", "revision"), "tokenizer.")
@@ -257,7 +287,7 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
         out_dir = (Path.cwd() / "outputs" / r.path.stem).resolve()
     repo = r.get(out, "repo", str, "output.")
     if repo is not None and (not _REPO_ID.match(repo) or "/" not in repo or "--" in repo or ".." in repo):
-        raise r.fail("output.repo", f"{repo!r} is not a Hub repo id like \"your-name/Qwen2.5-1.5B-TIES\"")
+        raise r.fail("output.repo", f'{repo!r} is not a Hub repo id like "your-name/Qwen2.5-1.5B-TIES"')
     try:
         max_shard_size = parse_size(out.get("max_shard_size", "5GB"))
     except ValueError as exc:
@@ -267,13 +297,20 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
     if create_pr and branch not in (None, "main"):
         raise r.fail("output.create_pr", "a pull request targets main; drop 'branch' or 'create_pr'")
     output = OutputSpec(
-        dir=out_dir, repo=repo, private=r.get(out, "private", bool, "output."), branch=branch,
-        create_pr=create_pr, max_shard_size=max_shard_size,
+        dir=out_dir,
+        repo=repo,
+        private=r.get(out, "private", bool, "output."),
+        branch=branch,
+        create_pr=create_pr,
+        max_shard_size=max_shard_size,
     )
 
     card_table = r.get(data, "card", dict, "") or {}
-    r.check_keys(card_table, ("template", "title", "description", "tags", "language", "license", "license_name",
-                              "license_link"), "card.")
+    r.check_keys(
+        card_table,
+        ("template", "title", "description", "tags", "language", "license", "license_name", "license_link"),
+        "card.",
+    )
     template = r.get(card_table, "template", str, "card.")
     tags = r.get(card_table, "tags", list, "card.") or []
     language = r.get(card_table, "language", (str, list), "card.") or []
@@ -285,7 +322,8 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
         template=(r.root / template).resolve() if template else None,
         title=r.get(card_table, "title", str, "card."),
         description=r.get(card_table, "description", str, "card."),
-        tags=tuple(tags), language=tuple(language),
+        tags=tuple(tags),
+        language=tuple(language),
         license=r.get(card_table, "license", str, "card."),
         license_name=r.get(card_table, "license_name", str, "card."),
         license_link=r.get(card_table, "license_link", str, "card."),
@@ -294,6 +332,14 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
         raise r.fail("card.template", f"no such template file {card.template}")
 
     return Recipe(
-        path=r.path.resolve(), text=text, method=method, parameters=method.resolve(given), models=models, base=base,
-        tokenizer=tokenizer, dtype=dtype, output=output, card=card,
+        path=r.path.resolve(),
+        text=text,
+        method=method,
+        parameters=method.resolve(given),
+        models=models,
+        base=base,
+        tokenizer=tokenizer,
+        dtype=dtype,
+        output=output,
+        card=card,
     )

@@ -32,7 +32,10 @@ def plan_json(plan: MergePlan) -> dict[str, Any]:
                 "path": str(s.ref.path) if s.ref.path else None,
                 "parameters": dict(s.ref.params),
             }
-            for s in (*plan.weight_sources, *(() if plan.tokenizer in plan.weight_sources else (plan.tokenizer,)))
+            for s in (
+                *plan.weight_sources,
+                *(() if plan.tokenizer in plan.weight_sources else (plan.tokenizer,)),
+            )
         ],
         "downloads": [
             {"source": d.source, "files": list(d.files), "bytes": d.bytes, "cached_bytes": d.cached_bytes}
@@ -53,7 +56,12 @@ def plan_json(plan: MergePlan) -> dict[str, Any]:
         },
         "push": None
         if r.output.repo is None
-        else {"repo": r.output.repo, "private": r.output.private, "branch": r.output.branch, "create_pr": r.output.create_pr},
+        else {
+            "repo": r.output.repo,
+            "private": r.output.private,
+            "branch": r.output.branch,
+            "create_pr": r.output.create_pr,
+        },
         "warnings": list(plan.warnings),
     }
 
@@ -66,7 +74,9 @@ def plan_text(plan: MergePlan) -> str:
         params = f" {s['parameters']}" if s["parameters"] and s["parameters"] != {"weight": 1.0} else ""
         lines.append(f"{s['role']:<9}{s['repo_id'] or s['path']}{pinned}{params}")
     for d in data["downloads"]:
-        lines.append(f"download {d['source']}: {len(d['files'])} files, {_gb(d['bytes'])} ({_gb(d['cached_bytes'])} cached)")
+        lines.append(
+            f"download {d['source']}: {len(d['files'])} files, {_gb(d['bytes'])} ({_gb(d['cached_bytes'])} cached)"
+        )
     out = data["output"]
     lines.append(
         f"output   {out['dir']}: {out['tensors']} tensors, {out['parameters']:,} parameters, {out['dtype']}, "
@@ -89,11 +99,21 @@ def plan_text(plan: MergePlan) -> str:
 def summary_markdown(plan: MergePlan, commit_url: str | None = None, merged: bool = False) -> str:
     data = plan_json(plan)
     title = "Merged" if merged else "Plan for"
-    lines = [f"### {title} `{plan.recipe.path.name}` ({data['method']})", "", "| role | source | revision | sha |", "|---|---|---|---|"]
+    lines = [
+        f"### {title} `{plan.recipe.path.name}` ({data['method']})",
+        "",
+        "| role | source | revision | sha |",
+        "|---|---|---|---|",
+    ]
     for s in data["sources"]:
-        lines.append(f"| {s['role']} | `{s['repo_id'] or s['path']}` | {s['revision'] or ''} | `{s['sha'] or 'local'}` |")
+        lines.append(
+            f"| {s['role']} | `{s['repo_id'] or s['path']}` | {s['revision'] or ''} | `{s['sha'] or 'local'}` |"
+        )
     out = data["output"]
-    lines += ["", f"Output: {out['tensors']} tensors, {out['parameters']:,} parameters, {_gb(out['bytes'])} ({out['dtype']})."]
+    lines += [
+        "",
+        f"Output: {out['tensors']} tensors, {out['parameters']:,} parameters, {_gb(out['bytes'])} ({out['dtype']}).",
+    ]
     if commit_url:
         lines.append(f"Pushed: {commit_url}")
     lines += [f"> warning: {w}" for w in data["warnings"]]

@@ -58,7 +58,11 @@ class Source:
         return tuple(sorted({t.file for t in self.tensors.values()} | ({INDEX_FILE} & set(self.files))))
 
     def needed_files(self, weights: bool, tokenizer: bool) -> tuple[str, ...]:
-        wanted = set(_ALWAYS) | (set(self.weight_files) if weights else set()) | (set(TOKENIZER_FILES) if tokenizer else set())
+        wanted = (
+            set(_ALWAYS)
+            | (set(self.weight_files) if weights else set())
+            | (set(TOKENIZER_FILES) if tokenizer else set())
+        )
         return tuple(sorted(f for f in self.files if f in wanted))
 
 
@@ -74,7 +78,9 @@ def _read_json(path: Path, label: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise SourceError(f"{label}: no {path.name} in {path.parent}; is it a transformers model folder?") from None
+        raise SourceError(
+            f"{label}: no {path.name} in {path.parent}; is it a transformers model folder?"
+        ) from None
     except ValueError as exc:
         raise SourceError(f"{label}: {path} is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
@@ -133,8 +139,14 @@ def hub_errors(label: str, repo_id: str, revision: str | None) -> Iterator[None]
             "(HF_TOKEN or `hf auth login`)"
         ) from None
     except RepositoryNotFoundError:
-        hint = "check the id" if os.environ.get("HF_TOKEN") else "check the id, or log in (HF_TOKEN or `hf auth login`) if it is private"
-        raise SourceError(f"{label}: repository {repo_id} not found on {constants.ENDPOINT}; {hint}") from None
+        hint = (
+            "check the id"
+            if os.environ.get("HF_TOKEN")
+            else "check the id, or log in (HF_TOKEN or `hf auth login`) if it is private"
+        )
+        raise SourceError(
+            f"{label}: repository {repo_id} not found on {constants.ENDPOINT}; {hint}"
+        ) from None
     except RevisionNotFoundError:
         raise SourceError(
             f"{label}: revision {revision!r} not found in {repo_id}; use a branch, tag or commit sha listed at {url}"
@@ -149,13 +161,19 @@ def hub_errors(label: str, repo_id: str, revision: str | None) -> Iterator[None]
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
         if status == 401:
-            raise SourceError(f"{label}: the Hub rejected the token (401); run `hf auth login` or fix HF_TOKEN") from None
-        raise SourceError(f"{label}: the Hub answered {status} for {repo_id}; try again later ({exc})") from None
+            raise SourceError(
+                f"{label}: the Hub rejected the token (401); run `hf auth login` or fix HF_TOKEN"
+            ) from None
+        raise SourceError(
+            f"{label}: the Hub answered {status} for {repo_id}; try again later ({exc})"
+        ) from None
     except OSError as exc:  # connection refused, DNS failure, disk full while caching
         raise SourceError(f"{label}: cannot reach {constants.ENDPOINT} ({exc}); check your network") from None
     except Exception as exc:
         if type(exc).__module__.startswith(("httpx", "httpcore")):
-            raise SourceError(f"{label}: cannot reach {constants.ENDPOINT} ({exc}); check your network") from None
+            raise SourceError(
+                f"{label}: cannot reach {constants.ENDPOINT} ({exc}); check your network"
+            ) from None
         raise
 
 
@@ -168,7 +186,11 @@ def _resolve_hub(ref: ModelRef, label: str, weights: bool) -> Source:
     if constants.HF_HUB_OFFLINE:
         # Offline: the cache is the only truth. Resolve the revision through the cache's refs.
         with hub_errors(label, repo_id, revision):
-            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["config.json"], local_files_only=True))
+            folder = Path(
+                snapshot_download(
+                    repo_id, revision=revision, allow_patterns=["config.json"], local_files_only=True
+                )
+            )
         local = _resolve_local(ModelRef(ref.text, path=folder), f"{label} (offline, from the cache)", weights)
         return Source(ref, label, local.config, local.tensors, local.files, local.card_data, sha=folder.name)
 
@@ -188,7 +210,9 @@ def _resolve_hub(ref: ModelRef, label: str, weights: bool) -> Source:
                 )
             raise SourceError(f"{label}: {repo_id}@{sha[:12]} has no *.safetensors weights")
         if "config.json" not in files:
-            raise SourceError(f"{label}: {repo_id}@{sha[:12]} has no config.json; is it a transformers model?")
+            raise SourceError(
+                f"{label}: {repo_id}@{sha[:12]} has no config.json; is it a transformers model?"
+            )
         # Downloading by the revision's name (not the sha) records the name -> sha ref in the cache,
         # which is what lets a later HF_HUB_OFFLINE=1 run resolve the same recipe.
         config_path = Path(hf_hub_download(repo_id, "config.json", revision=revision))
@@ -204,8 +228,10 @@ def _resolve_hub(ref: ModelRef, label: str, weights: bool) -> Source:
                     for name, t in file_metadata.tensors.items()
                 }
                 tensors.update(header_tensors(header, file))
-    card_data = info.card_data.to_dict() if info.card_data is not None else None
-    return Source(ref, label, config, tensors, files, card_data, sha=sha, lfs_sha256=lfs, gated=bool(info.gated))
+    card_data = info.card_data.to_dict() if info.card_data is not None else None  # type: ignore[no-untyped-call]
+    return Source(
+        ref, label, config, tensors, files, card_data, sha=sha, lfs_sha256=lfs, gated=bool(info.gated)
+    )
 
 
 def fetch(source: Source, weights: bool, tokenizer: bool, quiet: bool) -> Path:
@@ -213,7 +239,7 @@ def fetch(source: Source, weights: bool, tokenizer: bool, quiet: bool) -> Path:
     if source.ref.path is not None:
         return source.ref.path
     from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import disable_progress_bars
+    from huggingface_hub.utils.tqdm import disable_progress_bars
 
     if quiet:
         disable_progress_bars()
@@ -221,7 +247,9 @@ def fetch(source: Source, weights: bool, tokenizer: bool, quiet: bool) -> Path:
     assert repo_id is not None
     with hub_errors(source.label, repo_id, source.sha):
         return Path(
-            snapshot_download(repo_id, revision=source.sha, allow_patterns=list(source.needed_files(weights, tokenizer)))
+            snapshot_download(
+                repo_id, revision=source.sha, allow_patterns=list(source.needed_files(weights, tokenizer))
+            )
         )
 
 
@@ -231,4 +259,8 @@ def cached_files(source: Source, files: tuple[str, ...]) -> set[str]:
         return set(files)
     from huggingface_hub import try_to_load_from_cache
 
-    return {f for f in files if isinstance(try_to_load_from_cache(source.ref.repo_id or "", f, revision=source.sha), str)}
+    return {
+        f
+        for f in files
+        if isinstance(try_to_load_from_cache(source.ref.repo_id or "", f, revision=source.sha), str)
+    }

@@ -102,14 +102,23 @@ def write_checkpoint(
             file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
             save_file({k: tensors[k] for k in part}, folder / file, metadata={"format": "pt"})
             weight_map |= {k: file for k in part}
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": weight_map}
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+            "weight_map": weight_map,
+        }
         (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     if tokenizer:
-        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        for name in (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+            "generation_config.json",
+        ):
             shutil.copyfile(TINY / "base" / name, folder / name)
     if license:
-        (folder / "README.md").write_text(f"---\nlicense: {license}\nlibrary_name: transformers\n---\n# test model\n")
+        (folder / "README.md").write_text(
+            f"---\nlicense: {license}\nlibrary_name: transformers\n---\n# test model\n"
+        )
     return folder
 
 
@@ -133,11 +142,17 @@ def write_recipe(tmp_path: Path) -> Callable[[str], Path]:
     return write
 
 
-def run_cli(*args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the real `hubmerge` entry point in a subprocess (what a user's shell does)."""
     full_env = {**os.environ, **(env or {})}
     full_env.pop("HUBMERGE_DEBUG", None)
     return subprocess.run(
         [sys.executable, "-m", "hubmerge.cli", *map(str, args)],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300,
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )

@@ -9,17 +9,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import REPO, random_state_dict, run_cli, write_checkpoint
+from safetensors.torch import load_file, save_file
 
 
 def test_demo_recipe_merges_offline_and_transformers_generates(tmp_path: Path) -> None:
     result = run_cli(REPO / "recipes" / "examples" / "tiny-ties.toml", "--output", tmp_path / "out", "-q")
     assert result.returncode == 0, result.stderr
     out = tmp_path / "out"
-    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
-                 "chat_template.jinja", "hubmerge.toml", "hubmerge.lock.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "hubmerge.toml",
+        "hubmerge.lock.json",
+    ):
         assert (out / name).is_file(), name
     assert "max_position_embeddings" in result.stderr  # the config-difference warning names the field
 
@@ -28,8 +34,12 @@ def test_demo_recipe_merges_offline_and_transformers_generates(tmp_path: Path) -
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "2+2?"}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "2+2?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     generated = model.generate(**prompt, max_new_tokens=4, do_sample=False)
     assert generated.shape[1] == prompt["input_ids"].shape[1] + 4
 
@@ -42,11 +52,15 @@ def test_lock_reproduces_byte_identical_weights(tmp_path: Path) -> None:
     assert all(len(f["sha256"]) == 64 for s in lock["sources"] for f in s["files"].values())
     again = run_cli(recipe, "--output", tmp_path / "b", "-q", "--lock", tmp_path / "a" / "hubmerge.lock.json")
     assert again.returncode == 0, again.stderr
-    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
+        tmp_path / "b" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path) -> None:
-    result = run_cli(REPO / "recipes" / "examples" / "tiny-ties.toml", "--output", tmp_path / "out", "--dry-run")
+    result = run_cli(
+        REPO / "recipes" / "examples" / "tiny-ties.toml", "--output", tmp_path / "out", "--dry-run"
+    )
     assert result.returncode == 0, result.stderr
     assert "26 tensors, 107,072 parameters, bfloat16" in result.stdout
     assert not (tmp_path / "out").exists()
@@ -69,23 +83,50 @@ def _pool(tmp_path: Path) -> None:
 
 BAD_RECIPES = [
     ('method = "ties"\nbase = "./base"\nmodels = ["./a"]\nscaling = 1\n', 2, "scaling: unknown key"),
-    ('method = "ties"\nbase = "./base"\nmodels = ["./a"]\n[parameters]\nscaling_fator = 0.8\n', 2,
-     "parameters.scaling_fator: unknown key; did you mean 'scaling_factor'?"),
-    ('method = "ties"\nbase = "./base"\nmodels = ["./a"\n', 2, "recipe.toml:3:16: TOML syntax error: Unclosed array"),
-    ('method = ties\nbase = "./base"\nmodels = ["./a"]\n', 2, "recipe.toml:1:10: TOML syntax error: Invalid value"),
+    (
+        'method = "ties"\nbase = "./base"\nmodels = ["./a"]\n[parameters]\nscaling_fator = 0.8\n',
+        2,
+        "parameters.scaling_fator: unknown key; did you mean 'scaling_factor'?",
+    ),
+    (
+        'method = "ties"\nbase = "./base"\nmodels = ["./a"\n',
+        2,
+        "recipe.toml:3:16: TOML syntax error: Unclosed array",
+    ),
+    (
+        'method = ties\nbase = "./base"\nmodels = ["./a"]\n',
+        2,
+        "recipe.toml:1:10: TOML syntax error: Invalid value",
+    ),
     ('method = "tie"\nbase = "./base"\nmodels = ["./a"]\n', 2, "did you mean 'ties'?"),
     ('method = "ties"\nmodels = ["./a"]\n', 2, "base: is required by method 'ties'"),
-    ('method = "ties"\nbase = "./base"\nmodels = ["./a"]\n[parameters]\nthreshold = 120\n', 2,
-     "parameters.threshold: must be <= 100.0"),
-    ('method = "ties"\nbase = "./base"\nmodels = ["./a"]\n[parameters]\nmerge_func = "avg"\n', 2,
-     "parameters.merge_func: must be one of 'sum', 'mean', 'max'"),
-    ('method = "task_arithmetic"\nbase = "./base"\n[[models]]\nsource = "./a"\nwieght = 2\n', 2,
-     "models[0].wieght: unknown key; did you mean 'weight'?"),
-    ('method = "ties"\nbase = "./base"\nmodels = ["./a"]\ndtype = "bf16"\n', 2, "dtype: unknown dtype 'bf16'"),
+    (
+        'method = "ties"\nbase = "./base"\nmodels = ["./a"]\n[parameters]\nthreshold = 120\n',
+        2,
+        "parameters.threshold: must be <= 100.0",
+    ),
+    (
+        'method = "ties"\nbase = "./base"\nmodels = ["./a"]\n[parameters]\nmerge_func = "avg"\n',
+        2,
+        "parameters.merge_func: must be one of 'sum', 'mean', 'max'",
+    ),
+    (
+        'method = "task_arithmetic"\nbase = "./base"\n[[models]]\nsource = "./a"\nwieght = 2\n',
+        2,
+        "models[0].wieght: unknown key; did you mean 'weight'?",
+    ),
+    (
+        'method = "ties"\nbase = "./base"\nmodels = ["./a"]\ndtype = "bf16"\n',
+        2,
+        "dtype: unknown dtype 'bf16'",
+    ),
     ('method = "ties"\nbase = "./base"\nmodels = ["./missing"]\n', 3, "no such folder"),
     ('method = "ties"\nbase = "./base"\nmodels = ["not a hub id!"]\n', 2, "neither an existing folder"),
-    ('method = "ties"\nbase = "./base"\nmodels = ["./a"]\n[output]\nmax_shard_size = "lots"\n', 2,
-     "output.max_shard_size: must be a size"),
+    (
+        'method = "ties"\nbase = "./base"\nmodels = ["./a"]\n[output]\nmax_shard_size = "lots"\n',
+        2,
+        "output.max_shard_size: must be a size",
+    ),
 ]
 
 

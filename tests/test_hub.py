@@ -10,11 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load, save
-
 from conftest import REPO, TINY, run_cli
 from hubserver import LocalHub
+from safetensors.torch import load, save
 
 TOKEN, OTHER_TOKEN = "hf_test_user_token", "hf_test_other_token"
 POOL = {
@@ -30,7 +28,9 @@ def _folder_files(folder: Path) -> dict[str, bytes]:
 
 
 def _scaled(weights: bytes, factor: float) -> bytes:
-    return save({k: (v.float() * factor).to(v.dtype) for k, v in load(weights).items()}, metadata={"format": "pt"})
+    return save(
+        {k: (v.float() * factor).to(v.dtype) for k, v in load(weights).items()}, metadata={"format": "pt"}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_merge_pins_branch_tag_and_sha_then_pushes_private_repo(hub: LocalHub, t
         "[parameters]\nscaling_factor = 0.8\n"
         '[output]\ndir = "out"\nrepo = "user/merged"\nprivate = true\n'
     )
-    commits_before = len(hub.commits("user/merged")) if "user/merged" in hub._repos else 0  # noqa: SLF001
+    commits_before = len(hub.commits("user/merged")) if "user/merged" in hub._repos else 0
     result = run_cli(recipe, env=hub_env(hub, tmp_path))
     assert result.returncode == 0, result.stderr
     assert f"{hub.url}/user/merged/commit/" in result.stdout
@@ -90,22 +90,42 @@ def test_merge_pins_branch_tag_and_sha_then_pushes_private_repo(hub: LocalHub, t
         "models[2]": coder_v1,
     }
     # The weights equal a local merge of exactly those commits.
-    for role, repo in (("base", "Qwen/Qwen2.5-1.5B"), ("math", "Qwen/Qwen2.5-Math-1.5B"),
-                       ("instruct", "Qwen/Qwen2.5-1.5B-Instruct"), ("coder", "Qwen/Qwen2.5-Coder-1.5B")):
-        sha = {"base": shas["base"], "math": shas["models[0]"], "instruct": shas["models[1]"], "coder": coder_v1}[role]
+    for role, repo in (
+        ("base", "Qwen/Qwen2.5-1.5B"),
+        ("math", "Qwen/Qwen2.5-Math-1.5B"),
+        ("instruct", "Qwen/Qwen2.5-1.5B-Instruct"),
+        ("coder", "Qwen/Qwen2.5-Coder-1.5B"),
+    ):
+        sha = {
+            "base": shas["base"],
+            "math": shas["models[0]"],
+            "instruct": shas["models[1]"],
+            "coder": coder_v1,
+        }[role]
         folder = tmp_path / "local" / role
         folder.mkdir(parents=True)
         for name, data in hub.files(repo, sha).items():
             (folder / name).write_bytes(data)
     local = tmp_path / "local.toml"
-    local.write_text('method = "ties"\nbase = "./local/base"\nmodels = ["./local/math", "./local/instruct", "./local/coder"]\n'
-                     '[parameters]\nscaling_factor = 0.8\n')
+    local.write_text(
+        'method = "ties"\nbase = "./local/base"\nmodels = ["./local/math", "./local/instruct", "./local/coder"]\n'
+        "[parameters]\nscaling_factor = 0.8\n"
+    )
     assert run_cli(local, "--output", tmp_path / "local-out", "-q").returncode == 0
-    assert (tmp_path / "local-out" / "model.safetensors").read_bytes() == (tmp_path / "out" / "model.safetensors").read_bytes()
+    assert (tmp_path / "local-out" / "model.safetensors").read_bytes() == (
+        tmp_path / "out" / "model.safetensors"
+    ).read_bytes()
 
     pushed = hub.files("user/merged")
-    assert hub._repos["user/merged"].private  # noqa: SLF001
-    for name in ("model.safetensors", "config.json", "hubmerge.lock.json", "hubmerge.toml", "tokenizer.json", "README.md"):
+    assert hub._repos["user/merged"].private
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "hubmerge.lock.json",
+        "hubmerge.toml",
+        "tokenizer.json",
+        "README.md",
+    ):
         assert pushed[name] == (tmp_path / "out" / name).read_bytes(), name
     assert hub.commits("user/merged")[0].summary == "hubmerge: recipe.toml (ties)"
 
@@ -118,8 +138,13 @@ def test_merge_pins_branch_tag_and_sha_then_pushes_private_repo(hub: LocalHub, t
         "print(sum(p.numel() for p in model.parameters()))\n"
     )
     env = hub_env(hub, tmp_path / "user")
-    loaded = subprocess.run([sys.executable, "-c", script], env={**__import__("os").environ, **env},
-                            capture_output=True, text=True, timeout=300)
+    loaded = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**__import__("os").environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert loaded.returncode == 0, loaded.stderr
     assert int(loaded.stdout.split()[-1]) == 107072
 
@@ -133,15 +158,20 @@ def test_merge_pins_branch_tag_and_sha_then_pushes_private_repo(hub: LocalHub, t
 
 def _tiny_hub_recipe(tmp_path: Path, output: str) -> Path:
     recipe = tmp_path / "recipe.toml"
-    recipe.write_text('method = "task_arithmetic"\nbase = "Qwen/Qwen2.5-1.5B"\nmodels = ["Qwen/Qwen2.5-Math-1.5B"]\n'
-                      f'[output]\ndir = "out"\n{output}\n')
+    recipe.write_text(
+        'method = "task_arithmetic"\nbase = "Qwen/Qwen2.5-1.5B"\nmodels = ["Qwen/Qwen2.5-Math-1.5B"]\n'
+        f'[output]\ndir = "out"\n{output}\n'
+    )
     return recipe
 
 
 def test_push_as_pull_request_leaves_main_alone(hub: LocalHub, tmp_path: Path) -> None:
     hub.create_repo("user-org/pr-target")
     main = hub.head("user-org/pr-target")
-    result = run_cli(_tiny_hub_recipe(tmp_path, 'repo = "user-org/pr-target"\ncreate_pr = true'), env=hub_env(hub, tmp_path))
+    result = run_cli(
+        _tiny_hub_recipe(tmp_path, 'repo = "user-org/pr-target"\ncreate_pr = true'),
+        env=hub_env(hub, tmp_path),
+    )
     assert result.returncode == 0, result.stderr
     assert f"{hub.url}/user-org/pr-target/discussions/1" in result.stdout
     assert hub.head("user-org/pr-target") == main
@@ -150,7 +180,9 @@ def test_push_as_pull_request_leaves_main_alone(hub: LocalHub, tmp_path: Path) -
 
 
 def test_push_to_a_new_branch(hub: LocalHub, tmp_path: Path) -> None:
-    result = run_cli(_tiny_hub_recipe(tmp_path, 'repo = "user/branched"\nbranch = "merge-v2"'), env=hub_env(hub, tmp_path))
+    result = run_cli(
+        _tiny_hub_recipe(tmp_path, 'repo = "user/branched"\nbranch = "merge-v2"'), env=hub_env(hub, tmp_path)
+    )
     assert result.returncode == 0, result.stderr
     assert "model.safetensors" in hub.files("user/branched", "merge-v2")
     assert "model.safetensors" not in hub.files("user/branched", "main")
@@ -158,13 +190,19 @@ def test_push_to_a_new_branch(hub: LocalHub, tmp_path: Path) -> None:
 
 def test_plan_of_seed_recipe_reports_sizes_without_downloading_weights(hub: LocalHub, tmp_path: Path) -> None:
     start = len(hub.requests)
-    result = run_cli("plan", REPO / "recipes" / "qwen2.5-1.5b" / "three_models" / "ties.toml", "--json",
-                     env=hub_env(hub, tmp_path))
+    result = run_cli(
+        "plan",
+        REPO / "recipes" / "qwen2.5-1.5b" / "three_models" / "ties.toml",
+        "--json",
+        env=hub_env(hub, tmp_path),
+    )
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert [s["sha"] for s in plan["sources"]] == [hub.head(r) for r in POOL]
     base = next(d for d in plan["downloads"] if d["source"].startswith("base"))
-    expected = sum(len(data) for name, data in hub.files("Qwen/Qwen2.5-1.5B").items() if name in base["files"])
+    expected = sum(
+        len(data) for name, data in hub.files("Qwen/Qwen2.5-1.5B").items() if name in base["files"]
+    )
     config_size = len(hub.files("Qwen/Qwen2.5-1.5B")["config.json"])
     assert base["bytes"] == expected and base["cached_bytes"] == config_size  # config.json was read to plan
     assert "model.safetensors" in base["files"] and "tokenizer.json" in base["files"]
@@ -177,8 +215,13 @@ def test_offline_mode_works_from_the_cache(hub: LocalHub, tmp_path: Path) -> Non
     recipe = _tiny_hub_recipe(tmp_path, "")
     assert run_cli(recipe, "-q", env=hub_env(hub, tmp_path)).returncode == 0
     first = (tmp_path / "out" / "model.safetensors").read_bytes()
-    offline = run_cli(recipe, "-q", "--output", tmp_path / "out2",
-                      env=hub_env(hub, tmp_path, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9"))
+    offline = run_cli(
+        recipe,
+        "-q",
+        "--output",
+        tmp_path / "out2",
+        env=hub_env(hub, tmp_path, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9"),
+    )
     assert offline.returncode == 0, offline.stderr
     assert (tmp_path / "out2" / "model.safetensors").read_bytes() == first
 
@@ -194,55 +237,99 @@ def _fails(hub: LocalHub, tmp_path: Path, recipe_text: str, code: int, message: 
     assert lines[-1].startswith("hubmerge: error: ") and "Traceback" not in result.stderr
     assert all(line.startswith("warning: ") for line in lines[:-1])
     assert not (tmp_path / "out").exists()
-    assert hub.bytes_served(lambda p: p.endswith((".safetensors", ".bin")), include_ranges=False, since=start) == 0
+    assert (
+        hub.bytes_served(lambda p: p.endswith((".safetensors", ".bin")), include_ranges=False, since=start)
+        == 0
+    )
 
 
 TA = 'method = "task_arithmetic"\nbase = "Qwen/Qwen2.5-1.5B"\n'
 
 
 def test_missing_repo(hub: LocalHub, tmp_path: Path) -> None:
-    _fails(hub, tmp_path, TA + 'models = ["Qwen/Qwen2.5-Nope-1.5B"]\n', 3, "repository Qwen/Qwen2.5-Nope-1.5B not found")
+    _fails(
+        hub,
+        tmp_path,
+        TA + 'models = ["Qwen/Qwen2.5-Nope-1.5B"]\n',
+        3,
+        "repository Qwen/Qwen2.5-Nope-1.5B not found",
+    )
 
 
 def test_private_repo_without_token_reads_as_not_found_with_login_hint(hub: LocalHub, tmp_path: Path) -> None:
-    if "Qwen/secret" not in hub._repos:  # noqa: SLF001
+    if "Qwen/secret" not in hub._repos:
         hub.create_repo("Qwen/secret", private=True)
     _fails(hub, tmp_path, TA + 'models = ["Qwen/secret"]\n', 3, "hf auth login", HF_TOKEN="")
 
 
 def test_gated_repo_says_where_to_accept_the_terms(hub: LocalHub, tmp_path: Path) -> None:
-    if "Qwen/gated" not in hub._repos:  # noqa: SLF001
+    if "Qwen/gated" not in hub._repos:
         hub.create_repo("Qwen/gated", gated=True)
-    _fails(hub, tmp_path, TA + 'models = ["Qwen/gated"]\n', 3, f"accept its terms at {hub.url}/Qwen/gated", HF_TOKEN="")
+    _fails(
+        hub,
+        tmp_path,
+        TA + 'models = ["Qwen/gated"]\n',
+        3,
+        f"accept its terms at {hub.url}/Qwen/gated",
+        HF_TOKEN="",
+    )
 
 
 def test_missing_revision(hub: LocalHub, tmp_path: Path) -> None:
-    _fails(hub, tmp_path, TA + 'models = ["Qwen/Qwen2.5-Math-1.5B@v9"]\n', 3, "revision 'v9' not found in Qwen/Qwen2.5-Math-1.5B")
+    _fails(
+        hub,
+        tmp_path,
+        TA + 'models = ["Qwen/Qwen2.5-Math-1.5B@v9"]\n',
+        3,
+        "revision 'v9' not found in Qwen/Qwen2.5-Math-1.5B",
+    )
 
 
 def test_pickle_only_repo_is_refused_before_download(hub: LocalHub, tmp_path: Path) -> None:
-    if "Qwen/pickled" not in hub._repos:  # noqa: SLF001
+    if "Qwen/pickled" not in hub._repos:
         hub.create_repo("Qwen/pickled")
         files = _folder_files(TINY / "math")
         del files["model.safetensors"]
         hub.commit("Qwen/pickled", files | {"pytorch_model.bin": b"\x80\x04 pickle"}, "pickle")
-    _fails(hub, tmp_path, TA + 'models = ["Qwen/pickled"]\n', 3, "has only pickle weights (pytorch_model.bin)")
+    _fails(
+        hub, tmp_path, TA + 'models = ["Qwen/pickled"]\n', 3, "has only pickle weights (pytorch_model.bin)"
+    )
 
 
 def test_network_down_with_nothing_cached(hub: LocalHub, tmp_path: Path) -> None:
-    _fails(hub, tmp_path, TA + 'models = ["Qwen/Qwen2.5-Math-1.5B"]\n', 3, "check your network",
-           HF_ENDPOINT="http://127.0.0.1:9")
+    _fails(
+        hub,
+        tmp_path,
+        TA + 'models = ["Qwen/Qwen2.5-Math-1.5B"]\n',
+        3,
+        "check your network",
+        HF_ENDPOINT="http://127.0.0.1:9",
+    )
 
 
 def test_push_without_token_fails_before_merging(hub: LocalHub, tmp_path: Path) -> None:
-    _fails(hub, tmp_path, TA + 'models = ["Qwen/Qwen2.5-Math-1.5B"]\n', 6, "needs a Hugging Face token",
-           HF_TOKEN="", output='repo = "user/never"\n')
-    assert "user/never" not in hub._repos  # noqa: SLF001
+    _fails(
+        hub,
+        tmp_path,
+        TA + 'models = ["Qwen/Qwen2.5-Math-1.5B"]\n',
+        6,
+        "needs a Hugging Face token",
+        HF_TOKEN="",
+        output='repo = "user/never"\n',
+    )
+    assert "user/never" not in hub._repos
 
 
 def test_push_to_foreign_namespace_fails_before_merging(hub: LocalHub, tmp_path: Path) -> None:
-    _fails(hub, tmp_path, TA + 'models = ["Qwen/Qwen2.5-Math-1.5B"]\n', 6, "cannot write to the namespace 'user'",
-           HF_TOKEN=OTHER_TOKEN, output='repo = "user/never"\n')
+    _fails(
+        hub,
+        tmp_path,
+        TA + 'models = ["Qwen/Qwen2.5-Math-1.5B"]\n',
+        6,
+        "cannot write to the namespace 'user'",
+        HF_TOKEN=OTHER_TOKEN,
+        output='repo = "user/never"\n',
+    )
 
 
 def test_token_never_appears_in_outputs(hub: LocalHub, tmp_path: Path) -> None:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import random_state_dict, write_checkpoint
 from safetensors.torch import load_file
 
 import hubmerge
-from conftest import random_state_dict, write_checkpoint
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
@@ -35,6 +35,7 @@ def with_head(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # --- reference formulas ----------------------------------------------------------------------------------
 
+
 def ref_simple_average(models: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([m[k] for m in models]).sum(0) / len(models) for k in models[0]}
 
@@ -43,14 +44,23 @@ def ref_linear(models: list[dict[str, torch.Tensor]], weights: list[float]) -> d
     return {k: sum(w * m[k] for w, m in zip(weights, models)) / sum(weights) for k in models[0]}
 
 
-def ref_task_arithmetic(base: dict[str, torch.Tensor], models: list[dict[str, torch.Tensor]], lam: float,
-                        weights: list[float] | None = None) -> dict[str, torch.Tensor]:
+def ref_task_arithmetic(
+    base: dict[str, torch.Tensor],
+    models: list[dict[str, torch.Tensor]],
+    lam: float,
+    weights: list[float] | None = None,
+) -> dict[str, torch.Tensor]:
     weights = weights or [1.0] * len(models)
     return {k: base[k] + lam * sum(w * (m[k] - base[k]) for w, m in zip(weights, models)) for k in base}
 
 
-def ref_ties(base: dict[str, torch.Tensor], models: list[dict[str, torch.Tensor]], lam: float, k_pct: float = 20,
-             merge_func: str = "sum") -> dict[str, torch.Tensor]:
+def ref_ties(
+    base: dict[str, torch.Tensor],
+    models: list[dict[str, torch.Tensor]],
+    lam: float,
+    k_pct: float = 20,
+    merge_func: str = "sum",
+) -> dict[str, torch.Tensor]:
     keys = sorted(base)
     flat = lambda sd: torch.cat([sd[k].reshape(-1) for k in keys])  # noqa: E731
     pt = flat(base)
@@ -72,12 +82,14 @@ def ref_ties(base: dict[str, torch.Tensor], models: list[dict[str, torch.Tensor]
     out, res, i = pt + lam * agg, {}, 0
     for k in keys:
         n = base[k].numel()
-        res[k] = out[i:i + n].view_as(base[k])
+        res[k] = out[i : i + n].view_as(base[k])
         i += n
     return res
 
 
-def ref_ties_per_tensor(base: dict[str, torch.Tensor], models: list[dict[str, torch.Tensor]], lam: float) -> dict[str, torch.Tensor]:
+def ref_ties_per_tensor(
+    base: dict[str, torch.Tensor], models: list[dict[str, torch.Tensor]], lam: float
+) -> dict[str, torch.Tensor]:
     # Per-tensor trimming, still with the model-wide majority sign for exact zeros.
     trimmed = {}
     for k in base:
@@ -98,7 +110,10 @@ def ref_ties_per_tensor(base: dict[str, torch.Tensor], models: list[dict[str, to
 
 # --- helpers -----------------------------------------------------------------------------------------------
 
-def run(write_recipe: Callable[[str], Path], tmp_path: Path, body: str, out: str = "out") -> dict[str, torch.Tensor]:
+
+def run(
+    write_recipe: Callable[[str], Path], tmp_path: Path, body: str, out: str = "out"
+) -> dict[str, torch.Tensor]:
     recipe = write_recipe(body + f'\n[output]\ndir = "{out}"\n')
     result = hubmerge.merge(recipe, push=False, quiet=True, log=lambda _: None)
     return load_f32(result.output_dir)
@@ -117,10 +132,14 @@ POOL = 'base = "models/base"\nmodels = ["models/math", "models/code", "models/in
 
 
 @pytest.fixture
-def pool(make_model: Callable[..., Path]) -> Callable[..., tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]]:
+def pool(
+    make_model: Callable[..., Path],
+) -> Callable[..., tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]]:
     def make(dtype: torch.dtype = torch.bfloat16, shards: int = 1, heads: tuple[bool, ...] = (False,) * 4):
-        folders = [make_model(name, seed, head=h, dtype=dtype, shards=shards)
-                   for name, seed, h in zip(("base", "math", "code", "instruct"), (0, 1, 2, 3), heads)]
+        folders = [
+            make_model(name, seed, head=h, dtype=dtype, shards=shards)
+            for name, seed, h in zip(("base", "math", "code", "instruct"), (0, 1, 2, 3), heads)
+        ]
         sds = [load_f32(f) for f in folders]
         return sds[0], sds[1:]
 
@@ -129,10 +148,11 @@ def pool(make_model: Callable[..., Path]) -> Callable[..., tuple[dict[str, torch
 
 # --- tests -------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shards", [1, 3])
 def test_simple_average_matches_reference_and_excludes_base(pool, write_recipe, tmp_path, dtype, shards):
-    base, models = pool(dtype, shards)
+    _, models = pool(dtype, shards)
     got = run(write_recipe, tmp_path, 'method = "simple_average"\n' + POOL)
     assert_close(got, ref_simple_average(models), dtype)
 
@@ -140,10 +160,14 @@ def test_simple_average_matches_reference_and_excludes_base(pool, write_recipe, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_matches_weighted_mean(pool, write_recipe, tmp_path, dtype):
     _, models = pool(dtype)
-    got = run(write_recipe, tmp_path, 'method = "linear"\n'
-              '[[models]]\nsource = "models/math"\nweight = 0.5\n'
-              '[[models]]\nsource = "models/code"\nweight = 0.3\n'
-              '[[models]]\nsource = "models/instruct"\nweight = 0.2\n')
+    got = run(
+        write_recipe,
+        tmp_path,
+        'method = "linear"\n'
+        '[[models]]\nsource = "models/math"\nweight = 0.5\n'
+        '[[models]]\nsource = "models/code"\nweight = 0.3\n'
+        '[[models]]\nsource = "models/instruct"\nweight = 0.2\n',
+    )
     assert_close(got, ref_linear(models, [0.5, 0.3, 0.2]), dtype)
 
 
@@ -151,17 +175,23 @@ def test_linear_matches_weighted_mean(pool, write_recipe, tmp_path, dtype):
 @pytest.mark.parametrize("shards", [1, 2])
 def test_task_arithmetic_matches_reference(pool, write_recipe, tmp_path, dtype, shards):
     base, models = pool(dtype, shards)
-    got = run(write_recipe, tmp_path, 'method = "task_arithmetic"\n' + POOL + "[parameters]\nscaling_factor = 0.8\n")
+    got = run(
+        write_recipe, tmp_path, 'method = "task_arithmetic"\n' + POOL + "[parameters]\nscaling_factor = 0.8\n"
+    )
     assert_close(got, ref_task_arithmetic(base, models, 0.8), dtype)
 
 
 def test_task_arithmetic_per_model_weights(pool, write_recipe, tmp_path):
     base, models = pool(torch.float32)
-    got = run(write_recipe, tmp_path, 'method = "task_arithmetic"\nbase = "models/base"\n'
-              '[[models]]\nsource = "models/math"\nweight = 2.0\n'
-              '[[models]]\nsource = "models/code"\n'
-              '[[models]]\nsource = "models/instruct"\nweight = -0.5\n'
-              "[parameters]\nscaling_factor = 0.3\n")
+    got = run(
+        write_recipe,
+        tmp_path,
+        'method = "task_arithmetic"\nbase = "models/base"\n'
+        '[[models]]\nsource = "models/math"\nweight = 2.0\n'
+        '[[models]]\nsource = "models/code"\n'
+        '[[models]]\nsource = "models/instruct"\nweight = -0.5\n'
+        "[parameters]\nscaling_factor = 0.3\n",
+    )
     assert_close(got, ref_task_arithmetic(base, models, 0.3, [2.0, 1.0, -0.5]), torch.float32)
 
 
@@ -169,21 +199,34 @@ def test_task_arithmetic_per_model_weights(pool, write_recipe, tmp_path):
 @pytest.mark.parametrize("shards", [1, 3])
 def test_ties_matches_fusionbench_global_trim(pool, write_recipe, tmp_path, dtype, shards):
     base, models = pool(dtype, shards)
-    got = run(write_recipe, tmp_path, 'method = "ties"\n' + POOL + "[parameters]\nscaling_factor = 0.8\nthreshold = 20\n")
+    got = run(
+        write_recipe,
+        tmp_path,
+        'method = "ties"\n' + POOL + "[parameters]\nscaling_factor = 0.8\nthreshold = 20\n",
+    )
     assert_close(got, ref_ties(base, models, 0.8), dtype)
 
 
 @pytest.mark.parametrize("merge_func", ["mean", "max"])
 def test_ties_merge_funcs(pool, write_recipe, tmp_path, merge_func):
     base, models = pool(torch.float32)
-    got = run(write_recipe, tmp_path, 'method = "ties"\n' + POOL +
-              f'[parameters]\nscaling_factor = 0.5\nthreshold = 35\nmerge_func = "{merge_func}"\n')
+    got = run(
+        write_recipe,
+        tmp_path,
+        'method = "ties"\n'
+        + POOL
+        + f'[parameters]\nscaling_factor = 0.5\nthreshold = 35\nmerge_func = "{merge_func}"\n',
+    )
     assert_close(got, ref_ties(base, models, 0.5, 35, merge_func), torch.float32)
 
 
 def test_ties_per_tensor_trim_differs_from_global(pool, write_recipe, tmp_path):
     base, models = pool(torch.float32)
-    got = run(write_recipe, tmp_path, 'method = "ties"\n' + POOL + '[parameters]\nscaling_factor = 0.8\ntrim = "tensor"\n')
+    got = run(
+        write_recipe,
+        tmp_path,
+        'method = "ties"\n' + POOL + '[parameters]\nscaling_factor = 0.8\ntrim = "tensor"\n',
+    )
     assert_close(got, ref_ties_per_tensor(base, models, 0.8), torch.float32)
     global_ = ref_ties(base, models, 0.8)
     assert max((got[k] - global_[k]).abs().max().item() for k in got) > 1e-3
@@ -198,8 +241,12 @@ def test_ties_exact_zero_sum_takes_the_negative_majority(make_model, write_recip
     b["model.norm.weight"][:4] = torch.tensor([-2.0, 2.0, -3.0, 4.0])  # exact cancellation at positions 0..2
     for name, sd in (("base", base), ("a", a), ("b", b)):
         write_checkpoint(tmp_path / "models" / name, sd, dtype=torch.float32)
-    got = run(write_recipe, tmp_path, 'method = "ties"\nbase = "models/base"\nmodels = ["models/a", "models/b"]\n'
-              "[parameters]\nscaling_factor = 1.0\nthreshold = 100\n")
+    got = run(
+        write_recipe,
+        tmp_path,
+        'method = "ties"\nbase = "models/base"\nmodels = ["models/a", "models/b"]\n'
+        "[parameters]\nscaling_factor = 1.0\nthreshold = 100\n",
+    )
     want = ref_ties(base, [a, b], 1.0, 100)
     assert_close(got, want, torch.float32)
     assert got["model.norm.weight"][:4].tolist() == [-2.0, -2.0, -3.0, 8.0]
@@ -207,7 +254,9 @@ def test_ties_exact_zero_sum_takes_the_negative_majority(make_model, write_recip
 
 def test_mixed_tied_and_untied_sources_write_a_real_untied_head(pool, write_recipe, tmp_path):
     base, models = pool(torch.float32, heads=(False, True, False, False))
-    got = run(write_recipe, tmp_path, 'method = "task_arithmetic"\n' + POOL + "[parameters]\nscaling_factor = 0.8\n")
+    got = run(
+        write_recipe, tmp_path, 'method = "task_arithmetic"\n' + POOL + "[parameters]\nscaling_factor = 0.8\n"
+    )
     want = ref_task_arithmetic(with_head(base), [with_head(m) for m in models], 0.8)
     assert_close(got, want, torch.float32)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -224,8 +273,11 @@ def test_all_tied_sources_stay_tied_without_a_head(pool, write_recipe, tmp_path)
 
 def test_output_dtype_override_and_sharded_output(pool, write_recipe, tmp_path):
     base, models = pool(torch.bfloat16)
-    recipe = write_recipe('method = "task_arithmetic"\ndtype = "float32"\n' + POOL +
-                          '[parameters]\nscaling_factor = 0.8\n[output]\ndir = "out"\nmax_shard_size = "100KB"\n')
+    recipe = write_recipe(
+        'method = "task_arithmetic"\ndtype = "float32"\n'
+        + POOL
+        + '[parameters]\nscaling_factor = 0.8\n[output]\ndir = "out"\nmax_shard_size = "100KB"\n'
+    )
     out = hubmerge.merge(recipe, push=False, quiet=True, log=lambda _: None).output_dir
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) >= 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
