@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .card import license_file, render_card
 from .engine import write_weights
 from .errors import HubmergeError
 from .lock import LOCK_FILE, apply_lock, lock_data
@@ -131,6 +132,7 @@ def merge(
     publishing = push and merge_plan.recipe.output.repo is not None
     if publishing:
         check_push_access(merge_plan)
+    card = render_card(merge_plan)  # before any download: an unknown license or a broken template stops here
 
     folders = _fetch_all(merge_plan, quiet)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +152,12 @@ def merge(
         ) as bar:
             files = write_weights(merge_plan, folders, staging, compute, bar.update)
         files += _copy_side_files(merge_plan, folders, staging)
+        (staging / "README.md").write_text(card, encoding="utf-8")
+        files.append("README.md")
+        governing = license_file(merge_plan)
+        if governing is not None:
+            shutil.copyfile(folders[id(governing[0])] / governing[1], staging / "LICENSE")
+            files.append("LICENSE")
         (staging / LOCK_FILE).write_text(
             json.dumps(lock_data(merge_plan, folders, staging, files), indent=2) + "\n"
         )
