@@ -232,3 +232,23 @@ def test_non_float_tensor_is_refused(tmp_path: Path) -> None:
 def test_help_and_version() -> None:
     assert "hubmerge validate RECIPE" in run_cli("--help").stdout
     assert run_cli("--version").stdout.startswith("hubmerge ")
+
+
+def test_cuda_device_merges_like_cpu_or_says_it_is_missing(tmp_path: Path) -> None:
+    recipe = REPO / "recipes" / "examples" / "tiny-ties.toml"
+    result = run_cli(recipe, "--output", tmp_path / "gpu", "--device", "cuda", "-q")
+    if not torch.cuda.is_available():
+        assert result.returncode == 1
+        assert result.stderr.strip().endswith("no CUDA device is available to torch here; use --device cpu")
+        assert not (tmp_path / "gpu").exists()
+        return
+    assert result.returncode == 0, result.stderr
+    assert run_cli(recipe, "--output", tmp_path / "cpu", "-q").returncode == 0
+    gpu, cpu = load_file(tmp_path / "gpu" / "model.safetensors"), load_file(tmp_path / "cpu" / "model.safetensors")
+    assert all(torch.allclose(gpu[k].float(), cpu[k].float(), atol=1e-2, rtol=0) for k in cpu)
+
+
+def test_validate_reports_a_missing_local_folder_fast(tmp_path: Path) -> None:
+    (tmp_path / "r.toml").write_text('method = "simple_average"\nmodels = ["./nowhere"]\n')
+    result = run_cli("validate", tmp_path / "r.toml")
+    assert result.returncode == 3 and "'./nowhere' is not a folder" in result.stderr
