@@ -21,12 +21,12 @@ from .errors import (
 from .recipe import Recipe, load_recipe
 
 if TYPE_CHECKING:
-    from .api import MergeResult, merge, plan
+    from .api import MergeResult, load_plan, merge
 
 
 def __getattr__(name: str) -> Any:
     # The merge API imports torch; keep `import hubmerge` (and `hubmerge validate`) fast without it.
-    if name in ("MergeResult", "merge", "plan"):
+    if name in ("MergeResult", "load_plan", "merge"):
         from . import api
 
         return getattr(api, name)
@@ -43,7 +43,7 @@ __all__ = [
     "RecipeError",
     "SourceError",
     "__version__",
+    "load_plan",
     "load_recipe",
     "merge",
-    "plan",
 ]

@@ -19,16 +19,15 @@ import torch
 from .card import license_file, render_card
 from .engine import write_weights
 from .errors import HubmergeError
-from .lock import LOCK_FILE, apply_lock, lock_data
+from .lock import LOCK_FILE, RECIPE_COPY, apply_lock, lock_data
 from .plan import MergePlan, build_plan
 from .publish import check_push_access
 from .publish import push as publish
 from .recipe import load_recipe
 from .sources import TOKENIZER_FILES, fetch
 
-__all__ = ["MergeResult", "merge", "plan"]
+__all__ = ["MergeResult", "load_plan", "merge"]
 
-RECIPE_COPY = "hubmerge.toml"
 Log = Callable[[str], None]
 
 
@@ -44,7 +43,7 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def plan(
+def load_plan(
     recipe_path: str | Path, output_dir: str | Path | None = None, lock: str | Path | None = None
 ) -> MergePlan:
     """Validate the recipe and resolve its sources (metadata only) into a `MergePlan`."""
@@ -123,7 +122,7 @@ def merge(
     log: Log = _stderr,
 ) -> MergeResult:
     """Run a recipe end to end. Raises a `HubmergeError` subclass with an actionable message."""
-    merge_plan = plan(recipe_path, output_dir, lock)
+    merge_plan = load_plan(recipe_path, output_dir, lock)
     for warning in merge_plan.warnings:
         log(f"warning: {warning}")
     directory = merge_plan.recipe.output.dir
@@ -132,7 +131,7 @@ def merge(
     publishing = push and merge_plan.recipe.output.repo is not None
     if publishing:
         check_push_access(merge_plan)
-    card = render_card(merge_plan)  # before any download: an unknown license or a broken template stops here
+    render_card(merge_plan)  # before any download: an unknown license or a broken template stops here
 
     folders = _fetch_all(merge_plan, quiet)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -152,12 +151,14 @@ def merge(
         ) as bar:
             files = write_weights(merge_plan, folders, staging, compute, bar.update)
         files += _copy_side_files(merge_plan, folders, staging)
-        (staging / "README.md").write_text(card, encoding="utf-8")
+        # Rendered again now that the tokenizer files are local: the chat template may live in them.
+        (staging / "README.md").write_text(render_card(merge_plan), encoding="utf-8")
         files.append("README.md")
         governing = license_file(merge_plan)
         if governing is not None:
-            shutil.copyfile(folders[id(governing[0])] / governing[1], staging / "LICENSE")
-            files.append("LICENSE")
+            source, name = governing
+            shutil.copyfile(folders[id(source)] / name, staging / name)
+            files.append(name)
         (staging / LOCK_FILE).write_text(
             json.dumps(lock_data(merge_plan, folders, staging, files), indent=2) + "\n"
         )

@@ -9,10 +9,10 @@ License: derived from the sources' own cards, never guessed. Each source's `lice
 when it is `other`) is read from its README front matter at the pinned revision; Qwen's names are ranked
 apache-2.0 < qwen < qwen-research, and the most restrictive governs. `qwen` and `qwen-research` are not
 Hub license ids, so they are written as `license: other` + `license_name` + `license_link`. A card that
-says `license_name: tongyi-qianwen` (early Qwen2.5-3B revisions, later relabelled qwen-research; also
-the name of the older Qwen and Qwen2 licence) is counted as qwen-research, the most restrictive reading, since the
-name alone does not tell which terms apply. A source without a license, or licenses that cannot be ranked,
-stop the run until the recipe sets `[card] license`.
+says `license_name: tongyi-qianwen` (early Qwen2.5-3B revisions, later relabelled qwen-research; also the
+name of the Tongyi Qianwen license of earlier Qwen releases) is counted as qwen-research, the most restrictive
+reading, since the name alone does not tell which terms apply. A source without a license, or licenses that
+cannot be ranked, stop the run until the recipe sets `[card] license`, which is read like a source's card.
 
 Template context (every variable is always defined):
 
@@ -54,17 +54,17 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import CardError
-from .lock import LOCK_FILE
+from .lock import LOCK_FILE, RECIPE_COPY
+from .methods import Method
 from .plan import MergePlan
 from .recipe import ModelRef
-from .sources import Source
+from .sources import LICENSE_FILES, Source
 
 if TYPE_CHECKING:
-    from huggingface_hub import ModelCardData
+    from huggingface_hub import CardData, ModelCardData
 
 __all__ = ["LICENSE_FILES", "License", "combine_licenses", "license_file", "render_card", "source_license"]
 
-LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md")
 # Licenses hubmerge can rank, least to most restrictive (Qwen2.5: 0.5B-32B apache-2.0, 72B qwen, 3B qwen-research).
 QWEN_LICENSES = ("apache-2.0", "qwen", "qwen-research")
 _ALIASES = {"tongyi-qianwen": "qwen-research"}
@@ -161,7 +161,11 @@ class _Licensing:
 def _no_license_reason(source: Source) -> str:
     data = source.card_data
     if not data:
-        return "it has no README.md with YAML front matter" if source.ref.is_local else "its model card has no metadata"
+        return (
+            "it has no README.md with YAML front matter"
+            if source.ref.is_local
+            else "its model card has no metadata"
+        )
     if _text(data.get("license")) is None:
         return "its model card metadata has no `license`"
     return "its model card says `license: other` without a `license_name`"
@@ -171,12 +175,17 @@ def _licensing(plan: MergePlan, entries: list[_Entry]) -> _Licensing:
     spec = plan.recipe.card
     where = f"{plan.recipe.path}: card"
     found = [(e, source_license(e.source.card_data)) for e in entries]
-    if spec.license is not None:
-        if spec.license == "other" and not spec.license_name:
+    if spec.license is not None:  # read like a source's card: `qwen-research` becomes other + license_name
+        recipe_license = {
+            "license": spec.license,
+            "license_name": spec.license_name,
+            "license_link": spec.license_link,
+        }
+        chosen = source_license(recipe_license)
+        if chosen is None:
             raise CardError(
                 f'{where}.license: "other" needs license_name (a short slug such as "qwen-research") and license_link'
             )
-        chosen = License(spec.license, spec.license_name, spec.license_link)
     else:
         if spec.license_name is not None:
             raise CardError(
@@ -200,14 +209,20 @@ def _licensing(plan: MergePlan, entries: list[_Entry]) -> _Licensing:
         chosen = combined
     governing = [(e, lic) for e, lic in found if lic is not None and lic.key == chosen.key]
     file = next(((e, name) for e, _ in governing for name in LICENSE_FILES if name in e.source.files), None)
-    link = spec.license_link or (file[1] if file else None) or next((lic.link for _, lic in governing if lic.link), None)
+    link = (
+        spec.license_link
+        or (file[1] if file else None)
+        or next((lic.link for _, lic in governing if lic.link), None)
+    )
     if chosen.id == "other" and link is None:
         raise CardError(
             f"{where}: license {chosen.key!r} is `other` on the Hub, which needs a link to its terms, and no source "
             f"ships a LICENSE file or a license_link; set [card] license_link in {plan.recipe.path}"
         )
     keep_link = chosen.id == "other" or spec.license_link is not None
-    return _Licensing(License(chosen.id, chosen.name, link if keep_link else None), spec.license is not None, file)
+    return _Licensing(
+        License(chosen.id, chosen.name, link if keep_link else None), spec.license is not None, file
+    )
 
 
 def license_file(plan: MergePlan) -> tuple[Source, str] | None:
@@ -290,8 +305,9 @@ _FUSIONBENCH = _Paper(
 _FB_BASE = "Qwen/Qwen2.5-1.5B"
 _FB_POOLS = {
     frozenset({"Qwen/Qwen2.5-Math-1.5B", "Qwen/Qwen2.5-Coder-1.5B"}): "Qwen2.5-1.5B_math_and_code",
-    frozenset({"Qwen/Qwen2.5-Math-1.5B", "Qwen/Qwen2.5-Coder-1.5B", "Qwen/Qwen2.5-1.5B-Instruct"}):
-        "Qwen2.5-1.5B_three_models",
+    frozenset(
+        {"Qwen/Qwen2.5-Math-1.5B", "Qwen/Qwen2.5-Coder-1.5B", "Qwen/Qwen2.5-1.5B-Instruct"}
+    ): "Qwen2.5-1.5B_three_models",
 }
 _FB_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "simple_average": ("linear/simple_average_for_causallm", {}),
@@ -347,13 +363,15 @@ def _fusionbench(plan: MergePlan, entries: list[_Entry]) -> dict[str, Any] | Non
     r = plan.recipe
     if r.base is None or r.base.repo_id != _FB_BASE or r.tokenizer_source.repo_id != _FB_BASE:
         return None
-    ids = [m.repo_id for m in r.models]
+    ids = [m.repo_id or "" for m in r.models]
     pool = _FB_POOLS.get(frozenset(ids)) if len(set(ids)) == len(ids) else None
     method = _FB_METHODS.get(r.method.name)
     if pool is None or method is None:
         return None
     config, fixed = method
-    if any(r.parameters.get(k) != v for k, v in fixed.items()) or any(m.params.get("weight", 1.0) != 1.0 for m in r.models):
+    if any(r.parameters.get(k) != v for k, v in fixed.items()) or any(
+        m.params.get("weight", 1.0) != 1.0 for m in r.models
+    ):
         return None
     override = f" method.scaling_factor={fixed['scaling_factor']}" if "scaling_factor" in fixed else ""
     notes = [
@@ -385,7 +403,9 @@ def _has_chat_template(source: Source) -> bool:
     else:
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(source.ref.repo_id or "", "tokenizer_config.json", revision=source.sha)
+        cached = try_to_load_from_cache(
+            source.ref.repo_id or "", "tokenizer_config.json", revision=source.sha
+        )
         path = Path(cached) if isinstance(cached, str) else None
     try:
         data = json.loads(path.read_text(encoding="utf-8")) if path is not None else {}
@@ -400,7 +420,7 @@ def _fence(text: str) -> str:
 
 
 def _lower_first(title: str) -> str:
-    """"Task arithmetic" -> "task arithmetic", but "TIES merging" stays."""
+    """Lower-case a method title for mid-sentence use, unless it opens with an acronym ("TIES merging")."""
     return title if title[1:2].isupper() else title[:1].lower() + title[1:]
 
 
@@ -408,15 +428,22 @@ def _join(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
+def _as_dict(data: CardData) -> dict[str, Any]:
+    return dict(data.to_dict())  # type: ignore[no-untyped-call]  # huggingface_hub leaves it unannotated
+
+
 def _card_data(plan: MergePlan, entries: list[_Entry], lic: License) -> ModelCardData:
     from huggingface_hub import ModelCardData
 
     spec = plan.recipe.card
-    base_model = list(dict.fromkeys(e.ref.repo_id for e in entries if e.role != "tokenizer" and e.ref.repo_id))
+    base_model = list(
+        dict.fromkeys(e.ref.repo_id for e in entries if e.role != "tokenizer" and e.ref.repo_id)
+    )
     languages: list[str] = []
     for e in entries:
         value = (e.source.card_data or {}).get("language")
-        languages += [value] if isinstance(value, str) else [v for v in value or [] if isinstance(v, str)]
+        values = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        languages += [v for v in values if isinstance(v, str)]
     return ModelCardData(
         base_model=base_model or None,
         language=list(dict.fromkeys([*languages, *spec.language])) or None,
@@ -428,6 +455,28 @@ def _card_data(plan: MergePlan, entries: list[_Entry], lic: License) -> ModelCar
         tags=["merge", "hubmerge", plan.recipe.method.name, "qwen2.5", *spec.tags],
         base_model_relation="merge" if base_model else None,
     )
+
+
+def _method_context(method: Method, paper_id: str | None) -> dict[str, Any]:
+    paper = _PAPERS.get(paper_id or "")
+    return {
+        "name": method.name,
+        "title": method.title,
+        "formula": method.formula,
+        "legend": [
+            f"{symbol}: {meaning}"
+            for symbol, meaning in _SYMBOLS
+            if re.search(rf"(?<!\w){re.escape(symbol)}(?!\w)", method.formula)
+        ],
+        "paper": None
+        if paper_id is None
+        else {
+            "id": paper_id,
+            "cite": paper.cite if paper else f"arXiv:{paper_id}",
+            "title": paper.title if paper else None,
+            "url": f"https://arxiv.org/abs/{paper_id}",
+        },
+    }
 
 
 def _context(plan: MergePlan) -> dict[str, Any]:
@@ -457,38 +506,27 @@ def _context(plan: MergePlan) -> dict[str, Any]:
 
     config_from = next(by_entry[id(e)] for e in entries if e.source is plan.config_source)
     if base is not None and not r.method.needs_base:
-        notes = [f"The base ({base['markdown']}) takes no part in the {_lower_first(r.method.title)}; it provides config.json."]
+        notes = [
+            f"The base ({base['markdown']}) takes no part in the {_lower_first(r.method.title)}; it provides config.json."
+        ]
     else:
         notes = [f"config.json comes from the {config_from['role']} ({config_from['markdown']})."]
     if plan.config_differences:
-        notes.append("These config.json fields differ between the sources: " + "; ".join(plan.config_differences) + ".")
+        notes.append(
+            "These config.json fields differ between the sources: " + "; ".join(plan.config_differences) + "."
+        )
     config = plan.config
     q = plan.qwen25
     file = licensing.file
     return {
         "front_matter": card_data.to_yaml(),
-        "metadata": card_data.to_dict(),
+        "metadata": _as_dict(card_data),
         "title": title,
         "description": description,
-        "method": {
-            "name": r.method.name,
-            "title": r.method.title,
-            "formula": r.method.formula,
-            "legend": [
-                f"{sym}: {meaning}"
-                for sym, meaning in _SYMBOLS
-                if re.search(rf"(?<!\w){re.escape(sym)}(?!\w)", r.method.formula)
-            ],
-            "paper": None
-            if paper_id is None
-            else {
-                "id": paper_id,
-                "cite": paper.cite if paper else f"arXiv:{paper_id}",
-                "title": paper.title if paper else None,
-                "url": f"https://arxiv.org/abs/{paper_id}",
-            },
-        },
-        "parameters": [{"name": p.name, "value": r.parameters[p.name], "help": p.help} for p in r.method.params],
+        "method": _method_context(r.method, paper_id),
+        "parameters": [
+            {"name": p.name, "value": r.parameters[p.name], "help": p.help} for p in r.method.params
+        ],
         "sources": sources,
         "license": {
             "id": lic.id,
@@ -497,8 +535,12 @@ def _context(plan: MergePlan) -> dict[str, Any]:
             "text": str(lic),
             "from_recipe": licensing.from_recipe,
             "file": file[1] if file else None,
-            "file_source": f"{by_entry[id(file[0])]['role']} ({by_entry[id(file[0])]['markdown']})" if file else None,
-            "aliased": [by_entry[id(e)]["markdown"] for e in entries if _declared_name(e.source.card_data) in _ALIASES],
+            "file_source": f"{by_entry[id(file[0])]['role']} ({by_entry[id(file[0])]['markdown']})"
+            if file
+            else None,
+            "aliased": [
+                by_entry[id(e)]["markdown"] for e in entries if _declared_name(e.source.card_data) in _ALIASES
+            ],
         },
         "fusionbench": fusionbench,
         "architecture": {
@@ -528,13 +570,16 @@ def _context(plan: MergePlan) -> dict[str, Any]:
             "license": q.license,
         },
         "notes": notes,
-        "usage": {"model_id": r.output.repo or r.output.dir.name, "chat_template": _has_chat_template(plan.tokenizer)},
+        "usage": {
+            "model_id": r.output.repo or r.output.dir.name,
+            "chat_template": _has_chat_template(plan.tokenizer),
+        },
         "recipe": {
             "file": r.path.name,
             "text": r.text.rstrip("\n"),
             "fence": _fence(r.text),
             "sha256": r.sha256,
-            "saved_as": _recipe_copy(),
+            "saved_as": RECIPE_COPY,
         },
         "provenance": {
             "hubmerge_version": __version__,
@@ -546,10 +591,6 @@ def _context(plan: MergePlan) -> dict[str, Any]:
     }
 
 
-def _recipe_copy() -> str:
-    from .api import RECIPE_COPY  # imported here: api imports this module
-
-    return RECIPE_COPY
 
 
 # --- rendering ---------------------------------------------------------------------------------------------
@@ -582,7 +623,9 @@ def _render(template_path: Path, context: Mapping[str, Any]) -> str:
     try:
         return env.get_template(template_path.name).render(context)
     except TemplateSyntaxError as exc:
-        raise CardError(f"{exc.filename or filename}:{exc.lineno}: template syntax error: {exc.message}") from None
+        raise CardError(
+            f"{exc.filename or filename}:{exc.lineno}: template syntax error: {exc.message}"
+        ) from None
     except TemplateNotFound as exc:
         raise CardError(f"{filename}: template {exc.name!r} not found next to it") from None
     except SecurityError as exc:
@@ -596,7 +639,9 @@ def _render(template_path: Path, context: Mapping[str, Any]) -> str:
         raise CardError(f"{at}: {exc}; the template can use: {', '.join(sorted(context))}") from None
     except TemplateError as exc:
         raise CardError(f"{filename}:{_template_line(exc, filename) or '?'}: {exc}") from None
-    except Exception as exc:  # a template is user code: a filter applied to the wrong type, a division by zero
+    except (
+        Exception
+    ) as exc:  # a template is user code: a filter applied to the wrong type, a division by zero
         raise CardError(
             f"{filename}:{_template_line(exc, filename) or '?'}: rendering failed: {type(exc).__name__}: {exc}"
         ) from None
@@ -606,7 +651,7 @@ def _check_front_matter(card: str, metadata: Mapping[str, Any], template: Path) 
     from huggingface_hub import ModelCard
 
     try:
-        found = ModelCard(card).data.to_dict() if card.lstrip().startswith("---") else {}
+        found = _as_dict(ModelCard(card).data) if card.lstrip().startswith("---") else {}
     except Exception as exc:  # YAML errors from a custom template
         raise CardError(f"{template}: the card's front matter is not valid YAML ({exc})") from None
     wrong = [key for key, value in metadata.items() if found.get(key) != value]

@@ -105,7 +105,7 @@ def _dispatch(argv: Sequence[str]) -> int:
 
     if argv and argv[0] in COMMANDS:
         command, args = argv[0], _command_parser(argv[0]).parse_args(argv[1:])
-        merge_plan = api.plan(args.recipe, args.output, getattr(args, "lock", None))
+        merge_plan = api.load_plan(args.recipe, args.output, getattr(args, "lock", None))
         if command == "plan":
             print(json.dumps(plan_json(merge_plan), indent=2) if args.json else plan_text(merge_plan))
             _append(args.summary, summary_markdown(merge_plan))
@@ -121,7 +121,7 @@ def _dispatch(argv: Sequence[str]) -> int:
 
     args = _run_parser().parse_args(argv)
     if args.dry_run:
-        merge_plan = api.plan(args.recipe, args.output, args.lock)
+        merge_plan = api.load_plan(args.recipe, args.output, args.lock)
         print(plan_text(merge_plan))
         _append(args.summary, summary_markdown(merge_plan))
         return 0

@@ -19,9 +19,10 @@ from .errors import RecipeError
 from .plan import MergePlan
 from .recipe import Recipe
 
-__all__ = ["LOCK_FILE", "apply_lock", "file_sha256", "lock_data"]
+__all__ = ["LOCK_FILE", "RECIPE_COPY", "apply_lock", "file_sha256", "lock_data"]
 
 LOCK_FILE = "hubmerge.lock.json"
+RECIPE_COPY = "hubmerge.toml"  # the recipe, as written, beside the weights
 
 
 def file_sha256(path: Path) -> str:

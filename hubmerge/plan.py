@@ -31,6 +31,10 @@ CHUNK_ELEMENTS = 1 << 22
 # Process baseline measured with torch + transformers imported (see bench/RESULTS.md).
 _BASELINE_BYTES = 450 * 2**20
 _CONFIG_NOISE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype"}
+# Fields that change how the same tensor shapes are read: q_proj is hidden×hidden whatever the head count,
+# so only the config can tell that two models split it differently.
+_STRUCTURE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "intermediate_size", "vocab_size", "hidden_act")
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,22 @@ def _check_compatible(sources: tuple[Source, ...]) -> None:
                     f"{s.label} is {key} {s.config.get(key)!r} but {first.label} is {first.config.get(key)!r}; "
                     "only models of one architecture can be merged"
                 )
+        for key in _STRUCTURE:
+            if s.config.get(key) != first.config.get(key):
+                raise IncompatibleSourcesError(
+                    f"{s.label} has {key} = {s.config.get(key)!r} but {first.label} has {first.config.get(key)!r}; "
+                    "models of different shapes cannot be merged"
+                )
+        size = qwen25_size(s.config)
+        if size is not None and (s.config.get("num_attention_heads"), s.config.get("num_key_value_heads")) != (
+            size.heads,
+            size.kv_heads,
+        ):
+            raise IncompatibleSourcesError(
+                f"{s.label} has the shape of Qwen2.5-{size.name} but {s.config.get('num_attention_heads')}/"
+                f"{s.config.get('num_key_value_heads')} attention/KV heads instead of {size.heads}/{size.kv_heads}; "
+                "its config.json does not match its weights' family"
+            )
         stores_head = HEAD in s.tensors
         if not stores_head and s.config.get("tie_word_embeddings") is False:
             raise IncompatibleSourcesError(

@@ -21,7 +21,7 @@ from .checkpoint import INDEX_FILE, TensorInfo, header_tensors, index_folder, we
 from .errors import SourceError
 from .recipe import ModelRef
 
-__all__ = ["TOKENIZER_FILES", "Source", "fetch", "resolve"]
+__all__ = ["LICENSE_FILES", "TOKENIZER_FILES", "Source", "fetch", "resolve"]
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -36,7 +36,8 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 # What every source contributes besides weights: its config and what the card needs (license, metadata).
-_ALWAYS = ("config.json", "README.md", "LICENSE", "LICENSE.txt", "LICENSE.md")
+LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md")
+_ALWAYS = ("config.json", "README.md", *LICENSE_FILES)
 
 
 @dataclass(frozen=True)

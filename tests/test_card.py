@@ -18,15 +18,15 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import REPO, TINY
 from huggingface_hub import ModelCard
 
 import hubmerge
 from hubmerge import api
-from conftest import REPO, TINY
 from hubmerge.card import License, combine_licenses, license_file, render_card, source_license
 from hubmerge.cli import main
 from hubmerge.errors import CardError
@@ -48,8 +48,12 @@ POOL = {
     "Qwen/Qwen2.5-1.5B-Instruct": ("instruct", 32768),
 }
 QWEN25_1_5B_CONFIG = {
-    "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
-    "num_key_value_heads": 2, "vocab_size": 151936,
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
 }
 FUSIONBENCH_TIES = """\
 # FusionBench's Qwen2.5-1.5B "three_models" pool merged with ties, as its documentation runs it.
@@ -106,16 +110,18 @@ def set_readme(folder: Path, front_matter: str | None) -> Path:
 
 
 @pytest.fixture
-def plan_with(make_model: Callable[..., Path], write_recipe: Callable[[str], Path]) -> Callable[..., MergePlan]:
+def plan_with(
+    make_model: Callable[..., Path], write_recipe: Callable[[str], Path]
+) -> Callable[..., MergePlan]:
     """`plan_with({"base": front matter, "math": ...}, card="...")`: a task_arithmetic plan over fresh local
     models (the first is the base) whose READMEs carry that front matter (None: no README)."""
 
     def build(front_matters: dict[str, str | None], card: str = "") -> MergePlan:
-        for seed, (name, front_matter) in enumerate(front_matters.items()):
-            set_readme(make_model(name, seed), front_matter)
+        for seed, (name, yaml) in enumerate(front_matters.items()):
+            set_readme(make_model(name, seed), yaml)
         base, *models = (f'"./models/{name}"' for name in front_matters)
         recipe = f'method = "task_arithmetic"\nbase = {base}\nmodels = [{", ".join(models)}]\n'
-        return api.plan(write_recipe(recipe + (f"\n[card]\n{card}\n" if card else "")))
+        return api.load_plan(write_recipe(recipe + (f"\n[card]\n{card}\n" if card else "")))
 
     return build
 
@@ -133,10 +139,10 @@ def normalise(card: str) -> str:
 
 def golden_plan(name: str, tmp_path: Path) -> MergePlan:
     if name.startswith("tiny-"):
-        return api.plan(EXAMPLES / f"{name}.toml")
+        return api.load_plan(EXAMPLES / f"{name}.toml")
     recipe = tmp_path / "three_models-ties.toml"
     recipe.write_text(FUSIONBENCH_TIES)
-    return api.plan(recipe)
+    return api.load_plan(recipe)
 
 
 GOLDENS = ["tiny-simple_average", "tiny-task_arithmetic", "tiny-ties", "fusionbench-three_models-ties"]
@@ -154,7 +160,9 @@ def test_card_matches_its_golden_file(name: str, tmp_path: Path, hub_cache: Path
 
 
 @pytest.mark.parametrize("name", GOLDENS)
-def test_front_matter_parses_with_modelcard_and_round_trips(name: str, tmp_path: Path, hub_cache: Path) -> None:
+def test_front_matter_parses_with_modelcard_and_round_trips(
+    name: str, tmp_path: Path, hub_cache: Path
+) -> None:
     card = render_card(golden_plan(name, tmp_path))
     parsed = ModelCard(card)
     assert str(parsed) == card
@@ -162,7 +170,9 @@ def test_front_matter_parses_with_modelcard_and_round_trips(name: str, tmp_path:
     assert parsed.data.library_name == "transformers" and parsed.data.pipeline_tag == "text-generation"
 
 
-def test_hub_sources_give_base_model_relation_merge_and_the_full_metadata(tmp_path: Path, hub_cache: Path) -> None:
+def test_hub_sources_give_base_model_relation_merge_and_the_full_metadata(
+    tmp_path: Path, hub_cache: Path
+) -> None:
     card = render_card(golden_plan("fusionbench-three_models-ties", tmp_path))
     assert front_matter(card) == {
         "base_model": list(POOL),
@@ -189,13 +199,22 @@ def test_fusionbench_configuration_is_recognised_and_cited(tmp_path: Path, hub_c
 @pytest.mark.parametrize(
     ("method", "models", "parameters", "command"),
     [
-        ("task_arithmetic", POOL_TWO := '["Qwen/Qwen2.5-Math-1.5B", "Qwen/Qwen2.5-Coder-1.5B"]', "scaling_factor = 0.8",
-         "fusion_bench method=linear/task_arithmetic_for_causallm method.scaling_factor=0.8 "
-         "modelpool=CausalLMPool/Qwen2.5-1.5B_math_and_code"),
-        ("simple_average", POOL_TWO, "", "fusion_bench method=linear/simple_average_for_causallm "
-         "modelpool=CausalLMPool/Qwen2.5-1.5B_math_and_code"),
+        (
+            "task_arithmetic",
+            POOL_TWO := '["Qwen/Qwen2.5-Math-1.5B", "Qwen/Qwen2.5-Coder-1.5B"]',
+            "scaling_factor = 0.8",
+            "fusion_bench method=linear/task_arithmetic_for_causallm method.scaling_factor=0.8 "
+            "modelpool=CausalLMPool/Qwen2.5-1.5B_math_and_code",
+        ),
+        (
+            "simple_average",
+            POOL_TWO,
+            "",
+            "fusion_bench method=linear/simple_average_for_causallm "
+            "modelpool=CausalLMPool/Qwen2.5-1.5B_math_and_code",
+        ),
         ("task_arithmetic", POOL_TWO, "scaling_factor = 0.5", None),
-        ("ties", POOL_TWO, "scaling_factor = 0.8\nmerge_func = \"mean\"", None),
+        ("ties", POOL_TWO, 'scaling_factor = 0.8\nmerge_func = "mean"', None),
         ("ties", '["Qwen/Qwen2.5-Math-1.5B", "Qwen/Qwen2.5-1.5B-Instruct"]', "scaling_factor = 0.8", None),
     ],
 )
@@ -203,8 +222,10 @@ def test_fusionbench_reference_only_where_the_recipe_reproduces_one(
     method: str, models: str, parameters: str, command: str | None, tmp_path: Path, hub_cache: Path
 ) -> None:
     recipe = tmp_path / "r.toml"
-    recipe.write_text(f'method = "{method}"\nbase = "Qwen/Qwen2.5-1.5B"\nmodels = {models}\n[parameters]\n{parameters}\n')
-    card = render_card(api.plan(recipe))
+    recipe.write_text(
+        f'method = "{method}"\nbase = "Qwen/Qwen2.5-1.5B"\nmodels = {models}\n[parameters]\n{parameters}\n'
+    )
+    card = render_card(api.load_plan(recipe))
     if command is None:
         assert "FusionBench configuration" not in card and "2406.03280" not in card
     else:
@@ -215,16 +236,20 @@ def test_base_model_lists_hub_ids_and_leaves_local_folders_out(
     tmp_path: Path, hub_cache: Path, write_recipe: Callable[[str], Path]
 ) -> None:
     shutil.copytree(TINY / "math", tmp_path / "my-math")
-    card = render_card(api.plan(write_recipe(
-        'method = "task_arithmetic"\nbase = "Qwen/Qwen2.5-1.5B"\nmodels = ["Qwen/Qwen2.5-Coder-1.5B", "./my-math"]\n'
-    )))
+    card = render_card(
+        api.load_plan(
+            write_recipe(
+                'method = "task_arithmetic"\nbase = "Qwen/Qwen2.5-1.5B"\nmodels = ["Qwen/Qwen2.5-Coder-1.5B", "./my-math"]\n'
+            )
+        )
+    )
     assert front_matter(card)["base_model"] == ["Qwen/Qwen2.5-1.5B", "Qwen/Qwen2.5-Coder-1.5B"]
     assert front_matter(card)["base_model_relation"] == "merge"
     assert "| model | `my-math` | local folder | apache-2.0 |" in card
 
 
 def test_local_sources_only_give_no_base_model() -> None:
-    metadata = front_matter(render_card(api.plan(EXAMPLES / "tiny-ties.toml")))
+    metadata = front_matter(render_card(api.load_plan(EXAMPLES / "tiny-ties.toml")))
     assert "base_model" not in metadata and "base_model_relation" not in metadata
     assert metadata["tags"] == ["merge", "hubmerge", "ties", "qwen2.5"]
 
@@ -243,7 +268,9 @@ def test_a_qwen25_3b_source_makes_the_merge_qwen_research(plan_with: Callable[..
     card = render_card(plan_with({"base": APACHE, "math": QWEN_RESEARCH, "coder": APACHE}))
     metadata = front_matter(card)
     assert (metadata["license"], metadata["license_name"], metadata["license_link"]) == (
-        "other", "qwen-research", "https://huggingface.co/Qwen/Qwen2.5-3B/blob/main/LICENSE"
+        "other",
+        "qwen-research",
+        "https://huggingface.co/Qwen/Qwen2.5-3B/blob/main/LICENSE",
     )
     assert "| model | `models/math` | local folder | other (qwen-research) | weight = 1.0 |" in card
     assert "| base | `models/base` | local folder | apache-2.0 | — |" in card
@@ -253,7 +280,9 @@ def test_a_qwen25_3b_source_makes_the_merge_qwen_research(plan_with: Callable[..
 def test_a_qwen25_72b_source_makes_the_merge_qwen(plan_with: Callable[..., MergePlan]) -> None:
     metadata = front_matter(render_card(plan_with({"base": QWEN, "math": APACHE})))
     assert (metadata["license"], metadata["license_name"], metadata["license_link"]) == (
-        "other", "qwen", "https://huggingface.co/Qwen/Qwen2.5-72B/blob/main/LICENSE"
+        "other",
+        "qwen",
+        "https://huggingface.co/Qwen/Qwen2.5-72B/blob/main/LICENSE",
     )
 
 
@@ -262,7 +291,7 @@ def test_tongyi_qianwen_is_counted_as_qwen_research_and_said_so(plan_with: Calla
     card = render_card(plan_with({"base": old_3b, "math": QWEN}))
     assert front_matter(card)["license_name"] == "qwen-research"
     assert "| base | `models/base` | local folder | other (tongyi-qianwen) | — |" in card
-    assert "`models/base` declare `tongyi-qianwen`, counted as qwen-research" in card
+    assert "`tongyi-qianwen` (`models/base`) is counted as qwen-research" in card
 
 
 @pytest.mark.parametrize(
@@ -270,7 +299,10 @@ def test_tongyi_qianwen_is_counted_as_qwen_research_and_said_so(plan_with: Calla
     [
         (None, "no README.md with YAML front matter"),
         ("library_name: transformers", "no `license`"),
-        ("license: other\nlicense_link: https://example.com/terms", "`license: other` without a `license_name`"),
+        (
+            "license: other\nlicense_link: https://example.com/terms",
+            "`license: other` without a `license_name`",
+        ),
     ],
 )
 def test_a_source_without_a_license_stops_the_run(
@@ -285,21 +317,38 @@ def test_a_source_without_a_license_stops_the_run(
 
 
 def test_recipe_license_overrides_the_sources(plan_with: Callable[..., MergePlan]) -> None:
-    card = render_card(plan_with(
-        {"base": APACHE, "math": None},
-        card='license = "other"\nlicense_name = "my-license"\nlicense_link = "https://example.com/terms"',
-    ))
+    card = render_card(
+        plan_with(
+            {"base": APACHE, "math": None},
+            card='license = "other"\nlicense_name = "my-license"\nlicense_link = "https://example.com/terms"',
+        )
+    )
     metadata = front_matter(card)
     assert (metadata["license"], metadata["license_name"], metadata["license_link"]) == (
-        "other", "my-license", "https://example.com/terms"
+        "other",
+        "my-license",
+        "https://example.com/terms",
     )
     assert "| model | `models/math` | local folder | unknown | weight = 1.0 |" in card
     assert "as the recipe states" in card
 
 
-def test_recipe_license_replaces_a_derived_one(plan_with: Callable[..., MergePlan]) -> None:
-    metadata = front_matter(render_card(plan_with({"base": APACHE, "math": APACHE}, card='license = "mit"')))
-    assert metadata["license"] == "mit" and "license_name" not in metadata
+@pytest.mark.parametrize(
+    ("card", "expected"),
+    [
+        ('license = "mit"', ("mit", None, None)),
+        (
+            'license = "qwen-research"\nlicense_link = "https://example.com/terms"',
+            ("other", "qwen-research", "https://example.com/terms"),
+        ),
+        ('license_link = "https://example.com/mirror"', ("other", "qwen", "https://example.com/mirror")),
+    ],
+)
+def test_recipe_license_keys_override_the_derived_ones(
+    plan_with: Callable[..., MergePlan], card: str, expected: tuple[str, str | None, str | None]
+) -> None:
+    metadata = front_matter(render_card(plan_with({"base": APACHE, "math": QWEN}, card=card)))
+    assert (metadata["license"], metadata.get("license_name"), metadata.get("license_link")) == expected
 
 
 @pytest.mark.parametrize(
@@ -310,23 +359,33 @@ def test_recipe_license_replaces_a_derived_one(plan_with: Callable[..., MergePla
         ('license = "other"\nlicense_name = "custom"', r"set \[card\] license_link"),
     ],
 )
-def test_incomplete_recipe_license_is_refused(plan_with: Callable[..., MergePlan], card: str, message: str) -> None:
+def test_incomplete_recipe_license_is_refused(
+    plan_with: Callable[..., MergePlan], card: str, message: str
+) -> None:
     with pytest.raises(CardError, match=message):
         render_card(plan_with({"base": APACHE, "math": APACHE}, card=card))
 
 
 def test_licenses_that_cannot_be_ranked_stop_the_run(plan_with: Callable[..., MergePlan]) -> None:
-    with pytest.raises(CardError, match=r"cannot combine the sources' licenses \(base .*: apache-2.0; models\[0\] .*: mit\)"):
+    with pytest.raises(
+        CardError, match=r"cannot combine the sources' licenses \(base .*: apache-2.0; models\[0\] .*: mit\)"
+    ):
         render_card(plan_with({"base": APACHE, "math": "license: mit"}))
 
 
 @pytest.mark.parametrize(
     ("card_data", "expected"),
     [
-        ({"license": "apache-2.0", "license_link": "https://x/LICENSE"}, License("apache-2.0", None, "https://x/LICENSE")),
+        (
+            {"license": "apache-2.0", "license_link": "https://x/LICENSE"},
+            License("apache-2.0", None, "https://x/LICENSE"),
+        ),
         ({"license": "Apache-2.0"}, License("apache-2.0")),
         ({"license": "qwen-research"}, License("other", "qwen-research")),
-        ({"license": "other", "license_name": "qwen-research", "license_link": "L"}, License("other", "qwen-research", "L")),
+        (
+            {"license": "other", "license_name": "qwen-research", "license_link": "L"},
+            License("other", "qwen-research", "L"),
+        ),
         ({"license": "other", "license_name": "tongyi-qianwen"}, License("other", "qwen-research")),
         ({"license": "qwen"}, License("other", "qwen")),
         ({"license": "other", "license_name": "yi-license"}, License("other", "yi-license")),
@@ -338,7 +397,9 @@ def test_licenses_that_cannot_be_ranked_stop_the_run(plan_with: Callable[..., Me
         (None, None),
     ],
 )
-def test_source_license_normalises_how_cards_spell_licenses(card_data: dict[str, object] | None, expected: License | None) -> None:
+def test_source_license_normalises_how_cards_spell_licenses(
+    card_data: dict[str, object] | None, expected: License | None
+) -> None:
     assert source_license(card_data) == expected
 
 
@@ -347,24 +408,32 @@ def test_source_license_normalises_how_cards_spell_licenses(card_data: dict[str,
     [
         ([License("apache-2.0"), License("apache-2.0")], License("apache-2.0")),
         ([License("apache-2.0"), License("other", "qwen", "Q")], License("other", "qwen", "Q")),
-        ([License("other", "qwen", "Q"), License("other", "qwen-research", "R"), License("apache-2.0")],
-         License("other", "qwen-research", "R")),
-        ([License("other", "qwen-research", "first"), License("other", "qwen-research", "second")],
-         License("other", "qwen-research", "first")),
+        (
+            [License("other", "qwen", "Q"), License("other", "qwen-research", "R"), License("apache-2.0")],
+            License("other", "qwen-research", "R"),
+        ),
+        (
+            [License("other", "qwen-research", "first"), License("other", "qwen-research", "second")],
+            License("other", "qwen-research", "first"),
+        ),
         ([License("mit"), License("mit")], License("mit")),
         ([License("mit"), License("apache-2.0")], None),
         ([License("other", "yi-license"), License("other", "qwen")], None),
     ],
 )
-def test_combine_licenses_takes_the_most_restrictive(licenses: list[License], expected: License | None) -> None:
+def test_combine_licenses_takes_the_most_restrictive(
+    licenses: list[License], expected: License | None
+) -> None:
     assert combine_licenses(licenses) == expected
 
 
-def test_license_file_comes_from_a_source_under_the_governing_license(plan_with: Callable[..., MergePlan]) -> None:
+def test_license_file_comes_from_a_source_under_the_governing_license(
+    plan_with: Callable[..., MergePlan],
+) -> None:
     plan = plan_with({"base": APACHE, "math": APACHE, "coder": QWEN_RESEARCH})
     (plan.base.ref.path / "LICENSE").write_text("Apache")  # type: ignore[union-attr]
     (plan.models[1].ref.path / "LICENSE.md").write_text("Qwen RESEARCH LICENSE AGREEMENT")  # type: ignore[operator]
-    plan = api.plan(plan.recipe.path)
+    plan = api.load_plan(plan.recipe.path)
     source, name = license_file(plan) or (None, None)
     assert (source, name) == (plan.models[1], "LICENSE.md")
     card = render_card(plan)
@@ -376,7 +445,7 @@ def test_license_file_for_apache_sources_and_none_without_one(plan_with: Callabl
     plan = plan_with({"base": APACHE, "math": APACHE})
     assert license_file(plan) is None
     (plan.models[0].ref.path / "LICENSE").write_text("Apache")  # type: ignore[operator]
-    plan = api.plan(plan.recipe.path)
+    plan = api.load_plan(plan.recipe.path)
     assert license_file(plan) == (plan.models[0], "LICENSE")
     assert "license_link" not in front_matter(render_card(plan))
 
@@ -384,32 +453,45 @@ def test_license_file_for_apache_sources_and_none_without_one(plan_with: Callabl
 # --- templates and card keys -------------------------------------------------------------------------------
 
 
-def template_plan(plan_with: Callable[..., MergePlan], template: str) -> MergePlan:
-    plan = plan_with({"base": APACHE, "math": APACHE}, card='template = "my_card.md.j2"')
-    (plan.recipe.path.parent / "my_card.md.j2").write_text(template)
-    return plan
+@pytest.fixture
+def template_plan(plan_with: Callable[..., MergePlan], tmp_path: Path) -> Callable[[str], MergePlan]:
+    """`template_plan(text)`: a plan whose recipe names the card template `text`, next to the recipe."""
+
+    def build(template: str) -> MergePlan:
+        (tmp_path / "my_card.md.j2").write_text(template)
+        return plan_with({"base": APACHE, "math": APACHE}, card='template = "my_card.md.j2"')
+
+    return build
 
 
-def test_custom_template_relative_to_the_recipe_replaces_the_default(plan_with: Callable[..., MergePlan]) -> None:
+def test_custom_template_relative_to_the_recipe_replaces_the_default(
+    template_plan: Callable[[str], MergePlan],
+) -> None:
     plan = template_plan(
-        plan_with,
         "---\n{{ front_matter }}\n---\n# {{ title }}\n\n{% for s in sources %}{{ s.role }}: {{ s.name }}\n{% endfor %}",
     )
     assert render_card(plan) == (
-        "---\nlanguage:\n- en\nlibrary_name: transformers\nlicense: apache-2.0\npipeline_tag: text-generation\n"
+        "---\nlibrary_name: transformers\nlicense: apache-2.0\npipeline_tag: text-generation\n"
         "tags:\n- merge\n- hubmerge\n- task_arithmetic\n- qwen2.5\n---\n# recipe\n\nbase: models/base\n"
         "model: models/math\n"
     )
 
 
-def test_undefined_template_variable_is_a_card_error_naming_it_and_its_line(plan_with: Callable[..., MergePlan]) -> None:
-    plan = template_plan(plan_with, "---\n{{ front_matter }}\n---\n# {{ title }}\n{{ licence.text }}\n")
-    with pytest.raises(CardError, match=r"my_card\.md\.j2:5: 'licence' is undefined; the template can use: .*license"):
+def test_undefined_template_variable_is_a_card_error_naming_it_and_its_line(
+    template_plan: Callable[[str], MergePlan],
+) -> None:
+    plan = template_plan("---\n{{ front_matter }}\n---\n# {{ title }}\n{{ licence.text }}\n")
+    with pytest.raises(
+        CardError,
+        match=r"my_card\.md\.j2:5: 'licence' is undefined; the template can use: architecture, citations, "
+        "description, front_matter, fusionbench, hubmerge_version, license, metadata, method, notes, parameters, "
+        "provenance, qwen25, recipe, sources, title, usage$",
+    ):
         render_card(plan)
 
 
-def test_undefined_attribute_is_a_card_error(plan_with: Callable[..., MergePlan]) -> None:
-    plan = template_plan(plan_with, "---\n{{ front_matter }}\n---\n{{ method.formulae }}\n")
+def test_undefined_attribute_is_a_card_error(template_plan: Callable[[str], MergePlan]) -> None:
+    plan = template_plan("---\n{{ front_matter }}\n---\n{{ method.formulae }}\n")
     with pytest.raises(CardError, match=r"my_card\.md\.j2:4: 'dict object' has no attribute 'formulae'"):
         render_card(plan)
 
@@ -418,16 +500,20 @@ def test_undefined_attribute_is_a_card_error(plan_with: Callable[..., MergePlan]
     "expression", ["''.__class__.__mro__", "sources.__class__.__subclasses__()", "metadata.clear()"]
 )
 def test_template_reaching_python_internals_is_refused_by_the_sandbox(
-    plan_with: Callable[..., MergePlan], expression: str
+    template_plan: Callable[[str], MergePlan], expression: str
 ) -> None:
-    plan = template_plan(plan_with, f"---\n{{{{ front_matter }}}}\n---\n{{{{ {expression} }}}}\n")
-    with pytest.raises(CardError, match=r"my_card\.md\.j2:4: refused by the sandbox: access to attribute .* is unsafe"):
+    plan = template_plan(f"---\n{{{{ front_matter }}}}\n---\n{{{{ {expression} }}}}\n")
+    with pytest.raises(
+        CardError, match=r"my_card\.md\.j2:4: refused by the sandbox: access to attribute .* is unsafe"
+    ):
         render_card(plan)
 
 
-def test_template_syntax_error_names_the_line(plan_with: Callable[..., MergePlan]) -> None:
-    plan = template_plan(plan_with, "---\n{{ front_matter }}\n---\n{% for s in sources %}\n")
-    with pytest.raises(CardError, match=r"my_card\.md\.j2:5: template syntax error: Unexpected end of template"):
+def test_template_syntax_error_names_the_line(template_plan: Callable[[str], MergePlan]) -> None:
+    plan = template_plan("---\n{{ front_matter }}\n---\n{% for s in sources %}\n")
+    with pytest.raises(
+        CardError, match=r"my_card\.md\.j2:4: template syntax error: Unexpected end of template"
+    ):
         render_card(plan)
 
 
@@ -439,16 +525,24 @@ def test_template_syntax_error_names_the_line(plan_with: Callable[..., MergePlan
         "---\nlicense: [unclosed\n---\n",
     ],
 )
-def test_template_must_keep_the_computed_front_matter(plan_with: Callable[..., MergePlan], template: str) -> None:
-    with pytest.raises(CardError, match=r"my_card\.md\.j2: the card('s front matter is not valid YAML| must start with)"):
-        render_card(template_plan(plan_with, template))
+def test_template_must_keep_the_computed_front_matter(
+    template_plan: Callable[[str], MergePlan], template: str
+) -> None:
+    with pytest.raises(
+        CardError, match=r"my_card\.md\.j2: the card('s front matter is not valid YAML| must start with)"
+    ):
+        render_card(template_plan(template))
 
 
-def test_card_keys_override_title_and_description_and_add_tags_and_language(plan_with: Callable[..., MergePlan]) -> None:
-    card = render_card(plan_with(
-        {"base": APACHE + "\nlanguage: [en]", "math": APACHE + "\nlanguage: [en, zh]"},
-        card='title = "Math merge"\ndescription = "A test merge."\ntags = ["math"]\nlanguage = ["fr"]',
-    ))
+def test_card_keys_override_title_and_description_and_add_tags_and_language(
+    plan_with: Callable[..., MergePlan],
+) -> None:
+    card = render_card(
+        plan_with(
+            {"base": APACHE + "\nlanguage: [en]", "math": APACHE + "\nlanguage: [en, zh]"},
+            card='title = "Math merge"\ndescription = "A test merge."\ntags = ["math"]\nlanguage = ["fr"]',
+        )
+    )
     assert "\n# Math merge\n\nA test merge.\n\n## Merge method\n" in card
     metadata = front_matter(card)
     assert metadata["tags"] == ["merge", "hubmerge", "task_arithmetic", "qwen2.5", "math"]
@@ -477,7 +571,7 @@ def test_usage_uses_the_chat_template_when_the_tokenizer_has_one(
     elif chat == "tokenizer_config.json":
         config = json.loads((folder / chat).read_text())
         (folder / chat).write_text(json.dumps({**config, "chat_template": template}))
-    card = render_card(api.plan(plan.recipe.path))
+    card = render_card(api.load_plan(plan.recipe.path))
     assert ("tokenizer.apply_chat_template(" in card) is (chat is not None)
 
 
@@ -494,7 +588,7 @@ def test_usage_snippet_runs_with_transformers(tmp_path: Path, chat: bool) -> Non
         (model / "chat_template.jinja").unlink()
     recipe = tmp_path / "r.toml"
     recipe.write_text('method = "simple_average"\nmodels = ["./model"]\n')
-    code = usage_snippet(render_card(api.plan(recipe))).replace('model_id = "r"', f'model_id = "{model}"')
+    code = usage_snippet(render_card(api.load_plan(recipe))).replace('model_id = "r"', f'model_id = "{model}"')
     assert ("apply_chat_template" in code) is chat
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -502,22 +596,12 @@ def test_usage_snippet_runs_with_transformers(tmp_path: Path, chat: bool) -> Non
     assert out.getvalue().strip()
 
 
-@contextlib.contextmanager
-def chdir(path: Path) -> Iterator[None]:
-    old = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
-def test_cli_card_command_writes_the_card_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_card_command_writes_the_card_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "README.md"
     assert main(["card", str(EXAMPLES / "tiny-ties.toml"), "-o", str(out)]) == 0
-    with chdir(tmp_path):
-        assert out.read_text() == render_card(api.plan(EXAMPLES / "tiny-ties.toml"))
-    assert not (tmp_path / "outputs").exists()
+    assert out.read_text() == render_card(api.load_plan(EXAMPLES / "tiny-ties.toml"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
 
 
 def test_cli_card_command_reports_a_missing_license_with_exit_code_5(
@@ -526,3 +610,23 @@ def test_cli_card_command_reports_a_missing_license_with_exit_code_5(
     plan = plan_with({"base": APACHE, "math": None})
     assert main(["card", str(plan.recipe.path)]) == 5
     assert "hubmerge: error: models[0] (" in capsys.readouterr().err
+
+
+QWEN25_BIBTEX = """\
+@misc{qwen2025qwen25technicalreport,
+      title={Qwen2.5 Technical Report},
+      author={Qwen and : and An Yang and Baosong Yang and Beichen Zhang and Binyuan Hui and Bo Zheng and Bowen Yu and Chengyuan Li and Dayiheng Liu and Fei Huang and Haoran Wei and Huan Lin and Jian Yang and Jianhong Tu and Jianwei Zhang and Jianxin Yang and Jiaxi Yang and Jingren Zhou and Junyang Lin and Kai Dang and Keming Lu and Keqin Bao and Kexin Yang and Le Yu and Mei Li and Mingfeng Xue and Pei Zhang and Qin Zhu and Rui Men and Runji Lin and Tianhao Li and Tianyi Tang and Tingyu Xia and Xingzhang Ren and Xuancheng Ren and Yang Fan and Yang Su and Yichang Zhang and Yu Wan and Yuqiong Liu and Zeyu Cui and Zhenru Zhang and Zihan Qiu},
+      year={2025},
+      eprint={2412.15115},
+      archivePrefix={arXiv},
+      primaryClass={cs.CL},
+      url={https://arxiv.org/abs/2412.15115},
+}
+"""
+
+
+def test_citation_section_has_the_qwen25_report_verbatim_then_the_method_paper() -> None:
+    card = render_card(api.load_plan(EXAMPLES / "tiny-task_arithmetic.toml"))
+    citation = card[card.index("## Citation\n") :]
+    assert citation.startswith("## Citation\n\n```bibtex\n" + QWEN25_BIBTEX + "\n@misc{ilharco2023editing,\n")
+    assert "      eprint={2212.04089},\n" in citation and citation.endswith("}\n```\n")

@@ -252,3 +252,12 @@ def test_validate_reports_a_missing_local_folder_fast(tmp_path: Path) -> None:
     (tmp_path / "r.toml").write_text('method = "simple_average"\nmodels = ["./nowhere"]\n')
     result = run_cli("validate", tmp_path / "r.toml")
     assert result.returncode == 3 and "'./nowhere' is not a folder" in result.stderr
+
+
+def test_head_count_mismatch_is_caught_although_shapes_agree(tmp_path: Path) -> None:
+    _pool(tmp_path)
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    config["num_attention_heads"] = 2  # q_proj stays hidden × hidden: only the config tells
+    (tmp_path / "b" / "config.json").write_text(json.dumps(config))
+    code, err = _merge_error(tmp_path)
+    assert code == 4 and "models[1] (./b) has num_attention_heads = 2 but base (./base) has 4" in err

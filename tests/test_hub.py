@@ -339,3 +339,14 @@ def test_token_never_appears_in_outputs(hub: LocalHub, tmp_path: Path) -> None:
     assert TOKEN not in result.stdout + result.stderr
     for path in (tmp_path / "out").iterdir():
         assert TOKEN.encode() not in path.read_bytes(), path.name
+
+
+def test_transient_hub_faults_are_retried(hub: LocalHub, tmp_path: Path) -> None:
+    """A dropped weight download resumes, and a 5xx burst on metadata is retried by the client."""
+    hub.drop_next(1, path_contains="Qwen2.5-Math-1.5B/resolve", method="GET")
+    hub.fail_next(1, status=503, path_contains="/api/models/Qwen/Qwen2.5-1.5B/revision")
+    result = run_cli(_tiny_hub_recipe(tmp_path, ""), "-q", env=hub_env(hub, tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    statuses = [(r.method, r.status) for r in hub.requests if "Qwen/Qwen2.5-1.5B/revision" in r.path]
+    assert (("GET", 503) in statuses) and (("GET", 200) in statuses)

@@ -1,0 +1,483 @@
+"""The GitHub workflows and composite action that hubmerge ships, checked offline.
+
+The linters a GitHub user would run on them (the schemas, actionlint, zizmor); the changed-recipe
+detection against real git histories; and the jobs of merge.yml executed as a runner would, against the
+local Hub: every `run:` step in order, with bash, its `env:` evaluated from the job's contexts, and the
+runner's files (`GITHUB_OUTPUT` per step, `GITHUB_STEP_SUMMARY`). Steps that `uses:` an action and the
+step with `id: install` are skipped: the checkout is the temporary workspace, and this interpreter
+already has hubmerge installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import REPO, TINY
+from hubserver import LocalHub
+from test_hub import POOL, TOKEN, hub_env
+
+BIN = Path(sys.executable).parent
+WORKFLOWS = REPO / ".github" / "workflows"
+MERGE_YML = WORKFLOWS / "merge.yml"
+ACTION_YML = REPO / "action.yml"
+DETECT = REPO / ".github" / "scripts" / "changed-recipes.sh"
+ZERO_SHA = "0" * 40
+# GitHub's command line for `shell: bash`.
+BASH = ["bash", "--noprofile", "--norc", "-eo", "pipefail"]
+SOURCE_OF = {name: repo for repo, name in POOL.items()}  # "base" -> "Qwen/Qwen2.5-1.5B"
+
+
+def _tool(name: str) -> str:
+    path = BIN / name
+    if not path.exists():
+        pytest.skip(f"{name} is not installed next to {sys.executable} (pip install -e '.[test]')")
+    return str(path)
+
+
+def _workflow_files() -> list[Path]:
+    return sorted(WORKFLOWS.glob("*.yml"))
+
+
+def _runner_env(**values: str) -> dict[str, str]:
+    """This process's environment without anything a real runner (or the Hub client) would have set."""
+    prefixes = ("GITHUB_", "RUNNER_", "ACTIONS_", "HF_", "HUGGING_FACE_", "HUBMERGE_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env | values
+
+
+# ---------------------------------------------------------------------------------------------- linters
+
+
+def test_workflows_and_action_match_githubs_schemas() -> None:
+    check = _tool("check-jsonschema")
+    for schema, files in (("vendor.github-workflows", _workflow_files()), ("vendor.github-actions", [ACTION_YML])):
+        result = subprocess.run([check, "--builtin-schema", schema, *map(str, files)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "ok -- validation done" in result.stdout
+
+
+def test_actionlint_reports_nothing() -> None:
+    # actionlint also runs shellcheck on every `run:` when shellcheck is installed; it does not need it.
+    result = subprocess.run([_tool("actionlint"), "-no-color", *map(str, _workflow_files())],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout) == (0, ""), result.stdout + result.stderr
+
+
+def test_zizmor_offline_finds_nothing_above_low() -> None:
+    result = subprocess.run([_tool("zizmor"), "--offline", "--format", "json", *map(str, _workflow_files()),
+                             str(ACTION_YML)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode in (0, 11, 12), result.stderr  # 11, 12: informational or low findings only
+    findings = json.loads(result.stdout)
+    above_low = [(f["ident"], f["determinations"]["severity"]) for f in findings
+                 if f["determinations"]["severity"] not in ("Informational", "Low")]
+    assert above_low == []
+
+
+def test_actions_are_pinned_by_commit_to_node24_majors() -> None:
+    minimum = {"actions/checkout": 5, "actions/setup-python": 6, "actions/cache": 5}
+    pins = []
+    for path in [*_workflow_files(), ACTION_YML]:
+        for line in path.read_text().splitlines():
+            if not re.match(r"\s*(- )?uses:", line):
+                continue
+            match = re.search(r"uses: ([\w.-]+/[\w.-]+)@([0-9a-f]{40}) # v(\d+)\.\d+\.\d+$", line)
+            assert match, f"{path.name}: not pinned to a commit with a version comment: {line.strip()}"
+            action, _, major = match.groups()
+            assert int(major) >= minimum.get(action, 0), line
+            pins.append(action)
+    assert {"actions/checkout", "actions/setup-python"} <= set(pins)
+
+
+def _steps(path: Path) -> list[dict[str, Any]]:
+    doc = yaml.safe_load(path.read_text())
+    jobs = [doc["runs"]] if "runs" in doc else doc["jobs"].values()
+    return [step for job in jobs for step in job["steps"]]
+
+
+def test_pull_request_side_of_merge_yml_gets_no_secrets_and_reads_only() -> None:
+    workflow = yaml.safe_load(MERGE_YML.read_text())
+    triggers = workflow[True]  # YAML 1.1 reads the key `on` as True
+    assert set(triggers) == {"pull_request", "push", "workflow_dispatch"}  # never pull_request_target
+    assert triggers["pull_request"]["paths"] == triggers["push"]["paths"] == ["recipes/**.toml"]
+    assert workflow["permissions"] == {}
+    jobs = workflow["jobs"]
+    assert jobs["check"]["permissions"] == jobs["recipes"]["permissions"] == {"contents": "read"}
+    assert "secrets." not in yaml.safe_dump(jobs["check"]) + yaml.safe_dump(jobs["recipes"])
+    assert "needs.recipes.outputs.count != '0'" in jobs["check"]["if"]
+
+
+def test_merge_job_publishes_from_main_one_run_per_recipe_and_never_on_an_empty_matrix() -> None:
+    merge = yaml.safe_load(MERGE_YML.read_text())["jobs"]["merge"]
+    assert merge["permissions"] == {"contents": "read", "id-token": "write"}
+    assert merge["concurrency"] == {"group": "hubmerge-merge-${{ matrix.recipe }}", "cancel-in-progress": False}
+    assert merge["strategy"]["matrix"] == {"recipe": "${{ fromJSON(needs.recipes.outputs.recipes) }}"}
+    assert "github.ref == 'refs/heads/main'" in merge["if"]
+    assert "needs.recipes.outputs.count != '0'" in merge["if"]  # fromJSON('[]') would fail the run
+
+
+def test_no_run_step_expands_expressions_and_no_checkout_keeps_credentials() -> None:
+    steps = [step for path in [*_workflow_files(), ACTION_YML] for step in _steps(path)]
+    runs = [step["run"] for step in steps if "run" in step]
+    checkouts = [step for step in steps if step.get("uses", "").startswith("actions/checkout@")]
+    assert len(runs) == 14 and len(checkouts) == 5
+    assert [run for run in runs if "${{" in run] == []
+    assert all(step["with"]["persist-credentials"] is False for step in checkouts)
+
+
+# ---------------------------------------------------------------------------- changed-recipe detection
+
+
+def _git(repo: Path, *args: str) -> str:
+    env = _runner_env(GIT_CONFIG_GLOBAL=os.devnull, GIT_CONFIG_NOSYSTEM="1", GIT_AUTHOR_NAME="t",
+                      GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com")
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True,
+                          env=env).stdout.strip()
+
+
+def _write(repo: Path, files: Mapping[str, str | None]) -> None:
+    """Write each file (None deletes it)."""
+    for name, text in files.items():
+        path = repo / name
+        if text is None:
+            path.unlink()
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+
+
+def _commit(repo: Path, message: str) -> str:
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", message)
+    return _git(repo, "rev-parse", "HEAD")
+
+
+def _parse_github_output(path: Path) -> dict[str, str]:
+    """`name=value` lines and `name<<DELIMITER` blocks, as the runner reads them."""
+    outputs, lines = {}, iter(path.read_text().splitlines() if path.exists() else [])
+    for line in lines:
+        if "<<" in line and ("=" not in line or line.index("<<") < line.index("=")):
+            name, delimiter = line.split("<<", 1)
+            outputs[name] = "\n".join(iter(lambda: next(lines), delimiter))
+        else:
+            name, value = line.split("=", 1)
+            outputs[name] = value
+    return outputs
+
+
+def _detect(repo: Path, **env: str) -> tuple[subprocess.CompletedProcess[str], dict[str, str]]:
+    output = repo.parent / "detect-output"
+    output.unlink(missing_ok=True)
+    result = subprocess.run([*BASH, str(DETECT)], cwd=repo, capture_output=True, text=True, timeout=60,
+                            env=_runner_env(GITHUB_OUTPUT=str(output), **env))
+    return result, _parse_github_output(output)
+
+
+@pytest.fixture
+def recipes_repo(tmp_path: Path) -> Path:
+    """A repo whose first commit holds recipes a, c, sub/d, a non-recipe file in recipes/, and a README."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q", "-b", "main")
+    _write(repo, {"recipes/a.toml": "a", "recipes/b.toml": "b", "recipes/c.toml": "c\n" * 20,
+                  "recipes/sub/d.toml": "d", "recipes/notes.md": "n", "README.md": "r"})
+    _commit(repo, "first")
+    return repo
+
+
+def test_changed_recipes_are_added_modified_and_renamed_ones_not_deleted(recipes_repo: Path) -> None:
+    base = _git(recipes_repo, "rev-parse", "HEAD")
+    _git(recipes_repo, "mv", "recipes/c.toml", "recipes/c-renamed.toml")
+    _write(recipes_repo, {"recipes/a.toml": "a2", "recipes/b.toml": None, "recipes/sub/d.toml": "d2",
+                          "recipes/new one.toml": "n", "recipes/notes.md": "n2", "other/x.toml": "x",
+                          "README.md": "r2"})
+    head = _commit(recipes_repo, "change")
+    result, outputs = _detect(recipes_repo, BASE_SHA=base, HEAD_SHA=head)
+    assert result.returncode == 0, result.stdout + result.stderr
+    expected = ["recipes/a.toml", "recipes/c-renamed.toml", "recipes/new one.toml", "recipes/sub/d.toml"]
+    assert json.loads(outputs["recipes"]) == expected
+    assert outputs["count"] == "4"
+    assert result.stdout.splitlines() == expected
+
+
+def test_changed_recipes_of_a_pull_request_ignore_later_commits_on_its_base(recipes_repo: Path) -> None:
+    _git(recipes_repo, "checkout", "-q", "-b", "pr")
+    _write(recipes_repo, {"recipes/b.toml": "b2"})
+    pr_head = _commit(recipes_repo, "pr change")
+    _git(recipes_repo, "checkout", "-q", "main")
+    _write(recipes_repo, {"recipes/a.toml": "a on main"})
+    main_head = _commit(recipes_repo, "main moved on")
+    _, outputs = _detect(recipes_repo, BASE_SHA=main_head, HEAD_SHA=pr_head)
+    assert outputs == {"recipes": '["recipes/b.toml"]', "count": "1"}
+
+
+@pytest.mark.parametrize("before", [ZERO_SHA, "", "1234567" * 5 + "89abc"], ids=["new-branch", "no-before", "gone"])
+def test_without_a_usable_base_every_recipe_in_head_is_taken(recipes_repo: Path, before: str) -> None:
+    _write(recipes_repo, {"recipes/e.toml": "e"})
+    head = _commit(recipes_repo, "second")
+    result, outputs = _detect(recipes_repo, BASE_SHA=before, HEAD_SHA=head)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(outputs["recipes"]) == ["recipes/a.toml", "recipes/b.toml", "recipes/c.toml",
+                                               "recipes/e.toml", "recipes/sub/d.toml"]
+    warned = f"::warning::{before} is not in the clone (force push?); taking every recipe in {head}"
+    assert (warned in result.stdout) == (before not in ("", ZERO_SHA))
+
+
+def test_a_change_without_recipes_gives_an_empty_list(recipes_repo: Path) -> None:
+    base = _git(recipes_repo, "rev-parse", "HEAD")
+    _write(recipes_repo, {"README.md": "r2", "recipes/notes.md": "n2"})
+    head = _commit(recipes_repo, "docs")
+    result, outputs = _detect(recipes_repo, BASE_SHA=base, HEAD_SHA=head)
+    assert (result.returncode, result.stdout) == (0, "")
+    assert outputs == {"recipes": "[]", "count": "0"}
+
+
+@pytest.mark.parametrize(("recipe", "expected"), [
+    ("recipes/sub/d.toml", "recipes/sub/d.toml"),
+    ("./recipes/a.toml", "recipes/a.toml"),
+    ("recipes/missing.toml", None),
+    ("recipes/notes.md", None),
+    ("recipes/../recipes/a.toml", None),
+    ("recipes//a.toml", None),
+    ("recipes/sub", None),
+    ("recipes/*.toml", None),
+])
+def test_manual_run_takes_exactly_one_tracked_recipe(recipes_repo: Path, recipe: str, expected: str | None) -> None:
+    result, outputs = _detect(recipes_repo, RECIPE=recipe, BASE_SHA="", HEAD_SHA="")
+    if expected is None:
+        assert result.returncode == 1
+        assert result.stdout.startswith("::error::the recipe input must be the path of a tracked")
+        assert outputs == {}
+    else:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert outputs == {"recipes": json.dumps([expected]), "count": "1"}
+
+
+def test_a_recipe_name_that_could_break_the_json_or_the_log_is_refused(recipes_repo: Path) -> None:
+    base = _git(recipes_repo, "rev-parse", "HEAD")
+    _write(recipes_repo, {'recipes/x", "y.toml': "x"})
+    head = _commit(recipes_repo, "odd name")
+    result, outputs = _detect(recipes_repo, BASE_SHA=base, HEAD_SHA=head)
+    assert result.returncode == 1
+    assert result.stdout == ("::error::a recipe path has characters outside letters, digits, space and "
+                             "_./+@-; rename it: recipes/x?? ?y.toml\n")
+    assert outputs == {}
+
+
+# ----------------------------------------------------------------------------- merge.yml, run locally
+
+_EXPRESSION = re.compile(r"\$\{\{\s*(.*?)\s*\}\}")
+_LOOKUP = re.compile(r"[A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*)*")
+
+
+def _evaluate(text: Any, contexts: Mapping[str, Any]) -> str:
+    """`${{ a.b.c }}` and `${{ a.b || c.d }}`, with GitHub's rules: a missing value is '', `||` takes the
+    first non-empty operand. Anything else fails: the steps run here read plain values only."""
+
+    def lookup(path: str) -> str:
+        assert _LOOKUP.fullmatch(path), f"{path!r} is not a plain context lookup"
+        node: Any = contexts
+        for key in path.split("."):
+            node = node.get(key, "") if isinstance(node, Mapping) else ""
+        return "" if isinstance(node, Mapping) else str(node)
+
+    def value(match: re.Match[str]) -> str:
+        return next((v for v in (lookup(p.strip()) for p in match.group(1).split("||")) if v), "")
+
+    return _EXPRESSION.sub(value, str(text))
+
+
+class Job:
+    """One job of a workflow run as the runner would: see the module docstring for what is skipped."""
+
+    def __init__(self, workflow: Path, job_id: str, workspace: Path, contexts: dict[str, Any],
+                 env: dict[str, str]) -> None:
+        self.doc = yaml.safe_load(workflow.read_text())
+        self.job = self.doc["jobs"][job_id]
+        self.workspace, self.env = workspace, env
+        self.runner_temp = workspace.parent / "runner-temp"
+        self.summary = workspace.parent / "step-summary.md"
+        self.contexts = {"github": {"workspace": str(workspace)}, "env": {}, "steps": {}, **contexts}
+        self.logs: dict[str, subprocess.CompletedProcess[str]] = {}
+        self.skipped: list[str] = []
+
+    def run(self) -> int:
+        """Run the steps until one fails; returns its exit status (0 when all passed)."""
+        assert self.doc["defaults"]["run"]["shell"] == "bash"
+        self.runner_temp.mkdir(exist_ok=True)
+        for scope in (self.doc.get("env", {}), self.job.get("env", {})):
+            self.contexts["env"].update({k: _evaluate(v, self.contexts) for k, v in scope.items()})
+        for number, step in enumerate(self.job["steps"]):
+            if "uses" in step or step.get("id") == "install":
+                self.skipped.append(step.get("uses", "install").split("@")[0])
+                continue
+            assert "if" not in step and "${{" not in step["run"], step
+            name = step.get("name", step["run"])
+            script = self.runner_temp / f"step-{number}.sh"
+            script.write_text(step["run"])
+            output = self.runner_temp / f"output-{number}"
+            env = {**self.env, **self.contexts["env"], "GITHUB_OUTPUT": str(output),
+                   "GITHUB_STEP_SUMMARY": str(self.summary), "GITHUB_WORKSPACE": str(self.workspace),
+                   "RUNNER_TEMP": str(self.runner_temp)}
+            env |= {k: _evaluate(v, self.contexts) for k, v in step.get("env", {}).items()}
+            self.logs[name] = result = subprocess.run([*BASH, str(script)], cwd=self.workspace, env=env,
+                                                      capture_output=True, text=True, timeout=300)
+            if "id" in step:
+                self.contexts["steps"][step["id"]] = {"outputs": _parse_github_output(output)}
+            if result.returncode != 0:
+                return result.returncode
+        return 0
+
+    @property
+    def outputs(self) -> dict[str, str]:
+        return {k: _evaluate(v, self.contexts) for k, v in self.job.get("outputs", {}).items()}
+
+    def log(self, name: str) -> str:
+        return self.logs[name].stdout + self.logs[name].stderr
+
+
+@pytest.fixture(scope="module")
+def hub() -> Iterator[LocalHub]:
+    """The tiny checkpoints as Qwen/... repos, and a user who may push."""
+    with LocalHub() as server:
+        server.add_user("user", TOKEN)
+        for repo, name in POOL.items():
+            server.create_repo(repo)
+            server.commit(repo, {p.name: p.read_bytes() for p in (TINY / name).iterdir() if p.is_file()}, "Upload")
+        yield server
+
+
+def _hub_recipe(example: str, repo: str) -> str:
+    """A tiny example recipe with Hub sources instead of its local folders, pushing to `repo`."""
+    text = (REPO / "recipes" / "examples" / example).read_text()
+    for name, source in SOURCE_OF.items():
+        text = text.replace(f'"./tiny/{name}"', f'"{source}"')
+    assert "./tiny/" not in text
+    return text + f'\n[output]\nrepo = "{repo}"\n'
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    """A git checkout of a recipes repo: merge.yml's scripts and, on main, one recipe of another merge."""
+    ws = tmp_path / "workspace"
+    shutil.copytree(REPO / ".github", ws / ".github")
+    _git(ws, "init", "-q", "-b", "main")
+    _write(ws, {"recipes/old.toml": _hub_recipe("tiny-simple_average.toml", "user/old")})
+    _commit(ws, "first")
+    return ws
+
+
+def _step_env(hub: LocalHub, tmp_path: Path) -> dict[str, str]:
+    """What the runner's environment contributes: the Hub endpoint, and no token nor HF_HOME of its own."""
+    env = hub_env(hub, tmp_path, token=None)
+    del env["HF_TOKEN"], env["HF_HOME"]
+    return _runner_env(**env, RUNNER_OS="Linux", RUNNER_ENVIRONMENT="self-hosted")
+
+
+def _find_recipes(ws: Path, env: dict[str, str], event: dict[str, Any]) -> dict[str, str]:
+    job = Job(MERGE_YML, "recipes", ws, {"github": {"workspace": str(ws), **event}}, env)
+    assert job.run() == 0, job.logs
+    assert job.skipped == ["actions/checkout"]
+    return job.outputs
+
+
+def test_push_to_main_merges_each_changed_recipe_and_pushes_it(hub: LocalHub, workspace: Path,
+                                                                 tmp_path: Path) -> None:
+    before = _git(workspace, "rev-parse", "HEAD")
+    _write(workspace, {"recipes/tiny-ties.toml": _hub_recipe("tiny-ties.toml", "user/tiny-ties")})
+    after = _commit(workspace, "add a recipe")
+    env = _step_env(hub, tmp_path)
+    found = _find_recipes(workspace, env, {"sha": after, "event": {"before": before}})
+    assert found == {"recipes": '["recipes/tiny-ties.toml"]', "count": "1"}
+
+    for recipe in json.loads(found["recipes"]):
+        job = Job(MERGE_YML, "merge", workspace, {"matrix": {"recipe": recipe}, "secrets": {"HF_TOKEN": TOKEN},
+                                                  "needs": {"recipes": {"outputs": found}}}, env)
+        assert job.run() == 0, {name: job.log(name) for name in job.logs}
+        assert job.skipped == ["actions/checkout", "actions/setup-python", "install"]
+
+    assert "deleting nothing" in job.log("Free disk space")
+    head = hub.head("user/tiny-ties")
+    commit_url = f"{hub.url}/user/tiny-ties/commit/{head}"
+    assert job.contexts["steps"]["merge"]["outputs"] == {"commit-url": commit_url}
+    summary = job.summary.read_text()
+    assert summary.startswith("### Merged `tiny-ties.toml` (ties)\n")
+    assert f"Pushed: {commit_url}\n" in summary
+    for role, source in (("base", "base"), ("models[0]", "math"), ("models[1]", "coder"), ("models[2]", "instruct")):
+        repo = SOURCE_OF[source]
+        assert f"| {role} | `{repo}` |  | `{hub.head(repo)}` |" in summary
+
+    pushed = hub.files("user/tiny-ties")
+    output = workspace / "outputs" / "tiny-ties"
+    assert pushed["model.safetensors"] == (output / "model.safetensors").read_bytes()
+    assert pushed["README.md"] == (output / "README.md").read_bytes()
+    assert not any("user/old" in r.path for r in hub.requests)  # recipes/old.toml did not change
+    # The Hugging Face cache went to the workspace, not to /tmp or the home folder.
+    assert (workspace / ".cache" / "huggingface" / "hub" / "models--Qwen--Qwen2.5-1.5B").is_dir()
+
+    script = (
+        "from huggingface_hub import snapshot_download\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "model = AutoModelForCausalLM.from_pretrained(snapshot_download('user/tiny-ties'))\n"
+        "print(sum(p.numel() for p in model.parameters()))\n"
+    )
+    loaded = subprocess.run([sys.executable, "-c", script], env={**os.environ, **hub_env(hub, tmp_path / "user")},
+                            capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr
+    assert int(loaded.stdout.split()[-1]) == 107072
+
+
+def test_merge_without_hf_token_uses_trusted_publishing_for_the_output_repo(hub: LocalHub, workspace: Path,
+                                                                             tmp_path: Path) -> None:
+    recipe = "recipes/tiny-ties.toml"
+    _write(workspace, {recipe: _hub_recipe("tiny-ties.toml", "user/oidc-target")})
+    start = len(hub.requests)
+    job = Job(MERGE_YML, "merge", workspace, {"matrix": {"recipe": recipe}, "secrets": {}}, _step_env(hub, tmp_path))
+    assert job.run() != 0
+    log = job.log("Merge and push")
+    assert "No HF_TOKEN: pushing to user/oidc-target with Hugging Face trusted publishing (OIDC)" in log
+    # Outside GitHub Actions no OIDC id token can be minted: huggingface_hub refuses before any download.
+    assert "HF_OIDC_RESOURCE is set but no OIDC id token is available" in log
+    assert f"::error file={recipe},title=hubmerge " in log
+    assert hub.bytes_served(lambda p: p.endswith(".safetensors"), include_ranges=False, since=start) == 0
+    assert not any("oidc-target" in r.path for r in hub.requests[start:])  # nothing created, nothing pushed
+
+
+def test_pull_request_check_plans_changed_recipes_without_token_or_weight_downloads(
+        hub: LocalHub, workspace: Path, tmp_path: Path) -> None:
+    base = _git(workspace, "rev-parse", "HEAD")
+    typo = _hub_recipe("tiny-ties.toml", "user/typo").replace('method = "ties"', 'method = "tie"')
+    _write(workspace, {"recipes/tiny-ties.toml": _hub_recipe("tiny-ties.toml", "user/pr"), "recipes/typo.toml": typo})
+    head = _commit(workspace, "pull request")
+    env = _step_env(hub, tmp_path)
+    found = _find_recipes(workspace, env, {"sha": "merge-commit", "event": {
+        "before": "", "pull_request": {"base": {"sha": base}, "head": {"sha": head}}}})
+    assert found == {"recipes": '["recipes/tiny-ties.toml", "recipes/typo.toml"]', "count": "2"}
+
+    start = len(hub.requests)
+    job = Job(MERGE_YML, "check", workspace, {"needs": {"recipes": {"outputs": found}}}, env)
+    assert job.run() == 1  # the typo fails the check, after the other recipe was planned
+    assert job.skipped == ["actions/checkout", "actions/setup-python", "install"]
+    assert ("::error file=recipes/typo.toml,title=hubmerge recipe error (exit 2)::hubmerge: error: recipes/typo.toml: "
+            "method: unknown method 'tie'; did you mean 'ties'?\n") in job.log("Validate and plan")
+
+    summary = job.summary.read_text()
+    assert summary.startswith("### Plan for `tiny-ties.toml` (ties)\n")
+    for source in ("base", "math", "coder", "instruct"):
+        assert f"`{SOURCE_OF[source]}` |  | `{hub.head(SOURCE_OF[source])}` |" in summary
+    assert "<details><summary>Full plan of <code>recipes/tiny-ties.toml</code></summary>" in summary
+    assert "push     user/pr (main): the output folder" in summary
+    assert "typo" not in summary
+    assert hub.bytes_served(lambda p: p.endswith(".safetensors"), include_ranges=False, since=start) == 0
+    assert not (workspace / "outputs").exists()
