@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HubmergeError as exc:
         if debug:
             traceback.print_exc()
-        print(f"hubmerge: error: {exc}", file=sys.stderr)
+        print(f"hubmerge: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
         return exc.exit_code
     except KeyboardInterrupt:
         print("hubmerge: interrupted; no output was left behind", file=sys.stderr)

@@ -12,16 +12,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .checkpoint import INDEX_FILE, TensorInfo, header_tensors, index_folder, weight_files
 from .errors import SourceError
 from .recipe import ModelRef
 
 __all__ = ["LICENSE_FILES", "TOKENIZER_FILES", "Source", "fetch", "resolve"]
+
+T = TypeVar("T")
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -69,7 +72,7 @@ class Source:
 
 def resolve(ref: ModelRef, label: str, weights: bool = True) -> Source:
     """Resolve a reference without downloading weights. `weights=False` for a tokenizer-only source."""
-    label = f"{label} ({ref.display})"
+    label = f"{label} ({ref.text})"
     if ref.path is not None:
         return _resolve_local(ref, label, weights)
     return _resolve_hub(ref, label, weights)
@@ -178,6 +181,34 @@ def hub_errors(label: str, repo_id: str, revision: str | None) -> Iterator[None]
         raise
 
 
+def _retrying(call: Callable[[], T]) -> T:
+    """Retry a metadata call on 429/5xx and dropped connections (downloads have the client's own retries)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    for wait in (1, 2, 4, None):
+        try:
+            return call()
+        except (HfHubHTTPError, OSError) as exc:
+            response = getattr(exc, "response", None)
+            transient = response is None or response.status_code == 429 or response.status_code >= 500
+            if wait is None or not transient or isinstance(exc, _permanent()):
+                raise
+        time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _permanent() -> tuple[type[Exception], ...]:
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    return (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError, EntryNotFoundError, OfflineModeIsEnabled)
+
+
 def _resolve_hub(ref: ModelRef, label: str, weights: bool) -> Source:
     from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 
@@ -197,7 +228,7 @@ def _resolve_hub(ref: ModelRef, label: str, weights: bool) -> Source:
 
     api = HfApi()
     with hub_errors(label, repo_id, revision):
-        info = api.model_info(repo_id, revision=revision, files_metadata=True)
+        info = _retrying(lambda: api.model_info(repo_id, revision=revision, files_metadata=True))
         sha = info.sha
         assert sha is not None
         files = {s.rfilename: s.size or 0 for s in info.siblings or []}
@@ -222,7 +253,7 @@ def _resolve_hub(ref: ModelRef, label: str, weights: bool) -> Source:
         config = _read_json(config_path, label)
         tensors: dict[str, TensorInfo] = {}
         if weights:
-            metadata = api.get_safetensors_metadata(repo_id, revision=sha)
+            metadata = _retrying(lambda: api.get_safetensors_metadata(repo_id, revision=sha))
             for file, file_metadata in metadata.files_metadata.items():
                 header = {
                     name: {"dtype": t.dtype, "shape": t.shape, "data_offsets": t.data_offsets}

@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -306,8 +307,8 @@ class Job:
         self.doc = yaml.safe_load(workflow.read_text())
         self.job = self.doc["jobs"][job_id]
         self.workspace, self.env = workspace, env
-        self.runner_temp = workspace.parent / "runner-temp"
-        self.summary = workspace.parent / "step-summary.md"
+        self.runner_temp = Path(tempfile.mkdtemp(prefix=f"runner-temp-{job_id}-", dir=workspace.parent))
+        self.summary = self.runner_temp / "step-summary.md"
         self.contexts = {"github": {"workspace": str(workspace)}, "env": {}, "steps": {}, **contexts}
         self.logs: dict[str, subprocess.CompletedProcess[str]] = {}
         self.skipped: list[str] = []
@@ -315,7 +316,6 @@ class Job:
     def run(self) -> int:
         """Run the steps until one fails; returns its exit status (0 when all passed)."""
         assert self.doc["defaults"]["run"]["shell"] == "bash"
-        self.runner_temp.mkdir(exist_ok=True)
         for scope in (self.doc.get("env", {}), self.job.get("env", {})):
             self.contexts["env"].update({k: _evaluate(v, self.contexts) for k, v in scope.items()})
         for number, step in enumerate(self.job["steps"]):
