@@ -33,8 +33,16 @@ _BASELINE_BYTES = 450 * 2**20
 _CONFIG_NOISE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype"}
 # Fields that change how the same tensor shapes are read: q_proj is hidden×hidden whatever the head count,
 # so only the config can tell that two models split it differently.
-_STRUCTURE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-              "intermediate_size", "vocab_size", "hidden_act")
+_STRUCTURE = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+    "hidden_act",
+)
 
 
 @dataclass(frozen=True)
@@ -161,7 +169,10 @@ def _check_compatible(sources: tuple[Source, ...]) -> None:
                     "models of different shapes cannot be merged"
                 )
         size = qwen25_size(s.config)
-        if size is not None and (s.config.get("num_attention_heads"), s.config.get("num_key_value_heads")) != (
+        if size is not None and (
+            s.config.get("num_attention_heads"),
+            s.config.get("num_key_value_heads"),
+        ) != (
             size.heads,
             size.kv_heads,
         ):

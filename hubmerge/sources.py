@@ -206,7 +206,13 @@ def _permanent() -> tuple[type[Exception], ...]:
         RevisionNotFoundError,
     )
 
-    return (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError, EntryNotFoundError, OfflineModeIsEnabled)
+    return (
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+        GatedRepoError,
+        EntryNotFoundError,
+        OfflineModeIsEnabled,
+    )
 
 
 def _resolve_hub(ref: ModelRef, label: str, weights: bool) -> Source:

@@ -244,7 +244,10 @@ def test_cuda_device_merges_like_cpu_or_says_it_is_missing(tmp_path: Path) -> No
         return
     assert result.returncode == 0, result.stderr
     assert run_cli(recipe, "--output", tmp_path / "cpu", "-q").returncode == 0
-    gpu, cpu = load_file(tmp_path / "gpu" / "model.safetensors"), load_file(tmp_path / "cpu" / "model.safetensors")
+    gpu, cpu = (
+        load_file(tmp_path / "gpu" / "model.safetensors"),
+        load_file(tmp_path / "cpu" / "model.safetensors"),
+    )
     assert all(torch.allclose(gpu[k].float(), cpu[k].float(), atol=1e-2, rtol=0) for k in cpu)
 
 
