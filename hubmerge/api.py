@@ -19,7 +19,7 @@ import torch
 from .card import license_file, render_card
 from .engine import write_weights
 from .errors import HubmergeError
-from .lock import LOCK_FILE, RECIPE_COPY, apply_lock, lock_data
+from .lock import LOCK_FILE, RECIPE_COPY, apply_lock, hash_sources, lock_data
 from .plan import MergePlan, build_plan
 from .publish import check_push_access
 from .publish import push as publish
@@ -139,6 +139,7 @@ def merge(
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
+    source_hashes = hash_sources(merge_plan, folders)
     try:
         from tqdm.auto import tqdm
 
@@ -150,19 +151,18 @@ def merge(
             disable=quiet or not sys.stderr.isatty(),
         ) as bar:
             files = write_weights(merge_plan, folders, staging, compute, bar.update)
-        files += _copy_side_files(merge_plan, folders, staging)
+        files |= dict.fromkeys(_copy_side_files(merge_plan, folders, staging))
         # Rendered again now that the tokenizer files are local: the chat template may live in them.
         (staging / "README.md").write_text(render_card(merge_plan), encoding="utf-8")
-        files.append("README.md")
+        files["README.md"] = None
         governing = license_file(merge_plan)
         if governing is not None:
             source, name = governing
             shutil.copyfile(folders[id(source)] / name, staging / name)
-            files.append(name)
-        (staging / LOCK_FILE).write_text(
-            json.dumps(lock_data(merge_plan, folders, staging, files), indent=2) + "\n"
-        )
-        files.append(LOCK_FILE)
+            files[name] = None
+        record = lock_data(merge_plan, folders, staging, files, source_hashes.result())
+        (staging / LOCK_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        files[LOCK_FILE] = None
         _replace(directory, staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -9,6 +9,7 @@ written first and tensor bytes follow in order, without buffering a shard in mem
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -208,12 +209,15 @@ class ShardWriter:
         self.size = offset
         self.path = path
         self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        # Hashed as written, so the lock file costs no second read of gigabytes.
+        self.digest = hashlib.sha256(struct.pack("<Q", len(raw)) + raw)
         self._file.write(struct.pack("<Q", len(raw)) + raw)
         self._written = 0
 
     def write(self, data: torch.Tensor) -> None:
         view = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
         self._file.write(view)
+        self.digest.update(view)
         self._written += len(view)
 
     def close(self) -> None:

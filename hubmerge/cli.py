@@ -22,7 +22,8 @@ _EPILOG = """commands:
   hubmerge plan RECIPE [--json]   resolve sources and print what a merge would do (same as --dry-run)
   hubmerge card RECIPE [-o FILE]  render the model card alone
 
-exit codes: 0 ok, 1 other error, 2 recipe, 3 source, 4 incompatible sources, 5 card, 6 publish, 130 interrupted.
+exit codes: 0 ok, 1 other error, 2 recipe, 3 source, 4 incompatible sources, 5 card, 6 publish,
+  70 internal error (a bug: please report it), 130 interrupted.
 Set HUBMERGE_DEBUG=1 to see tracebacks."""
 
 

@@ -103,8 +103,11 @@ def _merge_slice(
 
 def write_weights(
     plan: MergePlan, folders: Mapping[int, Path], directory: Path, device: torch.device, progress: Progress
-) -> list[str]:
-    """Write the merged safetensors shards (and index) into `directory`; return the file names."""
+) -> dict[str, str | None]:
+    """Write the merged safetensors shards (and index) into `directory`.
+
+    Returns each written file name with the sha256 of its bytes where it is already known.
+    """
     inputs = _Inputs(plan, [folders[id(s)] for s in plan.inputs], device)
     patches = _Patches()
     files: dict[str, ShardWriter] = {}
@@ -137,28 +140,30 @@ def write_weights(
                         progress(out.numel() * out.element_size())
             finally:
                 writer.close()
+        written: dict[str, str | None] = {file: w.digest.hexdigest() for file, w in files.items()}
         if patches.items and patches.sign_sum <= 0:
-            _apply_patches(patches, files, plan)
+            written |= dict.fromkeys(_apply_patches(patches, files, plan))  # rewritten: hash them again
     finally:
         inputs.close()
     if len(plan.shards) > 1:
         _write_index(plan, directory)
-    return [layout.file for layout in plan.shards] + (
-        ["model.safetensors.index.json"] if len(plan.shards) > 1 else []
-    )
+        written["model.safetensors.index.json"] = None
+    return written
 
 
-def _apply_patches(patches: _Patches, files: Mapping[str, ShardWriter], plan: MergePlan) -> None:
-    """Rewrite the TIES positions written under a +1 majority that turned out -1 (or 0)."""
+def _apply_patches(patches: _Patches, files: Mapping[str, ShardWriter], plan: MergePlan) -> set[str]:
+    """Rewrite the TIES positions written under a +1 majority that turned out -1 (or 0); return the files."""
     where = {
         name: (writer.path, writer.data_start + writer.offsets[name])
         for writer in files.values()
         for name in writer.offsets
     }
     item = torch.empty(0, dtype=plan.out_dtype).element_size()
+    touched = set()
     for name, positions, if_negative, if_zero in patches.items:
         values = if_negative if patches.sign_sum < 0 else if_zero
         path, offset = where[name]
+        touched.add(path.name)
         raw = values.contiguous().view(torch.uint8).reshape(-1, item).numpy()
         fd = os.open(path, os.O_WRONLY)
         try:
@@ -166,6 +171,7 @@ def _apply_patches(patches: _Patches, files: Mapping[str, ShardWriter], plan: Me
                 os.pwrite(fd, data.tobytes(), offset + position * item)
         finally:
             os.close(fd)
+    return touched
 
 
 def _write_index(plan: MergePlan, directory: Path) -> None:

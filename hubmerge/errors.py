@@ -7,7 +7,7 @@
      ├── CardError                    exit 5: the model card cannot be rendered (template, license)
      └── PublishError                 exit 6: the result cannot be pushed (token, permissions, Hub errors)
 
-Exit code 130 means interrupted; any other code is a bug (run with HUBMERGE_DEBUG=1 for a traceback).
+Exit code 130 means interrupted and 70 an internal error, a bug (run with HUBMERGE_DEBUG=1 for a traceback).
 """
 
 from __future__ import annotations

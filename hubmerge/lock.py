@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from .errors import RecipeError
 from .plan import MergePlan
 from .recipe import Recipe
 
-__all__ = ["LOCK_FILE", "RECIPE_COPY", "apply_lock", "file_sha256", "lock_data"]
+__all__ = ["LOCK_FILE", "RECIPE_COPY", "apply_lock", "file_sha256", "hash_sources", "lock_data"]
 
 LOCK_FILE = "hubmerge.lock.json"
 RECIPE_COPY = "hubmerge.toml"  # the recipe, as written, beside the weights
@@ -41,24 +42,51 @@ def _labels(recipe: Recipe) -> list[tuple[str, Any]]:
     return pairs
 
 
-def lock_data(
-    plan: MergePlan, folders: Mapping[int, Path], output: Path, output_files: list[str]
-) -> dict[str, Any]:
-    sources = []
+def _source_files(plan: MergePlan, folders: Mapping[int, Path]) -> Iterator[tuple[str, Any, Path, str]]:
+    """(role, reference, folder, file) for every file each source contributes."""
     by_label = {s.label.split(" ")[0]: s for s in (*plan.weight_sources, plan.tokenizer)}
     for label, ref in _labels(plan.recipe):
         source = by_label[label]
         folder = folders[id(source)]
-        used = source.needed_files(weights=bool(source.tensors), tokenizer=source is plan.tokenizer)
-        files = {
-            f: {
-                "size": source.files.get(f, 0),
-                "sha256": source.lfs_sha256.get(f) or file_sha256(folder / f),
-            }
-            for f in used
-            if (folder / f).is_file()
+        for f in source.needed_files(weights=bool(source.tensors), tokenizer=source is plan.tokenizer):
+            if (folder / f).is_file():
+                yield label, ref, folder, f
+
+
+def hash_sources(plan: MergePlan, folders: Mapping[int, Path]) -> Future[dict[Path, str]]:
+    """Start hashing the source files whose sha256 the Hub did not give us, on a thread.
+
+    For local sources that is gigabytes; hashlib releases the GIL, so it overlaps the merge instead of
+    adding its time after it.
+    """
+    by_label = {s.label.split(" ")[0]: s for s in (*plan.weight_sources, plan.tokenizer)}
+    paths = sorted(
+        {
+            folder / f
+            for label, _, folder, f in _source_files(plan, folders)
+            if f not in by_label[label].lfs_sha256
         }
-        sources.append(
+    )
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubmerge-hash")
+    future = executor.submit(lambda: {p: file_sha256(p) for p in paths})
+    executor.shutdown(wait=False)
+    return future
+
+
+def lock_data(
+    plan: MergePlan,
+    folders: Mapping[int, Path],
+    output: Path,
+    output_files: Mapping[str, str | None],
+    source_hashes: Mapping[Path, str],
+) -> dict[str, Any]:
+    """The lock document; `output_files` maps each output file to its sha256 when already known."""
+    by_label = {s.label.split(" ")[0]: s for s in (*plan.weight_sources, plan.tokenizer)}
+    sources: dict[str, dict[str, Any]] = {}
+    for label, ref, folder, f in _source_files(plan, folders):
+        source = by_label[label]
+        entry = sources.setdefault(
+            label,
             {
                 "role": label,
                 "reference": ref.text,
@@ -66,18 +94,20 @@ def lock_data(
                 "revision": ref.revision,
                 "sha": source.sha,
                 "path": str(ref.path) if ref.path else None,
-                "files": files,
-            }
+                "files": {},
+            },
         )
+        sha = source.lfs_sha256.get(f) or source_hashes.get(folder / f) or file_sha256(folder / f)
+        entry["files"][f] = {"size": (folder / f).stat().st_size, "sha256": sha}
     return {
         "hubmerge_version": __version__,
         "recipe": {"file": plan.recipe.path.name, "sha256": plan.recipe.sha256},
         "method": plan.recipe.method.name,
         "parameters": dict(plan.recipe.parameters),
-        "sources": sources,
+        "sources": list(sources.values()),
         "output": {
             "files": {
-                f: {"size": (output / f).stat().st_size, "sha256": file_sha256(output / f)}
+                f: {"size": (output / f).stat().st_size, "sha256": output_files[f] or file_sha256(output / f)}
                 for f in sorted(output_files)
             }
         },

@@ -44,15 +44,27 @@ def _hub_failure(repo: str, exc: Exception) -> PublishError:
 
 def check_push_access(plan: MergePlan) -> str:
     """Fail early unless a token that can write to the target namespace is available; return the user name."""
+    import os
+
     from huggingface_hub import HfApi, get_token
 
     repo = plan.recipe.output.repo
     assert repo is not None
-    if get_token() is None:
+    try:
+        token = get_token()
+    except Exception as exc:  # trusted publishing (HF_OIDC_RESOURCE) failed to mint or exchange a token
+        raise PublishError(
+            f"trusted publishing for {repo} failed ({type(exc).__name__}: {' '.join(str(exc).split())}); add a "
+            "trusted publisher for this repo and give the job `permissions: id-token: write`, or set HF_TOKEN"
+        ) from None
+    if token is None:
         raise PublishError(
             f"[output] repo = {repo!r} needs a Hugging Face token with write access: set HF_TOKEN or run "
             "`hf auth login`, or pass --no-push to only write the folder"
         )
+    if os.environ.get("HF_OIDC_RESOURCE") == repo:
+        # A trusted-publishing token is scoped to this one repo; the push itself reports a refusal.
+        return "trusted publisher"
     try:
         who: dict[str, Any] = HfApi().whoami()
     except Exception as exc:

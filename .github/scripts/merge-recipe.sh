@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Merge RECIPE and push it to its [output] repo: the merge job of merge.yml, and action.yml.
+#
+#   RECIPE    the recipe file
+#   PUSH      "false" only writes the output folder (default "true")
+#   HF_TOKEN  a token with write access; when empty, the push authenticates by Hugging Face trusted
+#             publishing, scoped to the recipe's [output] repo (HF_OIDC_RESOURCE), which needs the job
+#             permission `id-token: write` and a trusted publisher on that repo
+#
+# hubmerge appends the job summary itself ($GITHUB_STEP_SUMMARY: sources, resolved shas, commit URL).
+# Writes `commit-url` (empty without a push) to $GITHUB_OUTPUT.
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "$0")/lib.sh"
+: "${RECIPE:?set RECIPE to the recipe path}"
+
+args=("$RECIPE")
+if [[ ${PUSH:-true} == false ]]; then
+  args+=(--no-push)
+elif [[ -z ${HF_TOKEN:-} ]]; then
+  hubmerge_or_fail "$RECIPE" plan "$RECIPE" --json --summary /dev/null
+  repo=$(python -c 'import json, sys; push = json.load(sys.stdin)["push"]; print(push["repo"] if push else "")' <"$hubmerge_out")
+  if [[ -n $repo ]]; then
+    echo "No HF_TOKEN: pushing to $repo with Hugging Face trusted publishing (OIDC)"
+    export HF_OIDC_RESOURCE=$repo
+  fi
+fi
+
+hubmerge_or_fail "$RECIPE" "${args[@]}"
+commit_url=$(grep -E '^https?://' "$hubmerge_out" | tail -n 1 || true)
+echo "commit-url=$commit_url" >>"${GITHUB_OUTPUT:-/dev/null}"
