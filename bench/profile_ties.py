@@ -23,7 +23,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 timers: dict[str, float] = defaultdict(float)
+TIES_STATS: dict[str, int] = {}
+PHASES = ("thresholds (both selection passes, total)", "write_weights (whole engine)")
 counts: dict[str, int] = defaultdict(int)
+
+
+def memory() -> str:
+    """Current and peak resident memory of this process, from /proc."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    rss, hwm = (int(fields[k].split()[0]) / 2**20 for k in ("VmRSS", "VmHWM"))
+    return f"RSS {rss:.2f} GB, peak {hwm:.2f} GB"
 
 
 def timed(name, fn):
@@ -34,6 +43,8 @@ def timed(name, fn):
         finally:
             timers[name] += time.perf_counter() - start
             counts[name] += 1
+            if name in PHASES:
+                print(f"after {name}: {memory()}", flush=True)
 
     return wrapper
 
@@ -42,10 +53,37 @@ def install() -> None:
     from hubmerge import checkpoint, engine, selection
 
     engine._ties_thresholds = timed("thresholds (both selection passes, total)", engine._ties_thresholds)
-    engine.ties = timed("methods.ties (merge math)", engine.ties)
     engine.write_weights = timed("write_weights (whole engine)", engine.write_weights)
     checkpoint.TensorReader.read = timed("TensorReader.read (pread)", checkpoint.TensorReader.read)
     checkpoint.ShardWriter.write = timed("ShardWriter.write", checkpoint.ShardWriter.write)
+
+    original_apply = engine._apply_patches
+
+    def apply_patches(patches, files, plan):
+        positions = sum(int(item[1].numel()) for item in patches.items)
+        nbytes = sum(sum(int(t.numel() * t.element_size()) for t in item[1:]) for item in patches.items)
+        print(f"before patches: {memory()}", flush=True)
+        print(f"patches: sign_sum={patches.sign_sum}, {len(patches.items)} chunks, {positions:,} positions, "
+              f"{nbytes / 1e6:.0f} MB held", flush=True)
+        return original_apply(patches, files, plan)
+
+    engine._apply_patches = timed("_apply_patches (pwrite per position)", apply_patches)
+
+    original_ties = engine.ties
+    stats = {"undecided": 0, "sign_sum": 0}
+
+    def ties_counted(*args, **kwargs):
+        chunk = original_ties(*args, **kwargs)
+        stats["undecided"] += int(chunk.undecided.numel())
+        stats["sign_sum"] += chunk.sign_sum
+        stats["chunks"] = stats.get("chunks", 0) + 1
+        if stats["chunks"] % 1000 == 0:
+            print(f"merge chunk {stats['chunks']}: {stats['undecided']:,} undecided so far, {memory()}", flush=True)
+        return chunk
+
+    engine.ties = ties_counted
+    global TIES_STATS
+    TIES_STATS = stats
 
     original_magnitudes = engine._magnitudes
 
@@ -69,10 +107,12 @@ def install() -> None:
                 yield chunk
             timers[label + " (total)"] += time.perf_counter() - start
             timers[label + ": read + upcast + |τ| stack"] += produce
+            print(f"after {label}: {memory()}", flush=True)
 
         return timed_chunks
 
     engine._magnitudes = magnitudes
+    engine.ties = timed("methods.ties (merge math)", engine.ties)
     # kth_smallest reads `chunks` from its argument, so nothing else to patch there.
     del selection
 
@@ -100,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"hubmerge.merge: {total:.1f} s wall (profiled)")
     for name in sorted(timers):
         print(f"  {timers[name]:8.1f} s  {100 * timers[name] / total:5.1f} %  {name}  ({counts.get(name, '')} calls)")
+    print(f"ties chunks: {TIES_STATS}  (undecided = positions whose elected sign is 0 but some trimmed τ is not)")
     if not args.no_cprofile:
         s = io.StringIO()
         stats = pstats.Stats(str(args.stats), stream=s)

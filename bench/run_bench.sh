@@ -45,10 +45,12 @@ done
   echo "hubmerge venv: $($PY -c 'import sys, torch, safetensors, hubmerge; print("python", sys.version.split()[0], "torch", torch.__version__, "safetensors", safetensors.__version__, "hubmerge", hubmerge.__version__)')"
   echo "mergekit venv: $(/work/mk-venv/bin/python -c 'import sys, torch, safetensors, transformers; from importlib.metadata import version; print("python", sys.version.split()[0], "torch", torch.__version__, "safetensors", safetensors.__version__, "transformers", transformers.__version__, "mergekit", version("mergekit"))')"
   echo "torch threads (hubmerge venv): $($PY -c 'import torch; print(torch.get_num_threads())')"
+  echo "hubmerge source: HEAD $(git -C "$BENCH/.." rev-parse --short HEAD), uncommitted: $(git -C "$BENCH/.." diff --stat -- hubmerge | tail -1), sha256 of hubmerge/*.py: $(cat "$BENCH"/../hubmerge/*.py | sha256sum | cut -c1-16) (copy in hubmerge-src/)"
   echo "inputs:"; for m in base math coder instruct; do echo "  $m $(stat -c %s "$MODELS/$m/model.safetensors") bytes"; done
   echo "inputs total: $(du -cb "$MODELS"/*/model.safetensors | tail -1 | cut -f1) bytes"
 } > "$LOG/machine.txt"
 cat "$LOG/machine.txt"
+mkdir -p "$LOG/hubmerge-src" && cp "$BENCH"/../hubmerge/*.py "$LOG/hubmerge-src/"
 
 printf 'run\ttool\tmethod\trc\twall_s\tpeak_rss_kb\tuser_s\tsys_s\tcpu_pct\tload_before\tload_after\tout_bytes\tcommand\n' > "$LOG/results.tsv"
 

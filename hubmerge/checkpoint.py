@@ -14,6 +14,7 @@ import json
 import os
 import struct
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ __all__ = [
     "TensorInfo",
     "TensorReader",
     "index_folder",
+    "numel",
     "read_header",
     "weight_files",
 ]
@@ -57,10 +59,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return numel(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -176,10 +175,10 @@ class ShardLayout:
     @property
     def nbytes(self) -> int:
         item = torch.empty(0, dtype=self.dtype).element_size()
-        return sum(_numel(shape) * item for _, shape in self.tensors)
+        return sum(numel(shape) * item for _, shape in self.tensors)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
+def numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
         n *= d
@@ -195,7 +194,7 @@ class ShardWriter:
         offset = 0
         self.offsets: dict[str, int] = {}
         for name, shape in layout.tensors:
-            size = _numel(shape) * item
+            size = numel(shape) * item
             header[name] = {
                 "dtype": SAFETENSORS_NAME[layout.dtype],
                 "shape": list(shape),
@@ -213,14 +212,28 @@ class ShardWriter:
         self.digest = hashlib.sha256(struct.pack("<Q", len(raw)) + raw)
         self._file.write(struct.pack("<Q", len(raw)) + raw)
         self._written = 0
+        # Writing and hashing happen on a thread (both release the GIL), one piece in flight, so they
+        # overlap the computation of the next piece without holding more than one extra slice.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubmerge-write")
+        self._pending: Future[None] | None = None
+
+    def _write(self, view: memoryview) -> None:
+        self._file.write(view)
+        self.digest.update(view)
 
     def write(self, data: torch.Tensor) -> None:
         view = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
-        self._file.write(view)
-        self.digest.update(view)
+        if self._pending is not None:
+            self._pending.result()
+        self._pending = self._pool.submit(self._write, view)
         self._written += len(view)
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            if self._pending is not None:
+                self._pending.result()
+        finally:
+            self._pool.shutdown(wait=True)
+            self._file.close()
         if self._written != self.size:
             raise RuntimeError(f"{self.path}: wrote {self._written} of {self.size} bytes")  # an engine bug

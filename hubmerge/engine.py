@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,38 +34,60 @@ class _Patches:
     sign_sum: int = 0
     items: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
+    def add(self, tensor: OutputTensor, first_row: int, chunk: TiesChunk, dtype: torch.dtype) -> None:
+        self.sign_sum += chunk.sign_sum
+        if chunk.undecided.numel():
+            offset = first_row * (tensor.numel // tensor.shape[0] if tensor.shape and tensor.shape[0] else 1)
+            self.items.append(
+                (
+                    tensor.name,
+                    (chunk.undecided + offset).cpu(),
+                    chunk.if_negative.to(dtype).cpu(),
+                    chunk.if_zero.to(dtype).cpu(),
+                )
+            )
+
 
 class _Inputs:
-    """Reads the math inputs' slices of one output tensor and upcasts them on the compute device."""
+    """Reads the math inputs' slices of output tensors and upcasts them on the compute device.
+
+    The next slice is read on a second thread while the current one is computed: `pread` releases the
+    GIL, so reading (a copy out of the page cache, or the disk) overlaps the arithmetic.
+    """
 
     def __init__(self, plan: MergePlan, folders: Sequence[Path], device: torch.device) -> None:
         self.readers = [TensorReader(folder) for folder in folders]
         self.dtype = plan.compute_dtype
         self.device = device
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubmerge-read")
 
-    def slices(self, tensor: OutputTensor) -> Iterator[tuple[int, list[torch.Tensor]]]:
-        rows = tensor.shape[0] if tensor.shape else 1
-        for start in range(0, rows, tensor.chunk_rows):
-            stop = min(rows, start + tensor.chunk_rows)
-            span = (start, stop) if tensor.shape else None
-            yield (
-                start,
-                [
-                    reader.read(info, span).to(self.device, non_blocking=True).to(self.dtype)
-                    for reader, info in zip(self.readers, tensor.inputs, strict=True)
-                ],
-            )
+    def _read(self, tensor: OutputTensor, start: int) -> list[torch.Tensor]:
+        span = (start, min(tensor.shape[0], start + tensor.chunk_rows)) if tensor.shape else None
+        return [reader.read(info, span) for reader, info in zip(self.readers, tensor.inputs, strict=True)]
+
+    def stream(
+        self, tensors: Sequence[OutputTensor]
+    ) -> Iterator[tuple[OutputTensor, int, list[torch.Tensor]]]:
+        """(tensor, first row, one slice per input) for every slice of `tensors`, in order."""
+        order = [
+            (t, start) for t in tensors for start in range(0, t.shape[0] if t.shape else 1, t.chunk_rows)
+        ]
+        pending: Future[list[torch.Tensor]] | None = None
+        for i, (tensor, start) in enumerate(order):
+            raw = pending.result() if pending is not None else self._read(tensor, start)
+            pending = self.pool.submit(self._read, *order[i + 1]) if i + 1 < len(order) else None
+            yield tensor, start, [r.to(self.device, non_blocking=True).to(self.dtype) for r in raw]
 
     def close(self) -> None:
+        self.pool.shutdown(wait=True)
         for reader in self.readers:
             reader.close()
 
 
 def _magnitudes(inputs: _Inputs, tensors: Sequence[OutputTensor]) -> Callable[[], Iterator[torch.Tensor]]:
     def chunks() -> Iterator[torch.Tensor]:
-        for tensor in tensors:
-            for _, (base, *models) in inputs.slices(tensor):
-                yield torch.stack([(m - base).abs_().flatten() for m in models]).to("cpu", torch.float32)
+        for _, _, (base, *models) in inputs.stream(tensors):
+            yield torch.stack([(m - base).abs_().flatten() for m in models]).to("cpu", torch.float32)
 
     return chunks
 
@@ -118,26 +141,14 @@ def write_weights(
             writer = ShardWriter(directory / layout.file, layout, {"format": "pt"})
             files[layout.file] = writer
             try:
-                for name, _ in layout.tensors:
-                    tensor = by_name[name]
-                    row = tensor.numel // tensor.shape[0] if tensor.shape and tensor.shape[0] else 1
-                    for start, slices in inputs.slices(tensor):
-                        result = _merge_slice(plan, slices, thresholds.get(name))
-                        if isinstance(result, TiesChunk):
-                            patches.sign_sum += result.sign_sum
-                            if result.undecided.numel():
-                                patches.items.append(
-                                    (
-                                        name,
-                                        (result.undecided + start * row).cpu(),
-                                        result.if_negative.to(plan.out_dtype).cpu(),
-                                        result.if_zero.to(plan.out_dtype).cpu(),
-                                    )
-                                )
-                            result = result.values
-                        out = result.to(plan.out_dtype).cpu()
-                        writer.write(out)
-                        progress(out.numel() * out.element_size())
+                for tensor, start, slices in inputs.stream([by_name[name] for name, _ in layout.tensors]):
+                    result = _merge_slice(plan, slices, thresholds.get(tensor.name))
+                    if isinstance(result, TiesChunk):
+                        patches.add(tensor, start, result, plan.out_dtype)
+                        result = result.values
+                    out = result.to(plan.out_dtype).cpu()
+                    writer.write(out)
+                    progress(out.numel() * out.element_size())
             finally:
                 writer.close()
         written: dict[str, str | None] = {file: w.digest.hexdigest() for file, w in files.items()}

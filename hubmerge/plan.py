@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import DTYPES, ShardLayout, TensorInfo
+from .checkpoint import DTYPES, ShardLayout, TensorInfo, numel
 from .errors import IncompatibleSourcesError
 from .qwen import Qwen25Size, qwen25_size
 from .recipe import ModelRef, Recipe
@@ -53,10 +53,7 @@ class OutputTensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return numel(self.shape)
 
     @property
     def chunk_rows(self) -> int:
