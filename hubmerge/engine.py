@@ -8,10 +8,9 @@ on the chosen device and is rounded once to the output dtype.
 
 from __future__ import annotations
 
-import os
+import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,25 +26,66 @@ __all__ = ["Progress", "write_weights"]
 Progress = Callable[[int], None]  # called with the number of output bytes just written
 
 
-@dataclass
 class _Patches:
-    """TIES positions whose value depends on the global majority sign (see `methods.TiesChunk`)."""
+    """TIES positions whose value depends on the global majority sign (see `methods.TiesChunk`).
 
-    sign_sum: int = 0
-    items: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    With quantised (bf16) task vectors, exact cancellations can number in the millions, so they are
+    spilled to a scratch file as they appear instead of being held in memory: RAM stays one slice.
+    """
 
-    def add(self, tensor: OutputTensor, first_row: int, chunk: TiesChunk, dtype: torch.dtype) -> None:
+    _HEADER = struct.Struct("<iq")  # output tensor index, number of positions
+
+    def __init__(self, scratch: Path, dtype: torch.dtype) -> None:
+        self.path = scratch
+        self.dtype = dtype
+        self.sign_sum = 0
+        self.count = 0
+        self._file = open(scratch, "wb")  # noqa: SIM115 - closed in close()
+
+    def add(self, index: int, tensor: OutputTensor, first_row: int, chunk: TiesChunk) -> None:
         self.sign_sum += chunk.sign_sum
-        if chunk.undecided.numel():
-            offset = first_row * (tensor.numel // tensor.shape[0] if tensor.shape and tensor.shape[0] else 1)
-            self.items.append(
-                (
-                    tensor.name,
-                    (chunk.undecided + offset).cpu(),
-                    chunk.if_negative.to(dtype).cpu(),
-                    chunk.if_zero.to(dtype).cpu(),
+        n = chunk.undecided.numel()
+        if not n:
+            return
+        offset = first_row * (tensor.numel // tensor.shape[0] if tensor.shape and tensor.shape[0] else 1)
+        self._file.write(self._HEADER.pack(index, n))
+        for data in (
+            (chunk.undecided + offset).cpu(),
+            chunk.if_negative.to(self.dtype),
+            chunk.if_zero.to(self.dtype),
+        ):
+            self._file.write(data.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        self.count += n
+
+    def apply(self, plan: MergePlan, files: Mapping[str, ShardWriter]) -> set[str]:
+        """Rewrite the positions written under a +1 majority that turned out -1 (or 0); return the files."""
+        self._file.close()
+        if not self.count or self.sign_sum > 0:
+            return set()
+        where = {name: (w.path, w.data_start + w.offsets[name]) for w in files.values() for name in w.offsets}
+        item = torch.empty(0, dtype=self.dtype).element_size()
+        touched = set()
+        with open(self.path, "rb") as spill:
+            while header := spill.read(self._HEADER.size):
+                index, n = self._HEADER.unpack(header)
+                positions = torch.frombuffer(bytearray(spill.read(8 * n)), dtype=torch.int64)
+                if_negative, if_zero = (
+                    torch.frombuffer(bytearray(spill.read(item * n)), dtype=self.dtype) for _ in range(2)
                 )
-            )
+                path, start = where[plan.tensors[index].name]
+                touched.add(path.name)
+                first, last = int(positions[0]), int(positions[-1])  # ascending within one slice
+                with open(path, "r+b") as out:
+                    out.seek(start + first * item)
+                    span = torch.frombuffer(bytearray(out.read((last - first + 1) * item)), dtype=self.dtype)
+                    span[positions - first] = if_negative if self.sign_sum < 0 else if_zero
+                    out.seek(start + first * item)
+                    out.write(span.view(torch.uint8).numpy().tobytes())
+        return touched
+
+    def close(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
 
 
 class _Inputs:
@@ -132,7 +172,8 @@ def write_weights(
     Returns each written file name with the sha256 of its bytes where it is already known.
     """
     inputs = _Inputs(plan, [folders[id(s)] for s in plan.inputs], device)
-    patches = _Patches()
+    patches = _Patches(directory / ".ties-undecided.tmp", plan.out_dtype)
+    index = {t.name: i for i, t in enumerate(plan.tensors)}
     files: dict[str, ShardWriter] = {}
     try:
         thresholds = _ties_thresholds(plan, inputs) if plan.recipe.method.trims else {}
@@ -144,7 +185,7 @@ def write_weights(
                 for tensor, start, slices in inputs.stream([by_name[name] for name, _ in layout.tensors]):
                     result = _merge_slice(plan, slices, thresholds.get(tensor.name))
                     if isinstance(result, TiesChunk):
-                        patches.add(tensor, start, result, plan.out_dtype)
+                        patches.add(index[tensor.name], tensor, start, result)
                         result = result.values
                     out = result.to(plan.out_dtype).cpu()
                     writer.write(out)
@@ -152,37 +193,14 @@ def write_weights(
             finally:
                 writer.close()
         written: dict[str, str | None] = {file: w.digest.hexdigest() for file, w in files.items()}
-        if patches.items and patches.sign_sum <= 0:
-            written |= dict.fromkeys(_apply_patches(patches, files, plan))  # rewritten: hash them again
+        written |= dict.fromkeys(patches.apply(plan, files))  # rewritten: hash them again
     finally:
         inputs.close()
+        patches.close()
     if len(plan.shards) > 1:
         _write_index(plan, directory)
         written["model.safetensors.index.json"] = None
     return written
-
-
-def _apply_patches(patches: _Patches, files: Mapping[str, ShardWriter], plan: MergePlan) -> set[str]:
-    """Rewrite the TIES positions written under a +1 majority that turned out -1 (or 0); return the files."""
-    where = {
-        name: (writer.path, writer.data_start + writer.offsets[name])
-        for writer in files.values()
-        for name in writer.offsets
-    }
-    item = torch.empty(0, dtype=plan.out_dtype).element_size()
-    touched = set()
-    for name, positions, if_negative, if_zero in patches.items:
-        values = if_negative if patches.sign_sum < 0 else if_zero
-        path, offset = where[name]
-        touched.add(path.name)
-        raw = values.contiguous().view(torch.uint8).reshape(-1, item).numpy()
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            for position, data in zip(positions.tolist(), raw, strict=True):
-                os.pwrite(fd, data.tobytes(), offset + position * item)
-        finally:
-            os.close(fd)
-    return touched
 
 
 def _write_index(plan: MergePlan, directory: Path) -> None:

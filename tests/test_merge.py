@@ -250,6 +250,7 @@ def test_ties_exact_zero_sum_takes_the_negative_majority(make_model, write_recip
     want = ref_ties(base, [a, b], 1.0, 100)
     assert_close(got, want, torch.float32)
     assert got["model.norm.weight"][:4].tolist() == [-2.0, -2.0, -3.0, 8.0]
+    assert not list((tmp_path / "out").glob(".*")), "the spilled undecided positions were left behind"
 
 
 def test_mixed_tied_and_untied_sources_write_a_real_untied_head(pool, write_recipe, tmp_path):
