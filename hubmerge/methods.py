@@ -162,9 +162,11 @@ def ties(
     """Trim each τᵢ to |τᵢ| >= thresholdsᵢ, elect sign(Σ trimmed τ), merge the agreeing entries."""
     import torch  # here, not at module level: `hubmerge validate` reads the registry without loading torch
 
-    task_vectors = torch.stack([m - base for m in models])
-    cut = torch.tensor(thresholds, dtype=task_vectors.dtype).view(-1, *([1] * base.dim()))
-    task_vectors = task_vectors * (task_vectors.abs() >= cut)
+    # In place, one (n, ...) buffer: trimming zeroes the entries below each model's cut-off.
+    task_vectors = torch.empty((len(models), *base.shape), dtype=base.dtype, device=base.device)
+    for row, model, cut in zip(task_vectors, models, thresholds, strict=True):
+        torch.sub(model, base, out=row)
+        row.masked_fill_(row.abs() < cut, 0.0)
     sign = torch.sign(task_vectors.sum(dim=0))
     sign_sum = int(sign.sum(dtype=torch.float64))  # exact for any realistic model size
     zero = sign == 0
