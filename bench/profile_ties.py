@@ -57,17 +57,28 @@ def install() -> None:
     checkpoint.TensorReader.read = timed("TensorReader.read (pread)", checkpoint.TensorReader.read)
     checkpoint.ShardWriter.write = timed("ShardWriter.write", checkpoint.ShardWriter.write)
 
-    original_apply = engine._apply_patches
+    if hasattr(engine, "_apply_patches"):  # engine of 2026-11-29 05:28: patches held in RAM, one pwrite each
+        original_apply = engine._apply_patches
 
-    def apply_patches(patches, files, plan):
-        positions = sum(int(item[1].numel()) for item in patches.items)
-        nbytes = sum(sum(int(t.numel() * t.element_size()) for t in item[1:]) for item in patches.items)
-        print(f"before patches: {memory()}", flush=True)
-        print(f"patches: sign_sum={patches.sign_sum}, {len(patches.items)} chunks, {positions:,} positions, "
-              f"{nbytes / 1e6:.0f} MB held", flush=True)
-        return original_apply(patches, files, plan)
+        def apply_patches(patches, files, plan):
+            positions = sum(int(item[1].numel()) for item in patches.items)
+            nbytes = sum(sum(int(t.numel() * t.element_size()) for t in item[1:]) for item in patches.items)
+            print(f"before patches: {memory()}", flush=True)
+            print(f"patches: sign_sum={patches.sign_sum}, {len(patches.items)} chunks, {positions:,} positions, "
+                  f"{nbytes / 1e6:.0f} MB held", flush=True)
+            return original_apply(patches, files, plan)
 
-    engine._apply_patches = timed("_apply_patches (pwrite per position)", apply_patches)
+        engine._apply_patches = timed("patches: apply", apply_patches)
+    else:  # later engines: patches spilled to a scratch file, `_Patches.apply`
+        original_method = engine._Patches.apply
+
+        def apply_method(self, plan, files):
+            print(f"before patches: {memory()}", flush=True)
+            print(f"patches: sign_sum={self.sign_sum}, {self.count:,} positions spilled", flush=True)
+            return original_method(self, plan, files)
+
+        engine._Patches.apply = timed("patches: apply", apply_method)
+        engine._Patches.add = timed("patches: add (spill)", engine._Patches.add)
 
     original_ties = engine.ties
     stats = {"undecided": 0, "sign_sum": 0}
@@ -122,9 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("recipe", nargs="?", type=Path, default=HERE / "configs" / "hubmerge-ties.toml")
     p.add_argument("--output", type=Path, default=HERE / "work" / "out" / "profile-ties")
     p.add_argument("--no-cprofile", action="store_true")
+    p.add_argument("--chunk-elements", type=int, help="override hubmerge.plan.CHUNK_ELEMENTS for this run")
     p.add_argument("--stats", type=Path, default=HERE / "work" / "ties.pstats")
     args = p.parse_args(argv)
     install()
+    if args.chunk_elements:
+        from hubmerge import plan
+
+        plan.CHUNK_ELEMENTS = args.chunk_elements
+        print(f"CHUNK_ELEMENTS = {args.chunk_elements}", flush=True)
     import hubmerge
 
     start = time.perf_counter()
