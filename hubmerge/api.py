@@ -88,10 +88,10 @@ def _copy_side_files(plan: MergePlan, folders: dict[int, Path], directory: Path)
     (directory / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
     written = ["config.json"]
     tokenizer_folder = folders[id(plan.tokenizer)]
+    # Tokenizer, chat template and generation_config.json all come from the tokenizer source and nowhere
+    # else: mixing a base's generation config with an instruct chat template generates past <|im_end|>.
     for name in TOKENIZER_FILES:
         source_file = tokenizer_folder / name
-        if not source_file.is_file() and name == "generation_config.json":
-            source_file = folders[id(plan.config_source)] / name
         if source_file.is_file():
             shutil.copyfile(source_file, directory / name)
             written.append(name)

@@ -143,11 +143,13 @@ class _Entry:
 
 
 def _entries(plan: MergePlan) -> list[_Entry]:
-    r = plan.recipe
-    entries = [_Entry("base", plan.base, r.base)] if plan.base is not None and r.base is not None else []
-    entries += [_Entry("model", s, ref) for s, ref in zip(plan.models, r.models, strict=True)]
-    if all(e.source is not plan.tokenizer for e in entries):
-        entries.append(_Entry("tokenizer", plan.tokenizer, r.tokenizer_source))
+    """One entry per mention of a source; a tokenizer that is also a base or a model is listed as that."""
+    entries = [_Entry(r.kind, r.source, r.ref) for r in plan.roles if r.kind != "tokenizer"]
+    entries += [
+        _Entry(r.kind, r.source, r.ref)
+        for r in plan.roles
+        if r.kind == "tokenizer" and all(e.source is not r.source for e in entries)
+    ]
     return entries
 
 
@@ -361,7 +363,8 @@ def _source_context(entry: _Entry, root: Path) -> dict[str, Any]:
 
 def _fusionbench(plan: MergePlan, entries: list[_Entry]) -> dict[str, Any] | None:
     r = plan.recipe
-    if r.base is None or r.base.repo_id != _FB_BASE or r.tokenizer_source.repo_id != _FB_BASE:
+    # The tokenizer source does not change a weight, so an instruct tokenizer keeps the reference.
+    if r.base is None or r.base.repo_id != _FB_BASE:
         return None
     ids = [m.repo_id or "" for m in r.models]
     pool = _FB_POOLS.get(frozenset(ids)) if len(set(ids)) == len(ids) else None
@@ -384,6 +387,12 @@ def _fusionbench(plan: MergePlan, entries: list[_Entry]) -> dict[str, Any] | Non
         notes.append(
             "FusionBench's simple average takes config.json from Qwen/Qwen2.5-Math-1.5B; this merge takes it from "
             f"{config_from.ref.repo_id or config_from.role}."
+        )
+    tokenizer = r.tokenizer_source
+    if tokenizer.repo_id != _FB_BASE:
+        notes.append(
+            f"FusionBench saves the base's tokenizer; this merge takes the tokenizer, chat template, generation "
+            f"config and special token ids from {tokenizer.repo_id or tokenizer.text}, which changes no weight."
         )
     return {
         "pool": f"CausalLMPool/{pool}",
@@ -436,9 +445,10 @@ def _card_data(plan: MergePlan, entries: list[_Entry], lic: License) -> ModelCar
     from huggingface_hub import ModelCardData
 
     spec = plan.recipe.card
-    base_model = list(
-        dict.fromkeys(e.ref.repo_id for e in entries if e.role != "tokenizer" and e.ref.repo_id)
-    )
+    # Only the models whose weights went into the merge: for simple_average and linear the base gives
+    # config.json alone, and a tokenizer source gives no weights.
+    merged = ("model", "base") if plan.recipe.method.needs_base else ("model",)
+    base_model = list(dict.fromkeys(e.ref.repo_id for e in entries if e.role in merged and e.ref.repo_id))
     languages: list[str] = []
     for e in entries:
         value = (e.source.card_data or {}).get("language")
@@ -452,7 +462,11 @@ def _card_data(plan: MergePlan, entries: list[_Entry], lic: License) -> ModelCar
         license_name=lic.name,
         license_link=lic.link,
         pipeline_tag="text-generation",
-        tags=["merge", "hubmerge", plan.recipe.method.name, "qwen2.5", *spec.tags],
+        tags=list(
+            dict.fromkeys(
+                ["merge", "hubmerge", plan.recipe.method.name, *(["qwen2.5"] if plan.qwen25 else []), *spec.tags]
+            )
+        ),
         base_model_relation="merge" if base_model else None,
     )
 
@@ -511,6 +525,12 @@ def _context(plan: MergePlan) -> dict[str, Any]:
         ]
     else:
         notes = [f"config.json comes from the {config_from['role']} ({config_from['markdown']})."]
+    tokenizer_from = next(by_entry[id(e)] for e in entries if e.source is plan.tokenizer)
+    notes.append(
+        f"The tokenizer files, chat template, generation_config.json and the special token ids in config.json "
+        f"(bos, eos and pad) come from the tokenizer source, the {tokenizer_from['role']} "
+        f"({tokenizer_from['markdown']})."
+    )
     if plan.config_differences:
         notes.append(
             "These config.json fields differ between the sources: " + "; ".join(plan.config_differences) + "."

@@ -32,6 +32,7 @@ __all__ = [
     "index_folder",
     "numel",
     "read_header",
+    "select_weights",
     "weight_files",
 ]
 
@@ -44,7 +45,28 @@ DTYPES: dict[str, torch.dtype] = {
 SAFETENSORS_NAME = {v: k for k, v in DTYPES.items()}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
 _MAX_HEADER = 100 * 2**20  # the safetensors format's own limit
+# Bytes per element of every dtype the safetensors format knows (its `Dtype` enum).
+_DTYPE_SIZES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "C64": 8,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 
 
 @dataclass(frozen=True)
@@ -69,25 +91,107 @@ class TensorInfo:
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
     """The header dict of a safetensors file and the absolute offset where its data starts."""
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) != 8:
             raise SourceError(f"{path} is not a safetensors file (shorter than 8 bytes); re-download it")
         (length,) = struct.unpack("<Q", raw)
-        if length > _MAX_HEADER:
-            raise SourceError(f"{path} is not a safetensors file (header of {length} bytes); re-download it")
+        if length > min(_MAX_HEADER, size - 8):
+            raise SourceError(
+                f"{path} is not a safetensors file or is truncated (header of {length} bytes in a file of {size}); "
+                "re-download it"
+            )
         try:
             header = json.loads(f.read(length))
         except ValueError:
-            raise SourceError(f"{path} has a corrupt safetensors header; re-download it") from None
+            header = None
+        if not isinstance(header, dict):
+            raise SourceError(f"{path} has a corrupt safetensors header; re-download it")
     return header, 8 + length
 
 
-def header_tensors(header: Mapping[str, Any], file: str) -> dict[str, TensorInfo]:
-    return {
-        name: TensorInfo(name, spec["dtype"], tuple(spec["shape"]), file, tuple(spec["data_offsets"]))
-        for name, spec in header.items()
-        if name != "__metadata__"
-    }
+def _corrupt(where: str, name: str, problem: str) -> SourceError:
+    return SourceError(f"{where}: tensor {name}: {problem}; the file is corrupt or truncated, re-download it")
+
+
+def header_tensors(
+    header: Mapping[str, Any], file: str, where: str, data_size: int, exact: bool = True
+) -> dict[str, TensorInfo]:
+    """The tensors a header describes, checked as the safetensors library checks them.
+
+    Each dtype is known, byte size = shape × dtype size, and the data sections follow each other from 0
+    without gap or overlap up to `data_size` (exactly, or at most when `exact` is False: the Hub gives
+    the file size but not the header's). `where` names the file in messages.
+    """
+    tensors: dict[str, TensorInfo] = {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(spec, dict):
+            raise _corrupt(where, name, "its header entry is not a table")
+        dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+        if dtype not in _DTYPE_SIZES:
+            raise _corrupt(where, name, f"unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise _corrupt(where, name, f"invalid shape {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise _corrupt(where, name, f"invalid data_offsets {offsets!r}")
+        if offsets[1] - offsets[0] != numel(tuple(shape)) * _DTYPE_SIZES[dtype]:
+            raise _corrupt(
+                where,
+                name,
+                f"{offsets[1] - offsets[0]} bytes for shape {shape} of {dtype} "
+                f"({numel(tuple(shape)) * _DTYPE_SIZES[dtype]} expected)",
+            )
+        tensors[name] = TensorInfo(name, dtype, tuple(shape), file, (offsets[0], offsets[1]))
+    end = 0
+    for info in sorted(tensors.values(), key=lambda t: t.offsets):
+        if info.offsets[0] != end:
+            problem = "overlaps the previous tensor" if info.offsets[0] < end else "leaves a gap before it"
+            raise _corrupt(where, info.name, f"data_offsets {list(info.offsets)} {problem}")
+        end = info.offsets[1]
+    if end > data_size or (exact and end != data_size):
+        last = max(tensors.values(), key=lambda t: t.offsets).name if tensors else "(none)"
+        raise _corrupt(where, last, f"the data ends at byte {end} but the file holds {data_size}")
+    return tensors
+
+
+def select_weights(names: Iterable[str], where: str) -> str:
+    """Which file says where the weights are, chosen as transformers chooses: `model.safetensors`, else the
+    index. Raises `SourceError` naming what was found instead (pickles are never loaded)."""
+    names = set(names)
+    if SINGLE_FILE in names:
+        return SINGLE_FILE
+    if INDEX_FILE in names:
+        return INDEX_FILE
+    safetensors, pickles = weight_files(names)
+    if safetensors:
+        raise SourceError(
+            f"{where}: {', '.join(safetensors[:3])} but no {SINGLE_FILE} or {INDEX_FILE}; transformers would not "
+            f"load these weights either: rename a single file to {SINGLE_FILE} or add the index"
+        )
+    if pickles:
+        raise SourceError(
+            f"{where} has only pickle weights ({pickles[0]}); hubmerge never loads pickle files because "
+            "they can run code. Convert them to safetensors (transformers: save_pretrained(safe_serialization=True))"
+        )
+    raise SourceError(f"{where}: no *.safetensors weights")
+
+
+def add_tensors(tensors: dict[str, TensorInfo], found: Mapping[str, TensorInfo], where: str) -> None:
+    """Merge one file's tensors into a checkpoint's; a name stored in two files is ambiguous."""
+    for name, info in found.items():
+        if name in tensors:
+            raise SourceError(
+                f"{where}: tensor {name} is stored in both {tensors[name].file} and {info.file}; the checkpoint "
+                "is inconsistent, re-download it"
+            )
+        tensors[name] = info
 
 
 def weight_files(names: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -105,24 +209,29 @@ def index_folder(folder: Path, label: str) -> dict[str, TensorInfo]:
     if not folder.is_dir():
         raise SourceError(f"{label}: no such folder {folder}")
     names = [p.name for p in folder.iterdir()]
-    files, pickles = weight_files(names)
-    if not files:
-        if pickles:
-            raise SourceError(
-                f"{label} has only pickle weights ({pickles[0]}); hubmerge never loads pickle files because "
-                "they can run code. Convert them to safetensors (transformers: save_pretrained(safe_serialization=True))"
-            )
-        raise SourceError(f"{label}: no *.safetensors weights in {folder}")
-    if INDEX_FILE in names:
-        weight_map: dict[str, str] = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
+    files = [SINGLE_FILE]
+    if select_weights(names, f"{label} ({folder})") == INDEX_FILE:
+        files = index_files(folder / INDEX_FILE, label)
     tensors: dict[str, TensorInfo] = {}
     for file in files:
         path = folder / file
         if not path.is_file():
             raise SourceError(f"{label}: {INDEX_FILE} lists {file}, which is missing from {folder}")
-        tensors.update(header_tensors(read_header(path)[0], file))
+        header, start = read_header(path)
+        add_tensors(tensors, header_tensors(header, file, str(path), path.stat().st_size - start), label)
     return tensors
+
+
+def index_files(path: Path, label: str) -> list[str]:
+    """The shard files a `model.safetensors.index.json` lists."""
+    try:
+        weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise SourceError(f"{label}: {path} is not a valid safetensors index; re-download it") from None
+    if not all(isinstance(f, str) and f and "/" not in f and not f.startswith(".") for f in files):
+        raise SourceError(f"{label}: {path} lists shard names that are not files of the folder")
+    return files
 
 
 class TensorReader:

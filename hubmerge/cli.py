@@ -20,7 +20,7 @@ _EPILOG = """commands:
   hubmerge RECIPE.toml            merge, write the model folder and card, push if [output] repo is set
   hubmerge validate RECIPE...     check recipes (schema and references) without reading weights
   hubmerge plan RECIPE [--json]   resolve sources and print what a merge would do (same as --dry-run)
-  hubmerge card RECIPE [-o FILE]  render the model card alone
+  hubmerge card RECIPE [--file F] render the model card alone
 
 exit codes: 0 ok, 1 other error, 2 recipe, 3 source, 4 incompatible sources, 5 card, 6 publish,
   70 internal error (a bug: please report it), 130 interrupted.
@@ -60,13 +60,24 @@ def _default_summary() -> Path | None:
     return Path(value) if value else None
 
 
+_DESCRIPTIONS = {
+    "validate": "Check recipes (schema, parameters, local folders) without reading weights or the network. "
+    "Every recipe is checked and reported; the exit code is that of the first failure.",
+    "plan": "Resolve the recipe's sources (metadata only) and print what a merge would do: shas, files to "
+    "download, output tensors and bytes, memory and disk estimates, push target.",
+    "card": "Render the model card (README.md) the merge would write, without merging.",
+}
+
+
 def _command_parser(command: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"hubmerge {command}")
+    p = argparse.ArgumentParser(prog=f"hubmerge {command}", description=_DESCRIPTIONS[command])
     if command == "validate":
-        p.add_argument("recipes", type=Path, nargs="+")
+        p.add_argument("recipes", type=Path, nargs="+", help="recipe files (TOML)")
     else:
-        p.add_argument("recipe", type=Path)
-        p.add_argument("--output", type=Path, help="output folder (overrides [output] dir)")
+        p.add_argument("recipe", type=Path, help="the recipe file (TOML)")
+        p.add_argument(
+            "--output", type=Path, help="the merge's output folder, as for a merge (overrides [output] dir)"
+        )
     if command == "plan":
         p.add_argument("--json", action="store_true", help="print the plan as JSON")
         p.add_argument("--lock", type=Path, help="pin sources to this hubmerge.lock.json")
@@ -74,7 +85,7 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
             "--summary", type=Path, default=_default_summary(), help="append a Markdown summary here"
         )
     if command == "card":
-        p.add_argument("-o", "--out", type=Path, help="write the card here instead of stdout")
+        p.add_argument("--file", type=Path, help="write the card to this file instead of stdout")
     return p
 
 
@@ -84,17 +95,31 @@ def _append(path: Path | None, text: str) -> None:
             f.write(text)
 
 
-def _validate(paths: Sequence[Path]) -> int:
+def _validate_one(path: Path) -> None:
     from .errors import SourceError
     from .recipe import load_recipe
 
+    recipe = load_recipe(path)
+    for ref in (recipe.base, *recipe.models, recipe.tokenizer):
+        if ref is not None and ref.path is not None and not ref.path.is_dir():
+            raise SourceError(f"{path}: {ref.text!r} is not a folder ({ref.path})")
+    for warning in recipe.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"ok  {path}  ({recipe.method.name}, {len(recipe.models)} models)")
+
+
+def _validate(paths: Sequence[Path]) -> int:
+    """Check every recipe, one line each; a bad one does not hide the ones after it."""
+    first_failure = 0
     for path in paths:
-        recipe = load_recipe(path)
-        for ref in (recipe.base, *recipe.models, recipe.tokenizer):
-            if ref is not None and ref.path is not None and not ref.path.is_dir():
-                raise SourceError(f"{path}: {ref.text!r} is not a folder ({ref.path})")
-        print(f"ok  {path}  ({recipe.method.name}, {len(recipe.models)} models)")
-    return 0
+        try:
+            _validate_one(path)
+        except HubmergeError as exc:
+            if len(paths) == 1:
+                raise  # the usual one-line error of every command
+            print(f"hubmerge: error: {' '.join(str(exc).split())}", file=sys.stderr)
+            first_failure = first_failure or exc.exit_code
+    return first_failure
 
 
 def _dispatch(argv: Sequence[str]) -> int:
@@ -114,8 +139,8 @@ def _dispatch(argv: Sequence[str]) -> int:
         from .card import render_card
 
         card = render_card(merge_plan)
-        if args.out:
-            args.out.write_text(card)
+        if args.file:
+            args.file.write_text(card)
         else:
             sys.stdout.write(card)
         return 0

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import ShardWriter, TensorReader
+from .checkpoint import ShardWriter, TensorInfo, TensorReader
+from .errors import HubmergeError, SourceError
 from .methods import TiesChunk, linear, simple_average, task_arithmetic, ties, ties_keep_count
 from .plan import MergePlan, OutputTensor
 from .selection import kth_smallest
@@ -95,15 +96,32 @@ class _Inputs:
     GIL, so reading (a copy out of the page cache, or the disk) overlaps the arithmetic.
     """
 
-    def __init__(self, plan: MergePlan, folders: Sequence[Path], device: torch.device) -> None:
-        self.readers = [TensorReader(folder) for folder in folders]
+    def __init__(self, plan: MergePlan, folders: Mapping[int, Path], device: torch.device) -> None:
+        # A source listed twice is one reader, and each of its slices is read once (`_read`).
+        readers = {id(s): TensorReader(folders[id(s)]) for s in plan.inputs}
+        self.readers = [readers[id(s)] for s in plan.inputs]
+        self.labels = [s.label for s in plan.inputs]
+        self.allow_non_finite = plan.recipe.allow_non_finite
         self.dtype = plan.compute_dtype
         self.device = device
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubmerge-read")
 
     def _read(self, tensor: OutputTensor, start: int) -> list[torch.Tensor]:
         span = (start, min(tensor.shape[0], start + tensor.chunk_rows)) if tensor.shape else None
-        return [reader.read(info, span) for reader, info in zip(self.readers, tensor.inputs, strict=True)]
+        read: dict[tuple[int, TensorInfo], torch.Tensor] = {}
+        slices = []
+        for reader, info, label in zip(self.readers, tensor.inputs, self.labels, strict=True):
+            key = (id(reader), info)
+            if key not in read:
+                read[key] = reader.read(info, span)
+                # A NaN or Inf in a source would spread through the merge unnoticed; refuse it by name.
+                if not self.allow_non_finite and not bool(torch.isfinite(read[key]).all()):
+                    raise SourceError(
+                        f"{label}: tensor {info.name} holds NaN or Inf values; fix or replace the source, or set "
+                        "allow_non_finite = true in the recipe to merge it anyway"
+                    )
+            slices.append(read[key])
+        return slices
 
     def stream(
         self, tensors: Sequence[OutputTensor]
@@ -116,7 +134,12 @@ class _Inputs:
         for i, (tensor, start) in enumerate(order):
             raw = pending.result() if pending is not None else self._read(tensor, start)
             pending = self.pool.submit(self._read, *order[i + 1]) if i + 1 < len(order) else None
-            yield tensor, start, [r.to(self.device, non_blocking=True).to(self.dtype) for r in raw]
+            upcast: dict[int, torch.Tensor] = {}  # shared slices stay shared: methods never write inputs
+            yield (
+                tensor,
+                start,
+                [upcast.setdefault(id(r), r.to(self.device, non_blocking=True).to(self.dtype)) for r in raw],
+            )
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -152,7 +175,7 @@ def _merge_slice(
 ) -> torch.Tensor | TiesChunk:
     params = plan.recipe.parameters
     method = plan.recipe.method.name
-    weights = [float(m.ref.params.get("weight", 1.0)) for m in plan.models]
+    weights = [float(r.params.get("weight", 1.0)) for r in plan.model_roles]
     if method == "simple_average":
         return simple_average(slices)
     if method == "linear":
@@ -164,6 +187,21 @@ def _merge_slice(
     return ties(base, models, thresholds, float(params["scaling_factor"]), str(params["merge_func"]))
 
 
+def _check_finite(
+    plan: MergePlan, tensor: OutputTensor, slices: Sequence[torch.Tensor], out: torch.Tensor
+) -> None:
+    """A merge never writes a NaN or Inf that no input had (a weight sum of 0, a float16 overflow)."""
+    if bool(torch.isfinite(out).all()):
+        return
+    if plan.recipe.allow_non_finite and not all(bool(torch.isfinite(s).all()) for s in slices):
+        return  # the recipe accepted non-finite inputs, and this slice has some
+    raise HubmergeError(
+        f"the merged {tensor.name} has NaN or Inf values although its inputs are finite (overflow in "
+        f"{str(plan.out_dtype).removeprefix('torch.')}, or parameters that cancel out); check the method's "
+        "parameters or set dtype = \"float32\""
+    )
+
+
 def write_weights(
     plan: MergePlan, folders: Mapping[int, Path], directory: Path, device: torch.device, progress: Progress
 ) -> dict[str, str | None]:
@@ -171,7 +209,7 @@ def write_weights(
 
     Returns each written file name with the sha256 of its bytes where it is already known.
     """
-    inputs = _Inputs(plan, [folders[id(s)] for s in plan.inputs], device)
+    inputs = _Inputs(plan, folders, device)
     patches = _Patches(directory / ".ties-undecided.tmp", plan.out_dtype)
     index = {t.name: i for i, t in enumerate(plan.tensors)}
     files: dict[str, ShardWriter] = {}
@@ -188,6 +226,7 @@ def write_weights(
                         patches.add(index[tensor.name], tensor, start, result)
                         result = result.values
                     out = result.to(plan.out_dtype).cpu()
+                    _check_finite(plan, tensor, slices, out)
                     writer.write(out)
                     progress(out.numel() * out.element_size())
             finally:

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import __version__
 from .errors import RecipeError
-from .plan import MergePlan
+from .plan import MergePlan, Role
 from .recipe import Recipe
 
 __all__ = ["LOCK_FILE", "RECIPE_COPY", "apply_lock", "file_sha256", "hash_sources", "lock_data"]
@@ -42,15 +42,14 @@ def _labels(recipe: Recipe) -> list[tuple[str, Any]]:
     return pairs
 
 
-def _source_files(plan: MergePlan, folders: Mapping[int, Path]) -> Iterator[tuple[str, Any, Path, str]]:
-    """(role, reference, folder, file) for every file each source contributes."""
-    by_label = {s.label.split(" ")[0]: s for s in (*plan.weight_sources, plan.tokenizer)}
-    for label, ref in _labels(plan.recipe):
-        source = by_label[label]
+def _source_files(plan: MergePlan, folders: Mapping[int, Path]) -> Iterator[tuple[Role, Path, str]]:
+    """(role, folder, file) for every file each mention of a source contributes."""
+    for role in plan.roles:
+        source = role.source
         folder = folders[id(source)]
         for f in source.needed_files(weights=bool(source.tensors), tokenizer=source is plan.tokenizer):
             if (folder / f).is_file():
-                yield label, ref, folder, f
+                yield role, folder, f
 
 
 def hash_sources(plan: MergePlan, folders: Mapping[int, Path]) -> Future[dict[Path, str]]:
@@ -59,13 +58,8 @@ def hash_sources(plan: MergePlan, folders: Mapping[int, Path]) -> Future[dict[Pa
     For local sources that is gigabytes; hashlib releases the GIL, so it overlaps the merge instead of
     adding its time after it.
     """
-    by_label = {s.label.split(" ")[0]: s for s in (*plan.weight_sources, plan.tokenizer)}
     paths = sorted(
-        {
-            folder / f
-            for label, _, folder, f in _source_files(plan, folders)
-            if f not in by_label[label].lfs_sha256
-        }
+        {folder / f for role, folder, f in _source_files(plan, folders) if f not in role.source.lfs_sha256}
     )
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubmerge-hash")
     future = executor.submit(lambda: {p: file_sha256(p) for p in paths})
@@ -81,14 +75,13 @@ def lock_data(
     source_hashes: Mapping[Path, str],
 ) -> dict[str, Any]:
     """The lock document; `output_files` maps each output file to its sha256 when already known."""
-    by_label = {s.label.split(" ")[0]: s for s in (*plan.weight_sources, plan.tokenizer)}
     sources: dict[str, dict[str, Any]] = {}
-    for label, ref, folder, f in _source_files(plan, folders):
-        source = by_label[label]
+    for role, folder, f in _source_files(plan, folders):
+        source, ref = role.source, role.ref
         entry = sources.setdefault(
-            label,
+            role.name,
             {
-                "role": label,
+                "role": role.name,
                 "reference": ref.text,
                 "repo_id": ref.repo_id,
                 "revision": ref.revision,

@@ -12,7 +12,7 @@ import copy
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -22,7 +22,7 @@ from .qwen import Qwen25Size, qwen25_size
 from .recipe import ModelRef, Recipe
 from .sources import Source, cached_files, resolve
 
-__all__ = ["CHUNK_ELEMENTS", "MergePlan", "OutputTensor", "build_plan"]
+__all__ = ["CHUNK_ELEMENTS", "MergePlan", "OutputTensor", "Role", "build_plan"]
 
 EMBED = "model.embed_tokens.weight"
 HEAD = "lm_head.weight"
@@ -46,6 +46,30 @@ _STRUCTURE = (
 
 
 @dataclass(frozen=True)
+class Role:
+    """One mention of a source in the recipe: what it is there for, and its own parameters.
+
+    A source mentioned twice (two weights, or the base also among the models) is resolved, downloaded and
+    read once and shared by reference; each mention keeps its own `Role`, so nothing downstream has to
+    tell mentions apart by the source's label.
+    """
+
+    kind: Literal["base", "model", "tokenizer"]
+    index: int  # position in `models` for a model, 0 otherwise
+    source: Source
+    ref: ModelRef  # as this mention wrote it, with its per-model parameters
+
+    @property
+    def name(self) -> str:
+        """The recipe key of this mention: `base`, `models[1]`, `tokenizer`."""
+        return f"models[{self.index}]" if self.kind == "model" else self.kind
+
+    @property
+    def params(self) -> Mapping[str, Any]:
+        return self.ref.params
+
+
+@dataclass(frozen=True)
 class OutputTensor:
     name: str
     shape: tuple[int, ...]
@@ -63,7 +87,9 @@ class OutputTensor:
 
 @dataclass(frozen=True)
 class Download:
-    source: str  # label
+    role: str  # the first mention of the source, e.g. "models[0]"
+    reference: str  # as the recipe wrote it
+    local: bool  # a local folder: nothing is downloaded
     files: tuple[str, ...]
     bytes: int
     cached_bytes: int
@@ -72,6 +98,7 @@ class Download:
 @dataclass(frozen=True)
 class MergePlan:
     recipe: Recipe
+    roles: tuple[Role, ...]  # every mention in recipe order: base, models, then an explicit tokenizer
     base: Source | None
     models: tuple[Source, ...]
     tokenizer: Source
@@ -96,7 +123,24 @@ class MergePlan:
 
     @property
     def weight_sources(self) -> tuple[Source, ...]:
-        return ((self.base,) if self.base is not None else ()) + self.models
+        """Every source whose weights are read, each once, base first."""
+        unique = {id(s): s for s in ((self.base,) if self.base is not None else ()) + self.models}
+        return tuple(unique.values())
+
+    @property
+    def model_roles(self) -> tuple[Role, ...]:
+        return tuple(r for r in self.roles if r.kind == "model")
+
+    @property
+    def merged_roles(self) -> tuple[Role, ...]:
+        """The mentions whose weights go into the output (the base only for methods that use one)."""
+        return tuple(
+            r for r in self.roles if r.kind == "model" or (r.kind == "base" and self.recipe.method.needs_base)
+        )
+
+    def role_of(self, source: Source) -> Role:
+        """The first mention of `source` (the implicit tokenizer is the base or the first model)."""
+        return next(r for r in self.roles if r.source is source)
 
     @property
     def output_bytes(self) -> int:
@@ -118,7 +162,13 @@ class MergePlan:
 
     @property
     def warnings(self) -> tuple[str, ...]:
-        notes = []
+        notes = list(self.recipe.warnings)
+        notes += [
+            f"{s.label} stores {HEAD} but its config.json ties it to the embedding; as in transformers, the stored "
+            f"{HEAD} is ignored"
+            for s in self.weight_sources
+            if HEAD in s.tensors and not _stores_head(s)
+        ]
         if self.config_differences:
             notes.append(
                 f"config.json is taken from {self.config_source.label}; these fields differ between sources: "
@@ -135,7 +185,8 @@ def _natural_key(name: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _resolve_all(recipe: Recipe) -> tuple[Source | None, tuple[Source, ...], Source]:
+def _resolve_all(recipe: Recipe) -> tuple[Role, ...]:
+    """One `Role` per mention; a source mentioned twice is resolved once and shared by reference."""
     cache: dict[tuple[object, ...], Source] = {}
 
     def get(ref: ModelRef, label: str, weights: bool = True) -> Source:
@@ -144,10 +195,11 @@ def _resolve_all(recipe: Recipe) -> tuple[Source | None, tuple[Source, ...], Sou
             cache[key] = resolve(ref, label, weights)
         return cache[key]
 
-    base = get(recipe.base, "base") if recipe.base is not None else None
-    models = tuple(get(m, f"models[{i}]") for i, m in enumerate(recipe.models))
-    tokenizer = get(recipe.tokenizer, "tokenizer", weights=False) if recipe.tokenizer else (base or models[0])
-    return base, models, tokenizer
+    roles = [Role("base", 0, get(recipe.base, "base"), recipe.base)] if recipe.base is not None else []
+    roles += [Role("model", i, get(m, f"models[{i}]"), m) for i, m in enumerate(recipe.models)]
+    if recipe.tokenizer is not None:
+        roles.append(Role("tokenizer", 0, get(recipe.tokenizer, "tokenizer", weights=False), recipe.tokenizer))
+    return tuple(roles)
 
 
 def _check_compatible(sources: tuple[Source, ...]) -> None:
@@ -178,8 +230,7 @@ def _check_compatible(sources: tuple[Source, ...]) -> None:
                 f"{s.config.get('num_key_value_heads')} attention/KV heads instead of {size.heads}/{size.kv_heads}; "
                 "its config.json does not match its weights' family"
             )
-        stores_head = HEAD in s.tensors
-        if not stores_head and s.config.get("tie_word_embeddings") is False:
+        if HEAD not in s.tensors and s.config.get("tie_word_embeddings") is False:
             raise IncompatibleSourcesError(
                 f"{s.label} stores no {HEAD} but its config.json says tie_word_embeddings=false; the checkpoint is "
                 "incomplete"
@@ -195,30 +246,40 @@ def _check_compatible(sources: tuple[Source, ...]) -> None:
                 f"tensor {name} is in {where.label} but not in {other.label} ({count} tensor names differ); "
                 "these models have different architectures"
             )
-    for name in sorted(names[first.label], key=_natural_key):
+    # lm_head as each source is read (its embedding when tied) passes the same dtype and shape checks.
+    heads = [HEAD] if EMBED in names[first.label] else []
+    for name in [*sorted(names[first.label], key=_natural_key), *heads]:
         for s in sources:
-            info = s.tensors[name]
+            info = _input(s, name)
             if info.dtype not in DTYPES:
                 raise IncompatibleSourcesError(
                     f"{s.label}: tensor {name} has dtype {info.dtype}; hubmerge merges float tensors only"
                 )
-            if info.shape != first.tensors[name].shape:
+            if info.shape != _input(first, name).shape:
                 raise IncompatibleSourcesError(
-                    f"tensor {name} has shape {list(first.tensors[name].shape)} in {first.label} but "
+                    f"tensor {name} has shape {list(_input(first, name).shape)} in {first.label} but "
                     f"{list(info.shape)} in {s.label}; the vocabularies or sizes differ, so these models cannot be merged"
                 )
 
 
-def _config_differences(sources: tuple[Source, ...]) -> tuple[str, ...]:
-    keys = sorted(set().union(*(s.config for s in sources)) - _CONFIG_NOISE)
+def _stores_head(source: Source) -> bool:
+    """Whether transformers reads `lm_head` from the file: a config that ties the head ignores a stored one."""
+    return HEAD in source.tensors and source.config.get("tie_word_embeddings") is not True
+
+
+def _input(source: Source, name: str) -> TensorInfo:
+    """The stored tensor that `name` is read from: a tied model's `lm_head` is its embedding."""
+    return source.tensors[EMBED if name == HEAD and not _stores_head(source) else name]
+
+
+def _config_differences(roles: tuple[Role, ...]) -> tuple[str, ...]:
+    keys = sorted(set().union(*(r.source.config for r in roles)) - _CONFIG_NOISE)
     found = []
     for key in keys:
-        values = [s.config.get(key) for s in sources]
+        values = [r.source.config.get(key) for r in roles]
         if any(v != values[0] for v in values):
             found.append(
-                f"{key} ("
-                + ", ".join(f"{s.label.split(' ')[0]}: {v!r}" for s, v in zip(sources, values, strict=True))
-                + ")"
+                f"{key} (" + ", ".join(f"{r.name}: {v!r}" for r, v in zip(roles, values, strict=True)) + ")"
             )
     return tuple(found)
 
@@ -250,18 +311,21 @@ def _shards(tensors: tuple[OutputTensor, ...], dtype: torch.dtype, max_bytes: in
     )
 
 
-def _downloads(base: Source | None, models: tuple[Source, ...], tokenizer: Source) -> tuple[Download, ...]:
+def _downloads(roles: tuple[Role, ...], tokenizer: Source) -> tuple[Download, ...]:
     result = []
     seen: set[int] = set()
-    for source in ((base,) if base else ()) + models + (tokenizer,):
-        if id(source) in seen:
+    for role in roles:
+        source = role.source
+        if id(source) in seen:  # listed twice, fetched once
             continue
         seen.add(id(source))
         files = source.needed_files(weights=bool(source.tensors), tokenizer=source is tokenizer)
         cached = cached_files(source, files)
         result.append(
             Download(
-                source.label,
+                role.name,
+                role.ref.text,
+                source.ref.is_local,
                 files,
                 sum(source.files.get(f, 0) for f in files),
                 sum(source.files.get(f, 0) for f in files if f in cached),
@@ -270,22 +334,25 @@ def _downloads(base: Source | None, models: tuple[Source, ...], tokenizer: Sourc
     return tuple(result)
 
 
+# config.json fields that belong to the tokenizer: the special token ids generation stops and pads on.
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
 def build_plan(recipe: Recipe) -> MergePlan:
     """Resolve the recipe's sources (metadata only) and decide everything the merge will do."""
-    base, models, tokenizer = _resolve_all(recipe)
-    weight_sources = ((base,) if base is not None else ()) + models
+    roles = _resolve_all(recipe)
+    base = next((r.source for r in roles if r.kind == "base"), None)
+    models = tuple(r.source for r in roles if r.kind == "model")
+    tokenizer = next((r.source for r in roles if r.kind == "tokenizer"), base or models[0])
+    weight_roles = tuple(r for r in roles if r.kind != "tokenizer")
+    weight_sources = tuple({id(r.source): r.source for r in weight_roles}.values())
     _check_compatible(weight_sources)
     inputs = ((base,) if recipe.method.needs_base and base is not None else ()) + models
 
-    heads_stored = [HEAD in s.tensors for s in inputs]
-    tied = not any(heads_stored)
+    tied = not any(_stores_head(s) for s in inputs)
     names = sorted(set(inputs[0].tensors) - {HEAD}, key=_natural_key) + ([] if tied else [HEAD])
     tensors = tuple(
-        OutputTensor(
-            name,
-            inputs[0].tensors[EMBED if name == HEAD and HEAD not in inputs[0].tensors else name].shape,
-            tuple(s.tensors[EMBED if name == HEAD and HEAD not in s.tensors else name] for s in inputs),
-        )
+        OutputTensor(name, _input(inputs[0], name).shape, tuple(_input(s, name) for s in inputs))
         for name in names
     )
     if not tied and any(
@@ -307,8 +374,16 @@ def build_plan(recipe: Recipe) -> MergePlan:
         out_dtype
     ).removeprefix("torch.")
     config["tie_word_embeddings"] = tied
+    # The tokens generation stops on belong with the tokenizer and chat template (an instruct model's
+    # <|im_end|>), so they come from the tokenizer source, as generation_config.json does.
+    for key in _TOKEN_IDS:
+        if key in tokenizer.config:
+            config[key] = copy.deepcopy(tokenizer.config[key])
+        else:
+            config.pop(key, None)
     return MergePlan(
         recipe=recipe,
+        roles=roles,
         base=base,
         models=models,
         tokenizer=tokenizer,
@@ -319,7 +394,9 @@ def build_plan(recipe: Recipe) -> MergePlan:
         shards=_shards(tensors, out_dtype, recipe.output.max_shard_size),
         tie_word_embeddings=tied,
         config=config,
-        config_differences=_config_differences(weight_sources),
+        config_differences=_config_differences(
+            tuple(r for r in weight_roles if r is next(w for w in weight_roles if w.source is r.source))
+        ),
         qwen25=qwen25_size(config_source.config),
-        downloads=_downloads(base, models, tokenizer),
+        downloads=_downloads(roles, tokenizer),
     )

@@ -51,6 +51,9 @@ class ModelRef:
     repo_id: str | None = None
     revision: str | None = None  # as written; resolved to a commit sha by the source stage
     params: Mapping[str, ParamValue] = field(default_factory=dict)
+    # For a Hub id that is also a path under an existing folder next to the recipe (`tiny/mathh`): the
+    # folder it would be, so that a failed Hub lookup can say "no such folder" instead of "cannot reach".
+    near: Path | None = None
 
     @property
     def is_local(self) -> bool:
@@ -97,6 +100,8 @@ class Recipe:
     dtype: str | None
     output: OutputSpec
     card: CardSpec
+    allow_non_finite: bool = False  # merge sources holding NaN or Inf (refused by default)
+    warnings: tuple[str, ...] = ()  # valid, but probably not what the author meant
 
     @property
     def sha256(self) -> str:
@@ -169,7 +174,14 @@ class _Reader:
                 f"{text!r} is neither an existing folder (relative to {self.root}) nor a Hub id like "
                 '"org/name[@revision]"',
             )
-        return ModelRef(text, repo_id=repo_id, revision=at_revision or revision, params=params)
+        near = (self.root / repo_id).resolve()
+        return ModelRef(
+            text,
+            repo_id=repo_id,
+            revision=at_revision or revision,
+            params=params,
+            near=near if "/" in repo_id and near.parent.is_dir() else None,
+        )
 
     def model(self, value: Any, key: str, method: Method, defaults: Mapping[str, ParamValue]) -> ModelRef:
         params = dict(defaults)
@@ -194,6 +206,26 @@ class _Reader:
         return float(value) if p.type is float else value
 
 
+_NOT_YAML = (
+    "this looks like a YAML file (a mergekit config?); hubmerge recipes are TOML: see the README's "
+    '"Recipe reference" section'
+)
+# A YAML mapping line (`key: value`, `- item`) is never valid TOML at the start of a line.
+_YAML_LINE = re.compile(r"^(?:[A-Za-z_][\w.-]*:(?:\s|$)|-\s)")
+
+
+def _syntax_hint(message: str, text: str) -> str:
+    """What a TOML error means for a recipe author, for the mistakes TOML's own message does not explain."""
+    if "Cannot mutate immutable namespace ('models',)" in message:
+        return (
+            "; `models = [...]` and [[models]] tables cannot be mixed: list every model one way (use [[models]] "
+            "tables when one needs a weight or revision)"
+        )
+    if any(_YAML_LINE.match(line) for line in text.splitlines() if line.strip() and not line.startswith("#")):
+        return f"; {_NOT_YAML}"
+    return ""
+
+
 def load_recipe(path: str | Path, output_dir: str | Path | None = None) -> Recipe:
     """Read and validate a recipe file. Raises `RecipeError` with one actionable line."""
     path = Path(path)
@@ -203,6 +235,8 @@ def load_recipe(path: str | Path, output_dir: str | Path | None = None) -> Recip
         raise RecipeError(f"{path}: no such recipe file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{path}: cannot read the recipe ({exc})") from None
+    if path.suffix.lower() in (".yml", ".yaml"):
+        raise RecipeError(f"{path}: {_NOT_YAML}")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -215,13 +249,17 @@ def load_recipe(path: str | Path, output_dir: str | Path | None = None) -> Recip
             (where.group(1), where.group(2)) if where.group(1) else (len(lines), len(lines[-1]) + 1)
         )
         raise RecipeError(
-            f"{path}:{line}:{column}: TOML syntax error: {message[: where.start()].strip()}"
+            f"{path}:{line}:{column}: TOML syntax error: {message[: where.start()].strip()}{_syntax_hint(message, text)}"
         ) from None
     return _build(_Reader(path), data, text, output_dir)
 
 
 def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path | None) -> Recipe:
-    r.check_keys(data, ("method", "base", "models", "dtype", "parameters", "tokenizer", "output", "card"), "")
+    r.check_keys(
+        data,
+        ("method", "base", "models", "dtype", "parameters", "tokenizer", "output", "card", "allow_non_finite"),
+        "",
+    )
     method_name = r.get(data, "method", str, "")
     if method_name is None:
         raise r.fail("method", f"is required; one of {', '.join(METHODS)}")
@@ -249,6 +287,21 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
     if not isinstance(raw_models, list) or not raw_models:
         raise r.fail("models", "must be a non-empty list of model references or [[models]] tables")
     models = tuple(r.model(m, f"models[{i}]", method, model_defaults) for i, m in enumerate(raw_models))
+    weights = [float(m.params["weight"]) for m in models if "weight" in m.params]
+    if method.name == "linear" and sum(weights) == 0:
+        # linear divides by Σ wᵢ: a zero sum would write a model of NaN and Inf.
+        raise r.fail(
+            "models", f"the weights sum to 0 ({' + '.join(map(str, weights))}); linear divides by their sum"
+        )
+    warnings = []
+    if not method.needs_base and len(models) == 1:
+        # Allowed (a re-save of one model in another dtype or with another card), but rarely what is meant.
+        warnings.append(f"{r.path}: models: {method.name} of one model writes a copy of it")
+    if given.get("threshold") == 1:
+        warnings.append(
+            f"{r.path}: parameters.threshold = 1 is read as the fraction 1.0, keeping 100 % of each task vector "
+            "(as FusionBench reads it); for 1 percent write 0.01"
+        )
 
     base = None
     if "base" in data:
@@ -342,4 +395,6 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
         dtype=dtype,
         output=output,
         card=card,
+        allow_non_finite=bool(r.get(data, "allow_non_finite", bool, "")),
+        warnings=tuple(warnings),
     )

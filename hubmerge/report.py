@@ -24,21 +24,25 @@ def plan_json(plan: MergePlan) -> dict[str, Any]:
         "parameters": dict(r.parameters),
         "sources": [
             {
-                "role": s.label.split(" ")[0],
-                "reference": s.ref.text,
-                "repo_id": s.ref.repo_id,
-                "revision": s.ref.revision,
-                "sha": s.sha,
-                "path": str(s.ref.path) if s.ref.path else None,
-                "parameters": dict(s.ref.params),
+                "role": role.name,
+                "reference": role.ref.text,
+                "repo_id": role.ref.repo_id,
+                "revision": role.ref.revision,
+                "sha": role.source.sha,
+                "path": str(role.ref.path) if role.ref.path else None,
+                "parameters": dict(role.params),
             }
-            for s in (
-                *plan.weight_sources,
-                *(() if plan.tokenizer in plan.weight_sources else (plan.tokenizer,)),
-            )
+            for role in plan.roles
         ],
         "downloads": [
-            {"source": d.source, "files": list(d.files), "bytes": d.bytes, "cached_bytes": d.cached_bytes}
+            {
+                "source": d.role,
+                "reference": d.reference,
+                "local": d.local,
+                "files": list(d.files),
+                "bytes": d.bytes,
+                "cached_bytes": d.cached_bytes,
+            }
             for d in plan.downloads
         ],
         "output": {
@@ -72,10 +76,13 @@ def plan_text(plan: MergePlan) -> str:
     for s in data["sources"]:
         pinned = f" @ {s['sha']}" if s["sha"] else ""
         params = f" {s['parameters']}" if s["parameters"] and s["parameters"] != {"weight": 1.0} else ""
-        lines.append(f"{s['role']:<9}{s['repo_id'] or s['path']}{pinned}{params}")
+        lines.append(f"{s['role'] + ' ':<9}{s['repo_id'] or s['path']}{pinned}{params}")  # models[10] too
     for d in data["downloads"]:
+        files = f"{d['source']} ({d['reference']}): {len(d['files'])} files, {_gb(d['bytes'])}"
         lines.append(
-            f"download {d['source']}: {len(d['files'])} files, {_gb(d['bytes'])} ({_gb(d['cached_bytes'])} cached)"
+            f"local    {files} read in place"
+            if d["local"]
+            else f"download {files} ({_gb(d['cached_bytes'])} cached)"
         )
     out = data["output"]
     lines.append(

@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .checkpoint import INDEX_FILE, TensorInfo, header_tensors, index_folder, weight_files
+from .checkpoint import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    TensorInfo,
+    add_tensors,
+    header_tensors,
+    index_folder,
+    select_weights,
+)
 from .errors import SourceError
 from .recipe import ModelRef
 
@@ -59,7 +67,9 @@ class Source:
 
     @property
     def weight_files(self) -> tuple[str, ...]:
-        return tuple(sorted({t.file for t in self.tensors.values()} | ({INDEX_FILE} & set(self.files))))
+        files = {t.file for t in self.tensors.values()}
+        # The index is part of the weights only when it chose them (no model.safetensors beside it).
+        return tuple(sorted(files | ({INDEX_FILE} & set(self.files) if SINGLE_FILE not in files else set())))
 
     def needed_files(self, weights: bool, tokenizer: bool) -> tuple[str, ...]:
         wanted = (
@@ -75,7 +85,16 @@ def resolve(ref: ModelRef, label: str, weights: bool = True) -> Source:
     label = f"{label} ({ref.text})"
     if ref.path is not None:
         return _resolve_local(ref, label, weights)
-    return _resolve_hub(ref, label, weights)
+    try:
+        return _resolve_hub(ref, label, weights)
+    except SourceError:
+        if ref.near is None:
+            raise
+        # `tiny/mathh` next to a `tiny/` folder: a mistyped local folder, not a Hub repo.
+        raise SourceError(
+            f"{label}: no such folder {ref.near} (relative to the recipe's folder), and no Hub repo {ref.repo_id} "
+            "either; prefix local folders with ./"
+        ) from None
 
 
 def _read_json(path: Path, label: str) -> dict[str, Any]:
@@ -239,14 +258,8 @@ def _resolve_hub(ref: ModelRef, label: str, weights: bool) -> Source:
         assert sha is not None
         files = {s.rfilename: s.size or 0 for s in info.siblings or []}
         lfs = {s.rfilename: s.lfs.sha256 for s in info.siblings or [] if s.lfs is not None}
-        safetensors, pickles = weight_files(files)
-        if weights and not safetensors:
-            if pickles:
-                raise SourceError(
-                    f"{label}: {repo_id}@{sha[:12]} has only pickle weights ({pickles[0]}); hubmerge never loads "
-                    "pickle files because they can run code. Pick a revision with *.safetensors weights"
-                )
-            raise SourceError(f"{label}: {repo_id}@{sha[:12]} has no *.safetensors weights")
+        if weights:  # the rule the offline path and transformers apply to the same listing
+            select_weights(files, f"{label}: {repo_id}@{sha[:12]}")
         if "config.json" not in files:
             raise SourceError(
                 f"{label}: {repo_id}@{sha[:12]} has no config.json; is it a transformers model?"
@@ -262,10 +275,12 @@ def _resolve_hub(ref: ModelRef, label: str, weights: bool) -> Source:
             metadata = _retrying(lambda: api.get_safetensors_metadata(repo_id, revision=sha))
             for file, file_metadata in metadata.files_metadata.items():
                 header = {
-                    name: {"dtype": t.dtype, "shape": t.shape, "data_offsets": t.data_offsets}
+                    name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": list(t.data_offsets)}
                     for name, t in file_metadata.tensors.items()
                 }
-                tensors.update(header_tensors(header, file))
+                # The Hub gives the file's size, not its header's: the data must fit in what is left.
+                found = header_tensors(header, file, f"{repo_id}@{sha[:12]}/{file}", files.get(file, 0) - 8, False)
+                add_tensors(tensors, found, label)
     card_data = info.card_data.to_dict() if info.card_data is not None else None  # type: ignore[no-untyped-call]
     return Source(
         ref, label, config, tensors, files, card_data, sha=sha, lfs_sha256=lfs, gated=bool(info.gated)

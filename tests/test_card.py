@@ -601,7 +601,7 @@ def test_usage_snippet_runs_with_transformers(tmp_path: Path, chat: bool) -> Non
 def test_cli_card_command_writes_the_card_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "README.md"
-    assert main(["card", str(EXAMPLES / "tiny-ties.toml"), "-o", str(out)]) == 0
+    assert main(["card", str(EXAMPLES / "tiny-ties.toml"), "--file", str(out)]) == 0
     assert out.read_text() == render_card(api.load_plan(EXAMPLES / "tiny-ties.toml"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
 
