@@ -253,7 +253,7 @@ def test_base_model_lists_hub_ids_and_leaves_local_folders_out(
 def test_local_sources_only_give_no_base_model() -> None:
     metadata = front_matter(render_card(api.load_plan(EXAMPLES / "tiny-ties.toml")))
     assert "base_model" not in metadata and "base_model_relation" not in metadata
-    assert metadata["tags"] == ["merge", "hubmerge", "ties", "qwen2.5"]
+    assert metadata["tags"] == ["merge", "hubmerge", "ties"]  # tiny models have no Qwen2.5 shape
 
 
 # --- licenses ----------------------------------------------------------------------------------------------
@@ -474,7 +474,7 @@ def test_custom_template_relative_to_the_recipe_replaces_the_default(
     )
     assert render_card(plan) == (
         "---\nlibrary_name: transformers\nlicense: apache-2.0\npipeline_tag: text-generation\n"
-        "tags:\n- merge\n- hubmerge\n- task_arithmetic\n- qwen2.5\n---\n# recipe\n\nbase: models/base\n"
+        "tags:\n- merge\n- hubmerge\n- task_arithmetic\n---\n# recipe\n\nbase: models/base\n"
         "model: models/math\n"
     )
 
@@ -547,7 +547,7 @@ def test_card_keys_override_title_and_description_and_add_tags_and_language(
     )
     assert "\n# Math merge\n\nA test merge.\n\n## Merge method\n" in card
     metadata = front_matter(card)
-    assert metadata["tags"] == ["merge", "hubmerge", "task_arithmetic", "qwen2.5", "math"]
+    assert metadata["tags"] == ["merge", "hubmerge", "task_arithmetic", "math"]
     assert metadata["language"] == ["en", "zh", "fr"]
 
 

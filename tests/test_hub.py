@@ -198,14 +198,17 @@ def test_plan_of_seed_recipe_reports_sizes_without_downloading_weights(hub: Loca
     )
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
-    assert [s["sha"] for s in plan["sources"]] == [hub.head(r) for r in POOL]
+    # The base and the three models, then the instruct model again as the tokenizer source (read once).
+    assert [s["sha"] for s in plan["sources"]] == [hub.head(r) for r in POOL] + [hub.head(list(POOL)[-1])]
+    assert [s["role"] for s in plan["sources"]][-1] == "tokenizer" and len(plan["downloads"]) == len(POOL)
     base = next(d for d in plan["downloads"] if d["source"].startswith("base"))
     expected = sum(
         len(data) for name, data in hub.files("Qwen/Qwen2.5-1.5B").items() if name in base["files"]
     )
     config_size = len(hub.files("Qwen/Qwen2.5-1.5B")["config.json"])
     assert base["bytes"] == expected and base["cached_bytes"] == config_size  # config.json was read to plan
-    assert "model.safetensors" in base["files"] and "tokenizer.json" in base["files"]
+    assert "model.safetensors" in base["files"] and "tokenizer.json" not in base["files"]
+    assert "tokenizer.json" in plan["downloads"][-1]["files"]  # from the instruct model
     assert plan["output"]["tensors"] == 26 and plan["output"]["tie_word_embeddings"] is True
     # Headers came through range requests; no weight file was downloaded whole.
     assert hub.bytes_served(lambda p: p.endswith(".safetensors"), include_ranges=False, since=start) == 0
