@@ -337,12 +337,13 @@ class ShardWriter:
         self._pending = self._pool.submit(self._write, view)
         self._written += len(view)
 
-    def close(self) -> None:
+    def close(self, complete: bool = True) -> None:
+        """Finish the file; `complete=False` when the merge stopped early and the file will be discarded."""
         try:
             if self._pending is not None:
                 self._pending.result()
         finally:
             self._pool.shutdown(wait=True)
             self._file.close()
-        if self._written != self.size:
+        if complete and self._written != self.size:
             raise RuntimeError(f"{self.path}: wrote {self._written} of {self.size} bytes")  # an engine bug

@@ -229,8 +229,10 @@ def write_weights(
                     _check_finite(plan, tensor, slices, out)
                     writer.write(out)
                     progress(out.numel() * out.element_size())
-            finally:
-                writer.close()
+            except BaseException:
+                writer.close(complete=False)  # the error that stopped the shard is the one to report
+                raise
+            writer.close()
         written: dict[str, str | None] = {file: w.digest.hexdigest() for file, w in files.items()}
         written |= dict.fromkeys(patches.apply(plan, files))  # rewritten: hash them again
     finally:

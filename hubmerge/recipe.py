@@ -270,6 +270,8 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
     method = METHODS[method_name]
 
     parameters = r.get(data, "parameters", dict, "") or {}
+    if parameters and not method.params + method.model_params:
+        raise r.fail(f"parameters.{next(iter(parameters))}", f"{method.name} takes no parameters")
     r.check_keys(parameters, tuple(p.name for p in method.params + method.model_params), "parameters.")
     given = {
         p.name: r.param(p, parameters[p.name], f"parameters.{p.name}")
