@@ -164,10 +164,10 @@ class MergePlan:
     def warnings(self) -> tuple[str, ...]:
         notes = list(self.recipe.warnings)
         notes += [
-            f"{s.label} stores {HEAD} but its config.json ties it to the embedding; as in transformers, the stored "
-            f"{HEAD} is ignored"
+            f"{s.label} stores {HEAD} although its config.json ties it to the embedding; as transformers does, "
+            f"the stored {HEAD} is read, and the output is untied"
             for s in self.weight_sources
-            if HEAD in s.tensors and not _stores_head(s)
+            if _stores_head(s) and s.config.get("tie_word_embeddings") is True
         ]
         if self.config_differences:
             notes.append(
@@ -263,8 +263,10 @@ def _check_compatible(sources: tuple[Source, ...]) -> None:
 
 
 def _stores_head(source: Source) -> bool:
-    """Whether transformers reads `lm_head` from the file: a config that ties the head ignores a stored one."""
-    return HEAD in source.tensors and source.config.get("tie_word_embeddings") is not True
+    """Whether transformers reads `lm_head` from the file: whenever it is stored. transformers 5 keeps a stored
+    `lm_head` that differs from the embedding even under `tie_word_embeddings: true` (and unties the model);
+    where they are equal, tied or not reads the same values."""
+    return HEAD in source.tensors
 
 
 def _input(source: Source, name: str) -> TensorInfo:
