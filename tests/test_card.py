@@ -250,6 +250,26 @@ def test_base_model_lists_hub_ids_and_leaves_local_folders_out(
     assert "| model | `my-math` | local folder | apache-2.0 |" in card
 
 
+def test_base_model_lists_only_the_models_whose_weights_were_merged(
+    tmp_path: Path, hub_cache: Path, write_recipe: Callable[[str], Path]
+) -> None:
+    # simple_average: the base gives config.json alone; the tokenizer source gives no weight.
+    card = render_card(
+        api.load_plan(
+            write_recipe(
+                'method = "simple_average"\nbase = "Qwen/Qwen2.5-1.5B"\n'
+                'models = ["Qwen/Qwen2.5-Math-1.5B", "Qwen/Qwen2.5-Coder-1.5B"]\n'
+                '[tokenizer]\nsource = "Qwen/Qwen2.5-1.5B-Instruct"\n'
+            )
+        )
+    )
+    metadata = front_matter(card)
+    assert metadata["base_model"] == ["Qwen/Qwen2.5-Math-1.5B", "Qwen/Qwen2.5-Coder-1.5B"]
+    assert metadata["tags"] == ["merge", "hubmerge", "simple_average", "qwen2.5"]  # it has the 1.5B shape
+    assert "| tokenizer | [Qwen/Qwen2.5-1.5B-Instruct](" in card
+    assert "come from the tokenizer source, the tokenizer ([Qwen/Qwen2.5-1.5B-Instruct](" in card
+
+
 def test_local_sources_only_give_no_base_model() -> None:
     metadata = front_matter(render_card(api.load_plan(EXAMPLES / "tiny-ties.toml")))
     assert "base_model" not in metadata and "base_model_relation" not in metadata

@@ -353,3 +353,28 @@ def test_transient_hub_faults_are_retried(hub: LocalHub, tmp_path: Path) -> None
     assert (tmp_path / "out" / "model.safetensors").is_file()
     statuses = [(r.method, r.status) for r in hub.requests if "Qwen/Qwen2.5-1.5B/revision" in r.path]
     assert (("GET", 503) in statuses) and (("GET", 200) in statuses)
+
+
+def test_online_and_offline_resolution_pick_the_same_weight_files(hub: LocalHub, tmp_path: Path) -> None:
+    """A repo with a stray extra *.safetensors beside model.safetensors, fully downloaded to the cache (as
+    `hf download` does): online and offline plans read model.safetensors alone, as transformers does."""
+    if "Qwen/consolidated" not in hub._repos:
+        hub.create_repo("Qwen/consolidated")
+        files = _folder_files(TINY / "math")
+        hub.commit("Qwen/consolidated", files | {"consolidated.safetensors": files["model.safetensors"]}, "up")
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(TA + 'models = ["Qwen/consolidated"]\n')
+    env = hub_env(hub, tmp_path)
+    download = (
+        "from huggingface_hub import snapshot_download\n"
+        "for repo in ('Qwen/consolidated', 'Qwen/Qwen2.5-1.5B'): snapshot_download(repo)"
+    )
+    assert subprocess.run([sys.executable, "-c", download], env=env, check=False).returncode == 0
+    online = run_cli("plan", recipe, "--json", env=env)
+    assert online.returncode == 0, online.stderr
+    offline = run_cli(
+        "plan", recipe, "--json", env=hub_env(hub, tmp_path, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
+    )
+    assert offline.returncode == 0, offline.stderr
+    files = [json.loads(r.stdout)["downloads"][1]["files"] for r in (online, offline)]
+    assert files[0] == files[1] and "model.safetensors" in files[0] and "consolidated.safetensors" not in files[0]
