@@ -115,7 +115,7 @@ class _Inputs:
             if key not in read:
                 read[key] = reader.read(info, span)
                 # A NaN or Inf in a source would spread through the merge unnoticed; refuse it by name.
-                if not self.allow_non_finite and not bool(torch.isfinite(read[key]).all()):
+                if not self.allow_non_finite and not _finite(read[key]):
                     raise SourceError(
                         f"{label}: tensor {info.name} holds NaN or Inf values; fix or replace the source, or set "
                         "allow_non_finite = true in the recipe to merge it anyway"
@@ -187,13 +187,22 @@ def _merge_slice(
     return ties(base, models, thresholds, float(params["scaling_factor"]), str(params["merge_func"]))
 
 
+def _finite(tensor: torch.Tensor) -> bool:
+    """No NaN and no ±Inf. min and max carry both (NaN propagates), and `aminmax` is one pass that is
+    several times cheaper than `isfinite(...).all()` on a CPU slice."""
+    if not tensor.numel():
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def _check_finite(
     plan: MergePlan, tensor: OutputTensor, slices: Sequence[torch.Tensor], out: torch.Tensor
 ) -> None:
     """A merge never writes a NaN or Inf that no input had (a weight sum of 0, a float16 overflow)."""
-    if bool(torch.isfinite(out).all()):
+    if _finite(out):
         return
-    if plan.recipe.allow_non_finite and not all(bool(torch.isfinite(s).all()) for s in slices):
+    if plan.recipe.allow_non_finite and not all(_finite(s) for s in slices):
         return  # the recipe accepted non-finite inputs, and this slice has some
     raise HubmergeError(
         f"the merged {tensor.name} has NaN or Inf values although its inputs are finite (overflow in "
