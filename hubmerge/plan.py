@@ -132,17 +132,6 @@ class MergePlan:
         return tuple(r for r in self.roles if r.kind == "model")
 
     @property
-    def merged_roles(self) -> tuple[Role, ...]:
-        """The mentions whose weights go into the output (the base only for methods that use one)."""
-        return tuple(
-            r for r in self.roles if r.kind == "model" or (r.kind == "base" and self.recipe.method.needs_base)
-        )
-
-    def role_of(self, source: Source) -> Role:
-        """The first mention of `source` (the implicit tokenizer is the base or the first model)."""
-        return next(r for r in self.roles if r.source is source)
-
-    @property
     def output_bytes(self) -> int:
         return sum(s.nbytes for s in self.shards)
 
@@ -274,6 +263,14 @@ def _input(source: Source, name: str) -> TensorInfo:
     return source.tensors[EMBED if name == HEAD and not _stores_head(source) else name]
 
 
+def _first_mentions(roles: tuple[Role, ...]) -> tuple[Role, ...]:
+    """Each source once, named by its first mention."""
+    first: dict[int, Role] = {}
+    for role in roles:
+        first.setdefault(id(role.source), role)
+    return tuple(first.values())
+
+
 def _config_differences(roles: tuple[Role, ...]) -> tuple[str, ...]:
     keys = sorted(set().union(*(r.source.config for r in roles)) - _CONFIG_NOISE)
     found = []
@@ -396,9 +393,7 @@ def build_plan(recipe: Recipe) -> MergePlan:
         shards=_shards(tensors, out_dtype, recipe.output.max_shard_size),
         tie_word_embeddings=tied,
         config=config,
-        config_differences=_config_differences(
-            tuple(r for r in weight_roles if r is next(w for w in weight_roles if w.source is r.source))
-        ),
+        config_differences=_config_differences(_first_mentions(weight_roles)),
         qwen25=qwen25_size(config_source.config),
         downloads=_downloads(roles, tokenizer),
     )
