@@ -87,10 +87,10 @@ def resolve(ref: ModelRef, label: str, weights: bool = True) -> Source:
         return _resolve_local(ref, label, weights)
     try:
         return _resolve_hub(ref, label, weights)
-    except SourceError:
+    except _Unreachable:
         if ref.near is None:
             raise
-        # `tiny/mathh` next to a `tiny/` folder: a mistyped local folder, not a Hub repo.
+        # `tiny/mathh` next to a `tiny/` folder: a mistyped local folder rather than a Hub repo.
         raise SourceError(
             f"{label}: no such folder {ref.near} (relative to the recipe's folder), and no Hub repo {ref.repo_id} "
             "either; prefix local folders with ./"
@@ -138,6 +138,10 @@ def _resolve_local(ref: ModelRef, label: str, weights: bool) -> Source:
     )
 
 
+class _Unreachable(SourceError):
+    """The repo is not on the Hub, or the Hub cannot be asked: what a mistyped local folder ends in."""
+
+
 @contextlib.contextmanager
 def hub_errors(label: str, repo_id: str, revision: str | None) -> Iterator[None]:
     """Translate huggingface_hub's exceptions into one line that says what to do."""
@@ -167,9 +171,7 @@ def hub_errors(label: str, repo_id: str, revision: str | None) -> Iterator[None]
             if os.environ.get("HF_TOKEN")
             else "check the id, or log in (HF_TOKEN or `hf auth login`) if it is private"
         )
-        raise SourceError(
-            f"{label}: repository {repo_id} not found on {constants.ENDPOINT}; {hint}"
-        ) from None
+        raise _Unreachable(f"{label}: repository {repo_id} not found on {constants.ENDPOINT}; {hint}") from None
     except RevisionNotFoundError:
         raise SourceError(
             f"{label}: revision {revision!r} not found in {repo_id}; use a branch, tag or commit sha listed at {url}"
@@ -177,7 +179,7 @@ def hub_errors(label: str, repo_id: str, revision: str | None) -> Iterator[None]
     except RemoteEntryNotFoundError as exc:
         raise SourceError(f"{label}: a file is missing from {repo_id}@{revision}: {exc}") from None
     except (OfflineModeIsEnabled, LocalEntryNotFoundError, IncompleteSnapshotError):
-        raise SourceError(
+        raise _Unreachable(
             f"{label}: cannot reach {constants.ENDPOINT} and {repo_id}@{revision or 'main'} is not in the cache; "
             "check your network, or run once online (unset HF_HUB_OFFLINE)"
         ) from None
@@ -191,10 +193,10 @@ def hub_errors(label: str, repo_id: str, revision: str | None) -> Iterator[None]
             f"{label}: the Hub answered {status} for {repo_id}; try again later ({exc})"
         ) from None
     except OSError as exc:  # connection refused, DNS failure, disk full while caching
-        raise SourceError(f"{label}: cannot reach {constants.ENDPOINT} ({exc}); check your network") from None
+        raise _Unreachable(f"{label}: cannot reach {constants.ENDPOINT} ({exc}); check your network") from None
     except Exception as exc:
         if type(exc).__module__.startswith(("httpx", "httpcore")):
-            raise SourceError(
+            raise _Unreachable(
                 f"{label}: cannot reach {constants.ENDPOINT} ({exc}); check your network"
             ) from None
         raise
