@@ -131,6 +131,7 @@ class _Reader:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.root = path.parent
+        self.warnings: list[str] = []  # valid, but probably not what the author meant
 
     def fail(self, key: str, message: str) -> RecipeError:
         return RecipeError(f"{self.path}: {key}: {message}" if key else f"{self.path}: {message}")
@@ -175,13 +176,13 @@ class _Reader:
                 '"org/name[@revision]"',
             )
         near = (self.root / repo_id).resolve()
-        return ModelRef(
-            text,
-            repo_id=repo_id,
-            revision=at_revision or revision,
-            params=params,
-            near=near if "/" in repo_id and near.parent.is_dir() else None,
+        if "/" not in repo_id or not near.parent.is_dir():
+            return ModelRef(text, repo_id=repo_id, revision=at_revision or revision, params=params)
+        self.warnings.append(
+            f"{self.path}: {key}: {text!r} is read as a Hub id although {near.parent.name}/ is a folder next to "
+            "the recipe; prefix local folders with ./"
         )
+        return ModelRef(text, repo_id=repo_id, revision=at_revision or revision, params=params, near=near)
 
     def model(self, value: Any, key: str, method: Method, defaults: Mapping[str, ParamValue]) -> ModelRef:
         params = dict(defaults)
@@ -295,7 +296,7 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
         raise r.fail(
             "models", f"the weights sum to 0 ({' + '.join(map(str, weights))}); linear divides by their sum"
         )
-    warnings = []
+    warnings = r.warnings
     if not method.needs_base and len(models) == 1:
         # Allowed (a re-save of one model in another dtype or with another card), but rarely what is meant.
         warnings.append(f"{r.path}: models: {method.name} of one model writes a copy of it")

@@ -176,3 +176,14 @@ def test_subcommand_help_describes_the_command(command: str) -> None:
     assert len(description.split()) > 8  # a sentence, not just the usage line
     if command == "card":
         assert "--file FILE" in result.stdout and "--out " not in result.stdout and "-o " not in result.stdout
+
+
+def test_validate_warns_when_a_hub_id_looks_like_a_mistyped_local_folder(tmp_path: Path) -> None:
+    write_checkpoint(tmp_path / "tiny" / "math", random_state_dict(3))
+    recipe = _recipe(tmp_path, 'method = "simple_average"\nmodels = ["./tiny/math", "tiny/mathh"]\n')
+    result = run_cli("validate", recipe)  # validate reads no network: a warning, not an error
+    assert result.returncode == 0
+    assert result.stderr.strip() == (
+        f"warning: {recipe}: models[1]: 'tiny/mathh' is read as a Hub id although tiny/ is a folder next to the "
+        "recipe; prefix local folders with ./"
+    )
