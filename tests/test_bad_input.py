@@ -52,6 +52,12 @@ def _nan(sd: dict[str, torch.Tensor]) -> None:
     sd["model.norm.weight"][3] = float("nan")
 
 
+def _base_inf(folder: Path) -> None:
+    sd = random_state_dict(0)
+    sd["model.layers.1.mlp.up_proj.weight"][5, 7] = float("-inf")
+    write_checkpoint(folder / "base", sd)
+
+
 def _wider_norm(sd: dict[str, torch.Tensor]) -> None:
     sd["model.norm.weight"] = torch.ones(33)
 
@@ -252,6 +258,15 @@ ROWS: list[tuple[str, str, str, Setup, dict[str, str], int, str]] = [
         {},
         3,
         "models[1] (./b): tensor model.norm.weight holds NaN or Inf values",
+    ),
+    (
+        "Inf in the base",
+        "recipe.toml",
+        TIES + 'models = ["./a", "./b"]\n',
+        _base_inf,
+        {},
+        3,
+        "base (./base): tensor model.layers.1.mlp.up_proj.weight holds NaN or Inf values",
     ),
     (
         "truncated safetensors",

@@ -187,3 +187,9 @@ def test_validate_warns_when_a_hub_id_looks_like_a_mistyped_local_folder(tmp_pat
         f"warning: {recipe}: models[1]: 'tiny/mathh' is read as a Hub id although tiny/ is a folder next to the "
         "recipe; prefix local folders with ./"
     )
+
+
+def test_an_average_of_one_model_is_allowed_with_a_warning(tmp_path: Path) -> None:
+    _pool(tmp_path)
+    result = run_cli("validate", _recipe(tmp_path, 'method = "linear"\nmodels = ["./a"]\n'))
+    assert result.returncode == 0 and "models: linear of one model writes a copy of it" in result.stderr
