@@ -135,11 +135,10 @@ class _Inputs:
             raw = pending.result() if pending is not None else self._read(tensor, start)
             pending = self.pool.submit(self._read, *order[i + 1]) if i + 1 < len(order) else None
             upcast: dict[int, torch.Tensor] = {}  # shared slices stay shared: methods never write inputs
-            yield (
-                tensor,
-                start,
-                [upcast.setdefault(id(r), r.to(self.device, non_blocking=True).to(self.dtype)) for r in raw],
-            )
+            for r in raw:
+                if id(r) not in upcast:
+                    upcast[id(r)] = r.to(self.device, non_blocking=True).to(self.dtype)
+            yield tensor, start, [upcast[id(r)] for r in raw]
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
