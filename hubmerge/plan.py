@@ -154,7 +154,7 @@ class MergePlan:
         notes = list(self.recipe.warnings)
         notes += [
             f"{s.label} stores {HEAD} although its config.json ties it to the embedding; as transformers does, "
-            f"the stored {HEAD} is read, and the output is untied"
+            f"the stored {HEAD} is read, and a merge of it is untied"
             for s in self.weight_sources
             if _stores_head(s) and s.config.get("tie_word_embeddings") is True
         ]
