@@ -35,7 +35,7 @@ from .lock import LOCK_FILE
 __all__ = ["abandon", "check_target", "disk_full", "recover", "staged", "swap_in"]
 
 MARKER = ".hubmerge-staging"  # inside a staging folder while its run is alive; the proof that it is ours
-_OLD = "hubmerge-old-"
+_OLD = "old-"  # after the staging prefix: .NAME.hubmerge-old-XXXXXXXX
 
 # Staging folders of this process, so that a signal handler can remove them before exiting at once.
 _running: dict[Path, IO[bytes]] = {}
