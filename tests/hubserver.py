@@ -181,6 +181,7 @@ class _Fault:
     path_contains: str | None
     method: str | None
     cut: bool = False  # answer normally but close the connection halfway through the body
+    whole: bool = False  # only requests without a Range header (a download, not a header probe)
 
 
 @dataclass
@@ -190,6 +191,7 @@ class Hold:
 
     path_contains: str
     method: str | None
+    whole: bool  # only requests without a Range header (a download, not a header probe)
     arrived: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
 
@@ -418,23 +420,27 @@ class LocalHub:
         with self._lock:
             self._faults.append(_Fault(n, None, path_contains, method))
 
-    def cut_next(self, n: int, path_contains: str, method: str | None = None) -> None:
-        """Send the headers and half the body of the next `n` matching answers, then close the connection."""
+    def cut_next(self, n: int, path_contains: str, method: str | None = None, whole: bool = False) -> None:
+        """Send the headers and half the body of the next `n` matching answers, then close the connection;
+        with `whole`, only requests without a Range header match."""
         with self._lock:
-            self._faults.append(_Fault(n, None, path_contains, method, cut=True))
+            self._faults.append(_Fault(n, None, path_contains, method, cut=True, whole=whole))
 
-    def hold_next(self, path_contains: str, method: str | None = None) -> Hold:
-        """Hold the next matching request until the returned `Hold` is released (see `Hold`)."""
-        hold = Hold(path_contains, method)
+    def hold_next(self, path_contains: str, method: str | None = None, whole: bool = False) -> Hold:
+        """Hold the next matching request until the returned `Hold` is released (see `Hold`); with `whole`,
+        only a request without a Range header matches."""
+        hold = Hold(path_contains, method, whole)
         with self._lock:
             self._holds.append(hold)
         return hold
 
-    def _take_hold(self, method: str, target: str) -> Hold | None:
+    def _take_hold(self, method: str, target: str, ranged: bool) -> Hold | None:
         with self._lock:
             for hold in self._holds:
-                if (hold.method in (None, method)) and (
-                    hold.path_contains in target or hold.path_contains in unquote(target)
+                if (
+                    hold.method in (None, method)
+                    and not (hold.whole and ranged)
+                    and (hold.path_contains in target or hold.path_contains in unquote(target))
                 ):
                     self._holds.remove(hold)
                     return hold
@@ -476,6 +482,8 @@ class LocalHub:
     def _take_fault(self, request: _Request) -> _Fault | None:
         for fault in self._faults:
             if fault.method is not None and fault.method != request.method:
+                continue
+            if fault.whole and request.headers.get("Range") is not None:
                 continue
             needle = fault.path_contains
             if needle is None or needle in request.target or needle in unquote(request.target):
@@ -1210,7 +1218,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self) -> None:
         body = self._read_body()
-        hold = self.server.hub._take_hold(self.command, self.path)
+        hold = self.server.hub._take_hold(self.command, self.path, "Range" in self.headers)
         if hold is not None:  # outside the hub's lock: other requests go on while this one waits
             hold.arrived.set()
             hold.release.wait()
