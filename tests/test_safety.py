@@ -355,3 +355,23 @@ def test_a_sentinel_token_appears_in_no_output_of_any_command(hub: LocalHub, poo
     written = [p for p in (pool / "out").rglob("*") if p.is_file()]
     assert len(written) >= 8 and all(sentinel.encode() not in p.read_bytes() for p in written)
     assert all(sentinel.encode() not in data for data in hub.files("user/sentinel").values())
+
+
+def test_job_summary_escapes_markup_from_recipes_and_hub_metadata(tmp_path: Path) -> None:
+    hostile = "m`<img src=x onerror=alert(1)>|[x](javascript:evil)"
+    write_checkpoint(tmp_path / "base", random_state_dict(0))
+    write_checkpoint(tmp_path / hostile, random_state_dict(1), max_position_embeddings=1024)
+    (tmp_path / "base" / "config.json").write_text(
+        json.dumps(json.loads((tmp_path / "base" / "config.json").read_text()) | {"rope_theta": "<b>|`x`</b>"})
+    )
+    recipe = _recipe(tmp_path, f'method = "task_arithmetic"\nbase = "./base"\nmodels = ["./{hostile}"]\n')
+    summary = tmp_path / "summary.md"
+    result = run_cli("plan", recipe, "--summary", summary)
+    assert result.returncode == 0, result.stderr
+    text = summary.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| models[0] |"))
+    assert re.sub(r"\\\|", "", row).count("|") == 5  # four cells: no `|` from the name splits the table
+    assert "m'<img src=x onerror=alert(1)>\\|[x](javascript:evil)` |" in row  # inside a code span: inert
+    warnings = [line for line in text.splitlines() if line.startswith("> warning:")]
+    assert warnings and all("<b>" not in w and "`" not in w.replace("\\`", "") for w in warnings)
+    assert "\\<b\\>" in "".join(warnings)
