@@ -375,3 +375,13 @@ def test_job_summary_escapes_markup_from_recipes_and_hub_metadata(tmp_path: Path
     warnings = [line for line in text.splitlines() if line.startswith("> warning:")]
     assert warnings and all("<b>" not in w and "`" not in w.replace("\\`", "") for w in warnings)
     assert "\\<b\\>" in "".join(warnings)
+
+
+def test_home_folder_is_refused_as_output(pool: Path) -> None:
+    home = pool / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("mine")
+    result = run_cli(_recipe(pool), "--output", home, env={"HOME": str(home)})
+    assert result.returncode == 1
+    assert "or your home folder" in _one_error_line(result.stderr)
+    assert sorted(os.listdir(home)) == [".bashrc"]
