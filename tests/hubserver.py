@@ -42,6 +42,7 @@ import itertools
 import json
 import re
 import secrets
+import sys
 import threading
 import time
 import traceback
@@ -1180,6 +1181,11 @@ class LocalHub:
 class _HubHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     hub: LocalHub
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away (killed mid-download by a test) is expected; anything else is printed."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
