@@ -65,7 +65,13 @@ def output_files(directory: Path) -> dict[str, int] | None:
 
 def _unexpected(directory: Path, listed: dict[str, int]) -> list[str]:
     """What in `directory` the lock does not account for: files added, removed or of another size."""
-    present = {p.relative_to(directory).as_posix(): p for p in directory.rglob("*") if not p.is_dir()}
+    # Links count as files (a linked folder would otherwise hide what is behind it), and so do empty
+    # folders: hubmerge writes neither, so either is the user's.
+    present = {
+        p.relative_to(directory).as_posix(): p
+        for p in directory.rglob("*")
+        if p.is_symlink() or not p.is_dir() or not any(p.iterdir())
+    }
     wrong = sorted(set(present) - set(listed) - {LOCK_FILE, MARKER})
     for name, size in listed.items():
         path = present.get(name)
@@ -85,7 +91,11 @@ def check_target(directory: Path, output_bytes: int) -> None:
             f"{directory} is the current directory, one of its parents, or your home folder: hubmerge "
             "replaces its output folder as a whole; choose a new folder for [output] dir or --output"
         )
-    if target.is_symlink() or (target.exists() and not target.is_dir()):
+    if target.is_symlink():
+        raise HubmergeError(
+            f"{directory} is a symbolic link; give the folder it points to, or another --output"
+        )
+    if target.exists() and not target.is_dir():
         raise HubmergeError(
             f"{directory} is a file, not a folder; choose another [output] dir or --output, or remove it"
         )

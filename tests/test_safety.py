@@ -88,6 +88,10 @@ def test_output_path_that_is_a_file_gets_one_clear_line(pool: Path) -> None:
     assert result.returncode == 1
     assert "taken is a file, not a folder" in _one_error_line(result.stderr)
     assert (pool / "taken").read_text() == "a file"
+    (pool / "link").symlink_to(pool / "base")
+    linked = run_cli(_recipe(pool), "--output", pool / "link")
+    assert linked.returncode == 1 and "link is a symbolic link" in _one_error_line(linked.stderr)
+    assert (pool / "base" / "model.safetensors").is_file()
 
 
 def test_rerun_refuses_files_the_user_added_and_names_them(pool: Path) -> None:
@@ -96,14 +100,18 @@ def test_rerun_refuses_files_the_user_added_and_names_them(pool: Path) -> None:
     (pool / "out" / "eval").mkdir()
     (pool / "out" / "eval" / "scores.json").write_text("{}")
     (pool / "out" / "notes.md").write_text("mine")
+    (pool / "out" / "empty").mkdir()
+    (pool / "out" / "data").symlink_to(pool / "base")
     result = run_cli(recipe, "--output", pool / "out")
     assert result.returncode == 1
     line = _one_error_line(result.stderr)
-    assert "does not list as written by hubmerge (eval/scores.json, notes.md)" in line
+    assert "does not list as written by hubmerge (data, empty, eval/scores.json, notes.md)" in line
     assert (pool / "out" / "notes.md").read_text() == "mine"
     # A file hubmerge wrote but someone changed is not ours to replace either.
-    (pool / "out" / "notes.md").unlink()
-    shutil.rmtree(pool / "out" / "eval")
+    for extra in ("notes.md", "data"):
+        (pool / "out" / extra).unlink()
+    for folder in ("eval", "empty"):
+        shutil.rmtree(pool / "out" / folder)
     with open(pool / "out" / "config.json", "a") as f:
         f.write(" ")
     assert "(config.json)" in _one_error_line(run_cli(recipe, "--output", pool / "out").stderr)
