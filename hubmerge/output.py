@@ -91,10 +91,6 @@ def check_target(directory: Path, output_bytes: int) -> None:
             f"{directory} is the current directory, one of its parents, or your home folder: hubmerge "
             "replaces its output folder as a whole; choose a new folder for [output] dir or --output"
         )
-    if target.is_symlink():
-        raise HubmergeError(
-            f"{directory} is a symbolic link; give the folder it points to, or another --output"
-        )
     if target.exists() and not target.is_dir():
         raise HubmergeError(
             f"{directory} is a file, not a folder; choose another [output] dir or --output, or remove it"
