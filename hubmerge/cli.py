@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 from . import __version__
 from .errors import HubmergeError
@@ -22,8 +28,9 @@ _EPILOG = """commands:
   hubmerge plan RECIPE [--json]   resolve sources and print what a merge would do (same as --dry-run)
   hubmerge card RECIPE [--file F] render the model card alone
 
-exit codes: 0 ok, 1 other error, 2 recipe, 3 source, 4 incompatible sources, 5 card, 6 publish,
-  70 internal error (a bug: please report it), 130 interrupted.
+exit codes: 0 ok, 1 other error (output folder, disk full, lock not reproduced), 2 recipe, 3 source,
+  4 incompatible sources, 5 card, 6 publish, 70 internal error (a bug: please report it),
+  130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 Set HUBMERGE_DEBUG=1 to see tracebacks."""
 
 
@@ -167,25 +174,68 @@ def _dispatch(argv: Sequence[str]) -> int:
     return 0
 
 
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    """Stop now: remove this run's staging folder and exit, without waiting for threads to finish.
+
+    Unwinding would wait for reads, writes, downloads and hashing still running on other threads, which
+    can take minutes on gigabytes; nothing they hold needs more cleanup than a crash does.
+    """
+    name = "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
+
+    def finish() -> None:
+        print(f"hubmerge: {name}; the previous output, if any, was left as it was", file=sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(128 + signum)
+
+    output = sys.modules.get("hubmerge.output")  # not imported yet: no staging folder exists
+    if output is None:
+        finish()
+    else:
+        output.abandon(finish)
+
+
+@contextmanager
+def _cli_process(debug: bool) -> Iterator[None]:
+    """What only the command line does: prompt signals, and no library log lines past our one-line errors."""
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = logging.root.manager.disable
+    try:
+        with warnings.catch_warnings():
+            if not debug:
+                # huggingface_hub and transformers log warnings such as "Repo card metadata block was not
+                # found" that break the one-line error contract; our own warnings go through `log`.
+                warnings.simplefilter("ignore")
+                logging.disable(logging.CRITICAL)
+            yield
+    finally:
+        logging.disable(previous)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("HUBMERGE_DEBUG") not in (None, "", "0")
     try:
-        return _dispatch(argv)
+        with _cli_process(debug):
+            return _dispatch(argv)
     except HubmergeError as exc:
         if debug:
             traceback.print_exc()
         print(f"hubmerge: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("hubmerge: interrupted; no output was left behind", file=sys.stderr)
+    except KeyboardInterrupt:  # only where the handler is not ours (main() called off the main thread)
+        print("hubmerge: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
         if debug:
             raise
         print(
-            f"hubmerge: internal error: {type(exc).__name__}: {exc} (run with HUBMERGE_DEBUG=1 for a traceback and "
-            "please report it)",
+            f"hubmerge: internal error: {type(exc).__name__}: {' '.join(str(exc).split())} (run with "
+            "HUBMERGE_DEBUG=1 for a traceback and please report it)",
             file=sys.stderr,
         )
         return 70

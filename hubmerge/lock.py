@@ -10,20 +10,30 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import RecipeError
+from .errors import HubmergeError, RecipeError
 from .plan import MergePlan, Role
 from .recipe import Recipe
 
-__all__ = ["LOCK_FILE", "RECIPE_COPY", "apply_lock", "file_sha256", "hash_sources", "lock_data"]
+__all__ = [
+    "LOCK_FILE",
+    "RECIPE_COPY",
+    "apply_lock",
+    "check_reproduced",
+    "file_sha256",
+    "hash_sources",
+    "lock_data",
+]
 
 LOCK_FILE = "hubmerge.lock.json"
 RECIPE_COPY = "hubmerge.toml"  # the recipe, as written, beside the weights
+CARD_FILE = "README.md"
 
 
 def file_sha256(path: Path) -> str:
@@ -73,8 +83,11 @@ def lock_data(
     output: Path,
     output_files: Mapping[str, str | None],
     source_hashes: Mapping[Path, str],
+    device: str,
 ) -> dict[str, Any]:
     """The lock document; `output_files` maps each output file to its sha256 when already known."""
+    import torch
+
     sources: dict[str, dict[str, Any]] = {}
     for role, folder, f in _source_files(plan, folders):
         source, ref = role.source, role.ref
@@ -86,7 +99,11 @@ def lock_data(
                 "repo_id": ref.repo_id,
                 "revision": ref.revision,
                 "sha": source.sha,
-                "path": str(ref.path) if ref.path else None,
+                # Relative to the recipe's folder: the lock is published, an absolute path would leak the
+                # machine's layout and mean nothing elsewhere.
+                "path": Path(os.path.relpath(ref.path, plan.recipe.path.parent)).as_posix()
+                if ref.path
+                else None,
                 "files": {},
             },
         )
@@ -94,6 +111,8 @@ def lock_data(
         entry["files"][f] = {"size": (folder / f).stat().st_size, "sha256": sha}
     return {
         "hubmerge_version": __version__,
+        "torch_version": torch.__version__,
+        "device": device,
         "recipe": {"file": plan.recipe.path.name, "sha256": plan.recipe.sha256},
         "method": plan.recipe.method.name,
         "parameters": dict(plan.recipe.parameters),
@@ -135,7 +154,43 @@ def apply_lock(recipe: Recipe, lock_path: Path) -> Recipe:
             pinned[label] = ref
     return dataclasses.replace(
         recipe,
+        # The lock names the recipe as it was first written; the copy beside the output is hubmerge.toml.
+        # Keeping the first name keeps the card's title, the lock and the commit message identical.
+        path=recipe.path.with_name(str(lock["recipe"].get("file") or recipe.path.name)),
         base=pinned.get("base", recipe.base),
         models=tuple(pinned[f"models[{i}]"] for i in range(len(recipe.models))),
         tokenizer=pinned.get("tokenizer", recipe.tokenizer),
+    )
+
+
+def check_reproduced(lock_path: Path, record: Mapping[str, Any]) -> None:
+    """Fail unless `record` (this run's lock) has the output files, byte for byte, that `lock_path` records.
+
+    The card is left out: without an [output] repo its usage snippet names the output folder, which a
+    reproduction is free to choose.
+    """
+    lock = json.loads(lock_path.read_text())
+    expected = {
+        name: entry.get("sha256")
+        for name, entry in lock.get("output", {}).get("files", {}).items()
+        if name != CARD_FILE
+    }
+    actual = {name: e["sha256"] for name, e in record["output"]["files"].items() if name != CARD_FILE}
+    differing = sorted(n for n in expected.keys() | actual.keys() if expected.get(n) != actual.get(n))
+    if not differing:
+        return
+    environment = [
+        f"{key.replace('_version', '')} {lock.get(key, 'unrecorded')} then, {record[key]} now"
+        for key in ("hubmerge_version", "torch_version", "device")
+        if lock.get(key) != record[key]
+    ]
+    sources = [
+        s["role"]
+        for s, r in zip(lock.get("sources", []), record["sources"], strict=False)
+        if s.get("files") != r["files"] or s.get("sha") != r["sha"]
+    ]
+    causes = environment + ([f"sources differ: {', '.join(sources)}"] if sources else [])
+    raise HubmergeError(
+        f"the merge did not reproduce {lock_path}: {', '.join(differing)} differ "
+        f"({'; '.join(causes) or 'same hubmerge, torch, device and sources'}); the previous output was kept"
     )

@@ -6,7 +6,8 @@ everything in memory.
 
 What it implements:
 
-* users and Bearer tokens (`/api/whoami-v2`), organisations as extra writable namespaces;
+* users and Bearer tokens (`/api/whoami-v2`), organisations as extra writable namespaces, and fine-grained
+  tokens whose `repo.write` permission is scoped to namespaces or repos (enforced on writes);
 * model repos with git-like history: branches, tags, pull-request refs (`refs/pr/N`), commits whose files
   are content-addressed blobs; a new repo starts with one commit holding `.gitattributes`, as on the Hub;
 * reads: repo info (`?blobs=true` siblings, `cardData` from the README front matter when PyYAML is
@@ -19,7 +20,9 @@ What it implements:
 * the Hub's access rules as the client sees them: private repos are hidden behind 404 `RepoNotFound`,
   gated repos answer 401 `GatedRepo` to anonymous readers, and every error carries `X-Error-Code` /
   `X-Error-Message`, because on `http://` the client only maps errors from those headers;
-* a request log (with the `Range` header of each request) and fault injection (`fail_next`, `drop_next`).
+* a request log (with the `Range` header of each request) and fault injection: error answers (`fail_next`),
+  connections closed before the answer (`drop_next`) or halfway through its body (`cut_next`), and requests
+  held until the test releases them (`hold_next`).
 
 What it deliberately does not implement:
 
@@ -39,6 +42,7 @@ import itertools
 import json
 import re
 import secrets
+import sys
 import threading
 import time
 import traceback
@@ -162,10 +166,13 @@ class _Repo:
         return self.repo_id.split("/")[0]
 
 
-@dataclass
+@dataclass(frozen=True)
 class _User:
     name: str
     orgs: tuple[str, ...]
+    # A fine-grained token's permissions: entity (a namespace, or a repo id) -> permissions such as
+    # "repo.write". None for a classic write token.
+    scoped: Mapping[str, tuple[str, ...]] | None = None
 
 
 @dataclass
@@ -174,6 +181,20 @@ class _Fault:
     status: int | None  # None: close the connection without answering
     path_contains: str | None
     method: str | None
+    cut: bool = False  # answer normally but close the connection halfway through the body
+    whole: bool = False  # only requests without a Range header (a download, not a header probe)
+
+
+@dataclass
+class Hold:
+    """A request held before it is answered: `arrived` is set when it comes in, and the answer waits
+    for `release`, so a test can act while a client is provably mid-request (a slow Hub, as seen by it)."""
+
+    path_contains: str
+    method: str | None
+    whole: bool  # only requests without a Range header (a download, not a header probe)
+    arrived: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -206,6 +227,7 @@ class _Response:
     status: int = 200
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
+    cut: bool = False  # send half the body, then drop the connection
 
 
 def _json_response(payload: Any, status: int = 200, content_type: str = "application/json") -> _Response:
@@ -221,12 +243,14 @@ class LocalHub:
         self._lock = threading.RLock()
         self._users: dict[str, _User] = {}
         self._tokens: dict[str, str] = {}  # token -> user name
+        self._scopes: dict[str, Mapping[str, tuple[str, ...]]] = {}  # fine-grained token -> its permissions
         self._repos: dict[str, _Repo] = {}
         self._blobs: dict[str, bytes] = {}  # sha256 -> content, shared by all repos like the Hub's LFS store
         # sha256 -> git blob sha1, cached because hashing large blobs on every HEAD is slow.
         self._git_sha1: dict[str, str] = {}
         self._pending_uploads: dict[str, tuple[str, int]] = {}  # capability -> (sha256, size)
         self._faults: list[_Fault] = []
+        self._holds: list[Hold] = []
         self._commit_counter = itertools.count()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -277,6 +301,15 @@ class LocalHub:
         with self._lock:
             self._users[name] = _User(name, tuple(orgs))
             self._tokens[token] = name
+
+    def add_fine_grained_token(self, name: str, token: str, scoped: Mapping[str, Iterable[str]]) -> None:
+        """Give the existing user `name` a fine-grained token: `scoped` maps an entity (the user, one of its
+        orgs, or a repo id) to permissions such as "repo.content.read" and "repo.write"."""
+        with self._lock:
+            if name not in self._users:
+                raise KeyError(f"no user {name!r}")
+            self._tokens[token] = name
+            self._scopes[token] = {entity: tuple(perms) for entity, perms in scoped.items()}
 
     def create_repo(self, repo_id: str, private: bool = False, gated: bool = False) -> str:
         """Create a model repo whose `main` holds one `.gitattributes` commit; returns that commit's sha."""
@@ -388,6 +421,32 @@ class LocalHub:
         with self._lock:
             self._faults.append(_Fault(n, None, path_contains, method))
 
+    def cut_next(self, n: int, path_contains: str, method: str | None = None, whole: bool = False) -> None:
+        """Send the headers and half the body of the next `n` matching answers, then close the connection;
+        with `whole`, only requests without a Range header match."""
+        with self._lock:
+            self._faults.append(_Fault(n, None, path_contains, method, cut=True, whole=whole))
+
+    def hold_next(self, path_contains: str, method: str | None = None, whole: bool = False) -> Hold:
+        """Hold the next matching request until the returned `Hold` is released (see `Hold`); with `whole`,
+        only a request without a Range header matches."""
+        hold = Hold(path_contains, method, whole)
+        with self._lock:
+            self._holds.append(hold)
+        return hold
+
+    def _take_hold(self, method: str, target: str, ranged: bool) -> Hold | None:
+        with self._lock:
+            for hold in self._holds:
+                if (
+                    hold.method in (None, method)
+                    and not (hold.whole and ranged)
+                    and (hold.path_contains in target or hold.path_contains in unquote(target))
+                ):
+                    self._holds.remove(hold)
+                    return hold
+        return None
+
     # ------------------------------------------------------------------ request entry point
 
     def _handle(self, method: str, target: str, headers: Message, body: bytes) -> _Response | None:
@@ -404,7 +463,7 @@ class LocalHub:
         )
         with self._lock:
             fault = self._take_fault(request)
-            if fault is not None and fault.status is None:
+            if fault is not None and fault.status is None and not fault.cut:
                 self._log(request, 0, 0)
                 return None
             try:
@@ -416,12 +475,16 @@ class LocalHub:
             except Exception:
                 self.server_errors.append(traceback.format_exc())
                 response = self._error_response(request, HubError(500, "Internal error in LocalHub"))
+            if fault is not None and fault.cut:
+                response.cut = True
             self._log(request, response.status, 0 if method == "HEAD" else len(response.body))
             return response
 
     def _take_fault(self, request: _Request) -> _Fault | None:
         for fault in self._faults:
             if fault.method is not None and fault.method != request.method:
+                continue
+            if fault.whole and request.headers.get("Range") is not None:
                 continue
             needle = fault.path_contains
             if needle is None or needle in request.target or needle in unquote(request.target):
@@ -510,7 +573,7 @@ class LocalHub:
         name = self._tokens.get(token.strip()) if scheme.lower() == "bearer" else None
         if name is None:
             raise HubError(401, _INVALID_CREDENTIALS)
-        return self._users[name]
+        return replace(self._users[name], scoped=self._scopes.get(token.strip()))
 
     def _required_user(self, req: _Request) -> _User:
         user = self._optional_user(req)
@@ -536,7 +599,7 @@ class LocalHub:
     def _writable_repo(self, req: _Request, repo_id: str) -> tuple[_Repo, _User]:
         user = self._required_user(req)
         repo = self._readable_repo(req, repo_id)
-        if not _can_write(user, repo.namespace):
+        if not _can_write(user, repo.namespace, repo_id):
             raise HubError(403, f"You don't have the rights to write to {repo_id}")
         return repo, user
 
@@ -544,6 +607,31 @@ class LocalHub:
 
     def _whoami(self, req: _Request) -> _Response:
         user = self._required_user(req)
+        token: dict[str, Any] = {"displayName": "test-token", "role": "write"}
+        if user.scoped is not None:
+            token = {
+                "displayName": "test-fine-grained-token",
+                "role": "fineGrained",
+                "fineGrained": {
+                    "canReadGatedRepos": False,
+                    "global": [],
+                    "scoped": [
+                        {
+                            "entity": {
+                                "_id": hashlib.sha1(entity.encode()).hexdigest()[:24],
+                                "type": "model"
+                                if "/" in entity
+                                else "user"
+                                if entity == user.name
+                                else "org",
+                                "name": entity,
+                            },
+                            "permissions": list(permissions),
+                        }
+                        for entity, permissions in user.scoped.items()
+                    ],
+                },
+            }
         return _json_response(
             {
                 "type": "user",
@@ -551,10 +639,7 @@ class LocalHub:
                 "name": user.name,
                 "fullname": user.name,
                 "orgs": [{"type": "org", "name": org, "roleInOrg": "write"} for org in user.orgs],
-                "auth": {
-                    "type": "access_token",
-                    "accessToken": {"displayName": "test-token", "role": "write"},
-                },
+                "auth": {"type": "access_token", "accessToken": token},
             }
         )
 
@@ -1097,6 +1182,11 @@ class _HubHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     hub: LocalHub
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away (killed mid-download by a test) is expected; anything else is printed."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     # HTTP/1.1 so the client's connection pool can keep connections alive; every answer has a Content-Length.
@@ -1134,6 +1224,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self) -> None:
         body = self._read_body()
+        hold = self.server.hub._take_hold(self.command, self.path, "Range" in self.headers)
+        if hold is not None:  # outside the hub's lock: other requests go on while this one waits
+            hold.arrived.set()
+            hold.release.wait()
         response = self.server.hub._handle(self.command, self.path, self.headers, body)
         if response is None:
             self.close_connection = True
@@ -1145,14 +1239,23 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(response.body)))
         self.end_headers()
         if self.command != "HEAD" and response.body:
+            if response.cut:
+                self.wfile.write(response.body[: len(response.body) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                return
             self.wfile.write(response.body)
 
     def log_message(self, format: str, *args: Any) -> None:
         """Silence the per-request stderr lines; `LocalHub.requests` is the log."""
 
 
-def _can_write(user: _User | None, namespace: str) -> bool:
-    return user is not None and (namespace == user.name or namespace in user.orgs)
+def _can_write(user: _User | None, namespace: str, repo_id: str | None = None) -> bool:
+    if user is None or not (namespace == user.name or namespace in user.orgs):
+        return False
+    if user.scoped is None:
+        return True
+    return any("repo.write" in user.scoped.get(entity, ()) for entity in (namespace, repo_id) if entity)
 
 
 def _valid_repo_name(name: str) -> bool:

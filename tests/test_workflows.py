@@ -120,19 +120,36 @@ def test_pull_request_side_of_merge_yml_gets_no_secrets_and_reads_only() -> None
 
 
 def test_merge_job_publishes_from_main_one_run_per_recipe_and_never_on_an_empty_matrix() -> None:
-    merge = yaml.safe_load(MERGE_YML.read_text())["jobs"]["merge"]
-    assert merge["permissions"] == {"contents": "read", "id-token": "write"}
-    assert merge["concurrency"] == {"group": "hubmerge-merge-${{ matrix.recipe }}", "cancel-in-progress": False}
-    assert merge["strategy"]["matrix"] == {"recipe": "${{ fromJSON(needs.recipes.outputs.recipes) }}"}
-    assert "github.ref == 'refs/heads/main'" in merge["if"]
-    assert "needs.recipes.outputs.count != '0'" in merge["if"]  # fromJSON('[]') would fail the run
+    jobs = yaml.safe_load(MERGE_YML.read_text())["jobs"]
+    auth = jobs["auth"]
+    assert "github.ref == 'refs/heads/main'" in auth["if"]
+    assert "needs.recipes.outputs.count != '0'" in auth["if"]  # fromJSON('[]') would fail the run
+    assert auth["permissions"] == {} and "uses" not in yaml.safe_dump(auth["steps"])  # no checkout: no PR code
+    for name, kind in (("merge", "token"), ("merge-oidc", "oidc")):
+        merge = jobs[name]
+        assert merge["needs"] == ["recipes", "auth"] and merge["if"] == f"needs.auth.outputs.kind == '{kind}'"
+        assert merge["concurrency"] == {"group": "hubmerge-merge-${{ matrix.recipe }}", "cancel-in-progress": False}
+        assert merge["strategy"]["matrix"] == {"recipe": "${{ fromJSON(needs.recipes.outputs.recipes) }}"}
+    # Only the job that runs without a token secret may mint an OIDC token, and it never sees the secret.
+    assert jobs["merge"]["permissions"] == {"contents": "read"}
+    assert jobs["merge-oidc"]["permissions"] == {"contents": "read", "id-token": "write"}
+    assert "secrets." not in yaml.safe_dump(jobs["merge-oidc"])
+    assert [n for n, job in jobs.items() if "id-token" in job.get("permissions", {})] == ["merge-oidc"]
+
+
+@pytest.mark.parametrize(("secret", "kind"), [(TOKEN, "token"), ("", "oidc")])
+def test_auth_job_picks_the_token_job_only_when_the_secret_is_set(tmp_path: Path, secret: str, kind: str) -> None:
+    job = Job(MERGE_YML, "auth", tmp_path, {"secrets": {"HF_TOKEN": secret}}, _runner_env())
+    assert job.run() == 0
+    assert job.contexts["steps"]["kind"]["outputs"] == {"kind": kind}
+    assert secret == "" or secret not in job.log("Token or trusted publishing")
 
 
 def test_no_run_step_expands_expressions_and_no_checkout_keeps_credentials() -> None:
     steps = [step for path in [*_workflow_files(), ACTION_YML] for step in _steps(path)]
     runs = [step["run"] for step in steps if "run" in step]
     checkouts = [step for step in steps if step.get("uses", "").startswith("actions/checkout@")]
-    assert len(runs) == 14 and len(checkouts) == 5
+    assert len(runs) == 18 and len(checkouts) == 6
     assert [run for run in runs if "${{" in run] == []
     assert all(step["with"]["persist-credentials"] is False for step in checkouts)
 
@@ -443,7 +460,7 @@ def test_merge_without_hf_token_uses_trusted_publishing_for_the_output_repo(hub:
     recipe = "recipes/tiny-ties.toml"
     _write(workspace, {recipe: _hub_recipe("tiny-ties.toml", "user/oidc-target")})
     start = len(hub.requests)
-    job = Job(MERGE_YML, "merge", workspace, {"matrix": {"recipe": recipe}, "secrets": {}}, _step_env(hub, tmp_path))
+    job = Job(MERGE_YML, "merge-oidc", workspace, {"matrix": {"recipe": recipe}}, _step_env(hub, tmp_path))
     assert job.run() != 0
     log = job.log("Merge and push")
     assert "No HF_TOKEN: pushing to user/oidc-target with Hugging Face trusted publishing (OIDC)" in log

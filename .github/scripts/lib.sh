@@ -18,6 +18,7 @@ exit_meaning() {
     6) echo "publish error" ;;
     70) echo "internal error" ;;
     130) echo "interrupted" ;;
+    143) echo "terminated" ;;
     *) echo "failed" ;;
   esac
 }
