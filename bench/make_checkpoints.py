@@ -1,4 +1,4 @@
-"""Deterministic Qwen2.5-1.5B-shaped checkpoints for the hubmerge vs mergekit benchmark.
+"""Deterministic Qwen2.5-shaped (0.5B or 1.5B) checkpoints for the hubmerge benchmark.
 
 Writes base + 3 "fine-tunes" (base + small per-tensor Gaussian noise, one seed per model) to
 bench/work/models/{base,math,coder,instruct}: a single bf16 `model.safetensors` of ~3.09 GB each
@@ -11,7 +11,7 @@ shapes first), so only one tensor (at most the 151936 x 1536 embedding, ~0.9 GB 
 at a time. Every tensor is drawn from its own seeded generator, so a fine-tune regenerates its base
 tensor instead of reading the base file, and reruns produce byte-identical files.
 
-    /work/venv/bin/python bench/make_checkpoints.py [--out bench/work/models] [--only base,math]
+    python bench/make_checkpoints.py [--shape 0.5b|1.5b] [--out bench/work/models] [--only base,math]
 """
 
 from __future__ import annotations
@@ -30,17 +30,29 @@ import torch
 HERE = Path(__file__).resolve().parent
 TINY = HERE.parent / "recipes" / "examples" / "tiny" / "base"
 
-HIDDEN = 1536
-LAYERS = 28
-HEADS = 12
-KV_HEADS = 2
-HEAD_DIM = HIDDEN // HEADS  # 128
-KV = KV_HEADS * HEAD_DIM  # 256
-INTERMEDIATE = 8960
+# The published Qwen2.5 shapes (hidden, layers, heads, kv heads, intermediate); vocab 151936, tied embeddings.
+SHAPES = {"0.5b": (896, 24, 14, 2, 4864), "1.5b": (1536, 28, 12, 2, 8960)}
 VOCAB = 151936
+HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE = SHAPES["1.5b"]
+KV = KV_HEADS * (HIDDEN // HEADS)
 
-# name -> seed offset of each model; base has no noise.
-MODELS = {"base": 0, "math": 1, "coder": 2, "instruct": 3}
+# name -> seed offset of each model; base has no noise. The first three are the 3-model workload.
+MODELS = {"base": 0, "math": 1, "coder": 2, "instruct": 3, "chat": 4, "tools": 5}
+
+
+def set_shape(shape: str) -> None:
+    """Switch the module's shape constants (and so every generated tensor) to a published Qwen2.5 size."""
+    global HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, KV
+    HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE = SHAPES[shape]
+    KV = KV_HEADS * (HIDDEN // HEADS)
+    CONFIG.update(
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        max_window_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        intermediate_size=INTERMEDIATE,
+    )
 
 # Like the real Qwen/Qwen2.5-1.5B config.json (transformers 4.x style keys, as published on the Hub).
 CONFIG = {
@@ -194,16 +206,18 @@ def verify(out: Path, model: str) -> None:
         keys = set(f.keys())
         assert keys == set(specs), "tensor names differ"
         assert "lm_head.weight" not in keys
-        for name in ("model.norm.weight", "model.layers.3.self_attn.k_proj.bias", "model.layers.27.self_attn.v_proj.weight"):
+        for name in ("model.norm.weight", "model.layers.3.self_attn.k_proj.bias", f"model.layers.{LAYERS - 1}.self_attn.v_proj.weight"):
             assert torch.equal(f.get_tensor(name), model_tensor(model, name, specs[name])), name
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=HERE / "work" / "models")
-    p.add_argument("--only", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
+    p.add_argument("--only", default="base,math,coder,instruct", help="comma-separated subset of " + ",".join(MODELS))
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1.5b", help="Qwen2.5 size to imitate")
     p.add_argument("--force", action="store_true", help="rewrite models that already exist")
     args = p.parse_args(argv)
+    set_shape(args.shape)
     total = 0
     for _, shape in tensor_specs():
         k = 1

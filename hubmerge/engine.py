@@ -19,7 +19,7 @@ from . import __version__
 from .checkpoint import ShardWriter, TensorReader
 from .methods import TiesChunk, linear, simple_average, task_arithmetic, ties, ties_keep_count
 from .plan import MergePlan, OutputTensor
-from .selection import kth_smallest
+from .selection import bracket, kth_smallest
 
 __all__ = ["Progress", "write_weights"]
 
@@ -102,8 +102,15 @@ class _Inputs:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubmerge-read")
 
     def _read(self, tensor: OutputTensor, start: int) -> list[torch.Tensor]:
-        span = (start, min(tensor.shape[0], start + tensor.chunk_rows)) if tensor.shape else None
+        return self.rows(tensor, start, start + tensor.chunk_rows)
+
+    def rows(self, tensor: OutputTensor, start: int, stop: int) -> list[torch.Tensor]:
+        """Rows [start, stop) of `tensor` (all of a 0-d tensor) from every input, in their stored dtype."""
+        span = (start, min(tensor.shape[0], stop)) if tensor.shape else None
         return [reader.read(info, span) for reader, info in zip(self.readers, tensor.inputs, strict=True)]
+
+    def upcast(self, raw: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [r.to(self.device, non_blocking=True).to(self.dtype) for r in raw]
 
     def stream(
         self, tensors: Sequence[OutputTensor]
@@ -116,7 +123,7 @@ class _Inputs:
         for i, (tensor, start) in enumerate(order):
             raw = pending.result() if pending is not None else self._read(tensor, start)
             pending = self.pool.submit(self._read, *order[i + 1]) if i + 1 < len(order) else None
-            yield tensor, start, [r.to(self.device, non_blocking=True).to(self.dtype) for r in raw]
+            yield tensor, start, self.upcast(raw)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -124,26 +131,59 @@ class _Inputs:
             reader.close()
 
 
-def _magnitudes(inputs: _Inputs, tensors: Sequence[OutputTensor]) -> Callable[[], Iterator[torch.Tensor]]:
+def _magnitudes(slices: list[torch.Tensor]) -> torch.Tensor:
+    """|τᵢ| of one slice, one flat float32 row per model, on the CPU (where the selection counts)."""
+    base, *models = slices
+    out = torch.empty((len(models), base.numel()), dtype=base.dtype, device=base.device)
+    for row, model in zip(out, models, strict=True):
+        torch.sub(model.flatten(), base.flatten(), out=row).abs_()
+    return out.to("cpu", torch.float32)
+
+
+def _streamed(inputs: _Inputs, tensors: Sequence[OutputTensor]) -> Callable[[], Iterator[torch.Tensor]]:
     def chunks() -> Iterator[torch.Tensor]:
-        for _, _, (base, *models) in inputs.stream(tensors):
-            yield torch.stack([(m - base).abs_().flatten() for m in models]).to("cpu", torch.float32)
+        for _, _, slices in inputs.stream(tensors):
+            yield _magnitudes(slices)
 
     return chunks
+
+
+_SAMPLE = 1 << 21  # magnitudes per model in the sample that brackets a cut-off (8 MiB of float32)
+_SAMPLE_BLOCKS = 8  # row blocks per tensor, spread over it, so no one region of a tensor speaks for all
+
+
+def _sample(inputs: _Inputs, tensors: Sequence[OutputTensor], total: int) -> torch.Tensor:
+    """|τᵢ| of about `_SAMPLE` entries per model, a share of every tensor in proportion to its size."""
+    fraction = min(1.0, _SAMPLE / max(total, 1))
+    parts = []
+    for tensor in tensors:
+        rows = tensor.shape[0] if tensor.shape else 1
+        take = max(1, round(rows * fraction))
+        blocks = min(_SAMPLE_BLOCKS, take)
+        length = -(-take // blocks)
+        for j in range(blocks):
+            start = j * rows // blocks
+            parts.append(_magnitudes(inputs.upcast(inputs.rows(tensor, start, start + length))))
+    return torch.cat(parts, dim=1)
+
+
+def _cut_offs(inputs: _Inputs, tensors: Sequence[OutputTensor], rank: int, total: int) -> list[float]:
+    """Each model's rank-th smallest |τ| over `tensors`: bracketed from a sample, then counted exactly."""
+    ranks = [rank] * (len(tensors[0].inputs) - 1)
+    brackets = bracket(_sample(inputs, tensors, total), ranks, total)
+    return kth_smallest(_streamed(inputs, tensors), ranks, brackets)
 
 
 def _ties_thresholds(plan: MergePlan, inputs: _Inputs) -> dict[str, list[float]]:
     """Per output tensor, each model's magnitude cut-off: over the whole model, or per tensor."""
     threshold = float(plan.recipe.parameters["threshold"])
-    n = len(plan.models)
     if plan.recipe.parameters["trim"] == "global":
         # d counts every merged parameter once: a tied embedding is one tensor here, not two.
-        rank = ties_keep_count(plan.parameter_count, threshold)
-        cut = kth_smallest(_magnitudes(inputs, plan.tensors), [rank] * n)
+        total = plan.parameter_count
+        cut = _cut_offs(inputs, plan.tensors, ties_keep_count(total, threshold), total)
         return {t.name: cut for t in plan.tensors}
     return {
-        t.name: kth_smallest(_magnitudes(inputs, [t]), [ties_keep_count(t.numel, threshold)] * n)
-        for t in plan.tensors
+        t.name: _cut_offs(inputs, [t], ties_keep_count(t.numel, threshold), t.numel) for t in plan.tensors
     }
 
 

@@ -152,6 +152,27 @@ def _disjoint_merge(task_vectors: Tensor, sign: Tensor, merge_func: str) -> Tens
     return selected.abs().amax(dim=0) * sign  # "max"
 
 
+def _elected_sum(task_vectors: Tensor, total: Tensor) -> tuple[Tensor, Tensor]:
+    """`_disjoint_merge(task_vectors, sign(total) with 0 -> +1, "sum")`, bit for bit, in fewer passes.
+
+    Also returns Σ max(τᵢ, 0), which is > 0 exactly where some τᵢ is.
+
+    The agreeing entries of a +1 position are the positive τᵢ, of a -1 position the negative ones, so the
+    two candidate sums are Σ max(τᵢ, 0) and Σ min(τᵢ, 0) in model order. Adding the zeros that stand for
+    the disagreeing entries changes no bit of a sum that is used: `tests/test_merge.py` holds both forms
+    to FusionBench's formula.
+    """
+    import torch
+
+    positive = task_vectors[0].clamp(min=0)
+    negative = task_vectors[0].clamp(max=0)
+    scratch = torch.empty_like(positive)
+    for row in task_vectors[1:]:
+        positive += torch.clamp(row, min=0, out=scratch)
+        negative += torch.clamp(row, max=0, out=scratch)
+    return torch.where(total < 0, negative, positive), positive
+
+
 def ties(
     base: Tensor,
     models: Sequence[Tensor],
@@ -164,14 +185,23 @@ def ties(
 
     # In place, one (n, ...) buffer: trimming zeroes the entries below each model's cut-off.
     task_vectors = torch.empty((len(models), *base.shape), dtype=base.dtype, device=base.device)
+    magnitude = torch.empty_like(base)
     for row, model, cut in zip(task_vectors, models, thresholds, strict=True):
         torch.sub(model, base, out=row)
-        row.masked_fill_(row.abs() < cut, 0.0)
-    sign = torch.sign(task_vectors.sum(dim=0))
-    sign_sum = int(sign.sum(dtype=torch.float64))  # exact for any realistic model size
-    zero = sign == 0
-    undecided = (zero & (task_vectors != 0).any(dim=0)).flatten().nonzero().flatten()
-    values = base + scaling_factor * _disjoint_merge(task_vectors, torch.where(zero, 1.0, sign), merge_func)
+        row.masked_fill_(torch.abs(row, out=magnitude) < cut, 0.0)
+    total = task_vectors.sum(dim=0)
+    # sign(total) summed, without materialising the sign: exact for any realistic model size.
+    sign_sum = int(torch.count_nonzero(total > 0)) - int(torch.count_nonzero(total < 0))
+    if merge_func == "sum":
+        merged, positive = _elected_sum(task_vectors, total)
+        # Σ trimmed τ is 0 while some τᵢ is not exactly where both signs occur, i.e. some τᵢ > 0.
+        undecided = ((total == 0) & (positive > 0)).flatten().nonzero().flatten()
+    else:
+        sign = torch.sign(total)
+        zero = sign == 0
+        undecided = (zero & (task_vectors != 0).any(dim=0)).flatten().nonzero().flatten()
+        merged = _disjoint_merge(task_vectors, torch.where(zero, 1.0, sign), merge_func)
+    values = merged.mul_(scaling_factor).add_(base)  # base + λ·merged, rounded as written
     if undecided.numel():
         tv = task_vectors.flatten(1)[:, undecided]
         b = base.flatten()[undecided]
