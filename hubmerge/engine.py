@@ -110,7 +110,13 @@ class _Inputs:
         return [reader.read(info, span) for reader, info in zip(self.readers, tensor.inputs, strict=True)]
 
     def upcast(self, raw: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [r.to(self.device, non_blocking=True).to(self.dtype) for r in raw]
+        """The slices on the compute device; the first one (base, or the first model) in the compute dtype.
+
+        The others keep their stored dtype: the methods pair each with a compute-dtype tensor, so type
+        promotion does the exact upcast inside the arithmetic instead of in a copy (see `methods`).
+        """
+        first, *rest = (r.to(self.device, non_blocking=True) for r in raw)
+        return [first.to(self.dtype), *rest]
 
     def stream(
         self, tensors: Sequence[OutputTensor]

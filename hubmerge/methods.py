@@ -1,8 +1,10 @@
 """Merge methods: the math, in one place, as pure functions of float32 tensors.
 
-Each method sees one chunk of one tensor at a time: `base` (or None) and the models' chunks, already
-upcast to float32 (float64 stays float64) by the engine, which owns reading, dtypes, chunking and
-devices. A method never reads files. The registry at the bottom declares each method's parameters,
+Each method sees one chunk of one tensor at a time: `base` (or None) and the models' chunks. The first
+of them (`base`, else the first model) arrives upcast to float32 (float64 stays float64) by the engine,
+which owns reading, dtypes, chunking and devices; the others may stay in their stored dtype (bf16, f16):
+every operation below pairs them with a float32 tensor, so type promotion computes exactly what upcast
+copies would, without writing and re-reading those copies. A method never reads files. The registry at the bottom declares each method's parameters,
 so a recipe is validated before any weight is read.
 
 Formulas (θ: parameters, τᵢ = θᵢ − θ_base: task vectors, λ: scaling_factor):
@@ -92,24 +94,33 @@ def simple_average(models: Sequence[Tensor]) -> Tensor:
     total = models[0].clone()
     for m in models[1:]:
         total += m
-    return total / len(models)
+    return total.div_(len(models))
 
 
 def linear(models: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    import torch
+
     total = models[0] * weights[0]
+    scratch = torch.empty_like(total)
     for m, w in zip(models[1:], weights[1:], strict=True):
-        total += m * w
-    return total / sum(weights)
+        total += scratch.copy_(m).mul_(w)  # m · w rounded in float32, as for an upcast m
+    return total.div_(sum(weights))
 
 
 def task_arithmetic(
     base: Tensor, models: Sequence[Tensor], weights: Sequence[float], scaling_factor: float
 ) -> Tensor:
+    import torch
+
     # Deltas accumulate one after another, then scale, then add: FusionBench's order of operations.
-    task_vector = (models[0] - base) * weights[0] if weights[0] != 1.0 else models[0] - base
+    task_vector = models[0] - base
+    if weights[0] != 1.0:
+        task_vector.mul_(weights[0])
+    scratch = torch.empty_like(task_vector)
     for m, w in zip(models[1:], weights[1:], strict=True):
-        task_vector += (m - base) * w if w != 1.0 else m - base
-    return base + scaling_factor * task_vector
+        torch.sub(m, base, out=scratch)
+        task_vector += scratch.mul_(w) if w != 1.0 else scratch
+    return task_vector.mul_(scaling_factor).add_(base)  # base + λ·τ, rounded as written
 
 
 def ties_keep_count(numel: int, threshold: float) -> int:
