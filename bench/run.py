@@ -91,7 +91,16 @@ def make_models(shape: str, count: int) -> Path:
     folder = WORK / f"models-{shape}"
     names = ",".join(("base", *FINE_TUNES[:count]))
     subprocess.run(
-        [sys.executable, str(HERE / "make_checkpoints.py"), "--shape", shape, "--out", str(folder), "--only", names],
+        [
+            sys.executable,
+            str(HERE / "make_checkpoints.py"),
+            "--shape",
+            shape,
+            "--out",
+            str(folder),
+            "--only",
+            names,
+        ],
         check=True,
     )
     return folder
@@ -147,12 +156,20 @@ def version_of(python: Path, *packages: str) -> str:
 
 def machine() -> dict[str, str]:
     cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line),
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
         platform.processor(),
     )
     mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
-    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "hubmerge"], capture_output=True, text=True)
+    git = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "hubmerge"], capture_output=True, text=True
+    )
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cpu": f"{os.cpu_count()} × {cpu}",
@@ -206,14 +223,32 @@ def main(argv: list[str] | None = None) -> int:
                     size = inputs[0].stat().st_size  # the output has the inputs' layout and dtype
                     target = out / name
                     runs: dict[str, list[Run]] = {"floor": [], "hubmerge": [], "mergekit": []}
-                    print(f"== {name}: {len(inputs)} inputs, {sum(i.stat().st_size for i in inputs) / 1e9:.2f} GB", flush=True)
+                    print(
+                        f"== {name}: {len(inputs)} inputs, {sum(i.stat().st_size for i in inputs) / 1e9:.2f} GB",
+                        flush=True,
+                    )
                     for i in range(args.repeats):
                         warm(inputs)
-                        floor = [sys.executable, "-c", FLOOR, str(out / "floor.bin"), str(size), *map(str, inputs)]
+                        floor = [
+                            sys.executable,
+                            "-c",
+                            FLOOR,
+                            str(out / "floor.bin"),
+                            str(size),
+                            *map(str, inputs),
+                        ]
                         runs["floor"].append(measure("floor", floor, ROOT, log))
                         shutil.rmtree(target, ignore_errors=True)
                         warm(inputs)
-                        command = [sys.executable, "-m", "hubmerge.cli", str(recipe), "--output", str(target), "-q"]
+                        command = [
+                            sys.executable,
+                            "-m",
+                            "hubmerge.cli",
+                            str(recipe),
+                            "--output",
+                            str(target),
+                            "-q",
+                        ]
                         runs["hubmerge"].append(measure("hubmerge", command, ROOT, log, env))
                         if mergekit is not None and i == 0:
                             (configs / f"{name}.yml").write_text(mergekit_config(method, shape, count))
@@ -224,12 +259,20 @@ def main(argv: list[str] | None = None) -> int:
                         for tool in runs:
                             if runs[tool] and len(runs[tool]) == i + 1:
                                 r = runs[tool][-1]
-                                print(f"  {tool:9} {r.wall_s:7.1f} s  {r.peak_rss_gb:5.2f} GB  load {r.load_1m:.2f}", flush=True)
+                                print(
+                                    f"  {tool:9} {r.wall_s:7.1f} s  {r.peak_rss_gb:5.2f} GB  load {r.load_1m:.2f}",
+                                    flush=True,
+                                )
                                 record.write(json.dumps({"cell": name, "repeat": i, **r.__dict__}) + "\n")
                     comparison = None
                     if runs["mergekit"]:
                         check = subprocess.run(
-                            [sys.executable, str(HERE / "compare.py"), str(target), str(out / f"mergekit-{name}")],
+                            [
+                                sys.executable,
+                                str(HERE / "compare.py"),
+                                str(target),
+                                str(out / f"mergekit-{name}"),
+                            ],
                             capture_output=True,
                             text=True,
                         )
@@ -296,7 +339,9 @@ def write_results(args: argparse.Namespace, rows: list[dict[str, object]], info:
         lines += ["", "mergekit 0.1.5 (one run per cell, same warm cache):", ""]
         for r in mk:
             wall, rss, load = r["mergekit"]  # type: ignore[misc]
-            lines.append(f"- {r['method']} {r['shape']} × {r['models']}: {wall:.1f} s, {rss:.2f} GB (load {load:.2f}); output vs hubmerge: `{r['comparison']}`")
+            lines.append(
+                f"- {r['method']} {r['shape']} × {r['models']}: {wall:.1f} s, {rss:.2f} GB (load {load:.2f}); output vs hubmerge: `{r['comparison']}`"
+            )
     lines += ["", "Machine and versions:", ""] + [f"- {k}: {v}" for k, v in info.items()] + [""]
     # Hand-written analysis (profiles, what blocks a target) lives under "## Notes" and survives reruns.
     old = args.results.read_text() if args.results.exists() else ""

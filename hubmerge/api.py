@@ -165,6 +165,7 @@ def merge(
         files[LOCK_FILE] = None
         _replace(directory, staging)
     except BaseException:
+        source_hashes.cancel()  # an error or Ctrl-C does not wait for gigabytes to be hashed
         shutil.rmtree(staging, ignore_errors=True)
         raise
     result = MergeResult(merge_plan, directory, tuple(sorted(files)))
