@@ -2,8 +2,10 @@
 
 Memory stays a small multiple of one slice (`plan.CHUNK_ELEMENTS` per input) whatever the model size:
 every method is elementwise once TIES's per-model magnitude cut-offs are known, and those come from a
-two-pass streaming selection (`selection.py`). Arithmetic runs in float32 (float64 inputs stay float64)
-on the chosen device and is rounded once to the output dtype.
+streaming selection (`selection.py`): a sample of every tensor brackets each cut-off, one pass counts
+exactly against the bracket (two more only where a bracket missed), then the merge pass. Arithmetic
+runs in float32 (float64 inputs stay float64) on the chosen device and is rounded once to the output
+dtype.
 """
 
 from __future__ import annotations
