@@ -5,7 +5,8 @@ model (FusionBench's `kthvalue` over one flattened vector). For non-negative flo
 bit pattern, read as an integer, orders exactly like the value, so every count here is on bit patterns.
 
 With a bracket [lo, hi) per row (from `bracket`, over a small sample of the values), one pass counts the
-values below lo and histograms the bit patterns inside the bracket (a few thousand to a million bins):
+values below lo and histograms the bit patterns inside the bracket (a few thousand to a million bins,
+one clamp and one bincount per row and chunk):
 if rank k lands inside, the histogram names the exact k-th value. A row whose bracket missed (an
 unrepresentative sample) is resolved by the two-pass radix selection: pass 1 counts the top 16 bits of
 every value; pass 2 counts the low 16 bits of the values in the bucket holding rank k. Either way the
@@ -104,20 +105,21 @@ def kth_smallest(
             hi = max(_bits(brackets[i][1]) if brackets[i][1] < math.inf else _INFINITY_BITS + 1, lo + 1)
             if hi - lo <= _MAX_BRACKET_BINS:
                 bounds[i] = (lo, hi)
-        below = dict.fromkeys(bounds, 0)
-        inside = {i: torch.zeros(hi - lo, dtype=torch.int64) for i, (lo, hi) in bounds.items()}
+        # One histogram per row: bin 0 counts the values below lo, bins 1..hi-lo the bit patterns in
+        # [lo, hi), the last bin those from hi up. A clamp and a bincount: no mask, no gather.
+        counts = {i: torch.zeros(hi - lo + 2, dtype=torch.int64) for i, (lo, hi) in bounds.items()}
         if bounds:
             for chunk in chunks():
                 bits = chunk.contiguous().view(torch.int32)
+                offset = torch.empty_like(bits[0])
                 for i, (lo, hi) in bounds.items():
-                    row = bits[i]
-                    below[i] += int(torch.count_nonzero(row < lo))
-                    kept = row[(row >= lo) & (row < hi)]
-                    inside[i] += torch.bincount(kept - lo, minlength=hi - lo)
+                    torch.sub(bits[i], lo - 1, out=offset).clamp_(0, hi - lo + 1)
+                    counts[i] += torch.bincount(offset, minlength=hi - lo + 2)
         for i, (lo, _) in bounds.items():
-            rank_in = wanted[i] - below[i]
-            if 1 <= rank_in <= int(inside[i].sum()):
-                result[i] = _as_float(lo + _locate(inside[i], rank_in)[0])
+            rank_in = wanted[i] - int(counts[i][0])
+            inside = counts[i][1:-1]
+            if 1 <= rank_in <= int(inside.sum()):
+                result[i] = _as_float(lo + _locate(inside, rank_in)[0])
                 del wanted[i]
     if wanted:
         _radix(chunks, wanted, result)
