@@ -64,6 +64,7 @@ class Run:
     peak_rss_gb: float
     load_1m: float
     rc: int
+    cpu_s: float  # user + system time of the child: the work done, much less sensitive to load than wall
 
 
 def warm(paths: list[Path]) -> None:
@@ -84,7 +85,7 @@ def measure(tool: str, command: list[str], cwd: Path, log: Path, env: dict[str, 
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode:
         print(f"  {tool} failed (rc {child.returncode}); see {log}", flush=True)
-    return Run(tool, wall, usage.ru_maxrss / 2**20, load, child.returncode)
+    return Run(tool, wall, usage.ru_maxrss / 2**20, load, child.returncode, usage.ru_utime + usage.ru_stime)
 
 
 def make_models(shape: str, count: int) -> Path:
@@ -298,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                             "rss_gb": hub_rss,
                             "load": load,
                             "walls": [round(r.wall_s, 1) for r in runs["hubmerge"]],
+                            "cpu_s": statistics.median(r.cpu_s for r in runs["hubmerge"]),
+                            "floor_cpu_s": statistics.median(r.cpu_s for r in runs["floor"]),
                             "floors": [round(r.wall_s, 1) for r in runs["floor"]],
                             "mergekit": fmt(runs["mergekit"]) if runs["mergekit"] else None,
                             "comparison": comparison,
@@ -333,18 +336,21 @@ def write_results(args: argparse.Namespace, rows: list[dict[str, object]], info:
         "warmed before every run. **floor**: a child process reading exactly the input files the method needs",
         "and writing a buffered file of the output's size. **ratio** = hubmerge / floor. Peak RSS is the",
         "largest `ru_maxrss` of the hubmerge child over the repeats. load = median 1-minute load average",
-        "before the runs (2-core machine shared with other engineers' test runs).",
+        "before the runs (2-core machine shared with other engineers' test runs). CPU s: median user + system",
+        "seconds of the child (the work done, far less sensitive to the load than wall time).",
         "",
-        "| shape | fine-tunes | method | inputs GB | floor s | hubmerge s | ratio (target) | peak RSS GB | load | runs s |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        "| shape | fine-tunes | method | inputs GB | floor s | hubmerge s | ratio (target) | peak RSS GB "
+        "| load | CPU s hubmerge / floor | runs s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         target = TARGETS[str(r["method"])]
         ratio = float(r["ratio"])  # type: ignore[arg-type]
+        cpu = f"{r['cpu_s']:.1f} / {r['floor_cpu_s']:.1f}" if "cpu_s" in r else "not recorded"
         lines.append(
             f"| {r['shape']} | {r['models']} | {r['method']} | {r['input_gb']:.2f} | {r['floor_s']:.1f} | "
             f"{r['hubmerge_s']:.1f} | {ratio:.2f}× ({'≤' if ratio <= target else '>'} {target}) | "
-            f"{r['rss_gb']:.2f} | {r['load']:.2f} | {r['walls']} (floor {r['floors']}) |"
+            f"{r['rss_gb']:.2f} | {r['load']:.2f} | {cpu} | {r['walls']} (floor {r['floors']}) |"
         )
     mk = [r for r in rows if r["mergekit"]]
     if mk:
