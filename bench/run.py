@@ -198,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--with-mergekit", action="store_true", help="also run mergekit 0.1.5 (once per cell)")
-    p.add_argument("--with-fusionbench", action="store_true", help="install fusion-bench in its own venv")
+    p.add_argument(
+        "--with-fusionbench",
+        action="store_true",
+        help="install fusion-bench in its own venv (installed and versioned only: no FusionBench run yet)",
+    )
     p.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
     p.add_argument(
         "--append",

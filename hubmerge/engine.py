@@ -10,6 +10,7 @@ dtype.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -212,6 +213,16 @@ def _merge_slice(
     return ties(base, models, thresholds, float(params["scaling_factor"]), str(params["merge_func"]))
 
 
+def _arithmetic_threads(default: int) -> int:
+    """Intra-op threads for the arithmetic: one core fewer than the process may use, at least one.
+
+    The read, write and hash threads need a core of their own; sharing it with OpenMP workers, which
+    spin while they wait for the next operation, cost 3× the CPU time on 2 cores (bench/RESULTS.md).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(default, cores - 1))
+
+
 def write_weights(
     plan: MergePlan, folders: Mapping[int, Path], directory: Path, device: torch.device, progress: Progress
 ) -> dict[str, str | None]:
@@ -223,6 +234,9 @@ def write_weights(
     patches = _Patches(directory / ".ties-undecided.tmp", plan.out_dtype)
     index = {t.name: i for i, t in enumerate(plan.tensors)}
     files: dict[str, ShardWriter] = {}
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(_arithmetic_threads(threads))
     try:
         thresholds = _ties_thresholds(plan, inputs) if plan.recipe.method.trims else {}
         by_name = {t.name: t for t in plan.tensors}
@@ -243,6 +257,7 @@ def write_weights(
         written: dict[str, str | None] = {file: w.digest.hexdigest() for file, w in files.items()}
         written |= dict.fromkeys(patches.apply(plan, files))  # rewritten: hash them again
     finally:
+        torch.set_num_threads(threads)
         inputs.close()
         patches.close()
     if len(plan.shards) > 1:
