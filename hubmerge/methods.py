@@ -166,7 +166,7 @@ def _disjoint_merge(task_vectors: Tensor, sign: Tensor, merge_func: str) -> Tens
 def _elected_sum(task_vectors: Tensor, total: Tensor) -> tuple[Tensor, Tensor]:
     """`_disjoint_merge(task_vectors, sign(total) with 0 -> +1, "sum")`, bit for bit, in fewer passes.
 
-    Also returns Σ max(τᵢ, 0), which is > 0 exactly where some τᵢ is.
+    Also returns Σ max(τᵢ, 0), which is > 0 exactly where some τᵢ is positive.
 
     The agreeing entries of a +1 position are the positive τᵢ, of a -1 position the negative ones, so the
     two candidate sums are Σ max(τᵢ, 0) and Σ min(τᵢ, 0) in model order. Adding the zeros that stand for
