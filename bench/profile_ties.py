@@ -1,11 +1,12 @@
 """Where hubmerge's TIES time goes: phase timers plus a cProfile of `hubmerge.merge`.
 
-Wraps (at run time, without editing hubmerge/) the engine's threshold phase, each streaming pass of
-the selection (`engine._magnitudes` chunks: pass 1 = coarse histograms, pass 2 = fine histograms),
-`TensorReader.read` (pread of the bf16 slices), `methods.ties` and `ShardWriter.write`, then prints a
-phase table and the top functions by own time, grouped into categories.
+Wraps (at run time, without editing hubmerge/) the engine's threshold phase, the sample that brackets
+the cut-off (`engine._sample`), each streaming pass of the selection (`engine._streamed` chunks: pass 1
+= the bracketed count; passes 2-3 only if a bracket missed), `TensorReader.read` (pread of the slices),
+`methods.ties` and `ShardWriter.write`, then prints a phase table and the top functions by own time.
 
-    /work/venv/bin/python bench/profile_ties.py [RECIPE] [--output DIR] [--no-cprofile]
+    python bench/run.py --methods ties --repeats 1     # writes bench/work/configs/ties-0.5b-3.toml
+    python bench/profile_ties.py [RECIPE] [--output DIR] [--no-cprofile]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 
 timers: dict[str, float] = defaultdict(float)
 TIES_STATS: dict[str, int] = {}
-PHASES = ("thresholds (both selection passes, total)", "write_weights (whole engine)")
+PHASES = ("thresholds (sample + selection passes, total)", "write_weights (whole engine)")
 counts: dict[str, int] = defaultdict(int)
 
 
@@ -52,33 +53,20 @@ def timed(name, fn):
 def install() -> None:
     from hubmerge import checkpoint, engine, selection
 
-    engine._ties_thresholds = timed("thresholds (both selection passes, total)", engine._ties_thresholds)
+    engine._ties_thresholds = timed("thresholds (sample + selection passes, total)", engine._ties_thresholds)
     engine.write_weights = timed("write_weights (whole engine)", engine.write_weights)
     checkpoint.TensorReader.read = timed("TensorReader.read (pread)", checkpoint.TensorReader.read)
     checkpoint.ShardWriter.write = timed("ShardWriter.write", checkpoint.ShardWriter.write)
 
-    if hasattr(engine, "_apply_patches"):  # engine of 2026-11-29 05:28: patches held in RAM, one pwrite each
-        original_apply = engine._apply_patches
+    original_method = engine._Patches.apply
 
-        def apply_patches(patches, files, plan):
-            positions = sum(int(item[1].numel()) for item in patches.items)
-            nbytes = sum(sum(int(t.numel() * t.element_size()) for t in item[1:]) for item in patches.items)
-            print(f"before patches: {memory()}", flush=True)
-            print(f"patches: sign_sum={patches.sign_sum}, {len(patches.items)} chunks, {positions:,} positions, "
-                  f"{nbytes / 1e6:.0f} MB held", flush=True)
-            return original_apply(patches, files, plan)
+    def apply_method(self, plan, files):
+        print(f"before patches: {memory()}", flush=True)
+        print(f"patches: sign_sum={self.sign_sum}, {self.count:,} positions spilled", flush=True)
+        return original_method(self, plan, files)
 
-        engine._apply_patches = timed("patches: apply", apply_patches)
-    else:  # later engines: patches spilled to a scratch file, `_Patches.apply`
-        original_method = engine._Patches.apply
-
-        def apply_method(self, plan, files):
-            print(f"before patches: {memory()}", flush=True)
-            print(f"patches: sign_sum={self.sign_sum}, {self.count:,} positions spilled", flush=True)
-            return original_method(self, plan, files)
-
-        engine._Patches.apply = timed("patches: apply", apply_method)
-        engine._Patches.add = timed("patches: add (spill)", engine._Patches.add)
+    engine._Patches.apply = timed("patches: apply", apply_method)
+    engine._Patches.add = timed("patches: add (spill)", engine._Patches.add)
 
     original_ties = engine.ties
     stats = {"undecided": 0, "sign_sum": 0}
@@ -96,10 +84,11 @@ def install() -> None:
     global TIES_STATS
     TIES_STATS = stats
 
-    original_magnitudes = engine._magnitudes
+    engine._sample = timed("sample (bracket the cut-off)", engine._sample)
+    original_streamed = engine._streamed
 
-    def magnitudes(inputs, tensors):
-        chunks = original_magnitudes(inputs, tensors)
+    def streamed(inputs, tensors):
+        chunks = original_streamed(inputs, tensors)
         calls = {"n": 0}
 
         def timed_chunks():
@@ -117,12 +106,12 @@ def install() -> None:
                 produce += time.perf_counter() - t
                 yield chunk
             timers[label + " (total)"] += time.perf_counter() - start
-            timers[label + ": read + upcast + |τ| stack"] += produce
+            timers[label + ": read + |τ|"] += produce
             print(f"after {label}: {memory()}", flush=True)
 
         return timed_chunks
 
-    engine._magnitudes = magnitudes
+    engine._streamed = streamed
     engine.ties = timed("methods.ties (merge math)", engine.ties)
     # kth_smallest reads `chunks` from its argument, so nothing else to patch there.
     del selection
@@ -130,7 +119,7 @@ def install() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("recipe", nargs="?", type=Path, default=HERE / "configs" / "hubmerge-ties.toml")
+    p.add_argument("recipe", nargs="?", type=Path, default=HERE / "work" / "configs" / "ties-0.5b-3.toml")
     p.add_argument("--output", type=Path, default=HERE / "work" / "out" / "profile-ties")
     p.add_argument("--no-cprofile", action="store_true")
     p.add_argument("--chunk-elements", type=int, help="override hubmerge.plan.CHUNK_ELEMENTS for this run")

@@ -19,7 +19,7 @@ import torch
 from .card import license_file, render_card
 from .engine import write_weights
 from .errors import HubmergeError, RecipeError
-from .lock import LOCK_FILE, RECIPE_COPY, apply_lock, check_reproduced, hash_sources, lock_data
+from .lock import LOCK_FILE, RECIPE_COPY, SourceHashes, apply_lock, check_reproduced, hash_sources, lock_data
 from .output import check_target, disk_full, recover, staged, swap_in
 from .plan import MergePlan, build_plan
 from .publish import check_push_access
@@ -150,6 +150,7 @@ def merge(
     render_card(merge_plan)  # before any download: an unknown license or a broken template stops here
 
     needed = merge_plan.output_bytes
+    source_hashes: SourceHashes | None = None
     try:
         folders = _fetch_all(merge_plan, quiet)
         needed += _side_bytes(merge_plan, folders)
@@ -162,8 +163,10 @@ def merge(
             (staging / LOCK_FILE).write_text(json.dumps(record, indent=2) + "\n")
             files[LOCK_FILE] = None
             swap_in(staging, directory)
-    except Exception as exc:
-        full = disk_full(exc)
+    except BaseException as exc:
+        if source_hashes is not None:
+            source_hashes.cancel()  # an error or Ctrl-C does not wait for gigabytes to be hashed
+        full = disk_full(exc) if isinstance(exc, Exception) else None
         if full is not None:
             raise _no_space(full, directory, needed) from None
         raise

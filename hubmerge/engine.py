@@ -2,12 +2,15 @@
 
 Memory stays a small multiple of one slice (`plan.CHUNK_ELEMENTS` per input) whatever the model size:
 every method is elementwise once TIES's per-model magnitude cut-offs are known, and those come from a
-two-pass streaming selection (`selection.py`). Arithmetic runs in float32 (float64 inputs stay float64)
-on the chosen device and is rounded once to the output dtype.
+streaming selection (`selection.py`): a sample of every tensor brackets each cut-off, one pass counts
+exactly against the bracket (two more only where a bracket missed), then the merge pass. Arithmetic
+runs in float32 (float64 inputs stay float64) on the chosen device and is rounded once to the output
+dtype.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,7 +23,7 @@ from .checkpoint import ShardWriter, TensorInfo, TensorReader
 from .errors import HubmergeError, SourceError
 from .methods import TiesChunk, linear, simple_average, task_arithmetic, ties, ties_keep_count
 from .plan import MergePlan, OutputTensor
-from .selection import kth_smallest
+from .selection import bracket, kth_smallest
 
 __all__ = ["Progress", "write_weights"]
 
@@ -107,7 +110,14 @@ class _Inputs:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubmerge-read")
 
     def _read(self, tensor: OutputTensor, start: int) -> list[torch.Tensor]:
-        span = (start, min(tensor.shape[0], start + tensor.chunk_rows)) if tensor.shape else None
+        return self.rows(tensor, start, start + tensor.chunk_rows)
+
+    def rows(self, tensor: OutputTensor, start: int, stop: int) -> list[torch.Tensor]:
+        """Rows [start, stop) of `tensor` (all of a 0-d tensor) from every input, in their stored dtype.
+
+        A source named twice in the recipe is read once: both mentions share the slice.
+        """
+        span = (start, min(tensor.shape[0], stop)) if tensor.shape else None
         read: dict[tuple[int, TensorInfo], torch.Tensor] = {}
         slices = []
         for reader, info, label in zip(self.readers, tensor.inputs, self.labels, strict=True):
@@ -123,6 +133,15 @@ class _Inputs:
             slices.append(read[key])
         return slices
 
+    def upcast(self, raw: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The slices on the compute device; the first one (base, or the first model) in the compute dtype.
+
+        The others keep their stored dtype: the methods pair each with a compute-dtype tensor, so type
+        promotion does the exact upcast inside the arithmetic instead of in a copy (see `methods`).
+        """
+        first, *rest = (r.to(self.device, non_blocking=True) for r in raw)
+        return [first.to(self.dtype), *rest]
+
     def stream(
         self, tensors: Sequence[OutputTensor]
     ) -> Iterator[tuple[OutputTensor, int, list[torch.Tensor]]]:
@@ -134,11 +153,7 @@ class _Inputs:
         for i, (tensor, start) in enumerate(order):
             raw = pending.result() if pending is not None else self._read(tensor, start)
             pending = self.pool.submit(self._read, *order[i + 1]) if i + 1 < len(order) else None
-            upcast: dict[int, torch.Tensor] = {}  # shared slices stay shared: methods never write inputs
-            for r in raw:
-                if id(r) not in upcast:
-                    upcast[id(r)] = r.to(self.device, non_blocking=True).to(self.dtype)
-            yield tensor, start, [upcast[id(r)] for r in raw]
+            yield tensor, start, self.upcast(raw)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -146,26 +161,59 @@ class _Inputs:
             reader.close()
 
 
-def _magnitudes(inputs: _Inputs, tensors: Sequence[OutputTensor]) -> Callable[[], Iterator[torch.Tensor]]:
+def _magnitudes(slices: list[torch.Tensor]) -> torch.Tensor:
+    """|τᵢ| of one slice, one flat float32 row per model, on the CPU (where the selection counts)."""
+    base, *models = slices
+    out = torch.empty((len(models), base.numel()), dtype=base.dtype, device=base.device)
+    for row, model in zip(out, models, strict=True):
+        torch.sub(model.flatten(), base.flatten(), out=row).abs_()
+    return out.to("cpu", torch.float32)
+
+
+def _streamed(inputs: _Inputs, tensors: Sequence[OutputTensor]) -> Callable[[], Iterator[torch.Tensor]]:
     def chunks() -> Iterator[torch.Tensor]:
-        for _, _, (base, *models) in inputs.stream(tensors):
-            yield torch.stack([(m - base).abs_().flatten() for m in models]).to("cpu", torch.float32)
+        for _, _, slices in inputs.stream(tensors):
+            yield _magnitudes(slices)
 
     return chunks
+
+
+_SAMPLE = 1 << 21  # magnitudes per model in the sample that brackets a cut-off (8 MiB of float32)
+_SAMPLE_BLOCKS = 8  # row blocks per tensor, spread over it, so no one region of a tensor speaks for all
+
+
+def _sample(inputs: _Inputs, tensors: Sequence[OutputTensor], total: int) -> torch.Tensor:
+    """|τᵢ| of about `_SAMPLE` entries per model, a share of every tensor in proportion to its size."""
+    fraction = min(1.0, _SAMPLE / max(total, 1))
+    parts = []
+    for tensor in tensors:
+        rows = tensor.shape[0] if tensor.shape else 1
+        take = max(1, round(rows * fraction))
+        blocks = min(_SAMPLE_BLOCKS, take)
+        length = -(-take // blocks)
+        for j in range(blocks):
+            start = j * rows // blocks
+            parts.append(_magnitudes(inputs.upcast(inputs.rows(tensor, start, start + length))))
+    return torch.cat(parts, dim=1)
+
+
+def _cut_offs(inputs: _Inputs, tensors: Sequence[OutputTensor], rank: int, total: int) -> list[float]:
+    """Each model's rank-th smallest |τ| over `tensors`: bracketed from a sample, then counted exactly."""
+    ranks = [rank] * (len(tensors[0].inputs) - 1)
+    brackets = bracket(_sample(inputs, tensors, total), ranks, total)
+    return kth_smallest(_streamed(inputs, tensors), ranks, brackets)
 
 
 def _ties_thresholds(plan: MergePlan, inputs: _Inputs) -> dict[str, list[float]]:
     """Per output tensor, each model's magnitude cut-off: over the whole model, or per tensor."""
     threshold = float(plan.recipe.parameters["threshold"])
-    n = len(plan.models)
     if plan.recipe.parameters["trim"] == "global":
         # d counts every merged parameter once: a tied embedding is one tensor here, not two.
-        rank = ties_keep_count(plan.parameter_count, threshold)
-        cut = kth_smallest(_magnitudes(inputs, plan.tensors), [rank] * n)
+        total = plan.parameter_count
+        cut = _cut_offs(inputs, plan.tensors, ties_keep_count(total, threshold), total)
         return {t.name: cut for t in plan.tensors}
     return {
-        t.name: kth_smallest(_magnitudes(inputs, [t]), [ties_keep_count(t.numel, threshold)] * n)
-        for t in plan.tensors
+        t.name: _cut_offs(inputs, [t], ties_keep_count(t.numel, threshold), t.numel) for t in plan.tensors
     }
 
 
@@ -208,6 +256,14 @@ def _check_finite(
         f"{str(plan.out_dtype).removeprefix('torch.')}, or parameters that cancel out); check the method's "
         "parameters or set dtype = \"float32\""
     )
+def _arithmetic_threads(default: int) -> int:
+    """Intra-op threads for the arithmetic: one core fewer than the process may use, at least one.
+
+    The read, write and hash threads need a core of their own; sharing it with OpenMP workers, which
+    spin while they wait for the next operation, cost 3× the CPU time on 2 cores (bench/RESULTS.md).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(default, cores - 1))
 
 
 def write_weights(
@@ -221,6 +277,9 @@ def write_weights(
     patches = _Patches(directory / ".ties-undecided.tmp", plan.out_dtype)
     index = {t.name: i for i, t in enumerate(plan.tensors)}
     files: dict[str, ShardWriter] = {}
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(_arithmetic_threads(threads))
     try:
         thresholds = _ties_thresholds(plan, inputs) if plan.recipe.method.trims else {}
         by_name = {t.name: t for t in plan.tensors}
@@ -244,6 +303,7 @@ def write_weights(
         written: dict[str, str | None] = {file: w.digest.hexdigest() for file, w in files.items()}
         written |= dict.fromkeys(patches.apply(plan, files))  # rewritten: hash them again
     finally:
+        torch.set_num_threads(threads)
         inputs.close()
         patches.close()
     if len(plan.shards) > 1:

@@ -1,8 +1,10 @@
 """Merge methods: the math, in one place, as pure functions of float32 tensors.
 
-Each method sees one chunk of one tensor at a time: `base` (or None) and the models' chunks, already
-upcast to float32 (float64 stays float64) by the engine, which owns reading, dtypes, chunking and
-devices. A method never reads files. The registry at the bottom declares each method's parameters,
+Each method sees one chunk of one tensor at a time: `base` (or None) and the models' chunks. The first
+of them (`base`, else the first model) arrives upcast to float32 (float64 stays float64) by the engine,
+which owns reading, dtypes, chunking and devices; the others may stay in their stored dtype (bf16, f16):
+every operation below pairs them with a float32 tensor, so type promotion computes exactly what upcast
+copies would, without writing and re-reading those copies. A method never reads files. The registry at the bottom declares each method's parameters,
 so a recipe is validated before any weight is read.
 
 Formulas (θ: parameters, τᵢ = θᵢ − θ_base: task vectors, λ: scaling_factor):
@@ -92,24 +94,33 @@ def simple_average(models: Sequence[Tensor]) -> Tensor:
     total = models[0].clone()
     for m in models[1:]:
         total += m
-    return total / len(models)
+    return total.div_(len(models))
 
 
 def linear(models: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    import torch
+
     total = models[0] * weights[0]
+    scratch = torch.empty_like(total)
     for m, w in zip(models[1:], weights[1:], strict=True):
-        total += m * w
-    return total / sum(weights)
+        total += scratch.copy_(m).mul_(w)  # m · w rounded in float32, as for an upcast m
+    return total.div_(sum(weights))
 
 
 def task_arithmetic(
     base: Tensor, models: Sequence[Tensor], weights: Sequence[float], scaling_factor: float
 ) -> Tensor:
+    import torch
+
     # Deltas accumulate one after another, then scale, then add: FusionBench's order of operations.
-    task_vector = (models[0] - base) * weights[0] if weights[0] != 1.0 else models[0] - base
+    task_vector = models[0] - base
+    if weights[0] != 1.0:
+        task_vector.mul_(weights[0])
+    scratch = torch.empty_like(task_vector)
     for m, w in zip(models[1:], weights[1:], strict=True):
-        task_vector += (m - base) * w if w != 1.0 else m - base
-    return base + scaling_factor * task_vector
+        torch.sub(m, base, out=scratch)
+        task_vector += scratch.mul_(w) if w != 1.0 else scratch
+    return task_vector.mul_(scaling_factor).add_(base)  # base + λ·τ, rounded as written
 
 
 def ties_keep_count(numel: int, threshold: float) -> int:
@@ -152,6 +163,27 @@ def _disjoint_merge(task_vectors: Tensor, sign: Tensor, merge_func: str) -> Tens
     return selected.abs().amax(dim=0) * sign  # "max"
 
 
+def _elected_sum(task_vectors: Tensor, total: Tensor) -> tuple[Tensor, Tensor]:
+    """`_disjoint_merge(task_vectors, sign(total) with 0 -> +1, "sum")`, bit for bit, in fewer passes.
+
+    Also returns Σ max(τᵢ, 0), which is > 0 exactly where some τᵢ is positive.
+
+    The agreeing entries of a +1 position are the positive τᵢ, of a -1 position the negative ones, so the
+    two candidate sums are Σ max(τᵢ, 0) and Σ min(τᵢ, 0) in model order. Adding the zeros that stand for
+    the disagreeing entries changes no bit of a sum that is used: `tests/test_merge.py` holds both forms
+    to FusionBench's formula.
+    """
+    import torch
+
+    positive = task_vectors[0].clamp(min=0)
+    negative = task_vectors[0].clamp(max=0)
+    scratch = torch.empty_like(positive)
+    for row in task_vectors[1:]:
+        positive += torch.clamp(row, min=0, out=scratch)
+        negative += torch.clamp(row, max=0, out=scratch)
+    return torch.where(total < 0, negative, positive), positive
+
+
 def ties(
     base: Tensor,
     models: Sequence[Tensor],
@@ -164,14 +196,23 @@ def ties(
 
     # In place, one (n, ...) buffer: trimming zeroes the entries below each model's cut-off.
     task_vectors = torch.empty((len(models), *base.shape), dtype=base.dtype, device=base.device)
+    magnitude = torch.empty_like(base)
     for row, model, cut in zip(task_vectors, models, thresholds, strict=True):
         torch.sub(model, base, out=row)
-        row.masked_fill_(row.abs() < cut, 0.0)
-    sign = torch.sign(task_vectors.sum(dim=0))
-    sign_sum = int(sign.sum(dtype=torch.float64))  # exact for any realistic model size
-    zero = sign == 0
-    undecided = (zero & (task_vectors != 0).any(dim=0)).flatten().nonzero().flatten()
-    values = base + scaling_factor * _disjoint_merge(task_vectors, torch.where(zero, 1.0, sign), merge_func)
+        row.masked_fill_(torch.abs(row, out=magnitude) < cut, 0.0)
+    total = task_vectors.sum(dim=0)
+    # sign(total) summed, without materialising the sign: exact for any realistic model size.
+    sign_sum = int(torch.count_nonzero(total > 0)) - int(torch.count_nonzero(total < 0))
+    if merge_func == "sum":
+        merged, positive = _elected_sum(task_vectors, total)
+        # Σ trimmed τ is 0 while some τᵢ is not exactly where both signs occur, i.e. some τᵢ > 0.
+        undecided = ((total == 0) & (positive > 0)).flatten().nonzero().flatten()
+    else:
+        sign = torch.sign(total)
+        zero = sign == 0
+        undecided = (zero & (task_vectors != 0).any(dim=0)).flatten().nonzero().flatten()
+        merged = _disjoint_merge(task_vectors, torch.where(zero, 1.0, sign), merge_func)
+    values = merged.mul_(scaling_factor).add_(base)  # base + λ·merged, rounded as written
     if undecided.numel():
         tv = task_vectors.flatten(1)[:, undecided]
         b = base.flatten()[undecided]

@@ -1,22 +1,30 @@
-"""Exact k-th smallest magnitude over data too large to hold: a two-pass radix selection.
+"""Exact k-th smallest magnitude over data too large to hold, in one streaming pass when a sample allows.
 
 TIES keeps, per task vector, the entries whose |τ| reaches the k-th smallest magnitude of the whole
 model (FusionBench's `kthvalue` over one flattened vector). For non-negative float32 values the IEEE
-bit pattern, read as an integer, orders exactly like the value. Pass 1 counts the top 16 bits of every
-magnitude; the bucket holding rank k is then resolved by counting the low 16 bits of the values in that
-bucket in pass 2. Memory is two 65 536-bin histograms per model, whatever the model size, and the
-result is bit-identical to `torch.kthvalue`.
+bit pattern, read as an integer, orders exactly like the value, so every count here is on bit patterns.
+
+With a bracket [lo, hi) per row (from `bracket`, over a small sample of the values), one pass counts the
+values below lo and histograms the bit patterns inside the bracket (a few thousand to a million bins,
+one clamp and one bincount per row and chunk):
+if rank k lands inside, the histogram names the exact k-th value. A row whose bracket missed (an
+unrepresentative sample) is resolved by the two-pass radix selection: pass 1 counts the top 16 bits of
+every value; pass 2 counts the low 16 bits of the values in the bucket holding rank k. Either way the
+result is bit-identical to `torch.kthvalue`, and memory is a few histograms per row.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-__all__ = ["kth_smallest"]
+__all__ = ["bracket", "kth_smallest"]
 
 _BINS = 1 << 16
+_MAX_BRACKET_BINS = 1 << 22  # a wider bracket (a flat, heavily quantised sample) goes to the radix passes
+_INFINITY_BITS = 0x7F800000
 
 
 def _locate(histogram: torch.Tensor, rank: int) -> tuple[int, int]:
@@ -27,29 +35,92 @@ def _locate(histogram: torch.Tensor, rank: int) -> tuple[int, int]:
     return index, rank - before
 
 
-def kth_smallest(chunks: Callable[[], Iterable[torch.Tensor]], ranks: Sequence[int]) -> list[float]:
+def _as_float(bits: int) -> float:
+    return float(torch.tensor(bits, dtype=torch.int32).view(torch.float32))
+
+
+def _bits(value: float) -> int:
+    return int(torch.tensor(value, dtype=torch.float32).view(torch.int32))
+
+
+def bracket(sample: torch.Tensor, ranks: Sequence[int], total: int) -> list[tuple[float, float]]:
+    """Per row of `sample` (n, s), an interval [lo, hi) likely to hold the ranks[i]-th smallest of `total`.
+
+    The sample's quantile at ranks[i] / total, widened by a margin well beyond its sampling error
+    (sqrt(q(1 - q) / s) for independent draws; rows of a tensor are drawn in blocks, so more is allowed).
+    A wrong guess costs time, never correctness: `kth_smallest` checks it with exact counts.
+    """
+    s = sample.shape[1]
+    ordered = sample.to(torch.float32).sort(dim=1).values
+    result = []
+    for row, rank in zip(ordered, ranks, strict=True):
+        q = min(max(rank / total, 0.0), 1.0)
+        margin = 0.002 + 10 * math.sqrt(q * (1 - q) / max(s, 1))
+        low, high = math.floor(s * (q - margin)) - 1, math.ceil(s * (q + margin))
+        lo = float(row[low]) if low >= 0 else 0.0
+        hi = float(row[high]) if high < s else math.inf
+        result.append((lo, hi))
+    return result
+
+
+def _radix(chunks: Callable[[], Iterable[torch.Tensor]], wanted: dict[int, int], result: list[float]) -> None:
+    """Two exact passes for the rows in `wanted` (row -> rank); answers written into `result`."""
+    coarse = {i: torch.zeros(_BINS, dtype=torch.int64) for i in wanted}
+    for chunk in chunks():
+        bits = chunk.contiguous().view(torch.int32) >> 16
+        for i in wanted:
+            coarse[i] += torch.bincount(bits[i], minlength=_BINS)
+    buckets = {i: _locate(coarse[i], rank) for i, rank in wanted.items()}
+    fine = {i: torch.zeros(_BINS, dtype=torch.int64) for i in wanted}
+    for chunk in chunks():
+        bits = chunk.contiguous().view(torch.int32)
+        for i, (high, _) in buckets.items():
+            row = bits[i]
+            fine[i] += torch.bincount(row[(row >> 16) == high] & 0xFFFF, minlength=_BINS)
+    for i, (high, rank_in_bin) in buckets.items():
+        low, _ = _locate(fine[i], rank_in_bin)
+        result[i] = _as_float((high << 16) | low)
+
+
+def kth_smallest(
+    chunks: Callable[[], Iterable[torch.Tensor]],
+    ranks: Sequence[int],
+    brackets: Sequence[tuple[float, float]] | None = None,
+) -> list[float]:
     """The ranks[i]-th smallest value (1-based) of row i over all chunks.
 
     `chunks()` must yield float32 tensors of shape (len(ranks), m) holding non-negative values, the same
-    values each time it is called (it is called twice). A rank below 1 yields 0.0, which keeps everything.
+    values each time it is called. It is called once when every row's answer lies in its bracket
+    [lo, hi), twice more for the rows where it does not (or without brackets). A rank below 1 yields 0.0,
+    which keeps everything.
     """
     n = len(ranks)
-    coarse = torch.zeros(n, _BINS, dtype=torch.int64)
-    for chunk in chunks():
-        bits = chunk.contiguous().view(torch.int32) >> 16
-        for i in range(n):
-            coarse[i] += torch.bincount(bits[i], minlength=_BINS)
-    wanted = [(i, *_locate(coarse[i], rank)) for i, rank in enumerate(ranks) if rank >= 1]
-    if not wanted:
-        return [0.0] * n
-    fine = torch.zeros(n, _BINS, dtype=torch.int64)
-    for chunk in chunks():
-        bits = chunk.contiguous().view(torch.int32)
-        for i, high, _ in wanted:
-            row = bits[i]
-            fine[i] += torch.bincount(row[(row >> 16) == high] & 0xFFFF, minlength=_BINS)
     result = [0.0] * n
-    for i, high, rank_in_bin in wanted:
-        low, _ = _locate(fine[i], rank_in_bin)
-        result[i] = float(torch.tensor((high << 16) | low, dtype=torch.int32).view(torch.float32))
+    wanted = {i: rank for i, rank in enumerate(ranks) if rank >= 1}
+    if brackets is not None and wanted:
+        # Bit patterns: [lo, hi) as integers, hi at least lo + 1 so a bracket of one repeated value holds it.
+        bounds = {}
+        for i in wanted:
+            lo = _bits(brackets[i][0])
+            hi = max(_bits(brackets[i][1]) if brackets[i][1] < math.inf else _INFINITY_BITS + 1, lo + 1)
+            if hi - lo <= _MAX_BRACKET_BINS:
+                bounds[i] = (lo, hi)
+        # One histogram per row: bin 0 counts the values below lo, bins 1..hi-lo the bit patterns in
+        # [lo, hi), the last bin those from hi up. A clamp and a bincount: no mask, no gather.
+        counts = {i: torch.zeros(hi - lo + 2, dtype=torch.int64) for i, (lo, hi) in bounds.items()}
+        if bounds:
+            for chunk in chunks():
+                bits = chunk.contiguous().view(torch.int32)
+                offset = torch.empty_like(bits[0])
+                for i, (lo, hi) in bounds.items():
+                    torch.sub(bits[i], lo - 1, out=offset).clamp_(0, hi - lo + 1)
+                    counts[i] += torch.bincount(offset, minlength=hi - lo + 2)
+        for i, (lo, _) in bounds.items():
+            rank_in = wanted[i] - int(counts[i][0])
+            inside = counts[i][1:-1]
+            if 1 <= rank_in <= int(inside.sum()):
+                result[i] = _as_float(lo + _locate(inside, rank_in)[0])
+                del wanted[i]
+    if wanted:
+        _radix(chunks, wanted, result)
     return result

@@ -1,0 +1,156 @@
+"""The speed paths give exactly the results of the plain ones.
+
+- `kth_smallest` with a bracket answers in one pass, bit-identical to `torch.kthvalue`, and falls back to
+  the exact radix passes when the bracket misses.
+- The methods take models in their stored dtype (bf16, f16) and compute what upcast copies would, bit
+  for bit; TIES' fused "sum" equals the general disjoint merge bit for bit.
+- The lock's source hashing gives each file's sha256, and `cancel()` stops it before the next file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from hubmerge import methods
+from hubmerge.lock import SourceHashes
+from hubmerge.selection import bracket, kth_smallest
+
+
+def _data(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(3, 50_000, generator=g) * 0.01).abs()
+    x[:, :5000] = 0.0  # many exact ties, as trimmed or unchanged parameters give
+    x[1, 5000:9000] = x[1, 9000:13000]
+    return x.to(torch.bfloat16).float()  # quantised like bf16 task vectors: more ties still
+
+
+def _counted(x: torch.Tensor, calls: list[int]):  # type: ignore[no-untyped-def]
+    def chunks() -> Iterator[torch.Tensor]:
+        calls.append(1)
+        yield from x.split(7_000, dim=1)
+
+    return chunks
+
+
+def _kthvalue(x: torch.Tensor, ranks: list[int]) -> list[float]:
+    return [float(row.kthvalue(k).values) if k >= 1 else 0.0 for row, k in zip(x, ranks)]
+
+
+@pytest.mark.parametrize("ranks", [[40_000] * 3, [30_000, 35_000, 45_000], [25_000, 40_000, 0]])
+def test_bracketed_selection_is_one_pass_and_bit_identical_to_kthvalue(ranks: list[int]) -> None:
+    x = _data()
+    sample = x[:, ::5]
+    calls: list[int] = []
+    got = kth_smallest(_counted(x, calls), ranks, bracket(sample, ranks, x.shape[1]))
+    want = _kthvalue(x, ranks)
+    assert torch.equal(torch.tensor(got).view(torch.int32), torch.tensor(want).view(torch.int32))
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("where", ["below", "above", "empty"])
+def test_a_missed_bracket_falls_back_to_the_exact_passes(where: str) -> None:
+    x = _data(1)
+    ranks = [30_000, 41_000, 49_000]
+    truth = _kthvalue(x, ranks)
+    wrong = {
+        "below": [(t * 0.8, t * 0.9) for t in truth],  # every answer above hi
+        "above": [(t * 1.1, t * 1.2) for t in truth],  # every answer below lo
+        "empty": [(1e9, 1.1e9)] * 3,
+    }[where]
+    calls: list[int] = []
+    got = kth_smallest(_counted(x, calls), ranks, wrong)
+    assert got == truth
+    assert len(calls) == 3  # the bracketed pass, then both radix passes
+
+
+@pytest.mark.parametrize("bracketed", [True, False])
+def test_extreme_and_tied_ranks_match_kthvalue(bracketed: bool) -> None:
+    x = _data(2)
+    ranks = [1, 5000, 50_000]  # the smallest, the last of the tied zeros, the largest
+    brackets = bracket(x[:, ::5], ranks, x.shape[1]) if bracketed else None
+    assert kth_smallest(_counted(x, []), ranks, brackets) == _kthvalue(x, ranks)
+
+
+def _inputs(dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randn(200_000, generator=g) * 0.02).to(dtype)
+    models = [
+        (base.float() + torch.randn(200_000, generator=g) * torch.rand(200_000, generator=g) ** 4 * 0.01).to(
+            dtype
+        )
+        for _ in range(3)
+    ]
+    models[1][:2000] = models[0][:2000]
+    models[2][:2000] = base[:2000]  # unchanged entries: exact zeros in the task vector
+    return base, models
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_methods_on_stored_dtype_models_equal_upcast_copies_bit_for_bit(dtype: torch.dtype) -> None:
+    base, models = _inputs(dtype)
+    b32, m32 = base.float(), [m.float() for m in models]
+    mixed = [m32[0], *models[1:]]  # the engine upcasts only the first slice
+    assert _same_bits(methods.simple_average(mixed), methods.simple_average(m32))
+    assert _same_bits(methods.linear(mixed, [0.3, 1.0, 2.5]), methods.linear(m32, [0.3, 1.0, 2.5]))
+    assert _same_bits(
+        methods.task_arithmetic(b32, models, [1.0, 0.7, 1.0], 0.8),
+        methods.task_arithmetic(b32, m32, [1.0, 0.7, 1.0], 0.8),
+    )
+    cuts = [float((m - b32).abs().median()) for m in m32]
+    for merge_func in ("sum", "mean", "max"):
+        fast, plain = (
+            methods.ties(b32, models, cuts, 0.8, merge_func),
+            methods.ties(b32, m32, cuts, 0.8, merge_func),
+        )
+        assert _same_bits(fast.values, plain.values) and fast.sign_sum == plain.sign_sum
+        assert torch.equal(fast.undecided, plain.undecided) and fast.undecided.numel() > 0
+
+
+def test_ties_fused_sum_equals_the_general_disjoint_merge_bit_for_bit() -> None:
+    base, models = _inputs(torch.bfloat16)
+    b32 = base.float()
+    cuts = [float((m.float() - b32).abs().median()) for m in models]
+    chunk = methods.ties(b32, models, cuts, 0.8, "sum")
+    tv = torch.stack([m.float() - b32 for m in models])
+    tv = tv * (tv.abs() >= torch.tensor(cuts)[:, None])
+    sign = torch.sign(tv.sum(0))
+    merged = methods._disjoint_merge(tv, torch.where(sign == 0, 1.0, sign), "sum")
+    assert _same_bits(chunk.values, b32 + 0.8 * merged)
+    assert chunk.sign_sum == int(sign.sum())
+    assert torch.equal(chunk.undecided, ((sign == 0) & (tv != 0).any(0)).nonzero().flatten())
+
+
+def test_source_hashes_are_the_files_sha256(tmp_path: Path) -> None:
+    paths = []
+    for i, size in enumerate((0, 1, 2**24 + 3)):
+        path = tmp_path / f"f{i}"
+        path.write_bytes(os.urandom(size))
+        paths.append(path)
+    hashes = SourceHashes(paths).result()
+    assert hashes == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+
+def test_cancel_stops_hashing_before_the_next_file(tmp_path: Path) -> None:
+    fifo, big = tmp_path / "fifo", tmp_path / "big"
+    os.mkfifo(fifo)
+    big.write_bytes(b"x" * 1000)
+    hashes = SourceHashes([fifo, big])  # blocks reading the fifo until we write and close it
+    with open(fifo, "wb") as writer:
+        writer.write(b"first bytes")
+        writer.flush()
+        stopper = threading.Thread(target=hashes.cancel)
+        stopper.start()
+        hashes._stop.wait()  # cancel() has asked; the thread is still inside the fifo
+    stopper.join()  # the fifo reached EOF: the thread saw the request and ended
+    assert big not in hashes.result()
