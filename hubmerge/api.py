@@ -13,11 +13,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .card import license_file, render_card
-from .engine import write_weights
+from .diagnostics import MergeStats, stats_files, write_stats
+from .engine import collect_stats, write_weights
 from .errors import HubmergeError
 from .lock import LOCK_FILE, RECIPE_COPY, apply_lock, hash_sources, lock_data
 from .plan import MergePlan, build_plan
@@ -26,7 +28,7 @@ from .publish import push as publish
 from .recipe import load_recipe
 from .sources import TOKENIZER_FILES, fetch
 
-__all__ = ["MergeResult", "load_plan", "merge"]
+__all__ = ["InspectResult", "MergeResult", "inspect", "load_plan", "merge"]
 
 Log = Callable[[str], None]
 
@@ -37,6 +39,7 @@ class MergeResult:
     output_dir: Path
     files: tuple[str, ...]
     commit_url: str | None = None
+    stats: dict[str, Any] | None = None  # merge_stats.json, when the diagnostics were collected
 
 
 def _stderr(message: str) -> None:
@@ -119,9 +122,13 @@ def merge(
     device: str = "cpu",
     lock: str | Path | None = None,
     quiet: bool = False,
+    stats: bool = True,
     log: Log = _stderr,
 ) -> MergeResult:
-    """Run a recipe end to end. Raises a `HubmergeError` subclass with an actionable message."""
+    """Run a recipe end to end. Raises a `HubmergeError` subclass with an actionable message.
+
+    `stats=False` (or `[output] stats = false`) skips the merge diagnostics (merge_stats.json and plots).
+    """
     merge_plan = load_plan(recipe_path, output_dir, lock)
     for warning in merge_plan.warnings:
         log(f"warning: {warning}")
@@ -140,6 +147,8 @@ def merge(
         shutil.rmtree(staging)
     staging.mkdir()
     source_hashes = hash_sources(merge_plan, folders)
+    collector = MergeStats(merge_plan) if stats and merge_plan.stats else None
+    document = None
     try:
         from tqdm.auto import tqdm
 
@@ -150,10 +159,13 @@ def merge(
             desc="merging",
             disable=quiet or not sys.stderr.isatty(),
         ) as bar:
-            files = write_weights(merge_plan, folders, staging, compute, bar.update)
+            files = write_weights(merge_plan, folders, staging, compute, bar.update, collector)
         files |= dict.fromkeys(_copy_side_files(merge_plan, folders, staging))
+        if collector is not None:
+            document = write_stats(collector.result(), staging)
+            files |= dict.fromkeys(stats_files(document))
         # Rendered again now that the tokenizer files are local: the chat template may live in them.
-        (staging / "README.md").write_text(render_card(merge_plan), encoding="utf-8")
+        (staging / "README.md").write_text(render_card(merge_plan, stats=document), encoding="utf-8")
         files["README.md"] = None
         governing = license_file(merge_plan)
         if governing is not None:
@@ -167,10 +179,45 @@ def merge(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    result = MergeResult(merge_plan, directory, tuple(sorted(files)))
+    result = MergeResult(merge_plan, directory, tuple(sorted(files)), stats=document)
     if not publishing:
         return result
     pushed = publish(merge_plan, directory)
     if not pushed.changed:
         log(f"{merge_plan.recipe.output.repo} already holds exactly this output; no new commit was made")
-    return MergeResult(merge_plan, directory, result.files, pushed.url)
+    return MergeResult(merge_plan, directory, result.files, pushed.url, document)
+
+
+@dataclass(frozen=True)
+class InspectResult:
+    plan: MergePlan
+    output_dir: Path
+    files: tuple[str, ...]
+    stats: dict[str, Any]
+
+
+def inspect(
+    recipe_path: str | Path,
+    *,
+    output_dir: str | Path | None = None,
+    device: str = "cpu",
+    lock: str | Path | None = None,
+    quiet: bool = False,
+) -> InspectResult:
+    """Compute a recipe's merge diagnostics without merging: the same reads and statistics as `merge`, in
+    one streaming pass (two for TIES, as the merge), writing only merge_stats.json and its plots.
+
+    The folder defaults to the recipe's output folder with "-inspect" appended, beside it, so a later
+    merge into the output folder finds nothing there that it did not write.
+    """
+    merge_plan = load_plan(recipe_path, lock=lock)
+    out = merge_plan.recipe.output.dir
+    directory = (
+        Path(output_dir).expanduser().resolve() if output_dir else out.with_name(out.name + "-inspect")
+    )
+    compute = _device(device)
+    folders = _fetch_all(merge_plan, quiet)
+    document = collect_stats(merge_plan, folders, compute).result()
+    directory.mkdir(parents=True, exist_ok=True)
+    document = write_stats(document, directory)
+    return InspectResult(merge_plan, directory, tuple(stats_files(document)), document)

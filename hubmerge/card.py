@@ -40,6 +40,10 @@ Template context (every variable is always defined):
                           saved_as (the recipe's file name in the output)
     provenance     dict   hubmerge_version, lock_file, reproducible (every source is a Hub repo at a sha)
     citations      list   BibTeX entries: Qwen2.5, the method's paper, FusionBench when it is the reference
+    diagnostics    dict or None   the merge diagnostics (merge_stats.json), None before the merge: applicable
+                          (bool), note, sign_conflict (str), trims (bool), models (rows of model, norm,
+                          mean_layer_norm, mean_cosine, conflict, kept, dropped: formatted str), plots (dicts of
+                          file, title), plots_note (str or None)
     hubmerge_version  str
 """
 
@@ -661,9 +665,44 @@ def _check_front_matter(card: str, metadata: Mapping[str, Any], template: Path) 
         )
 
 
-def render_card(plan: MergePlan) -> str:
-    """Render README.md for the merge `plan` describes. Raises `CardError` (license, template)."""
+def _diagnostics(
+    stats: Mapping[str, Any] | None, sources: Sequence[Mapping[str, Any]]
+) -> dict[str, Any] | None:
+    """The template's view of merge_stats.json, models named as in the sources table."""
+    from .diagnostics import PLOTS, model_summary, number_text
+
+    if stats is None:
+        return None
+    names = [s["markdown"] for s in sources if s["role"] == "model"]
+    rows = model_summary(stats)
+    titles = dict(PLOTS.values())
+    return {
+        "applicable": bool(rows),
+        "note": stats.get("note"),
+        "sign_conflict": number_text(stats["total"]["sign_conflict"], percent=True) if rows else None,
+        "trims": bool(rows) and rows[0]["kept"] is not None,
+        "models": [
+            {
+                "model": name,
+                "norm": number_text(r["norm"]),
+                "mean_layer_norm": number_text(r["mean_layer_norm"]),
+                "mean_cosine": number_text(r["mean_cosine"]),
+                "conflict": number_text(r["conflict"], percent=True),
+                "kept": number_text(r["kept"], percent=True),
+                "dropped": number_text(r["dropped"], percent=True),
+            }
+            for name, r in zip(names, rows, strict=False)
+        ],
+        "plots": [{"file": file, "title": titles[file]} for file in stats.get("plots", [])],
+        "plots_note": stats.get("plots_note"),
+    }
+
+
+def render_card(plan: MergePlan, stats: Mapping[str, Any] | None = None) -> str:
+    """Render README.md for the merge `plan` describes, with the diagnostics `stats` (merge_stats.json)
+    when the merge collected them. Raises `CardError` (license, template)."""
     context = _context(plan)
+    context["diagnostics"] = _diagnostics(stats, context["sources"])
     template = plan.recipe.card.template or _DEFAULT_TEMPLATE
     card = _render(template, context).rstrip("\n") + "\n"
     _check_front_matter(card, context["metadata"], template)

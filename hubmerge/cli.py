@@ -15,12 +15,15 @@ from .errors import HubmergeError
 
 __all__ = ["main"]
 
-COMMANDS = ("validate", "plan", "card")
+COMMANDS = ("validate", "plan", "card", "inspect")
 _EPILOG = """commands:
   hubmerge RECIPE.toml            merge, write the model folder and card, push if [output] repo is set
   hubmerge validate RECIPE...     check recipes (schema and references) without reading weights
   hubmerge plan RECIPE [--json]   resolve sources and print what a merge would do (same as --dry-run)
   hubmerge card RECIPE [-o FILE]  render the model card alone
+  hubmerge inspect RECIPE [--output DIR]
+                                  merge diagnostics without merging: merge_stats.json and plots in DIR
+                                  (default: the output folder + "-inspect")
 
 exit codes: 0 ok, 1 other error, 2 recipe, 3 source, 4 incompatible sources, 5 card, 6 publish,
   70 internal error (a bug: please report it), 130 interrupted.
@@ -51,6 +54,9 @@ def _run_parser() -> argparse.ArgumentParser:
         help="append a Markdown summary here (default: $GITHUB_STEP_SUMMARY when set)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only errors and warnings")
+    p.add_argument(
+        "--no-stats", action="store_true", help="skip the merge diagnostics (merge_stats.json and plots)"
+    )
     p.add_argument("--version", action="version", version=f"hubmerge {__version__}")
     return p
 
@@ -66,7 +72,8 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("recipes", type=Path, nargs="+")
     else:
         p.add_argument("recipe", type=Path)
-        p.add_argument("--output", type=Path, help="output folder (overrides [output] dir)")
+        where = 'write here (default: the output folder + "-inspect")' if command == "inspect" else None
+        p.add_argument("--output", type=Path, help=where or "output folder (overrides [output] dir)")
     if command == "plan":
         p.add_argument("--json", action="store_true", help="print the plan as JSON")
         p.add_argument("--lock", type=Path, help="pin sources to this hubmerge.lock.json")
@@ -75,6 +82,10 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
         )
     if command == "card":
         p.add_argument("-o", "--out", type=Path, help="write the card here instead of stdout")
+    if command == "inspect":
+        p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the arithmetic runs")
+        p.add_argument("--lock", type=Path, help="pin sources to this hubmerge.lock.json")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
 
 
@@ -104,6 +115,8 @@ def _dispatch(argv: Sequence[str]) -> int:
     from . import api
     from .report import plan_json, plan_text, summary_markdown
 
+    if argv and argv[0] == "inspect":
+        return _inspect(_command_parser("inspect").parse_args(argv[1:]))
     if argv and argv[0] in COMMANDS:
         command, args = argv[0], _command_parser(argv[0]).parse_args(argv[1:])
         merge_plan = api.load_plan(args.recipe, args.output, getattr(args, "lock", None))
@@ -133,12 +146,25 @@ def _dispatch(argv: Sequence[str]) -> int:
         device=args.device,
         lock=args.lock,
         quiet=args.quiet,
+        stats=not args.no_stats,
     )
     if not args.quiet:
         print(f"wrote {result.output_dir}")
     if result.commit_url:
         print(result.commit_url)
     _append(args.summary, summary_markdown(result.plan, result.commit_url, merged=True))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from . import api
+    from .diagnostics import summary_text
+
+    result = api.inspect(
+        args.recipe, output_dir=args.output, device=args.device, lock=args.lock, quiet=args.quiet
+    )
+    print(summary_text(result.stats))
+    print(f"wrote {', '.join(result.files)} to {result.output_dir}")
     return 0
 
 

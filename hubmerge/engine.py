@@ -17,11 +17,12 @@ import torch
 
 from . import __version__
 from .checkpoint import ShardWriter, TensorReader
+from .diagnostics import MergeStats
 from .methods import TiesChunk, linear, simple_average, task_arithmetic, ties, ties_keep_count
 from .plan import MergePlan, OutputTensor
 from .selection import kth_smallest
 
-__all__ = ["Progress", "write_weights"]
+__all__ = ["Progress", "collect_stats", "write_weights"]
 
 Progress = Callable[[int], None]  # called with the number of output bytes just written
 
@@ -95,15 +96,22 @@ class _Inputs:
     GIL, so reading (a copy out of the page cache, or the disk) overlaps the arithmetic.
     """
 
-    def __init__(self, plan: MergePlan, folders: Sequence[Path], device: torch.device) -> None:
+    def __init__(
+        self, plan: MergePlan, folders: Sequence[Path], device: torch.device, stats_base: Path | None = None
+    ) -> None:
         self.readers = [TensorReader(folder) for folder in folders]
+        # The base, read after the math inputs only for the diagnostics (`OutputTensor.stats_base`).
+        self.stats_base = TensorReader(stats_base) if stats_base is not None else None
         self.dtype = plan.compute_dtype
         self.device = device
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubmerge-read")
 
     def _read(self, tensor: OutputTensor, start: int) -> list[torch.Tensor]:
         span = (start, min(tensor.shape[0], start + tensor.chunk_rows)) if tensor.shape else None
-        return [reader.read(info, span) for reader, info in zip(self.readers, tensor.inputs, strict=True)]
+        slices = [reader.read(info, span) for reader, info in zip(self.readers, tensor.inputs, strict=True)]
+        if self.stats_base is not None and tensor.stats_base is not None:
+            slices.append(self.stats_base.read(tensor.stats_base, span))
+        return slices
 
     def stream(
         self, tensors: Sequence[OutputTensor]
@@ -122,6 +130,16 @@ class _Inputs:
         self.pool.shutdown(wait=True)
         for reader in self.readers:
             reader.close()
+        if self.stats_base is not None:
+            self.stats_base.close()
+
+
+def _open_inputs(
+    plan: MergePlan, folders: Mapping[int, Path], device: torch.device, stats: MergeStats | None
+) -> _Inputs:
+    reads_base = stats is not None and plan.base is not None and any(t.stats_base for t in plan.tensors)
+    base = folders[id(plan.base)] if reads_base and plan.base is not None else None
+    return _Inputs(plan, [folders[id(s)] for s in plan.inputs], device, base)
 
 
 def _magnitudes(inputs: _Inputs, tensors: Sequence[OutputTensor]) -> Callable[[], Iterator[torch.Tensor]]:
@@ -164,14 +182,32 @@ def _merge_slice(
     return ties(base, models, thresholds, float(params["scaling_factor"]), str(params["merge_func"]))
 
 
+def collect_stats(plan: MergePlan, folders: Mapping[int, Path], device: torch.device) -> MergeStats:
+    """The diagnostics of the merge `plan` describes, from the same reads as `write_weights`, writing nothing."""
+    stats = MergeStats(plan)
+    inputs = _open_inputs(plan, folders, device, stats)
+    try:
+        thresholds = _ties_thresholds(plan, inputs) if plan.recipe.method.trims else {}
+        for tensor, _, slices in inputs.stream(plan.tensors):
+            stats.add(tensor, slices, thresholds.get(tensor.name))
+    finally:
+        inputs.close()
+    return stats
+
+
 def write_weights(
-    plan: MergePlan, folders: Mapping[int, Path], directory: Path, device: torch.device, progress: Progress
+    plan: MergePlan,
+    folders: Mapping[int, Path],
+    directory: Path,
+    device: torch.device,
+    progress: Progress,
+    stats: MergeStats | None = None,
 ) -> dict[str, str | None]:
-    """Write the merged safetensors shards (and index) into `directory`.
+    """Write the merged safetensors shards (and index) into `directory`, feeding `stats` every slice read.
 
     Returns each written file name with the sha256 of its bytes where it is already known.
     """
-    inputs = _Inputs(plan, [folders[id(s)] for s in plan.inputs], device)
+    inputs = _open_inputs(plan, folders, device, stats)
     patches = _Patches(directory / ".ties-undecided.tmp", plan.out_dtype)
     index = {t.name: i for i, t in enumerate(plan.tensors)}
     files: dict[str, ShardWriter] = {}
@@ -183,7 +219,9 @@ def write_weights(
             files[layout.file] = writer
             try:
                 for tensor, start, slices in inputs.stream([by_name[name] for name, _ in layout.tensors]):
-                    result = _merge_slice(plan, slices, thresholds.get(tensor.name))
+                    if stats is not None:
+                        stats.add(tensor, slices, thresholds.get(tensor.name))
+                    result = _merge_slice(plan, slices[: len(plan.inputs)], thresholds.get(tensor.name))
                     if isinstance(result, TiesChunk):
                         patches.add(index[tensor.name], tensor, start, result)
                         result = result.values

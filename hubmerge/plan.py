@@ -50,6 +50,8 @@ class OutputTensor:
     name: str
     shape: tuple[int, ...]
     inputs: tuple[TensorInfo, ...]  # one per math input, in `MergePlan.inputs` order
+    # The base's tensor when the method ignores the base but the diagnostics measure task vectors against it.
+    stats_base: TensorInfo | None = None
 
     @property
     def numel(self) -> int:
@@ -85,6 +87,7 @@ class MergePlan:
     config_differences: tuple[str, ...]
     qwen25: Qwen25Size | None
     downloads: tuple[Download, ...]
+    stats: bool = True  # collect merge diagnostics (diagnostics.py) while merging
 
     @property
     def inputs(self) -> tuple[Source, ...]:
@@ -270,6 +273,15 @@ def _downloads(base: Source | None, models: tuple[Source, ...], tokenizer: Sourc
     return tuple(result)
 
 
+def _stats_base(recipe: Recipe, base: Source | None, name: str) -> TensorInfo | None:
+    # Task vectors are θᵢ − θ_base for every method: a method that ignores the base (simple_average, linear)
+    # still has it downloaded for config.json, so the diagnostics read it as one more input (only when they
+    # are collected: `MergePlan.stats` or `hubmerge inspect`).
+    if base is None or recipe.method.needs_base:
+        return None
+    return base.tensors[EMBED if name == HEAD and HEAD not in base.tensors else name]
+
+
 def build_plan(recipe: Recipe) -> MergePlan:
     """Resolve the recipe's sources (metadata only) and decide everything the merge will do."""
     base, models, tokenizer = _resolve_all(recipe)
@@ -285,6 +297,7 @@ def build_plan(recipe: Recipe) -> MergePlan:
             name,
             inputs[0].tensors[EMBED if name == HEAD and HEAD not in inputs[0].tensors else name].shape,
             tuple(s.tensors[EMBED if name == HEAD and HEAD not in s.tensors else name] for s in inputs),
+            _stats_base(recipe, base, name),
         )
         for name in names
     )
@@ -322,4 +335,5 @@ def build_plan(recipe: Recipe) -> MergePlan:
         config_differences=_config_differences(weight_sources),
         qwen25=qwen25_size(config_source.config),
         downloads=_downloads(base, models, tokenizer),
+        stats=recipe.output.stats,
     )

@@ -80,6 +80,7 @@ class CardSpec:
     description: str | None = None
     tags: tuple[str, ...] = ()
     language: tuple[str, ...] = ()
+    stats: bool = True  # merge diagnostics (diagnostics.py): merge_stats.json and plots in the output
     license: str | None = None
     license_name: str | None = None
     license_link: str | None = None
@@ -278,7 +279,7 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
         tokenizer = r.model(tokenizer_table, "tokenizer", METHODS["simple_average"], {})
 
     out = r.get(data, "output", dict, "") or {}
-    r.check_keys(out, ("dir", "repo", "private", "branch", "create_pr", "max_shard_size"), "output.")
+    r.check_keys(out, ("dir", "repo", "private", "branch", "create_pr", "max_shard_size", "stats"), "output.")
     if output_dir is not None:
         out_dir = Path(output_dir).expanduser().resolve()
     elif r.get(out, "dir", str, "output.") is not None:
@@ -343,3 +344,4 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
         output=output,
         card=card,
     )
+        stats=r.get(out, "stats", bool, "output.") is not False,
