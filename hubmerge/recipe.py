@@ -71,6 +71,7 @@ class OutputSpec:
     branch: str | None = None
     create_pr: bool = False
     max_shard_size: int = 5 * 10**9
+    stats: bool = True  # merge diagnostics (diagnostics.py): merge_stats.json and plots in the output
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,6 @@ class CardSpec:
     description: str | None = None
     tags: tuple[str, ...] = ()
     language: tuple[str, ...] = ()
-    stats: bool = True  # merge diagnostics (diagnostics.py): merge_stats.json and plots in the output
     license: str | None = None
     license_name: str | None = None
     license_link: str | None = None
@@ -304,6 +304,7 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
         branch=branch,
         create_pr=create_pr,
         max_shard_size=max_shard_size,
+        stats=r.get(out, "stats", bool, "output.") is not False,
     )
 
     card_table = r.get(data, "card", dict, "") or {}
@@ -344,4 +345,3 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
         output=output,
         card=card,
     )
-        stats=r.get(out, "stats", bool, "output.") is not False,
