@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import HubmergeError
+from .errors import GateError, HubmergeError
 
 __all__ = ["main"]
 
-COMMANDS = ("validate", "plan", "card", "inspect")
+COMMANDS = ("validate", "plan", "card", "inspect", "eval")
 _EPILOG = """commands:
   hubmerge RECIPE.toml            merge, write the model folder and card, push if [output] repo is set
   hubmerge validate RECIPE...     check recipes (schema and references) without reading weights
@@ -24,10 +24,14 @@ _EPILOG = """commands:
   hubmerge inspect RECIPE [--output DIR]
                                   merge diagnostics without merging: merge_stats.json and plots in DIR
                                   (default: the output folder + "-inspect")
+  hubmerge eval RECIPE [--sources]
+                                  run the recipe's [eval] lm-eval tasks on its output folder (and the
+                                  sources); needs pip install "hubmerge[eval]"
 
 exit codes: 0 ok, 1 other error, 2 recipe, 3 source, 4 incompatible sources, 5 card, 6 publish,
+  7 evaluation failed, 8 the merge missed [eval] require (not pushed),
   70 internal error (a bug: please report it), 130 interrupted.
-Set HUBMERGE_DEBUG=1 to see tracebacks."""
+Set HUBMERGE_DEBUG=1 to see tracebacks; HUBMERGE_NO_SANITY=1 is the same as --no-sanity."""
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -57,6 +61,16 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-stats", action="store_true", help="skip the merge diagnostics (merge_stats.json and plots)"
     )
+    p.add_argument(
+        "--eval",
+        action="store_true",
+        help='evaluate the merge with the recipe\'s [eval] table before publishing (needs "hubmerge[eval]")',
+    )
+    p.add_argument(
+        "--no-sanity",
+        action="store_true",
+        help="skip the quick sanity check (loads the merge, checks it is finite, compares its loss with the sources')",
+    )
     p.add_argument("--version", action="version", version=f"hubmerge {__version__}")
     return p
 
@@ -82,6 +96,17 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
         )
     if command == "card":
         p.add_argument("-o", "--out", type=Path, help="write the card here instead of stdout")
+    if command == "eval":
+        p.add_argument(
+            "--sources", action="store_true", help="also evaluate the base and every model (cached)"
+        )
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        p.add_argument(
+            "--summary",
+            type=Path,
+            default=_default_summary(),
+            help="append the results table here (Markdown)",
+        )
     if command == "inspect":
         p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the arithmetic runs")
         p.add_argument("--lock", type=Path, help="pin sources to this hubmerge.lock.json")
@@ -117,6 +142,8 @@ def _dispatch(argv: Sequence[str]) -> int:
 
     if argv and argv[0] == "inspect":
         return _inspect(_command_parser("inspect").parse_args(argv[1:]))
+    if argv and argv[0] == "eval":
+        return _eval(_command_parser("eval").parse_args(argv[1:]))
     if argv and argv[0] in COMMANDS:
         command, args = argv[0], _command_parser(argv[0]).parse_args(argv[1:])
         merge_plan = api.load_plan(args.recipe, args.output, getattr(args, "lock", None))
@@ -139,20 +166,44 @@ def _dispatch(argv: Sequence[str]) -> int:
         print(plan_text(merge_plan))
         _append(args.summary, summary_markdown(merge_plan))
         return 0
-    result = api.merge(
-        args.recipe,
-        output_dir=args.output,
-        push=not args.no_push,
-        device=args.device,
-        lock=args.lock,
-        quiet=args.quiet,
-        stats=not args.no_stats,
-    )
+    try:
+        result = api.merge(
+            args.recipe,
+            output_dir=args.output,
+            push=not args.no_push,
+            device=args.device,
+            lock=args.lock,
+            quiet=args.quiet,
+            stats=not args.no_stats,
+            evaluate=args.eval,
+            sanity=not args.no_sanity and os.environ.get("HUBMERGE_NO_SANITY") in (None, "", "0"),
+        )
+    except GateError as exc:
+        _append(args.summary, exc.summary)
+        raise
     if not args.quiet:
         print(f"wrote {result.output_dir}")
     if result.commit_url:
         print(result.commit_url)
     _append(args.summary, summary_markdown(result.plan, result.commit_url, merged=True))
+    if result.evaluation is not None:
+        from .evaluate import summary_markdown as eval_summary
+
+        _append(args.summary, eval_summary(result.evaluation))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from . import api
+    from .evaluate import results_table, summary_markdown
+
+    try:
+        result = api.evaluate(args.recipe, output_dir=args.output, sources=args.sources, quiet=args.quiet)
+    except GateError as exc:
+        _append(args.summary, exc.summary)
+        raise
+    print(results_table(result.evaluation), end="")
+    _append(args.summary, summary_markdown(result.evaluation))
     return 0
 
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MISSING", "Panel", "available", "line_chart"]
+__all__ = ["MISSING", "Panel", "available", "bar_chart", "line_chart"]
 
 MISSING = 'plots skipped: matplotlib is not installed (pip install "hubmerge[plots]")'
 
@@ -54,3 +54,22 @@ def line_chart(path: Path, title: str, xlabel: str, x: Sequence[int], panels: Se
     figure.subplots_adjust(left=0.1, right=0.97, top=1 - 0.4 / height, bottom=0.6 / height, hspace=0.12)
     figure.savefig(path, format="png", dpi=100, metadata={"Software": None})
 
+
+def bar_chart(path: Path, title: str, groups: Sequence[str], series: Mapping[str, Sequence[float]]) -> None:
+    """Write one PNG of grouped bars: one group per entry of `groups`, one bar per series in each."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(max(6.0, 1.2 * len(groups) * (len(series) + 1) / 2), 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    ax = figure.subplots()
+    width = 0.8 / max(len(series), 1)
+    for i, (name, values) in enumerate(series.items()):
+        positions = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        bars = ax.bar(positions, values, width, label=name)
+        ax.bar_label(bars, fmt="%.3f", fontsize="x-small")
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_title(title)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize="small")
+    figure.savefig(path, format="png", dpi=100, metadata={"Software": None})
