@@ -55,6 +55,7 @@ PLOTS = {  # (file, title)
     "signs": ("merge_stats_signs.png", "Sign conflicts per layer"),
 }
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_BLOCK = 1 << 20  # elements per model converted to float64 at once for the dot products
 
 
 @dataclass
@@ -93,6 +94,10 @@ class _Sums:
         return self
 
 
+def _counts(rows: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([torch.count_nonzero(row) for row in rows])
+
+
 class MergeStats:
     """Accumulates the diagnostics of one plan, slice by slice, in any slice size."""
 
@@ -112,28 +117,34 @@ class MergeStats:
             base, models = slices[0], slices[1:]
         else:
             base, models = slices[-1], slices[:-1]
-        task_vectors = torch.stack([(m - base).flatten() for m in models])
-        as64 = task_vectors.to(torch.float64)
-        positive, negative = task_vectors > 0, task_vectors < 0
-        any_positive, any_negative = positive.any(dim=0), negative.any(dim=0)
         n = len(models)
+        task_vectors = torch.empty((n, base.numel()), dtype=base.dtype, device=base.device)
+        for row, model in zip(task_vectors, models, strict=True):
+            torch.sub(model.flatten(), base.flatten(), out=row)
         sums = _Sums.zeros(n, task_vectors.device)
         sums.numel = task_vectors.shape[1]
-        sums.gram = as64 @ as64.T
-        sums.conflict = (any_positive & any_negative).sum()
-        sums.model_conflict = ((positive & any_negative) | (negative & any_positive)).sum(dim=1)
+        for block in task_vectors.split(_BLOCK, dim=1):  # float64 a block at a time: a quarter of a slice
+            as64 = block.to(torch.float64)
+            sums.gram.addmm_(as64, as64.T)
+        # A position has a sign conflict when the largest τ is > 0 and the smallest < 0; there, and only
+        # there, every nonzero τᵢ is opposed by another model's. (Counts are taken row by row: a 1-D
+        # count_nonzero is several times faster than one along a dimension.)
+        conflict = (task_vectors.amax(dim=0) > 0) & (task_vectors.amin(dim=0) < 0)
+        sums.conflict = torch.count_nonzero(conflict)
+        sums.model_conflict = _counts([(row != 0) & conflict for row in task_vectors])
         if self.trims:
             assert cuts is not None
-            # The trimming rule of `methods.ties`: an entry stays when |τᵢ| >= the model's cut-off.
-            cut = torch.tensor(cuts, dtype=task_vectors.dtype, device=task_vectors.device)[:, None]
-            keep = (task_vectors.abs() >= cut) & (task_vectors != 0)
-            elected = torch.sign(torch.where(keep, task_vectors, 0.0).sum(dim=0))
+            # The trimming rule of `methods.ties`, in place (τ is not needed any more): an entry stays
+            # when |τᵢ| >= the model's cut-off.
+            for row, cut in zip(task_vectors, cuts, strict=True):
+                row.masked_fill_(row.abs() < cut, 0.0)
+            elected = torch.sign(task_vectors.sum(dim=0))
             self._sign_sum += float(elected.sum(dtype=torch.float64))
-            undecided = keep & (elected == 0)
-            sums.kept = keep.sum(dim=1)
-            sums.dropped = (keep & (torch.sign(task_vectors) * elected < 0)).sum(dim=1)
-            sums.undecided_pos = (undecided & positive).sum(dim=1)
-            sums.undecided_neg = (undecided & negative).sum(dim=1)
+            undecided = elected == 0
+            sums.kept = _counts(list(task_vectors))
+            sums.dropped = _counts([row * elected < 0 for row in task_vectors])
+            sums.undecided_pos = _counts([(row > 0) & undecided for row in task_vectors])
+            sums.undecided_neg = _counts([(row < 0) & undecided for row in task_vectors])
         if tensor.name in self._sums:
             self._sums[tensor.name] += sums
         else:
