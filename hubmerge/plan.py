@@ -117,7 +117,10 @@ class MergePlan:
             min(t.numel, t.chunk_rows * (t.numel // max(t.shape[0], 1) if t.shape else 1))
             for t in self.tensors
         )
-        return _BASELINE_BYTES + largest * item * (4 * len(self.inputs) + 8)
+        per_element = 4 * len(self.inputs) + 8
+        if self.stats:  # diagnostics.py: the base if only it reads it, the task vectors again, masks
+            per_element += len(self.models) + 6
+        return _BASELINE_BYTES + largest * item * per_element
 
     @property
     def warnings(self) -> tuple[str, ...]:
