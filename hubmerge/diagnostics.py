@@ -19,6 +19,11 @@ a base there are no task vectors, and the statistics are reported as not applica
 against a stand-in such as the models' mean (whose deviations always sum to zero, so two models would
 always show a cosine of −1).
 
+No extra pass over the inputs, but not free arithmetic: about ten elementwise passes over the task vectors
+per slice (float64 dot products included, so the numbers do not depend on the slice size). Measured on a
+40M-parameter, 3-model merge on the 2-core development machine (CPU, shared): simple_average 7-8 s without,
+17-27 s with; TIES 57-70 s without, 92-94 s with. `--no-stats` or `[output] stats = false` turns them off.
+
 `write_stats` writes `merge_stats.json` and, when matplotlib is installed (`hubmerge[plots]`), the plots.
 """
 
