@@ -127,7 +127,10 @@ def check(
     from transformers import AutoTokenizer
 
     texts = sanity_texts()
-    tokenizer = AutoTokenizer.from_pretrained(output, trust_remote_code=False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(output, trust_remote_code=False)
+    except Exception as exc:  # no usable tokenizer in the output: nothing to measure the loss with
+        return SanityReport(skipped=f"the output's tokenizer does not load ({type(exc).__name__}: {exc})")
     try:
         model = _load(output)
     except Exception as exc:  # any failure to load is the finding, not a crash
@@ -142,7 +145,14 @@ def check(
     losses = {"merged": _domain_losses(model, tokenizer, texts)}
     del model
     for label, folder in sources:
-        model = _load(folder)
+        try:
+            model = _load(folder)
+        except Exception as exc:  # a source transformers cannot load leaves nothing to compare with
+            return SanityReport(
+                losses,
+                tuple(warnings),
+                f"source {label} does not load in transformers ({type(exc).__name__})",
+            )
         losses[label] = _domain_losses(model, tokenizer, texts)
         del model
         gc.collect()
