@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY, run_cli
+from conftest import TINY, random_state_dict, run_cli, write_checkpoint
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -253,3 +253,26 @@ def test_no_stats_flag_and_recipe_switch_turn_the_diagnostics_off(
     wrong = write_recipe(recipe_text("ties", extra='[output]\nstats = "no"\n'), "wrong.toml")
     with pytest.raises(RecipeError, match=r"output\.stats: must be a bool"):
         api.load_plan(wrong)
+
+
+def test_ties_dropped_share_follows_the_majority_sign_where_trimmed_vectors_cancel(tmp_path: Path) -> None:
+    # Where the trimmed task vectors sum to exactly 0, the model-wide majority sign (here -1) decides.
+    base = {k: torch.zeros_like(v) for k, v in random_state_dict(0).items()}
+    a = {k: torch.full_like(v, -1.0) for k, v in base.items()}
+    b = {k: torch.full_like(v, -1.0) for k, v in base.items()}
+    a["model.norm.weight"][:4] = torch.tensor([2.0, -2.0, 3.0, 4.0])
+    b["model.norm.weight"][:4] = torch.tensor([-2.0, 2.0, -3.0, 4.0])  # cancels at positions 0, 1 and 2
+    for name, sd in (("base", base), ("a", a), ("b", b)):
+        write_checkpoint(tmp_path / name, sd, dtype=torch.float32)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        'method = "ties"\nbase = "base"\nmodels = ["a", "b"]\n[parameters]\nscaling_factor = 1.0\nthreshold = 100\n'
+    )
+    stats = api.inspect(recipe, output_dir=tmp_path / "inspect", quiet=True).stats
+    assert stats["majority_sign"] == -1
+    norm = next(t for t in stats["tensors"] if t["name"] == "model.norm.weight")
+    numel = norm["numel"]
+    assert norm["dropped"] == [2 / numel, 1 / numel]  # a loses positions 0 and 2, b position 1
+    assert norm["sign_conflict"] == 3 / numel and norm["model_conflict"] == [3 / numel, 3 / numel]
+    assert norm["kept"] == [1.0, 1.0]
+    assert all(t["dropped"] == [0.0, 0.0] for t in stats["tensors"] if t["name"] != "model.norm.weight")
