@@ -128,7 +128,8 @@ class MergeStats:
             torch.sub(model.flatten(), base.flatten(), out=row)
         sums = _Sums.zeros(n, task_vectors.device)
         sums.numel = task_vectors.shape[1]
-        for block in task_vectors.split(_BLOCK, dim=1):  # float64 a block at a time: a quarter of a slice
+        # float64 a block at a time (a quarter of a slice), so the dot products are exact to rounding.
+        for block in torch.split(task_vectors, _BLOCK, dim=1):
             as64 = block.to(torch.float64)
             sums.gram.addmm_(as64, as64.T)
         # A position has a sign conflict when the largest τ is > 0 and the smallest < 0; there, and only
