@@ -19,6 +19,7 @@ from hubserver import LocalHub
 from hubmerge import api
 from hubmerge.errors import RecipeError
 from hubmerge.evaluate import CHART_FILE, RESULTS_FILE
+from hubmerge.lock import file_sha256
 from hubmerge.recipe import load_recipe
 from hubmerge.sanity import LOSS_RATIO, check
 
@@ -142,10 +143,11 @@ def test_a_base_rule_needs_a_base(tmp_path: Path) -> None:
 # --- evaluation -----------------------------------------------------------------------------------------------
 
 
-def test_results_json_card_table_and_model_index_agree_and_differ_between_models(
-    tmp_path: Path, evaluate_calls: list[str]
+def test_results_agree_in_json_card_and_model_index_and_the_cache_reevaluates_only_the_new_merge(
+    tmp_path: Path, evaluate_calls: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    result = api.merge(recipe(tmp_path), push=False, evaluate=True, sanity=False, log=lambda _: None)
+    quiet: Callable[[str], None] = lambda _: None  # noqa: E731
+    result = api.merge(recipe(tmp_path), push=False, evaluate=True, sanity=False, log=quiet)
     out = tmp_path / "out"
     data = json.loads((out / RESULTS_FILE).read_text())["lm_eval"]
     models = data["models"]
@@ -178,14 +180,9 @@ def test_results_json_card_table_and_model_index_agree_and_differ_between_models
         result.evaluation is not None
         and result.evaluation.merged.scores["hubmerge_tiny"]["acc,none"].value == merged_acc
     )
+    first = result.evaluation
 
-
-def test_cache_evaluates_only_the_new_merge_and_the_same_model_scores_the_same(
-    tmp_path: Path, evaluate_calls: list[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    quiet: Callable[[str], None] = lambda _: None  # noqa: E731
-    first = api.merge(recipe(tmp_path), push=False, evaluate=True, sanity=False, log=quiet).evaluation
-    assert first is not None and len(evaluate_calls) == 5
+    # Another merge of the same sources: only the merge is evaluated, the sources come from the cache.
     second = api.merge(
         recipe(tmp_path, 0.5, name="again.toml", output="again"),
         push=False,
@@ -205,6 +202,9 @@ def test_cache_evaluates_only_the_new_merge_and_the_same_model_scores_the_same(
     assert len(evaluate_calls) == 6 + 5
     assert [m.scores for m in again.models] == [m.scores for m in first.models]
     assert not any(m.cached for m in again.models)
+    recorded = json.loads((out / "hubmerge.lock.json").read_text())["output"]["files"]
+    for name in (RESULTS_FILE, CHART_FILE, "README.md"):  # the lock follows the files eval rewrote
+        assert recorded[name]["sha256"] == file_sha256(out / name)
 
 
 def test_eval_command_refuses_a_folder_without_a_merge(tmp_path: Path) -> None:
