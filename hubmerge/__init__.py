@@ -21,12 +21,12 @@ from .errors import (
 from .recipe import Recipe, load_recipe
 
 if TYPE_CHECKING:
-    from .api import MergeResult, load_plan, merge
+    from .api import InspectResult, MergeResult, inspect, load_plan, merge
 
 
 def __getattr__(name: str) -> Any:
     # The merge API imports torch; keep `import hubmerge` (and `hubmerge validate`) fast without it.
-    if name in ("MergeResult", "load_plan", "merge"):
+    if name in ("InspectResult", "MergeResult", "inspect", "load_plan", "merge"):
         from . import api
 
         return getattr(api, name)
@@ -37,12 +37,14 @@ __all__ = [
     "CardError",
     "HubmergeError",
     "IncompatibleSourcesError",
+    "InspectResult",
     "MergeResult",
     "PublishError",
     "Recipe",
     "RecipeError",
     "SourceError",
     "__version__",
+    "inspect",
     "load_plan",
     "load_recipe",
     "merge",

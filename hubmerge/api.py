@@ -13,21 +13,42 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .card import license_file, render_card
-from .engine import write_weights
-from .errors import HubmergeError, RecipeError
-from .lock import LOCK_FILE, RECIPE_COPY, SourceHashes, apply_lock, check_reproduced, hash_sources, lock_data
+from .diagnostics import MergeStats, stats_files, write_stats
+from .engine import collect_stats, write_weights
+from .errors import EvalError, GateError, HubmergeError, RecipeError
+from .evaluate import (
+    CHART_FILE,
+    RESULTS_FILE,
+    Candidate,
+    Evaluation,
+    evaluate_models,
+    require_lm_eval,
+    summary_markdown,
+)
+from .lock import (
+    LOCK_FILE,
+    RECIPE_COPY,
+    SourceHashes,
+    apply_lock,
+    check_reproduced,
+    file_sha256,
+    hash_sources,
+    lock_data,
+)
 from .output import check_target, disk_full, recover, staged, swap_in
 from .plan import MergePlan, build_plan
 from .publish import check_push_access
 from .publish import push as publish
-from .recipe import load_recipe
+from .recipe import EvalSpec, load_recipe
+from .sanity import SanityReport
 from .sources import TOKENIZER_FILES, fetch
 
-__all__ = ["MergeResult", "load_plan", "merge"]
+__all__ = ["EvalResult", "InspectResult", "MergeResult", "evaluate", "inspect", "load_plan", "merge"]
 
 Log = Callable[[str], None]
 
@@ -38,6 +59,9 @@ class MergeResult:
     output_dir: Path
     files: tuple[str, ...]
     commit_url: str | None = None
+    stats: dict[str, Any] | None = None  # merge_stats.json, when the diagnostics were collected
+    evaluation: Evaluation | None = None  # lm-eval results, with `evaluate=True`
+    sanity: SanityReport | None = None  # the quick sanity check, unless turned off
 
 
 def _stderr(message: str) -> None:
@@ -129,6 +153,9 @@ def merge(
     device: str = "cpu",
     lock: str | Path | None = None,
     quiet: bool = False,
+    stats: bool = True,
+    evaluate: bool = False,
+    sanity: bool = True,
     log: Log = _stderr,
 ) -> MergeResult:
     """Run a recipe end to end: write the output folder, and with `push=True` publish it to `[output] repo`.
@@ -136,8 +163,16 @@ def merge(
     Publishing is explicit: without `push=True` nothing leaves the machine. With `lock`, the sources are
     pinned to the lock's commits and the output must equal the one it records. Raises a `HubmergeError`
     subclass with an actionable message; the previous output folder is replaced only by a complete new one.
+
+    `stats=False` (or `[output] stats = false`) skips the merge diagnostics (merge_stats.json and plots).
+    `evaluate=True` runs the recipe's `[eval]` tasks on the merge (and its sources) before publishing; a merge
+    that misses `[eval] require` is written but not pushed (`GateError`). `sanity=False` (or `[eval] sanity =
+    false`) skips the quick sanity check (sanity.py).
     """
     merge_plan = load_plan(recipe_path, output_dir, lock)
+    spec = _eval_spec(merge_plan) if evaluate else None
+    if spec is not None:
+        require_lm_eval()  # before any download: a missing extra fails in a second
     for warning in merge_plan.warnings:
         log(f"warning: {warning}")
     directory = merge_plan.recipe.output.dir
@@ -151,12 +186,24 @@ def merge(
 
     needed = merge_plan.output_bytes
     source_hashes: SourceHashes | None = None
+    collector = MergeStats(merge_plan) if stats and merge_plan.stats else None
     try:
         folders = _fetch_all(merge_plan, quiet)
         needed += _side_bytes(merge_plan, folders)
         source_hashes = hash_sources(merge_plan, folders)
         with staged(directory) as staging:
-            files = _write_output(merge_plan, folders, staging, compute, quiet, log)
+            written = _write_output(
+                merge_plan,
+                folders,
+                staging,
+                compute,
+                quiet,
+                log,
+                collector,
+                spec,
+                sanity and merge_plan.recipe.sanity,
+            )
+            files = written.files
             record = lock_data(merge_plan, folders, staging, files, source_hashes.result(), device)
             if lock is not None:
                 check_reproduced(Path(lock), record)
@@ -170,19 +217,41 @@ def merge(
         if full is not None:
             raise _no_space(full, directory, needed) from None
         raise
-    result = MergeResult(merge_plan, directory, tuple(sorted(files)))
+    document, evaluation, report = written.stats, written.evaluation, written.sanity
+    result = MergeResult(merge_plan, directory, tuple(sorted(files)), None, document, evaluation, report)
+    if evaluation is not None:
+        where = f"it is in {directory} but was not pushed" if publishing else f"the output is in {directory}"
+        _gate(evaluation, where)
     if not publishing:
         return result
     pushed = publish(merge_plan, directory)
     if not pushed.changed:
         log(f"{merge_plan.recipe.output.repo} already holds exactly this output; no new commit was made")
-    return MergeResult(merge_plan, directory, result.files, pushed.url)
+    return MergeResult(merge_plan, directory, result.files, pushed.url, document, evaluation, report)
+
+
+@dataclass(frozen=True)
+class _Written:
+    """What `_write_output` put into the staging folder."""
+
+    files: dict[str, str | None]  # file name -> sha256 where already known
+    stats: dict[str, Any] | None
+    evaluation: Evaluation | None
+    sanity: SanityReport | None
 
 
 def _write_output(
-    plan: MergePlan, folders: dict[int, Path], staging: Path, compute: torch.device, quiet: bool, log: Log
-) -> dict[str, str | None]:
-    """Write weights, side files, card and license into `staging`; each file name maps to its known sha256."""
+    plan: MergePlan,
+    folders: dict[int, Path],
+    staging: Path,
+    compute: torch.device,
+    quiet: bool,
+    log: Log,
+    collector: MergeStats | None,
+    spec: EvalSpec | None,
+    sanity: bool,
+) -> _Written:
+    """Write weights, side files, diagnostics, checks, card and license into `staging`."""
     from tqdm.auto import tqdm
 
     with tqdm(
@@ -192,14 +261,197 @@ def _write_output(
         desc="merging",
         disable=quiet or not sys.stderr.isatty(),
     ) as bar:
-        files = write_weights(plan, folders, staging, compute, bar.update)
+        files = write_weights(plan, folders, staging, compute, bar.update, collector)
     files |= dict.fromkeys(_copy_side_files(plan, folders, staging, log))
+    document = None
+    if collector is not None:
+        document = write_stats(collector.result(), staging)
+        files |= dict.fromkeys(stats_files(document))
+    candidates = _source_candidates(plan, folders)
+    report = _sanity_check(plan, staging, candidates, log) if sanity else None
+    evaluation = None
+    if spec is not None:
+        evaluation = _evaluate(plan, spec, staging, candidates if spec.sources else [], log)
+    if report is not None or evaluation is not None:
+        files |= dict.fromkeys(_write_results(staging, evaluation, report))
     # Rendered again now that the tokenizer files are local: the chat template may live in them.
-    (staging / "README.md").write_text(render_card(plan), encoding="utf-8")
+    card = render_card(plan, stats=document, evaluation=evaluation, sanity=report)
+    (staging / "README.md").write_text(card, encoding="utf-8")
     files["README.md"] = None
     governing = license_file(plan)
     if governing is not None:
         source, name = governing
         shutil.copyfile(folders[id(source)] / name, staging / name)
         files[name] = None
-    return files
+    return _Written(files, document, evaluation, report)
+
+
+@dataclass(frozen=True)
+class InspectResult:
+    plan: MergePlan
+    output_dir: Path
+    files: tuple[str, ...]
+    stats: dict[str, Any]
+
+
+def inspect(
+    recipe_path: str | Path,
+    *,
+    output_dir: str | Path | None = None,
+    device: str = "cpu",
+    lock: str | Path | None = None,
+    quiet: bool = False,
+) -> InspectResult:
+    """Compute a recipe's merge diagnostics without merging: the same reads and statistics as `merge`, in
+    one streaming pass (two for TIES, as the merge), writing only merge_stats.json and its plots.
+
+    The folder defaults to the recipe's output folder with "-inspect" appended, beside it, so a later
+    merge into the output folder finds nothing there that it did not write.
+    """
+    merge_plan = load_plan(recipe_path, lock=lock)
+    out = merge_plan.recipe.output.dir
+    directory = (
+        Path(output_dir).expanduser().resolve() if output_dir else out.with_name(out.name + "-inspect")
+    )
+    compute = _device(device)
+    folders = _fetch_all(merge_plan, quiet)
+    document = collect_stats(merge_plan, folders, compute).result()
+    directory.mkdir(parents=True, exist_ok=True)
+    document = write_stats(document, directory)
+    return InspectResult(merge_plan, directory, tuple(stats_files(document)), document)
+
+
+# --- evaluation ----------------------------------------------------------------------------------------------
+
+
+def _eval_spec(plan: MergePlan) -> EvalSpec:
+    if plan.recipe.eval is None:
+        raise RecipeError(
+            f'{plan.recipe.path}: evaluating needs an [eval] table with tasks, e.g. tasks = ["gsm8k"], limit = 100'
+        )
+    return plan.recipe.eval
+
+
+def _source_candidates(plan: MergePlan, folders: dict[int, Path]) -> list[Candidate]:
+    """The base (when the recipe has one) and every model, in recipe order, as the recipe names them."""
+    roles = (["base"] if plan.base is not None else []) + ["model"] * len(plan.models)
+    return [
+        Candidate(role, s.ref.text, folders[id(s)], s.ref.repo_id, s.sha)
+        for role, s in zip(roles, plan.weight_sources, strict=True)
+    ]
+
+
+def _sanity_check(plan: MergePlan, folder: Path, candidates: list[Candidate], log: Log) -> SanityReport:
+    from .sanity import check
+
+    item = torch.empty(0, dtype=plan.out_dtype).element_size()
+    report = check(folder, [(c.name, c.folder) for c in candidates], plan.parameter_count, item)
+    log(report.summary())
+    for warning in report.warnings:
+        log(f"WARNING: sanity check: {warning}")
+    return report
+
+
+def _evaluate(
+    plan: MergePlan, spec: EvalSpec, folder: Path, sources: list[Candidate], log: Log
+) -> Evaluation:
+    """Evaluate the model in `folder` and `sources`; a relative `require` rule always brings the sources in."""
+    if not sources and any(r.reference is not None for r in spec.require):
+        raise RecipeError(
+            f"{plan.recipe.path}: eval.require compares with the sources; keep [eval] sources = true or pass --sources"
+        )
+    evaluation = evaluate_models(
+        [Candidate("merged", "merged", folder), *sources], folder, spec, plan.recipe.path, log
+    )
+    from .plots import bar_chart
+
+    names = [m.name for m in evaluation.models]
+    rows = evaluation.rows()
+    bar_chart(
+        folder / CHART_FILE,
+        f"{plan.recipe.path.name}: lm-evaluation-harness {evaluation.lm_eval_version}",
+        [f"{task}\n{metric}" for task, metric, _ in rows],
+        {name: [scores[i].value for _, _, scores in rows] for i, name in enumerate(names)},
+    )
+    return evaluation
+
+
+def _write_results(folder: Path, evaluation: Evaluation | None, report: SanityReport | None) -> list[str]:
+    """eval_results.json (and the chart the evaluation drew); returns the files written."""
+    data = {
+        "lm_eval": evaluation.to_json() if evaluation is not None else None,
+        "sanity": report.to_json() if report is not None else None,
+    }
+    (folder / RESULTS_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return [RESULTS_FILE, CHART_FILE] if evaluation is not None else [RESULTS_FILE]
+
+
+def _gate(evaluation: Evaluation, where: str) -> None:
+    if evaluation.missed:
+        raise GateError(
+            f"the merge misses [eval] require ({'; '.join(c.describe() for c in evaluation.missed)}); {where}",
+            summary_markdown(evaluation),
+        )
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    plan: MergePlan
+    output_dir: Path
+    evaluation: Evaluation
+
+
+def evaluate(
+    recipe_path: str | Path,
+    *,
+    output_dir: str | Path | None = None,
+    sources: bool = False,
+    quiet: bool = False,
+    log: Log = _stderr,
+) -> EvalResult:
+    """Evaluate the recipe's merged output folder on its `[eval]` tasks (`sources=True`: the base and every
+    model too), then update eval_results.json, the chart, the card and the lock there. Raises `GateError`
+    when the merge misses `[eval] require`.
+    """
+    recipe = load_recipe(recipe_path, output_dir)
+    directory = recipe.output.dir
+    if not (directory / RECIPE_COPY).is_file():
+        raise EvalError(
+            f"{directory} holds no hubmerge output to evaluate; run `hubmerge {recipe_path}` first"
+        )
+    lock = directory / LOCK_FILE
+    # Pinned to what the merge read: a recipe edited since then is refused rather than described wrongly.
+    merge_plan = load_plan(recipe_path, output_dir, lock if lock.is_file() else None)
+    spec = _eval_spec(merge_plan)
+    require_lm_eval()
+    with_sources = sources or any(r.reference is not None for r in spec.require)
+    candidates = _source_candidates(merge_plan, _fetch_all(merge_plan, quiet)) if with_sources else []
+    evaluation = _evaluate(merge_plan, spec, directory, candidates, log)
+    previous = directory / RESULTS_FILE
+    report = None
+    if previous.is_file():
+        recorded = json.loads(previous.read_text(encoding="utf-8")).get("sanity")
+        report = SanityReport.from_json(recorded) if recorded else None
+    written = _write_results(directory, evaluation, report)
+    stats_path = directory / "merge_stats.json"
+    stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else None
+    card = render_card(merge_plan, stats=stats, evaluation=evaluation, sanity=report)
+    (directory / "README.md").write_text(card, encoding="utf-8")
+    _record_outputs(directory, [*written, "README.md"])
+    _gate(evaluation, f"the results are in {directory / RESULTS_FILE}")
+    return EvalResult(merge_plan, directory, evaluation)
+
+
+def _record_outputs(directory: Path, names: list[str]) -> None:
+    """Bring the lock's record of the output files up to date after rewriting `names`."""
+    path = directory / LOCK_FILE
+    if not path.is_file():
+        return
+    record = json.loads(path.read_text(encoding="utf-8"))
+    files = record["output"]["files"]
+    for name in names:
+        files[name] = {"size": (directory / name).stat().st_size, "sha256": file_sha256(directory / name)}
+    record["output"]["files"] = dict(sorted(files.items()))
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    partial.replace(path)

@@ -40,6 +40,18 @@ Template context (every variable is always defined):
                           saved_as (the recipe's file name in the output)
     provenance     dict   hubmerge_version, lock_file, reproducible (every source is a Hub repo at a sha)
     citations      list   BibTeX entries: Qwen2.5, the method's paper, FusionBench when it is the reference
+    diagnostics    dict or None   the merge diagnostics (merge_stats.json), None before the merge: applicable
+                          (bool), note, sign_conflict (str), trims (bool), models (rows of model, norm,
+                          mean_layer_norm, mean_cosine, conflict, kept, dropped: formatted str), plots (dicts of
+                          file, title), plots_note (str or None)
+    evaluation     dict or None   lm-eval results, None unless evaluated: models (markdown names of the base and
+                          models evaluated, in the table's order), rows (dicts of task, metric, merged, direction
+                          "↑"/"↓", sources: dicts of value and difference, the merge minus that source; all
+                          formatted str), settings (str), lm_eval_version, chart (PNG file name), checks (dicts
+                          of text, passed: the `[eval] require` gate)
+    sanity         dict or None   the quick sanity check, None when it did not run: passed (bool), skipped (the
+                          reason, or None), warnings (list), ratio (the loss threshold), domains (dicts of
+                          domain, merged, best, worst: the merge's and the sources' loss per token, str)
     hubmerge_version  str
 """
 
@@ -62,6 +74,9 @@ from .sources import LICENSE_FILES, Source
 
 if TYPE_CHECKING:
     from huggingface_hub import CardData, ModelCardData
+
+    from .evaluate import Evaluation
+    from .sanity import SanityReport
 
 __all__ = ["LICENSE_FILES", "License", "combine_licenses", "license_file", "render_card", "source_license"]
 
@@ -464,7 +479,13 @@ def _card_data(plan: MergePlan, entries: list[_Entry], lic: License) -> ModelCar
         pipeline_tag="text-generation",
         tags=list(
             dict.fromkeys(
-                ["merge", "hubmerge", plan.recipe.method.name, *(["qwen2.5"] if plan.qwen25 else []), *spec.tags]
+                [
+                    "merge",
+                    "hubmerge",
+                    plan.recipe.method.name,
+                    *(["qwen2.5"] if plan.qwen25 else []),
+                    *spec.tags,
+                ]
             )
         ),
         base_model_relation="merge" if base_model else None,
@@ -681,9 +702,137 @@ def _check_front_matter(card: str, metadata: Mapping[str, Any], template: Path) 
         )
 
 
-def render_card(plan: MergePlan) -> str:
-    """Render README.md for the merge `plan` describes. Raises `CardError` (license, template)."""
+def _diagnostics(
+    stats: Mapping[str, Any] | None, sources: Sequence[Mapping[str, Any]]
+) -> dict[str, Any] | None:
+    """The template's view of merge_stats.json, models named as in the sources table."""
+    from .diagnostics import PLOTS, model_summary, number_text
+
+    if stats is None:
+        return None
+    names = [s["markdown"] for s in sources if s["role"] == "model"]
+    rows = model_summary(stats)
+    titles = dict(PLOTS.values())
+    return {
+        "applicable": bool(rows),
+        "note": stats.get("note"),
+        "sign_conflict": number_text(stats["total"]["sign_conflict"], percent=True) if rows else None,
+        "trims": bool(rows) and rows[0]["kept"] is not None,
+        "models": [
+            {
+                "model": name,
+                "norm": number_text(r["norm"]),
+                "mean_layer_norm": number_text(r["mean_layer_norm"]),
+                "mean_cosine": number_text(r["mean_cosine"]),
+                "conflict": number_text(r["conflict"], percent=True),
+                "kept": number_text(r["kept"], percent=True),
+                "dropped": number_text(r["dropped"], percent=True),
+            }
+            for name, r in zip(names, rows, strict=False)
+        ],
+        "plots": [{"file": file, "title": titles[file]} for file in stats.get("plots", [])],
+        "plots_note": stats.get("plots_note"),
+    }
+
+
+def _evaluation(evaluation: Evaluation | None, sources: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The template's view of the lm-eval results: the merge, then base and models named as in the sources."""
+    from .evaluate import CHART_FILE
+
+    if evaluation is None:
+        return None
+    names = [s["markdown"] for s in sources if s["role"] in ("base", "model")]
+    settings = evaluation.settings
+    described = [
+        f"limit {settings['limit']}" if settings["limit"] is not None else "all examples",
+        f"{settings['num_fewshot']}-shot"
+        if settings["num_fewshot"] is not None
+        else "the tasks' default shots",
+        f"dtype {settings['dtype']}",
+    ]
+    return {
+        "models": names[: len(evaluation.models) - 1],
+        "rows": [
+            {
+                "task": task,
+                "metric": metric,
+                "merged": f"{scores[0].value:.4f}",
+                "direction": "↑" if scores[0].higher_is_better else "↓",
+                "sources": [
+                    {"value": f"{s.value:.4f}", "difference": f"{scores[0].value - s.value:+.4f}"}
+                    for s in scores[1:]
+                ],
+            }
+            for task, metric, scores in evaluation.rows()
+        ],
+        "settings": ", ".join(described),
+        "lm_eval_version": evaluation.lm_eval_version,
+        "chart": CHART_FILE,
+        "checks": [{"text": c.describe(), "passed": c.passed} for c in evaluation.checks],
+    }
+
+
+def _sanity(report: SanityReport | None) -> dict[str, Any] | None:
+    from .sanity import LOSS_RATIO
+
+    if report is None:
+        return None
+    merged = report.losses.get("merged", {})
+    sources = [losses for name, losses in report.losses.items() if name != "merged"]
+    return {
+        "passed": report.passed,
+        "skipped": report.skipped,
+        "warnings": list(report.warnings),
+        "ratio": LOSS_RATIO,
+        "domains": [
+            {
+                "domain": domain,
+                "merged": f"{loss:.3f}",
+                "best": f"{min(s[domain] for s in sources):.3f}" if sources else "—",
+                "worst": f"{max(s[domain] for s in sources):.3f}" if sources else "—",
+            }
+            for domain, loss in merged.items()
+        ],
+    }
+
+
+def _with_model_index(context: dict[str, Any], evaluation: Evaluation) -> None:
+    """Add the merge's scores to the front matter as `model-index`, through huggingface_hub's `EvalResult`."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    results = [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=task,
+            dataset_name=task,
+            metric_type=metric.partition(",")[0],
+            metric_name=metric,
+            metric_value=scores[0].value,
+            source_name=f"lm-evaluation-harness {evaluation.lm_eval_version}",
+            source_url="https://github.com/EleutherAI/lm-evaluation-harness",
+        )
+        for task, metric, scores in evaluation.rows()
+    ]
+    data = ModelCardData(**context["metadata"], model_name=context["title"], eval_results=results)
+    context["front_matter"] = data.to_yaml()
+    context["metadata"] = _as_dict(data)
+
+
+def render_card(
+    plan: MergePlan,
+    stats: Mapping[str, Any] | None = None,
+    evaluation: Evaluation | None = None,
+    sanity: SanityReport | None = None,
+) -> str:
+    """Render README.md for the merge `plan` describes, with the diagnostics `stats` (merge_stats.json)
+    when the merge collected them, and the `evaluation` and `sanity` check results when they ran.
+    Raises `CardError` (license, template)."""
     context = _context(plan)
+    context["diagnostics"] = _diagnostics(stats, context["sources"])
+    context["evaluation"] = _evaluation(evaluation, context["sources"])
+    context["sanity"] = _sanity(sanity)
+    if evaluation is not None:
+        _with_model_index(context, evaluation)
     template = plan.recipe.card.template or _DEFAULT_TEMPLATE
     card = _render(template, context).rstrip("\n") + "\n"
     _check_front_matter(card, context["metadata"], template)

@@ -17,21 +17,28 @@ from pathlib import Path
 from types import FrameType
 
 from . import __version__
-from .errors import HubmergeError
+from .errors import GateError, HubmergeError
 
 __all__ = ["main"]
 
-COMMANDS = ("validate", "plan", "card")
+COMMANDS = ("validate", "plan", "card", "inspect", "eval")
 _EPILOG = """commands:
   hubmerge RECIPE.toml            merge, write the model folder and card, push if [output] repo is set
   hubmerge validate RECIPE...     check recipes (schema and references) without reading weights
   hubmerge plan RECIPE [--json]   resolve sources and print what a merge would do (same as --dry-run)
   hubmerge card RECIPE [--file F] render the model card alone
+  hubmerge inspect RECIPE [--output DIR]
+                                  merge diagnostics without merging: merge_stats.json and plots in DIR
+                                  (default: the output folder + "-inspect")
+  hubmerge eval RECIPE [--sources]
+                                  run the recipe's [eval] lm-eval tasks on its output folder (and the
+                                  sources); needs pip install "hubmerge[eval]"
 
 exit codes: 0 ok, 1 other error (output folder, disk full, lock not reproduced), 2 recipe, 3 source,
-  4 incompatible sources, 5 card, 6 publish, 70 internal error (a bug: please report it),
-  130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
-Set HUBMERGE_DEBUG=1 to see tracebacks."""
+  4 incompatible sources, 5 card, 6 publish, 7 evaluation failed, 8 the merge missed [eval] require
+  (not pushed), 70 internal error (a bug: please report it), 130 interrupted (Ctrl-C),
+  143 terminated (SIGTERM).
+Set HUBMERGE_DEBUG=1 to see tracebacks; HUBMERGE_NO_SANITY=1 is the same as --no-sanity."""
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -58,6 +65,19 @@ def _run_parser() -> argparse.ArgumentParser:
         help="append a Markdown summary here (default: $GITHUB_STEP_SUMMARY when set)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only errors and warnings")
+    p.add_argument(
+        "--no-stats", action="store_true", help="skip the merge diagnostics (merge_stats.json and plots)"
+    )
+    p.add_argument(
+        "--eval",
+        action="store_true",
+        help='evaluate the merge with the recipe\'s [eval] table before publishing (needs "hubmerge[eval]")',
+    )
+    p.add_argument(
+        "--no-sanity",
+        action="store_true",
+        help="skip the quick sanity check (loads the merge, checks it is finite, compares its loss with the sources')",
+    )
     p.add_argument("--version", action="version", version=f"hubmerge {__version__}")
     return p
 
@@ -73,6 +93,10 @@ _DESCRIPTIONS = {
     "plan": "Resolve the recipe's sources (metadata only) and print what a merge would do: shas, files to "
     "download, output tensors and bytes, memory and disk estimates, push target.",
     "card": "Render the model card (README.md) the merge would write, without merging.",
+    "inspect": "Compute the merge diagnostics (task-vector norms, pairwise cosines, sign conflicts) in one "
+    "streaming pass without merging, and write merge_stats.json and its plots.",
+    "eval": "Evaluate the recipe's merged output folder on its [eval] lm-evaluation-harness tasks (and, with "
+    "--sources, the base and every model), then update eval_results.json, the chart, the card and the lock.",
 }
 
 
@@ -82,9 +106,12 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("recipes", type=Path, nargs="+", help="recipe files (TOML)")
     else:
         p.add_argument("recipe", type=Path, help="the recipe file (TOML)")
-        p.add_argument(
-            "--output", type=Path, help="the merge's output folder, as for a merge (overrides [output] dir)"
+        where = (
+            'write here (default: the output folder + "-inspect")'
+            if command == "inspect"
+            else "the merge's output folder, as for a merge (overrides [output] dir)"
         )
+        p.add_argument("--output", type=Path, help=where)
     if command == "plan":
         p.add_argument("--json", action="store_true", help="print the plan as JSON")
         p.add_argument("--lock", type=Path, help="pin sources to this hubmerge.lock.json")
@@ -93,6 +120,21 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
         )
     if command == "card":
         p.add_argument("--file", type=Path, help="write the card to this file instead of stdout")
+    if command == "eval":
+        p.add_argument(
+            "--sources", action="store_true", help="also evaluate the base and every model (cached)"
+        )
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        p.add_argument(
+            "--summary",
+            type=Path,
+            default=_default_summary(),
+            help="append the results table here (Markdown)",
+        )
+    if command == "inspect":
+        p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the arithmetic runs")
+        p.add_argument("--lock", type=Path, help="pin sources to this hubmerge.lock.json")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
 
 
@@ -136,6 +178,10 @@ def _dispatch(argv: Sequence[str]) -> int:
     from . import api
     from .report import plan_json, plan_text, summary_markdown
 
+    if argv and argv[0] == "inspect":
+        return _inspect(_command_parser("inspect").parse_args(argv[1:]))
+    if argv and argv[0] == "eval":
+        return _eval(_command_parser("eval").parse_args(argv[1:]))
     if argv and argv[0] in COMMANDS:
         command, args = argv[0], _command_parser(argv[0]).parse_args(argv[1:])
         merge_plan = api.load_plan(args.recipe, args.output, getattr(args, "lock", None))
@@ -158,19 +204,56 @@ def _dispatch(argv: Sequence[str]) -> int:
         print(plan_text(merge_plan))
         _append(args.summary, summary_markdown(merge_plan))
         return 0
-    result = api.merge(
-        args.recipe,
-        output_dir=args.output,
-        push=not args.no_push,
-        device=args.device,
-        lock=args.lock,
-        quiet=args.quiet,
-    )
+    try:
+        result = api.merge(
+            args.recipe,
+            output_dir=args.output,
+            push=not args.no_push,
+            device=args.device,
+            lock=args.lock,
+            quiet=args.quiet,
+            stats=not args.no_stats,
+            evaluate=args.eval,
+            sanity=not args.no_sanity and os.environ.get("HUBMERGE_NO_SANITY") in (None, "", "0"),
+        )
+    except GateError as exc:
+        _append(args.summary, exc.summary)
+        raise
     if not args.quiet:
         print(f"wrote {result.output_dir}")
     if result.commit_url:
         print(result.commit_url)
     _append(args.summary, summary_markdown(result.plan, result.commit_url, merged=True))
+    if result.evaluation is not None:
+        from .evaluate import summary_markdown as eval_summary
+
+        _append(args.summary, eval_summary(result.evaluation))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from . import api
+    from .evaluate import results_table, summary_markdown
+
+    try:
+        result = api.evaluate(args.recipe, output_dir=args.output, sources=args.sources, quiet=args.quiet)
+    except GateError as exc:
+        _append(args.summary, exc.summary)
+        raise
+    print(results_table(result.evaluation), end="")
+    _append(args.summary, summary_markdown(result.evaluation))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from . import api
+    from .diagnostics import summary_text
+
+    result = api.inspect(
+        args.recipe, output_dir=args.output, device=args.device, lock=args.lock, quiet=args.quiet
+    )
+    print(summary_text(result.stats))
+    print(f"wrote {', '.join(result.files)} to {result.output_dir}")
     return 0
 
 

@@ -20,12 +20,13 @@ import torch
 
 from . import __version__
 from .checkpoint import ShardWriter, TensorInfo, TensorReader
+from .diagnostics import MergeStats
 from .errors import HubmergeError, SourceError
 from .methods import TiesChunk, linear, simple_average, task_arithmetic, ties, ties_keep_count
 from .plan import MergePlan, OutputTensor
 from .selection import bracket, kth_smallest
 
-__all__ = ["Progress", "write_weights"]
+__all__ = ["Progress", "collect_stats", "write_weights"]
 
 Progress = Callable[[int], None]  # called with the number of output bytes just written
 
@@ -99,12 +100,20 @@ class _Inputs:
     GIL, so reading (a copy out of the page cache, or the disk) overlaps the arithmetic.
     """
 
-    def __init__(self, plan: MergePlan, folders: Mapping[int, Path], device: torch.device) -> None:
-        # A source listed twice is one reader, and each of its slices is read once (`_read`).
+    def __init__(
+        self,
+        plan: MergePlan,
+        folders: Mapping[int, Path],
+        device: torch.device,
+        stats_base: Path | None = None,
+    ) -> None:
+        # A source listed twice is one reader, and each of its slices is read once (`rows`).
         readers = {id(s): TensorReader(folders[id(s)]) for s in plan.inputs}
         self.readers = [readers[id(s)] for s in plan.inputs]
         self.labels = [s.label for s in plan.inputs]
         self.allow_non_finite = plan.recipe.allow_non_finite
+        # The base, read after the math inputs only for the diagnostics (`OutputTensor.stats_base`).
+        self.stats_base = TensorReader(stats_base) if stats_base is not None else None
         self.dtype = plan.compute_dtype
         self.device = device
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubmerge-read")
@@ -113,7 +122,8 @@ class _Inputs:
         return self.rows(tensor, start, start + tensor.chunk_rows)
 
     def rows(self, tensor: OutputTensor, start: int, stop: int) -> list[torch.Tensor]:
-        """Rows [start, stop) of `tensor` (all of a 0-d tensor) from every input, in their stored dtype.
+        """Rows [start, stop) of `tensor` (all of a 0-d tensor) from every input, in their stored dtype,
+        then the diagnostics' base when it is read for them.
 
         A source named twice in the recipe is read once: both mentions share the slice.
         """
@@ -131,6 +141,8 @@ class _Inputs:
                         "allow_non_finite = true in the recipe to merge it anyway"
                     )
             slices.append(read[key])
+        if self.stats_base is not None and tensor.stats_base is not None:
+            slices.append(self.stats_base.read(tensor.stats_base, span))
         return slices
 
     def upcast(self, raw: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -159,6 +171,16 @@ class _Inputs:
         self.pool.shutdown(wait=True)
         for reader in self.readers:
             reader.close()
+        if self.stats_base is not None:
+            self.stats_base.close()
+
+
+def _open_inputs(
+    plan: MergePlan, folders: Mapping[int, Path], device: torch.device, stats: MergeStats | None
+) -> _Inputs:
+    reads_base = stats is not None and plan.base is not None and any(t.stats_base for t in plan.tensors)
+    base = folders[id(plan.base)] if reads_base and plan.base is not None else None
+    return _Inputs(plan, folders, device, base)
 
 
 def _magnitudes(slices: list[torch.Tensor]) -> torch.Tensor:
@@ -254,8 +276,10 @@ def _check_finite(
     raise HubmergeError(
         f"the merged {tensor.name} has NaN or Inf values although its inputs are finite (overflow in "
         f"{str(plan.out_dtype).removeprefix('torch.')}, or parameters that cancel out); check the method's "
-        "parameters or set dtype = \"float32\""
+        'parameters or set dtype = "float32"'
     )
+
+
 def _arithmetic_threads(default: int) -> int:
     """Intra-op threads for the arithmetic: one core fewer than the process may use, at least one.
 
@@ -266,14 +290,32 @@ def _arithmetic_threads(default: int) -> int:
     return max(1, min(default, cores - 1))
 
 
+def collect_stats(plan: MergePlan, folders: Mapping[int, Path], device: torch.device) -> MergeStats:
+    """The diagnostics of the merge `plan` describes, from the same reads as `write_weights`, writing nothing."""
+    stats = MergeStats(plan)
+    inputs = _open_inputs(plan, folders, device, stats)
+    try:
+        thresholds = _ties_thresholds(plan, inputs) if plan.recipe.method.trims else {}
+        for tensor, _, slices in inputs.stream(plan.tensors):
+            stats.add(tensor, slices, thresholds.get(tensor.name))
+    finally:
+        inputs.close()
+    return stats
+
+
 def write_weights(
-    plan: MergePlan, folders: Mapping[int, Path], directory: Path, device: torch.device, progress: Progress
+    plan: MergePlan,
+    folders: Mapping[int, Path],
+    directory: Path,
+    device: torch.device,
+    progress: Progress,
+    stats: MergeStats | None = None,
 ) -> dict[str, str | None]:
-    """Write the merged safetensors shards (and index) into `directory`.
+    """Write the merged safetensors shards (and index) into `directory`, feeding `stats` every slice read.
 
     Returns each written file name with the sha256 of its bytes where it is already known.
     """
-    inputs = _Inputs(plan, folders, device)
+    inputs = _open_inputs(plan, folders, device, stats)
     patches = _Patches(directory / ".ties-undecided.tmp", plan.out_dtype)
     index = {t.name: i for i, t in enumerate(plan.tensors)}
     files: dict[str, ShardWriter] = {}
@@ -288,7 +330,9 @@ def write_weights(
             files[layout.file] = writer
             try:
                 for tensor, start, slices in inputs.stream([by_name[name] for name, _ in layout.tensors]):
-                    result = _merge_slice(plan, slices, thresholds.get(tensor.name))
+                    if stats is not None:
+                        stats.add(tensor, slices, thresholds.get(tensor.name))
+                    result = _merge_slice(plan, slices[: len(plan.inputs)], thresholds.get(tensor.name))
                     if isinstance(result, TiesChunk):
                         patches.add(index[tensor.name], tensor, start, result)
                         result = result.values

@@ -5,7 +5,9 @@
      ├── SourceError                  exit 3: a source model cannot be found, read or downloaded
      ├── IncompatibleSourcesError     exit 4: the sources cannot be merged together (names, shapes, architecture)
      ├── CardError                    exit 5: the model card cannot be rendered (template, license)
-     └── PublishError                 exit 6: the result cannot be pushed (token, permissions, Hub errors)
+     ├── PublishError                 exit 6: the result cannot be pushed (token, permissions, Hub errors)
+     └── EvalError                    exit 7: the evaluation cannot run (lm-eval missing, a task fails)
+          └── GateError               exit 8: the merge misses an `[eval] require` score; it was not pushed
 
 Exit code 130 means interrupted and 70 an internal error, a bug (run with HUBMERGE_DEBUG=1 for a traceback).
 """
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 __all__ = [
     "CardError",
+    "EvalError",
+    "GateError",
     "HubmergeError",
     "IncompatibleSourcesError",
     "PublishError",
@@ -46,3 +50,15 @@ class CardError(HubmergeError):
 
 class PublishError(HubmergeError):
     exit_code = 6
+
+
+class EvalError(HubmergeError):
+    exit_code = 7
+
+
+class GateError(EvalError):
+    exit_code = 8
+
+    def __init__(self, message: str, summary: str = "") -> None:
+        super().__init__(message)
+        self.summary = summary  # the results table in Markdown, for the job summary

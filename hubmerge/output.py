@@ -23,7 +23,9 @@ import errno
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -161,10 +163,20 @@ def staged(directory: Path) -> Iterator[Path]:
 
     parent = directory.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(directory), dir=parent))
-    marker = open(staging / MARKER, "wb")  # noqa: SIM115 - held (and locked) until the run ends
-    fcntl.flock(marker, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    _running[staging] = marker
+    # A signal between creating the folder and registering it would leave it behind (`abandon` removes
+    # only registered folders): hold SIGINT/SIGTERM until both are done; they are delivered right after.
+    held = {signal.SIGINT, signal.SIGTERM}
+    blocked = threading.current_thread() is threading.main_thread()
+    if blocked:
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(directory), dir=parent))
+        marker = open(staging / MARKER, "wb")  # noqa: SIM115 - held (and locked) until the run ends
+        fcntl.flock(marker, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _running[staging] = marker
+    finally:
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
     try:
         yield staging
     finally:
@@ -216,7 +228,12 @@ def abandon(finish: Callable[[], None]) -> None:
         _deferred.append(finish)
         return
     for staging in list(_running):
-        shutil.rmtree(staging, ignore_errors=True)
+        # The reader and writer threads keep running until the process exits and may add a file while
+        # the tree is being removed; a second pass takes what the first one raced with.
+        for _ in range(3):
+            shutil.rmtree(staging, ignore_errors=True)
+            if not staging.exists():
+                break
     finish()
 
 

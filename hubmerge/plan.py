@@ -74,6 +74,8 @@ class OutputTensor:
     name: str
     shape: tuple[int, ...]
     inputs: tuple[TensorInfo, ...]  # one per math input, in `MergePlan.inputs` order
+    # The base's tensor when the method ignores the base but the diagnostics measure task vectors against it.
+    stats_base: TensorInfo | None = None
 
     @property
     def numel(self) -> int:
@@ -112,6 +114,7 @@ class MergePlan:
     config_differences: tuple[str, ...]
     qwen25: Qwen25Size | None
     downloads: tuple[Download, ...]
+    stats: bool = True  # collect merge diagnostics (diagnostics.py) while merging
 
     @property
     def inputs(self) -> tuple[Source, ...]:
@@ -147,7 +150,10 @@ class MergePlan:
             min(t.numel, t.chunk_rows * (t.numel // max(t.shape[0], 1) if t.shape else 1))
             for t in self.tensors
         )
-        return _BASELINE_BYTES + largest * item * (4 * len(self.inputs) + 8)
+        per_element = 4 * len(self.inputs) + 8
+        if self.stats:  # diagnostics.py: the base if only it reads it, the task vectors again, masks
+            per_element += len(self.models) + 6
+        return _BASELINE_BYTES + largest * item * per_element
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -187,7 +193,9 @@ def _resolve_all(recipe: Recipe) -> tuple[Role, ...]:
     roles = [Role("base", 0, get(recipe.base, "base"), recipe.base)] if recipe.base is not None else []
     roles += [Role("model", i, get(m, f"models[{i}]"), m) for i, m in enumerate(recipe.models)]
     if recipe.tokenizer is not None:
-        roles.append(Role("tokenizer", 0, get(recipe.tokenizer, "tokenizer", weights=False), recipe.tokenizer))
+        roles.append(
+            Role("tokenizer", 0, get(recipe.tokenizer, "tokenizer", weights=False), recipe.tokenizer)
+        )
     return tuple(roles)
 
 
@@ -337,6 +345,15 @@ def _downloads(roles: tuple[Role, ...], tokenizer: Source) -> tuple[Download, ..
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
+def _stats_base(recipe: Recipe, base: Source | None, name: str) -> TensorInfo | None:
+    # Task vectors are θᵢ − θ_base for every method: a method that ignores the base (simple_average, linear)
+    # still has it downloaded for config.json, so the diagnostics read it as one more input (only when they
+    # are collected: `MergePlan.stats` or `hubmerge inspect`).
+    if base is None or recipe.method.needs_base:
+        return None
+    return _input(base, name)
+
+
 def build_plan(recipe: Recipe) -> MergePlan:
     """Resolve the recipe's sources (metadata only) and decide everything the merge will do."""
     roles = _resolve_all(recipe)
@@ -351,7 +368,12 @@ def build_plan(recipe: Recipe) -> MergePlan:
     tied = not any(_stores_head(s) for s in inputs)
     names = sorted(set(inputs[0].tensors) - {HEAD}, key=_natural_key) + ([] if tied else [HEAD])
     tensors = tuple(
-        OutputTensor(name, _input(inputs[0], name).shape, tuple(_input(s, name) for s in inputs))
+        OutputTensor(
+            name,
+            _input(inputs[0], name).shape,
+            tuple(_input(s, name) for s in inputs),
+            _stats_base(recipe, base, name),
+        )
         for name in names
     )
     if not tied and any(
@@ -396,4 +418,5 @@ def build_plan(recipe: Recipe) -> MergePlan:
         config_differences=_config_differences(_first_mentions(weight_roles)),
         qwen25=qwen25_size(config_source.config),
         downloads=_downloads(roles, tokenizer),
+        stats=recipe.output.stats,
     )

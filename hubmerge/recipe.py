@@ -23,7 +23,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-__all__ = ["CardSpec", "ModelRef", "OutputSpec", "Recipe", "load_recipe", "parse_size"]
+__all__ = [
+    "CardSpec",
+    "EvalSpec",
+    "ModelRef",
+    "OutputSpec",
+    "Recipe",
+    "Requirement",
+    "load_recipe",
+    "parse_size",
+]
 
 DTYPES = ("bfloat16", "float16", "float32")
 # Hub repo ids: `name` or `namespace/name`, as huggingface_hub validates them.
@@ -74,6 +83,7 @@ class OutputSpec:
     branch: str | None = None
     create_pr: bool = False
     max_shard_size: int = 5 * 10**9
+    stats: bool = True  # merge diagnostics (diagnostics.py): merge_stats.json and plots in the output
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,38 @@ class CardSpec:
     license: str | None = None
     license_name: str | None = None
     license_link: str | None = None
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One `[eval] require` entry: the merge's primary score on `task` must reach a threshold.
+
+    Either an absolute `threshold` (`gsm8k = 0.40`), or a `reference` model's score moved by `offset` in the
+    metric's better direction (`"best_source - 0.02"`: at most 0.02 worse than the best source; `"base"`: at
+    least as good as the base). For a lower-is-better metric, better means lower.
+    """
+
+    task: str
+    text: str  # as written, for messages and the card
+    threshold: float | None = None
+    reference: str | None = None  # "base" or "best_source"
+    offset: float = 0.0
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """The `[eval] table`: which lm-evaluation-harness tasks to run, how, and what the merge must reach."""
+
+    tasks: tuple[str, ...]
+    limit: int | float | None = None  # lm-eval's: examples per task, or a fraction of them when below 1
+    num_fewshot: int | None = None
+    batch_size: int = 1
+    include_path: Path | None = None  # a folder of custom task YAMLs, absolute
+    device: str = "cpu"
+    dtype: str = "auto"  # "auto": the checkpoint's own dtype
+    sources: bool = True  # also evaluate the base and every model (`hubmerge RECIPE --eval`)
+    allow_code_execution: bool = False
+    require: tuple[Requirement, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -102,6 +144,10 @@ class Recipe:
     card: CardSpec
     allow_non_finite: bool = False  # merge sources holding NaN or Inf (refused by default)
     warnings: tuple[str, ...] = ()  # valid, but probably not what the author meant
+    eval: EvalSpec | None = None  # the [eval] table; None when the recipe has none
+    sanity: bool = (
+        True  # the quick sanity check after every merge (sanity.py); `[eval] sanity = false` skips it
+    )
 
     @property
     def sha256(self) -> str:
@@ -258,7 +304,18 @@ def load_recipe(path: str | Path, output_dir: str | Path | None = None) -> Recip
 def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path | None) -> Recipe:
     r.check_keys(
         data,
-        ("method", "base", "models", "dtype", "parameters", "tokenizer", "output", "card", "allow_non_finite"),
+        (
+            "method",
+            "base",
+            "models",
+            "dtype",
+            "parameters",
+            "tokenizer",
+            "output",
+            "card",
+            "eval",
+            "allow_non_finite",
+        ),
         "",
     )
     method_name = r.get(data, "method", str, "")
@@ -334,7 +391,7 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
         tokenizer = r.model(tokenizer_table, "tokenizer", METHODS["simple_average"], {})
 
     out = r.get(data, "output", dict, "") or {}
-    r.check_keys(out, ("dir", "repo", "private", "branch", "create_pr", "max_shard_size"), "output.")
+    r.check_keys(out, ("dir", "repo", "private", "branch", "create_pr", "max_shard_size", "stats"), "output.")
     if output_dir is not None:
         out_dir = Path(output_dir).expanduser().resolve()
     elif r.get(out, "dir", str, "output.") is not None:
@@ -359,6 +416,7 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
         branch=branch,
         create_pr=create_pr,
         max_shard_size=max_shard_size,
+        stats=r.get(out, "stats", bool, "output.") is not False,
     )
 
     card_table = r.get(data, "card", dict, "") or {}
@@ -400,4 +458,91 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
         card=card,
         allow_non_finite=bool(r.get(data, "allow_non_finite", bool, "")),
         warnings=tuple(warnings),
+        **_eval_fields(r, data, base is not None),
     )
+
+
+_EVAL_KEYS = (
+    "tasks",
+    "limit",
+    "num_fewshot",
+    "batch_size",
+    "include_path",
+    "device",
+    "dtype",
+    "sources",
+    "allow_code_execution",
+    "require",
+    "sanity",
+)
+_DEVICE = re.compile(r"^(?:cpu|mps|cuda(?::\d+)?)$")
+_RELATIVE = re.compile(r"^\s*(base|best_source)\s*(?:([+-])\s*(\d+(?:\.\d+)?)\s*)?$")
+
+
+def _requirement(r: _Reader, task: str, value: Any, has_base: bool) -> Requirement:
+    key = f"eval.require.{task}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return Requirement(task, str(value), threshold=float(value))
+    match = _RELATIVE.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise r.fail(
+            key,
+            f'must be a score such as 0.40, or "best_source", "best_source - 0.02", "base", "base + 0.01"; got {value!r}',
+        )
+    reference, sign, amount = match.groups()
+    if reference == "base" and not has_base:
+        raise r.fail(key, 'compares with the base, but the recipe has none; use "best_source" or a number')
+    offset = float(amount or 0) * (-1 if sign == "-" else 1)
+    return Requirement(task, " ".join(value.split()), reference=reference, offset=offset)
+
+
+def _eval_fields(r: _Reader, data: Mapping[str, Any], has_base: bool) -> dict[str, Any]:
+    """`Recipe.eval` and `Recipe.sanity` from the `[eval]` table."""
+    table = r.get(data, "eval", dict, "")
+    if table is None:
+        return {}
+    r.check_keys(table, _EVAL_KEYS, "eval.")
+    sanity = r.get(table, "sanity", bool, "eval.") is not False
+    if set(table) <= {"sanity"}:
+        return {"sanity": sanity}
+    tasks = r.get(table, "tasks", list, "eval.")
+    if not tasks or not all(isinstance(t, str) and t.strip() for t in tasks):
+        raise r.fail("eval.tasks", 'is required: a non-empty list of lm-eval task names, e.g. ["gsm8k"]')
+    limit = r.get(table, "limit", (int, float), "eval.")
+    if limit is not None and not ((limit >= 1 and float(limit).is_integer()) or 0 < limit < 1):
+        raise r.fail(
+            "eval.limit", f"must be a number of examples (>= 1) or a fraction below 1, got {limit!r}"
+        )
+    num_fewshot = r.get(table, "num_fewshot", int, "eval.")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise r.fail("eval.num_fewshot", f"must be 0 or more, got {num_fewshot}")
+    batch_size = r.get(table, "batch_size", int, "eval.") or 1
+    if batch_size < 1:
+        raise r.fail("eval.batch_size", f"must be 1 or more, got {batch_size}")
+    include = r.get(table, "include_path", str, "eval.")
+    include_path = (r.root / Path(include).expanduser()).resolve() if include else None
+    if include_path is not None and not include_path.is_dir():
+        raise r.fail("eval.include_path", f"no such folder {include_path} (relative to the recipe)")
+    device = r.get(table, "device", str, "eval.") or "cpu"
+    if not _DEVICE.match(device):
+        raise r.fail("eval.device", f'must be "cpu", "cuda", "cuda:N" or "mps", got {device!r}')
+    dtype = r.get(table, "dtype", str, "eval.") or "auto"
+    if dtype not in ("auto", *DTYPES):
+        raise r.fail("eval.dtype", f"must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    require = r.get(table, "require", dict, "eval.") or {}
+    for task in require:
+        if task not in tasks:
+            raise r.fail(f"eval.require.{task}", f"is not one of eval.tasks ({', '.join(tasks)})")
+    spec = EvalSpec(
+        tasks=tuple(dict.fromkeys(t.strip() for t in tasks)),
+        limit=int(limit) if limit is not None and limit >= 1 else limit,
+        num_fewshot=num_fewshot,
+        batch_size=batch_size,
+        include_path=include_path,
+        device=device,
+        dtype=dtype,
+        sources=r.get(table, "sources", bool, "eval.") is not False,
+        allow_code_execution=bool(r.get(table, "allow_code_execution", bool, "eval.")),
+        require=tuple(_requirement(r, task, value, has_base) for task, value in require.items()),
+    )
+    return {"eval": spec, "sanity": sanity}

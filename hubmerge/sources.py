@@ -171,7 +171,9 @@ def hub_errors(label: str, repo_id: str, revision: str | None) -> Iterator[None]
             if os.environ.get("HF_TOKEN")
             else "check the id, or log in (HF_TOKEN or `hf auth login`) if it is private"
         )
-        raise _Unreachable(f"{label}: repository {repo_id} not found on {constants.ENDPOINT}; {hint}") from None
+        raise _Unreachable(
+            f"{label}: repository {repo_id} not found on {constants.ENDPOINT}; {hint}"
+        ) from None
     except RevisionNotFoundError:
         raise SourceError(
             f"{label}: revision {revision!r} not found in {repo_id}; use a branch, tag or commit sha listed at {url}"
@@ -193,7 +195,9 @@ def hub_errors(label: str, repo_id: str, revision: str | None) -> Iterator[None]
             f"{label}: the Hub answered {status} for {repo_id}; try again later ({exc})"
         ) from None
     except OSError as exc:  # connection refused, DNS failure, disk full while caching
-        raise _Unreachable(f"{label}: cannot reach {constants.ENDPOINT} ({exc}); check your network") from None
+        raise _Unreachable(
+            f"{label}: cannot reach {constants.ENDPOINT} ({exc}); check your network"
+        ) from None
     except Exception as exc:
         if type(exc).__module__.startswith(("httpx", "httpcore")):
             raise _Unreachable(
@@ -281,7 +285,9 @@ def _resolve_hub(ref: ModelRef, label: str, weights: bool) -> Source:
                     for name, t in file_metadata.tensors.items()
                 }
                 # The Hub gives the file's size, not its header's: the data must fit in what is left.
-                found = header_tensors(header, file, f"{repo_id}@{sha[:12]}/{file}", files.get(file, 0) - 8, False)
+                found = header_tensors(
+                    header, file, f"{repo_id}@{sha[:12]}/{file}", files.get(file, 0) - 8, False
+                )
                 add_tensors(tensors, found, label)
     card_data = info.card_data.to_dict() if info.card_data is not None else None  # type: ignore[no-untyped-call]
     return Source(

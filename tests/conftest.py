@@ -122,6 +122,14 @@ def write_checkpoint(
     return folder
 
 
+@pytest.fixture(autouse=True)
+def no_sanity_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Merges skip the quick sanity check (`HUBMERGE_NO_SANITY`, inherited by CLI subprocesses): it loads
+    transformers' model code, about 3 s of CPU per merging process on the tiny models, and only
+    tests/test_eval.py tests it (its own fixture turns it back on)."""
+    monkeypatch.setenv("HUBMERGE_NO_SANITY", "1")
+
+
 @pytest.fixture
 def make_model(tmp_path: Path) -> Callable[..., Path]:
     """`make_model(name, seed, **write_checkpoint options)` → folder under tmp_path/models."""

@@ -125,6 +125,10 @@ def test_merge_pins_branch_tag_and_sha_then_pushes_private_repo(hub: LocalHub, t
         "hubmerge.toml",
         "tokenizer.json",
         "README.md",
+        "merge_stats.json",  # the diagnostics and the plots the card links to go up with the model
+        "merge_stats_norms.png",
+        "merge_stats_cosine.png",
+        "merge_stats_signs.png",
     ):
         assert pushed[name] == (tmp_path / "out" / name).read_bytes(), name
     assert hub.commits("user/merged")[0].summary == "hubmerge: recipe.toml (ties)"

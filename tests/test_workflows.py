@@ -498,3 +498,24 @@ def test_pull_request_check_plans_changed_recipes_without_token_or_weight_downlo
     assert "typo" not in summary
     assert hub.bytes_served(lambda p: p.endswith(".safetensors"), include_ranges=False, since=start) == 0
     assert not (workspace / "outputs").exists()
+
+
+def test_a_recipe_with_an_eval_table_is_evaluated_and_a_missed_gate_blocks_the_push(hub: LocalHub, workspace: Path,
+                                                                                      tmp_path: Path) -> None:
+    recipe = "recipes/tiny-ties.toml"
+    # lm-eval reads the custom task's data_files relative to the working directory, the workspace.
+    shutil.copytree(REPO / "tests" / "data" / "lm_eval", workspace / "tests" / "data" / "lm_eval")
+    gate = ('[eval]\ntasks = ["hubmerge_tiny"]\ninclude_path = "../tests/data/lm_eval"\nlimit = 4\n'
+            "sources = false\nrequire = { hubmerge_tiny = 1.01 }\n")
+    _write(workspace, {recipe: _hub_recipe("tiny-ties.toml", "user/eval-gated") + gate})
+    env = _step_env(hub, tmp_path) | {"HF_DATASETS_OFFLINE": "1"}
+    job = Job(MERGE_YML, "merge", workspace, {"matrix": {"recipe": recipe}, "secrets": {"HF_TOKEN": TOKEN}}, env)
+    assert job.run() == 8, {name: job.log(name) for name in job.logs}
+    log = job.log("Merge and push")
+    assert f"::error file={recipe},title=hubmerge evaluation gate missed (exit 8)::hubmerge: error: the merge " \
+           "misses [eval] require (hubmerge_tiny acc,none = " in log
+    assert "sanity check passed" in log  # the runner has no HUBMERGE_NO_SANITY: the check ran
+    summary = job.summary.read_text()
+    assert "### Evaluation\n\n| Task | Metric | merged |\n" in summary
+    assert "- ❌ hubmerge_tiny acc,none = " in summary
+    assert "user/eval-gated" not in hub._repos  # nothing was created or pushed

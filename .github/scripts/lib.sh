@@ -16,6 +16,8 @@ exit_meaning() {
     4) echo "incompatible sources" ;;
     5) echo "model card error" ;;
     6) echo "publish error" ;;
+    7) echo "evaluation error" ;;
+    8) echo "evaluation gate missed" ;;
     70) echo "internal error" ;;
     130) echo "interrupted" ;;
     143) echo "terminated" ;;

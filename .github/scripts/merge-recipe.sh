@@ -8,6 +8,8 @@
 #             permission `id-token: write` and a trusted publisher on that repo
 #
 # hubmerge appends the job summary itself ($GITHUB_STEP_SUMMARY: sources, resolved shas, commit URL).
+# A recipe with an [eval] table is evaluated before the push (`hubmerge RECIPE --eval`): its results table
+# goes to the job summary, and a merge that misses `[eval] require` is not pushed (exit 8).
 # Writes `commit-url` (empty without a push) to $GITHUB_OUTPUT.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -24,6 +26,16 @@ elif [[ -z ${HF_TOKEN:-} ]]; then
     echo "No HF_TOKEN: pushing to $repo with Hugging Face trusted publishing (OIDC)"
     export HF_OIDC_RESOURCE=$repo
   fi
+fi
+
+has_eval='import sys, tomllib; sys.exit(0 if tomllib.load(open(sys.argv[1], "rb")).get("eval", {}).get("tasks") else 1)'
+if python -c "$has_eval" "$RECIPE"; then
+  if ! python -c 'import lm_eval, accelerate, matplotlib' 2>/dev/null; then
+    # The installed hubmerge's own extra, so lm-eval's version range is the one it was tested with.
+    version=$(hubmerge --version | cut -d' ' -f2)
+    python -m pip install --progress-bar off "hubmerge[eval]==$version"
+  fi
+  args+=(--eval)
 fi
 
 hubmerge_or_fail "$RECIPE" "${args[@]}"
