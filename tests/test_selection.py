@@ -67,7 +67,9 @@ def test_ranks_one_and_n_are_the_minimum_and_maximum():
     rows = torch.rand(3, 1000, generator=g)
     n = rows.shape[1]
     got = check(rows, [1, n, 1], uneven(n))
-    assert got[0] == float(rows[0].min()) and got[1] == float(rows[1].max()) and got[2] == float(rows[2].min())
+    assert (
+        got[0] == float(rows[0].min()) and got[1] == float(rows[1].max()) and got[2] == float(rows[2].min())
+    )
 
 
 def test_a_single_value_is_its_own_kth_value():
