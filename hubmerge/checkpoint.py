@@ -45,6 +45,19 @@ SAFETENSORS_NAME = {v: k for k, v in DTYPES.items()}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_FILE = "model.safetensors.index.json"
 _MAX_HEADER = 100 * 2**20  # the safetensors format's own limit
+# Bytes per element of each dtype the safetensors format defines.
+_ITEM_SIZE = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+}
+_ITEM_SIZE |= {"I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 @dataclass(frozen=True)
@@ -73,21 +86,57 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
         if len(raw) != 8:
             raise SourceError(f"{path} is not a safetensors file (shorter than 8 bytes); re-download it")
         (length,) = struct.unpack("<Q", raw)
-        if length > _MAX_HEADER:
-            raise SourceError(f"{path} is not a safetensors file (header of {length} bytes); re-download it")
+        if length > min(_MAX_HEADER, os.fstat(f.fileno()).st_size - 8):
+            raise SourceError(
+                f"{path} is not a safetensors file or is truncated (header of {length} bytes); re-download it"
+            )
         try:
             header = json.loads(f.read(length))
-        except ValueError:
-            raise SourceError(f"{path} has a corrupt safetensors header; re-download it") from None
+        except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python recurses
+            header = None
+    if not isinstance(header, dict):
+        raise SourceError(f"{path} has a corrupt safetensors header; re-download it")
     return header, 8 + length
 
 
 def header_tensors(header: Mapping[str, Any], file: str) -> dict[str, TensorInfo]:
-    return {
-        name: TensorInfo(name, spec["dtype"], tuple(spec["shape"]), file, tuple(spec["data_offsets"]))
-        for name, spec in header.items()
-        if name != "__metadata__"
-    }
+    """The tensors a header describes, each checked as the safetensors library checks it on load."""
+    tensors = {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            info = TensorInfo(name, spec["dtype"], tuple(spec["shape"]), file, tuple(spec["data_offsets"]))
+        except (KeyError, TypeError):
+            info = None
+        if info is None or not _well_formed(info):
+            raise SourceError(f"{file}: tensor {name} has a corrupt safetensors header entry; re-download it")
+        tensors[name] = info
+    return tensors
+
+
+def _well_formed(info: TensorInfo) -> bool:
+    """Known dtype, sizes that are natural numbers, and a byte range exactly shape × dtype long."""
+    numbers = (*info.shape, *info.offsets)
+    return (
+        isinstance(info.dtype, str)
+        and info.dtype in _ITEM_SIZE
+        and len(info.offsets) == 2
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers)
+        and info.nbytes == info.numel * _ITEM_SIZE[info.dtype]
+    )
+
+
+def _check_layout(path: Path, tensors: Mapping[str, TensorInfo], data_size: int) -> None:
+    """Every byte range inside the file's data section, none overlapping another."""
+    end = 0
+    for info in sorted(tensors.values(), key=lambda t: t.offsets):
+        if info.offsets[0] < end or info.offsets[1] > data_size:
+            raise SourceError(
+                f"{path}: tensor {info.name} has bytes {info.offsets[0]}..{info.offsets[1]}, outside the file's "
+                f"{data_size} data bytes or overlapping another tensor; the file is corrupt or truncated, re-download it"
+            )
+        end = info.offsets[1]
 
 
 def weight_files(names: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -121,7 +170,10 @@ def index_folder(folder: Path, label: str) -> dict[str, TensorInfo]:
         path = folder / file
         if not path.is_file():
             raise SourceError(f"{label}: {INDEX_FILE} lists {file}, which is missing from {folder}")
-        tensors.update(header_tensors(read_header(path)[0], file))
+        header, start = read_header(path)
+        found = header_tensors(header, file)
+        _check_layout(path, found, path.stat().st_size - start)
+        tensors.update(found)
     return tensors
 
 
