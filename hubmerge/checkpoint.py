@@ -163,8 +163,7 @@ def index_folder(folder: Path, label: str) -> dict[str, TensorInfo]:
             )
         raise SourceError(f"{label}: no *.safetensors weights in {folder}")
     if INDEX_FILE in names:
-        weight_map: dict[str, str] = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
+        files = index_files(folder / INDEX_FILE, label)
     tensors: dict[str, TensorInfo] = {}
     for file in files:
         path = folder / file
@@ -175,6 +174,20 @@ def index_folder(folder: Path, label: str) -> dict[str, TensorInfo]:
         _check_layout(path, found, path.stat().st_size - start)
         tensors.update(found)
     return tensors
+
+
+def index_files(path: Path, label: str) -> list[str]:
+    """The shard files a `model.safetensors.index.json` lists, each a plain file name in its folder."""
+    try:
+        weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        raise SourceError(f"{label}: {path} is not a valid safetensors index; re-download it") from None
+    if not all(isinstance(f, str) and f.endswith(".safetensors") and f == Path(f).name for f in files):
+        raise SourceError(
+            f"{label}: {path} lists shard names that are not files of its folder; re-download it"
+        )
+    return files
 
 
 class TensorReader:
