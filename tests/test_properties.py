@@ -600,3 +600,60 @@ def test_the_header_generator_reaches_valid_plans_and_errors(workspace, fuzzed_f
     sample()
     assert outcomes.get("plan", 0) >= 5, outcomes
     assert {"SourceError", "IncompatibleSourcesError"} <= set(outcomes), outcomes
+
+
+@st.composite
+def index_texts(draw: st.DrawFn, index: dict[str, Any]) -> bytes:
+    """A shard index with its weight map damaged: names outside the folder, wrong types, not JSON at all."""
+    spec: Any = json.loads(json.dumps(index))
+    weight_map = spec["weight_map"]
+    names = sorted(weight_map)
+    shard_names = [
+        "../base/model.safetensors",
+        "/etc/hostname",
+        "model.safetensors.index.json",
+        "config.json",
+        "missing.safetensors",
+        ".hidden.safetensors",
+        "",
+        *sorted(set(weight_map.values())),
+    ]
+    for _ in range(draw(st.integers(0, 3))):
+        mutation = draw(st.sampled_from(["value", "value", "drop", "map", "root", "extra"]))
+        if not isinstance(spec, dict):
+            break
+        if mutation == "value" and isinstance(spec.get("weight_map"), dict):
+            spec["weight_map"][draw(st.sampled_from(names))] = draw(st.sampled_from(shard_names) | values)
+        elif mutation == "drop" and isinstance(spec.get("weight_map"), dict):
+            spec["weight_map"].pop(draw(st.sampled_from(names)), None)
+        elif mutation == "map":
+            spec["weight_map"] = draw(values)
+        elif mutation == "root":
+            spec = draw(values)
+        elif mutation == "extra":
+            spec[draw(keys)] = draw(values)
+    raw = json.dumps(spec, ensure_ascii=False).encode()
+    return draw(st.sampled_from([raw] * 6 + [raw[: len(raw) // 2], b"[" * 100_000, b"\xff\xfe"]))
+
+
+@FUZZ
+@given(data=st.data())
+def test_generated_shard_indexes_plan_to_a_valid_plan_or_one_clean_line(workspace, data):
+    folder = workspace / "models" / "fuzzed-index"
+    if not folder.exists():
+        shutil.copytree(workspace / "models" / "code", folder)
+        (workspace / "index.toml").write_text(
+            'method = "task_arithmetic"\nbase = "models/base"\nmodels = ["models/fuzzed-index"]\n'
+        )
+    index = json.loads((workspace / "models" / "code" / "model.safetensors.index.json").read_text())
+    (folder / "model.safetensors.index.json").write_bytes(data.draw(index_texts(index)))
+    recipe = workspace / "index.toml"
+    try:
+        plan = hubmerge.load_plan(recipe)
+    except HubmergeError as exc:
+        one_line_error(exc)
+        assert check_cli(["plan", str(recipe)]) != 0
+        return
+    source = plan.models[0]
+    assert set(source.tensors) == set(index["weight_map"])
+    assert {info.file for info in source.tensors.values()} <= {p.name for p in folder.glob("*.safetensors")}
