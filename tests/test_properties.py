@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 import hubmerge
 from hubmerge import cli
-from hubmerge.checkpoint import TensorReader, read_header
+from hubmerge.checkpoint import TensorReader, index_folder, read_header
 from hubmerge.errors import HubmergeError
 from hubmerge.methods import METHODS
 from hubmerge.recipe import Recipe, load_recipe
@@ -657,3 +657,77 @@ def test_generated_shard_indexes_plan_to_a_valid_plan_or_one_clean_line(workspac
     source = plan.models[0]
     assert set(source.tensors) == set(index["weight_map"])
     assert {info.file for info in source.tensors.values()} <= {p.name for p in folder.glob("*.safetensors")}
+
+
+# --- the bugs the generators found, pinned as plain examples ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "fragment"),
+    [
+        ('base = "~no-such-user-hubmerge/x"', "base: '~no-such-user-hubmerge/x' is not a usable path"),
+        ('base = "./models/base\\u0000"', "base: './models/base\\x00' is not a usable path"),
+        ('base = "' + "a" * 300 + '"', "is not a usable path ([Errno 36]"),
+        ('"\\r" = 1', "'\\r': unknown key"),
+    ],
+)
+def test_paths_the_system_refuses_and_unprintable_keys_are_one_line_recipe_errors(workspace, line, fragment):
+    path = workspace / "regression.toml"
+    path.write_text(f'method = "ties"\nmodels = ["models/math"]\n{line}\n')
+    with pytest.raises(hubmerge.RecipeError) as caught:
+        load_recipe(path)
+    one_line_error(caught.value)
+    assert fragment in str(caught.value)
+
+
+def entry(dtype: str = "F32", shape: Any = (2,), offsets: Any = (0, 8)) -> dict[str, Any]:
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+@pytest.mark.parametrize(
+    ("header", "fragment"),
+    [
+        (b"[1, 2]", "corrupt safetensors header"),
+        (b"[" * 100_000, "corrupt safetensors header"),
+        (json.dumps({"t": [1]}).encode(), "tensor t"),
+        (json.dumps({"t": {"dtype": "F32"}}).encode(), "tensor t"),
+        (json.dumps({"t": entry("Q4")}).encode(), "tensor t"),
+        (json.dumps({"t": entry(shape=(3,))}).encode(), "tensor t"),
+        (
+            json.dumps({"t": entry(shape=(-2, -1))}).encode(),
+            "tensor t",
+        ),
+        (
+            json.dumps({"t": entry(offsets=(8, 0))}).encode(),
+            "tensor t",
+        ),
+        (json.dumps({"t": entry(offsets=(12, 20))}).encode(), "tensor t"),
+        (json.dumps({"t": entry(), "u": entry(offsets=(4, 12))}).encode(), "tensor "),
+    ],
+)
+def test_headers_the_parser_used_to_trust_are_source_errors(tmp_path, header, fragment):
+    folder = write_checkpoint(tmp_path / "model", random_state_dict(0), tokenizer=False)
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
+    with pytest.raises(hubmerge.SourceError) as caught:
+        index_folder(folder, "models[0]")
+    one_line_error(caught.value)
+    assert fragment in str(caught.value) and "model.safetensors" in str(caught.value)
+
+
+def test_a_header_length_past_the_end_of_the_file_is_a_source_error(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", 1000) + b"{}")
+    with pytest.raises(hubmerge.SourceError, match="is truncated"):
+        read_header(path)
+
+
+@pytest.mark.parametrize("shard", ["../base/model.safetensors", "/etc/hostname", 7])
+def test_an_index_naming_files_outside_its_folder_is_a_source_error(workspace, tmp_path, shard):
+    folder = tmp_path / "code"
+    shutil.copytree(workspace / "models" / "code", folder)
+    shutil.copytree(workspace / "models" / "base", tmp_path / "base")  # so ../base/model.safetensors exists
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight"] = shard
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(hubmerge.SourceError, match=re.escape("model.safetensors.index.json")):
+        index_folder(folder, "models[0]")
