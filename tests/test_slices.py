@@ -99,8 +99,10 @@ LAYOUTS = {
 
 
 def merge_files(recipe: Path, out: str) -> dict[str, bytes]:
-    directory = hubmerge.merge(recipe, output_dir=recipe.parent / out, push=False, quiet=True, log=print)
-    assert directory.output_dir == recipe.parent / out
+    result = hubmerge.merge(
+        recipe, output_dir=recipe.parent / out, push=False, quiet=True, log=lambda _: None
+    )
+    assert result.output_dir == recipe.parent / out
     assert not list(recipe.parent.glob(f"{out}/.*")), "a scratch file was left behind"
     return {p.name: p.read_bytes() for p in sorted((recipe.parent / out).glob("model*"))}
 
