@@ -103,7 +103,7 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
             )
         try:
             header = json.loads(f.read(length))
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python recurses
             header = None
         if not isinstance(header, dict):
             raise SourceError(f"{path} has a corrupt safetensors header; re-download it")
@@ -223,14 +223,16 @@ def index_folder(folder: Path, label: str) -> dict[str, TensorInfo]:
 
 
 def index_files(path: Path, label: str) -> list[str]:
-    """The shard files a `model.safetensors.index.json` lists."""
+    """The shard files a `model.safetensors.index.json` lists, each a plain file name in its folder."""
     try:
         weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
         files = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise SourceError(f"{label}: {path} is not a valid safetensors index; re-download it") from None
-    if not all(isinstance(f, str) and f and "/" not in f and not f.startswith(".") for f in files):
-        raise SourceError(f"{label}: {path} lists shard names that are not files of the folder")
+    if not all(isinstance(f, str) and f.endswith(".safetensors") and f == Path(f).name for f in files):
+        raise SourceError(
+            f"{label}: {path} lists shard names that are not files of its folder; re-download it"
+        )
     return files
 
 

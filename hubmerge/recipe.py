@@ -180,6 +180,7 @@ class _Reader:
         self.warnings: list[str] = []  # valid, but probably not what the author meant
 
     def fail(self, key: str, message: str) -> RecipeError:
+        key = key if key.isprintable() else repr(key)  # a quoted TOML key may hold a newline: keep one line
         return RecipeError(f"{self.path}: {key}: {message}" if key else f"{self.path}: {message}")
 
     def check_keys(self, table: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
@@ -204,12 +205,11 @@ class _Reader:
         text = text.strip()
         if not text:
             raise self.fail(key, 'is empty; give a Hub id such as "Qwen/Qwen2.5-1.5B" or a folder path')
-        candidate = Path(text).expanduser()
-        local = text.startswith((".", "/", "~")) or (self.root / candidate).is_dir()
+        local = text.startswith((".", "/", "~")) or self.path_of(text, key).is_dir()
         if local:
             if revision is not None:
                 raise self.fail(key, f"{text!r} is a local folder; a revision applies to Hub models only")
-            return ModelRef(text, path=(self.root / candidate).resolve(), params=params)
+            return ModelRef(text, path=self.path_of(text, key), params=params)
         repo_id, _, at_revision = text.partition("@")
         if at_revision and revision is not None:
             raise self.fail(
@@ -229,6 +229,15 @@ class _Reader:
             "the recipe; prefix local folders with ./"
         )
         return ModelRef(text, repo_id=repo_id, revision=at_revision or revision, params=params, near=near)
+
+    def path_of(self, text: str, key: str, root: Path | None = None) -> Path:
+        """`text` as an absolute path, relative to `root` (the recipe's folder by default)."""
+        try:
+            path = ((root or self.root) / Path(text).expanduser()).resolve()
+            path.exists()  # raises for a name the system refuses (too long), which later checks would not expect
+            return path
+        except (OSError, RuntimeError, ValueError) as exc:  # a NUL byte, an unknown ~user, a name too long
+            raise self.fail(key, f"{text!r} is not a usable path ({exc})") from None
 
     def model(self, value: Any, key: str, method: Method, defaults: Mapping[str, ParamValue]) -> ModelRef:
         params = dict(defaults)
@@ -393,9 +402,9 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
     out = r.get(data, "output", dict, "") or {}
     r.check_keys(out, ("dir", "repo", "private", "branch", "create_pr", "max_shard_size", "stats"), "output.")
     if output_dir is not None:
-        out_dir = Path(output_dir).expanduser().resolve()
+        out_dir = r.path_of(str(output_dir), "--output", Path.cwd())
     elif r.get(out, "dir", str, "output.") is not None:
-        out_dir = (r.root / Path(out["dir"]).expanduser()).resolve()
+        out_dir = r.path_of(out["dir"], "output.dir")
     else:
         out_dir = (Path.cwd() / "outputs" / r.path.stem).resolve()
     repo = r.get(out, "repo", str, "output.")
@@ -433,7 +442,7 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
         if not all(isinstance(v, str) and v for v in values):
             raise r.fail(f"card.{key}", "must be a list of non-empty strings")
     card = CardSpec(
-        template=(r.root / template).resolve() if template else None,
+        template=r.path_of(template, "card.template") if template else None,
         title=r.get(card_table, "title", str, "card."),
         description=r.get(card_table, "description", str, "card."),
         tags=tuple(tags),

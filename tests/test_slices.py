@@ -1,0 +1,217 @@
+"""The merge reference tests again, with the engine's slice size forced small and odd.
+
+`plan.CHUNK_ELEMENTS` is read at call time, so patching it makes every tensor of the tiny checkpoints
+span many slices: with 7 elements a 2-D tensor is read one row at a time and the 32-element norms and
+biases in slices of 7, 7, 7, 7, 4; with 101 a (64, 32) embedding is read 3 rows at a time. The TIES
+magnitude selection then sees hundreds of uneven chunks and the majority-sign patch rewrites positions
+scattered over many slices and shards. Each merge must still equal the reference formula, and its
+output files must be byte for byte those of the same merge with the default slice size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+from conftest import random_state_dict, write_checkpoint
+from test_merge import (
+    POOL,
+    assert_close,
+    load_f32,
+    ref_linear,
+    ref_simple_average,
+    ref_task_arithmetic,
+    ref_ties,
+    ref_ties_per_tensor,
+    with_head,
+)
+
+import hubmerge
+from hubmerge import plan as plan_module
+
+SMALL_SLICES = (7, 101)
+StateDict = dict[str, torch.Tensor]
+Reference = Callable[[StateDict, list[StateDict]], StateDict]
+
+
+class Method(NamedTuple):
+    recipe: str
+    reference: Reference
+
+
+METHODS = {
+    "simple_average": Method(
+        'method = "simple_average"\n' + POOL, lambda base, models: ref_simple_average(models)
+    ),
+    "linear": Method(
+        'method = "linear"\nbase = "models/base"\n'
+        '[[models]]\nsource = "models/math"\nweight = 0.5\n'
+        '[[models]]\nsource = "models/code"\nweight = 0.3\n'
+        '[[models]]\nsource = "models/instruct"\nweight = 0.2\n',
+        lambda base, models: ref_linear(models, [0.5, 0.3, 0.2]),
+    ),
+    "task_arithmetic": Method(
+        'method = "task_arithmetic"\nbase = "models/base"\n'
+        '[[models]]\nsource = "models/math"\nweight = 2.0\n'
+        '[[models]]\nsource = "models/code"\n'
+        '[[models]]\nsource = "models/instruct"\nweight = -0.5\n'
+        "[parameters]\nscaling_factor = 0.3\n",
+        lambda base, models: ref_task_arithmetic(base, models, 0.3, [2.0, 1.0, -0.5]),
+    ),
+    "ties_global_sum": Method(
+        'method = "ties"\n' + POOL + "[parameters]\nscaling_factor = 0.8\nthreshold = 20\n",
+        lambda base, models: ref_ties(base, models, 0.8),
+    ),
+    "ties_global_mean": Method(
+        'method = "ties"\n'
+        + POOL
+        + '[parameters]\nscaling_factor = 0.5\nthreshold = 35\nmerge_func = "mean"\n',
+        lambda base, models: ref_ties(base, models, 0.5, 35, "mean"),
+    ),
+    "ties_global_max": Method(
+        'method = "ties"\n'
+        + POOL
+        + '[parameters]\nscaling_factor = 0.5\nthreshold = 35\nmerge_func = "max"\n',
+        lambda base, models: ref_ties(base, models, 0.5, 35, "max"),
+    ),
+    "ties_tensor_sum": Method(
+        'method = "ties"\n' + POOL + '[parameters]\nscaling_factor = 0.8\ntrim = "tensor"\n',
+        lambda base, models: ref_ties_per_tensor(base, models, 0.8),
+    ),
+}
+
+
+class Layout(NamedTuple):
+    dtype: torch.dtype
+    shards: int  # input shards; sharded inputs are also written as sharded outputs
+    heads: tuple[bool, bool, bool, bool]  # which of base, math, code, instruct store lm_head
+
+
+LAYOUTS = {
+    "f32-single-tied": Layout(torch.float32, 1, (False, False, False, False)),
+    "bf16-sharded-untied": Layout(torch.bfloat16, 3, (True, True, True, True)),
+    "bf16-single-mixed": Layout(torch.bfloat16, 1, (False, True, False, False)),
+    "f32-sharded-mixed": Layout(torch.float32, 2, (True, False, True, False)),
+}
+
+
+def merge_files(recipe: Path, out: str) -> dict[str, bytes]:
+    result = hubmerge.merge(
+        recipe, output_dir=recipe.parent / out, push=False, quiet=True, log=lambda _: None
+    )
+    assert result.output_dir == recipe.parent / out
+    assert not list(recipe.parent.glob(f"{out}/.*")), "a scratch file was left behind"
+    return {p.name: p.read_bytes() for p in sorted((recipe.parent / out).glob("model*"))}
+
+
+def check_small_slices_match(
+    monkeypatch: pytest.MonkeyPatch, recipe: Path, want: StateDict, dtype: torch.dtype
+) -> None:
+    """Default slices, then each small size: reference values, and the same bytes every time."""
+    default = merge_files(recipe, "out-default")
+    assert_close(load_f32(recipe.parent / "out-default"), want, dtype)
+    for elements in SMALL_SLICES:
+        monkeypatch.setattr(plan_module, "CHUNK_ELEMENTS", elements)
+        small = merge_files(recipe, f"out-{elements}")
+        assert_close(load_f32(recipe.parent / f"out-{elements}"), want, dtype)
+        assert sorted(small) == sorted(default)
+        for name in default:
+            assert small[name] == default[name], f"{name} differs with {elements}-element slices"
+
+
+# Each method once, the layouts spread over them so that every dtype, single-file and sharded inputs,
+# tied, untied and mixed heads all meet small slices (TIES global sum, the default, on two layouts). The
+# whole cross product would cost minutes: every slice of 7 elements is a separate read and write.
+CASES = [
+    ("simple_average", "bf16-sharded-untied"),
+    ("linear", "f32-single-tied"),
+    ("task_arithmetic", "bf16-single-mixed"),
+    ("ties_global_sum", "bf16-sharded-untied"),
+    ("ties_global_sum", "f32-single-tied"),
+    ("ties_global_mean", "f32-sharded-mixed"),
+    ("ties_global_max", "bf16-single-mixed"),
+    ("ties_tensor_sum", "f32-sharded-mixed"),
+]
+VOCAB = 64  # a short embedding keeps the slice count (and the run time) small; it still spans many slices
+
+
+@pytest.mark.parametrize(
+    ("method", "layout"),
+    [(METHODS[m], LAYOUTS[layout]) for m, layout in CASES],
+    ids=[f"{m}-{layout}" for m, layout in CASES],
+)
+def test_small_odd_slices_match_the_reference_and_the_default_slices(
+    tmp_path, monkeypatch, make_model, method, layout
+):
+    folders = [
+        make_model(name, seed, head=head, vocab=VOCAB, dtype=layout.dtype, shards=layout.shards)
+        for name, seed, head in zip(("base", "math", "code", "instruct"), range(4), layout.heads)
+    ]
+    base, *models = [load_f32(f) for f in folders]
+    if any(layout.heads):  # the output gets a real head: a tied source's head is its embedding
+        base, models = with_head(base), [with_head(m) for m in models]
+    output = '\n[output]\ndir = "out"\n' + ('max_shard_size = "20KB"\n' if layout.shards > 1 else "")
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(method.recipe + output)
+    check_small_slices_match(monkeypatch, recipe, method.reference(base, models), layout.dtype)
+    if layout.shards > 1:
+        assert len(list((tmp_path / "out-default").glob("model-*.safetensors"))) >= 2
+
+
+def cancelling_pool(tmp_path: Path, majority: int, dtype: torch.dtype) -> tuple[StateDict, list[StateDict]]:
+    """Two task vectors that cancel exactly at every third position of the model, in every tensor.
+
+    Elsewhere both agree in sign, which decides the model-wide sign FusionBench gives the cancelled
+    positions: all negative (majority -1), all positive (+1), or as many of each (0).
+    """
+    g = torch.Generator().manual_seed(11)
+    base = {k: torch.zeros_like(v) for k, v in random_state_dict(0, vocab=VOCAB).items()}
+    names = sorted(base)
+    total = sum(base[k].numel() for k in names)
+    position = torch.arange(total)
+    cancel = position % 3 == 1
+    sign = torch.full((total,), float(majority)) if majority else torch.where(position % 3 == 0, 1.0, -1.0)
+    if majority == 0:  # balance the signs exactly: the surplus of positive positions cancels too
+        positive = (~cancel & (sign > 0)).nonzero().flatten()
+        surplus = len(positive) - int((~cancel & (sign < 0)).sum())
+        cancel[positive[len(positive) - surplus :]] = True
+    magnitude = (torch.rand(total, generator=g) + 0.5).to(dtype).float()  # exact in either dtype
+    flat_a, flat_b = magnitude * sign, torch.where(cancel, -magnitude * sign, magnitude * sign)
+    a, b, i = {}, {}, 0
+    for k in names:
+        n = base[k].numel()
+        a[k], b[k] = flat_a[i : i + n].view_as(base[k]), flat_b[i : i + n].view_as(base[k])
+        i += n
+    for name, sd in (("base", base), ("a", a), ("b", b)):
+        write_checkpoint(tmp_path / "models" / name, sd, dtype=dtype)
+    return base, [a, b]
+
+
+@pytest.mark.parametrize(
+    ("majority", "dtype"),
+    [(-1, torch.float32), (0, torch.bfloat16), (1, torch.bfloat16)],
+    ids=["negative-f32", "none-bf16", "positive-bf16"],
+)
+def test_exact_zero_sign_sums_are_patched_across_slices_and_shards(tmp_path, monkeypatch, dtype, majority):
+    base, models = cancelling_pool(tmp_path, majority, dtype)
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(
+        'method = "ties"\nbase = "models/base"\nmodels = ["models/a", "models/b"]\n'
+        '[parameters]\nscaling_factor = 1.0\nthreshold = 100\n[output]\ndir = "out"\nmax_shard_size = "20KB"\n'
+    )
+    want = ref_ties(base, models, 1.0, 100)
+    check_small_slices_match(monkeypatch, recipe, want, dtype)
+    got = load_f32(tmp_path / "out-7")
+    embed = got["model.embed_tokens.weight"].reshape(-1)
+    a = models[0]["model.embed_tokens.weight"].reshape(-1)
+    cancelled = embed[1::3]
+    if majority == -1:  # the negative entry wins at every cancelled position
+        assert torch.equal(cancelled, -a[1::3].abs().to(dtype).float())
+    elif majority == 1:
+        assert torch.equal(cancelled, a[1::3].abs().to(dtype).float())
+    else:  # a zero majority elects no sign, and FusionBench's `where(sign > 0, τ > 0, τ < 0)` keeps τ < 0
+        assert torch.equal(cancelled, -a[1::3].abs().to(dtype).float())
+    assert len(list((tmp_path / "out-7").glob("model-*.safetensors"))) >= 2
