@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import re
+import signal
 import shutil
 from pathlib import Path
 
@@ -72,10 +73,23 @@ def cli_codes() -> set[int]:
     return found
 
 
+def signal_codes() -> set[int]:
+    """128 + N for each signal the CLI handles itself (its handler exits with `128 + signum`)."""
+    source = (REPO / "hubmerge" / "cli.py").read_text()
+    assert "os._exit(128 + signum)" in source
+    handled = re.search(r"for s in \(([^)]*)\)\}", source)
+    assert handled is not None
+    return {
+        128 + int(getattr(signal, name.strip().removeprefix("signal.")))
+        for name in handled.group(1).split(",")
+        if name.strip()
+    }
+
+
 def test_the_readme_lists_exactly_the_exit_codes_the_code_defines():
     table = readme_table()
-    assert sorted(table) == sorted(set(error_classes()) | cli_codes())
-    assert {0, 1, 2, 3, 4, 5, 6, 70, 130} <= set(table)
+    assert sorted(table) == sorted(set(error_classes()) | cli_codes() | signal_codes())
+    assert {0, 1, 2, 3, 4, 5, 6, 7, 8, 70, 130, 143} <= set(table)
 
 
 def test_each_error_code_row_names_its_error_class_and_shows_a_one_line_error():
