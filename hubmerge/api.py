@@ -333,12 +333,19 @@ def _eval_spec(plan: MergePlan) -> EvalSpec:
 
 
 def _source_candidates(plan: MergePlan, folders: dict[int, Path]) -> list[Candidate]:
-    """The base (when the recipe has one) and every model, in recipe order, as the recipe names them."""
-    roles = (["base"] if plan.base is not None else []) + ["model"] * len(plan.models)
-    return [
-        Candidate(role, s.ref.text, folders[id(s)], s.ref.repo_id, s.sha)
-        for role, s in zip(roles, plan.weight_sources, strict=True)
-    ]
+    """The base (when the recipe has one) and every model, in recipe order, as the recipe names them; a
+    source mentioned twice is one candidate (its first mention), evaluated once."""
+    seen: set[int] = set()
+    candidates = []
+    for role in plan.roles:
+        if role.kind == "tokenizer" or id(role.source) in seen:
+            continue
+        seen.add(id(role.source))
+        source = role.source
+        candidates.append(
+            Candidate(role.kind, role.ref.text, folders[id(source)], source.ref.repo_id, source.sha)
+        )
+    return candidates
 
 
 def _sanity_check(plan: MergePlan, folder: Path, candidates: list[Candidate], log: Log) -> SanityReport:

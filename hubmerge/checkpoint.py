@@ -130,7 +130,7 @@ def header_tensors(
         if not isinstance(spec, dict):
             raise _corrupt(where, name, "its header entry is not a table")
         dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-        if dtype not in _DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in _DTYPE_SIZES:
             raise _corrupt(where, name, f"unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise _corrupt(where, name, f"invalid shape {shape!r}")

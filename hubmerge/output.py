@@ -19,13 +19,12 @@ a clone of a merged repo with files added, a file) is refused with a line naming
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
-import signal
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,7 +40,7 @@ _OLD = "old-"  # after the staging prefix: .NAME.hubmerge-old-XXXXXXXX
 
 # Staging folders of this process, so that a signal handler can remove them before exiting at once.
 _running: dict[Path, IO[bytes]] = {}
-_swapping = False
+_holding = False
 _deferred: list[Callable[[], None]] = []
 
 
@@ -154,6 +153,11 @@ def recover(directory: Path) -> None:
                 shutil.rmtree(leftover)
         elif (leftover / MARKER).is_file() and not _locked_by_a_live_run(leftover / MARKER):
             shutil.rmtree(leftover)
+        elif not any(leftover.iterdir()):
+            # Died between making the folder and creating its marker. Nothing to lose; a live run that is
+            # at that very step makes a new folder when its own vanishes (`staged`).
+            with contextlib.suppress(OSError):
+                leftover.rmdir()
 
 
 @contextmanager
@@ -164,19 +168,24 @@ def staged(directory: Path) -> Iterator[Path]:
     parent = directory.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
     # A signal between creating the folder and registering it would leave it behind (`abandon` removes
-    # only registered folders): hold SIGINT/SIGTERM until both are done; they are delivered right after.
-    held = {signal.SIGINT, signal.SIGTERM}
-    blocked = threading.current_thread() is threading.main_thread()
-    if blocked:
-        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    # only registered folders): the handler waits for both, as it waits for the renames of a swap.
+    global _holding
+    _holding = True
     try:
-        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(directory), dir=parent))
-        marker = open(staging / MARKER, "wb")  # noqa: SIM115 - held (and locked) until the run ends
+        for attempt in range(5):
+            staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(directory), dir=parent))
+            try:
+                marker = open(staging / MARKER, "xb")  # noqa: SIM115 - held (and locked) until the run ends
+                break
+            except FileNotFoundError:  # another run's `recover` took the empty folder: make another
+                if attempt == 4:
+                    raise
         fcntl.flock(marker, fcntl.LOCK_EX | fcntl.LOCK_NB)
         _running[staging] = marker
     finally:
-        if blocked:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+        _holding = False
+    if _deferred:
+        abandon(_deferred.pop())
     try:
         yield staging
     finally:
@@ -195,14 +204,14 @@ def _fsync(path: Path) -> None:
 
 def swap_in(staging: Path, directory: Path) -> None:
     """Flush `staging` to disk and move it into place, replacing the previous output (see module docstring)."""
-    global _swapping
+    global _holding
     # A power cut after the rename must not leave a folder of empty files: data first, then the names.
     for path in staging.rglob("*"):
         _fsync(path)
     _fsync(staging)
     target = directory.absolute()
     parent = target.parent
-    _swapping = True  # a signal arriving now waits for the renames (see `abandon`)
+    _holding = True  # a signal arriving now waits for the renames (see `abandon`)
     try:
         old = None
         if target.exists():
@@ -214,7 +223,7 @@ def swap_in(staging: Path, directory: Path) -> None:
         if old is not None:
             shutil.rmtree(old)
     finally:
-        _swapping = False
+        _holding = False
     if _deferred:
         abandon(_deferred.pop())
 
@@ -222,9 +231,10 @@ def swap_in(staging: Path, directory: Path) -> None:
 def abandon(finish: Callable[[], None]) -> None:
     """From a signal handler: remove this process's staging folders, then `finish` (which exits).
 
-    During a swap the handler waits for the renames, so the target never stays empty.
+    While a staging folder is being made and registered, and during a swap, the handler waits for that to
+    finish, so no folder is left unregistered and the target never stays empty.
     """
-    if _swapping:
+    if _holding:
         _deferred.append(finish)
         return
     for staging in list(_running):

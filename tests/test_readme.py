@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import ast
 import re
-import signal
 import shutil
+import signal
 from pathlib import Path
 
 import pytest

@@ -91,7 +91,9 @@ def test_output_path_that_is_a_file_gets_one_clear_line(pool: Path) -> None:
     (pool / "link").symlink_to(pool / "base")
     linked = run_cli(_recipe(pool), "--output", pool / "link")
     # The recipe resolves links: the guard judges the folder the link points to.
-    assert linked.returncode == 1 and "base exists and is not a hubmerge output" in _one_error_line(linked.stderr)
+    assert linked.returncode == 1 and "base exists and is not a hubmerge output" in _one_error_line(
+        linked.stderr
+    )
     assert (pool / "base" / "model.safetensors").is_file()
 
 
@@ -257,10 +259,16 @@ def test_library_merge_does_not_push_unless_asked(pool: Path, monkeypatch: pytes
 def test_hubmerge_never_unpickles_nor_trusts_remote_code() -> None:
     source = {p.name: p.read_text() for p in (REPO / "hubmerge").rglob("*.py")}
     forbidden = re.compile(
-        r"import pickle|from pickle|torch\.load\(|weights_only\s*=\s*False|trust_remote_code\s*=|"
-        r"\beval\(|\bexec\(|import marshal|import dill"
+        r"import pickle|from pickle|torch\.load\(|weights_only\s*=\s*False|trust_remote_code\s*=\s*(?!False\b)|"
+        r"(?<![\w.])eval\(|(?<![\w.])exec\(|import marshal|import dill"
     )
     assert {name: forbidden.findall(text) for name, text in source.items() if forbidden.search(text)} == {}
+    # Where remote code could be asked for, it is refused explicitly (transformers and lm-eval default to
+    # refusing too, but a default can change).
+    assert (
+        "trust_remote_code=False" in source["sanity.py"]
+        and "trust_remote_code=False" in source["evaluate.py"]
+    )
 
 
 # --- the Hub: deletions, token scopes, and the token itself --------------------------------------------
@@ -371,7 +379,9 @@ def test_job_summary_escapes_markup_from_recipes_and_hub_metadata(tmp_path: Path
     write_checkpoint(tmp_path / "base", random_state_dict(0))
     write_checkpoint(tmp_path / hostile, random_state_dict(1), max_position_embeddings=1024)
     (tmp_path / "base" / "config.json").write_text(
-        json.dumps(json.loads((tmp_path / "base" / "config.json").read_text()) | {"rope_theta": "<b>|`x`</b>"})
+        json.dumps(
+            json.loads((tmp_path / "base" / "config.json").read_text()) | {"rope_theta": "<b>|`x`</b>"}
+        )
     )
     recipe = _recipe(tmp_path, f'method = "task_arithmetic"\nbase = "./base"\nmodels = ["./{hostile}"]\n')
     summary = tmp_path / "summary.md"
