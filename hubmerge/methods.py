@@ -20,6 +20,7 @@ Formulas (θ: parameters, τᵢ = θᵢ − θ_base: task vectors, λ: scaling_f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,8 @@ class Param:
         if self.choices and value not in self.choices:
             return f"must be one of {', '.join(map(repr, self.choices))}, got {value!r}"
         number = value if isinstance(value, (int, float)) else None
+        if isinstance(number, float) and not math.isfinite(number):  # TOML has nan and inf literals
+            return f"must be a finite number, got {value!r}"
         if self.minimum is not None and number is not None and number < self.minimum:
             return f"must be >= {self.minimum}, got {value!r}"
         if self.maximum is not None and number is not None and number > self.maximum:

@@ -323,6 +323,24 @@ ROWS: list[tuple[str, str, str, Setup, dict[str, str], int, str]] = [
         "models: the weights sum to 0 (1.0 + -1.0); linear divides by their sum",
     ),
     (
+        "a NaN parameter",
+        "recipe.toml",
+        TIES + 'models = ["./a"]\n[parameters]\nscaling_factor = nan\n',
+        _nothing,
+        {},
+        2,
+        "parameters.scaling_factor: must be a finite number, got nan",
+    ),
+    (
+        "an infinite per-model weight",
+        "recipe.toml",
+        'method = "linear"\n[[models]]\nsource = "./a"\nweight = inf\n',
+        _nothing,
+        {},
+        2,
+        "models[0].weight: must be a finite number, got inf",
+    ),
+    (
         "a merge that overflows its dtype",
         "recipe.toml",
         'method = "task_arithmetic"\nbase = "./base"\nmodels = ["./a"]\ndtype = "float16"\n'
@@ -411,7 +429,9 @@ def test_bad_input_gets_one_line_an_exit_code_and_leaves_nothing(
         write_checkpoint(tmp_path / name, random_state_dict(seed))
     setup(tmp_path)
     (tmp_path / file).write_text(text)
-    result = run_cli(tmp_path / file, "--output", tmp_path / "out", env={"HF_HOME": str(tmp_path / "hf"), **env})
+    result = run_cli(
+        tmp_path / file, "--output", tmp_path / "out", env={"HF_HOME": str(tmp_path / "hf"), **env}
+    )
     assert result.returncode == code, result.stderr
     assert "Traceback" not in result.stderr
     leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out"))
