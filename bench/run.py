@@ -258,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
                             "--output",
                             str(target),
                             "-q",
+                            # The merge alone, as the floor and mergekit measure it: the diagnostics
+                            # (stats) and the sanity check (which loads every model in transformers) are
+                            # extra work a user can switch off with these same flags.
+                            "--no-stats",
+                            "--no-sanity",
                         ]
                         runs["hubmerge"].append(measure("hubmerge", command, ROOT, log, env))
                         if mergekit is not None and i == 0:

@@ -107,8 +107,16 @@ def _domain_losses(model: Any, tokenizer: Any, texts: Mapping[str, Sequence[str]
 
 def _load(folder: Path) -> Any:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
-    model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", trust_remote_code=False)
+    # transformers draws a "Loading weights" bar per model; the merge has its own progress and -q.
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", trust_remote_code=False)
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
     model.eval()
     return model
 
