@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .card import license_file, render_card
-from .diagnostics import MergeStats, stats_files, write_stats
+from .diagnostics import STATS_FILE, MergeStats, stats_files, write_stats
 from .engine import collect_stats, write_weights
 from .errors import EvalError, GateError, HubmergeError, RecipeError
 from .evaluate import (
@@ -440,7 +440,7 @@ def evaluate(
         recorded = json.loads(previous.read_text(encoding="utf-8")).get("sanity")
         report = SanityReport.from_json(recorded) if recorded else None
     written = _write_results(directory, evaluation, report)
-    stats_path = directory / "merge_stats.json"
+    stats_path = directory / STATS_FILE
     stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else None
     card = render_card(merge_plan, stats=stats, evaluation=evaluation, sanity=report)
     (directory / "README.md").write_text(card, encoding="utf-8")

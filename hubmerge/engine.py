@@ -178,9 +178,9 @@ class _Inputs:
 def _open_inputs(
     plan: MergePlan, folders: Mapping[int, Path], device: torch.device, stats: MergeStats | None
 ) -> _Inputs:
-    reads_base = stats is not None and plan.base is not None and any(t.stats_base for t in plan.tensors)
-    base = folders[id(plan.base)] if reads_base and plan.base is not None else None
-    return _Inputs(plan, folders, device, base)
+    # The base is read for the diagnostics only when they are collected and the method's math skips it.
+    reads_base = stats is not None and any(t.stats_base for t in plan.tensors)
+    return _Inputs(plan, folders, device, folders[id(plan.base)] if reads_base and plan.base else None)
 
 
 def _magnitudes(slices: list[torch.Tensor]) -> torch.Tensor:
