@@ -70,6 +70,7 @@ from .lock import LOCK_FILE, RECIPE_COPY
 from .methods import Method
 from .plan import MergePlan
 from .recipe import ModelRef
+from .schedule import describe, to_json
 from .sources import LICENSE_FILES, Source
 
 if TYPE_CHECKING:
@@ -372,7 +373,7 @@ def _source_context(entry: _Entry, root: Path) -> dict[str, Any]:
         "sha": s.sha,
         "url": f"{_HUB}/{repo_id}/tree/{s.sha}" if repo_id and s.sha else None,
         "license": str(License(declared, license_name or None)) if declared else "unknown",
-        "parameters": dict(ref.params) if entry.role == "model" else {},
+        "parameters": {k: to_json(v) for k, v in ref.params.items()} if entry.role == "model" else {},
     }
 
 
@@ -566,7 +567,9 @@ def _context(plan: MergePlan) -> dict[str, Any]:
         "description": description,
         "method": _method_context(r.method, paper_id),
         "parameters": [
-            {"name": p.name, "value": r.parameters[p.name], "help": p.help} for p in r.method.params
+            {"name": p.name, "value": describe(r.parameters[p.name]), "help": p.help}
+            for p in r.method.params
+            if p.name in r.parameters
         ],
         "sources": sources,
         "license": {

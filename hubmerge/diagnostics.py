@@ -118,7 +118,7 @@ class MergeStats:
         `tensor.stats_base` when it has one); `cuts` are TIES's per-model magnitude cut-offs."""
         if self.reference is None:
             return
-        if self.plan.recipe.method.needs_base:
+        if self.plan.recipe.method.uses_base:
             base, models = slices[0], slices[1:]
         else:
             base, models = slices[-1], slices[:-1]

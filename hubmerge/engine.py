@@ -1,11 +1,12 @@
 """The engine: execute a `MergePlan`, streaming tensor slices from the inputs into the output shards.
 
-Memory stays a small multiple of one slice (`plan.CHUNK_ELEMENTS` per input) whatever the model size:
-every method is elementwise once TIES's per-model magnitude cut-offs are known, and those come from a
-streaming selection (`selection.py`): a sample of every tensor brackets each cut-off, one pass counts
-exactly against the bracket (two more only where a bracket missed), then the merge pass. Arithmetic
-runs in float32 (float64 inputs stay float64) on the chosen device and is rounded once to the output
-dtype.
+Memory stays a small multiple of one slice (`plan.CHUNK_ELEMENTS` per input) whatever the model size.
+The engine runs every method the same way (`methods.base`): the method's model-scope passes over the
+whole model first, then per output tensor its tensor-scope passes and the merge step, slice by slice. A
+`Reduce` pass folds slices into a small accumulator; a `Select` pass finds exact k-th smallest values
+with the streaming selection (`selection.py`): a sample brackets each cut-off, one pass counts exactly
+against the bracket (two more only where a bracket missed). Arithmetic runs in float32 (float64 inputs
+stay float64) on the chosen device and is rounded once to the output dtype.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,7 +24,8 @@ from . import __version__
 from .checkpoint import ShardWriter, TensorInfo, TensorReader
 from .diagnostics import MergeStats
 from .errors import HubmergeError, SourceError
-from .methods import TiesChunk, linear, simple_average, task_arithmetic, ties, ties_keep_count
+from .methods import Reduce, Select, Slice, TiesChunk
+from .methods.base import Pass
 from .plan import MergePlan, OutputTensor
 from .selection import bracket, kth_smallest
 
@@ -183,77 +186,88 @@ def _open_inputs(
     return _Inputs(plan, folders, device, folders[id(plan.base)] if reads_base and plan.base else None)
 
 
-def _magnitudes(slices: list[torch.Tensor]) -> torch.Tensor:
-    """|τᵢ| of one slice, one flat float32 row per model, on the CPU (where the selection counts)."""
-    base, *models = slices
-    out = torch.empty((len(models), base.numel()), dtype=base.dtype, device=base.device)
-    for row, model in zip(out, models, strict=True):
-        torch.sub(model.flatten(), base.flatten(), out=row).abs_()
-    return out.to("cpu", torch.float32)
+def _slice(plan: MergePlan, tensor: OutputTensor, start: int, slices: Sequence[torch.Tensor]) -> Slice:
+    """One slice as a method sees it: the base apart (when the method reads one), parameters resolved."""
+    n = len(plan.models)
+    math_inputs = slices[: len(plan.inputs)]
+    base = math_inputs[0] if len(math_inputs) > n else None
+    return Slice(
+        name=tensor.name,
+        shape=tensor.shape,
+        start=start,
+        base=base,
+        models=tuple(math_inputs[-n:]),
+        params=tensor.params,
+        model_params=tensor.model_params,
+    )
 
 
-def _streamed(inputs: _Inputs, tensors: Sequence[OutputTensor]) -> Callable[[], Iterator[torch.Tensor]]:
-    def chunks() -> Iterator[torch.Tensor]:
-        for _, _, slices in inputs.stream(tensors):
-            yield _magnitudes(slices)
-
-    return chunks
-
-
-_SAMPLE = 1 << 21  # magnitudes per model in the sample that brackets a cut-off (8 MiB of float32)
+_SAMPLE = 1 << 21  # values per series in the sample that brackets a cut-off (8 MiB of float32)
 _SAMPLE_BLOCKS = 8  # row blocks per tensor, spread over it, so no one region of a tensor speaks for all
 
 
-def _sample(inputs: _Inputs, tensors: Sequence[OutputTensor], total: int) -> torch.Tensor:
-    """|τᵢ| of about `_SAMPLE` entries per model, a share of every tensor in proportion to its size."""
-    fraction = min(1.0, _SAMPLE / max(total, 1))
-    parts = []
-    for tensor in tensors:
-        rows = tensor.shape[0] if tensor.shape else 1
-        take = max(1, round(rows * fraction))
-        blocks = min(_SAMPLE_BLOCKS, take)
-        length = -(-take // blocks)
-        for j in range(blocks):
-            start = j * rows // blocks
-            parts.append(_magnitudes(inputs.upcast(inputs.rows(tensor, start, start + length))))
-    return torch.cat(parts, dim=1)
+class _Passes:
+    """Runs a method's statistics passes (`methods.base`) over the streamed inputs."""
 
+    def __init__(self, plan: MergePlan, inputs: _Inputs) -> None:
+        self.plan = plan
+        self.inputs = inputs
+        active = plan.recipe.method.active_passes(plan.recipe.parameters)
+        self.model_passes = tuple(p for p in active if p.scope == "model")
+        self.tensor_passes = tuple(p for p in active if p.scope == "tensor")
+        self.model_stats: dict[str, Any] = {}
 
-def _cut_offs(inputs: _Inputs, tensors: Sequence[OutputTensor], rank: int, total: int) -> list[float]:
-    """Each model's rank-th smallest |τ| over `tensors`: bracketed from a sample, then counted exactly."""
-    ranks = [rank] * (len(tensors[0].inputs) - 1)
-    brackets = bracket(_sample(inputs, tensors, total), ranks, total)
-    return kth_smallest(_streamed(inputs, tensors), ranks, brackets)
+    def before_merge(self) -> None:
+        for p in self.model_passes:
+            self.model_stats[p.name] = self._run(p, self.plan.tensors, self.model_stats)
 
+    def for_tensor(self, tensor: OutputTensor) -> dict[str, Any]:
+        stats = dict(self.model_stats)
+        for p in self.tensor_passes:
+            stats[p.name] = self._run(p, (tensor,), stats)
+        return stats
 
-def _ties_thresholds(plan: MergePlan, inputs: _Inputs) -> dict[str, list[float]]:
-    """Per output tensor, each model's magnitude cut-off: over the whole model, or per tensor."""
-    threshold = float(plan.recipe.parameters["threshold"])
-    if plan.recipe.parameters["trim"] == "global":
-        # d counts every merged parameter once: a tied embedding is one tensor here, not two.
-        total = plan.parameter_count
-        cut = _cut_offs(inputs, plan.tensors, ties_keep_count(total, threshold), total)
-        return {t.name: cut for t in plan.tensors}
-    return {
-        t.name: _cut_offs(inputs, [t], ties_keep_count(t.numel, threshold), t.numel) for t in plan.tensors
-    }
+    def _slices(self, tensors: Sequence[OutputTensor]) -> Iterator[Slice]:
+        for tensor, start, slices in self.inputs.stream(tensors):
+            yield _slice(self.plan, tensor, start, slices)
 
+    def _run(self, p: Pass, tensors: Sequence[OutputTensor], stats: Mapping[str, Any]) -> Any:
+        if isinstance(p, Reduce):
+            accumulator = None
+            for s in self._slices(tensors):
+                accumulator = p.step(s, stats, accumulator)
+            return accumulator
+        total = sum(t.numel for t in tensors)
+        first = self._sample_slice(tensors[0], 0, 1)
+        ranks = p.ranks(total, first)
+        if not any(r >= 1 for r in ranks):
+            return [0.0] * len(ranks)
 
-def _merge_slice(
-    plan: MergePlan, slices: list[torch.Tensor], thresholds: list[float] | None
-) -> torch.Tensor | TiesChunk:
-    params = plan.recipe.parameters
-    method = plan.recipe.method.name
-    weights = [float(r.params.get("weight", 1.0)) for r in plan.model_roles]
-    if method == "simple_average":
-        return simple_average(slices)
-    if method == "linear":
-        return linear(slices, weights)
-    base, *models = slices
-    if method == "task_arithmetic":
-        return task_arithmetic(base, models, weights, float(params["scaling_factor"]))
-    assert thresholds is not None
-    return ties(base, models, thresholds, float(params["scaling_factor"]), str(params["merge_func"]))
+        def chunks() -> Iterator[torch.Tensor]:
+            for s in self._slices(tensors):
+                yield p.quantity(s, stats)
+
+        brackets = bracket(self._sample(p, tensors, total, stats), ranks, total)
+        return kth_smallest(chunks, ranks, brackets)
+
+    def _sample_slice(self, tensor: OutputTensor, start: int, stop: int) -> Slice:
+        return _slice(self.plan, tensor, start, self.inputs.upcast(self.inputs.rows(tensor, start, stop)))
+
+    def _sample(
+        self, p: Select, tensors: Sequence[OutputTensor], total: int, stats: Mapping[str, Any]
+    ) -> torch.Tensor:
+        """The quantity on about `_SAMPLE` elements, a share of every tensor in proportion to its size."""
+        fraction = min(1.0, _SAMPLE / max(total, 1))
+        parts = []
+        for tensor in tensors:
+            rows = tensor.shape[0] if tensor.shape else 1
+            take = max(1, round(rows * fraction))
+            blocks = min(_SAMPLE_BLOCKS, take)
+            length = -(-take // blocks)
+            for j in range(blocks):
+                start = j * rows // blocks
+                parts.append(p.quantity(self._sample_slice(tensor, start, start + length), stats))
+        return torch.cat(parts, dim=1)
 
 
 def _finite(tensor: torch.Tensor) -> bool:
@@ -295,9 +309,12 @@ def collect_stats(plan: MergePlan, folders: Mapping[int, Path], device: torch.de
     stats = MergeStats(plan)
     inputs = _open_inputs(plan, folders, device, stats)
     try:
-        thresholds = _ties_thresholds(plan, inputs) if plan.recipe.method.trims else {}
-        for tensor, _, slices in inputs.stream(plan.tensors):
-            stats.add(tensor, slices, thresholds.get(tensor.name))
+        passes = _Passes(plan, inputs)
+        passes.before_merge()
+        for tensor in plan.tensors:
+            cuts = passes.for_tensor(tensor).get("cut") if plan.recipe.method.trims else None
+            for _, _, slices in inputs.stream([tensor]):
+                stats.add(tensor, slices, cuts)
     finally:
         inputs.close()
     return stats
@@ -310,11 +327,15 @@ def write_weights(
     device: torch.device,
     progress: Progress,
     stats: MergeStats | None = None,
+    on_shard: Callable[[Path], None] | None = None,
 ) -> dict[str, str | None]:
     """Write the merged safetensors shards (and index) into `directory`, feeding `stats` every slice read.
 
-    Returns each written file name with the sha256 of its bytes where it is already known.
+    `on_shard` is called with each shard's path once it is complete (a method with deferred patches, see
+    `methods.ties.TiesChunk`, may rewrite some after the last one: those come back in the result without
+    a hash). Returns each written file name with the sha256 of its bytes where it is already known.
     """
+    method = plan.recipe.method
     inputs = _open_inputs(plan, folders, device, stats)
     patches = _Patches(directory / ".ties-undecided.tmp", plan.out_dtype)
     index = {t.name: i for i, t in enumerate(plan.tensors)}
@@ -323,16 +344,23 @@ def write_weights(
     if device.type == "cpu":
         torch.set_num_threads(_arithmetic_threads(threads))
     try:
-        thresholds = _ties_thresholds(plan, inputs) if plan.recipe.method.trims else {}
+        passes = _Passes(plan, inputs)
+        passes.before_merge()
+        current: dict[str, Any] = {}
         by_name = {t.name: t for t in plan.tensors}
         for layout in plan.shards:
             writer = ShardWriter(directory / layout.file, layout, {"format": "pt"})
             files[layout.file] = writer
             try:
-                for tensor, start, slices in inputs.stream([by_name[name] for name, _ in layout.tensors]):
+                shard = [by_name[name] for name, _ in layout.tensors]
+                for tensor, start, slices in _with_stats(passes, inputs, shard):
+                    tensor_stats = passes.for_tensor(tensor) if start < 0 else None
+                    if tensor_stats is not None:
+                        current = tensor_stats
+                        continue
                     if stats is not None:
-                        stats.add(tensor, slices, thresholds.get(tensor.name))
-                    result = _merge_slice(plan, slices[: len(plan.inputs)], thresholds.get(tensor.name))
+                        stats.add(tensor, slices, current.get("cut") if method.trims else None)
+                    result = method.merge(_slice(plan, tensor, start, slices), current)
                     if isinstance(result, TiesChunk):
                         patches.add(index[tensor.name], tensor, start, result)
                         result = result.values
@@ -344,6 +372,8 @@ def write_weights(
                 writer.close(complete=False)  # the error that stopped the shard is the one to report
                 raise
             writer.close()
+            if on_shard is not None:
+                on_shard(writer.path)
         written: dict[str, str | None] = {file: w.digest.hexdigest() for file, w in files.items()}
         written |= dict.fromkeys(patches.apply(plan, files))  # rewritten: hash them again
     finally:
@@ -354,6 +384,26 @@ def write_weights(
         _write_index(plan, directory)
         written["model.safetensors.index.json"] = None
     return written
+
+
+def _with_stats(
+    passes: _Passes, inputs: _Inputs, tensors: Sequence[OutputTensor]
+) -> Iterator[tuple[OutputTensor, int, list[torch.Tensor]]]:
+    """The merge pass's slices; before each tensor, a (tensor, -1, []) marker where its passes run.
+
+    Without tensor-scope passes the slices of consecutive tensors stream with read-ahead across tensors.
+    """
+    if not passes.tensor_passes:
+        current = None
+        for tensor, start, slices in inputs.stream(tensors):
+            if tensor is not current:
+                current = tensor
+                yield tensor, -1, []
+            yield tensor, start, slices
+        return
+    for tensor in tensors:
+        yield tensor, -1, []
+        yield from inputs.stream([tensor])
 
 
 def _write_index(plan: MergePlan, directory: Path) -> None:

@@ -22,6 +22,7 @@ from . import __version__
 from .errors import HubmergeError, RecipeError
 from .plan import MergePlan, Role
 from .recipe import Recipe
+from .schedule import to_json
 
 __all__ = [
     "LOCK_FILE",
@@ -170,7 +171,7 @@ def lock_data(
         "device": device,
         "recipe": {"file": plan.recipe.path.name, "sha256": plan.recipe.sha256},
         "method": plan.recipe.method.name,
-        "parameters": dict(plan.recipe.parameters),
+        "parameters": {k: to_json(v) for k, v in plan.recipe.parameters.items()},
         "sources": list(sources.values()),
         "output": {
             "files": {

@@ -11,15 +11,16 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
 from .checkpoint import DTYPES, ShardLayout, TensorInfo, numel
-from .errors import IncompatibleSourcesError
+from .errors import IncompatibleSourcesError, RecipeError
 from .qwen import Qwen25Size, qwen25_size
 from .recipe import ModelRef, Recipe
+from .schedule import Scalar, Setting, evaluate, layer_position
 from .sources import Source, cached_files, resolve
 
 __all__ = ["CHUNK_ELEMENTS", "MergePlan", "OutputTensor", "Role", "build_plan"]
@@ -76,6 +77,10 @@ class OutputTensor:
     inputs: tuple[TensorInfo, ...]  # one per math input, in `MergePlan.inputs` order
     # The base's tensor when the method ignores the base but the diagnostics measure task vectors against it.
     stats_base: TensorInfo | None = None
+    # The method's parameters resolved for this tensor (gradients and filters evaluated, `schedule.py`):
+    # the global ones, and one mapping per model (in `recipe.models` order).
+    params: Mapping[str, Scalar] = field(default_factory=dict)
+    model_params: tuple[Mapping[str, Scalar], ...] = ()
 
     @property
     def numel(self) -> int:
@@ -119,8 +124,7 @@ class MergePlan:
     @property
     def inputs(self) -> tuple[Source, ...]:
         """The sources the method's math reads, base first when the method uses one."""
-        if self.recipe.method.needs_base:
-            assert self.base is not None
+        if self.recipe.method.uses_base and self.base is not None:
             return (self.base, *self.models)
         return self.models
 
@@ -169,10 +173,8 @@ class MergePlan:
                 f"config.json is taken from {self.config_source.label}; these fields differ between sources: "
                 + "; ".join(self.config_differences)
             )
-        if self.recipe.method.name in ("simple_average", "linear") and self.base is not None:
-            notes.append(
-                f"the base is not part of {self.recipe.method.name} (as in FusionBench); it provides config.json"
-            )
+        if not self.recipe.method.uses_base and self.base is not None:
+            notes.append(f"the base is not part of {self.recipe.method.name}; it provides config.json")
         return tuple(notes)
 
 
@@ -349,9 +351,53 @@ def _stats_base(recipe: Recipe, base: Source | None, name: str) -> TensorInfo | 
     # Task vectors are θᵢ − θ_base for every method: a method that ignores the base (simple_average, linear)
     # still has it downloaded for config.json, so the diagnostics read it as one more input (only when they
     # are collected: `MergePlan.stats` or `hubmerge inspect`).
-    if base is None or recipe.method.needs_base:
+    if base is None or recipe.method.uses_base:
         return None
     return _input(base, name)
+
+
+def _setting_value(
+    settings: list[Mapping[str, Setting]], name: str, tensor: str, t: float, default: Scalar | None
+) -> Scalar | None:
+    """The first setting in `settings` (most specific first) with a value for `tensor`, else the default."""
+    for table in settings:
+        if name in table:
+            value = evaluate(table[name], tensor, t)
+            if value is not None:
+                return value
+    return default
+
+
+def _tensor_params(
+    recipe: Recipe, name: str, input_names: tuple[str, ...], num_layers: int
+) -> tuple[dict[str, Scalar], tuple[dict[str, Scalar], ...]]:
+    """Every parameter of the method for tensor `name`: model's own setting, then `[parameters]`, then the
+    method's default (mergekit's order). Per-model filters match the name of the tensor read from that
+    model (`input_names`, one per model), global ones the output tensor's name."""
+    method = recipe.method
+    t = layer_position(name, num_layers)
+    params: dict[str, Scalar] = {}
+    for p in method.params:
+        value = _setting_value([recipe.parameters], p.name, name, t, p.default)
+        if value is None:
+            raise RecipeError(
+                f"{recipe.path}: parameters.{p.name}: no value for tensor {name} (no filter matches it); add a "
+                "rule without a filter"
+            )
+        params[p.name] = p.cast(value)
+    per_model = []
+    for i, (model, input_name) in enumerate(zip(recipe.models, input_names, strict=True)):
+        values: dict[str, Scalar] = {}
+        for p in method.model_params:
+            value = _setting_value([model.params, recipe.parameters], p.name, input_name, t, p.default)
+            if value is None:
+                raise RecipeError(
+                    f"{recipe.path}: models[{i}].{p.name}: no value for tensor {input_name} (no filter matches it); add a rule "
+                    "without a filter, or a default in [parameters]"
+                )
+            values[p.name] = p.cast(value)
+        per_model.append(values)
+    return params, tuple(per_model)
 
 
 def build_plan(recipe: Recipe) -> MergePlan:
@@ -363,19 +409,29 @@ def build_plan(recipe: Recipe) -> MergePlan:
     weight_roles = tuple(r for r in roles if r.kind != "tokenizer")
     weight_sources = tuple({id(r.source): r.source for r in weight_roles}.values())
     _check_compatible(weight_sources)
-    inputs = ((base,) if recipe.method.needs_base and base is not None else ()) + models
+    with_base = recipe.method.uses_base and base is not None
+    inputs = ((base,) if with_base and base is not None else ()) + models
 
     tied = not any(_stores_head(s) for s in inputs)
     names = sorted(set(inputs[0].tensors) - {HEAD}, key=_natural_key) + ([] if tied else [HEAD])
-    tensors = tuple(
-        OutputTensor(
-            name,
-            _input(inputs[0], name).shape,
-            tuple(_input(s, name) for s in inputs),
-            _stats_base(recipe, base, name),
+    num_layers = int(inputs[0].config.get("num_hidden_layers") or 1)
+    planned = []
+    for name in names:
+        infos = tuple(_input(s, name) for s in inputs)
+        params, model_params = _tensor_params(
+            recipe, name, tuple(i.name for i in infos[1 if with_base else 0 :]), num_layers
         )
-        for name in names
-    )
+        planned.append(
+            OutputTensor(
+                name,
+                _input(inputs[0], name).shape,
+                infos,
+                _stats_base(recipe, base, name),
+                params,
+                model_params,
+            )
+        )
+    tensors = tuple(planned)
     if not tied and any(
         t.inputs[0].shape != t.shape or any(i.shape != t.shape for i in t.inputs) for t in tensors
     ):

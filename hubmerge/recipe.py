@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RecipeError
-from .methods import METHODS, Method, Param, ParamValue
+from .methods import METHODS, Method, Param
+from .schedule import Filter, Gradient, Setting, is_schedule
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -59,7 +60,7 @@ class ModelRef:
     path: Path | None = None  # absolute, for local folders
     repo_id: str | None = None
     revision: str | None = None  # as written; resolved to a commit sha by the source stage
-    params: Mapping[str, ParamValue] = field(default_factory=dict)
+    params: Mapping[str, Setting] = field(default_factory=dict)  # this mention's own per-model settings
     # For a Hub id that is also a path under an existing folder next to the recipe (`tiny/mathh`): the
     # folder it would be, so that a failed Hub lookup can say "no such folder" instead of "cannot reach".
     near: Path | None = None
@@ -135,7 +136,7 @@ class Recipe:
     path: Path
     text: str
     method: Method
-    parameters: Mapping[str, ParamValue]  # method parameters, defaults filled in
+    parameters: Mapping[str, Setting]  # method parameters, defaults filled in
     models: tuple[ModelRef, ...]
     base: ModelRef | None
     tokenizer: ModelRef | None  # None: the base's (or the first model's) tokenizer
@@ -199,9 +200,7 @@ class _Reader:
             raise self.fail(f"{where}{key}", f"must be a {names.replace('str', 'string')}, got {value!r}")
         return value
 
-    def reference(
-        self, text: str, revision: str | None, key: str, params: Mapping[str, ParamValue]
-    ) -> ModelRef:
+    def reference(self, text: str, revision: str | None, key: str, params: Mapping[str, Setting]) -> ModelRef:
         text = text.strip()
         if not text:
             raise self.fail(key, 'is empty; give a Hub id such as "Qwen/Qwen2.5-1.5B" or a folder path')
@@ -239,7 +238,7 @@ class _Reader:
         except (OSError, RuntimeError, ValueError) as exc:  # a NUL byte, an unknown ~user, a name too long
             raise self.fail(key, f"{text!r} is not a usable path ({exc})") from None
 
-    def model(self, value: Any, key: str, method: Method, defaults: Mapping[str, ParamValue]) -> ModelRef:
+    def model(self, value: Any, key: str, method: Method, defaults: Mapping[str, Setting]) -> ModelRef:
         params = dict(defaults)
         if isinstance(value, str):
             return self.reference(value, None, key, params)
@@ -255,11 +254,48 @@ class _Reader:
                 params[p.name] = self.param(p, value[p.name], f"{key}.{p.name}")
         return self.reference(source, self.get(value, "revision", str, f"{key}."), key, params)
 
-    def param(self, p: Param, value: Any, key: str) -> ParamValue:
-        problem = p.check(value)
+    def param(self, p: Param, value: Any, key: str) -> Setting:
+        """A parameter's value as written: a scalar, a gradient `[a, b, …]`, or filter rules
+        `[{filter = "mlp", value = …}, {value = …}]` (see `schedule.py`)."""
+        setting = self.setting(value, key)
+        problem = p.check(setting)
         if problem:
             raise self.fail(key, problem)
-        return float(value) if p.type is float else value
+        return _cast(p, setting)
+
+    def setting(self, value: Any, key: str) -> Setting:
+        if not isinstance(value, list):
+            return value  # type: ignore[no-any-return]
+        if not value:
+            raise self.fail(key, "is an empty list; give a value, a gradient [a, b, ...] or filter rules")
+        if all(isinstance(v, dict) for v in value):
+            rules = []
+            for i, rule in enumerate(value):
+                self.check_keys(rule, ("filter", "value"), f"{key}[{i}].")
+                if "value" not in rule:
+                    raise self.fail(f"{key}[{i}].value", "is required")
+                name = self.get(rule, "filter", str, f"{key}[{i}].")
+                inner = rule["value"]
+                if isinstance(inner, (list, dict)) and not (
+                    isinstance(inner, list) and inner and not any(isinstance(v, (list, dict)) for v in inner)
+                ):
+                    raise self.fail(f"{key}[{i}].value", "must be a value or a gradient [a, b, ...]")
+                rules.append(Filter(Gradient(tuple(inner)) if isinstance(inner, list) else inner, name))
+            return tuple(rules)
+        if any(isinstance(v, (list, dict)) for v in value):
+            raise self.fail(
+                key, "must be a value, a gradient [a, b, ...] or a list of {filter = ..., value = ...} tables"
+            )
+        return Gradient(tuple(value))
+
+
+def _cast(p: Param, setting: Setting) -> Setting:
+    """Integers written for a float parameter become floats, inside gradients and filters too."""
+    if isinstance(setting, Gradient):
+        return Gradient(tuple(p.cast(v) for v in setting.values))
+    if isinstance(setting, tuple):
+        return tuple(Filter(_cast(p, r.value), r.filter) for r in setting)  # type: ignore[arg-type]
+    return p.cast(setting)
 
 
 _NOT_YAML = (
@@ -345,9 +381,13 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
         for p in method.params
         if p.name in parameters
     }
+    for p in method.params:
+        if p.default is None and p.name not in given:
+            raise r.fail(f"parameters.{p.name}", f"is required by {method.name}: {p.help}")
     model_defaults = {
-        p.name: r.param(p, parameters.get(p.name, p.default), f"parameters.{p.name}")
+        p.name: r.param(p, parameters[p.name], f"parameters.{p.name}")
         for p in method.model_params
+        if p.name in parameters
     }
 
     raw_models = data.get("models")
@@ -355,9 +395,27 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
         raise r.fail("models", "is required: a list of model references to merge")
     if not isinstance(raw_models, list) or not raw_models:
         raise r.fail("models", "must be a non-empty list of model references or [[models]] tables")
-    models = tuple(r.model(m, f"models[{i}]", method, model_defaults) for i, m in enumerate(raw_models))
-    weights = [float(m.params["weight"]) for m in models if "weight" in m.params]
-    if method.name == "linear" and sum(weights) == 0:
+    models = tuple(r.model(m, f"models[{i}]", method, {}) for i, m in enumerate(raw_models))
+    for i, m in enumerate(models):
+        for p in method.model_params:
+            if p.default is None and p.name not in m.params and p.name not in model_defaults:
+                raise r.fail(f"models[{i}].{p.name}", f"is required by {method.name}: {p.help}")
+    contract = method.contract
+    if len(models) < contract.min_models or (
+        contract.max_models is not None and len(models) > contract.max_models
+    ):
+        raise r.fail("models", f"{method.name} takes {contract.describe().split('; ')[1]}, got {len(models)}")
+    weights = [
+        float(w)  # type: ignore[arg-type]
+        for w in (m.params.get("weight", model_defaults.get("weight", 1.0)) for m in models)
+        if not is_schedule(w)
+    ]
+    if (
+        method.name == "linear"
+        and parameters.get("normalize", True)
+        and len(weights) == len(models)
+        and sum(weights) == 0
+    ):
         # linear divides by Σ wᵢ: a zero sum would write a model of NaN and Inf.
         raise r.fail(
             "models", f"the weights sum to 0 ({' + '.join(map(str, weights))}); linear divides by their sum"
@@ -458,7 +516,12 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
         path=r.path.resolve(),
         text=text,
         method=method,
-        parameters=method.resolve(given),
+        # Global parameters with their defaults, and the per-model ones `[parameters]` sets for every model.
+        parameters={
+            **{p.name: p.default for p in method.params if p.default is not None},
+            **given,
+            **model_defaults,
+        },
         models=models,
         base=base,
         tokenizer=tokenizer,

@@ -7,6 +7,7 @@ from typing import Any
 
 from . import __version__
 from .plan import MergePlan
+from .schedule import to_json
 
 __all__ = ["plan_json", "plan_text", "summary_markdown"]
 
@@ -22,7 +23,7 @@ def plan_json(plan: MergePlan) -> dict[str, Any]:
         "recipe": str(r.path),
         "recipe_sha256": r.sha256,
         "method": r.method.name,
-        "parameters": dict(r.parameters),
+        "parameters": {k: to_json(v) for k, v in r.parameters.items()},
         "sources": [
             {
                 "role": role.name,
@@ -31,7 +32,7 @@ def plan_json(plan: MergePlan) -> dict[str, Any]:
                 "revision": role.ref.revision,
                 "sha": role.source.sha,
                 "path": str(role.ref.path) if role.ref.path else None,
-                "parameters": dict(role.params),
+                "parameters": {k: to_json(v) for k, v in role.params.items()},
             }
             for role in plan.roles
         ],

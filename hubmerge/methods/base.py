@@ -1,0 +1,287 @@
+"""What a merge method is: its parameters, its input contract, the statistics it gathers, its merge step.
+
+A method is one `Method` value in one file of this package. The engine runs every method the same way,
+one output tensor at a time, holding a slice of each input (`plan.CHUNK_ELEMENTS`), never a whole tensor:
+
+1. each of the method's `passes`, in order, over every slice of the tensor (of the whole model for a
+   pass with `scope="model"`): a `Reduce` folds the slices into a small accumulator (norms, dot
+   products, sums), a `Select` finds exact k-th smallest values of a per-element quantity (magnitude
+   cut-offs) with the streaming selection of `selection.py`;
+2. `merge` on every slice, with the results of the passes (`Stats`), writing the output.
+
+So an elementwise method costs one read of its inputs, a method with one per-tensor reduction two, and
+the plan records which (`Method.reads`). Methods never read files and never see the recipe: the plan
+resolves every parameter for every tensor (gradients and filters, `schedule.py`) into `Slice.params` and
+`Slice.model_params`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from ..schedule import Scalar, Setting, is_schedule, scalars
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+__all__ = [
+    "Contract",
+    "Method",
+    "Param",
+    "Reduce",
+    "Select",
+    "Slice",
+    "Stats",
+    "uniform",
+]
+
+Stats = Mapping[str, Any]  # pass name -> its result (a Reduce's accumulator, a Select's list of values)
+
+
+@dataclass(frozen=True)
+class Param:
+    """A declared parameter: type, default (None: the recipe must give it), allowed values, help."""
+
+    name: str
+    type: type
+    default: Scalar | None
+    help: str
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    # False for a value that is one number for the whole model (a global cut, a seed): no gradient, no filter.
+    per_tensor: bool = True
+
+    def check_scalar(self, value: Any) -> str | None:
+        """Why one scalar `value` is not acceptable, or None."""
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, self.type) or (self.type is not bool and isinstance(value, bool)):
+            name = {"str": "string", "bool": "boolean", "int": "integer", "float": "number"}[
+                self.type.__name__
+            ]
+            return f"must be a {name}, got {value!r}"
+        if self.choices and value not in self.choices:
+            return f"must be one of {', '.join(map(repr, self.choices))}, got {value!r}"
+        number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        if isinstance(number, float) and not math.isfinite(number):  # TOML has nan and inf literals
+            return f"must be a finite number, got {value!r}"
+        if self.minimum is not None and number is not None and number < self.minimum:
+            return f"must be >= {self.minimum:g}, got {value!r}"
+        if self.maximum is not None and number is not None and number > self.maximum:
+            return f"must be <= {self.maximum:g}, got {value!r}"
+        return None
+
+    def check(self, setting: Setting) -> str | None:
+        """Why `setting` (a scalar, or a gradient / filter list where `per_tensor`) is not acceptable."""
+        if not self.per_tensor and is_schedule(setting):
+            return "is one value for the whole model: a gradient or a filter list is not allowed here"
+        for value in scalars(setting):
+            problem = self.check_scalar(value)
+            if problem:
+                return problem
+        return None
+
+    def cast(self, value: Scalar) -> Scalar:
+        return float(value) if self.type is float and not isinstance(value, bool) else value
+
+
+@dataclass(frozen=True)
+class Contract:
+    """Which inputs a method takes: the base (required, used when given, or ignored) and how many models."""
+
+    base: Literal["required", "optional", "ignored"]
+    min_models: int = 1
+    max_models: int | None = None
+
+    def describe(self) -> str:
+        count = (
+            f"exactly {self.min_models}"
+            if self.max_models == self.min_models
+            else f"{self.min_models} or more"
+            if self.max_models is None
+            else f"{self.min_models} to {self.max_models}"
+        )
+        model = "model" if self.max_models == 1 else "models"
+        return f"base {self.base}; {count} {model}"
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Rows [start, stop) of one output tensor from every input, as a pass or a merge step sees them.
+
+    `base` (when the method uses one) arrives in the compute dtype (float32, float64 for float64
+    inputs); so does `models[0]` when there is no base. The other models keep their stored dtype (bf16,
+    f16): pair each with a compute-dtype tensor in every operation (type promotion then computes exactly
+    what an upcast copy would, without the copy) or call `upcast`. Slices hold whole rows, so a per-row
+    quantity needs no pass.
+    """
+
+    name: str  # the output tensor's name
+    shape: tuple[int, ...]  # the whole tensor's shape
+    start: int  # first row of the slice
+    base: Tensor | None
+    models: tuple[Tensor, ...]
+    params: Mapping[str, Scalar]  # global parameters, resolved for this tensor
+    model_params: tuple[Mapping[str, Scalar], ...]  # one mapping per model, resolved for this tensor
+
+    @property
+    def numel(self) -> int:
+        """Elements of the whole tensor."""
+        return math.prod(self.shape)
+
+    @property
+    def row_size(self) -> int:
+        return math.prod(self.shape[1:]) if self.shape else 1
+
+    @property
+    def offset(self) -> int:
+        """Flat index, in the whole tensor, of the slice's first element."""
+        return self.start * self.row_size
+
+    @property
+    def dtype(self) -> Any:
+        """The compute dtype."""
+        return (self.base if self.base is not None else self.models[0]).dtype
+
+    def upcast(self, tensor: Tensor) -> Tensor:
+        return tensor.to(self.dtype)
+
+    def weights(self, name: str = "weight") -> list[float]:
+        return [float(p[name]) for p in self.model_params]
+
+    def uniform(self, model: int) -> Tensor:
+        """Uniform [0, 1) values for this slice's elements: a function of the recipe's seed, the tensor's
+        name, the model's index and each element's flat position only (see `uniform`)."""
+        first = self.models[model]
+        return uniform(
+            int(self.params.get("seed", 0)), self.name, model, self.offset, first.numel(), first.device
+        ).view(first.shape)
+
+
+@dataclass(frozen=True)
+class Reduce:
+    """A streaming reduction over every slice of a tensor: `step(slice, stats, accumulator) -> accumulator`.
+
+    `step` gets None as the accumulator on the first slice; the last accumulator is the pass's result.
+    """
+
+    name: str
+    step: Callable[[Slice, Stats, Any], Any]
+    scope: Literal["tensor", "model"] = "tensor"
+    when: Callable[[Mapping[str, Any]], bool] | None = None  # on for these global parameters (None: always)
+
+
+@dataclass(frozen=True)
+class Select:
+    """Exact k-th smallest values of a per-element quantity, over a whole tensor (or the whole model).
+
+    `quantity(slice, stats)` gives one float32 row per selected series, shape (rows, slice elements), all
+    values >= 0 (magnitudes); `ranks(numel, slice)` gives each row's 1-based rank k over `numel` elements
+    (0: no cut). The result is a list with, per row, the k-th smallest value, bit-identical to
+    `torch.kthvalue` over the whole series (`selection.py`), or 0.0 for rank 0.
+    """
+
+    name: str
+    quantity: Callable[[Slice, Stats], Tensor]
+    ranks: Callable[[int, Slice], list[int]]
+    scope: Literal["tensor", "model"] = "tensor"
+    when: Callable[[Mapping[str, Any]], bool] | None = None  # on for these global parameters (None: always)
+
+
+Pass = Reduce | Select
+
+
+@dataclass(frozen=True)
+class Method:
+    """One merge method: everything the recipe, the plan, the engine, the card and the README know of it."""
+
+    name: str
+    title: str
+    formula: str  # one line, with the symbols of `card.py`: θ, τᵢ = θᵢ − θ_base, wᵢ, λ
+    contract: Contract
+    merge: Callable[[Slice, Stats], Any]  # a Tensor in the compute dtype, or a `ties.TiesChunk`
+    params: tuple[Param, ...] = ()  # global: `[parameters]`
+    model_params: tuple[Param, ...] = ()  # per model: `[[models]]` (a value in `[parameters]` is the default)
+    passes: tuple[Pass, ...] = ()
+    paper: str | None = None  # "arXiv:2306.01708"
+    mergekit: str | None = None  # the mergekit 0.1.5 `merge_method` with the same math, if any
+    fusionbench: str | None = None  # the FusionBench algorithm with the same math, if any
+    notes: str = ""  # what a user must know: differences from the tool of the same name, caveats
+    # Keeps the entries with |τᵢ| >= a per-model cut-off (the pass named "cut") and elects a sign: the
+    # diagnostics then report kept and dropped shares (FusionBench TIES).
+    trims: bool = field(default=False)
+
+    @property
+    def needs_base(self) -> bool:
+        return self.contract.base == "required"
+
+    @property
+    def uses_base(self) -> bool:
+        """The base's weights enter the math when the recipe names a base."""
+        return self.contract.base != "ignored"
+
+    def active_passes(self, params: Mapping[str, Setting]) -> tuple[Pass, ...]:
+        """The passes a recipe's global parameters switch on."""
+        return tuple(p for p in self.passes if p.when is None or p.when(params))
+
+    def reads(self, params: Mapping[str, Setting]) -> int:
+        """How many times the engine reads every input byte: once per pass, plus the merge (a selection
+        that its sample does not settle reads twice more, see `selection.py`)."""
+        return 1 + len(self.active_passes(params))
+
+    def param(self, name: str) -> Param:
+        return next(p for p in self.params + self.model_params if p.name == name)
+
+    @property
+    def random(self) -> bool:
+        return any(p.name == "seed" for p in self.params)
+
+
+# --- counter-based random numbers -----------------------------------------------------------------------
+
+_MASK64 = (1 << 64) - 1
+
+
+def _key(seed: int, name: str, model: int) -> int:
+    digest = hashlib.blake2b(f"{seed}\0{name}\0{model}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _signed(value: int) -> int:
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def uniform(seed: int, name: str, model: int, first: int, count: int, device: Any = None) -> Tensor:
+    """Uniform [0, 1) float32 values for flat positions first … first + count − 1 of tensor `name`.
+
+    A pure function of (seed, name, model, position): splitmix64 of the position plus a key hashed from the
+    rest, done in int64 arithmetic (wrapping, identical on every device), the top 24 bits giving
+    multiples of 2⁻²⁴. So a random mask does not change with the slice size, the device or the order of
+    work, and a `--lock` reproduction is byte-identical.
+    """
+    import torch
+
+    x = torch.arange(first, first + count, dtype=torch.int64, device=device)
+    x = x * _signed(0x9E3779B97F4A7C15) + _signed(_key(seed, name, model))
+    x = (x ^ _logical_shift(x, 30)) * _signed(0xBF58476D1CE4E5B9)
+    x = (x ^ _logical_shift(x, 27)) * _signed(0x94D049BB133111EB)
+    x = x ^ _logical_shift(x, 31)
+    return _logical_shift(x, 40).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def _logical_shift(x: Tensor, bits: int) -> Tensor:
+    """x >>> bits on int64 (torch's >> is arithmetic: mask off the copied sign bits)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def resolve_defaults(params: Sequence[Param], given: Mapping[str, Setting]) -> dict[str, Setting]:
+    """`given` with every declared default filled in (a required parameter without a value is left out)."""
+    values: dict[str, Setting] = {p.name: p.default for p in params if p.default is not None}
+    values.update(given)
+    return values

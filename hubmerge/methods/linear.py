@@ -1,0 +1,38 @@
+"""Linear: the weighted average θ = Σᵢ wᵢ θᵢ / Σᵢ wᵢ (Wortsman et al. 2022, model soups), mergekit `linear`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .base import Contract, Method, Param, Slice, Stats
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+WEIGHT = Param("weight", float, 1.0, "this model's weight wᵢ")
+
+
+def merge(s: Slice, stats: Stats) -> Tensor:
+    import torch
+
+    weights = s.weights()
+    total = s.models[0] * weights[0]
+    scratch = torch.empty_like(total)
+    for m, w in zip(s.models[1:], weights[1:], strict=True):
+        total += scratch.copy_(m).mul_(w)  # m · w rounded in float32, as for an upcast m
+    if s.params["normalize"]:
+        total.div_(sum(weights))
+    return total
+
+
+METHOD = Method(
+    name="linear",
+    title="Linear (weighted average)",
+    formula="θ = Σᵢ wᵢ θᵢ / Σᵢ wᵢ (without the division when normalize = false)",
+    contract=Contract(base="ignored"),
+    merge=merge,
+    params=(Param("normalize", bool, True, "divide by Σᵢ wᵢ"),),
+    model_params=(WEIGHT,),
+    paper="arXiv:2203.05482",
+    mergekit="linear",
+)

@@ -1,0 +1,185 @@
+"""TIES merging as FusionBench's `TiesMergingAlgorithm` implements it (Yadav et al. 2023, arXiv:2306.01708).
+
+θ = θ_base + λ · disjoint_merge(elect(trim(τ))): each task vector τᵢ keeps its entries with |τᵢ| at or
+above the k-th smallest magnitude of the whole model (`trim = "global"`, FusionBench's `topk_values_mask`
+over one flattened vector) or of each tensor (`trim = "tensor"`); the elected sign is sign(Σ trimmed τ);
+the agreeing entries are summed (`merge_func = "sum"`, FusionBench's default), averaged or maxed. Where
+the elected sign is exactly 0, FusionBench uses the majority sign of the whole model: `TiesChunk`.
+mergekit's TIES (per-tensor density, weights, normalize) is `mergekit_ties`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .base import Contract, Method, Param, Select, Slice, Stats
+from .task_arithmetic import SCALING
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+def ties_keep_count(numel: int, threshold: float) -> int:
+    """Rank k (1-based, ascending |τ|) of the magnitude cut-off: entries with |τ| >= the k-th smallest stay.
+
+    FusionBench's `topk_values_mask`: a threshold above 1 is a percentage, k = d - int(d·K). k = 0 means
+    "keep everything" (FusionBench would crash on kthvalue(0)).
+    """
+    fraction = threshold / 100 if threshold > 1 else threshold
+    return numel - int(numel * fraction)
+
+
+@dataclass(frozen=True)
+class TiesChunk:
+    """A TIES result for one chunk, assuming the global majority sign is +1.
+
+    Where the elected sign is exactly 0 but some trimmed τ is not, FusionBench falls back to the majority
+    sign of the whole model, known only after the last chunk. `undecided` holds those flat positions and
+    `if_negative` / `if_zero` the values they take when the majority turns out -1 or 0; the engine patches
+    them at the end. `sign_sum` is this chunk's contribution to the majority.
+    """
+
+    values: Tensor
+    sign_sum: int
+    undecided: Tensor
+    if_negative: Tensor
+    if_zero: Tensor
+
+
+def _disjoint_merge(task_vectors: Tensor, sign: Tensor, merge_func: str) -> Tensor:
+    import torch
+
+    keep = torch.where(sign > 0, task_vectors > 0, task_vectors < 0)
+    selected = task_vectors * keep
+    if merge_func == "sum":
+        return selected.sum(dim=0)
+    if merge_func == "mean":
+        count = (selected != 0).sum(dim=0).to(selected.dtype)
+        return selected.sum(dim=0) / count.clamp(min=1)
+    return selected.abs().amax(dim=0) * sign  # "max"
+
+
+def _elected_sum(task_vectors: Tensor, total: Tensor) -> tuple[Tensor, Tensor]:
+    """`_disjoint_merge(task_vectors, sign(total) with 0 -> +1, "sum")`, bit for bit, in fewer passes.
+
+    Also returns Σ max(τᵢ, 0), which is > 0 exactly where some τᵢ is positive.
+
+    The agreeing entries of a +1 position are the positive τᵢ, of a -1 position the negative ones, so the
+    two candidate sums are Σ max(τᵢ, 0) and Σ min(τᵢ, 0) in model order. Adding the zeros that stand for
+    the disagreeing entries changes no bit of a sum that is used: `tests/test_merge.py` holds both forms
+    to FusionBench's formula.
+    """
+    import torch
+
+    positive = task_vectors[0].clamp(min=0)
+    negative = task_vectors[0].clamp(max=0)
+    scratch = torch.empty_like(positive)
+    for row in task_vectors[1:]:
+        positive += torch.clamp(row, min=0, out=scratch)
+        negative += torch.clamp(row, max=0, out=scratch)
+    return torch.where(total < 0, negative, positive), positive
+
+
+def merge(s: Slice, stats: Stats) -> TiesChunk:
+    """Trim each τᵢ to |τᵢ| >= its cut-off, elect sign(Σ trimmed τ), merge the agreeing entries."""
+    import torch  # here, not at module level: `hubmerge validate` reads the registry without loading torch
+
+    assert s.base is not None
+    base, models, thresholds = s.base, s.models, stats["cut"]
+    scaling_factor, merge_func = float(s.params["scaling_factor"]), str(s.params["merge_func"])
+
+    # In place, one (n, ...) buffer: trimming zeroes the entries below each model's cut-off.
+    task_vectors = torch.empty((len(models), *base.shape), dtype=base.dtype, device=base.device)
+    magnitude = torch.empty_like(base)
+    for row, model, cut in zip(task_vectors, models, thresholds, strict=True):
+        torch.sub(model, base, out=row)
+        row.masked_fill_(torch.abs(row, out=magnitude) < cut, 0.0)
+    total = task_vectors.sum(dim=0)
+    # sign(total) summed, without materialising the sign: exact for any realistic model size.
+    sign_sum = int(torch.count_nonzero(total > 0)) - int(torch.count_nonzero(total < 0))
+    if merge_func == "sum":
+        merged, positive = _elected_sum(task_vectors, total)
+        # Σ trimmed τ is 0 while some τᵢ is not exactly where both signs occur, i.e. some τᵢ > 0.
+        undecided = ((total == 0) & (positive > 0)).flatten().nonzero().flatten()
+    else:
+        sign = torch.sign(total)
+        zero = sign == 0
+        undecided = (zero & (task_vectors != 0).any(dim=0)).flatten().nonzero().flatten()
+        merged = _disjoint_merge(task_vectors, torch.where(zero, 1.0, sign), merge_func)
+    values = merged.mul_(scaling_factor).add_(base)  # base + λ·merged, rounded as written
+    if undecided.numel():
+        tv = task_vectors.flatten(1)[:, undecided]
+        b = base.flatten()[undecided]
+        ones = torch.ones_like(b)
+        if_negative = b + scaling_factor * _disjoint_merge(tv, -ones, merge_func)
+        if_zero = b + scaling_factor * _disjoint_merge(tv, 0 * ones, merge_func)
+    else:
+        if_negative = if_zero = base.new_empty(0)
+    return TiesChunk(values, sign_sum, undecided, if_negative, if_zero)
+
+
+def magnitudes(s: Slice, stats: Stats) -> Tensor:
+    """|τᵢ| of one slice, one flat float32 row per model, on the CPU (where the selection counts)."""
+    import torch
+
+    assert s.base is not None
+    base = s.base.flatten()
+    out = torch.empty((len(s.models), base.numel()), dtype=base.dtype, device=base.device)
+    for row, model in zip(out, s.models, strict=True):
+        torch.sub(model.flatten(), base, out=row).abs_()
+    return out.to("cpu", torch.float32)
+
+
+def _ranks(numel: int, s: Slice) -> list[int]:
+    return [ties_keep_count(numel, float(s.params["threshold"]))] * len(s.models)
+
+
+def _trim(mode: str) -> Any:
+    return lambda params: params["trim"] == mode
+
+
+METHOD = Method(
+    name="ties",
+    title="TIES merging",
+    formula="θ = θ_base + λ · disjoint_merge(elect_sign(trim(θᵢ − θ_base, top threshold %)))",
+    contract=Contract(base="required"),
+    merge=merge,
+    params=(
+        SCALING,
+        Param(
+            "threshold",
+            float,
+            20.0,
+            "percent of each task vector kept, by magnitude (a value <= 1 is a fraction, as in FusionBench)",
+            minimum=0.0,
+            maximum=100.0,
+            per_tensor=False,
+        ),
+        Param(
+            "merge_func",
+            str,
+            "sum",
+            "how agreeing entries combine",
+            choices=("sum", "mean", "max"),
+            per_tensor=False,
+        ),
+        Param(
+            "trim",
+            str,
+            "global",
+            "rank magnitudes over the whole model or per tensor",
+            choices=("global", "tensor"),
+            per_tensor=False,
+        ),
+    ),
+    passes=(
+        Select("cut", magnitudes, _ranks, scope="model", when=_trim("global")),
+        Select("cut", magnitudes, _ranks, scope="tensor", when=_trim("tensor")),
+    ),
+    paper="arXiv:2306.01708",
+    fusionbench="TiesMergingAlgorithm",
+    notes="FusionBench's TIES: one magnitude cut over the whole model, λ = `scaling_factor`, no weights. "
+    "mergekit's TIES is `mergekit_ties`.",
+    trims=True,
+)
