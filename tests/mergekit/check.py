@@ -15,7 +15,6 @@ mergekit's output (in the output's dtype):
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -168,7 +167,10 @@ def slerp_vectors(t: float, a: torch.Tensor, b: torch.Tensor, threshold: float =
         out = (1 - t) * a32 + t * b32
     else:
         theta = torch.acos(cos)
-        out = torch.sin((1 - t) * theta) / torch.sin(theta) * a32 + torch.sin(t * theta) / torch.sin(theta) * b32
+        out = (
+            torch.sin((1 - t) * theta) / torch.sin(theta) * a32
+            + torch.sin(t * theta) / torch.sin(theta) * b32
+        )
     return out.reshape(a.shape)
 
 
@@ -347,23 +349,29 @@ def check_run(run: dict) -> tuple[float, float, int]:
     if base_role == "ignored":
         base_name = None
     non_base = [m for m in names if m != base_name]
+    first = loaded[non_base[0]]
+    assert set(out) == set(first), f"{run['name']}: tensor names differ from the inputs'"
+    out_config = json.loads((REPO / run["output"] / "config.json").read_text())
     vocab_rows = None
     if spec.get("tokenizer_source"):
-        vocab_rows = out["model.embed_tokens.weight"].shape[0]  # checked against the config below
+        vocab_rows = out["model.embed_tokens.weight"].shape[0]
+    assert out_config["vocab_size"] == out["model.embed_tokens.weight"].shape[0], run["name"]
     worst_f32 = worst_mk = 0.0
+    vocab_tensors = ("model.embed_tokens.weight", "lm_head.weight")
     for name, got in out.items():
-        def inputs_of(model: str) -> torch.Tensor:
-            # An untied set stores lm_head; a tied set has none, and mergekit writes none either.
-            x = loaded[model][name]
-            return x[:vocab_rows] if vocab_rows is not None and name in ("model.embed_tokens.weight", "lm_head.weight") else x
-
-        base = inputs_of(base_name) if base_name else None
-        ins = [(m, inputs_of(m)) for m in non_base]
+        # An untied set stores lm_head; a tied set has none, and mergekit writes none either.
+        rows = vocab_rows if name in vocab_tensors else None
+        base = loaded[base_name][name][:rows] if base_name else None
+        ins = [(m, loaded[m][name][:rows]) for m in non_base]
         loaded_dtype = ins[0][1].dtype
         mk_dtype = torch.float32 if f32_kernel else loaded_dtype
         exp_mk = method(spec, name, base, ins, mk_dtype).to(got.dtype)
         exp_f32 = method(
-            spec, name, base.float() if base is not None else None, [(m, x.float()) for m, x in ins], torch.float32
+            spec,
+            name,
+            base.float() if base is not None else None,
+            [(m, x.float()) for m, x in ins],
+            torch.float32,
         ).to(got.dtype)
         worst_mk = max(worst_mk, (exp_mk.float() - got.float()).abs().max().item())
         worst_f32 = max(worst_f32, (exp_f32.float() - got.float()).abs().max().item())
@@ -382,7 +390,7 @@ def main() -> int:
         bad += mk != 0
         print(f"{run['name']:52s} {n:7d} {f32:10.3g} {mk:10.3g}{flag}")
     print(f"{bad} runs not reproduced bit for bit")
-    return 0
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

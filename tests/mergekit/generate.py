@@ -128,7 +128,8 @@ def build_inputs() -> None:
         variants = {"base": stored_base}
         for which in FINETUNES:
             variants[which] = {
-                k: (v.float() + finetune_delta(which, k, v.shape, gen)).to(dtype) for k, v in stored_base.items()
+                k: (v.float() + finetune_delta(which, k, v.shape, gen)).to(dtype)
+                for k, v in stored_base.items()
             }
         for name, state in variants.items():
             model = Qwen2ForCausalLM(qwen2_config(dtype, tied)).to(dtype)
@@ -145,7 +146,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def run_one(config: Path, set_name: str) -> dict[str, object]:
+def run_one(config: Path, set_name: str) -> tuple[dict[str, object], float]:
     spec = yaml.safe_load(config.read_text())
     method = spec["merge_method"]
     deterministic = method not in RANDOM_METHODS
@@ -177,13 +178,13 @@ def run_one(config: Path, set_name: str) -> dict[str, object]:
         "cwd": str(cwd.relative_to(REPO)),
         "command": " ".join(["mergekit-yaml", *args]),
         "returncode": proc.returncode,
-        "seconds": round(time.monotonic() - started, 1),
     }
+    seconds = time.monotonic() - started
     if proc.returncode != 0:
         record["error"] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "(no stderr)"
         if out.exists():
             shutil.rmtree(out)
-        return record
+        return record, seconds
     for extra in sorted(out.iterdir()):
         if extra.name not in ("model.safetensors", "config.json"):
             if extra.is_dir():
@@ -194,7 +195,7 @@ def run_one(config: Path, set_name: str) -> dict[str, object]:
     warnings = [line for line in proc.stderr.splitlines() if "WARNING" in line or "Warning" in line]
     if warnings:
         record["warnings"] = warnings
-    return record
+    return record, seconds
 
 
 def mergekit_version() -> str:
@@ -210,7 +211,8 @@ def main(argv: list[str]) -> int:
     configs = sorted(p for p in CONFIGS.glob("*.yml") if only is None or only in p.stem)
     jobs = [(c, s) for c in configs for s in SETS]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        records = list(pool.map(lambda job: run_one(*job), jobs))
+        timed = list(pool.map(lambda job: run_one(*job), jobs))
+    records = [record for record, _ in timed]
     manifest_path = HERE / "manifest.json"
     old = json.loads(manifest_path.read_text())["runs"] if (only and manifest_path.exists()) else []
     merged = {r["name"]: r for r in old}
@@ -236,9 +238,9 @@ def main(argv: list[str]) -> int:
     }
     manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
     failed = [r for r in records if r["returncode"] != 0]
-    for r in records:
+    for r, seconds in timed:
         status = "ok" if r["returncode"] == 0 else f"FAILED: {r['error']}"
-        print(f"{r['name']:50s} {r['seconds']:5.1f}s {status}")
+        print(f"{r['name']:50s} {seconds:5.1f}s {status}")
     return 1 if failed else 0
 
 
