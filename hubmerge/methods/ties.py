@@ -136,7 +136,7 @@ def _ranks(numel: int, s: Slice) -> list[int]:
 
 
 def _trim(mode: str) -> Any:
-    return lambda params: params["trim"] == mode
+    return lambda params, models: params["trim"] == mode
 
 
 METHOD = Method(
