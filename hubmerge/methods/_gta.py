@@ -128,15 +128,10 @@ def sparsifies(density: float) -> bool:
 # --- when the passes run ------------------------------------------------------------------------------
 
 
-def _values(name: str, params: Mapping[str, Setting], models: Sequence[Mapping[str, Setting]]) -> list[Any]:
-    """Every scalar a per-model parameter can take in this recipe (its default when nobody sets it)."""
-    default = params.get(name, DENSITY.default if name == "density" else None)
-    found = list(scalars(default)) if default is not None else []
-    return found + [v for m in models if name in m for v in scalars(m[name])]
-
-
 def _density_below_one(params: Mapping[str, Setting], models: Sequence[Mapping[str, Setting]]) -> bool:
-    return any(float(v) < 1.0 for v in _values("density", params, models))
+    """Whether some model's `density` (its own, `[parameters]`' or the default 1) can be below 1."""
+    settings = [params.get("density", DENSITY.default), *(m["density"] for m in models if "density" in m)]
+    return any(float(v) < 1.0 for setting in settings if setting is not None for v in scalars(setting))
 
 
 def _rescaling(params: Mapping[str, Setting], models: Sequence[Mapping[str, Setting]]) -> bool:

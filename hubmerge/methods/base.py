@@ -231,12 +231,12 @@ class Method:
         return self.contract.base != "ignored"
 
     def active_passes(
-        self, params: Mapping[str, Setting], models: Sequence[Mapping[str, Setting]] = ()
+        self, params: Mapping[str, Setting], models: Sequence[Mapping[str, Setting]]
     ) -> tuple[Pass, ...]:
         """The passes a recipe's settings switch on: `[parameters]` and each model's own."""
         return tuple(p for p in self.passes if p.when is None or p.when(params, models))
 
-    def reads(self, params: Mapping[str, Setting], models: Sequence[Mapping[str, Setting]] = ()) -> int:
+    def reads(self, params: Mapping[str, Setting], models: Sequence[Mapping[str, Setting]]) -> int:
         """How many times the engine reads every input byte: once per pass, plus the merge (a selection
         that its sample does not settle reads twice more, see `selection.py`)."""
         return 1 + len(self.active_passes(params, models))
