@@ -188,7 +188,9 @@ def _row_probabilities(magnitude: Tensor, density: float, epsilon: float) -> Ten
     """DELLA's keep probabilities for rows of |τ| (rows, C): (d − ε) + rank/(C − 1) · 2ε.
 
     mergekit normalises the ranks 1..C by (rank − 1)/(C − 1); equal magnitudes take their ranks in
-    position order here (mergekit's argsort leaves it unspecified). A row of one entry gets d.
+    position order here (mergekit's argsort leaves it unspecified). A row of one entry gets d (mergekit
+    divides 0 by 0 there). A row is everything after the first dimension (mergekit ranks along dim 1,
+    the same for the 2-D tensors of Qwen2).
     """
     import torch
 

@@ -19,14 +19,14 @@ SCALING = Param(
     "scaling_factor", float, 0.3, "λ, the scale of the merged task vector (FusionBench default 0.3)"
 )
 
-_SPARSE_MERGE = _gta.gta_merge("magnitude", consensus=False, scale="scaling_factor")
+_MERGEKIT_MERGE = _gta.gta_merge("magnitude", consensus=False, scale="scaling_factor")
 
 
 def merge(s: Slice, stats: Stats) -> Tensor:
     import torch
 
     if s.params["normalize"] or any(_gta.sparsifies(float(p["density"])) for p in s.model_params):
-        return _SPARSE_MERGE(s, stats)
+        return _MERGEKIT_MERGE(s, stats)
     assert s.base is not None
     base, weights = s.base, s.weights()
     # Deltas accumulate one after another, then scale, then add: FusionBench's order of operations.
