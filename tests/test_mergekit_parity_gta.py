@@ -148,3 +148,39 @@ def test_matches_mergekit(tmp_path, run):
         assert not (diff[~doubtful] > 0).any(), (name, float(diff[~doubtful].max()))
         doubtful_total += int(doubtful.sum())
     assert doubtful_total < 0.03 * sum(w.numel() for w in want.values())
+
+
+def random_runs() -> list[dict[str, Any]]:
+    manifest = json.loads(MANIFEST.read_text())
+    return [
+        r
+        for r in manifest["runs"]
+        if r["merge_method"] in ("dare_linear", "della_linear") and r["input_set"] == "f32-tied"
+    ]
+
+
+@pytest.mark.parametrize("run", random_runs(), ids=lambda r: r["name"])
+def test_random_masks_match_mergekits_statistics(tmp_path, run):
+    """mergekit draws its masks from torch's global RNG, hubmerge from `uniform`: the values differ, the
+    statistics must not. Without a sign election every position is base + Σ wᵢ·rᵢ·mᵢ·τᵢ, so the share
+    left at the base (every model dropped there) and the L1 norm of the change agree within their
+    sampling error."""
+    config = yaml.safe_load((REPO / run["config"]).read_text())
+    models = REPO / run["cwd"]
+    path = tmp_path / "recipe.toml"
+    path.write_text(recipe(config, models) + '[output]\ndir = "out"\n[card]\nlicense = "apache-2.0"\n')
+    result = hubmerge.merge(path, push=False, quiet=True, sanity=False, log=lambda _: None)
+    got = load_file(result.output_dir / "model.safetensors")
+    want = load_file(REPO / run["output"] / "model.safetensors")
+    base = load_file(models / config["base_model"] / "model.safetensors")
+    n = sum(t.numel() for t in want.values())
+
+    def unchanged(out: dict[str, torch.Tensor]) -> float:
+        return sum(int((out[k].float() == base[k].to(out[k].dtype).float()).sum()) for k in out) / n
+
+    def change(out: dict[str, torch.Tensor]) -> float:
+        return sum(float((out[k].float() - base[k].float()).abs().sum()) for k in out)
+
+    ours, theirs = unchanged(got), unchanged(want)
+    assert abs(ours - theirs) < 5 * (2 * theirs * (1 - theirs) / n) ** 0.5, (ours, theirs)
+    assert change(got) == pytest.approx(change(want), rel=0.03)
