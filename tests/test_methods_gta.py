@@ -582,3 +582,17 @@ def test_each_ties_says_which_one_it_is():
     assert "FusionBench" in METHODS["ties"].notes and "mergekit_ties" in METHODS["ties"].notes
     assert "FusionBench" in METHODS["mergekit_ties"].notes and METHODS["mergekit_ties"].mergekit == "ties"
     assert METHODS["ties"].mergekit is None
+
+
+def test_task_arithmetic_without_the_extras_is_fusionbenchs_bit_for_bit(tmp_path):
+    """density 1 and normalize false (set or not) take FusionBench's path: the same bytes as before."""
+    make_pool(tmp_path, BF16_UNTIED)
+    body = 'method = "task_arithmetic"\n' + POOL + models_toml(weight=[2.0, None, -0.5])
+    merge(tmp_path, body + "[parameters]\nscaling_factor = 0.7\n", "plain")
+    merge(
+        tmp_path,
+        body + "[parameters]\nscaling_factor = 0.7\ndensity = 1.0\nnormalize = false\nrescale = true\n",
+        "explicit",
+    )
+    assert files(tmp_path / "explicit") == files(tmp_path / "plain")
+    assert METHODS["task_arithmetic"].reads({"rescale": True, "density": 1.0}, [{}]) == 1
