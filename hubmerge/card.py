@@ -309,6 +309,27 @@ _PAPERS = {
         2023,
         "yadav2023tiesmerging",
     ),
+    "2311.03099": _Paper(
+        "Yu et al. 2024",
+        "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch",
+        "Le Yu and Bowen Yu and Haiyang Yu and Fei Huang and Yongbin Li",
+        2024,
+        "yu2024languagemodelssupermario",
+    ),
+    "2312.06795": _Paper(
+        "Davari & Belilovsky 2024",
+        "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks",
+        "MohammadReza Davari and Eugene Belilovsky",
+        2024,
+        "davari2024modelbreadcrumbs",
+    ),
+    "2406.11617": _Paper(
+        "Deep et al. 2024",
+        "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling",
+        "Pala Tej Deep and Rishabh Bhardwaj and Soujanya Poria",
+        2024,
+        "deep2024dellamerging",
+    ),
 }
 _FUSIONBENCH_ID = "2406.03280"
 _FUSIONBENCH = _Paper(
@@ -493,6 +514,13 @@ def _card_data(plan: MergePlan, entries: list[_Entry], lic: License) -> ModelCar
     )
 
 
+def _meaning(method: Method, symbol: str, meaning: str) -> str:
+    """λ is `lambda` in mergekit's methods, `scaling_factor` in FusionBench's."""
+    if symbol == "λ" and any(p.name == "lambda" for p in method.params):
+        return "`lambda`"
+    return meaning
+
+
 def _method_context(method: Method, paper_id: str | None) -> dict[str, Any]:
     paper = _PAPERS.get(paper_id or "")
     return {
@@ -500,7 +528,7 @@ def _method_context(method: Method, paper_id: str | None) -> dict[str, Any]:
         "title": method.title,
         "formula": method.formula,
         "legend": [
-            f"{symbol}: {meaning}"
+            f"{symbol}: {_meaning(method, symbol, meaning)}"
             for symbol, meaning in _SYMBOLS
             if re.search(rf"(?<!\w){re.escape(symbol)}(?!\w)", method.formula)
         ],
@@ -568,7 +596,7 @@ def _context(plan: MergePlan) -> dict[str, Any]:
         "method": _method_context(r.method, paper_id),
         "parameters": [
             {"name": p.name, "value": describe(r.parameters[p.name]), "help": p.help}
-            for p in r.method.params
+            for p in r.method.params + r.method.model_params  # a per-model default in [parameters] too
             if p.name in r.parameters
         ],
         "sources": sources,

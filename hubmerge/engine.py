@@ -212,7 +212,8 @@ class _Passes:
     def __init__(self, plan: MergePlan, inputs: _Inputs) -> None:
         self.plan = plan
         self.inputs = inputs
-        active = plan.recipe.method.active_passes(plan.recipe.parameters)
+        recipe = plan.recipe
+        active = recipe.method.active_passes(recipe.parameters, [m.params for m in recipe.models])
         self.model_passes = tuple(p for p in active if p.scope == "model")
         self.tensor_passes = tuple(p for p in active if p.scope == "tensor")
         self.model_stats: dict[str, Any] = {}

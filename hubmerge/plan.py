@@ -396,6 +396,9 @@ def _tensor_params(
                     "without a filter, or a default in [parameters]"
                 )
             values[p.name] = p.cast(value)
+        problem = method.check(values) if method.check is not None else None
+        if problem:
+            raise RecipeError(f"{recipe.path}: models[{i}]: {problem} (tensor {input_name})")
         per_model.append(values)
     return params, tuple(per_model)
 

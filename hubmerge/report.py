@@ -20,6 +20,7 @@ def _gb(n: int) -> str:
 
 def plan_json(plan: MergePlan) -> dict[str, Any]:
     r = plan.recipe
+    settings = [m.params for m in r.models]  # per-model settings switch passes on too (a density < 1)
     return {
         "hubmerge_version": __version__,
         "recipe": str(r.path),
@@ -29,9 +30,9 @@ def plan_json(plan: MergePlan) -> dict[str, Any]:
         # Statistics gathered before merging, and how many times every input byte is read in all.
         "passes": [
             {"name": p.name, "kind": type(p).__name__.lower(), "scope": p.scope}
-            for p in r.method.active_passes(r.parameters)
+            for p in r.method.active_passes(r.parameters, settings)
         ],
-        "reads": r.method.reads(r.parameters),
+        "reads": r.method.reads(r.parameters, settings),
         "sources": [
             {
                 "role": role.name,

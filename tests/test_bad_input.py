@@ -167,7 +167,7 @@ ROWS: list[tuple[str, str, str, Setup, dict[str, str], int, str]] = [
         _nothing,
         {},
         2,
-        "parameters.threshold: unknown key; known keys: scaling_factor, weight",
+        "parameters.threshold: unknown key; known keys: scaling_factor, normalize, rescale, weight, density",
     ),
     (
         "parameters for a method without any",

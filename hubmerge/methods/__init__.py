@@ -8,7 +8,19 @@ here plus its tests.
 
 from __future__ import annotations
 
-from . import linear, simple_average, task_arithmetic, ties
+from . import (
+    breadcrumbs,
+    breadcrumbs_ties,
+    dare_linear,
+    dare_ties,
+    della,
+    della_linear,
+    linear,
+    mergekit_ties,
+    simple_average,
+    task_arithmetic,
+    ties,
+)
 from .base import Contract, Method, Param, Reduce, Select, Slice, Stats, uniform
 from .ties import TiesChunk, ties_keep_count
 
@@ -35,6 +47,13 @@ METHODS: dict[str, Method] = {
         linear,
         task_arithmetic,
         ties,
+        mergekit_ties,
+        dare_ties,
+        dare_linear,
+        breadcrumbs,
+        breadcrumbs_ties,
+        della,
+        della_linear,
     )
 }
 

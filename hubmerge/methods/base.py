@@ -40,6 +40,8 @@ __all__ = [
 ]
 
 Stats = Mapping[str, Any]  # pass name -> its result (a Reduce's accumulator, a Select's list of values)
+# Whether a pass runs, from the recipe's settings: `[parameters]` (defaults filled in) and each model's own.
+When = Callable[[Mapping[str, Setting], Sequence[Mapping[str, Setting]]], bool]
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,7 @@ class Reduce:
     name: str
     step: Callable[[Slice, Stats, Any], Any]
     scope: Literal["tensor", "model"] = "tensor"
-    when: Callable[[Mapping[str, Any]], bool] | None = None  # on for these global parameters (None: always)
+    when: When | None = None  # None: always
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,7 @@ class Select:
     quantity: Callable[[Slice, Stats], Tensor]
     ranks: Callable[[int, Slice], list[int]]
     scope: Literal["tensor", "model"] = "tensor"
-    when: Callable[[Mapping[str, Any]], bool] | None = None  # on for these global parameters (None: always)
+    when: When | None = None  # None: always
 
 
 Pass = Reduce | Select
@@ -212,6 +214,9 @@ class Method:
     mergekit: str | None = None  # the mergekit 0.1.5 `merge_method` with the same math, if any
     fusionbench: str | None = None  # the FusionBench algorithm with the same math, if any
     notes: str = ""  # what a user must know: differences from the tool of the same name, caveats
+    # Why one model's parameters, resolved for one tensor, do not go together (della's d ± ε), or None.
+    # The plan reports it as a recipe error before anything is downloaded.
+    check: Callable[[Mapping[str, Scalar]], str | None] | None = None
     # Keeps the entries with |τᵢ| >= a per-model cut-off (the pass named "cut") and elects a sign: the
     # diagnostics then report kept and dropped shares (FusionBench TIES).
     trims: bool = field(default=False)
@@ -225,14 +230,16 @@ class Method:
         """The base's weights enter the math when the recipe names a base."""
         return self.contract.base != "ignored"
 
-    def active_passes(self, params: Mapping[str, Setting]) -> tuple[Pass, ...]:
-        """The passes a recipe's global parameters switch on."""
-        return tuple(p for p in self.passes if p.when is None or p.when(params))
+    def active_passes(
+        self, params: Mapping[str, Setting], models: Sequence[Mapping[str, Setting]]
+    ) -> tuple[Pass, ...]:
+        """The passes a recipe's settings switch on: `[parameters]` and each model's own."""
+        return tuple(p for p in self.passes if p.when is None or p.when(params, models))
 
-    def reads(self, params: Mapping[str, Setting]) -> int:
+    def reads(self, params: Mapping[str, Setting], models: Sequence[Mapping[str, Setting]]) -> int:
         """How many times the engine reads every input byte: once per pass, plus the merge (a selection
         that its sample does not settle reads twice more, see `selection.py`)."""
-        return 1 + len(self.active_passes(params))
+        return 1 + len(self.active_passes(params, models))
 
     def param(self, name: str) -> Param:
         return next(p for p in self.params + self.model_params if p.name == name)

@@ -1,9 +1,14 @@
-"""Task arithmetic: θ = θ_base + λ Σᵢ wᵢ τᵢ (Ilharco et al. 2023), FusionBench's `TaskArithmeticAlgorithm`."""
+"""Task arithmetic: θ = θ_base + λ Σᵢ wᵢ τᵢ (Ilharco et al. 2023), FusionBench's `TaskArithmeticAlgorithm`.
+
+With mergekit's extras set (`density` below 1, `normalize`), a tensor goes through mergekit's generalized
+task arithmetic (`_gta.py`, no consensus, magnitude sparsifier) instead, with λ = `scaling_factor`.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from . import _gta
 from .base import Contract, Method, Param, Slice, Stats
 from .linear import WEIGHT
 
@@ -14,10 +19,14 @@ SCALING = Param(
     "scaling_factor", float, 0.3, "λ, the scale of the merged task vector (FusionBench default 0.3)"
 )
 
+_MERGEKIT_MERGE = _gta.gta_merge("magnitude", consensus=False, scale="scaling_factor")
+
 
 def merge(s: Slice, stats: Stats) -> Tensor:
     import torch
 
+    if s.params["normalize"] or any(_gta.sparsifies(float(p["density"])) for p in s.model_params):
+        return _MERGEKIT_MERGE(s, stats)
     assert s.base is not None
     base, weights = s.base, s.weights()
     # Deltas accumulate one after another, then scale, then add: FusionBench's order of operations.
@@ -34,13 +43,18 @@ def merge(s: Slice, stats: Stats) -> Tensor:
 METHOD = Method(
     name="task_arithmetic",
     title="Task arithmetic",
-    formula="θ = θ_base + λ Σᵢ wᵢ (θᵢ − θ_base)",
+    formula="θ = θ_base + λ Σᵢ wᵢ top_dᵢ(θᵢ − θ_base) (/ Σᵢ wᵢ when normalize)",
     contract=Contract(base="required"),
     merge=merge,
-    params=(SCALING,),
-    model_params=(WEIGHT,),
+    params=(SCALING, _gta.normalize(False), _gta.rescale(False)),
+    model_params=(WEIGHT, _gta.DENSITY),
+    passes=_gta.passes("magnitude"),
     paper="arXiv:2212.04089",
     mergekit="task_arithmetic",
     fusionbench="TaskArithmeticAlgorithm",
-    notes="λ is `scaling_factor` (mergekit calls it `lambda`, default 1.0; FusionBench's default is 0.3).",
+    notes="λ is `scaling_factor` (mergekit calls it `lambda`, default 1.0; FusionBench's default is 0.3). "
+    "mergekit's extras: `density` (default 1: off) keeps each tensor's int(dᵢ·N) largest |τᵢ| per model, "
+    "entries tied with the cut-off all kept; `normalize` (default false) divides by Σᵢ wᵢ; `rescale` "
+    "(default false) is mergekit's L1-norm matching of each trimmed τᵢ. Unset, the result is "
+    f"FusionBench's bit for bit. {_gta.reads_note('magnitude')}",
 )

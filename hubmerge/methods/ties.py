@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ._gta import magnitudes
 from .base import Contract, Method, Param, Select, Slice, Stats
 from .task_arithmetic import SCALING
 
@@ -119,24 +120,12 @@ def merge(s: Slice, stats: Stats) -> TiesChunk:
     return TiesChunk(values, sign_sum, undecided, if_negative, if_zero)
 
 
-def magnitudes(s: Slice, stats: Stats) -> Tensor:
-    """|τᵢ| of one slice, one flat float32 row per model, on the CPU (where the selection counts)."""
-    import torch
-
-    assert s.base is not None
-    base = s.base.flatten()
-    out = torch.empty((len(s.models), base.numel()), dtype=base.dtype, device=base.device)
-    for row, model in zip(out, s.models, strict=True):
-        torch.sub(model.flatten(), base, out=row).abs_()
-    return out.to("cpu", torch.float32)
-
-
 def _ranks(numel: int, s: Slice) -> list[int]:
     return [ties_keep_count(numel, float(s.params["threshold"]))] * len(s.models)
 
 
 def _trim(mode: str) -> Any:
-    return lambda params: params["trim"] == mode
+    return lambda params, models: params["trim"] == mode
 
 
 METHOD = Method(

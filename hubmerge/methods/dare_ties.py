@@ -1,0 +1,23 @@
+"""DARE with TIES sign election (Yu et al. 2023, arXiv:2311.03099), as mergekit's `dare_ties`.
+
+The generalized task arithmetic of `_gta.py` with the `random` sparsifier and the `sum` consensus.
+"""
+
+from __future__ import annotations
+
+from . import _gta
+
+METHOD = _gta.method(
+    name="dare_ties",
+    title="DARE TIES",
+    formula="θ = θ_base + λ · Σᵢ [sign(wᵢτᵢ) = elected sign] wᵢ rescale(drop_dᵢ(τᵢ)), τᵢ = θᵢ − θ_base",
+    sparsifier="random",
+    consensus=True,
+    normalize_default=False,
+    rescale_default=True,
+    paper="arXiv:2311.03099",
+    notes="mergekit's `dare_ties`: each entry of τᵢ is kept with probability `density` dᵢ (default 1: all), by "
+    "a mask from `seed`, the tensor and the position only (reproducible across slice sizes and devices, "
+    "never equal to mergekit's torch.bernoulli draws). `rescale` (default true) is mergekit's L1-norm "
+    "matching, ‖τᵢ‖₁ / ‖kept τᵢ‖₁ per tensor, not the paper's 1/dᵢ.",
+)
