@@ -1,23 +1,48 @@
 """The recipe: a TOML file parsed and validated into a frozen `Recipe`, before anything touches a model.
 
-Every error names the key path (`models[1].weight: ...`) and, for TOML syntax, line and column, and
-suggests the closest known key for a typo. The schema is a contract: extend it, never rename keys.
+The schema is pydantic models (`_Table` and the per-method models built from the registry: each method's
+`Param`s become its `[parameters]` and `[[models]]` keys, with their types, ranges, choices, defaults and
+per-tensor forms), so `hubmerge schema` prints the same rules as JSON Schema for editors. Every error is
+one line naming the key path (`models[1].weight: ...`) and, for TOML syntax, line and column, and suggests
+the closest known key for a typo. The schema is a contract: extend it, never rename keys.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
+import operator
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PlainValidator,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+    model_validator,
+)
+from pydantic.json_schema import GenerateJsonSchema
+from pydantic_core import PydanticCustomError
 
 from .errors import RecipeError
 from .methods import METHODS, Method, Param
 from .schedule import Filter, Gradient, Setting, is_schedule
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,12 +58,14 @@ __all__ = [
     "Requirement",
     "load_recipe",
     "parse_size",
+    "recipe_schema",
 ]
 
 DTYPES = ("bfloat16", "float16", "float32")
 # Hub repo ids: `name` or `namespace/name`, as huggingface_hub validates them.
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9_.\-]{1,96}/)?[A-Za-z0-9_.\-]{1,96}$")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+# Written without flags, so that the JSON Schema (ECMA-262) pattern means the same.
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KkMmGgTt][Ii]?[Bb]|[Bb])?\s*$")
 _UNITS = {
     "B": 1,
     "KB": 10**3,
@@ -50,6 +77,8 @@ _UNITS = {
     "GIB": 2**30,
     "TIB": 2**40,
 }
+_DEVICE = re.compile(r"^(?:cpu|mps|cuda(?::\d+)?)$")
+_RELATIVE = re.compile(r"^\s*(base|best_source)\s*(?:([+-])\s*(\d+(?:\.\d+)?)\s*)?$")
 
 
 @dataclass(frozen=True)
@@ -85,6 +114,7 @@ class OutputSpec:
     create_pr: bool = False
     max_shard_size: int = 5 * 10**9
     stats: bool = True  # merge diagnostics (diagnostics.py): merge_stats.json and plots in the output
+    max_disk: int | None = None  # `[output] max_disk`: the most bytes the output may take (parse_size)
 
 
 @dataclass(frozen=True)
@@ -172,8 +202,519 @@ def parse_size(value: int | str) -> int:
     return size
 
 
+# --- the schema ---------------------------------------------------------------------------------------------
+
+
+def _problem(message: str) -> PydanticCustomError:
+    """A validator's error, kept word for word as the message after the key path."""
+    return PydanticCustomError("recipe", "{message}", {"message": message})
+
+
+class _Table(BaseModel):
+    """A TOML table: strict types (no "1" for 1), and an unknown key names the closest known one."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = [f.alias or name for name, f in cls.model_fields.items()]
+            for key in data:
+                if key not in known:
+                    raise PydanticCustomError("unknown_key", "unknown key", {"key": key, "known": known})
+        return data
+
+
+def _given(table: BaseModel) -> dict[str, Any]:
+    """The keys a table sets, by their TOML names, with their validated values."""
+    fields = type(table).model_fields
+    return {fields[name].alias or name: getattr(table, name) for name in table.model_fields_set}
+
+
+def _checked(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A validator from a function that raises ValueError with the message."""
+
+    def validate(value: Any) -> Any:
+        try:
+            return check(value)
+        except ValueError as exc:
+            raise _problem(str(exc)) from None
+
+    return validate
+
+
+def _repo(value: str) -> str:
+    if not _REPO_ID.match(value) or "/" not in value or "--" in value or ".." in value:
+        raise ValueError(f'{value!r} is not a Hub repo id like "your-name/Qwen2.5-1.5B-TIES"')
+    return value
+
+
+def _device(value: str) -> str:
+    if not _DEVICE.match(value):
+        raise ValueError(f'must be "cpu", "cuda", "cuda:N" or "mps", got {value!r}')
+    return value
+
+
+def _limit(value: float) -> int | float:
+    if value >= 1 and value.is_integer():
+        return int(value)
+    if not 0 < value < 1:
+        raise ValueError(f"must be a number of examples (>= 1) or a fraction below 1, got {value!r}")
+    return value
+
+
+def _score(value: Any) -> float | str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, str) or not _RELATIVE.match(value):
+        raise ValueError(
+            f'must be a score such as 0.40, or "best_source", "best_source - 0.02", "base", "base + 0.01"; got {value!r}'
+        )
+    return " ".join(value.split())
+
+
+def _languages(value: Any) -> Any:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise _problem(f'must be a language code such as "en" or a list of them, got {value!r}')
+    return value
+
+
+def _tasks(value: list[str]) -> list[str]:
+    if not value or not all(t.strip() for t in value):
+        raise ValueError('must be a non-empty list of lm-eval task names, e.g. ["gsm8k"]')
+    return value
+
+
+_NonEmpty = Annotated[str, Field(min_length=1)]
+_Size = Annotated[
+    int,
+    PlainValidator(
+        _checked(parse_size),
+        json_schema_input_type=Annotated[int, Field(gt=0)] | Annotated[str, Field(pattern=_SIZE.pattern)],
+    ),
+]
+
+
+class _Source(_Table):
+    """A model named by a table: a Hub id or a local folder, and a revision for a Hub id."""
+
+    source: str = Field(description='a Hub id such as "Qwen/Qwen2.5-1.5B", "id@revision", or a local folder')
+    revision: str = Field(
+        None, description="a Hub branch, tag or commit sha (resolved to a sha before anything else)"
+    )
+
+
+class _Tokenizer(_Table):
+    source: str = Field(
+        None,
+        description='"base" (the default: the base, else the first model) or a model reference, e.g. the '
+        "instruct model for a chat-capable merge",
+    )
+    revision: str = Field(None, description="a Hub branch, tag or commit sha")
+
+
+class _Output(_Table):
+    dir: str = Field(
+        None,
+        description="the output folder, relative to the recipe file; default: outputs/<recipe file stem> "
+        "relative to the working directory",
+    )
+    repo: Annotated[str, AfterValidator(_checked(_repo))] = Field(
+        None, description='the Hub repo to push to, e.g. "your-name/Qwen2.5-1.5B-TIES"; absent: no push'
+    )
+    private: bool = Field(None, description="create the Hub repo private")
+    branch: str = Field(None, description="the pushed branch (created from main if missing)")
+    create_pr: bool = Field(False, description="open a pull request instead of committing to the branch")
+    max_shard_size: _Size = Field(
+        "5GB",
+        validate_default=True,
+        description='largest safetensors shard: bytes, or decimal units as transformers ("500MB"); '
+        "KiB/MiB/GiB are binary",
+    )
+    max_disk: _Size = Field(None, description='the most disk the output may take, e.g. "20GB"')
+    stats: bool = Field(True, description="merge diagnostics: merge_stats.json and plots (false: off)")
+
+
+class _Card(_Table):
+    template: str = Field(
+        None, description="a Jinja template replacing the default; in the recipe's folder or below"
+    )
+    title: str = Field(None, description="the card's title")
+    description: str = Field(None, description="a paragraph under the title")
+    tags: list[_NonEmpty] = Field([], description="Hub tags added to the card's metadata")
+    language: Annotated[
+        list[_NonEmpty],
+        BeforeValidator(_languages, json_schema_input_type=_NonEmpty | list[_NonEmpty]),
+    ] = Field([], description='languages of the model, e.g. "en" or ["en", "zh"]')
+    license: str = Field(None, description="required only when a source's license is unknown")
+    license_name: str = Field(None, description='the license\'s name when license = "other"')
+    license_link: str = Field(None, description='a link to the license when license = "other"')
+
+
+class _Eval(_Table):
+    tasks: Annotated[list[str], AfterValidator(_checked(_tasks))] = Field(
+        None, description="lm-eval task names; required in an [eval] table with other keys than sanity"
+    )
+    limit: Annotated[float, AfterValidator(_checked(_limit))] = Field(
+        None, gt=0, description="examples per task (a number below 1: a fraction); default all"
+    )
+    num_fewshot: int = Field(None, ge=0, description="few-shot examples; default: each task's own")
+    batch_size: int = Field(1, ge=1)
+    include_path: str = Field(None, description="a folder of custom task YAMLs, relative to the recipe")
+    device: Annotated[str, AfterValidator(_checked(_device))] = Field(
+        "cpu", json_schema_extra={"pattern": _DEVICE.pattern}, description="cpu, cuda, cuda:N or mps"
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: the checkpoint's own dtype"
+    )
+    sources: bool = Field(True, description="also evaluate the base and every model (cached)")
+    allow_code_execution: bool = Field(
+        False, description="tasks that run model-written code (humaneval, mbpp) need true"
+    )
+    require: dict[
+        str,
+        Annotated[
+            float | str,
+            PlainValidator(
+                _checked(_score),
+                json_schema_input_type=float | Annotated[str, Field(pattern=_RELATIVE.pattern)],
+            ),
+        ],
+    ] = Field(
+        {},
+        description='the gate, per task: a score (0.40), or "base" / "best_source" with an optional '
+        '"+ points" or "- points"',
+    )
+    sanity: bool = Field(True, description="the quick sanity check after every merge (false: off)")
+
+
+# Tags of the tagged unions below; they appear in pydantic's error locations and are dropped from key paths.
+_SCALAR, _GRADIENT, _FILTERS, _REFERENCE, _TABLE = (
+    "<scalar>",
+    "<gradient>",
+    "<filters>",
+    "<reference>",
+    "<table>",
+)
+_TAGS = frozenset((_SCALAR, _GRADIENT, _FILTERS, _REFERENCE, _TABLE))
+_NOT_A_SETTING = "must be a value, a gradient [a, b, ...] or a list of {filter = ..., value = ...} tables"
+
+
+def _setting_form(value: Any) -> str | None:
+    """Which form of a per-tensor setting `value` is written in (`schedule.py`); None: none of them."""
+    if isinstance(value, list):
+        if value and all(isinstance(v, dict) for v in value):
+            return _FILTERS
+        return None if any(isinstance(v, (list, dict)) for v in value) else _GRADIENT
+    return None if isinstance(value, dict) else _SCALAR
+
+
+def _rule_value_form(value: Any) -> str | None:
+    form = _setting_form(value)
+    return form if form in (_SCALAR, _GRADIENT) else None
+
+
+def _reference_form(value: Any) -> str | None:
+    return _REFERENCE if isinstance(value, str) else _TABLE if isinstance(value, dict) else None
+
+
+def _to_setting(value: Any) -> Setting:
+    if isinstance(value, list):
+        if value and isinstance(value[0], BaseModel):
+            return tuple(Filter(rule.value, rule.filter) for rule in value)
+        return Gradient(tuple(value))
+    return value  # type: ignore[no-any-return]
+
+
+def _one_value(value: Any) -> Any:
+    if isinstance(value, list):
+        raise _problem("is one value for the whole model: a gradient or a filter list is not allowed here")
+    return value
+
+
+def _camel(name: str) -> str:
+    return "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", name))
+
+
+def _scalar(p: Param) -> Any:
+    if p.choices:
+        return Literal[p.choices]  # type: ignore[valid-type]
+    if p.type in (int, float):
+        return Annotated[p.type, Field(ge=p.minimum, le=p.maximum, allow_inf_nan=False)]
+    return p.type
+
+
+def _setting(p: Param, rule_name: str) -> Any:
+    """A parameter's type: a scalar, or where `per_tensor` also a gradient or filter rules (`schedule.py`)."""
+    scalar = _scalar(p)
+    if not p.per_tensor:
+        return Annotated[scalar, BeforeValidator(_one_value)]
+    gradient = Annotated[list[scalar], Field(min_length=1)]  # type: ignore[valid-type]
+    value = Annotated[
+        Annotated[scalar, Tag(_SCALAR)] | Annotated[gradient, Tag(_GRADIENT)],
+        Discriminator(
+            _rule_value_form,
+            custom_error_type="rule_value",
+            custom_error_message="must be a value or a gradient [a, b, ...]",
+        ),
+        AfterValidator(_to_setting),
+    ]
+    rule = create_model(
+        rule_name,
+        __base__=_Table,
+        __doc__=f"A rule for {p.name}: its value for the tensors whose name contains `filter`; the first "
+        "matching rule wins.",
+        filter=(str, Field(None, description='a substring of the tensor name; absent or "*": every tensor')),
+        value=(value, Field(description=p.help)),
+    )
+    rules = Annotated[list[rule], Field(min_length=1)]  # type: ignore[valid-type]
+    return Annotated[
+        Annotated[scalar, Tag(_SCALAR)]
+        | Annotated[gradient, Tag(_GRADIENT)]
+        | Annotated[rules, Tag(_FILTERS)],
+        Discriminator(_setting_form, custom_error_type="setting", custom_error_message=_NOT_A_SETTING),
+        AfterValidator(_to_setting),
+    ]
+
+
+def _reference(table: type[_Table]) -> Any:
+    return Annotated[
+        Annotated[str, Tag(_REFERENCE)] | Annotated[table, Tag(_TABLE)],
+        Discriminator(
+            _reference_form,
+            custom_error_type="reference",
+            custom_error_message="must be a model reference string or a table with 'source'",
+        ),
+    ]
+
+
+def _params(
+    params: tuple[Param, ...], types: Mapping[str, Any], prefix: str, note: str = ""
+) -> dict[str, Any]:
+    """pydantic fields for parameters, named `prefix` + position (a parameter's name may be a Python
+    keyword or a BaseModel attribute) with the parameter's name as alias. Only a global parameter without
+    a default (`prefix` "g") is required: a per-model one may come from `[parameters]` or a model table."""
+    return {
+        f"{prefix}{i}": (
+            types[p.name],
+            Field(
+                ... if prefix == "g" and p.default is None else p.default,
+                alias=p.name,
+                description=p.help + note,
+            ),
+        )
+        for i, p in enumerate(params)
+    }
+
+
+def _method_model(m: Method) -> type[_Table]:
+    """The recipe of one method: its `method` tag, its [parameters] and its [[models]] keys."""
+    name = _camel(m.name)
+    types = {p.name: _setting(p, f"{name}{_camel(p.name)}Rule") for p in m.params + m.model_params}
+    parameters = create_model(
+        f"{name}Parameters",
+        __base__=_Table,
+        __doc__=f"The parameters of {m.name}; a per-model one here is the default for every model.",
+        **_params(m.params, types, "g"),
+        **_params(m.model_params, types, "m", " (the default for every model)"),
+    )
+    model = create_model(
+        f"{name}Model",
+        __base__=_Source,
+        __doc__=f"A model of a {m.name} merge, with its own parameters.",
+        **_params(m.model_params, types, "m"),
+    )
+    count = m.contract.describe().split("; ")[1]
+    return create_model(  # type: ignore[no-any-return]
+        f"{name}Recipe",
+        __base__=_Table,
+        __doc__=f"{m.title}: {m.formula}",
+        method=(Literal[m.name], Field(description=m.title)),  # type: ignore[valid-type]
+        base=(
+            _reference(_Source),
+            Field(
+                ... if m.needs_base else None,
+                description=f"the base model ({m.contract.base}): a Hub id, id@revision, or a local folder",
+            ),
+        ),
+        models=(
+            Annotated[
+                list[_reference(model)],
+                Field(min_length=m.contract.min_models, max_length=m.contract.max_models),
+            ],  # type: ignore[misc]
+            Field(description=f"the models to merge ({count}): references or [[models]] tables"),
+        ),
+        dtype=(
+            Literal[DTYPES],  # type: ignore[valid-type]
+            Field(None, description="output dtype; default: the base's (else the first model's) dtype"),
+        ),
+        parameters=(parameters, Field(default_factory=dict, validate_default=True)),
+        tokenizer=(
+            _Tokenizer,
+            Field(None, description="where the tokenizer files and chat template come from"),
+        ),
+        output=(_Output, Field(default_factory=dict, validate_default=True)),
+        card=(_Card, Field(default_factory=dict, validate_default=True, description="model card options")),
+        eval=(_Eval, Field(None, description="evaluation with lm-evaluation-harness")),
+        allow_non_finite=(
+            bool,
+            Field(False, description="merge sources holding NaN or Inf (refused by default)"),
+        ),
+    )
+
+
+@functools.cache
+def _schema() -> TypeAdapter[Any]:
+    members = tuple(_method_model(m) for m in METHODS.values())
+    return TypeAdapter(Annotated[functools.reduce(operator.or_, members), Field(discriminator="method")])
+
+
+class _NoFieldTitles(GenerateJsonSchema):
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        return False  # a property's name is its title; the descriptions say the rest
+
+
+def _without_null_defaults(node: Any) -> Any:
+    """TOML has no null: an absent key is the default, which the description states."""
+    if isinstance(node, dict):
+        return {k: _without_null_defaults(v) for k, v in node.items() if not (k == "default" and v is None)}
+    if isinstance(node, list):
+        return [_without_null_defaults(v) for v in node]
+    return node
+
+
+def recipe_schema() -> dict[str, Any]:
+    """The recipe as JSON Schema (draft 2020-12), for editors: `hubmerge schema`."""
+    schema = _schema().json_schema(schema_generator=_NoFieldTitles)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "hubmerge recipe",
+        "description": "A hubmerge merge recipe (TOML); generated by `hubmerge schema` from the method "
+        "registry.",
+        **_without_null_defaults(schema),
+    }
+
+
+# --- errors -------------------------------------------------------------------------------------------------
+
+_KINDS = {
+    "string_type": "a string",
+    "bool_type": "a boolean",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "list_type": "a list",
+    "dict_type": "a table",
+    "model_type": "a table",
+}
+_BOUNDS = {"greater_than_equal": "ge", "less_than_equal": "le", "greater_than": "gt", "less_than": "lt"}
+_SIGNS = {"ge": ">=", "le": "<=", "gt": ">", "lt": "<"}
+
+
+def _unknown_key(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    return "unknown key" + (f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}")
+
+
+def _method_problem(data: Mapping[str, Any]) -> tuple[str, str]:
+    """(key, message) for a recipe whose `method` names no method."""
+    known = _schema_keys()
+    for key in data:
+        if key not in known:
+            return key, _unknown_key(key, known)
+    name = data.get("method")
+    if name is None:
+        return "method", f"is required; one of {', '.join(METHODS)}"
+    if not isinstance(name, str):
+        return "method", f"must be a string, got {name!r}"
+    close = difflib.get_close_matches(name.replace("-", "_"), METHODS, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"known methods: {', '.join(METHODS)}"
+    return "method", f"unknown method {name!r}; {hint}"
+
+
+def _schema_keys() -> list[str]:
+    return list(_method_model(next(iter(METHODS.values()))).model_fields)
+
+
+def _message(error: ErrorDetails, path: list[str | int], form: str | None, method: Method) -> str:
+    kind, value, ctx = error["type"], error["input"], error.get("ctx") or {}
+    got = f", got {value!r}"
+    if kind == "recipe":
+        return error["msg"]
+    if kind == "unknown_key":
+        if path == ["parameters"] and not ctx["known"]:
+            return f"{method.name} takes no parameters"
+        return _unknown_key(ctx["key"], ctx["known"])
+    if kind in ("setting", "rule_value", "reference"):
+        return error["msg"] + got
+    if kind == "missing":
+        if path == ["base"]:
+            return f"is required by method {method.name!r}: the model the task vectors are taken from"
+        if path == ["models"]:
+            return "is required: a list of model references to merge"
+        if len(path) == 2 and path[0] == "parameters":
+            return f"is required by {method.name}: {method.param(str(path[1])).help}"
+        return "is required"
+    if path == ["models"] and kind in ("too_short", "too_long", "list_type"):
+        if kind != "list_type" and value:
+            count = method.contract.describe().split("; ")[1]
+            return f"{method.name} takes {count}, got {len(value)}"
+        return "must be a non-empty list of model references or [[models]] tables"
+    if kind == "too_short" and form == _GRADIENT:
+        return "is an empty list; give a value, a gradient [a, b, ...] or filter rules"
+    if kind in ("too_short", "string_too_short"):
+        return "must not be empty"
+    if kind == "literal_error":
+        if path == ["dtype"]:
+            close = difflib.get_close_matches(str(value), DTYPES, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"one of {', '.join(DTYPES)}"
+            return f"unknown dtype {value!r}; {hint}"
+        return f"must be one of {ctx['expected'].replace(' or ', ', ')}{got}"
+    if kind in _KINDS:
+        return f"must be {_KINDS[kind]}{got}"
+    if kind in _BOUNDS:
+        bound = _BOUNDS[kind]
+        return f"must be {_SIGNS[bound]} {ctx[bound]!r}{got}"
+    if kind == "finite_number":
+        return f"must be a finite number{got}"
+    return error["msg"][:1].lower() + error["msg"][1:] + got
+
+
+def _key_path(parts: list[str | int]) -> str:
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else part
+    return text
+
+
+def _first_error(r: _Reader, data: Mapping[str, Any], exc: ValidationError) -> RecipeError:
+    """The first of pydantic's errors as one `file: key.path: message` line."""
+    error = exc.errors(include_url=False)[0]
+    if error["type"] in ("union_tag_not_found", "union_tag_invalid") and not error["loc"]:
+        return r.fail(*_method_problem(data))
+    path: list[str | int] = []
+    form = None
+    for part in error["loc"][1:]:  # [0] is the method's tag
+        if part in _TAGS:
+            form = part
+        else:
+            path.append(part)
+    if error["type"] == "unknown_key":
+        path.append(error["ctx"]["key"])
+    message = _message(
+        error, path[:-1] if error["type"] == "unknown_key" else path, form, METHODS[data["method"]]
+    )
+    return r.fail(_key_path(path), message)
+
+
+# --- from the validated tables to the frozen Recipe ---------------------------------------------------------
+
+
 class _Reader:
-    """Walks the parsed TOML, turning every mistake into `file: key.path: message`."""
+    """What the schema cannot know: paths relative to the recipe, local folders or Hub ids, and the checks
+    that join several keys; every mistake is `file: key.path: message`."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -184,21 +725,12 @@ class _Reader:
         key = key if key.isprintable() else repr(key)  # a quoted TOML key may hold a newline: keep one line
         return RecipeError(f"{self.path}: {key}: {message}" if key else f"{self.path}: {message}")
 
-    def check_keys(self, table: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
-        for key in table:
-            if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(allowed)}"
-                raise self.fail(f"{where}{key}", f"unknown key{hint}")
-
-    def get(self, table: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
-        value = table.get(key)
-        if value is not None and (
-            not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))
-        ):
-            names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-            raise self.fail(f"{where}{key}", f"must be a {names.replace('str', 'string')}, got {value!r}")
-        return value
+    def model(self, value: str | _Source, key: str) -> ModelRef:
+        """A `models` entry, `base` or `[tokenizer]`: a reference string or a table."""
+        if isinstance(value, str):
+            return self.reference(value, None, key, {})
+        params = {k: v for k, v in _given(value).items() if k not in ("source", "revision")}
+        return self.reference(value.source, value.revision, key, params)
 
     def reference(self, text: str, revision: str | None, key: str, params: Mapping[str, Setting]) -> ModelRef:
         text = text.strip()
@@ -237,65 +769,6 @@ class _Reader:
             return path
         except (OSError, RuntimeError, ValueError) as exc:  # a NUL byte, an unknown ~user, a name too long
             raise self.fail(key, f"{text!r} is not a usable path ({exc})") from None
-
-    def model(self, value: Any, key: str, method: Method, defaults: Mapping[str, Setting]) -> ModelRef:
-        params = dict(defaults)
-        if isinstance(value, str):
-            return self.reference(value, None, key, params)
-        if not isinstance(value, dict):
-            raise self.fail(key, f"must be a model reference string or a table with 'source', got {value!r}")
-        allowed = ("source", "revision", *(p.name for p in method.model_params))
-        self.check_keys(value, allowed, f"{key}.")
-        source = self.get(value, "source", str, f"{key}.")
-        if source is None:
-            raise self.fail(f"{key}.source", "is required")
-        for p in method.model_params:
-            if p.name in value:
-                params[p.name] = self.param(p, value[p.name], f"{key}.{p.name}")
-        return self.reference(source, self.get(value, "revision", str, f"{key}."), key, params)
-
-    def param(self, p: Param, value: Any, key: str) -> Setting:
-        """A parameter's value as written: a scalar, a gradient `[a, b, …]`, or filter rules
-        `[{filter = "mlp", value = …}, {value = …}]` (see `schedule.py`)."""
-        setting = self.setting(value, key)
-        problem = p.check(setting)
-        if problem:
-            raise self.fail(key, problem)
-        return _cast(p, setting)
-
-    def setting(self, value: Any, key: str) -> Setting:
-        if not isinstance(value, list):
-            return value  # type: ignore[no-any-return]
-        if not value:
-            raise self.fail(key, "is an empty list; give a value, a gradient [a, b, ...] or filter rules")
-        if all(isinstance(v, dict) for v in value):
-            rules = []
-            for i, rule in enumerate(value):
-                self.check_keys(rule, ("filter", "value"), f"{key}[{i}].")
-                if "value" not in rule:
-                    raise self.fail(f"{key}[{i}].value", "is required")
-                name = self.get(rule, "filter", str, f"{key}[{i}].")
-                inner = rule["value"]
-                if isinstance(inner, (list, dict)) and not (
-                    isinstance(inner, list) and inner and not any(isinstance(v, (list, dict)) for v in inner)
-                ):
-                    raise self.fail(f"{key}[{i}].value", "must be a value or a gradient [a, b, ...]")
-                rules.append(Filter(Gradient(tuple(inner)) if isinstance(inner, list) else inner, name))
-            return tuple(rules)
-        if any(isinstance(v, (list, dict)) for v in value):
-            raise self.fail(
-                key, "must be a value, a gradient [a, b, ...] or a list of {filter = ..., value = ...} tables"
-            )
-        return Gradient(tuple(value))
-
-
-def _cast(p: Param, setting: Setting) -> Setting:
-    """Integers written for a float parameter become floats, inside gradients and filters too."""
-    if isinstance(setting, Gradient):
-        return Gradient(tuple(p.cast(v) for v in setting.values))
-    if isinstance(setting, tuple):
-        return tuple(Filter(_cast(p, r.value), r.filter) for r in setting)  # type: ignore[arg-type]
-    return p.cast(setting)
 
 
 _NOT_YAML = (
@@ -343,68 +816,24 @@ def load_recipe(path: str | Path, output_dir: str | Path | None = None) -> Recip
         raise RecipeError(
             f"{path}:{line}:{column}: TOML syntax error: {message[: where.start()].strip()}{_syntax_hint(message, text)}"
         ) from None
-    return _build(_Reader(path), data, text, output_dir)
+    reader = _Reader(path)
+    try:
+        tables = _schema().validate_python(data)
+    except ValidationError as exc:
+        raise _first_error(reader, data, exc) from None
+    return _build(reader, tables, text, output_dir)
 
 
-def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path | None) -> Recipe:
-    r.check_keys(
-        data,
-        (
-            "method",
-            "base",
-            "models",
-            "dtype",
-            "parameters",
-            "tokenizer",
-            "output",
-            "card",
-            "eval",
-            "allow_non_finite",
-        ),
-        "",
-    )
-    method_name = r.get(data, "method", str, "")
-    if method_name is None:
-        raise r.fail("method", f"is required; one of {', '.join(METHODS)}")
-    if method_name not in METHODS:
-        close = difflib.get_close_matches(method_name.replace("-", "_"), METHODS, n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"known methods: {', '.join(METHODS)}"
-        raise r.fail("method", f"unknown method {method_name!r}; {hint}")
-    method = METHODS[method_name]
-
-    parameters = r.get(data, "parameters", dict, "") or {}
-    if parameters and not method.params + method.model_params:
-        raise r.fail(f"parameters.{next(iter(parameters))}", f"{method.name} takes no parameters")
-    r.check_keys(parameters, tuple(p.name for p in method.params + method.model_params), "parameters.")
-    given = {
-        p.name: r.param(p, parameters[p.name], f"parameters.{p.name}")
-        for p in method.params
-        if p.name in parameters
-    }
-    for p in method.params:
-        if p.default is None and p.name not in given:
-            raise r.fail(f"parameters.{p.name}", f"is required by {method.name}: {p.help}")
-    model_defaults = {
-        p.name: r.param(p, parameters[p.name], f"parameters.{p.name}")
-        for p in method.model_params
-        if p.name in parameters
-    }
-
-    raw_models = data.get("models")
-    if raw_models is None:
-        raise r.fail("models", "is required: a list of model references to merge")
-    if not isinstance(raw_models, list) or not raw_models:
-        raise r.fail("models", "must be a non-empty list of model references or [[models]] tables")
-    models = tuple(r.model(m, f"models[{i}]", method, {}) for i, m in enumerate(raw_models))
+def _build(r: _Reader, tables: Any, text: str, output_dir: str | Path | None) -> Recipe:
+    method: Method = METHODS[tables.method]
+    parameters = _given(tables.parameters)
+    given = {p.name: parameters[p.name] for p in method.params if p.name in parameters}
+    model_defaults = {p.name: parameters[p.name] for p in method.model_params if p.name in parameters}
+    models = tuple(r.model(m, f"models[{i}]") for i, m in enumerate(tables.models))
     for i, m in enumerate(models):
         for p in method.model_params:
             if p.default is None and p.name not in m.params and p.name not in model_defaults:
                 raise r.fail(f"models[{i}].{p.name}", f"is required by {method.name}: {p.help}")
-    contract = method.contract
-    if len(models) < contract.min_models or (
-        contract.max_models is not None and len(models) > contract.max_models
-    ):
-        raise r.fail("models", f"{method.name} takes {contract.describe().split('; ')[1]}, got {len(models)}")
     weights = [
         float(w)  # type: ignore[arg-type]
         for w in (m.params.get("weight", model_defaults.get("weight", 1.0)) for m in models)
@@ -412,7 +841,7 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
     ]
     if (
         method.name == "linear"
-        and parameters.get("normalize", True)
+        and given.get("normalize", True)
         and len(weights) == len(models)
         and sum(weights) == 0
     ):
@@ -429,85 +858,43 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
             f"{r.path}: parameters.threshold = 1 is read as the fraction 1.0, keeping 100 % of each task vector "
             "(as FusionBench reads it); for 1 percent write 0.01"
         )
+    base = r.model(tables.base, "base") if tables.base is not None else None
+    tokenizer = tables.tokenizer
+    if tokenizer is not None and tokenizer.source not in (None, "base"):
+        tokenizer = r.reference(tokenizer.source, tokenizer.revision, "tokenizer", {})
+    else:
+        tokenizer = None
 
-    base = None
-    if "base" in data:
-        raw_base = data["base"]
-        if isinstance(raw_base, dict):
-            r.check_keys(raw_base, ("source", "revision"), "base.")
-        base = r.model(raw_base, "base", METHODS["simple_average"], {})
-    elif method.needs_base:
-        raise r.fail(
-            "base", f"is required by method {method.name!r}: the model the task vectors are taken from"
-        )
-
-    dtype = r.get(data, "dtype", str, "")
-    if dtype is not None and dtype not in DTYPES:
-        close = difflib.get_close_matches(dtype, DTYPES, n=1)
-        raise r.fail(
-            "dtype",
-            f"unknown dtype {dtype!r}; "
-            + (f"did you mean {close[0]!r}?" if close else f"one of {', '.join(DTYPES)}"),
-        )
-
-    tokenizer_table = r.get(data, "tokenizer", dict, "") or {}
-    r.check_keys(tokenizer_table, ("source", "revision"), "tokenizer.")
-    tokenizer_source = r.get(tokenizer_table, "source", str, "tokenizer.")
-    tokenizer = None
-    if tokenizer_source not in (None, "base"):
-        tokenizer = r.model(tokenizer_table, "tokenizer", METHODS["simple_average"], {})
-
-    out = r.get(data, "output", dict, "") or {}
-    r.check_keys(out, ("dir", "repo", "private", "branch", "create_pr", "max_shard_size", "stats"), "output.")
+    out: _Output = tables.output
     if output_dir is not None:
         out_dir = r.path_of(str(output_dir), "--output", Path.cwd())
-    elif r.get(out, "dir", str, "output.") is not None:
-        out_dir = r.path_of(out["dir"], "output.dir")
+    elif out.dir is not None:
+        out_dir = r.path_of(out.dir, "output.dir")
     else:
         out_dir = (Path.cwd() / "outputs" / r.path.stem).resolve()
-    repo = r.get(out, "repo", str, "output.")
-    if repo is not None and (not _REPO_ID.match(repo) or "/" not in repo or "--" in repo or ".." in repo):
-        raise r.fail("output.repo", f'{repo!r} is not a Hub repo id like "your-name/Qwen2.5-1.5B-TIES"')
-    try:
-        max_shard_size = parse_size(out.get("max_shard_size", "5GB"))
-    except ValueError as exc:
-        raise r.fail("output.max_shard_size", str(exc)) from None
-    branch = r.get(out, "branch", str, "output.")
-    create_pr = bool(r.get(out, "create_pr", bool, "output."))
-    if create_pr and branch not in (None, "main"):
+    if out.create_pr and out.branch not in (None, "main"):
         raise r.fail("output.create_pr", "a pull request targets main; drop 'branch' or 'create_pr'")
     output = OutputSpec(
         dir=out_dir,
-        repo=repo,
-        private=r.get(out, "private", bool, "output."),
-        branch=branch,
-        create_pr=create_pr,
-        max_shard_size=max_shard_size,
-        stats=r.get(out, "stats", bool, "output.") is not False,
+        repo=out.repo,
+        private=out.private,
+        branch=out.branch,
+        create_pr=out.create_pr,
+        max_shard_size=out.max_shard_size,
+        stats=out.stats,
+        max_disk=out.max_disk,
     )
 
-    card_table = r.get(data, "card", dict, "") or {}
-    r.check_keys(
-        card_table,
-        ("template", "title", "description", "tags", "language", "license", "license_name", "license_link"),
-        "card.",
-    )
-    template = r.get(card_table, "template", str, "card.")
-    tags = r.get(card_table, "tags", list, "card.") or []
-    language = r.get(card_table, "language", (str, list), "card.") or []
-    language = [language] if isinstance(language, str) else language
-    for key, values in (("tags", tags), ("language", language)):
-        if not all(isinstance(v, str) and v for v in values):
-            raise r.fail(f"card.{key}", "must be a list of non-empty strings")
+    c: _Card = tables.card
     card = CardSpec(
-        template=r.path_of(template, "card.template") if template else None,
-        title=r.get(card_table, "title", str, "card."),
-        description=r.get(card_table, "description", str, "card."),
-        tags=tuple(tags),
-        language=tuple(language),
-        license=r.get(card_table, "license", str, "card."),
-        license_name=r.get(card_table, "license_name", str, "card."),
-        license_link=r.get(card_table, "license_link", str, "card."),
+        template=r.path_of(c.template, "card.template") if c.template else None,
+        title=c.title,
+        description=c.description,
+        tags=tuple(c.tags),
+        language=tuple(c.language),
+        license=c.license,
+        license_name=c.license_name,
+        license_link=c.license_link,
     )
     if card.template is not None and not card.template.is_file():
         raise r.fail("card.template", f"no such template file {card.template}")
@@ -525,96 +912,51 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
         models=models,
         base=base,
         tokenizer=tokenizer,
-        dtype=dtype,
+        dtype=tables.dtype,
         output=output,
         card=card,
-        allow_non_finite=bool(r.get(data, "allow_non_finite", bool, "")),
+        allow_non_finite=tables.allow_non_finite,
         warnings=tuple(warnings),
-        **_eval_fields(r, data, base is not None),
+        **_eval_fields(r, tables.eval, base is not None),
     )
 
 
-_EVAL_KEYS = (
-    "tasks",
-    "limit",
-    "num_fewshot",
-    "batch_size",
-    "include_path",
-    "device",
-    "dtype",
-    "sources",
-    "allow_code_execution",
-    "require",
-    "sanity",
-)
-_DEVICE = re.compile(r"^(?:cpu|mps|cuda(?::\d+)?)$")
-_RELATIVE = re.compile(r"^\s*(base|best_source)\s*(?:([+-])\s*(\d+(?:\.\d+)?)\s*)?$")
-
-
-def _requirement(r: _Reader, task: str, value: Any, has_base: bool) -> Requirement:
-    key = f"eval.require.{task}"
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return Requirement(task, str(value), threshold=float(value))
-    match = _RELATIVE.match(value) if isinstance(value, str) else None
-    if match is None:
-        raise r.fail(
-            key,
-            f'must be a score such as 0.40, or "best_source", "best_source - 0.02", "base", "base + 0.01"; got {value!r}',
-        )
-    reference, sign, amount = match.groups()
-    if reference == "base" and not has_base:
-        raise r.fail(key, 'compares with the base, but the recipe has none; use "best_source" or a number')
-    offset = float(amount or 0) * (-1 if sign == "-" else 1)
-    return Requirement(task, " ".join(value.split()), reference=reference, offset=offset)
-
-
-def _eval_fields(r: _Reader, data: Mapping[str, Any], has_base: bool) -> dict[str, Any]:
+def _eval_fields(r: _Reader, table: _Eval | None, has_base: bool) -> dict[str, Any]:
     """`Recipe.eval` and `Recipe.sanity` from the `[eval]` table."""
-    table = r.get(data, "eval", dict, "")
     if table is None:
         return {}
-    r.check_keys(table, _EVAL_KEYS, "eval.")
-    sanity = r.get(table, "sanity", bool, "eval.") is not False
-    if set(table) <= {"sanity"}:
-        return {"sanity": sanity}
-    tasks = r.get(table, "tasks", list, "eval.")
-    if not tasks or not all(isinstance(t, str) and t.strip() for t in tasks):
+    if table.model_fields_set <= {"sanity"}:
+        return {"sanity": table.sanity}
+    if table.tasks is None:
         raise r.fail("eval.tasks", 'is required: a non-empty list of lm-eval task names, e.g. ["gsm8k"]')
-    limit = r.get(table, "limit", (int, float), "eval.")
-    if limit is not None and not ((limit >= 1 and float(limit).is_integer()) or 0 < limit < 1):
-        raise r.fail(
-            "eval.limit", f"must be a number of examples (>= 1) or a fraction below 1, got {limit!r}"
-        )
-    num_fewshot = r.get(table, "num_fewshot", int, "eval.")
-    if num_fewshot is not None and num_fewshot < 0:
-        raise r.fail("eval.num_fewshot", f"must be 0 or more, got {num_fewshot}")
-    batch_size = r.get(table, "batch_size", int, "eval.") or 1
-    if batch_size < 1:
-        raise r.fail("eval.batch_size", f"must be 1 or more, got {batch_size}")
-    include = r.get(table, "include_path", str, "eval.")
-    include_path = (r.root / Path(include).expanduser()).resolve() if include else None
+    include_path = (r.root / Path(table.include_path).expanduser()).resolve() if table.include_path else None
     if include_path is not None and not include_path.is_dir():
         raise r.fail("eval.include_path", f"no such folder {include_path} (relative to the recipe)")
-    device = r.get(table, "device", str, "eval.") or "cpu"
-    if not _DEVICE.match(device):
-        raise r.fail("eval.device", f'must be "cpu", "cuda", "cuda:N" or "mps", got {device!r}')
-    dtype = r.get(table, "dtype", str, "eval.") or "auto"
-    if dtype not in ("auto", *DTYPES):
-        raise r.fail("eval.dtype", f"must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
-    require = r.get(table, "require", dict, "eval.") or {}
-    for task in require:
-        if task not in tasks:
-            raise r.fail(f"eval.require.{task}", f"is not one of eval.tasks ({', '.join(tasks)})")
+    require = []
+    for task, value in table.require.items():
+        key = f"eval.require.{task}"
+        if task not in table.tasks:
+            raise r.fail(key, f"is not one of eval.tasks ({', '.join(table.tasks)})")
+        if isinstance(value, float):
+            require.append(Requirement(task, str(value), threshold=value))
+            continue
+        reference, sign, amount = _RELATIVE.match(value).groups()  # type: ignore[union-attr]
+        if reference == "base" and not has_base:
+            raise r.fail(
+                key, 'compares with the base, but the recipe has none; use "best_source" or a number'
+            )
+        offset = float(amount or 0) * (-1 if sign == "-" else 1)
+        require.append(Requirement(task, value, reference=reference, offset=offset))
     spec = EvalSpec(
-        tasks=tuple(dict.fromkeys(t.strip() for t in tasks)),
-        limit=int(limit) if limit is not None and limit >= 1 else limit,
-        num_fewshot=num_fewshot,
-        batch_size=batch_size,
+        tasks=tuple(dict.fromkeys(t.strip() for t in table.tasks)),
+        limit=table.limit,
+        num_fewshot=table.num_fewshot,
+        batch_size=table.batch_size,
         include_path=include_path,
-        device=device,
-        dtype=dtype,
-        sources=r.get(table, "sources", bool, "eval.") is not False,
-        allow_code_execution=bool(r.get(table, "allow_code_execution", bool, "eval.")),
-        require=tuple(_requirement(r, task, value, has_base) for task, value in require.items()),
+        device=table.device,
+        dtype=table.dtype,
+        sources=table.sources,
+        allow_code_execution=table.allow_code_execution,
+        require=tuple(require),
     )
-    return {"eval": spec, "sanity": sanity}
+    return {"eval": spec, "sanity": table.sanity}
