@@ -298,35 +298,46 @@ _Size = Annotated[
 ]
 
 
-class _Source(_Table):
+class SourceTable(_Table):
     """A model named by a table: a Hub id or a local folder, and a revision for a Hub id."""
 
     source: str = Field(description='a Hub id such as "Qwen/Qwen2.5-1.5B", "id@revision", or a local folder')
-    revision: str = Field(
+    revision: str | None = Field(
         None, description="a Hub branch, tag or commit sha (resolved to a sha before anything else)"
     )
 
 
-class _Tokenizer(_Table):
-    source: str = Field(
+class TokenizerTable(_Table):
+    """[tokenizer]: tokenizer files, chat template, generation_config.json and config.json's token ids."""
+
+    source: str | None = Field(
         None,
         description='"base" (the default: the base, else the first model) or a model reference, e.g. the '
         "instruct model for a chat-capable merge",
     )
-    revision: str = Field(None, description="a Hub branch, tag or commit sha")
+    revision: str | None = Field(None, description="a Hub branch, tag or commit sha")
 
 
-class _Output(_Table):
-    dir: str = Field(
+class OutputTable(_Table):
+    """[output]: where the merge is written and pushed."""
+
+    dir: str | None = Field(
         None,
         description="the output folder, relative to the recipe file; default: outputs/<recipe file stem> "
         "relative to the working directory",
     )
-    repo: Annotated[str, AfterValidator(_checked(_repo))] = Field(
+    repo: (
+        Annotated[
+            str,
+            AfterValidator(_checked(_repo)),
+            Field(json_schema_extra={"pattern": r"^[A-Za-z0-9_.\-]{1,96}/[A-Za-z0-9_.\-]{1,96}$"}),
+        ]
+        | None
+    ) = Field(
         None, description='the Hub repo to push to, e.g. "your-name/Qwen2.5-1.5B-TIES"; absent: no push'
     )
-    private: bool = Field(None, description="create the Hub repo private")
-    branch: str = Field(None, description="the pushed branch (created from main if missing)")
+    private: bool | None = Field(None, description="create the Hub repo private")
+    branch: str | None = Field(None, description="the pushed branch (created from main if missing)")
     create_pr: bool = Field(False, description="open a pull request instead of committing to the branch")
     max_shard_size: _Size = Field(
         "5GB",
@@ -334,36 +345,44 @@ class _Output(_Table):
         description='largest safetensors shard: bytes, or decimal units as transformers ("500MB"); '
         "KiB/MiB/GiB are binary",
     )
-    max_disk: _Size = Field(None, description='the most disk the output may take, e.g. "20GB"')
+    max_disk: _Size | None = Field(None, description='the most disk the output may take, e.g. "20GB"')
     stats: bool = Field(True, description="merge diagnostics: merge_stats.json and plots (false: off)")
 
 
-class _Card(_Table):
-    template: str = Field(
+class CardTable(_Table):
+    """[card]: model card (README.md) options."""
+
+    template: str | None = Field(
         None, description="a Jinja template replacing the default; in the recipe's folder or below"
     )
-    title: str = Field(None, description="the card's title")
-    description: str = Field(None, description="a paragraph under the title")
+    title: str | None = Field(None, description="the card's title")
+    description: str | None = Field(None, description="a paragraph under the title")
     tags: list[_NonEmpty] = Field([], description="Hub tags added to the card's metadata")
     language: Annotated[
         list[_NonEmpty],
         BeforeValidator(_languages, json_schema_input_type=_NonEmpty | list[_NonEmpty]),
     ] = Field([], description='languages of the model, e.g. "en" or ["en", "zh"]')
-    license: str = Field(None, description="required only when a source's license is unknown")
-    license_name: str = Field(None, description='the license\'s name when license = "other"')
-    license_link: str = Field(None, description='a link to the license when license = "other"')
+    license: str | None = Field(None, description="required only when a source's license is unknown")
+    license_name: str | None = Field(None, description='the license\'s name when license = "other"')
+    license_link: str | None = Field(None, description='a link to the license when license = "other"')
 
 
-class _Eval(_Table):
-    tasks: Annotated[list[str], AfterValidator(_checked(_tasks))] = Field(
+class EvalTable(_Table):
+    """[eval]: evaluation with lm-evaluation-harness (pip install "hubmerge[eval]")."""
+
+    tasks: Annotated[list[str], AfterValidator(_checked(_tasks))] | None = Field(
         None, description="lm-eval task names; required in an [eval] table with other keys than sanity"
     )
-    limit: Annotated[float, AfterValidator(_checked(_limit))] = Field(
-        None, gt=0, description="examples per task (a number below 1: a fraction); default all"
+    limit: Annotated[float, Field(gt=0), AfterValidator(_checked(_limit))] | None = Field(
+        None, description="examples per task (a number below 1: a fraction); default all"
     )
-    num_fewshot: int = Field(None, ge=0, description="few-shot examples; default: each task's own")
+    num_fewshot: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="few-shot examples; default: each task's own"
+    )
     batch_size: int = Field(1, ge=1)
-    include_path: str = Field(None, description="a folder of custom task YAMLs, relative to the recipe")
+    include_path: str | None = Field(
+        None, description="a folder of custom task YAMLs, relative to the recipe"
+    )
     device: Annotated[str, AfterValidator(_checked(_device))] = Field(
         "cpu", json_schema_extra={"pattern": _DEVICE.pattern}, description="cpu, cuda, cuda:N or mps"
     )
@@ -392,13 +411,8 @@ class _Eval(_Table):
 
 
 # Tags of the tagged unions below; they appear in pydantic's error locations and are dropped from key paths.
-_SCALAR, _GRADIENT, _FILTERS, _REFERENCE, _TABLE = (
-    "<scalar>",
-    "<gradient>",
-    "<filters>",
-    "<reference>",
-    "<table>",
-)
+_SCALAR, _GRADIENT, _FILTERS = "<scalar>", "<gradient>", "<filters>"
+_REFERENCE, _TABLE = "<reference>", "<table>"
 _TAGS = frozenset((_SCALAR, _GRADIENT, _FILTERS, _REFERENCE, _TABLE))
 _NOT_A_SETTING = "must be a value, a gradient [a, b, ...] or a list of {filter = ..., value = ...} tables"
 
@@ -441,7 +455,7 @@ def _camel(name: str) -> str:
 
 def _scalar(p: Param) -> Any:
     if p.choices:
-        return Literal[p.choices]  # type: ignore[valid-type]
+        return Literal[p.choices]
     if p.type in (int, float):
         return Annotated[p.type, Field(ge=p.minimum, le=p.maximum, allow_inf_nan=False)]
     return p.type
@@ -454,7 +468,7 @@ def _setting(p: Param, rule_name: str) -> Any:
         return Annotated[scalar, BeforeValidator(_one_value)]
     gradient = Annotated[list[scalar], Field(min_length=1)]  # type: ignore[valid-type]
     value = Annotated[
-        Annotated[scalar, Tag(_SCALAR)] | Annotated[gradient, Tag(_GRADIENT)],
+        Annotated[scalar, Tag(_SCALAR)] | Annotated[gradient, Tag(_GRADIENT)],  # type: ignore[valid-type]
         Discriminator(
             _rule_value_form,
             custom_error_type="rule_value",
@@ -523,53 +537,56 @@ def _method_model(m: Method) -> type[_Table]:
     )
     model = create_model(
         f"{name}Model",
-        __base__=_Source,
+        __base__=SourceTable,
         __doc__=f"A model of a {m.name} merge, with its own parameters.",
         **_params(m.model_params, types, "m"),
     )
     count = m.contract.describe().split("; ")[1]
-    return create_model(  # type: ignore[no-any-return]
-        f"{name}Recipe",
-        __base__=_Table,
-        __doc__=f"{m.title}: {m.formula}",
-        method=(Literal[m.name], Field(description=m.title)),  # type: ignore[valid-type]
-        base=(
-            _reference(_Source),
+    models: Any = list[_reference(model)]  # type: ignore[misc]
+    fields: dict[str, Any] = {
+        "method": (Literal[m.name], Field(description=m.title)),
+        "base": (
+            _reference(SourceTable),
             Field(
                 ... if m.needs_base else None,
                 description=f"the base model ({m.contract.base}): a Hub id, id@revision, or a local folder",
             ),
         ),
-        models=(
-            Annotated[
-                list[_reference(model)],
-                Field(min_length=m.contract.min_models, max_length=m.contract.max_models),
-            ],  # type: ignore[misc]
+        "models": (
+            Annotated[models, Field(min_length=m.contract.min_models, max_length=m.contract.max_models)],
             Field(description=f"the models to merge ({count}): references or [[models]] tables"),
         ),
-        dtype=(
-            Literal[DTYPES],  # type: ignore[valid-type]
+        "dtype": (
+            Literal[DTYPES],
             Field(None, description="output dtype; default: the base's (else the first model's) dtype"),
         ),
-        parameters=(parameters, Field(default_factory=dict, validate_default=True)),
-        tokenizer=(
-            _Tokenizer,
+        "parameters": (
+            parameters,
+            Field(default_factory=dict, validate_default=True, description=f"the parameters of {m.name}"),
+        ),
+        "tokenizer": (
+            TokenizerTable,
             Field(None, description="where the tokenizer files and chat template come from"),
         ),
-        output=(_Output, Field(default_factory=dict, validate_default=True)),
-        card=(_Card, Field(default_factory=dict, validate_default=True, description="model card options")),
-        eval=(_Eval, Field(None, description="evaluation with lm-evaluation-harness")),
-        allow_non_finite=(
+        "output": (OutputTable, Field(default_factory=dict, validate_default=True, description="the output")),
+        "card": (
+            CardTable,
+            Field(default_factory=dict, validate_default=True, description="model card options"),
+        ),
+        "eval": (EvalTable, Field(None, description="evaluation with lm-evaluation-harness")),
+        "allow_non_finite": (
             bool,
             Field(False, description="merge sources holding NaN or Inf (refused by default)"),
         ),
-    )
+    }
+    return create_model(f"{name}Recipe", __base__=_Table, __doc__=f"{m.title}: {m.formula}", **fields)
 
 
 @functools.cache
 def _schema() -> TypeAdapter[Any]:
     members = tuple(_method_model(m) for m in METHODS.values())
-    return TypeAdapter(Annotated[functools.reduce(operator.or_, members), Field(discriminator="method")])
+    recipe: Any = functools.reduce(operator.or_, members)
+    return TypeAdapter(Annotated[recipe, Field(discriminator="method")])
 
 
 class _NoFieldTitles(GenerateJsonSchema):
@@ -577,12 +594,16 @@ class _NoFieldTitles(GenerateJsonSchema):
         return False  # a property's name is its title; the descriptions say the rest
 
 
-def _without_null_defaults(node: Any) -> Any:
-    """TOML has no null: an absent key is the default, which the description states."""
-    if isinstance(node, dict):
-        return {k: _without_null_defaults(v) for k, v in node.items() if not (k == "default" and v is None)}
+def _without_null(node: Any) -> Any:
+    """TOML has no null: an optional key is one that may be absent, not one that may be null."""
     if isinstance(node, list):
-        return [_without_null_defaults(v) for v in node]
+        return [_without_null(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _without_null(v) for k, v in node.items() if not (k == "default" and v is None)}
+    if {"type": "null"} in node.get("anyOf", ()):
+        rest = [branch for branch in node.pop("anyOf") if branch != {"type": "null"}]
+        node = {**rest[0], **node} if len(rest) == 1 else {**node, "anyOf": rest}
     return node
 
 
@@ -594,7 +615,7 @@ def recipe_schema() -> dict[str, Any]:
         "title": "hubmerge recipe",
         "description": "A hubmerge merge recipe (TOML); generated by `hubmerge schema` from the method "
         "registry.",
-        **_without_null_defaults(schema),
+        **_without_null(schema),
     }
 
 
@@ -725,7 +746,7 @@ class _Reader:
         key = key if key.isprintable() else repr(key)  # a quoted TOML key may hold a newline: keep one line
         return RecipeError(f"{self.path}: {key}: {message}" if key else f"{self.path}: {message}")
 
-    def model(self, value: str | _Source, key: str) -> ModelRef:
+    def model(self, value: str | SourceTable, key: str) -> ModelRef:
         """A `models` entry, `base` or `[tokenizer]`: a reference string or a table."""
         if isinstance(value, str):
             return self.reference(value, None, key, {})
@@ -835,7 +856,7 @@ def _build(r: _Reader, tables: Any, text: str, output_dir: str | Path | None) ->
             if p.default is None and p.name not in m.params and p.name not in model_defaults:
                 raise r.fail(f"models[{i}].{p.name}", f"is required by {method.name}: {p.help}")
     weights = [
-        float(w)  # type: ignore[arg-type]
+        float(w)
         for w in (m.params.get("weight", model_defaults.get("weight", 1.0)) for m in models)
         if not is_schedule(w)
     ]
@@ -865,7 +886,7 @@ def _build(r: _Reader, tables: Any, text: str, output_dir: str | Path | None) ->
     else:
         tokenizer = None
 
-    out: _Output = tables.output
+    out: OutputTable = tables.output
     if output_dir is not None:
         out_dir = r.path_of(str(output_dir), "--output", Path.cwd())
     elif out.dir is not None:
@@ -885,7 +906,7 @@ def _build(r: _Reader, tables: Any, text: str, output_dir: str | Path | None) ->
         max_disk=out.max_disk,
     )
 
-    c: _Card = tables.card
+    c: CardTable = tables.card
     card = CardSpec(
         template=r.path_of(c.template, "card.template") if c.template else None,
         title=c.title,
@@ -921,7 +942,7 @@ def _build(r: _Reader, tables: Any, text: str, output_dir: str | Path | None) ->
     )
 
 
-def _eval_fields(r: _Reader, table: _Eval | None, has_base: bool) -> dict[str, Any]:
+def _eval_fields(r: _Reader, table: EvalTable | None, has_base: bool) -> dict[str, Any]:
     """`Recipe.eval` and `Recipe.sanity` from the `[eval]` table."""
     if table is None:
         return {}
