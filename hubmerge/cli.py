@@ -183,10 +183,10 @@ def _dispatch(argv: Sequence[str]) -> int:
     if argv and argv[0] == "validate":  # before importing the merge API: validating needs no torch
         return _validate(_command_parser("validate").parse_args(argv[1:]).recipes)
     if argv and argv[0] == "schema":  # the same: no torch
-        from .recipe import recipe_schema
+        from .schema import json_schema
 
         _command_parser("schema").parse_args(argv[1:])
-        print(json.dumps(recipe_schema(), indent=2, ensure_ascii=False))
+        print(json.dumps(json_schema(), indent=2, ensure_ascii=False))
         return 0
 
     from . import api

@@ -18,7 +18,8 @@ from conftest import REPO
 from hubmerge import cli
 from hubmerge.errors import RecipeError
 from hubmerge.methods import METHODS
-from hubmerge.recipe import load_recipe, recipe_schema
+from hubmerge.recipe import load_recipe
+from hubmerge.schema import json_schema
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -68,9 +69,11 @@ def test_check_jsonschema_accepts_the_shipped_recipes_as_the_readme_says() -> No
 
 
 def test_every_registered_parameter_is_in_the_schema_with_its_help_and_default() -> None:
-    defs = recipe_schema()["$defs"]
+    defs = json_schema()["$defs"]
     for method in METHODS.values():
-        recipe = next(d for d in defs.values() if d["properties"].get("method", {}).get("const") == method.name)
+        recipe = next(
+            d for d in defs.values() if d["properties"].get("method", {}).get("const") == method.name
+        )
         parameters = defs[recipe["properties"]["parameters"]["$ref"].rsplit("/", 1)[1]]["properties"]
         model_ref = recipe["properties"]["models"]["items"]["oneOf"][1]["$ref"]
         per_model = defs[model_ref.rsplit("/", 1)[1]]["properties"]
@@ -81,7 +84,10 @@ def test_every_registered_parameter_is_in_the_schema_with_its_help_and_default()
             assert entry["description"].startswith(p.help)
             assert entry.get("default") == p.default
             forms = entry.get("oneOf", [entry])
-            assert len(forms) == (3 if p.per_tensor else 1), (method.name, p.name)  # scalar, gradient, filters
+            assert len(forms) == (3 if p.per_tensor else 1), (
+                method.name,
+                p.name,
+            )  # scalar, gradient, filters
             scalar = forms[0]
             if p.choices:
                 assert scalar["enum"] == list(p.choices)
@@ -90,7 +96,10 @@ def test_every_registered_parameter_is_in_the_schema_with_its_help_and_default()
             if p.maximum is not None:
                 assert scalar["maximum"] == p.maximum
         required = {p.name for p in method.params if p.default is None}
-        assert set(defs[recipe["properties"]["parameters"]["$ref"].rsplit("/", 1)[1]].get("required", [])) == required
+        assert (
+            set(defs[recipe["properties"]["parameters"]["$ref"].rsplit("/", 1)[1]].get("required", []))
+            == required
+        )
 
 
 BAD = [
@@ -101,7 +110,10 @@ BAD = [
     ('method = "ties"\nbase = "./base"\nmodels = ["./a"]\n[parameters]\nthreshold = 120\n', "<= 100.0"),
     ('method = "ties"\nbase = "./base"\nmodels = ["./a"]\n[parameters]\nthreshold = [1, 2]\n', "one value"),
     ('method = "ties"\nbase = "./base"\nmodels = ["./a"]\n[parameters]\nmerge_func = "avg"\n', "one of"),
-    ('method = "linear"\nmodels = ["./a"]\n[parameters]\nweight = [{filter = "mlp"}]\n', "value: is required"),
+    (
+        'method = "linear"\nmodels = ["./a"]\n[parameters]\nweight = [{filter = "mlp"}]\n',
+        "value: is required",
+    ),
     ('method = "linear"\n[[models]]\nsource = "./a"\nweight = "heavy"\n', "must be a number"),
     ('method = "linear"\n[[models]]\nsource = "./a"\nwieght = 2\n', "did you mean 'weight'"),
     ('method = "linear"\nmodels = ["./a"]\n[output]\nmax_shard_size = "lots"\n', "must be a size"),
@@ -114,7 +126,7 @@ def test_the_schema_refuses_what_the_validator_refuses(tmp_path: Path, text: str
     for name in ("base", "a"):
         (tmp_path / name).mkdir()
     (tmp_path / "recipe.toml").write_text(text)
-    with pytest.raises(RecipeError, match="recipe.toml: ") as caught:
+    with pytest.raises(RecipeError, match=r"recipe\.toml: ") as caught:
         load_recipe(tmp_path / "recipe.toml")
     assert message in str(caught.value)
     assert list(validator().iter_errors(tomllib.loads(text))), "the schema accepts it"
