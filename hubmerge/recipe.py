@@ -20,7 +20,7 @@ from . import schema
 from .errors import RecipeError
 from .methods import METHODS, Method
 from .schedule import Setting, is_schedule
-from .schema import _RELATIVE, _REPO_ID, parse_size
+from .schema import RELATIVE_SCORE, REPO_ID, parse_size
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -184,7 +184,7 @@ class _Reader:
             raise self.fail(
                 key, f"{text!r} already pins a revision; drop either '@{at_revision}' or 'revision'"
             )
-        if not _REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id:
+        if not REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id:
             raise self.fail(
                 key,
                 f"{text!r} is neither an existing folder (relative to {self.root}) nor a Hub id like "
@@ -378,7 +378,7 @@ def _eval_fields(r: _Reader, table: Any, has_base: bool) -> dict[str, Any]:
         if isinstance(value, float):
             require.append(Requirement(task, str(value), threshold=value))
             continue
-        reference, sign, amount = _RELATIVE.match(value).groups()  # type: ignore[union-attr]
+        reference, sign, amount = RELATIVE_SCORE.match(value).groups()  # type: ignore[union-attr]
         if reference == "base" and not has_base:
             raise r.fail(
                 key, 'compares with the base, but the recipe has none; use "best_source" or a number'

@@ -41,11 +41,11 @@ from .schedule import Filter, Gradient, Setting
 if TYPE_CHECKING:
     from pydantic_core import ErrorDetails
 
-__all__ = ["DTYPES", "Problem", "given", "json_schema", "parse_size", "validate"]
+__all__ = ["DTYPES", "RELATIVE_SCORE", "REPO_ID", "Problem", "given", "json_schema", "parse_size", "validate"]
 
 DTYPES = ("bfloat16", "float16", "float32")
 # Hub repo ids: `name` or `namespace/name`, as huggingface_hub validates them.
-_REPO_ID = re.compile(r"^(?:[A-Za-z0-9_.\-]{1,96}/)?[A-Za-z0-9_.\-]{1,96}$")
+REPO_ID = re.compile(r"^(?:[A-Za-z0-9_.\-]{1,96}/)?[A-Za-z0-9_.\-]{1,96}$")
 # Written without flags, so that the JSON Schema (ECMA-262) pattern means the same.
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KkMmGgTt][Ii]?[Bb]|[Bb])?\s*$")
 _UNITS = {
@@ -60,7 +60,7 @@ _UNITS = {
     "TIB": 2**40,
 }
 _DEVICE = re.compile(r"^(?:cpu|mps|cuda(?::\d+)?)$")
-_RELATIVE = re.compile(r"^\s*(base|best_source)\s*(?:([+-])\s*(\d+(?:\.\d+)?)\s*)?$")
+RELATIVE_SCORE = re.compile(r"^\s*(base|best_source)\s*(?:([+-])\s*(\d+(?:\.\d+)?)\s*)?$")
 
 
 def parse_size(value: int | str) -> int:
@@ -119,7 +119,7 @@ def _checked(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 def _repo(value: str) -> str:
-    if not _REPO_ID.match(value) or "/" not in value or "--" in value or ".." in value:
+    if not REPO_ID.match(value) or "/" not in value or "--" in value or ".." in value:
         raise ValueError(f'{value!r} is not a Hub repo id like "your-name/Qwen2.5-1.5B-TIES"')
     return value
 
@@ -141,7 +141,7 @@ def _limit(value: float) -> int | float:
 def _score(value: Any) -> float | str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if not isinstance(value, str) or not _RELATIVE.match(value):
+    if not isinstance(value, str) or not RELATIVE_SCORE.match(value):
         raise ValueError(
             f'must be a score such as 0.40, or "best_source", "best_source - 0.02", "base", "base + 0.01"; got {value!r}'
         )
@@ -247,8 +247,10 @@ class EvalTable(_Table):
     tasks: Annotated[list[str], AfterValidator(_checked(_tasks))] | None = Field(
         None, description="lm-eval task names; required in an [eval] table with other keys than sanity"
     )
-    limit: Annotated[float, Field(gt=0), AfterValidator(_checked(_limit))] | None = Field(
-        None, description="examples per task (a number below 1: a fraction); default all"
+    limit: Annotated[float, AfterValidator(_checked(_limit))] | None = Field(
+        None,
+        json_schema_extra={"exclusiveMinimum": 0},
+        description="examples per task (a number below 1: a fraction); default all",
     )
     num_fewshot: Annotated[int, Field(ge=0)] | None = Field(
         None, description="few-shot examples; default: each task's own"
@@ -273,7 +275,7 @@ class EvalTable(_Table):
             float | str,
             PlainValidator(
                 _checked(_score),
-                json_schema_input_type=float | Annotated[str, Field(pattern=_RELATIVE.pattern)],
+                json_schema_input_type=float | Annotated[str, Field(pattern=RELATIVE_SCORE.pattern)],
             ),
         ],
     ] = Field(
