@@ -160,3 +160,64 @@ def test_validate_and_schema_do_not_import_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+LINEAR = 'method = "linear"\n[[models]]\nsource = "./a"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (LINEAR + 'weight = [1, "x"]\n', "models[0].weight[1]: must be a number, got 'x'"),
+        (LINEAR + "weight = []\n", "models[0].weight: is an empty list; give a value, a gradient"),
+        (
+            LINEAR + "weight = [1, [2]]\n",
+            "models[0].weight: must be a value, a gradient [a, b, ...] or a list",
+        ),
+        (LINEAR + 'weight = [{filter = "mlp"}]\n', "models[0].weight[0].value: is required"),
+        (
+            LINEAR + 'weight = [{fliter = "mlp", value = 1}]\n',
+            "models[0].weight[0].fliter: unknown key; did you mean 'filter'?",
+        ),
+        (
+            LINEAR + "weight = [{value = [1, {}]}]\n",
+            "models[0].weight[0].value: must be a value or a gradient [a, b, ...]",
+        ),
+        (
+            LINEAR + "weight = [{value = [1, inf]}]\n",
+            "models[0].weight[0].value[1]: must be a finite number, got inf",
+        ),
+        (
+            'method = "ties"\nbase = "./a"\nmodels = ["./a"]\n[parameters]\ntrim = [{value = "tensor"}]\n',
+            "parameters.trim: is one value for the whole model",
+        ),
+        (LINEAR + '[output]\nmax_disk = "lots"\n', 'output.max_disk: must be a size such as "5GB"'),
+    ],
+)
+def test_per_tensor_and_new_key_mistakes_name_the_exact_key(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "recipe.toml").write_text(text)
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(tmp_path / "recipe.toml")
+    assert str(caught.value).startswith(f"{tmp_path / 'recipe.toml'}: ")
+    assert message in str(caught.value)
+    assert len(str(caught.value).splitlines()) == 1
+
+
+def test_gradients_and_filters_become_schedule_values_with_integers_read_as_floats(tmp_path: Path) -> None:
+    from hubmerge.schedule import Filter, Gradient
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "recipe.toml").write_text(
+        'method = "task_arithmetic"\nbase = "./a"\n[parameters]\nscaling_factor = [0, 1]\n'
+        'weight = [{filter = "mlp", value = [1, 2]}, {value = 3}]\n[[models]]\nsource = "./a"\nweight = 2\n'
+        '[output]\nmax_disk = "20GB"\n'
+    )
+    recipe = load_recipe(tmp_path / "recipe.toml")
+    assert recipe.parameters == {
+        "scaling_factor": Gradient((0.0, 1.0)),
+        "weight": (Filter(Gradient((1.0, 2.0)), "mlp"), Filter(3.0)),
+    }
+    assert isinstance(recipe.parameters["scaling_factor"].values[0], float)  # type: ignore[union-attr]
+    assert dict(recipe.models[0].params) == {"weight": 2.0}
+    assert recipe.output.max_disk == 20 * 10**9
