@@ -21,7 +21,7 @@ from .errors import GateError, HubmergeError
 
 __all__ = ["main"]
 
-COMMANDS = ("validate", "plan", "card", "inspect", "eval")
+COMMANDS = ("validate", "plan", "card", "inspect", "eval", "schema")
 _EPILOG = """commands:
   hubmerge RECIPE.toml            merge, write the model folder and card, push if [output] repo is set
   hubmerge validate RECIPE...     check recipes (schema and references) without reading weights
@@ -33,6 +33,7 @@ _EPILOG = """commands:
   hubmerge eval RECIPE [--sources]
                                   run the recipe's [eval] lm-eval tasks on its output folder (and the
                                   sources); needs pip install "hubmerge[eval]"
+  hubmerge schema                 print the recipe's JSON Schema, for editors (`#:schema` line) and CI
 
 exit codes: 0 ok, 1 other error (output folder, disk full, lock not reproduced), 2 recipe, 3 source,
   4 incompatible sources, 5 card, 6 publish, 7 evaluation failed, 8 the merge missed [eval] require
@@ -95,6 +96,8 @@ _DESCRIPTIONS = {
     "card": "Render the model card (README.md) the merge would write, without merging.",
     "inspect": "Compute the merge diagnostics (task-vector norms, pairwise cosines, sign conflicts) in one "
     "streaming pass without merging, and write merge_stats.json and its plots.",
+    "schema": "Print the recipe's JSON Schema (draft 2020-12), generated from the method registry: editors "
+    "that read a `#:schema PATH` first line (Taplo / Even Better TOML, Tombi) then complete and check recipes.",
     "eval": "Evaluate the recipe's merged output folder on its [eval] lm-evaluation-harness tasks (and, with "
     "--sources, the base and every model), then update eval_results.json, the chart, the card and the lock.",
 }
@@ -104,7 +107,7 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"hubmerge {command}", description=_DESCRIPTIONS[command])
     if command == "validate":
         p.add_argument("recipes", type=Path, nargs="+", help="recipe files (TOML)")
-    else:
+    elif command != "schema":
         p.add_argument("recipe", type=Path, help="the recipe file (TOML)")
         where = (
             'write here (default: the output folder + "-inspect")'
@@ -179,6 +182,12 @@ def _validate(paths: Sequence[Path]) -> int:
 def _dispatch(argv: Sequence[str]) -> int:
     if argv and argv[0] == "validate":  # before importing the merge API: validating needs no torch
         return _validate(_command_parser("validate").parse_args(argv[1:]).recipes)
+    if argv and argv[0] == "schema":  # the same: no torch
+        from .schema import json_schema
+
+        _command_parser("schema").parse_args(argv[1:])
+        print(json.dumps(json_schema(), indent=2, ensure_ascii=False))
+        return 0
 
     from . import api
     from .report import explain, plan_json, plan_text, summary_markdown

@@ -1,12 +1,13 @@
 """The recipe: a TOML file parsed and validated into a frozen `Recipe`, before anything touches a model.
 
-Every error names the key path (`models[1].weight: ...`) and, for TOML syntax, line and column, and
-suggests the closest known key for a typo. The schema is a contract: extend it, never rename keys.
+The schema (`schema.py`) checks every key and value; this module reads the file, resolves model references
+and paths relative to it, and checks what joins several keys. Every error names the key path
+(`models[1].weight: ...`) and, for TOML syntax, line and column, and suggests the closest known key for a
+typo. The schema is a contract: extend it, never rename keys.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import re
 import sys
@@ -15,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import schema
 from .errors import RecipeError
-from .methods import METHODS, Method, Param
-from .schedule import Filter, Gradient, Setting, is_schedule
+from .methods import METHODS, Method
+from .schedule import Setting, is_schedule
+from .schema import RELATIVE_SCORE, REPO_ID, parse_size
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,22 +37,6 @@ __all__ = [
     "load_recipe",
     "parse_size",
 ]
-
-DTYPES = ("bfloat16", "float16", "float32")
-# Hub repo ids: `name` or `namespace/name`, as huggingface_hub validates them.
-_REPO_ID = re.compile(r"^(?:[A-Za-z0-9_.\-]{1,96}/)?[A-Za-z0-9_.\-]{1,96}$")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
 
 
 @dataclass(frozen=True)
@@ -85,6 +72,7 @@ class OutputSpec:
     create_pr: bool = False
     max_shard_size: int = 5 * 10**9
     stats: bool = True  # merge diagnostics (diagnostics.py): merge_stats.json and plots in the output
+    max_disk: int | None = None  # `[output] max_disk`: the most bytes the output may take (parse_size)
 
 
 @dataclass(frozen=True)
@@ -159,21 +147,12 @@ class Recipe:
         return self.tokenizer or self.base or self.models[0]
 
 
-def parse_size(value: int | str) -> int:
-    """`"5GB"` → 5·10⁹ bytes (decimal units, as transformers' max_shard_size; KiB/MiB/GiB are binary)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    match = _SIZE.match(value) if isinstance(value, str) else None
-    if not match:
-        raise ValueError(f'must be a size such as "5GB", "500MB" or a number of bytes, got {value!r}')
-    size = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
-    if size <= 0:
-        raise ValueError(f"must be positive, got {value!r}")
-    return size
+# --- from the validated tables to the frozen Recipe ---------------------------------------------------------
 
 
 class _Reader:
-    """Walks the parsed TOML, turning every mistake into `file: key.path: message`."""
+    """What the schema cannot know: paths relative to the recipe, local folders or Hub ids, and the checks
+    that join several keys; every mistake is `file: key.path: message`."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -184,21 +163,12 @@ class _Reader:
         key = key if key.isprintable() else repr(key)  # a quoted TOML key may hold a newline: keep one line
         return RecipeError(f"{self.path}: {key}: {message}" if key else f"{self.path}: {message}")
 
-    def check_keys(self, table: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
-        for key in table:
-            if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(allowed)}"
-                raise self.fail(f"{where}{key}", f"unknown key{hint}")
-
-    def get(self, table: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
-        value = table.get(key)
-        if value is not None and (
-            not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))
-        ):
-            names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-            raise self.fail(f"{where}{key}", f"must be a {names.replace('str', 'string')}, got {value!r}")
-        return value
+    def model(self, value: Any, key: str) -> ModelRef:
+        """A `models` entry, `base` or `[tokenizer]`: a reference string or a table."""
+        if isinstance(value, str):
+            return self.reference(value, None, key, {})
+        params = {k: v for k, v in schema.given(value).items() if k not in ("source", "revision")}
+        return self.reference(value.source, value.revision, key, params)
 
     def reference(self, text: str, revision: str | None, key: str, params: Mapping[str, Setting]) -> ModelRef:
         text = text.strip()
@@ -214,7 +184,7 @@ class _Reader:
             raise self.fail(
                 key, f"{text!r} already pins a revision; drop either '@{at_revision}' or 'revision'"
             )
-        if not _REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id:
+        if not REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id:
             raise self.fail(
                 key,
                 f"{text!r} is neither an existing folder (relative to {self.root}) nor a Hub id like "
@@ -237,65 +207,6 @@ class _Reader:
             return path
         except (OSError, RuntimeError, ValueError) as exc:  # a NUL byte, an unknown ~user, a name too long
             raise self.fail(key, f"{text!r} is not a usable path ({exc})") from None
-
-    def model(self, value: Any, key: str, method: Method, defaults: Mapping[str, Setting]) -> ModelRef:
-        params = dict(defaults)
-        if isinstance(value, str):
-            return self.reference(value, None, key, params)
-        if not isinstance(value, dict):
-            raise self.fail(key, f"must be a model reference string or a table with 'source', got {value!r}")
-        allowed = ("source", "revision", *(p.name for p in method.model_params))
-        self.check_keys(value, allowed, f"{key}.")
-        source = self.get(value, "source", str, f"{key}.")
-        if source is None:
-            raise self.fail(f"{key}.source", "is required")
-        for p in method.model_params:
-            if p.name in value:
-                params[p.name] = self.param(p, value[p.name], f"{key}.{p.name}")
-        return self.reference(source, self.get(value, "revision", str, f"{key}."), key, params)
-
-    def param(self, p: Param, value: Any, key: str) -> Setting:
-        """A parameter's value as written: a scalar, a gradient `[a, b, …]`, or filter rules
-        `[{filter = "mlp", value = …}, {value = …}]` (see `schedule.py`)."""
-        setting = self.setting(value, key)
-        problem = p.check(setting)
-        if problem:
-            raise self.fail(key, problem)
-        return _cast(p, setting)
-
-    def setting(self, value: Any, key: str) -> Setting:
-        if not isinstance(value, list):
-            return value  # type: ignore[no-any-return]
-        if not value:
-            raise self.fail(key, "is an empty list; give a value, a gradient [a, b, ...] or filter rules")
-        if all(isinstance(v, dict) for v in value):
-            rules = []
-            for i, rule in enumerate(value):
-                self.check_keys(rule, ("filter", "value"), f"{key}[{i}].")
-                if "value" not in rule:
-                    raise self.fail(f"{key}[{i}].value", "is required")
-                name = self.get(rule, "filter", str, f"{key}[{i}].")
-                inner = rule["value"]
-                if isinstance(inner, (list, dict)) and not (
-                    isinstance(inner, list) and inner and not any(isinstance(v, (list, dict)) for v in inner)
-                ):
-                    raise self.fail(f"{key}[{i}].value", "must be a value or a gradient [a, b, ...]")
-                rules.append(Filter(Gradient(tuple(inner)) if isinstance(inner, list) else inner, name))
-            return tuple(rules)
-        if any(isinstance(v, (list, dict)) for v in value):
-            raise self.fail(
-                key, "must be a value, a gradient [a, b, ...] or a list of {filter = ..., value = ...} tables"
-            )
-        return Gradient(tuple(value))
-
-
-def _cast(p: Param, setting: Setting) -> Setting:
-    """Integers written for a float parameter become floats, inside gradients and filters too."""
-    if isinstance(setting, Gradient):
-        return Gradient(tuple(p.cast(v) for v in setting.values))
-    if isinstance(setting, tuple):
-        return tuple(Filter(_cast(p, r.value), r.filter) for r in setting)  # type: ignore[arg-type]
-    return p.cast(setting)
 
 
 _NOT_YAML = (
@@ -343,76 +254,32 @@ def load_recipe(path: str | Path, output_dir: str | Path | None = None) -> Recip
         raise RecipeError(
             f"{path}:{line}:{column}: TOML syntax error: {message[: where.start()].strip()}{_syntax_hint(message, text)}"
         ) from None
-    return _build(_Reader(path), data, text, output_dir)
+    reader = _Reader(path)
+    try:
+        tables = schema.validate(data)
+    except schema.Problem as problem:
+        raise reader.fail(problem.key, problem.message) from None
+    return _build(reader, tables, text, output_dir)
 
 
-def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path | None) -> Recipe:
-    r.check_keys(
-        data,
-        (
-            "method",
-            "base",
-            "models",
-            "dtype",
-            "parameters",
-            "tokenizer",
-            "output",
-            "card",
-            "eval",
-            "allow_non_finite",
-        ),
-        "",
-    )
-    method_name = r.get(data, "method", str, "")
-    if method_name is None:
-        raise r.fail("method", f"is required; one of {', '.join(METHODS)}")
-    if method_name not in METHODS:
-        close = difflib.get_close_matches(method_name.replace("-", "_"), METHODS, n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"known methods: {', '.join(METHODS)}"
-        raise r.fail("method", f"unknown method {method_name!r}; {hint}")
-    method = METHODS[method_name]
-
-    parameters = r.get(data, "parameters", dict, "") or {}
-    if parameters and not method.params + method.model_params:
-        raise r.fail(f"parameters.{next(iter(parameters))}", f"{method.name} takes no parameters")
-    r.check_keys(parameters, tuple(p.name for p in method.params + method.model_params), "parameters.")
-    given = {
-        p.name: r.param(p, parameters[p.name], f"parameters.{p.name}")
-        for p in method.params
-        if p.name in parameters
-    }
-    for p in method.params:
-        if p.default is None and p.name not in given:
-            raise r.fail(f"parameters.{p.name}", f"is required by {method.name}: {p.help}")
-    model_defaults = {
-        p.name: r.param(p, parameters[p.name], f"parameters.{p.name}")
-        for p in method.model_params
-        if p.name in parameters
-    }
-
-    raw_models = data.get("models")
-    if raw_models is None:
-        raise r.fail("models", "is required: a list of model references to merge")
-    if not isinstance(raw_models, list) or not raw_models:
-        raise r.fail("models", "must be a non-empty list of model references or [[models]] tables")
-    models = tuple(r.model(m, f"models[{i}]", method, {}) for i, m in enumerate(raw_models))
+def _build(r: _Reader, tables: Any, text: str, output_dir: str | Path | None) -> Recipe:
+    method: Method = METHODS[tables.method]
+    parameters = schema.given(tables.parameters)
+    given = {p.name: parameters[p.name] for p in method.params if p.name in parameters}
+    model_defaults = {p.name: parameters[p.name] for p in method.model_params if p.name in parameters}
+    models = tuple(r.model(m, f"models[{i}]") for i, m in enumerate(tables.models))
     for i, m in enumerate(models):
         for p in method.model_params:
             if p.default is None and p.name not in m.params and p.name not in model_defaults:
                 raise r.fail(f"models[{i}].{p.name}", f"is required by {method.name}: {p.help}")
-    contract = method.contract
-    if len(models) < contract.min_models or (
-        contract.max_models is not None and len(models) > contract.max_models
-    ):
-        raise r.fail("models", f"{method.name} takes {contract.describe().split('; ')[1]}, got {len(models)}")
     weights = [
-        float(w)  # type: ignore[arg-type]
+        float(w)
         for w in (m.params.get("weight", model_defaults.get("weight", 1.0)) for m in models)
         if not is_schedule(w)
     ]
     if (
         method.name == "linear"
-        and parameters.get("normalize", True)
+        and given.get("normalize", True)
         and len(weights) == len(models)
         and sum(weights) == 0
     ):
@@ -429,85 +296,43 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
             f"{r.path}: parameters.threshold = 1 is read as the fraction 1.0, keeping 100 % of each task vector "
             "(as FusionBench reads it); for 1 percent write 0.01"
         )
+    base = r.model(tables.base, "base") if tables.base is not None else None
+    tokenizer = tables.tokenizer
+    if tokenizer is not None and tokenizer.source not in (None, "base"):
+        tokenizer = r.reference(tokenizer.source, tokenizer.revision, "tokenizer", {})
+    else:
+        tokenizer = None
 
-    base = None
-    if "base" in data:
-        raw_base = data["base"]
-        if isinstance(raw_base, dict):
-            r.check_keys(raw_base, ("source", "revision"), "base.")
-        base = r.model(raw_base, "base", METHODS["simple_average"], {})
-    elif method.needs_base:
-        raise r.fail(
-            "base", f"is required by method {method.name!r}: the model the task vectors are taken from"
-        )
-
-    dtype = r.get(data, "dtype", str, "")
-    if dtype is not None and dtype not in DTYPES:
-        close = difflib.get_close_matches(dtype, DTYPES, n=1)
-        raise r.fail(
-            "dtype",
-            f"unknown dtype {dtype!r}; "
-            + (f"did you mean {close[0]!r}?" if close else f"one of {', '.join(DTYPES)}"),
-        )
-
-    tokenizer_table = r.get(data, "tokenizer", dict, "") or {}
-    r.check_keys(tokenizer_table, ("source", "revision"), "tokenizer.")
-    tokenizer_source = r.get(tokenizer_table, "source", str, "tokenizer.")
-    tokenizer = None
-    if tokenizer_source not in (None, "base"):
-        tokenizer = r.model(tokenizer_table, "tokenizer", METHODS["simple_average"], {})
-
-    out = r.get(data, "output", dict, "") or {}
-    r.check_keys(out, ("dir", "repo", "private", "branch", "create_pr", "max_shard_size", "stats"), "output.")
+    out = tables.output
     if output_dir is not None:
         out_dir = r.path_of(str(output_dir), "--output", Path.cwd())
-    elif r.get(out, "dir", str, "output.") is not None:
-        out_dir = r.path_of(out["dir"], "output.dir")
+    elif out.dir is not None:
+        out_dir = r.path_of(out.dir, "output.dir")
     else:
         out_dir = (Path.cwd() / "outputs" / r.path.stem).resolve()
-    repo = r.get(out, "repo", str, "output.")
-    if repo is not None and (not _REPO_ID.match(repo) or "/" not in repo or "--" in repo or ".." in repo):
-        raise r.fail("output.repo", f'{repo!r} is not a Hub repo id like "your-name/Qwen2.5-1.5B-TIES"')
-    try:
-        max_shard_size = parse_size(out.get("max_shard_size", "5GB"))
-    except ValueError as exc:
-        raise r.fail("output.max_shard_size", str(exc)) from None
-    branch = r.get(out, "branch", str, "output.")
-    create_pr = bool(r.get(out, "create_pr", bool, "output."))
-    if create_pr and branch not in (None, "main"):
+    if out.create_pr and out.branch not in (None, "main"):
         raise r.fail("output.create_pr", "a pull request targets main; drop 'branch' or 'create_pr'")
     output = OutputSpec(
         dir=out_dir,
-        repo=repo,
-        private=r.get(out, "private", bool, "output."),
-        branch=branch,
-        create_pr=create_pr,
-        max_shard_size=max_shard_size,
-        stats=r.get(out, "stats", bool, "output.") is not False,
+        repo=out.repo,
+        private=out.private,
+        branch=out.branch,
+        create_pr=out.create_pr,
+        max_shard_size=out.max_shard_size,
+        stats=out.stats,
+        max_disk=out.max_disk,
     )
 
-    card_table = r.get(data, "card", dict, "") or {}
-    r.check_keys(
-        card_table,
-        ("template", "title", "description", "tags", "language", "license", "license_name", "license_link"),
-        "card.",
-    )
-    template = r.get(card_table, "template", str, "card.")
-    tags = r.get(card_table, "tags", list, "card.") or []
-    language = r.get(card_table, "language", (str, list), "card.") or []
-    language = [language] if isinstance(language, str) else language
-    for key, values in (("tags", tags), ("language", language)):
-        if not all(isinstance(v, str) and v for v in values):
-            raise r.fail(f"card.{key}", "must be a list of non-empty strings")
+    c = tables.card
     card = CardSpec(
-        template=r.path_of(template, "card.template") if template else None,
-        title=r.get(card_table, "title", str, "card."),
-        description=r.get(card_table, "description", str, "card."),
-        tags=tuple(tags),
-        language=tuple(language),
-        license=r.get(card_table, "license", str, "card."),
-        license_name=r.get(card_table, "license_name", str, "card."),
-        license_link=r.get(card_table, "license_link", str, "card."),
+        template=r.path_of(c.template, "card.template") if c.template else None,
+        title=c.title,
+        description=c.description,
+        tags=tuple(c.tags),
+        language=tuple(c.language),
+        license=c.license,
+        license_name=c.license_name,
+        license_link=c.license_link,
     )
     if card.template is not None and not card.template.is_file():
         raise r.fail("card.template", f"no such template file {card.template}")
@@ -525,96 +350,51 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
         models=models,
         base=base,
         tokenizer=tokenizer,
-        dtype=dtype,
+        dtype=tables.dtype,
         output=output,
         card=card,
-        allow_non_finite=bool(r.get(data, "allow_non_finite", bool, "")),
+        allow_non_finite=tables.allow_non_finite,
         warnings=tuple(warnings),
-        **_eval_fields(r, data, base is not None),
+        **_eval_fields(r, tables.eval, base is not None),
     )
 
 
-_EVAL_KEYS = (
-    "tasks",
-    "limit",
-    "num_fewshot",
-    "batch_size",
-    "include_path",
-    "device",
-    "dtype",
-    "sources",
-    "allow_code_execution",
-    "require",
-    "sanity",
-)
-_DEVICE = re.compile(r"^(?:cpu|mps|cuda(?::\d+)?)$")
-_RELATIVE = re.compile(r"^\s*(base|best_source)\s*(?:([+-])\s*(\d+(?:\.\d+)?)\s*)?$")
-
-
-def _requirement(r: _Reader, task: str, value: Any, has_base: bool) -> Requirement:
-    key = f"eval.require.{task}"
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return Requirement(task, str(value), threshold=float(value))
-    match = _RELATIVE.match(value) if isinstance(value, str) else None
-    if match is None:
-        raise r.fail(
-            key,
-            f'must be a score such as 0.40, or "best_source", "best_source - 0.02", "base", "base + 0.01"; got {value!r}',
-        )
-    reference, sign, amount = match.groups()
-    if reference == "base" and not has_base:
-        raise r.fail(key, 'compares with the base, but the recipe has none; use "best_source" or a number')
-    offset = float(amount or 0) * (-1 if sign == "-" else 1)
-    return Requirement(task, " ".join(value.split()), reference=reference, offset=offset)
-
-
-def _eval_fields(r: _Reader, data: Mapping[str, Any], has_base: bool) -> dict[str, Any]:
+def _eval_fields(r: _Reader, table: Any, has_base: bool) -> dict[str, Any]:
     """`Recipe.eval` and `Recipe.sanity` from the `[eval]` table."""
-    table = r.get(data, "eval", dict, "")
     if table is None:
         return {}
-    r.check_keys(table, _EVAL_KEYS, "eval.")
-    sanity = r.get(table, "sanity", bool, "eval.") is not False
-    if set(table) <= {"sanity"}:
-        return {"sanity": sanity}
-    tasks = r.get(table, "tasks", list, "eval.")
-    if not tasks or not all(isinstance(t, str) and t.strip() for t in tasks):
+    if table.model_fields_set <= {"sanity"}:
+        return {"sanity": table.sanity}
+    if table.tasks is None:
         raise r.fail("eval.tasks", 'is required: a non-empty list of lm-eval task names, e.g. ["gsm8k"]')
-    limit = r.get(table, "limit", (int, float), "eval.")
-    if limit is not None and not ((limit >= 1 and float(limit).is_integer()) or 0 < limit < 1):
-        raise r.fail(
-            "eval.limit", f"must be a number of examples (>= 1) or a fraction below 1, got {limit!r}"
-        )
-    num_fewshot = r.get(table, "num_fewshot", int, "eval.")
-    if num_fewshot is not None and num_fewshot < 0:
-        raise r.fail("eval.num_fewshot", f"must be 0 or more, got {num_fewshot}")
-    batch_size = r.get(table, "batch_size", int, "eval.") or 1
-    if batch_size < 1:
-        raise r.fail("eval.batch_size", f"must be 1 or more, got {batch_size}")
-    include = r.get(table, "include_path", str, "eval.")
-    include_path = (r.root / Path(include).expanduser()).resolve() if include else None
+    include_path = (r.root / Path(table.include_path).expanduser()).resolve() if table.include_path else None
     if include_path is not None and not include_path.is_dir():
         raise r.fail("eval.include_path", f"no such folder {include_path} (relative to the recipe)")
-    device = r.get(table, "device", str, "eval.") or "cpu"
-    if not _DEVICE.match(device):
-        raise r.fail("eval.device", f'must be "cpu", "cuda", "cuda:N" or "mps", got {device!r}')
-    dtype = r.get(table, "dtype", str, "eval.") or "auto"
-    if dtype not in ("auto", *DTYPES):
-        raise r.fail("eval.dtype", f"must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
-    require = r.get(table, "require", dict, "eval.") or {}
-    for task in require:
-        if task not in tasks:
-            raise r.fail(f"eval.require.{task}", f"is not one of eval.tasks ({', '.join(tasks)})")
+    require = []
+    for task, value in table.require.items():
+        key = f"eval.require.{task}"
+        if task not in table.tasks:
+            raise r.fail(key, f"is not one of eval.tasks ({', '.join(table.tasks)})")
+        if isinstance(value, float):
+            require.append(Requirement(task, str(value), threshold=value))
+            continue
+        reference, sign, amount = RELATIVE_SCORE.match(value).groups()  # type: ignore[union-attr]
+        if reference == "base" and not has_base:
+            raise r.fail(
+                key, 'compares with the base, but the recipe has none; use "best_source" or a number'
+            )
+        offset = float(amount or 0) * (-1 if sign == "-" else 1)
+        require.append(Requirement(task, value, reference=reference, offset=offset))
     spec = EvalSpec(
-        tasks=tuple(dict.fromkeys(t.strip() for t in tasks)),
-        limit=int(limit) if limit is not None and limit >= 1 else limit,
-        num_fewshot=num_fewshot,
-        batch_size=batch_size,
+        tasks=tuple(dict.fromkeys(t.strip() for t in table.tasks)),
+        limit=table.limit,
+        num_fewshot=table.num_fewshot,
+        batch_size=table.batch_size,
         include_path=include_path,
-        device=device,
-        dtype=dtype,
-        sources=r.get(table, "sources", bool, "eval.") is not False,
-        allow_code_execution=bool(r.get(table, "allow_code_execution", bool, "eval.")),
-        require=tuple(_requirement(r, task, value, has_base) for task, value in require.items()),
+        device=table.device,
+        dtype=table.dtype,
+        sources=table.sources,
+        allow_code_execution=table.allow_code_execution,
+        require=tuple(require),
     )
-    return {"eval": spec, "sanity": sanity}
+    return {"eval": spec, "sanity": table.sanity}
