@@ -12,6 +12,7 @@ import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from .lock import (
 )
 from .output import check_target, disk_full, recover, staged, swap_in
 from .plan import MergePlan, build_plan
-from .publish import check_push_access
+from .publish import ShardUploader, check_push_access
 from .publish import push as publish
 from .recipe import EvalSpec, load_recipe
 from .sanity import SanityReport
@@ -156,6 +157,8 @@ def merge(
     stats: bool = True,
     evaluate: bool = False,
     sanity: bool = True,
+    upload_while_merging: bool = True,
+    delete_uploaded: bool = False,
     log: Log = _stderr,
 ) -> MergeResult:
     """Run a recipe end to end: write the output folder, and with `push=True` publish it to `[output] repo`.
@@ -168,6 +171,12 @@ def merge(
     `evaluate=True` runs the recipe's `[eval]` tasks on the merge (and its sources) before publishing; a merge
     that misses `[eval] require` is written but not pushed (`GateError`). `sanity=False` (or `[eval] sanity =
     false`) skips the quick sanity check (sanity.py).
+
+    When pushing, `upload_while_merging` uploads each shard as soon as it is written, while the merge goes on;
+    the one commit is made once the whole output is uploaded (`publish.ShardUploader`). `delete_uploaded`
+    then deletes each shard from the output folder once it is on the Hub, so that at most two shards are on
+    the disk at a time; the folder keeps the side files and the lock, and no sanity check or evaluation runs
+    (they read the whole model).
     """
     merge_plan = load_plan(recipe_path, output_dir, lock)
     spec = _eval_spec(merge_plan) if evaluate else None
@@ -180,6 +189,22 @@ def merge(
     check_target(directory, merge_plan.output_bytes)
     compute = _device(device)
     publishing = push and merge_plan.recipe.output.repo is not None
+    streaming = publishing and upload_while_merging
+    if delete_uploaded and not streaming:
+        raise HubmergeError(
+            "delete_uploaded deletes shards once they are uploaded, so it needs a push with "
+            "upload_while_merging; without a push the output folder must hold the whole model"
+        )
+    if delete_uploaded and spec is not None:
+        raise HubmergeError(
+            "an evaluation reads the whole merged model from the disk, which delete_uploaded does not keep; "
+            "evaluate without delete_uploaded, or afterwards from the pushed repo"
+        )
+    if delete_uploaded and sanity and merge_plan.recipe.sanity:
+        log(
+            "warning: the sanity check reads the whole merged model, which delete_uploaded does not keep: skipped"
+        )
+        sanity = False
     if publishing:
         check_push_access(merge_plan)
     render_card(merge_plan)  # before any download: an unknown license or a broken template stops here
@@ -187,8 +212,11 @@ def merge(
     needed = merge_plan.output_bytes
     source_hashes: SourceHashes | None = None
     collector = MergeStats(merge_plan) if stats and merge_plan.stats else None
+    uploader: ShardUploader | None = None
     try:
         folders = _fetch_all(merge_plan, quiet)
+        if streaming:
+            uploader = ShardUploader(merge_plan, delete_uploaded=delete_uploaded)
         needed += _side_bytes(merge_plan, folders)
         source_hashes = hash_sources(merge_plan, folders)
         with staged(directory) as staging:
@@ -202,17 +230,25 @@ def merge(
                 collector,
                 spec,
                 sanity and merge_plan.recipe.sanity,
+                uploader,
             )
             files = written.files
-            record = lock_data(merge_plan, folders, staging, files, source_hashes.result(), device)
+            gone = uploader.deleted() if uploader is not None else {}
+            files |= {name: sha for name, (_, sha) in gone.items()}
+            uploaded = {name: size for name, (size, _) in gone.items()}
+            record = lock_data(merge_plan, folders, staging, files, source_hashes.result(), device, uploaded)
             if lock is not None:
                 check_reproduced(Path(lock), record)
             (staging / LOCK_FILE).write_text(json.dumps(record, indent=2) + "\n")
             files[LOCK_FILE] = None
+            if uploader is not None:
+                uploader.wait()  # the shards still uploading are read from the staging folder
             swap_in(staging, directory)
     except BaseException as exc:
         if source_hashes is not None:
             source_hashes.cancel()  # an error or Ctrl-C does not wait for gigabytes to be hashed
+        if uploader is not None:
+            uploader.cancel()  # nothing is committed
         full = disk_full(exc) if isinstance(exc, Exception) else None
         if full is not None:
             raise _no_space(full, directory, needed) from None
@@ -221,10 +257,20 @@ def merge(
     result = MergeResult(merge_plan, directory, tuple(sorted(files)), None, document, evaluation, report)
     if evaluation is not None:
         where = f"it is in {directory} but was not pushed" if publishing else f"the output is in {directory}"
-        _gate(evaluation, where)
+        try:
+            _gate(evaluation, where)
+        except GateError:
+            if uploader is not None:
+                uploader.cancel()  # the shards uploaded so far belong to no commit
+            raise
     if not publishing:
         return result
-    pushed = publish(merge_plan, directory)
+    if uploader is not None:
+        pushed = uploader.finish(directory)
+        if not quiet:
+            log(f"uploaded the shards while merging: {uploader.status()}")
+    else:
+        pushed = publish(merge_plan, directory)
     if not pushed.changed:
         log(f"{merge_plan.recipe.output.repo} already holds exactly this output; no new commit was made")
     return MergeResult(merge_plan, directory, result.files, pushed.url, document, evaluation, report)
@@ -250,8 +296,10 @@ def _write_output(
     collector: MergeStats | None,
     spec: EvalSpec | None,
     sanity: bool,
+    uploader: ShardUploader | None = None,
 ) -> _Written:
-    """Write weights, side files, diagnostics, checks, card and license into `staging`."""
+    """Write weights, side files, diagnostics, checks, card and license into `staging`; hand each shard to
+    `uploader` as soon as it is complete."""
     from tqdm.auto import tqdm
 
     with tqdm(
@@ -261,7 +309,25 @@ def _write_output(
         desc="merging",
         disable=quiet or not sys.stderr.isatty(),
     ) as bar:
-        files = write_weights(plan, folders, staging, compute, bar.update, collector)
+
+        def progress(written: int) -> None:
+            bar.update(written)
+            if uploader is not None:
+                bar.set_postfix_str(uploader.status(), refresh=False)
+
+        on_shard = None
+        if uploader is not None:
+            # TIES may rewrite closed shards once the whole model's majority sign is known (`engine._Patches`):
+            # each shard is uploaded as soon as it is closed but kept until then, and a rewritten one goes up again.
+            trims = plan.recipe.method.trims
+            on_shard = partial(uploader.submit, keep=trims)
+        files = write_weights(plan, folders, staging, compute, progress, collector, on_shard)
+        if uploader is not None and plan.recipe.method.trims:
+            for layout in plan.shards:
+                if files[layout.file] is None:
+                    uploader.submit(staging / layout.file)
+                else:
+                    uploader.release(staging / layout.file)
     files |= dict.fromkeys(_copy_side_files(plan, folders, staging, log))
     document = None
     if collector is not None:
