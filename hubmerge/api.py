@@ -233,6 +233,8 @@ def merge(
                 uploader,
             )
             files = written.files
+            if uploader is not None and delete_uploaded:
+                uploader.wait()  # a shard TIES rewrote may be going up again, to be deleted after
             gone = uploader.deleted() if uploader is not None else {}
             files |= {name: sha for name, (_, sha) in gone.items()}
             uploaded = {name: size for name, (size, _) in gone.items()}

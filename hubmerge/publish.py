@@ -321,9 +321,10 @@ class ShardUploader:
     # --- the upload thread ---------------------------------------------------------------------------------
 
     def _queue(self, path: Path, kind: str) -> None:
+        self._slot.acquire()  # the previous job is done: uploaded, or failed
         if self._error is not None and self.delete_uploaded:
+            self._slot.release()
             raise _hub_failure(self.repo, self._error)
-        self._slot.acquire()
         self._jobs.put((path, kind))
 
     def _work(self) -> None:
