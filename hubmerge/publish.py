@@ -266,6 +266,9 @@ class ShardUploader:
         self.seconds = 0.0  # time spent uploading them
         self._api = HfApi()
         self._created = False
+        # The branch tip when the uploads began: the commit's parent, so that a push landing on the branch
+        # while this run uploads is detected (412) and the commit redone on the new tip.
+        self._tips: list[str | None] = []
         # path in repo -> its CommitOperationAdd, whose content is stored on the Hub
         self._uploaded: dict[str, Any] = {}
         # path in repo -> (size, sha256) of the uploaded files deleted from the disk
@@ -347,6 +350,7 @@ class ShardUploader:
             if not self._created:
                 _create_target(self._api, self.plan)
                 self._created = True
+                self._tips.append(_tip(self._api, self.repo, self.branch))
             start = time.monotonic()
             addition = CommitOperationAdd(path_in_repo=name, path_or_fileobj=path)
             self._api.preupload_lfs_files(
@@ -380,7 +384,7 @@ class ShardUploader:
         )
 
         out = self.plan.recipe.output
-        before = _tip(self._api, self.repo, self.branch)
+        before = self._tips.pop() if self._tips else _tip(self._api, self.repo, self.branch)
         remote = {
             entry.path: entry
             for entry in self._api.list_repo_tree(self.repo, revision=before or self.branch, recursive=True)
