@@ -12,7 +12,6 @@ import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -318,16 +317,14 @@ def _write_output(
                 bar.set_postfix_str(uploader.status(), refresh=False)
 
         on_shard = None
+        trims = plan.recipe.method.trims
         if uploader is not None:
-            # TIES may rewrite closed shards once the whole model's majority sign is known (`engine._Patches`):
-            # each shard is uploaded as soon as it is closed but kept until then, and a rewritten one goes up again.
-            trims = plan.recipe.method.trims
-            on_shard = partial(uploader.submit, keep=trims)
+            on_shard = _ties_upload(plan, uploader) if trims else uploader.submit
         files = write_weights(plan, folders, staging, compute, progress, collector, on_shard)
-        if uploader is not None and plan.recipe.method.trims:
+        if uploader is not None and trims:
             for layout in plan.shards:
-                if files[layout.file] is None:
-                    uploader.submit(staging / layout.file)
+                if files[layout.file] is None or layout is plan.shards[-1]:
+                    uploader.submit(staging / layout.file)  # rewritten by the patch, or held back for it
                 else:
                     uploader.release(staging / layout.file)
     files |= dict.fromkeys(_copy_side_files(plan, folders, staging, log))
@@ -352,6 +349,22 @@ def _write_output(
         shutil.copyfile(folders[id(source)] / name, staging / name)
         files[name] = None
     return _Written(files, document, evaluation, report)
+
+
+def _ties_upload(plan: MergePlan, uploader: ShardUploader) -> Callable[[Path], None]:
+    """The shard hook for TIES, which may rewrite closed shards once the whole model's majority sign is known
+    (`engine._Patches`, right after the last shard): each shard but the last is uploaded as soon as it is
+    closed and kept; the last one waits until no upload reads a shard while the patch may write it. What the
+    patch rewrites goes up again afterwards (`_write_output`)."""
+    last = plan.shards[-1].file
+
+    def on_shard(path: Path) -> None:
+        if path.name == last:
+            uploader.wait()
+        else:
+            uploader.submit(path, keep=True)
+
+    return on_shard
 
 
 @dataclass(frozen=True)
