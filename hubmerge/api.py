@@ -42,7 +42,7 @@ from .lock import (
 )
 from .output import check_target, disk_full, recover, staged, swap_in
 from .plan import MergePlan, build_plan
-from .publish import check_push_access
+from .publish import ShardUploader, check_push_access
 from .publish import push as publish
 from .recipe import EvalSpec, load_recipe
 from .sanity import SanityReport
@@ -156,6 +156,8 @@ def merge(
     stats: bool = True,
     evaluate: bool = False,
     sanity: bool = True,
+    upload_while_merging: bool = True,
+    delete_uploaded: bool = False,
     log: Log = _stderr,
 ) -> MergeResult:
     """Run a recipe end to end: write the output folder, and with `push=True` publish it to `[output] repo`.
@@ -168,6 +170,12 @@ def merge(
     `evaluate=True` runs the recipe's `[eval]` tasks on the merge (and its sources) before publishing; a merge
     that misses `[eval] require` is written but not pushed (`GateError`). `sanity=False` (or `[eval] sanity =
     false`) skips the quick sanity check (sanity.py).
+
+    When pushing, `upload_while_merging` uploads each shard as soon as it is written, while the merge goes on;
+    the one commit is made once the whole output is uploaded (`publish.ShardUploader`). `delete_uploaded`
+    then deletes each shard from the output folder once it is on the Hub, so that at most two shards are on
+    the disk at a time; the folder keeps the side files and the lock, and no sanity check or evaluation runs
+    (they read the whole model).
     """
     merge_plan = load_plan(recipe_path, output_dir, lock)
     spec = _eval_spec(merge_plan) if evaluate else None
@@ -180,6 +188,22 @@ def merge(
     check_target(directory, merge_plan.output_bytes)
     compute = _device(device)
     publishing = push and merge_plan.recipe.output.repo is not None
+    streaming = publishing and upload_while_merging
+    if delete_uploaded and not streaming:
+        raise HubmergeError(
+            "delete_uploaded deletes shards once they are uploaded, so it needs a push with "
+            "upload_while_merging; without a push the output folder must hold the whole model"
+        )
+    if delete_uploaded and spec is not None:
+        raise HubmergeError(
+            "an evaluation reads the whole merged model from the disk, which delete_uploaded does not keep; "
+            "evaluate without delete_uploaded, or afterwards from the pushed repo"
+        )
+    if delete_uploaded and sanity and merge_plan.recipe.sanity:
+        log(
+            "warning: the sanity check reads the whole merged model, which delete_uploaded does not keep: skipped"
+        )
+        sanity = False
     if publishing:
         check_push_access(merge_plan)
     render_card(merge_plan)  # before any download: an unknown license or a broken template stops here
@@ -187,8 +211,11 @@ def merge(
     needed = merge_plan.output_bytes
     source_hashes: SourceHashes | None = None
     collector = MergeStats(merge_plan) if stats and merge_plan.stats else None
+    uploader: ShardUploader | None = None
     try:
         folders = _fetch_all(merge_plan, quiet)
+        if streaming:
+            uploader = ShardUploader(merge_plan, delete_uploaded=delete_uploaded)
         needed += _side_bytes(merge_plan, folders)
         source_hashes = hash_sources(merge_plan, folders)
         with staged(directory) as staging:
@@ -202,17 +229,27 @@ def merge(
                 collector,
                 spec,
                 sanity and merge_plan.recipe.sanity,
+                uploader,
             )
             files = written.files
-            record = lock_data(merge_plan, folders, staging, files, source_hashes.result(), device)
+            if uploader is not None and delete_uploaded:
+                uploader.wait()  # a shard TIES rewrote may be going up again, to be deleted after
+            gone = uploader.deleted() if uploader is not None else {}
+            files |= {name: sha for name, (_, sha) in gone.items()}
+            uploaded = {name: size for name, (size, _) in gone.items()}
+            record = lock_data(merge_plan, folders, staging, files, source_hashes.result(), device, uploaded)
             if lock is not None:
                 check_reproduced(Path(lock), record)
             (staging / LOCK_FILE).write_text(json.dumps(record, indent=2) + "\n")
             files[LOCK_FILE] = None
+            if uploader is not None:
+                uploader.wait()  # the shards still uploading are read from the staging folder
             swap_in(staging, directory)
     except BaseException as exc:
         if source_hashes is not None:
             source_hashes.cancel()  # an error or Ctrl-C does not wait for gigabytes to be hashed
+        if uploader is not None:
+            uploader.cancel()  # nothing is committed
         full = disk_full(exc) if isinstance(exc, Exception) else None
         if full is not None:
             raise _no_space(full, directory, needed) from None
@@ -221,10 +258,20 @@ def merge(
     result = MergeResult(merge_plan, directory, tuple(sorted(files)), None, document, evaluation, report)
     if evaluation is not None:
         where = f"it is in {directory} but was not pushed" if publishing else f"the output is in {directory}"
-        _gate(evaluation, where)
+        try:
+            _gate(evaluation, where)
+        except GateError:
+            if uploader is not None:
+                uploader.cancel()  # the shards uploaded so far belong to no commit
+            raise
     if not publishing:
         return result
-    pushed = publish(merge_plan, directory)
+    if uploader is not None:
+        pushed = uploader.finish(directory)
+        if not quiet:
+            log(f"uploaded the shards while merging: {uploader.status()}")
+    else:
+        pushed = publish(merge_plan, directory)
     if not pushed.changed:
         log(f"{merge_plan.recipe.output.repo} already holds exactly this output; no new commit was made")
     return MergeResult(merge_plan, directory, result.files, pushed.url, document, evaluation, report)
@@ -250,8 +297,10 @@ def _write_output(
     collector: MergeStats | None,
     spec: EvalSpec | None,
     sanity: bool,
+    uploader: ShardUploader | None = None,
 ) -> _Written:
-    """Write weights, side files, diagnostics, checks, card and license into `staging`."""
+    """Write weights, side files, diagnostics, checks, card and license into `staging`; hand each shard to
+    `uploader` as soon as it is complete."""
     from tqdm.auto import tqdm
 
     with tqdm(
@@ -261,7 +310,23 @@ def _write_output(
         desc="merging",
         disable=quiet or not sys.stderr.isatty(),
     ) as bar:
-        files = write_weights(plan, folders, staging, compute, bar.update, collector)
+
+        def progress(written: int) -> None:
+            bar.update(written)
+            if uploader is not None:
+                bar.set_postfix_str(uploader.status(), refresh=False)
+
+        on_shard = None
+        trims = plan.recipe.method.trims
+        if uploader is not None:
+            on_shard = _ties_upload(plan, uploader) if trims else uploader.submit
+        files = write_weights(plan, folders, staging, compute, progress, collector, on_shard)
+        if uploader is not None and trims:
+            for layout in plan.shards:
+                if files[layout.file] is None or layout is plan.shards[-1]:
+                    uploader.submit(staging / layout.file)  # rewritten by the patch, or held back for it
+                else:
+                    uploader.release(staging / layout.file)
     files |= dict.fromkeys(_copy_side_files(plan, folders, staging, log))
     document = None
     if collector is not None:
@@ -284,6 +349,22 @@ def _write_output(
         shutil.copyfile(folders[id(source)] / name, staging / name)
         files[name] = None
     return _Written(files, document, evaluation, report)
+
+
+def _ties_upload(plan: MergePlan, uploader: ShardUploader) -> Callable[[Path], None]:
+    """The shard hook for TIES, which may rewrite closed shards once the whole model's majority sign is known
+    (`engine._Patches`, right after the last shard): each shard but the last is uploaded as soon as it is
+    closed and kept; the last one waits until no upload reads a shard while the patch may write it. What the
+    patch rewrites goes up again afterwards (`_write_output`)."""
+    last = plan.shards[-1].file
+
+    def on_shard(path: Path) -> None:
+        if path.name == last:
+            uploader.wait()
+        else:
+            uploader.submit(path, keep=True)
+
+    return on_shard
 
 
 @dataclass(frozen=True)

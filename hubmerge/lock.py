@@ -140,8 +140,14 @@ def lock_data(
     output_files: Mapping[str, str | None],
     source_hashes: Mapping[Path, str],
     device: str,
+    uploaded: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The lock document; `output_files` maps each output file to its sha256 when already known."""
+    """The lock document; `output_files` maps each output file to its sha256 when already known.
+
+    `uploaded` gives the sizes of output files no longer in `output` (pushed, then deleted to save disk);
+    their sha256 must be in `output_files`.
+    """
+    gone = uploaded or {}
     import torch
 
     sources: dict[str, dict[str, Any]] = {}
@@ -175,7 +181,12 @@ def lock_data(
         "sources": list(sources.values()),
         "output": {
             "files": {
-                f: {"size": (output / f).stat().st_size, "sha256": output_files[f] or file_sha256(output / f)}
+                f: {"size": gone[f], "sha256": output_files[f]}
+                if f in gone
+                else {
+                    "size": (output / f).stat().st_size,
+                    "sha256": output_files[f] or file_sha256(output / f),
+                }
                 for f in sorted(output_files)
             }
         },

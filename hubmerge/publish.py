@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import glob
 import json
+import queue
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,7 @@ from .lock import LOCK_FILE, RECIPE_COPY
 from .plan import MergePlan
 from .sources import LICENSE_FILES, TOKENIZER_FILES
 
-__all__ = ["PushResult", "check_push_access", "push"]
+__all__ = ["PushResult", "ShardUploader", "check_push_access", "push"]
 
 
 @dataclass(frozen=True)
@@ -147,28 +151,30 @@ def _managed_files(api: Any, repo: str, branch: str) -> list[str]:
 _ATTEMPTS = 3  # a branch that moves under us is retried on its new tip this many times
 
 
-def push(plan: MergePlan, folder: Path) -> PushResult:
-    """Create the repo if needed and upload `folder` to its branch or as a pull request.
+def _commit_message(plan: MergePlan) -> str:
+    return f"hubmerge: {plan.recipe.path.name} ({plan.recipe.method.name})"
 
-    The commit names the branch tip it was computed against (deletions included); when someone else
-    pushes in between, the Hub refuses it (412 or 409) and the push is redone on the new tip.
-    """
-    from huggingface_hub import HfApi
+
+def _create_target(api: Any, plan: MergePlan) -> None:
+    out = plan.recipe.output
+    assert out.repo is not None
+    api.create_repo(out.repo, private=out.private, exist_ok=True)
+    if (out.branch or "main") != "main":
+        api.create_branch(out.repo, branch=out.branch, exist_ok=True)
+
+
+def _retrying(plan: MergePlan, push_once: Callable[[], PushResult]) -> PushResult:
+    """`push_once()`, redone on the new tip while the branch moves under it (409/412); errors as one line."""
     from huggingface_hub.errors import HfHubHTTPError
 
-    out = plan.recipe.output
-    repo = out.repo
+    repo = plan.recipe.output.repo
+    branch = plan.recipe.output.branch or "main"
     assert repo is not None
-    api = HfApi()
-    branch = out.branch or "main"
     try:
-        api.create_repo(repo, private=out.private, exist_ok=True)
-        if branch != "main":
-            api.create_branch(repo, branch=branch, exist_ok=True)
         attempt = 1
         while True:
             try:
-                return _push_once(api, plan, folder, repo, branch)
+                return push_once()
             except HfHubHTTPError as exc:
                 moved = exc.response is not None and exc.response.status_code in (409, 412)
                 if not moved:
@@ -185,24 +191,233 @@ def push(plan: MergePlan, folder: Path) -> PushResult:
         raise _hub_failure(repo, exc) from None
 
 
-def _push_once(api: Any, plan: MergePlan, folder: Path, repo: str, branch: str) -> PushResult:
-    from huggingface_hub.errors import RevisionNotFoundError
+def push(plan: MergePlan, folder: Path) -> PushResult:
+    """Create the repo if needed and upload `folder` to its branch or as a pull request.
 
-    out = plan.recipe.output
+    The commit names the branch tip it was computed against (deletions included); when someone else
+    pushes in between, the Hub refuses it (412 or 409) and the push is redone on the new tip.
+    """
+    from huggingface_hub import HfApi
+
+    repo = plan.recipe.output.repo
+    assert repo is not None
+    api = HfApi()
     try:
-        before = api.repo_info(repo, revision=branch).sha
-    except RevisionNotFoundError:
-        before = None
+        _create_target(api, plan)
+    except Exception as exc:
+        raise _hub_failure(repo, exc) from None
+    return _retrying(plan, lambda: _push_once(api, plan, folder, repo, plan.recipe.output.branch or "main"))
+
+
+def _push_once(api: Any, plan: MergePlan, folder: Path, repo: str, branch: str) -> PushResult:
+    out = plan.recipe.output
+    before = _tip(api, repo, branch)
     info = api.upload_folder(
         repo_id=repo,
         folder_path=folder,
         revision=branch,
-        commit_message=f"hubmerge: {plan.recipe.path.name} ({plan.recipe.method.name})",
+        commit_message=_commit_message(plan),
         commit_description=_commit_description(plan),
         create_pr=out.create_pr,
         parent_commit=None if out.create_pr else before,
         delete_patterns=_managed_files(api, repo, before or branch),
     )
+    return _pushed(info, before)
+
+
+def _tip(api: Any, repo: str, branch: str) -> str | None:
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    try:
+        return str(api.repo_info(repo, revision=branch).sha)
+    except RevisionNotFoundError:
+        return None
+
+
+def _pushed(info: Any, before: str | None) -> PushResult:
     if info.pr_url:
         return PushResult(info.pr_url, True)
     return PushResult(info.commit_url, info.oid != before)
+
+
+class ShardUploader:
+    """Upload the output shards to `[output] repo` while the merge writes the next ones; commit once at the end.
+
+    Each shard handed to `submit` goes up as an LFS object (`HfApi.preupload_lfs_files`, Xet when available)
+    on a background thread. An uploaded object belongs to no commit: a run that dies before `finish` leaves
+    the branch as it was, and a rerun finds the identical objects already stored on the Hub. `finish` then
+    makes the one commit from the shards' recorded sha256 and size plus the side files in the output folder:
+    the same files, deletions and message as `push`. The commit needs no shard bytes, so with
+    `delete_uploaded` each shard is deleted locally as soon as it is stored.
+
+    At most one shard waits for or is in upload: `submit` blocks until the previous one is done, so with
+    `delete_uploaded` at most two shards are on the disk (the one uploading and the one being written).
+    """
+
+    def __init__(self, plan: MergePlan, *, delete_uploaded: bool = False) -> None:
+        from huggingface_hub import HfApi
+
+        assert plan.recipe.output.repo is not None
+        self.plan = plan
+        self.repo: str = plan.recipe.output.repo
+        self.branch = plan.recipe.output.branch or "main"
+        self.delete_uploaded = delete_uploaded
+        self.bytes_out = 0  # LFS bytes stored on the Hub so far
+        self.seconds = 0.0  # time spent uploading them
+        self._api = HfApi()
+        self._created = False
+        # The branch tip when the uploads began: the commit's parent, so that a push landing on the branch
+        # while this run uploads is detected (412) and the commit redone on the new tip.
+        self._tips: list[str | None] = []
+        # path in repo -> its CommitOperationAdd, whose content is stored on the Hub
+        self._uploaded: dict[str, Any] = {}
+        # path in repo -> (size, sha256) of the uploaded files deleted from the disk
+        self._deleted: dict[str, tuple[int, str]] = {}
+        self._error: Exception | None = None
+        self._cancelled = threading.Event()
+        self._slot = threading.Semaphore(1)
+        self._jobs: queue.Queue[tuple[Path, str] | None] = queue.Queue()
+        # A daemon: a signal exits the process without waiting for an upload in flight (nothing is committed).
+        self._thread = threading.Thread(target=self._work, name="hubmerge-upload", daemon=True)
+        self._thread.start()
+
+    def submit(self, path: Path, *, keep: bool = False) -> None:
+        """Upload the finished file `path` in the background (again, if it was rewritten since); with
+        `delete_uploaded` and not `keep`, delete it once stored. Blocks while the previous file uploads.
+
+        With `delete_uploaded`, an earlier failed upload is raised here (the disk would fill otherwise);
+        without it, the merge goes on and `finish` reports the failure once the output is written.
+        """
+        self._queue(path, "keep" if keep else "upload")
+
+    def release(self, path: Path) -> None:
+        """Delete `path`, submitted earlier with `keep`, once its upload is done (with `delete_uploaded`)."""
+        if self.delete_uploaded:
+            self._queue(path, "release")
+
+    def wait(self) -> None:
+        """Block until every submitted file is uploaded (or has failed: `finish` raises that)."""
+        self._jobs.join()
+
+    def deleted(self) -> dict[str, tuple[int, str]]:
+        """The uploaded files deleted from the disk: path in repo -> (size, sha256)."""
+        return dict(self._deleted)
+
+    def status(self) -> str:
+        """Bytes out and throughput, for the progress bar."""
+        rate = self.bytes_out / self.seconds / 1e6 if self.seconds else 0.0
+        return f"up {self.bytes_out / 1e6:,.1f} MB at {rate:,.1f} MB/s"
+
+    def cancel(self) -> None:
+        """Stop uploading (what is in flight finishes or fails on its own thread); nothing is committed."""
+        self._cancelled.set()
+        self._jobs.put(None)
+
+    def finish(self, folder: Path) -> PushResult:
+        """Wait for the uploads, upload the side files in `folder`, and make the one commit."""
+        self.wait()
+        self._jobs.put(None)
+        if self._error is not None:
+            raise _hub_failure(self.repo, self._error)
+        return _retrying(self.plan, lambda: self._commit(folder))
+
+    # --- the upload thread ---------------------------------------------------------------------------------
+
+    def _queue(self, path: Path, kind: str) -> None:
+        self._slot.acquire()  # the previous job is done: uploaded, or failed
+        if self._error is not None and self.delete_uploaded:
+            self._slot.release()
+            raise _hub_failure(self.repo, self._error)
+        self._jobs.put((path, kind))
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                if self._error is None and not self._cancelled.is_set():
+                    self._run(*job)
+            except Exception as exc:
+                self._error = exc
+            finally:
+                self._slot.release()
+                self._jobs.task_done()
+        self._jobs.task_done()
+
+    def _run(self, path: Path, kind: str) -> None:
+        from huggingface_hub import CommitOperationAdd
+
+        name = path.name
+        if kind != "release":
+            if not self._created:
+                _create_target(self._api, self.plan)
+                self._created = True
+                self._tips.append(_tip(self._api, self.repo, self.branch))
+            start = time.monotonic()
+            addition = CommitOperationAdd(path_in_repo=name, path_or_fileobj=path)
+            self._api.preupload_lfs_files(
+                self.repo,
+                additions=[addition],
+                revision=self.branch,
+                create_pr=self.plan.recipe.output.create_pr,
+                num_threads=1,
+            )
+            if not addition._is_uploaded:  # the Hub wants it inline: the commit takes it from the folder
+                self._uploaded.pop(name, None)
+                return
+            self.seconds += time.monotonic() - start
+            self.bytes_out += addition.upload_info.size
+            # `preupload_lfs_files` replaced the content by b"": from here on the commit needs only the
+            # sha256 and size it recorded, never the file.
+            self._uploaded[name] = addition
+        stored = self._uploaded.get(name)
+        if self.delete_uploaded and kind != "keep" and stored is not None:
+            path.unlink()
+            self._deleted[name] = (stored.upload_info.size, stored.upload_info.sha256.hex())
+
+    # --- the commit ----------------------------------------------------------------------------------------
+
+    def _commit(self, folder: Path) -> PushResult:
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+        from huggingface_hub.hf_api import RepoFile
+        from huggingface_hub.utils import (  # type: ignore[attr-defined]  # lazily exported
+            DEFAULT_IGNORE_PATTERNS,
+            filter_repo_objects,
+        )
+
+        out = self.plan.recipe.output
+        before = self._tips.pop() if self._tips else _tip(self._api, self.repo, self.branch)
+        remote = {
+            entry.path: entry
+            for entry in self._api.list_repo_tree(self.repo, revision=before or self.branch, recursive=True)
+            if isinstance(entry, RepoFile)
+        }
+        local = {p.relative_to(folder).as_posix(): p for p in sorted(folder.glob("**/*")) if p.is_file()}
+        names = sorted(
+            set(filter_repo_objects(local, ignore_patterns=DEFAULT_IGNORE_PATTERNS)) | set(self._uploaded)
+        )
+        additions = []
+        for name in names:
+            addition = self._uploaded.get(name)
+            if addition is None:
+                additions.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=local[name]))
+                continue
+            # Stored already: the commit names it by sha256 and size. What the branch holds now decides
+            # whether it changes anything (an identical re-push makes no commit).
+            lfs = remote[name].lfs if name in remote else None
+            addition._remote_oid = lfs.sha256 if lfs is not None else None
+            additions.append(addition)
+        managed = _managed_files(self._api, self.repo, before or self.branch)
+        deletions = [
+            CommitOperationDelete(path_in_repo=path, is_folder=False)
+            for path in filter_repo_objects(sorted(remote), allow_patterns=managed)
+            if path != ".gitattributes" and path not in set(names)
+        ]
+        info = self._api.create_commit(
+            self.repo,
+            operations=[*deletions, *additions],
+            commit_message=_commit_message(self.plan),
+            commit_description=_commit_description(self.plan),
+            revision=self.branch,
+            create_pr=out.create_pr,
+            parent_commit=None if out.create_pr else before,
+        )
+        return _pushed(info, before)

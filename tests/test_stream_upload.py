@@ -1,0 +1,266 @@
+"""Streaming output to the Hub (`publish.ShardUploader`): each shard goes up as soon as it is closed, while
+the merge writes the next, and one commit is made once everything is uploaded. Real processes against the
+local Hub in `hubserver.py`.
+
+The order of events is read from the Hub's request log, never from timing: a helper process wraps the
+engine's `on_shard` hook so that each shard closing also sends a marker request (`/hook/closed/NAME`) to
+the Hub, which the log places among the upload requests, and records which shards were on the disk then.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_state_dict, run_cli, write_checkpoint
+from hubserver import LocalHub
+from test_faults import _start
+from test_hub import TOKEN, hub_env
+from test_slices import cancelling_pool
+
+SUMMARY = "hubmerge: recipe.toml (task_arithmetic)"
+RECIPE = (
+    'method = "task_arithmetic"\nbase = "./base"\nmodels = ["./a", "./b"]\n'
+    '[output]\nrepo = "{repo}"\nmax_shard_size = "8KB"\n'
+)
+
+# Runs `hubmerge.merge` with a push, the engine's shard hook traced (see the module docstring); prints the
+# shards closed (with the shards on the disk at that moment) and the commit URL, or the error line.
+TRACED_MERGE = """
+import json, sys, urllib.error, urllib.request
+import hubmerge.api as api
+from hubmerge.errors import HubmergeError
+
+recipe, out, hub, options = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+write_weights, events = api.write_weights, []
+
+def traced(plan, folders, directory, device, progress, stats=None, on_shard=None):
+    def hook(path):
+        before = sorted(p.name for p in directory.glob("*.safetensors"))
+        try:
+            urllib.request.urlopen(f"{hub}/hook/closed/{path.name}")
+        except urllib.error.HTTPError:
+            pass  # a 404: the request is in the Hub's log, which is all it is for
+        if on_shard is not None:
+            on_shard(path)
+        after = sorted(p.name for p in directory.glob("*.safetensors"))
+        events.append({"closed": path.name, "before": before, "after": after})
+    return write_weights(plan, folders, directory, device, progress, stats, hook)
+
+api.write_weights = traced
+try:
+    result = api.merge(recipe, output_dir=out, push=True, quiet=True, log=lambda _: None, **options)
+except HubmergeError as exc:
+    print(json.dumps({"events": events, "error": str(exc)}))
+    sys.exit(exc.exit_code)
+print(json.dumps({"events": events, "url": result.commit_url}))
+"""
+
+
+@pytest.fixture(scope="module")
+def hub() -> Iterator[LocalHub]:
+    with LocalHub() as server:
+        server.add_user("user", TOKEN)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three tiny local checkpoints and, in `reference/`, their merge written without any push."""
+    folder = tmp_path_factory.mktemp("pool")
+    for name, seed in (("base", 0), ("a", 1), ("b", 2)):
+        write_checkpoint(folder / name, random_state_dict(seed))
+    recipe = _recipe(folder, "user/unused")
+    assert run_cli(recipe, "--no-push", "--output", folder / "reference", "-q").returncode == 0
+    return folder
+
+
+def _recipe(folder: Path, repo: str, text: str = RECIPE) -> Path:
+    (folder / "recipe.toml").write_text(text.format(repo=repo))
+    return folder / "recipe.toml"
+
+
+def _traced(hub: LocalHub, recipe: Path, out: Path, **options: bool) -> tuple[int, dict]:
+    done = subprocess.run(
+        [sys.executable, "-c", TRACED_MERGE, recipe, out, hub.url, json.dumps(options)],
+        env={**os.environ, **hub_env(hub, out.parent / "home")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.stdout, done.stderr
+    return done.returncode, json.loads(done.stdout.splitlines()[-1])
+
+
+def _shards(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("model-*.safetensors"))}
+
+
+def _log(hub: LocalHub, since: int) -> list[tuple[str, str, int]]:
+    return [(r.method, r.path, r.status) for r in hub.requests[since:]]
+
+
+def test_shards_go_up_while_merging_and_one_commit_equals_a_plain_push(pool: Path, tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, "user/merged", RECIPE.replace("./", f"{pool}/"))
+    # The same recipe pushed the way it was before streaming, to another Hub: the reference commit.
+    with LocalHub() as plain_hub:
+        plain_hub.add_user("user", TOKEN)
+        code, plain = _traced(plain_hub, recipe, tmp_path / "plain" / "out", upload_while_merging=False)
+        assert code == 0, plain
+        assert all(e["before"] == e["after"] for e in plain["events"])  # nothing left during the merge
+        plain_files, plain_commits = plain_hub.files("user/merged"), plain_hub.commits("user/merged")
+
+    with LocalHub() as hub:
+        hub.add_user("user", TOKEN)
+        code, streamed = _traced(hub, recipe, tmp_path / "streamed" / "out")
+        assert code == 0, streamed
+        log = _log(hub, 0)
+        files, commits = hub.files("user/merged"), hub.commits("user/merged")
+
+    shards = sorted(_shards(pool / "reference"))
+    assert len(shards) >= 4
+    assert [e["closed"] for e in streamed["events"]] == shards
+    # The first shard was stored on the Hub before the last one was even written.
+    puts = [i for i, (method, path, status) in enumerate(log) if method == "PUT" and "/lfs-upload/" in path]
+    closed = {
+        path.rsplit("/", 1)[1]: i for i, (_, path, _) in enumerate(log) if path.startswith("/hook/closed/")
+    }
+    assert puts[0] < closed[shards[-1]]
+    assert len(puts) == len(shards)  # each shard once; the side files are small, inline in the commit
+    # One commit, after every upload, with exactly the files and bytes of the plain push.
+    commit_posts = [i for i, (method, path, _) in enumerate(log) if method == "POST" and "/commit/" in path]
+    assert len(commit_posts) == 1 and commit_posts[0] > max(puts)
+    assert [c.summary for c in commits] == [c.summary for c in plain_commits] and commits[
+        0
+    ].summary == SUMMARY
+    assert len(commits) == 2  # the repo's first commit (.gitattributes), then the merge
+    assert files == plain_files
+    assert {name: files[name] for name in shards} == _shards(pool / "reference")
+    # The local output is complete, as without streaming.
+    assert _shards(tmp_path / "streamed" / "out") == _shards(pool / "reference")
+
+
+def test_delete_uploaded_keeps_two_shards_on_disk_and_commits_from_hashes_alone(
+    hub: LocalHub, pool: Path, tmp_path: Path
+) -> None:
+    """The commit is made after every shard was deleted locally: it needs only their sha256 and size."""
+    recipe = _recipe(tmp_path, "user/small-disk", RECIPE.replace("./", f"{pool}/"))
+    out = tmp_path / "out"
+    code, result = _traced(hub, recipe, out, delete_uploaded=True)
+    assert code == 0, result
+    events = result["events"]
+    assert len(events) >= 4
+    assert max(len(e["before"]) for e in events) <= 2  # the shard just closed, and the one uploading
+    assert all(len(e["after"]) <= 1 for e in events)  # the previous one is stored, then deleted
+    assert any(len(e["before"]) == 2 for e in events)  # the upload really overlapped the merge
+    files = hub.files("user/small-disk")
+    reference = _shards(pool / "reference")
+    assert {name: files[name] for name in reference} == reference
+    # The folder keeps the side files and a lock recording the shards it no longer holds.
+    assert _shards(out) == {}
+    lock = json.loads((out / "hubmerge.lock.json").read_text())
+    ref_lock = json.loads((pool / "reference" / "hubmerge.lock.json").read_text())
+    assert {n: lock["output"]["files"][n] for n in reference} == {
+        n: ref_lock["output"]["files"][n] for n in reference
+    }
+    assert files["hubmerge.lock.json"] == (out / "hubmerge.lock.json").read_bytes()
+    # A rerun takes that folder for its own output, and an identical result makes no new commit.
+    commits = len(hub.commits("user/small-disk"))
+    code, again = _traced(hub, recipe, out, delete_uploaded=True)
+    assert code == 0, again
+    assert len(hub.commits("user/small-disk")) == commits
+
+
+def test_ties_shards_rewritten_by_the_negative_majority_patch_are_uploaded_again(
+    hub: LocalHub, tmp_path: Path
+) -> None:
+    cancelling_pool(tmp_path, majority=-1, dtype=torch.float32)
+    text = (
+        'method = "ties"\nbase = "models/base"\nmodels = ["models/a", "models/b"]\n'
+        '[parameters]\nscaling_factor = 1.0\nthreshold = 100\n[output]\nrepo = "user/ties"\nmax_shard_size = "8KB"\n'
+    )
+    recipe = _recipe(tmp_path, "user/ties", text)
+    assert run_cli(recipe, "--no-push", "--output", tmp_path / "reference", "-q").returncode == 0
+    reference = _shards(tmp_path / "reference")
+    assert len(reference) >= 4
+    since = len(hub.requests)
+    code, result = _traced(hub, recipe, tmp_path / "out", delete_uploaded=True)
+    assert code == 0, result
+    log = _log(hub, since)
+    puts = [i for i, (method, path, _) in enumerate(log) if method == "PUT" and "/lfs-upload/" in path]
+    closed = [i for i, (_, path, _) in enumerate(log) if path.startswith("/hook/closed/")]
+    assert puts[0] < closed[-1]  # uploads still overlap the merge
+    assert len(puts) > len(reference)  # the patched shards went up a second time, after the patch
+    files = hub.files("user/ties")
+    assert {name: files[name] for name in reference} == reference
+    assert _shards(tmp_path / "out") == {}  # deleted once their final version was stored
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+@pytest.mark.parametrize(
+    ("moment", "hold"),
+    [
+        ("mid-merge, first shard uploading", ("/info/lfs/objects/batch", "POST")),
+        ("merge done, side files going up", ("/api/validate-yaml", "POST")),
+    ],
+    ids=["during-merge", "during-final-upload"],
+)
+def test_a_run_killed_while_streaming_leaves_no_commit_and_a_rerun_makes_exactly_one(
+    hub: LocalHub, pool: Path, tmp_path: Path, signum: int, moment: str, hold: tuple[str, str]
+) -> None:
+    repo = f"user/killed-{signum}-{'merge' if moment.startswith('mid') else 'final'}"
+    hub.create_repo(repo)
+    recipe = _recipe(tmp_path, repo, RECIPE.replace("./", f"{pool}/"))
+    before = len(hub.commits(repo))
+    held = hub.hold_next(hold[0], method=hold[1])
+    process = _start(recipe, "--output", tmp_path / "out", "-q", env=hub_env(hub, tmp_path))
+    try:
+        assert held.arrived.wait(120), moment
+        process.send_signal(signum)
+        process.communicate(timeout=60)
+    finally:
+        held.release.set()
+    assert process.returncode == (-signal.SIGKILL if signum == signal.SIGKILL else 143)
+    assert len(hub.commits(repo)) == before
+    if moment.startswith("mid"):
+        assert not (tmp_path / "out").exists()
+    else:  # the local output was complete before the push began, as without streaming
+        assert _shards(tmp_path / "out") == _shards(pool / "reference")
+
+    rerun = run_cli(recipe, "--output", tmp_path / "out", "-q", env=hub_env(hub, tmp_path))
+    assert rerun.returncode == 0, rerun.stderr
+    commits = hub.commits(repo)
+    assert len(commits) == before + 1 and commits[0].summary == SUMMARY
+    local = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    assert {name: data for name, data in hub.files(repo).items() if name != ".gitattributes"} == local
+
+
+def test_an_upload_cut_mid_way_stops_the_merge_with_one_line_and_no_commit(
+    hub: LocalHub, tmp_path: Path
+) -> None:
+    for name, seed in (("base", 10), ("a", 11), ("b", 12)):  # weights no earlier test stored on this Hub
+        write_checkpoint(tmp_path / name, random_state_dict(seed))
+    hub.create_repo("user/cut-stream")
+    recipe = _recipe(tmp_path, "user/cut-stream")
+    before = len(hub.commits("user/cut-stream"))
+    hub.drop_next(50, path_contains="/lfs-upload/", method="PUT")  # more than the client's retries
+    try:
+        code, result = _traced(hub, recipe, tmp_path / "out", delete_uploaded=True)
+    finally:
+        hub._faults.clear()
+    assert code == 6
+    first = result["events"][0]["closed"]
+    assert result["error"] == (
+        f"pushing to user/cut-stream failed (RuntimeError: Error while uploading '{first}' to the Hub.); "
+        "re-run to retry"
+    )
+    assert len(result["events"]) <= 3  # the merge stopped instead of filling the disk
+    assert len(hub.commits("user/cut-stream")) == before
+    assert not (tmp_path / "out").exists()
