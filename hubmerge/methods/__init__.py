@@ -8,7 +8,7 @@ here plus its tests.
 
 from __future__ import annotations
 
-from . import linear, simple_average, task_arithmetic, ties
+from . import karcher, linear, model_stock, multislerp, nuslerp, simple_average, slerp, task_arithmetic, ties
 from .base import Contract, Method, Param, Reduce, Select, Slice, Stats, uniform
 from .ties import TiesChunk, ties_keep_count
 
@@ -35,6 +35,11 @@ METHODS: dict[str, Method] = {
         linear,
         task_arithmetic,
         ties,
+        slerp,
+        nuslerp,
+        multislerp,
+        karcher,
+        model_stock,
     )
 }
 

@@ -174,6 +174,10 @@ class Reduce:
     step: Callable[[Slice, Stats, Any], Any]
     scope: Literal["tensor", "model"] = "tensor"
     when: Callable[[Mapping[str, Any]], bool] | None = None  # on for these global parameters (None: always)
+    # A tensor-scope pass that only some tensors need (a per-row quantity is local to a slice, except on a
+    # 1-D tensor, which is one row): on for tensors of these shapes (None: every tensor). The others are
+    # not read for it, and their merge step finds no entry under `name` in its stats.
+    shapes: Callable[[tuple[int, ...]], bool] | None = None
 
 
 @dataclass(frozen=True)
