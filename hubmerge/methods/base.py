@@ -234,8 +234,9 @@ class Method:
         return tuple(p for p in self.passes if p.when is None or p.when(params))
 
     def reads(self, params: Mapping[str, Setting]) -> int:
-        """How many times the engine reads every input byte: once per pass, plus the merge (a selection
-        that its sample does not settle reads twice more, see `selection.py`)."""
+        """How many times the engine reads every input byte, at most: once per pass (a pass limited by
+        `Reduce.shapes` reads only those tensors), plus the merge (a selection that its sample does not
+        settle reads twice more, see `selection.py`)."""
         return 1 + len(self.active_passes(params))
 
     def param(self, name: str) -> Param:

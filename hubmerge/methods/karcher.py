@@ -38,6 +38,7 @@ def coefficients(g: Tensor, max_iter: int, tol: float) -> Tensor:
     """k with Σ kᵢ θᵢ the Karcher mean, from the float64 Gram matrix `g` of the n inputs."""
     import torch
 
+    g = g.cpu()
     n = g.shape[0]
     norms = g.diagonal().sqrt()
     valid = [i for i in range(n) if norms[i] > tol]
@@ -103,6 +104,7 @@ METHOD = Method(
     mergekit="karcher",
     notes="Equal weights; the base is not an input (mergekit adds a `base_model` to the inputs: list it among "
     "the models to get the same merge). The iteration runs in float64 on the n×n Gram matrix of the models, "
-    "summed slice by slice; mergekit iterates on float32 tensors. Outputs match mergekit's to a relative 1e-5 "
-    "in float32 (tested), 1 ulp in bf16.",
+    "summed slice by slice; mergekit iterates on float32 tensors, rounding every iterate. Measured at most 5 "
+    "ulp of a tensor's largest value from mergekit's float32 outputs (hubmerge 1.1 ulp from a float64 "
+    "computation, mergekit 4.2); tested: within 1e-6 × the tensor's largest value (float32), 1 ulp (bf16).",
 )
