@@ -346,6 +346,15 @@ def test_nuslerp_zero_weights_and_zero_task_vectors_give_no_nan(tmp_path):
     assert_matches(got, want, torch.float32)
 
 
+@pytest.mark.parametrize("mode", list(NUSLERP_MODES))
+def test_nuslerp_of_identical_task_vectors_takes_the_collinear_branch(tmp_path, mode):
+    _, models = family(tmp_path, torch.float32, False)
+    got = merge(tmp_path, recipe("nuslerp", True, [("m0", 0.3), ("m0", 0.7)], NUSLERP_MODES[mode]))
+    # cos Ω = 1: (1 − t)·τ + t·τ, never sin 0 / sin 0.
+    for k, v in models[0].items():
+        assert torch.allclose(got[k], v, rtol=0, atol=1e-6), k
+
+
 def test_nuslerp_per_row_reads_only_1d_tensors_twice(tmp_path, monkeypatch):
     """Rows are whole in a slice: the pass runs only on 1-D tensors (one vector across slices)."""
     family(tmp_path, torch.float32, False)
@@ -397,6 +406,12 @@ def test_multislerp_of_identical_models_returns_the_model(tmp_path):
     got = merge(tmp_path, recipe("multislerp", False, [("base", 1.0), ("base", 2.0)]))
     for k, v in base.items():
         assert torch.allclose(got[k], v, rtol=1e-6, atol=1e-7), k
+
+
+def test_multislerp_of_one_model_returns_it_without_the_base(tmp_path):
+    _, models = family(tmp_path, torch.float32, False)
+    got = merge(tmp_path, recipe("multislerp", True, [("m2", 0.5)]))
+    assert all(torch.equal(got[k], v) for k, v in models[2].items())
 
 
 def test_multislerp_all_zero_task_vectors_fall_back_for_two_and_fail_for_three(tmp_path):
