@@ -263,6 +263,22 @@ def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, small: bool)
     return merge_small_slices(tmp_path, monkeypatch, text) if small else merge(tmp_path, text)
 
 
+def test_gram_in_blocks_is_the_float64_inner_products_per_tensor_row_and_column(monkeypatch):
+    monkeypatch.setattr(sphere, "_BLOCK", 5)  # 7-element rows: one row per block, the tensor in 9 blocks
+    g = torch.Generator().manual_seed(3)
+    vectors = [torch.randn(6, 7, generator=g) for _ in range(3)]
+    x = torch.stack([v.double() for v in vectors])
+    want = {
+        "tensor": x.flatten(1) @ x.flatten(1).T,
+        "vector": torch.einsum("irc,jrc->rij", x, x),
+        "column": torch.einsum("irc,jrc->cij", x, x),
+    }
+    for scope, expected in want.items():
+        got = sphere.gram(vectors, (6, 7), scope)  # type: ignore[arg-type]
+        assert got.dtype == torch.float64 and got.shape == expected.shape, scope
+        assert torch.allclose(got, expected, rtol=1e-12, atol=0), scope
+
+
 # --- slerp -----------------------------------------------------------------------------------------------
 
 

@@ -37,17 +37,36 @@ def gram(vectors: Sequence[Tensor], shape: tuple[int, ...], scope: Scope) -> Ten
 
     `tensor`: (n, n) over all elements. `vector`: (k, n, n), one per vector along the last dimension (the
     rows of a matrix, the whole of a 1-D tensor). `column`: (c, n, n), one per position in a row (the
-    columns of a matrix, summed over the slice's rows).
+    columns of a matrix, summed over the slice's rows). The float64 copies are made about `_BLOCK`
+    elements per input at a time, so the scratch stays small beside the slice.
     """
     import torch
 
-    x = torch.stack([v.reshape(-1) for v in vectors]).to(torch.float64)
+    n = len(vectors)
     if scope == "tensor":
-        return x @ x.T
-    length = shape[-1] if scope == "vector" and shape else _row_size(shape)
-    x = x.view(len(vectors), -1, length)
-    x = x.permute(1, 0, 2) if scope == "vector" else x.permute(2, 0, 1)
-    return torch.bmm(x, x.transpose(1, 2))
+        flat = [v.reshape(-1) for v in vectors]
+        total = torch.zeros((n, n), dtype=torch.float64, device=flat[0].device)
+        for first in range(0, flat[0].numel(), _BLOCK):
+            x = torch.stack([v[first : first + _BLOCK] for v in flat]).to(torch.float64)
+            total += x @ x.T
+        return total
+    length = (shape[-1] if shape else 1) if scope == "vector" else _row_size(shape)
+    rows = [v.reshape(-1, length) for v in vectors]
+    step = max(1, _BLOCK // length)
+    blocks = []
+    for first in range(0, rows[0].shape[0], step):
+        x = torch.stack([r[first : first + step] for r in rows]).to(torch.float64)  # (n, rows, length)
+        x = x.permute(1, 0, 2) if scope == "vector" else x.permute(2, 0, 1)
+        blocks.append(torch.bmm(x, x.transpose(1, 2)))
+    if scope == "vector":
+        return torch.cat(blocks)
+    total = blocks[0]
+    for block in blocks[1:]:
+        total += block
+    return total
+
+
+_BLOCK = 1 << 20  # elements per model converted to float64 at a time
 
 
 def _row_size(shape: tuple[int, ...]) -> int:
