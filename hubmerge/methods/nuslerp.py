@@ -55,11 +55,12 @@ def slerp(t: float, v: list[Tensor], g: Tensor, view: tuple[int, int], per: str)
     import torch
 
     a, b, sin_omega, collinear = slerp_coefficients(t, g, v[0].dtype)
+    any_collinear = bool(collinear.any())
     shape = {"tensor": (1, 1), "row": (-1, 1), "column": (1, -1)}[per]
     a, b, sin_omega, collinear = (x.view(shape).to(v[0].device) for x in (a, b, sin_omega, collinear))
     v1, v2 = (x.reshape(view) for x in v)
     result = (a * v1).add_(b * v2).div_(sin_omega)
-    return torch.where(collinear, (1 - t) * v1 + t * v2, result)
+    return torch.where(collinear, (1 - t) * v1 + t * v2, result) if any_collinear else result
 
 
 def _flat(params: Mapping[str, Any]) -> bool:
