@@ -154,11 +154,12 @@ ROWS: list[tuple[str, str, str, Setup, dict[str, str], int, str]] = [
     (
         "unknown method",
         "recipe.toml",
-        'method = "slerp"\nbase = "./base"\nmodels = ["./a", "./b"]\n',
+        'method = "fisher_merging"\nbase = "./base"\nmodels = ["./a", "./b"]\n',
         _nothing,
         {},
         2,
-        "unknown method 'slerp'; known methods: simple_average, linear, task_arithmetic, ties",
+        "unknown method 'fisher_merging'; known methods: simple_average, linear, task_arithmetic, ties, slerp, "
+        "nuslerp, multislerp, karcher, model_stock",
     ),
     (
         "parameter the method does not take",

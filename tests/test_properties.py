@@ -190,7 +190,7 @@ def param_values(name: str) -> st.SearchStrategy[Any]:
     declared = [p for m in METHODS.values() for p in (*m.params, *m.model_params) if p.name == name]
     near: list[Any] = []
     for p in declared:
-        near += [p.default, *p.choices]
+        near += [*([] if p.default is None else [p.default]), *p.choices]  # None: a required parameter
         for bound in (p.minimum, p.maximum):
             if bound is not None:
                 near += [bound, bound - 1e-9, bound + 1e-9, int(bound)]
@@ -200,9 +200,13 @@ def param_values(name: str) -> st.SearchStrategy[Any]:
 def valid_param(p: Any) -> st.SearchStrategy[Any]:
     if p.choices:
         return st.sampled_from(p.choices)
+    if p.type is bool:
+        return st.booleans()
     low = -4.0 if p.minimum is None else p.minimum
     high = 4.0 if p.maximum is None else p.maximum
-    return st.floats(low, high, allow_nan=False) | st.integers(int(low), int(high)) | st.just(p.default)
+    integers = st.integers(int(low), int(high))
+    numbers = integers if p.type is int else st.floats(low, high, allow_nan=False) | integers
+    return numbers if p.default is None else numbers | st.just(p.default)
 
 
 @st.composite

@@ -15,9 +15,14 @@ from . import (
     dare_ties,
     della,
     della_linear,
+    karcher,
     linear,
     mergekit_ties,
+    model_stock,
+    multislerp,
+    nuslerp,
     simple_average,
+    slerp,
     task_arithmetic,
     ties,
 )
@@ -54,6 +59,11 @@ METHODS: dict[str, Method] = {
         breadcrumbs_ties,
         della,
         della_linear,
+        slerp,
+        nuslerp,
+        multislerp,
+        karcher,
+        model_stock,
     )
 }
 

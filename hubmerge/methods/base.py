@@ -176,6 +176,10 @@ class Reduce:
     step: Callable[[Slice, Stats, Any], Any]
     scope: Literal["tensor", "model"] = "tensor"
     when: When | None = None  # None: always
+    # A tensor-scope pass that only some tensors need (a per-row quantity is local to a slice, except on a
+    # 1-D tensor, which is one row): on for tensors of these shapes (None: every tensor). The others are
+    # not read for it, and their merge step finds no entry under `name` in its stats.
+    shapes: Callable[[tuple[int, ...]], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -237,8 +241,9 @@ class Method:
         return tuple(p for p in self.passes if p.when is None or p.when(params, models))
 
     def reads(self, params: Mapping[str, Setting], models: Sequence[Mapping[str, Setting]]) -> int:
-        """How many times the engine reads every input byte: once per pass, plus the merge (a selection
-        that its sample does not settle reads twice more, see `selection.py`)."""
+        """How many times the engine reads every input byte, at most: once per pass (a pass limited by
+        `Reduce.shapes` reads only those tensors), plus the merge (a selection that its sample does not
+        settle reads twice more, see `selection.py`)."""
         return 1 + len(self.active_passes(params, models))
 
     def param(self, name: str) -> Param:
