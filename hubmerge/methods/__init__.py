@@ -8,7 +8,7 @@ here plus its tests.
 
 from __future__ import annotations
 
-from . import linear, simple_average, task_arithmetic, ties
+from . import linear, nearswap, passthrough, sce, simple_average, task_arithmetic, ties
 from .base import Contract, Method, Param, Reduce, Select, Slice, Stats, uniform
 from .ties import TiesChunk, ties_keep_count
 
@@ -35,6 +35,9 @@ METHODS: dict[str, Method] = {
         linear,
         task_arithmetic,
         ties,
+        nearswap,
+        passthrough,
+        sce,
     )
 }
 
