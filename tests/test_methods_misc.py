@@ -258,3 +258,46 @@ def test_passthrough_takes_exactly_one_model(tmp_path):
     pool(tmp_path, "f32-tied", count=3)
     with pytest.raises(RecipeError, match=r"models: passthrough takes exactly 1 model, got 2"):
         merge(tmp_path, 'method = "passthrough"\nmodels = ["models/math", "models/code"]\n')
+
+
+# --- what the card says of them, from their own files --------------------------------------------------------
+
+
+def test_sce_card_cites_its_paper_and_explains_its_symbols(tmp_path):
+    from hubmerge.api import load_plan
+    from hubmerge.card import render_card
+
+    pool(tmp_path, "f32-tied")
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('method = "sce"\n' + POOL + "[parameters]\nselect_topk = [0.2, 0.6]\n")
+    card = render_card(load_plan(recipe))
+    assert (
+        "**SCE merging** (`sce`), from Wan et al. 2024, *FuseChat: Knowledge Fusion of Chat Models*" in card
+    )
+    assert "mᵢ: the sign-agreement mask of model i" in card and "τᵢ: the task vector θᵢ − θ_base" in card
+    assert "`top_k` keeps, in every task vector" in card
+    assert "| `select_topk` | [0.2, 0.6] |" in card
+    assert "@misc{wan2024fusechat," in card and "eprint={2408.07990}" in card
+
+
+def test_nearswap_and_passthrough_cards_name_their_parameters_and_no_paper(tmp_path):
+    from hubmerge.api import load_plan
+    from hubmerge.card import render_card
+
+    pool(tmp_path, "f32-tied", count=2)
+    recipe = tmp_path / "nearswap.toml"
+    recipe.write_text(
+        'method = "nearswap"\nbase = "models/base"\nmodels = ["models/math"]\n[parameters]\nt = 0.01\n'
+    )
+    card = render_card(load_plan(recipe))
+    assert "**NearSwap** (`nearswap`):" in card
+    assert (
+        "where θ: the merged parameters; θ_base: the parameters of the base; t: `t`; θ₁: the parameters of the model"
+        in card
+    )
+    assert "| `t` | 0.01 |" in card
+    recipe = tmp_path / "passthrough.toml"
+    recipe.write_text('method = "passthrough"\nmodels = ["models/math"]\n[parameters]\nscale = 0.5\n')
+    card = render_card(load_plan(recipe))
+    assert "sᵢ: the `scale` of model i" in card
+    assert "| model | `models/math` | local folder | apache-2.0 | scale = 0.5 |" in card

@@ -40,5 +40,6 @@ METHOD = Method(
     ),
     mergekit="nearswap",
     symbols=(("θ₁", "the parameters of the model"), ("w", "the model's per-element weight")),
-    notes="From Alchemonaut's QuartetAnemoi-70B model card; no paper.",
+    notes="No paper: the method comes from Alchemonaut's model card "
+    "(https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001), as mergekit cites it.",
 )
