@@ -301,3 +301,14 @@ def test_nearswap_and_passthrough_cards_name_their_parameters_and_no_paper(tmp_p
     card = render_card(load_plan(recipe))
     assert "sᵢ: the `scale` of model i" in card
     assert "| model | `models/math` | local folder | apache-2.0 | scale = 0.5 |" in card
+
+
+def test_passthrough_of_its_one_model_is_not_warned_about_as_a_copy(tmp_path):
+    from hubmerge.recipe import load_recipe
+
+    pool(tmp_path, "f32-tied", count=2)
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('method = "passthrough"\nmodels = ["models/math"]\n')
+    assert load_recipe(recipe).warnings == ()
+    recipe.write_text('method = "linear"\nmodels = ["models/math"]\n')
+    assert any("writes a copy" in w for w in load_recipe(recipe).warnings)
