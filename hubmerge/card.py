@@ -20,8 +20,9 @@ Template context (every variable is always defined):
     metadata       dict   the same metadata as a mapping
     title          str    `[card] title`, or the output repo name, or the recipe file name
     description    str    `[card] description`, or a one-paragraph summary
-    method         dict   name, title, formula, legend (list of "symbol: meaning"), paper (dict or None:
-                          id, cite, title, url)
+    method         dict   name, title, formula, legend (list of "symbol: meaning"), description (a paragraph
+                          on what the formula's operations do, or ""), uses_base (bool: the base's weights
+                          enter the math), paper (dict or None: id, cite, title, url)
     parameters     list   method parameters: dicts of name, value, help
     sources        list   dicts of role ("base", "model", "tokenizer"), name (Hub id or folder relative to
                           the recipe), markdown, repo_id, reference (as written), revision (as written), sha,
@@ -68,9 +69,10 @@ from . import __version__
 from .errors import CardError
 from .lock import LOCK_FILE, RECIPE_COPY
 from .methods import Method
+from .methods.base import Citation, resolve_defaults
 from .plan import MergePlan
-from .recipe import ModelRef
-from .schedule import describe, to_json
+from .recipe import ModelRef, Recipe
+from .schedule import Setting, describe, to_json
 from .sources import LICENSE_FILES, Source
 
 if TYPE_CHECKING:
@@ -267,72 +269,8 @@ _QWEN25_BIBTEX = """\
 }"""
 
 
-@dataclass(frozen=True)
-class _Paper:
-    cite: str
-    title: str
-    authors: str
-    year: int
-    key: str
-
-    def bibtex(self, arxiv_id: str) -> str:
-        return (
-            f"@misc{{{self.key},\n      title={{{self.title}}},\n      author={{{self.authors}}},\n"
-            f"      year={{{self.year}}},\n      eprint={{{arxiv_id}}},\n      archivePrefix={{arXiv}},\n"
-            f"      primaryClass={{cs.LG}},\n      url={{https://arxiv.org/abs/{arxiv_id}}},\n}}"
-        )
-
-
-# The papers `Method.paper` names (by arXiv id), and FusionBench.
-_PAPERS = {
-    "2203.05482": _Paper(
-        "Wortsman et al. 2022",
-        "Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing "
-        "inference time",
-        "Mitchell Wortsman and Gabriel Ilharco and Samir Yitzhak Gadre and Rebecca Roelofs and Raphael Gontijo-Lopes "
-        "and Ari S. Morcos and Hongseok Namkoong and Ali Farhadi and Yair Carmon and Simon Kornblith and Ludwig Schmidt",
-        2022,
-        "wortsman2022modelsoups",
-    ),
-    "2212.04089": _Paper(
-        "Ilharco et al. 2023",
-        "Editing Models with Task Arithmetic",
-        "Gabriel Ilharco and Marco Tulio Ribeiro and Mitchell Wortsman and Suchin Gururangan and Ludwig Schmidt and "
-        "Hannaneh Hajishirzi and Ali Farhadi",
-        2023,
-        "ilharco2023editing",
-    ),
-    "2306.01708": _Paper(
-        "Yadav et al. 2023",
-        "TIES-Merging: Resolving Interference When Merging Models",
-        "Prateek Yadav and Derek Tam and Leshem Choshen and Colin Raffel and Mohit Bansal",
-        2023,
-        "yadav2023tiesmerging",
-    ),
-    "2311.03099": _Paper(
-        "Yu et al. 2024",
-        "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch",
-        "Le Yu and Bowen Yu and Haiyang Yu and Fei Huang and Yongbin Li",
-        2024,
-        "yu2024languagemodelssupermario",
-    ),
-    "2312.06795": _Paper(
-        "Davari & Belilovsky 2024",
-        "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks",
-        "MohammadReza Davari and Eugene Belilovsky",
-        2024,
-        "davari2024modelbreadcrumbs",
-    ),
-    "2406.11617": _Paper(
-        "Deep et al. 2024",
-        "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling",
-        "Pala Tej Deep and Rishabh Bhardwaj and Soujanya Poria",
-        2024,
-        "deep2024dellamerging",
-    ),
-}
 _FUSIONBENCH_ID = "2406.03280"
-_FUSIONBENCH = _Paper(
+_FUSIONBENCH = Citation(
     "Tang et al. 2024",
     "FusionBench: A Comprehensive Benchmark of Deep Model Fusion",
     "Anke Tang and Li Shen and Yong Luo and Han Hu and Bo Du and Dacheng Tao",
@@ -340,7 +278,8 @@ _FUSIONBENCH = _Paper(
     "tang2024fusionbench",
 )
 
-# FusionBench's Qwen2.5-1.5B model pools (config/modelpool/CausalLMPool/) and the method configs its docs run.
+# FusionBench's Qwen2.5-1.5B model pools (config/modelpool/CausalLMPool/); the method configs its docs run on
+# them are the methods' own (`Method.fusionbench_config`).
 _FB_BASE = "Qwen/Qwen2.5-1.5B"
 _FB_POOLS = {
     frozenset({"Qwen/Qwen2.5-Math-1.5B", "Qwen/Qwen2.5-Coder-1.5B"}): "Qwen2.5-1.5B_math_and_code",
@@ -348,24 +287,6 @@ _FB_POOLS = {
         {"Qwen/Qwen2.5-Math-1.5B", "Qwen/Qwen2.5-Coder-1.5B", "Qwen/Qwen2.5-1.5B-Instruct"}
     ): "Qwen2.5-1.5B_three_models",
 }
-_FB_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "simple_average": ("linear/simple_average_for_causallm", {}),
-    "task_arithmetic": ("linear/task_arithmetic_for_causallm", {"scaling_factor": 0.8}),
-    "ties": (
-        "linear/ties_merging_for_causallm",
-        {"scaling_factor": 0.8, "threshold": 20.0, "merge_func": "sum", "trim": "global"},
-    ),
-}
-
-# Symbols of the formulas in methods.py.
-_SYMBOLS = (
-    ("θ", "the merged parameters"),
-    ("θᵢ", "the parameters of model i"),
-    ("θ_base", "the parameters of the base"),
-    ("λ", "`scaling_factor`"),
-    ("wᵢ", "the `weight` of model i"),
-    ("n", "the number of models"),
-)
 
 
 def _dtype(value: Any) -> str:
@@ -379,7 +300,22 @@ def _local_name(path: Path, root: Path) -> str:
         return path.name
 
 
-def _source_context(entry: _Entry, root: Path) -> dict[str, Any]:
+def _model_settings(recipe: Recipe, model: ModelRef) -> dict[str, Setting]:
+    """A model's per-model parameters as the recipe sets them: its own, else `[parameters]`, else the default."""
+    method = recipe.method
+    defaults = resolve_defaults(
+        method.model_params,
+        {k: v for k, v in recipe.parameters.items() if k in {p.name for p in method.model_params}},
+    )
+    return {**defaults, **model.params}
+
+
+def _setting_text(setting: Setting) -> str:
+    """A setting for the card: a string as it is, anything else as the recipe writes it."""
+    return setting if isinstance(setting, str) else describe(setting)
+
+
+def _source_context(entry: _Entry, root: Path, params: Mapping[str, Setting]) -> dict[str, Any]:
     s, ref = entry.source, entry.ref
     repo_id = ref.repo_id
     name = repo_id or _local_name(ref.path or Path(ref.text), root)
@@ -394,7 +330,7 @@ def _source_context(entry: _Entry, root: Path) -> dict[str, Any]:
         "sha": s.sha,
         "url": f"{_HUB}/{repo_id}/tree/{s.sha}" if repo_id and s.sha else None,
         "license": str(License(declared, license_name or None)) if declared else "unknown",
-        "parameters": {k: to_json(v) for k, v in ref.params.items()} if entry.role == "model" else {},
+        "parameters": {k: to_json(v) for k, v in params.items()},
     }
 
 
@@ -405,25 +341,27 @@ def _fusionbench(plan: MergePlan, entries: list[_Entry]) -> dict[str, Any] | Non
         return None
     ids = [m.repo_id or "" for m in r.models]
     pool = _FB_POOLS.get(frozenset(ids)) if len(set(ids)) == len(ids) else None
-    method = _FB_METHODS.get(r.method.name)
-    if pool is None or method is None:
+    reference = r.method.fusionbench_config
+    if pool is None or reference is None:
         return None
-    config, fixed = method
-    if any(r.parameters.get(k) != v for k, v in fixed.items()) or any(
-        m.params.get("weight", 1.0) != 1.0 for m in r.models
-    ):
-        return None
-    override = f" method.scaling_factor={fixed['scaling_factor']}" if "scaling_factor" in fixed else ""
+    globals_ = {p.name for p in r.method.params}
+    for name, value in reference.parameters.items():
+        settings = (
+            [r.parameters.get(name)] if name in globals_ else [_model_settings(r, m)[name] for m in r.models]
+        )
+        if any(setting != value for setting in settings):
+            return None
+    override = "".join(f" method.{name}={reference.parameters[name]}" for name in reference.overrides)
     notes = [
         f"FusionBench computes in the pool's bfloat16 and rounds after every operation; hubmerge computes in "
         f"{_dtype(plan.compute_dtype)} and rounds once to {_dtype(plan.out_dtype)}, so the weights can differ in the "
         "last bits."
     ]
-    if r.method.name == "simple_average":
+    if reference.config_json is not None:
         config_from = next(e for e in entries if e.source is plan.config_source)
         notes.append(
-            "FusionBench's simple average takes config.json from Qwen/Qwen2.5-Math-1.5B; this merge takes it from "
-            f"{config_from.ref.repo_id or config_from.role}."
+            f"FusionBench's {_lower_first(r.method.title)} takes config.json from {reference.config_json}; this "
+            f"merge takes it from {config_from.ref.repo_id or config_from.role}."
         )
     tokenizer = r.tokenizer_source
     if tokenizer.repo_id != _FB_BASE:
@@ -433,8 +371,8 @@ def _fusionbench(plan: MergePlan, entries: list[_Entry]) -> dict[str, Any] | Non
         )
     return {
         "pool": f"CausalLMPool/{pool}",
-        "method_config": config,
-        "command": f"fusion_bench method={config}{override} modelpool=CausalLMPool/{pool}",
+        "method_config": reference.config,
+        "command": f"fusion_bench method={reference.config}{override} modelpool=CausalLMPool/{pool}",
         "notes": notes,
     }
 
@@ -484,7 +422,7 @@ def _card_data(plan: MergePlan, entries: list[_Entry], lic: License) -> ModelCar
     spec = plan.recipe.card
     # Only the models whose weights went into the merge: for simple_average and linear the base gives
     # config.json alone, and a tokenizer source gives no weights.
-    merged = ("model", "base") if plan.recipe.method.needs_base else ("model",)
+    merged = ("model", "base") if plan.recipe.method.uses_base else ("model",)
     base_model = list(dict.fromkeys(e.ref.repo_id for e in entries if e.role in merged and e.ref.repo_id))
     languages: list[str] = []
     for e in entries:
@@ -514,24 +452,15 @@ def _card_data(plan: MergePlan, entries: list[_Entry], lic: License) -> ModelCar
     )
 
 
-def _meaning(method: Method, symbol: str, meaning: str) -> str:
-    """λ is `lambda` in mergekit's methods, `scaling_factor` in FusionBench's."""
-    if symbol == "λ" and any(p.name == "lambda" for p in method.params):
-        return "`lambda`"
-    return meaning
-
-
 def _method_context(method: Method, paper_id: str | None) -> dict[str, Any]:
-    paper = _PAPERS.get(paper_id or "")
+    paper = method.citation
     return {
         "name": method.name,
         "title": method.title,
         "formula": method.formula,
-        "legend": [
-            f"{symbol}: {_meaning(method, symbol, meaning)}"
-            for symbol, meaning in _SYMBOLS
-            if re.search(rf"(?<!\w){re.escape(symbol)}(?!\w)", method.formula)
-        ],
+        "legend": [f"{symbol}: {meaning}" for symbol, meaning in method.legend()],
+        "description": method.description,
+        "uses_base": method.uses_base,
         "paper": None
         if paper_id is None
         else {
@@ -549,18 +478,21 @@ def _context(plan: MergePlan) -> dict[str, Any]:
     licensing = _licensing(plan, entries)
     lic = licensing.license
     card_data = _card_data(plan, entries, lic)
-    sources = [_source_context(e, r.path.parent) for e in entries]
+    sources = [
+        _source_context(e, r.path.parent, _model_settings(r, e.ref) if e.role == "model" else {})
+        for e in entries
+    ]
     by_entry = {id(e): s for e, s in zip(entries, sources, strict=True)}
     base = next((s for s in sources if s["role"] == "base"), None)
     title = r.card.title or (r.output.repo.split("/")[-1] if r.output.repo else r.path.stem)
-    with_base = f", with {base['markdown']} as the base" if base and r.method.needs_base else ""
+    with_base = f", with {base['markdown']} as the base" if base and r.method.uses_base else ""
     description = r.card.description or (
         f"{title} is a merge of {_join([s['markdown'] for s in sources if s['role'] == 'model'])}{with_base}, "
         f"made with hubmerge {__version__} using {_lower_first(r.method.title)}. No training was involved: every weight "
         "was computed from the sources listed below by the recipe included in this card."
     )
     paper_id = (r.method.paper or "").removeprefix("arXiv:") or None
-    paper = _PAPERS.get(paper_id or "")
+    paper = r.method.citation
     fusionbench = _fusionbench(plan, entries)
     citations = [_QWEN25_BIBTEX]
     if paper is not None and paper_id is not None:
@@ -569,7 +501,7 @@ def _context(plan: MergePlan) -> dict[str, Any]:
         citations.append(_FUSIONBENCH.bibtex(_FUSIONBENCH_ID))
 
     config_from = next(by_entry[id(e)] for e in entries if e.source is plan.config_source)
-    if base is not None and not r.method.needs_base:
+    if base is not None and not r.method.uses_base:
         notes = [
             f"The base ({base['markdown']}) takes no part in the {_lower_first(r.method.title)}; it provides config.json."
         ]
@@ -595,7 +527,7 @@ def _context(plan: MergePlan) -> dict[str, Any]:
         "description": description,
         "method": _method_context(r.method, paper_id),
         "parameters": [
-            {"name": p.name, "value": describe(r.parameters[p.name]), "help": p.help}
+            {"name": p.name, "value": _setting_text(r.parameters[p.name]), "help": p.help}
             for p in r.method.params + r.method.model_params  # a per-model default in [parameters] too
             if p.name in r.parameters
         ],

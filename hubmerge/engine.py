@@ -242,7 +242,7 @@ class _Passes:
             return accumulator
         total = sum(t.numel for t in tensors)
         first = self._sample_slice(tensors[0], 0, 1)
-        ranks = p.ranks(total, first)
+        ranks = p.ranks(total, first, stats) if p.ranks_use_stats else p.ranks(total, first)
         if not any(r >= 1 for r in ranks):
             return [0.0] * len(ranks)
 

@@ -652,3 +652,15 @@ def test_citation_section_has_the_qwen25_report_verbatim_then_the_method_paper()
     citation = card[card.index("## Citation\n") :]
     assert citation.startswith("## Citation\n\n```bibtex\n" + QWEN25_BIBTEX + "\n@misc{ilharco2023editing,\n")
     assert "      eprint={2212.04089},\n" in citation and citation.endswith("}\n```\n")
+
+
+def test_card_code_and_template_name_no_method() -> None:
+    """What the card says of a method comes from its `Method` definition: card.py and the default template
+    hold no method name, so a new method's card needs nothing outside its own file."""
+    from hubmerge.methods import METHODS
+
+    sources = [REPO / "hubmerge" / "card.py", REPO / "hubmerge" / "templates" / "model_card.md.j2"]
+    for path in sources:
+        text = path.read_text()
+        for name in METHODS:
+            assert f'"{name}"' not in text and f"'{name}'" not in text, f"{path.name} names {name}"

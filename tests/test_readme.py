@@ -150,3 +150,66 @@ def test_the_readme_examples_are_what_the_cli_prints(demo, capsys, code, argv):
     else:
         assert printed == example
     shutil.rmtree(demo / "out", ignore_errors=True)
+
+
+# --- the merge-method table ----------------------------------------------------------------------------------
+
+
+def test_readme_method_table_is_generated_from_the_registry() -> None:
+    from hubmerge.methods import METHODS, README_END, README_START, update_readme
+
+    text = (REPO / "README.md").read_text()
+    assert update_readme(text) == text, (
+        "README.md's method table is stale: run python -m hubmerge.methods README.md"
+    )
+    table = text.split(README_START, 1)[1].split(README_END, 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \|", table, flags=re.MULTILINE)
+    assert rows == list(METHODS)
+
+
+def test_python_m_hubmerge_methods_rewrites_a_stale_table_and_check_reports_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hubmerge.methods.__main__ import main
+
+    readme = tmp_path / "README.md"
+    current = (REPO / "README.md").read_text()
+    readme.write_text(current.replace("| `sce` |", "| `sce_old` |"))
+    assert main([str(readme), "--check"]) == 1
+    assert "out of date" in capsys.readouterr().out
+    assert main([str(readme)]) == 0
+    assert readme.read_text() == current
+    assert main([str(readme), "--check"]) == 0
+
+
+def test_readme_parameter_example_is_a_valid_recipe(tmp_path: Path) -> None:
+    """The recipe reference's gradient and filter example validates as written."""
+    from hubmerge.api import load_plan
+    from hubmerge.recipe import load_recipe
+
+    text = (REPO / "README.md").read_text()
+    section = text.split("### Parameter values", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    for name, seed in (("base", 0), ("math", 1)):
+        write_checkpoint(tmp_path / name, random_state_dict(seed))
+    body = section.replace('"Qwen/Qwen2.5-Math-1.5B"', '"./math"')
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('base = "./base"\n' + body)
+    assert load_recipe(recipe).method.name == "task_arithmetic"
+    tensors = {t.name: t for t in load_plan(recipe).tensors}
+    resolved = {
+        name: (tensors[name].params["scaling_factor"], tensors[name].model_params[0]["weight"])
+        for name in (
+            "model.embed_tokens.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.1.self_attn.q_proj.weight",
+            "model.layers.1.mlp.up_proj.weight",
+        )
+    }
+    # The model's own rules win over [parameters]' mlp rule; gradients give layer 0 the first value, the
+    # last layer the last one, and the embedding the first one.
+    assert resolved == {
+        "model.embed_tokens.weight": (0.3, 1.0),
+        "model.layers.0.self_attn.q_proj.weight": (0.3, 0.2),
+        "model.layers.1.self_attn.q_proj.weight": (0.5, 1.0),
+        "model.layers.1.mlp.up_proj.weight": (0.5, 1.0),
+    }

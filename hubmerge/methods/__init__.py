@@ -20,17 +20,22 @@ from . import (
     mergekit_ties,
     model_stock,
     multislerp,
+    nearswap,
     nuslerp,
+    passthrough,
+    sce,
     simple_average,
     slerp,
     task_arithmetic,
     ties,
 )
-from .base import Contract, Method, Param, Reduce, Select, Slice, Stats, uniform
+from .base import Contract, Method, Param, Reduce, Select, Slice, Stats, resolve_defaults, uniform
 from .ties import TiesChunk, ties_keep_count
 
 __all__ = [
     "METHODS",
+    "README_END",
+    "README_START",
     "Contract",
     "Method",
     "Param",
@@ -43,6 +48,7 @@ __all__ = [
     "readme_table",
     "ties_keep_count",
     "uniform",
+    "update_readme",
 ]
 
 METHODS: dict[str, Method] = {
@@ -64,6 +70,9 @@ METHODS: dict[str, Method] = {
         multislerp,
         karcher,
         model_stock,
+        nearswap,
+        passthrough,
+        sce,
     )
 }
 
@@ -72,32 +81,86 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def _default(value: object) -> str:
-    return "required" if value is None else repr(value).lower() if isinstance(value, bool) else repr(value)
+README_START = "<!-- methods:start -->"
+README_END = "<!-- methods:end -->"
+
+
+def _value(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def _param(p: Param) -> str:
+    """`name` (default; allowed values; scope), as the README's table lists a parameter."""
+    facts = ["required" if p.default is None else _value(p.default)]
+    if p.choices:
+        facts.append(" or ".join(_value(c) for c in p.choices))
+    if p.minimum is not None and p.maximum is not None:
+        facts.append(f"{_number(p.minimum)} to {_number(p.maximum)}")
+    elif p.minimum is not None:
+        facts.append(f"≥ {_number(p.minimum)}")
+    elif p.maximum is not None:
+        facts.append(f"≤ {_number(p.maximum)}")
+    if not p.per_tensor:
+        facts.append("one value for the model")
+    return f"`{p.name}` ({'; '.join(facts)})"
+
+
+def _paper(m: Method) -> str:
+    if m.paper is None:
+        return "—"
+    arxiv = m.paper.removeprefix("arXiv:")
+    return f"[{m.citation.cite if m.citation else m.paper}](https://arxiv.org/abs/{arxiv})"
+
+
+def _reads(m: Method) -> str:
+    at_defaults = m.reads(resolve_defaults(m.params, {}), [resolve_defaults(m.model_params, {})])
+    return str(at_defaults) if m.max_reads() == at_defaults else f"{at_defaults} to {m.max_reads()}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
 
 
 def readme_table() -> str:
-    """The README's method table, generated from the registry (tests/test_readme.py keeps them equal)."""
+    """The README's "Merge methods" table and notes, generated from the registry (`python -m hubmerge.methods`
+    writes them between the README's markers; tests/test_readme.py keeps the two equal)."""
     lines = [
-        "| method | formula | inputs | parameters (default) | per-model parameters (default) | paper | same math as |",
-        "|---|---|---|---|---|---|---|",
+        "| method | formula | inputs | parameters (default; allowed) | per-model parameters (default; allowed) "
+        "| paper | same math as | reads of the inputs |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m in METHODS.values():
-        params = ", ".join(f"`{p.name}` ({_default(p.default)})" for p in m.params) or "—"
-        model_params = ", ".join(f"`{p.name}` ({_default(p.default)})" for p in m.model_params) or "—"
-        paper = f"[{m.paper}](https://arxiv.org/abs/{m.paper.removeprefix('arXiv:')})" if m.paper else "—"
-        same = (
-            ", ".join(
-                x
-                for x in (
-                    m.mergekit and f"mergekit `{m.mergekit}`",
-                    m.fusionbench and f"FusionBench `{m.fusionbench}`",
-                )
-                if x
-            )
-            or "—"
-        )
-        lines.append(
-            f"| `{m.name}` | {m.formula} | {m.contract.describe()} | {params} | {model_params} | {paper} | {same} |"
-        )
+        same = [f"mergekit `{m.mergekit}`"] if m.mergekit else []
+        same += [f"FusionBench `{m.fusionbench}`"] if m.fusionbench else []
+        cells = [
+            f"`{m.name}`",
+            m.formula,
+            m.contract.describe(),
+            ", ".join(map(_param, m.params)) or "—",
+            ", ".join(map(_param, m.model_params)) or "—",
+            _paper(m),
+            ", ".join(same) or "—",
+            _reads(m),
+        ]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    lines.append("")
+    for m in METHODS.values():
+        text = " ".join(t for t in (m.description, m.notes) if t)
+        if text:
+            lines.append(f"- **`{m.name}`** ({m.title}): {text}")
     return "\n".join(lines) + "\n"
+
+
+def update_readme(text: str) -> str:
+    """`text` (a README) with the part between `README_START` and `README_END` replaced by `readme_table()`."""
+    before, start, rest = text.partition(README_START)
+    _, end, after = rest.partition(README_END)
+    if not start or not end:
+        raise ValueError(f"the README has no {README_START} … {README_END} markers")
+    return f"{before}{README_START}\n{readme_table()}{README_END}{after}"

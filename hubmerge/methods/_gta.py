@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..schedule import Setting, scalars
-from .base import Contract, Method, Param, Reduce, Select, Slice, Stats, uniform
+from .base import Citation, Contract, Method, Param, Reduce, Select, Slice, Stats, uniform
 from .base import Pass as _Pass
 from .linear import WEIGHT
 
@@ -75,7 +75,7 @@ DENSITY = Param(
     minimum=0.0,
     maximum=1.0,
 )
-LAMBDA = Param("lambda", float, 1.0, "λ, the scale of the merged task vector")
+LAMBDA = Param("lambda", float, 1.0, "λ, the scale of the merged task vector", symbol="λ")
 GAMMA = Param(
     "gamma",
     float,
@@ -374,6 +374,7 @@ def method(
     normalize_default: bool,
     rescale_default: bool,
     paper: str,
+    citation: Citation,
     notes: str,
 ) -> Method:
     """One mergekit GTA method: its parameters (mergekit's names and defaults), passes and merge step."""
@@ -395,10 +396,42 @@ def method(
         model_params=model_params,
         passes=passes(sparsifier),
         paper=paper,
+        citation=citation,
         mergekit=name.removeprefix("mergekit_"),
         notes=f"{notes} {reads_note(sparsifier)}",
         check=_check_della if sparsifier == "della_magprune" else None,
     )
+
+
+# The papers of the family (a method file names its own).
+DARE = Citation(
+    "Yu et al. 2024",
+    "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch",
+    "Le Yu and Bowen Yu and Haiyang Yu and Fei Huang and Yongbin Li",
+    2024,
+    "yu2024languagemodelssupermario",
+)
+BREADCRUMBS = Citation(
+    "Davari & Belilovsky 2024",
+    "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks",
+    "MohammadReza Davari and Eugene Belilovsky",
+    2024,
+    "davari2024modelbreadcrumbs",
+)
+DELLA = Citation(
+    "Deep et al. 2024",
+    "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling",
+    "Pala Tej Deep and Rishabh Bhardwaj and Soujanya Poria",
+    2024,
+    "deep2024dellamerging",
+)
+TIES = Citation(
+    "Yadav et al. 2023",
+    "TIES-Merging: Resolving Interference When Merging Models",
+    "Prateek Yadav and Derek Tam and Leshem Choshen and Colin Raffel and Mohit Bansal",
+    2023,
+    "yadav2023tiesmerging",
+)
 
 
 def reads_note(sparsifier: Sparsifier) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -29,7 +30,10 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 __all__ = [
+    "SYMBOLS",
+    "Citation",
     "Contract",
+    "FusionBenchConfig",
     "Method",
     "Param",
     "Reduce",
@@ -57,6 +61,8 @@ class Param:
     maximum: float | None = None
     # False for a value that is one number for the whole model (a global cut, a seed): no gradient, no filter.
     per_tensor: bool = True
+    # The symbol the method's formula uses for it ("λ", "wᵢ"): the card's legend explains it by this name.
+    symbol: str | None = None
 
     def check_scalar(self, value: Any) -> str | None:
         """Why one scalar `value` is not acceptable, or None."""
@@ -194,12 +200,58 @@ class Select:
 
     name: str
     quantity: Callable[[Slice, Stats], Tensor]
-    ranks: Callable[[int, Slice], list[int]]
+    ranks: Callable[..., list[int]]  # (numel, slice), or (numel, slice, stats) with `ranks_use_stats`
     scope: Literal["tensor", "model"] = "tensor"
     when: When | None = None  # None: always
+    # True: `ranks(numel, slice, stats)` also gets the results of the passes before it, for a rank that
+    # depends on a count only a pass can make (sce: a fraction of the entries with nonzero variance).
+    ranks_use_stats: bool = False
 
 
 Pass = Reduce | Select
+
+# Symbols every formula may use without declaring them; a method adds its own with `Param.symbol` and
+# `Method.symbols`. The card's legend lists those that occur in the formula, in this order.
+SYMBOLS: tuple[tuple[str, str], ...] = (
+    ("θ", "the merged parameters"),
+    ("θᵢ", "the parameters of model i"),
+    ("θ_base", "the parameters of the base"),
+    ("τᵢ", "the task vector θᵢ − θ_base"),
+    ("n", "the number of models"),
+)
+
+
+@dataclass(frozen=True)
+class Citation:
+    """A paper as the card cites it: in the text (`cite`, `title`) and as a BibTeX entry (arXiv)."""
+
+    cite: str  # "Yadav et al. 2023"
+    title: str
+    authors: str  # BibTeX form: "First Last and First Last"
+    year: int
+    key: str  # the BibTeX key
+
+    def bibtex(self, arxiv_id: str) -> str:
+        return (
+            f"@misc{{{self.key},\n      title={{{self.title}}},\n      author={{{self.authors}}},\n"
+            f"      year={{{self.year}}},\n      eprint={{{arxiv_id}}},\n      archivePrefix={{arXiv}},\n"
+            f"      primaryClass={{cs.LG}},\n      url={{https://arxiv.org/abs/{arxiv_id}}},\n}}"
+        )
+
+
+@dataclass(frozen=True)
+class FusionBenchConfig:
+    """A FusionBench method config whose merge a recipe of this method reproduces (the card's reference).
+
+    The card names it when the recipe merges one of FusionBench's Qwen2.5-1.5B pools onto its base with
+    exactly `parameters`.
+    """
+
+    config: str  # under FusionBench's config/method/: "linear/ties_merging_for_causallm"
+    # The value each parameter must have, global or per model (resolved: model, [parameters], default).
+    parameters: Mapping[str, Scalar] = field(default_factory=dict)
+    overrides: tuple[str, ...] = ()  # the parameters the command line sets (`method.NAME=value`)
+    config_json: str | None = None  # the model FusionBench takes config.json from, when not the base
 
 
 @dataclass(frozen=True)
@@ -208,7 +260,7 @@ class Method:
 
     name: str
     title: str
-    formula: str  # one line, with the symbols of `card.py`: θ, τᵢ = θᵢ − θ_base, wᵢ, λ
+    formula: str  # one line, with the symbols of `SYMBOLS` and those the method declares (`legend`)
     contract: Contract
     merge: Callable[[Slice, Stats], Any]  # a Tensor in the compute dtype, or a `ties.TiesChunk`
     params: tuple[Param, ...] = ()  # global: `[parameters]`
@@ -224,6 +276,10 @@ class Method:
     # Keeps the entries with |τᵢ| >= a per-model cut-off (the pass named "cut") and elects a sign: the
     # diagnostics then report kept and dropped shares (FusionBench TIES).
     trims: bool = field(default=False)
+    citation: Citation | None = None  # how the card cites `paper` (None: by its arXiv id, no BibTeX)
+    fusionbench_config: FusionBenchConfig | None = None
+    description: str = ""  # a paragraph the card prints under the formula: what its operations do
+    symbols: tuple[tuple[str, str], ...] = ()  # (symbol, meaning) the formula uses beyond params' symbols
 
     @property
     def needs_base(self) -> bool:
@@ -245,6 +301,24 @@ class Method:
         `Reduce.shapes` reads only those tensors), plus the merge (a selection that its sample does not
         settle reads twice more, see `selection.py`)."""
         return 1 + len(self.active_passes(params, models))
+
+    def max_reads(self) -> int:
+        """`reads` with every pass on: passes of one name are alternatives (one result, chosen by `when`)."""
+        return 1 + len({p.name for p in self.passes})
+
+    def legend(self) -> list[tuple[str, str]]:
+        """(symbol, meaning) of each symbol in the formula: the common ones, the parameters', the method's."""
+        declared = [
+            *SYMBOLS,
+            *((p.symbol, f"`{p.name}`") for p in self.params if p.symbol),
+            *((p.symbol, f"the `{p.name}` of model i") for p in self.model_params if p.symbol),
+            *self.symbols,
+        ]
+        return [
+            (symbol, meaning)
+            for symbol, meaning in declared
+            if re.search(rf"(?<!\w){re.escape(symbol)}(?!\w)", self.formula)
+        ]
 
     def param(self, name: str) -> Param:
         return next(p for p in self.params + self.model_params if p.name == name)

@@ -16,6 +16,7 @@ METHOD = _gta.method(
     normalize_default=False,
     rescale_default=False,
     paper="arXiv:2312.06795",
+    citation=_gta.BREADCRUMBS,
     notes="mergekit's `breadcrumbs`: per tensor, τᵢ drops its int(γᵢN) largest magnitudes (`gamma`, default "
     "0.01) and its smallest, keeping int(dᵢN) entries (`density`, default 1: all). Entries tied in "
     "magnitude with either cut-off are all kept (mergekit keeps an unspecified subset). `rescale` is "

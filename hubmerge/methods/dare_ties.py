@@ -16,6 +16,7 @@ METHOD = _gta.method(
     normalize_default=False,
     rescale_default=True,
     paper="arXiv:2311.03099",
+    citation=_gta.DARE,
     notes="mergekit's `dare_ties`: each entry of τᵢ is kept with probability `density` dᵢ (default 1: all), by "
     "a mask from `seed`, the tensor and the position only (reproducible across slice sizes and devices, "
     "never equal to mergekit's torch.bernoulli draws). `rescale` (default true) is mergekit's L1-norm "

@@ -16,6 +16,7 @@ METHOD = _gta.method(
     normalize_default=True,
     rescale_default=True,
     paper="arXiv:2406.11617",
+    citation=_gta.DELLA,
     notes="mergekit's `della`: in each row, an entry of τᵢ is kept with probability (dᵢ − εᵢ) + 2εᵢ·rank/(C − 1) "
     "by its magnitude rank (`density` dᵢ, default 1: all; `epsilon` εᵢ, default 0.15; dᵢ ± εᵢ must lie in "
     "(0, 1)); a 1-D tensor is one row. The mask comes from `seed`, the tensor and the position only, never "

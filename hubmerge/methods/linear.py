@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Contract, Method, Param, Slice, Stats
+from .base import Citation, Contract, Method, Param, Slice, Stats
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-WEIGHT = Param("weight", float, 1.0, "this model's weight wᵢ")
+WEIGHT = Param("weight", float, 1.0, "this model's weight wᵢ", symbol="wᵢ")
 
 
 def merge(s: Slice, stats: Stats) -> Tensor:
@@ -35,4 +35,14 @@ METHOD = Method(
     model_params=(WEIGHT,),
     paper="arXiv:2203.05482",
     mergekit="linear",
+    citation=Citation(
+        "Wortsman et al. 2022",
+        "Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing "
+        "inference time",
+        "Mitchell Wortsman and Gabriel Ilharco and Samir Yitzhak Gadre and Rebecca Roelofs and Raphael "
+        "Gontijo-Lopes and Ari S. Morcos and Hongseok Namkoong and Ali Farhadi and Yair Carmon and Simon "
+        "Kornblith and Ludwig Schmidt",
+        2022,
+        "wortsman2022modelsoups",
+    ),
 )

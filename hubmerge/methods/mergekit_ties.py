@@ -17,6 +17,7 @@ METHOD = _gta.method(
     normalize_default=True,
     rescale_default=False,
     paper="arXiv:2306.01708",
+    citation=_gta.TIES,
     notes="mergekit's `ties`: each tensor keeps the int(dᵢ·N) largest |τᵢ| of each model (`density`, default 1: "
     "no trim), per-model `weight`, the division by the agreeing weights when `normalize` (default true), "
     "λ = `lambda` (default 1). hubmerge's `ties` is FusionBench's TIES (one cut over the whole model, "

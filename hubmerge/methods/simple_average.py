@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Contract, Method, Slice, Stats
+from .base import Contract, FusionBenchConfig, Method, Slice, Stats
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -25,5 +25,8 @@ METHOD = Method(
     contract=Contract(base="ignored"),
     merge=merge,
     fusionbench="SimpleAverageAlgorithm",
+    fusionbench_config=FusionBenchConfig(
+        "linear/simple_average_for_causallm", config_json="Qwen/Qwen2.5-Math-1.5B"
+    ),
     notes="The base, when given, only provides config.json (as in FusionBench).",
 )

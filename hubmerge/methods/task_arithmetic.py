@@ -9,14 +9,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import _gta
-from .base import Contract, Method, Param, Slice, Stats
+from .base import Citation, Contract, FusionBenchConfig, Method, Param, Slice, Stats
 from .linear import WEIGHT
 
 if TYPE_CHECKING:
     from torch import Tensor
 
 SCALING = Param(
-    "scaling_factor", float, 0.3, "λ, the scale of the merged task vector (FusionBench default 0.3)"
+    "scaling_factor",
+    float,
+    0.3,
+    "λ, the scale of the merged task vector (FusionBench default 0.3)",
+    symbol="λ",
 )
 
 _MERGEKIT_MERGE = _gta.gta_merge("magnitude", consensus=False, scale="scaling_factor")
@@ -52,6 +56,19 @@ METHOD = Method(
     paper="arXiv:2212.04089",
     mergekit="task_arithmetic",
     fusionbench="TaskArithmeticAlgorithm",
+    citation=Citation(
+        "Ilharco et al. 2023",
+        "Editing Models with Task Arithmetic",
+        "Gabriel Ilharco and Marco Tulio Ribeiro and Mitchell Wortsman and Suchin Gururangan and Ludwig "
+        "Schmidt and Hannaneh Hajishirzi and Ali Farhadi",
+        2023,
+        "ilharco2023editing",
+    ),
+    fusionbench_config=FusionBenchConfig(
+        "linear/task_arithmetic_for_causallm",
+        {"scaling_factor": 0.8, "weight": 1.0},
+        overrides=("scaling_factor",),
+    ),
     notes="λ is `scaling_factor` (mergekit calls it `lambda`, default 1.0; FusionBench's default is 0.3). "
     "mergekit's extras: `density` (default 1: off) keeps each tensor's int(dᵢ·N) largest |τᵢ| per model, "
     "entries tied with the cut-off all kept; `normalize` (default false) divides by Σᵢ wᵢ; `rescale` "

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._gta import magnitudes
-from .base import Contract, Method, Param, Select, Slice, Stats
+from ._gta import TIES, magnitudes
+from .base import Contract, FusionBenchConfig, Method, Param, Select, Slice, Stats
 from .task_arithmetic import SCALING
 
 if TYPE_CHECKING:
@@ -171,4 +171,15 @@ METHOD = Method(
     notes="FusionBench's TIES: one magnitude cut over the whole model, λ = `scaling_factor`, no weights. "
     "mergekit's TIES is `mergekit_ties`.",
     trims=True,
+    citation=TIES,
+    fusionbench_config=FusionBenchConfig(
+        "linear/ties_merging_for_causallm",
+        {"scaling_factor": 0.8, "threshold": 20.0, "merge_func": "sum", "trim": "global"},
+        overrides=("scaling_factor",),
+    ),
+    description="`trim` keeps the entries of each task vector θᵢ − θ_base whose magnitude is in its top "
+    '`threshold` percent (ranked over the whole model when `trim` is "global", within each tensor when '
+    '"tensor"), `elect_sign` takes the sign of the sum of the trimmed task vectors, and `disjoint_merge` '
+    "combines the entries that agree with that sign with `merge_func`, as FusionBench's "
+    "`TiesMergingAlgorithm` does.",
 )
