@@ -110,7 +110,7 @@ def merge(s: Slice, stats: Stats) -> Tensor:
     return s.base + merged / torch.sum(erased, dim=0).clamp(min=1e-6)
 
 
-def _some_selection(params: Any) -> bool:
+def _some_selection(params: Any, models: object = ()) -> bool:
     return any(float(v) < 1 for v in scalars(params.get("select_topk", 1.0)))
 
 
