@@ -288,7 +288,7 @@ def _build(r: _Reader, tables: Any, text: str, output_dir: str | Path | None) ->
             "models", f"the weights sum to 0 ({' + '.join(map(str, weights))}); linear divides by their sum"
         )
     warnings = r.warnings
-    if not method.needs_base and len(models) == 1 and contract.max_models != 1:
+    if not method.needs_base and len(models) == 1 and method.contract.max_models != 1:
         # Allowed (a re-save of one model in another dtype or with another card), but rarely what is meant;
         # a method made for one model (passthrough) is not warned about.
         warnings.append(f"{r.path}: models: {method.name} of one model writes a copy of it")
