@@ -254,7 +254,7 @@ class FusionBenchConfig:
     config_json: str | None = None  # the model FusionBench takes config.json from, when not the base
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one value per method in the registry: compared and hashed by identity
 class Method:
     """One merge method: everything the recipe, the plan, the engine, the card and the README know of it."""
 
