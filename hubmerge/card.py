@@ -301,13 +301,14 @@ def _local_name(path: Path, root: Path) -> str:
 
 
 def _model_settings(recipe: Recipe, model: ModelRef) -> dict[str, Setting]:
-    """A model's per-model parameters as the recipe sets them: its own, else `[parameters]`, else the default."""
+    """A model's per-model parameters as the recipe sets them (its own, else `[parameters]`), and its weight
+    even when left at the default: the knobs a recipe leaves alone (a density of 1: no sparsification) would
+    only be noise in the models table."""
     method = recipe.method
-    defaults = resolve_defaults(
-        method.model_params,
-        {k: v for k, v in recipe.parameters.items() if k in {p.name for p in method.model_params}},
-    )
-    return {**defaults, **model.params}
+    names = {p.name for p in method.model_params}
+    defaults = resolve_defaults([p for p in method.model_params if p.name == "weight"], {})
+    given = {k: v for k, v in recipe.parameters.items() if k in names}
+    return {**defaults, **given, **model.params}
 
 
 def _setting_text(setting: Setting) -> str:

@@ -16,6 +16,7 @@ against the name of the tensor read from that model (they differ only for a tied
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Sequence
@@ -106,19 +107,21 @@ def is_schedule(setting: Setting) -> bool:
 def describe(setting: Setting) -> str:
     """A setting as a recipe writes it, for messages and the card."""
     if isinstance(setting, Gradient):
-        return "[" + ", ".join(map(repr, setting.values)) + "]"
+        return "[" + ", ".join(map(describe, setting.values)) + "]"
     if isinstance(setting, tuple):
         rules = (
             (
                 "{"
-                + (f"filter = {r.filter!r}, " if r.filter is not None else "")
+                + (f"filter = {json.dumps(r.filter)}, " if r.filter is not None else "")
                 + f"value = {describe(r.value)}"
                 + "}"
             )
             for r in setting
         )
         return "[" + ", ".join(rules) + "]"
-    return repr(setting)
+    if isinstance(setting, bool):
+        return "true" if setting else "false"  # as TOML writes it
+    return json.dumps(setting) if isinstance(setting, str) else repr(setting)
 
 
 def to_json(setting: Setting) -> Any:

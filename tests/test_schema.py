@@ -103,7 +103,7 @@ def test_every_registered_parameter_is_in_the_schema_with_its_help_and_default()
 
 
 BAD = [
-    ('method = "slerp"\nbase = "./base"\nmodels = ["./a"]\n', "unknown method"),
+    ('method = "fisher_merging"\nbase = "./base"\nmodels = ["./a"]\n', "unknown method"),
     ('method = "ties"\nmodels = ["./a"]\n', "base: is required"),
     ('method = "ties"\nbase = "./base"\nmodels = []\n', "models: must be a non-empty list"),
     ('method = "ties"\nbase = "./base"\nmodels = ["./a"]\nscaling = 1\n', "scaling: unknown key"),
@@ -216,6 +216,8 @@ def test_gradients_and_filters_become_schedule_values_with_integers_read_as_floa
     recipe = load_recipe(tmp_path / "recipe.toml")
     assert recipe.parameters == {
         "scaling_factor": Gradient((0.0, 1.0)),
+        "normalize": False,  # task_arithmetic's defaults, filled in
+        "rescale": False,
         "weight": (Filter(Gradient((1.0, 2.0)), "mlp"), Filter(3.0)),
     }
     assert isinstance(recipe.parameters["scaling_factor"].values[0], float)  # type: ignore[union-attr]

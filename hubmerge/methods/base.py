@@ -79,9 +79,9 @@ class Param:
         if isinstance(number, float) and not math.isfinite(number):  # TOML has nan and inf literals
             return f"must be a finite number, got {value!r}"
         if self.minimum is not None and number is not None and number < self.minimum:
-            return f"must be >= {self.minimum:g}, got {value!r}"
+            return f"must be >= {self.minimum}, got {value!r}"
         if self.maximum is not None and number is not None and number > self.maximum:
-            return f"must be <= {self.maximum:g}, got {value!r}"
+            return f"must be <= {self.maximum}, got {value!r}"
         return None
 
     def check(self, setting: Setting) -> str | None:
