@@ -123,9 +123,9 @@ class Imported:
 class _Ref:
     """A mergekit model reference, as the recipe will name it."""
 
+    written: str  # as the config wrote it, for messages
     source: str  # a Hub id, or a local folder relative to the recipe's folder (./...) or absolute
     revision: str | None
-    key: str  # the YAML key it came from, for comments
     path: Path | None = None  # the local folder, absolute
 
     @property
@@ -233,7 +233,7 @@ class _Converter:
                     f"{text!r} is a local folder; a revision applies to Hub models only: drop '@{revision}'",
                 )
                 return None
-            return _Ref(self.relative(folder), None, key, folder)
+            return _Ref(text, self.relative(folder), None, folder)
         if not _REPO_ID.match(name) or "--" in name or ".." in name:
             self.problem(
                 key,
@@ -241,7 +241,7 @@ class _Converter:
                 '"org/name[@revision]"',
             )
             return None
-        return _Ref(name, revision or None, key)
+        return _Ref(text, name, revision or None)
 
     def folder(self, name: str) -> Path | None:
         """The local folder `name` is for mergekit: relative to the config's folder, else to the working
@@ -522,7 +522,7 @@ def _whole_model_slice(
         if base is not None and slice_base is not None and slice_base.identity != base.identity:
             c.problem(
                 "slices[0].base_model",
-                f"differs from base_model ({base.source}); hubmerge has one base for the math, config.json "
+                f"differs from base_model ({base.written}); hubmerge has one base for the math, config.json "
                 "and tokenizer: keep one of them",
             )
         base = slice_base or base
@@ -563,11 +563,11 @@ def _whole_model_slice(
         whole = span[0] == 0 and (span[1] == layers if layers is not None else span[1] > 0)
         if not whole:
             of = f" (it has {layers} layers)" if layers is not None else ""
-            c.problem(f"{key}.layer_range", f"{span} is not the whole of {ref.source}{of}: {cannot}")
+            c.problem(f"{key}.layer_range", f"{span} is not the whole of {ref.written}{of}: {cannot}")
             continue
         ends.add(span[1])
         if layers is None:
-            hub_ranges.append(ref.source)
+            hub_ranges.append(ref.written)
         sources.append(_Source(ref, params, key))
     if len(ends) > 1:
         c.problem(
@@ -593,7 +593,7 @@ def _models(
         if s.ref.identity in seen:
             c.problem(
                 f"{s.key}.model",
-                f"{s.ref.source} is already {seen[s.ref.identity]}; mergekit refuses duplicate inputs",
+                f"{s.ref.written} is already {seen[s.ref.identity]}; mergekit refuses duplicate inputs",
             )
         seen.setdefault(s.ref.identity, s.key)
     if method is None or spec is None:
