@@ -18,7 +18,7 @@ import pytest
 from conftest import qwen2_config
 
 from hubmerge import cli
-from hubmerge.errors import ConfigImportError, RecipeError
+from hubmerge.errors import ConfigImportError
 from hubmerge.mergekit_config import import_mergekit, toml_string
 from hubmerge.methods import METHODS
 from hubmerge.recipe import load_recipe
