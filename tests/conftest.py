@@ -48,7 +48,9 @@ def qwen2_config(tied: bool = True, dtype: str = "bfloat16", **overrides: object
     return config
 
 
-def random_state_dict(seed: int, vocab: int = VOCAB, head: bool = False) -> dict[str, torch.Tensor]:
+def random_state_dict(
+    seed: int, vocab: int = VOCAB, head: bool = False, layers: int = LAYERS
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape: int) -> torch.Tensor:
@@ -56,7 +58,7 @@ def random_state_dict(seed: int, vocab: int = VOCAB, head: bool = False) -> dict
 
     kv = HIDDEN // HEADS * KV_HEADS
     sd = {"model.embed_tokens.weight": rand(vocab, HIDDEN), "model.norm.weight": 1 + rand(HIDDEN)}
-    for i in range(LAYERS):
+    for i in range(layers):
         p = f"model.layers.{i}."
         sd |= {
             p + "input_layernorm.weight": 1 + rand(HIDDEN),
