@@ -802,8 +802,9 @@ def _dtype(c: _Converter, data: Mapping[str, Any]) -> tuple[str, str] | None:
     if dtype is not None and dtype != "float32":
         c.note(
             "dtype",
-            f"mergekit loads the inputs as {dtype} and computes in it; hubmerge always computes in float32 and "
-            f"rounds once to the output dtype ({chosen}), so the results can differ in the last bits",
+            f"{dtype}: mergekit casts the inputs to {dtype} when it loads them, and every method but linear and "
+            f"slerp computes in it; hubmerge reads them as stored, computes in float32 and rounds once to "
+            f"{chosen}, so the results differ by a few {dtype} steps at most",
         )
     elif key == "out_dtype" and dtype is not None:
         c.note("dtype", "float32 is mergekit's load dtype; hubmerge computes in float32 always")

@@ -495,8 +495,9 @@ def test_the_recipe_says_where_each_value_came_from_and_writes_mergekits_default
     assert "[[models]]  # mergekit models[1]" in lines
     # The load dtype is bfloat16: mergekit computed in it, hubmerge computes in float32 (a note says so).
     assert imported.notes == (
-        "dtype: mergekit loads the inputs as bfloat16 and computes in it; hubmerge always computes in float32 "
-        "and rounds once to the output dtype (bfloat16), so the results can differ in the last bits",
+        "dtype: bfloat16: mergekit casts the inputs to bfloat16 when it loads them, and every method but linear "
+        "and slerp computes in it; hubmerge reads them as stored, computes in float32 and rounds once to "
+        "bfloat16, so the results differ by a few bfloat16 steps at most",
     )
     assert f"#   {imported.notes[0]}" in lines
 
