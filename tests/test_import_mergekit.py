@@ -10,6 +10,8 @@ numbers against mergekit's own outputs.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -858,3 +860,16 @@ def test_toml_strings_round_trip_through_tomllib(text, quoted):
 
     assert toml_string(text) == quoted
     assert tomllib.loads(f"x = {quoted}")["x"] == text
+
+
+def test_importing_loads_no_torch(tmp_path):
+    """Like `validate`, the importer reads no weights: it must not pay for importing torch."""
+    config = write(tmp_path, "ta.yml", CONFIGS["task_arithmetic"][0])
+    code = (
+        "import sys; from hubmerge import cli; "
+        f"assert cli.main(['import-mergekit', {str(config)!r}]) == 0; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("# Imported by `hubmerge import-mergekit`")
