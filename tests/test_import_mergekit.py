@@ -792,6 +792,20 @@ REFUSALS: dict[str, tuple[str, list[str]]] = {
         """,
         ["merge_method: 'dare-ties' is not a mergekit 0.1.5 method; did you mean 'dare_ties'?"],
     ),
+    "a merge only hubmerge refuses": (
+        """
+        merge_method: linear
+        models:
+          - model: Qwen/Qwen2.5-7B-Instruct
+            parameters: {weight: 1.0}
+          - model: Qwen/Qwen2.5-Math-7B
+            parameters: {weight: -1.0}
+        """,
+        [
+            "the converted recipe is not valid: models: the weights sum to 0 (1.0 + -1.0); linear divides by "
+            "their sum"
+        ],
+    ),
     "multi-document": (
         """
         name: first
@@ -833,6 +847,15 @@ def test_bad_yaml_is_one_line_with_line_and_column(tmp_path, capsys):
     assert capsys.readouterr().err.splitlines() == [
         f"hubmerge: error: {config}:4:4: YAML syntax error: expected <block end>, but found '<block mapping "
         "start>' (while parsing a block collection)"
+    ]
+
+
+@pytest.mark.parametrize("text", ["", "- a\n- b\n", "just text\n"])
+def test_a_file_that_is_not_a_yaml_mapping_is_not_a_mergekit_config(tmp_path, capsys, text):
+    config = write(tmp_path, "x.yml", text)
+    assert cli.main(["import-mergekit", str(config)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"hubmerge: error: {config}: is not a mergekit config (a YAML mapping with merge_method and models)"
     ]
 
 
