@@ -31,7 +31,7 @@ from typing import Any
 
 from .errors import ConfigImportError, RecipeError
 from .methods import METHODS, Method, Param
-from .recipe import DTYPES, load_recipe
+from .recipe import _REPO_ID, load_recipe
 from .schedule import Filter, Gradient, Scalar, Setting, to_json
 
 __all__ = ["MERGEKIT_METHODS", "Imported", "MergekitSpec", "import_mergekit"]
@@ -103,9 +103,9 @@ _KEYS = (
     "tokenizer",
     "chat_template",
 )
+# mergekit's floating-point dtype names (common.dtype_from_name) that a recipe's `dtype` can write.
+_OUTPUT_DTYPES = ("bfloat16", "float16", "float32")
 _MOE_KEYS = ("experts", "gate_mode", "experts_per_token", "shared_experts", "architecture")
-# Hub ids as huggingface_hub validates them (`name` or `namespace/name`), as recipe.py reads them.
-_REPO_ID = re.compile(r"^(?:[A-Za-z0-9_.\-]{1,96}/)?[A-Za-z0-9_.\-]{1,96}$")
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
 
@@ -790,13 +790,13 @@ def _dtype(c: _Converter, data: Mapping[str, Any]) -> tuple[str, str] | None:
     """The recipe's `dtype` (the output dtype) and where it came from."""
     dtype, out_dtype = _dtype_name(data.get("dtype")), _dtype_name(data.get("out_dtype"))
     for key, value in (("dtype", dtype), ("out_dtype", out_dtype)):
-        if data.get(key) is not None and value not in (*DTYPES, "float64"):
+        if data.get(key) is not None and value not in (*_OUTPUT_DTYPES, "float64"):
             c.problem(key, f"unknown dtype {data[key]!r}; one of bfloat16, float16, float32, float64")
             return None
     chosen, key = (out_dtype, "out_dtype") if out_dtype is not None else (dtype, "dtype")
     if chosen is None:
         return None
-    if chosen not in DTYPES:
+    if chosen not in _OUTPUT_DTYPES:
         c.problem(key, f"hubmerge writes bfloat16, float16 or float32, not {chosen}")
         return None
     if dtype is not None and dtype != "float32":

@@ -21,7 +21,7 @@ from conftest import qwen2_config
 
 from hubmerge import cli
 from hubmerge.errors import ConfigImportError
-from hubmerge.mergekit_config import import_mergekit, toml_string
+from hubmerge.mergekit_config import import_mergekit, toml_string, toml_value
 from hubmerge.methods import METHODS
 from hubmerge.recipe import load_recipe
 from hubmerge.schedule import to_json
@@ -896,3 +896,22 @@ def test_importing_loads_no_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("# Imported by `hubmerge import-mergekit`")
+
+
+@pytest.mark.parametrize(
+    ("value", "written"),
+    [
+        (1e-05, "1e-05"),
+        (1e16, "1e+16"),
+        (0.1, "0.1"),
+        (2.0, "2.0"),
+        (3, "3"),
+        (True, "true"),
+        ([0, 0.5], "[0, 0.5]"),
+    ],
+)
+def test_toml_values_read_back_as_written(value, written):
+    from hubmerge.recipe import tomllib
+
+    assert toml_value(value) == written
+    assert tomllib.loads(f"x = {written}")["x"] == value
