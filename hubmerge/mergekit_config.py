@@ -421,15 +421,16 @@ def import_mergekit(config: str | Path, recipe: str | Path | None = None) -> Imp
             )
 
     base, sources, slice_params = _inputs(c, data)
-    models, base_ref = _models(c, method, spec, base, sources)
+    models = _models(c, method, spec, base, sources)
     parameters, comments = _parameters(c, method, spec, data.get("parameters"), slice_params, models)
     dtype_line = _dtype(c, data)
     tokenizer = _tokenizer(c, data)
     _chat_template(c, data)
 
-    if c.problems or method is None or spec is None:
-        raise ConfigImportError(c.problems or [f"{config}: nothing to convert"])
-    text = _render(c, method, method_name, base_ref, models, parameters, comments, dtype_line, tokenizer)
+    if c.problems:
+        raise ConfigImportError(c.problems)
+    assert method is not None  # a method without a hubmerge counterpart is a problem above
+    text = _render(c, method, method_name, base, models, parameters, comments, dtype_line, tokenizer)
     _check(c, text)
     return Imported(text=text, method=method.name, notes=tuple(c.notes))
 
@@ -585,8 +586,8 @@ def _whole_model_slice(
 
 def _models(
     c: _Converter, method: Method | None, spec: MergekitSpec | None, base: _Ref | None, sources: list[_Source]
-) -> tuple[list[_Model], _Ref | None]:
-    """hubmerge's models and base from mergekit's inputs: a base mergekit lists among the models is our
+) -> list[_Model]:
+    """hubmerge's models from mergekit's inputs: a base mergekit lists among the models is our
     `base`; for a method that ignores the base, the base is one more model (mergekit appends it)."""
     seen: dict[tuple[str, str | None], str] = {}
     for s in sources:
@@ -597,7 +598,7 @@ def _models(
             )
         seen.setdefault(s.ref.identity, s.key)
     if method is None or spec is None:
-        return [], base
+        return []
     if base is None and method.needs_base:
         c.problem(
             "base_model",
@@ -640,7 +641,7 @@ def _models(
             "models",
             f"{method.name} takes {contract.describe().split('; ')[1]}{others}, got {len(models)}{counted}",
         )
-    return models, base
+    return models
 
 
 def _hub_name(method: Method, name: str) -> str:
