@@ -17,7 +17,7 @@ from pathlib import Path
 from types import FrameType
 
 from . import __version__
-from .errors import GateError, HubmergeError
+from .errors import ConfigImportError, GateError, HubmergeError
 
 __all__ = ["main"]
 
@@ -354,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HubmergeError as exc:
         if debug:
             traceback.print_exc()
-        for problem in getattr(exc, "problems", None) or (str(exc),):  # one line each
+        for problem in exc.problems if isinstance(exc, ConfigImportError) else (str(exc),):  # one line each
             print(f"hubmerge: error: {' '.join(problem.split())}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:  # only where the handler is not ours (main() called off the main thread)
