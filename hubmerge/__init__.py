@@ -12,12 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (
     CardError,
+    ConfigImportError,
     HubmergeError,
     IncompatibleSourcesError,
     PublishError,
     RecipeError,
     SourceError,
 )
+from .mergekit_config import import_mergekit
 from .recipe import Recipe, load_recipe
 
 if TYPE_CHECKING:
@@ -35,6 +37,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "CardError",
+    "ConfigImportError",
     "HubmergeError",
     "IncompatibleSourcesError",
     "InspectResult",
@@ -44,6 +47,7 @@ __all__ = [
     "RecipeError",
     "SourceError",
     "__version__",
+    "import_mergekit",
     "inspect",
     "load_plan",
     "load_recipe",

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import FrameType
 
 from . import __version__
-from .errors import GateError, HubmergeError
+from .errors import ConfigImportError, GateError, HubmergeError
 
 __all__ = ["main"]
 
@@ -34,6 +34,9 @@ _EPILOG = """commands:
                                   run the recipe's [eval] lm-eval tasks on its output folder (and the
                                   sources); needs pip install "hubmerge[eval]"
   hubmerge schema                 print the recipe's JSON Schema, for editors (`#:schema` line) and CI
+  hubmerge import-mergekit CONFIG.yml [-o RECIPE.toml]
+                                  convert a mergekit config into an equivalent recipe (stdout without -o);
+                                  what cannot be converted is listed, one line per key
 
 exit codes: 0 ok, 1 other error (output folder, disk full, lock not reproduced), 2 recipe, 3 source,
   4 incompatible sources, 5 card, 6 publish, 7 evaluation failed, 8 the merge missed [eval] require
@@ -100,6 +103,10 @@ _DESCRIPTIONS = {
     "that read a `#:schema PATH` first line (Taplo / Even Better TOML, Tombi) then complete and check recipes.",
     "eval": "Evaluate the recipe's merged output folder on its [eval] lm-evaluation-harness tasks (and, with "
     "--sources, the base and every model), then update eval_results.json, the chart, the card and the lock.",
+    "import-mergekit": "Convert a mergekit (0.1.5) YAML config into a hubmerge recipe that merges the same: "
+    "method, base, models, parameters (gradients and filters), dtype, tokenizer source. What has no "
+    "equivalent (layer-range slices, LoRA references, MoE, modules, ...) is listed one line per key, and "
+    "nothing is written; what mergekit reads without effect is dropped with a note.",
 }
 
 
@@ -107,6 +114,15 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"hubmerge {command}", description=_DESCRIPTIONS[command])
     if command == "validate":
         p.add_argument("recipes", type=Path, nargs="+", help="recipe files (TOML)")
+    elif command == "import-mergekit":
+        p.add_argument("config", type=Path, help="the mergekit config (YAML)")
+        p.add_argument(
+            "-o",
+            "--output",
+            type=Path,
+            help="write the recipe here (it must not exist yet; local model folders are named relative to "
+            "it); default: print it",
+        )
     elif command != "schema":
         p.add_argument("recipe", type=Path, help="the recipe file (TOML)")
         where = (
@@ -179,6 +195,26 @@ def _validate(paths: Sequence[Path]) -> int:
     return first_failure
 
 
+def _import_mergekit(args: argparse.Namespace) -> int:
+    from .mergekit_config import import_mergekit
+
+    imported = import_mergekit(args.config, args.output)
+    for note in imported.notes:
+        print(f"note: {args.config}: {note}", file=sys.stderr)
+    if args.output is None:
+        sys.stdout.write(imported.text)
+        return 0
+    try:
+        with open(args.output, "x", encoding="utf-8") as f:  # never over a file this run did not make
+            f.write(imported.text)
+    except FileExistsError:
+        raise HubmergeError(f"{args.output} exists; choose another -o or remove it") from None
+    except OSError as exc:
+        raise HubmergeError(f"cannot write {args.output} ({exc.strerror or exc})") from None
+    print(f"wrote {args.output} ({imported.method}); check it with: hubmerge validate {args.output}")
+    return 0
+
+
 def _dispatch(argv: Sequence[str]) -> int:
     if argv and argv[0] == "validate":  # before importing the merge API: validating needs no torch
         return _validate(_command_parser("validate").parse_args(argv[1:]).recipes)
@@ -188,6 +224,8 @@ def _dispatch(argv: Sequence[str]) -> int:
         _command_parser("schema").parse_args(argv[1:])
         print(json.dumps(json_schema(), indent=2, ensure_ascii=False))
         return 0
+    if argv and argv[0] == "import-mergekit":  # nor does importing a mergekit config
+        return _import_mergekit(_command_parser("import-mergekit").parse_args(argv[1:]))
 
     from . import api
     from .report import explain, plan_json, plan_text, summary_markdown
@@ -325,7 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HubmergeError as exc:
         if debug:
             traceback.print_exc()
-        print(f"hubmerge: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
+        for problem in exc.problems if isinstance(exc, ConfigImportError) else (str(exc),):  # one line each
+            print(f"hubmerge: error: {' '.join(problem.split())}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:  # only where the handler is not ours (main() called off the main thread)
         print("hubmerge: interrupted", file=sys.stderr)

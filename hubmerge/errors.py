@@ -2,6 +2,7 @@
 
     HubmergeError                     exit 1: anything else we anticipated
      ├── RecipeError                  exit 2: the recipe file is not valid (syntax, schema, parameters)
+     │    └── ConfigImportError       exit 2: a mergekit config `import-mergekit` cannot convert (one line a key)
      ├── SourceError                  exit 3: a source model cannot be found, read or downloaded
      ├── IncompatibleSourcesError     exit 4: the sources cannot be merged together (names, shapes, architecture)
      ├── CardError                    exit 5: the model card cannot be rendered (template, license)
@@ -14,8 +15,11 @@ Exit code 130 means interrupted and 70 an internal error, a bug (run with HUBMER
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = [
     "CardError",
+    "ConfigImportError",
     "EvalError",
     "GateError",
     "HubmergeError",
@@ -34,6 +38,14 @@ class HubmergeError(Exception):
 
 class RecipeError(HubmergeError, ValueError):
     exit_code = 2
+
+
+class ConfigImportError(RecipeError):
+    """Every part of a mergekit config that has no equivalent recipe, one complete sentence each."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = tuple(problems)
 
 
 class SourceError(HubmergeError):

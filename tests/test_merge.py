@@ -41,7 +41,15 @@ def ref_simple_average(models: list[dict[str, torch.Tensor]]) -> dict[str, torch
 
 
 def ref_linear(models: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-    return {k: sum(w * m[k] for w, m in zip(weights, models)) / sum(weights) for k in models[0]}
+    """mergekit's linear: float32 weights, one fused multiply-add per model, divided by their float32 sum."""
+    w = torch.tensor(weights, dtype=torch.float32)
+    out = {}
+    for k in models[0]:
+        acc = torch.zeros_like(models[0][k], dtype=torch.float32)
+        for weight, m in zip(w, models):
+            acc.addcmul_(m[k].float(), weight)
+        out[k] = acc / w.sum()
+    return out
 
 
 def ref_task_arithmetic(

@@ -15,13 +15,15 @@ WEIGHT = Param("weight", float, 1.0, "this model's weight wᵢ", symbol="wᵢ")
 def merge(s: Slice, stats: Stats) -> Tensor:
     import torch
 
-    weights = s.weights()
-    total = s.models[0] * weights[0]
+    # mergekit's order of operations, so float32 results are bit-identical: weights in the compute dtype,
+    # each term added with one fused multiply-add (addcmul), the sum of the weights taken in that dtype.
+    weights = torch.tensor(s.weights(), dtype=s.dtype, device=s.models[0].device)
+    total = torch.zeros_like(s.models[0])
     scratch = torch.empty_like(total)
-    for m, w in zip(s.models[1:], weights[1:], strict=True):
-        total += scratch.copy_(m).mul_(w)  # m · w rounded in float32, as for an upcast m
+    for m, w in zip(s.models, weights, strict=True):
+        total.addcmul_(m if m.dtype == total.dtype else scratch.copy_(m), w)
     if s.params["normalize"]:
-        total.div_(sum(weights))
+        total.div_(weights.sum())
     return total
 
 
