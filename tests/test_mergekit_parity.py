@@ -36,7 +36,19 @@ RUNS = [r for r in json.loads(MANIFEST.read_text())["runs"] if r["deterministic"
 HUBMERGE_NAME = {"ties": "mergekit_ties"}  # hubmerge's `ties` is FusionBench's
 # Where a method's notes say its whole-tensor reductions (norms, inner products, iterations) are summed in
 # another order than mergekit's, the difference they state, relative to the tensor's largest magnitude.
-TOLERANCE = {"slerp": 1e-6, "nuslerp": 1e-6, "model_stock": 1e-6, "multislerp": 1e-6, "karcher": 1e-5}
+TOLERANCE = {
+    "slerp": 1e-6,
+    "nuslerp": 1e-6,
+    "model_stock": 1e-6,
+    "multislerp": 1e-6,
+    "karcher": 1e-5,
+    "sce": 1e-6,
+}
+# Methods that keep the k largest |τ| per tensor. mergekit takes them from torch's unstable argsort, so
+# among entries tied with the k-th magnitude it keeps an arbitrary subset; hubmerge keeps all of them (the
+# methods' notes). bf16 task vectors tie by the hundreds: those runs cannot match element for element, and
+# tests/test_mergekit_parity_gta.py compares them outside the tied positions instead (max abs diff 0).
+TIED_AT_CUT = {"mergekit_ties", "breadcrumbs", "breadcrumbs_ties", "sce"}
 # Where mergekit rounded the inputs to bfloat16 or computed in it (task vectors, weights and sums in bf16),
 # hubmerge's float32 result differs by at most this many bf16 steps of the largest input at that element.
 BF16_ROUNDED_STEPS = 4
@@ -71,6 +83,12 @@ def _case(run: dict[str, Any]) -> Any:
         )
         if missing:
             reason = f"{method} has no parameter {', '.join(missing)} yet"
+        bf16 = run["input_set"].startswith("bf16") or config.get("dtype") == "bfloat16"
+        if reason is None and method in TIED_AT_CUT and bf16:
+            reason = (
+                f"{method} on bfloat16 task vectors: mergekit keeps an arbitrary subset of the entries tied at "
+                "the cut (unstable argsort) and computes in bfloat16; compared outside those entries elsewhere"
+            )
     marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
     return pytest.param(run, id=run["name"], marks=marks)
 

@@ -150,5 +150,7 @@ METHOD = Method(
     "Σⱼ τⱼ, as in TIES.",
     symbols=(("mᵢ", "the sign-agreement mask of model i"), ("wᵢ", "the weight of model i, from its tensor")),
     notes="mergekit's `int8_mask` only changes the mask's memory and is not needed here. Positions tied with "
-    "the k-th largest variance are all kept (torch.topk keeps an arbitrary k of them).",
+    "the k-th largest variance are all kept (torch.topk keeps an arbitrary k of them). The weights wᵢ are "
+    "sums over the whole tensor, accumulated slice by slice: in float32 the result is within 1e-6 of the "
+    "tensor's largest magnitude of mergekit's, not bit for bit.",
 )
