@@ -56,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         x, y = get(fa[name], name), get(fb[name], name)
         dtypes.add((str(x.dtype), str(y.dtype)))
         if x.shape != y.shape:
-            print(json.dumps({"label": args.label, "error": f"{name}: shape {list(x.shape)} vs {list(y.shape)}"}))
+            print(
+                json.dumps(
+                    {"label": args.label, "error": f"{name}: shape {list(x.shape)} vs {list(y.shape)}"}
+                )
+            )
             return 1
         total += x.numel()
         diff = (x.float() - y.float()).abs()
@@ -68,18 +72,22 @@ def main(argv: list[str] | None = None) -> int:
         if m > max_abs:
             max_abs, worst = m, (name, m)
         del x, y, diff
-    print(json.dumps({
-        "label": args.label,
-        "tensors_compared": len(common),
-        "only_in_a": sorted(set(fa) - set(fb)),
-        "only_in_b": sorted(set(fb) - set(fa)),
-        "dtypes": sorted(map(list, dtypes)),
-        "elements": total,
-        "max_abs_diff": max_abs,
-        "max_ulp_bf16": max_ulp,
-        "fraction_differing": differing / total if total else 0.0,
-        "worst_tensor": worst[0],
-    }))
+    print(
+        json.dumps(
+            {
+                "label": args.label,
+                "tensors_compared": len(common),
+                "only_in_a": sorted(set(fa) - set(fb)),
+                "only_in_b": sorted(set(fb) - set(fa)),
+                "dtypes": sorted(map(list, dtypes)),
+                "elements": total,
+                "max_abs_diff": max_abs,
+                "max_ulp_bf16": max_ulp,
+                "fraction_differing": differing / total if total else 0.0,
+                "worst_tensor": worst[0],
+            }
+        )
+    )
     return 0 if common and not (set(fa) ^ set(fb)) else 1
 
 

@@ -56,6 +56,7 @@ def set_shape(shape: str) -> None:
         intermediate_size=INTERMEDIATE,
     )
 
+
 # Like the real Qwen/Qwen2.5-1.5B config.json (transformers 4.x style keys, as published on the Hub).
 CONFIG = {
     "architectures": ["Qwen2ForCausalLM"],
@@ -127,7 +128,9 @@ def tensor_specs() -> list[tuple[str, tuple[int, ...]]]:
 
 
 def _seed(*parts: object) -> int:
-    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") & (2**63 - 1)
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") & (
+        2**63 - 1
+    )
 
 
 def _randn(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -192,8 +195,12 @@ def make(model: str, out: Path) -> None:
     (folder / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copyfile(TINY / name, folder / name)
-    what = "The base: no noise." if model == "base" else (
-        f'A "fine-tune": the base plus per-tensor Gaussian noise (std 1-4 % of the tensor\'s spread), seed "{model}".'
+    what = (
+        "The base: no noise."
+        if model == "base"
+        else (
+            f'A "fine-tune": the base plus per-tensor Gaussian noise (std 1-4 % of the tensor\'s spread), seed "{model}".'
+        )
     )
     (folder / "README.md").write_text(README.format(name=model, what=what, size=SIZE))
     print(f"{folder}: {size:,} bytes in {time.perf_counter() - start:.1f} s", flush=True)
@@ -208,14 +215,20 @@ def verify(out: Path, model: str) -> None:
         keys = set(f.keys())
         assert keys == set(specs), "tensor names differ"
         assert "lm_head.weight" not in keys
-        for name in ("model.norm.weight", "model.layers.3.self_attn.k_proj.bias", f"model.layers.{LAYERS - 1}.self_attn.v_proj.weight"):
+        for name in (
+            "model.norm.weight",
+            "model.layers.3.self_attn.k_proj.bias",
+            f"model.layers.{LAYERS - 1}.self_attn.v_proj.weight",
+        ):
             assert torch.equal(f.get_tensor(name), model_tensor(model, name, specs[name])), name
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=HERE / "work" / "models")
-    p.add_argument("--only", default="base,math,coder,instruct", help="comma-separated subset of " + ",".join(MODELS))
+    p.add_argument(
+        "--only", default="base,math,coder,instruct", help="comma-separated subset of " + ",".join(MODELS)
+    )
     p.add_argument("--shape", choices=sorted(SHAPES), default="1.5b", help="Qwen2.5 size to imitate")
     p.add_argument("--force", action="store_true", help="rewrite models that already exist")
     args = p.parse_args(argv)
@@ -226,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         for d in shape:
             k *= d
         total += k
-    print(f"{len(tensor_specs())} tensors, {total:,} parameters, {2 * total / 1e9:.3f} GB in bf16 per model", flush=True)
+    print(
+        f"{len(tensor_specs())} tensors, {total:,} parameters, {2 * total / 1e9:.3f} GB in bf16 per model",
+        flush=True,
+    )
     for model in args.only.split(","):
         if model not in MODELS:
             p.error(f"unknown model {model!r}")

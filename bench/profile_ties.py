@@ -31,7 +31,9 @@ counts: dict[str, int] = defaultdict(int)
 
 def memory() -> str:
     """Current and peak resident memory of this process, from /proc."""
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    fields = dict(
+        line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
+    )
     rss, hwm = (int(fields[k].split()[0]) / 2**20 for k in ("VmRSS", "VmHWM"))
     return f"RSS {rss:.2f} GB, peak {hwm:.2f} GB"
 
@@ -77,7 +79,10 @@ def install() -> None:
         stats["sign_sum"] += chunk.sign_sum
         stats["chunks"] = stats.get("chunks", 0) + 1
         if stats["chunks"] % 1000 == 0:
-            print(f"merge chunk {stats['chunks']}: {stats['undecided']:,} undecided so far, {memory()}", flush=True)
+            print(
+                f"merge chunk {stats['chunks']}: {stats['undecided']:,} undecided so far, {memory()}",
+                flush=True,
+            )
         return chunk
 
     engine.ties = ties_counted
@@ -145,8 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - start
     print(f"hubmerge.merge: {total:.1f} s wall (profiled)")
     for name in sorted(timers):
-        print(f"  {timers[name]:8.1f} s  {100 * timers[name] / total:5.1f} %  {name}  ({counts.get(name, '')} calls)")
-    print(f"ties chunks: {TIES_STATS}  (undecided = positions whose elected sign is 0 but some trimmed τ is not)")
+        print(
+            f"  {timers[name]:8.1f} s  {100 * timers[name] / total:5.1f} %  {name}  ({counts.get(name, '')} calls)"
+        )
+    print(
+        f"ties chunks: {TIES_STATS}  (undecided = positions whose elected sign is 0 but some trimmed τ is not)"
+    )
     if not args.no_cprofile:
         s = io.StringIO()
         stats = pstats.Stats(str(args.stats), stream=s)

@@ -14,6 +14,7 @@ For every shape (Qwen2.5-0.5B / 1.5B layouts), number of fine-tunes and method i
     python bench/run.py                                # 0.5B, 3 fine-tunes, all methods, 3 repeats
     python bench/run.py --shape 1.5b --models 2,3,5    # the scaling table
     python bench/run.py --with-mergekit                # also mergekit 0.1.5 in bench/work/venv-mergekit
+    python bench/run.py --shape 1.5b --methods dare_ties,slerp,model_stock --with-mergekit
 
 mergekit (and FusionBench, `--with-fusionbench`, installed only: see RESULTS.md) get their own virtual
 environments under bench/work/, with torch==2.13.0 installed first so they compute with the same torch.
@@ -107,16 +108,31 @@ def make_models(shape: str, count: int) -> Path:
     return folder
 
 
+# The parameters of each method's row, in hubmerge's recipe and in mergekit's config (same math).
+PARAMETERS = {
+    "task_arithmetic": ("scaling_factor = 0.8", {"lambda": 0.8, "normalize": "false"}),
+    "ties": (
+        'scaling_factor = 0.8\nthreshold = 20\nmerge_func = "sum"',
+        {"lambda": 0.8, "normalize": "false"},
+    ),
+    "dare_ties": ("density = 0.5\nlambda = 1.0\nseed = 0", {"density": 0.5, "lambda": 1.0}),
+    "slerp": ("t = 0.5", {"t": 0.5}),
+    "model_stock": ("", {}),
+}
+
+
+def fine_tunes(method: str, count: int) -> tuple[str, ...]:
+    return FINE_TUNES[:1] if method == "slerp" else FINE_TUNES[:count]  # slerp: the base and one model
+
+
 def hubmerge_recipe(method: str, shape: str, count: int) -> str:
-    models = ", ".join(f'"../models-{shape}/{m}"' for m in FINE_TUNES[:count])
+    models = ", ".join(f'"../models-{shape}/{m}"' for m in fine_tunes(method, count))
     text = f'method = "{method}"\n'
     if method != "simple_average":
         text += f'base = "../models-{shape}/base"\n'
     text += f'models = [{models}]\ndtype = "bfloat16"\n'
-    if method == "task_arithmetic":
-        text += "\n[parameters]\nscaling_factor = 0.8\n"
-    if method == "ties":
-        text += '\n[parameters]\nscaling_factor = 0.8\nthreshold = 20\nmerge_func = "sum"\n'
+    if PARAMETERS.get(method, ("",))[0]:
+        text += f"\n[parameters]\n{PARAMETERS[method][0]}\n"
     return text
 
 
@@ -127,11 +143,16 @@ def mergekit_config(method: str, shape: str, count: int) -> str:
     if method != "simple_average":
         lines.append(f"base_model: ../models-{shape}/base")
     lines.append("models:")
-    for m in FINE_TUNES[:count]:
+    if method == "slerp":  # mergekit's slerp lists the base among its two models
+        lines.append(f"  - model: ../models-{shape}/base")
+    for m in fine_tunes(method, count):
         params = "{weight: 1.0, density: 0.2}" if method == "ties" else "{weight: 1.0}"
-        lines += [f"  - model: ../models-{shape}/{m}", f"    parameters: {params}"]
-    if method != "simple_average":
-        lines += ["parameters:", "  lambda: 0.8", "  normalize: false"]
+        lines += [f"  - model: ../models-{shape}/{m}"]
+        if method not in ("slerp", "model_stock"):
+            lines.append(f"    parameters: {params}")
+    shared = PARAMETERS.get(method, ("", {}))[1]
+    if shared:
+        lines += ["parameters:", *(f"  {k}: {v}" for k, v in shared.items())]
     lines += ["dtype: float32", "out_dtype: bfloat16", ""]
     return "\n".join(lines)
 
@@ -228,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                     name = f"{method}-{shape}-{count}"
                     recipe = configs / f"{name}.toml"
                     recipe.write_text(hubmerge_recipe(method, shape, count))
-                    needed = ([] if method == "simple_average" else ["base"]) + list(FINE_TUNES[:count])
+                    needed = ([] if method == "simple_average" else ["base"]) + list(
+                        fine_tunes(method, count)
+                    )
                     inputs = [models / m / "model.safetensors" for m in needed]
                     size = inputs[0].stat().st_size  # the output has the inputs' layout and dtype
                     target = out / name

@@ -114,6 +114,11 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--output", type=Path, help=where)
     if command == "plan":
         p.add_argument("--json", action="store_true", help="print the plan as JSON")
+        p.add_argument(
+            "--explain",
+            metavar="PARAM",
+            help="print the value of a method parameter for every tensor (gradients and filters resolved)",
+        )
         p.add_argument("--lock", type=Path, help="pin sources to this hubmerge.lock.json")
         p.add_argument(
             "--summary", type=Path, default=_default_summary(), help="append a Markdown summary here"
@@ -176,7 +181,7 @@ def _dispatch(argv: Sequence[str]) -> int:
         return _validate(_command_parser("validate").parse_args(argv[1:]).recipes)
 
     from . import api
-    from .report import plan_json, plan_text, summary_markdown
+    from .report import explain, plan_json, plan_text, summary_markdown
 
     if argv and argv[0] == "inspect":
         return _inspect(_command_parser("inspect").parse_args(argv[1:]))
@@ -185,6 +190,9 @@ def _dispatch(argv: Sequence[str]) -> int:
     if argv and argv[0] in COMMANDS:
         command, args = argv[0], _command_parser(argv[0]).parse_args(argv[1:])
         merge_plan = api.load_plan(args.recipe, args.output, getattr(args, "lock", None))
+        if command == "plan" and args.explain:
+            print(explain(merge_plan, args.explain))
+            return 0
         if command == "plan":
             print(json.dumps(plan_json(merge_plan), indent=2) if args.json else plan_text(merge_plan))
             _append(args.summary, summary_markdown(merge_plan))
@@ -313,6 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # only where the handler is not ours (main() called off the main thread)
         print("hubmerge: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `hubmerge plan ... | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     except Exception as exc:
         if debug:
             raise

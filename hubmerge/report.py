@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Any
 
 from . import __version__
+from .errors import RecipeError
 from .plan import MergePlan
 from .schedule import to_json
 
-__all__ = ["plan_json", "plan_text", "summary_markdown"]
+__all__ = ["explain", "plan_json", "plan_text", "summary_markdown"]
 
 
 def _gb(n: int) -> str:
@@ -24,6 +26,12 @@ def plan_json(plan: MergePlan) -> dict[str, Any]:
         "recipe_sha256": r.sha256,
         "method": r.method.name,
         "parameters": {k: to_json(v) for k, v in r.parameters.items()},
+        # Statistics gathered before merging, and how many times every input byte is read in all.
+        "passes": [
+            {"name": p.name, "kind": type(p).__name__.lower(), "scope": p.scope}
+            for p in r.method.active_passes(r.parameters)
+        ],
+        "reads": r.method.reads(r.parameters),
         "sources": [
             {
                 "role": role.name,
@@ -75,6 +83,9 @@ def plan_json(plan: MergePlan) -> dict[str, Any]:
 def plan_text(plan: MergePlan) -> str:
     data = plan_json(plan)
     lines = [f"recipe   {data['recipe']}", f"method   {data['method']} {data['parameters'] or ''}".rstrip()]
+    if data["passes"]:
+        passes = ", ".join(f"{p['name']} ({p['kind']} over each {p['scope']})" for p in data["passes"])
+        lines.append(f"passes   {passes}: every input is read {data['reads']} times")
     for s in data["sources"]:
         pinned = f" @ {s['sha']}" if s["sha"] else ""
         params = f" {s['parameters']}" if s["parameters"] and s["parameters"] != {"weight": 1.0} else ""
@@ -144,3 +155,33 @@ def summary_markdown(plan: MergePlan, commit_url: str | None = None, merged: boo
         lines.append(f"Pushed: {_md(commit_url)}")
     lines += [f"> warning: {_md(w)}" for w in data["warnings"]]
     return "\n".join(lines) + "\n"
+
+
+def explain(plan: MergePlan, name: str) -> str:
+    """Parameter `name` as resolved for every output tensor (gradients and filters evaluated): one line per
+    tensor, the global value or one value per model. Raises `RecipeError` for a parameter the method lacks."""
+    method = plan.recipe.method
+    known = [p.name for p in method.params + method.model_params]
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = (
+            f"did you mean {close[0]!r}?" if close else f"{method.name} takes: {', '.join(known) or 'none'}"
+        )
+        raise RecipeError(f"--explain {name}: {method.name} has no parameter {name!r}; {hint}")
+    per_model = name not in {p.name for p in method.params}
+    header = [role.name for role in plan.model_roles] if per_model else [name]
+    rows = [
+        [_value(v) for v in ([m[name] for m in t.model_params] if per_model else [t.params[name]])]
+        for t in plan.tensors
+    ]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    first = max(len(t.name) for t in plan.tensors)
+    table = [["tensor", *header]] + [[t.name, *row] for t, row in zip(plan.tensors, rows, strict=True)]
+    lines = [
+        "  ".join(f"{c:<{w}}" for c, w in zip(row, [first, *widths], strict=True)).rstrip() for row in table
+    ]
+    return "\n".join(lines)
+
+
+def _value(v: object) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)

@@ -140,7 +140,7 @@ ROWS: list[tuple[str, str, str, Setup, dict[str, str], int, str]] = [
         _nothing,
         {},
         2,
-        "parameters.scaling_factor: must be a float, got 'high'",
+        "parameters.scaling_factor: must be a number, got 'high'",
     ),
     (
         "out of range",
