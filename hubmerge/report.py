@@ -8,6 +8,7 @@ from typing import Any
 
 from . import __version__
 from .errors import RecipeError
+from .methods.base import Pass, Reduce
 from .plan import MergePlan
 from .schedule import to_json
 
@@ -16,6 +17,13 @@ __all__ = ["explain", "plan_json", "plan_text", "summary_markdown"]
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.2f} MB" if n >= 10**5 else f"{n} B"
+
+
+def _pass_json(p: Pass, plan: MergePlan) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": p.name, "kind": type(p).__name__.lower(), "scope": p.scope}
+    if isinstance(p, Reduce) and p.shapes is not None:  # a pass limited to some shapes reads only those
+        entry["tensors"] = sum(1 for t in plan.tensors if p.shapes(t.shape))
+    return entry
 
 
 def plan_json(plan: MergePlan) -> dict[str, Any]:
@@ -28,10 +36,7 @@ def plan_json(plan: MergePlan) -> dict[str, Any]:
         "method": r.method.name,
         "parameters": {k: to_json(v) for k, v in r.parameters.items()},
         # Statistics gathered before merging, and how many times every input byte is read in all.
-        "passes": [
-            {"name": p.name, "kind": type(p).__name__.lower(), "scope": p.scope}
-            for p in r.method.active_passes(r.parameters, settings)
-        ],
+        "passes": [_pass_json(p, plan) for p in r.method.active_passes(r.parameters, settings)],
         "reads": r.method.reads(r.parameters, settings),
         "sources": [
             {
@@ -85,8 +90,13 @@ def plan_text(plan: MergePlan) -> str:
     data = plan_json(plan)
     lines = [f"recipe   {data['recipe']}", f"method   {data['method']} {data['parameters'] or ''}".rstrip()]
     if data["passes"]:
-        passes = ", ".join(f"{p['name']} ({p['kind']} over each {p['scope']})" for p in data["passes"])
-        lines.append(f"passes   {passes}: every input is read {data['reads']} times")
+        passes = ", ".join(
+            f"{p['name']} ({p['kind']} over each {p['scope']}"
+            + (f", {p['tensors']} of {len(plan.tensors)} tensors)" if "tensors" in p else ")")
+            for p in data["passes"]
+        )
+        at_most = "at most " if any("tensors" in p for p in data["passes"]) else ""
+        lines.append(f"passes   {passes}: every input is read {at_most}{data['reads']} times")
     for s in data["sources"]:
         pinned = f" @ {s['sha']}" if s["sha"] else ""
         params = f" {s['parameters']}" if s["parameters"] and s["parameters"] != {"weight": 1.0} else ""

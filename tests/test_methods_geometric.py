@@ -30,6 +30,7 @@ import hubmerge
 from hubmerge import plan as plan_module
 from hubmerge.errors import HubmergeError, RecipeError
 from hubmerge.methods import sphere
+from hubmerge.report import plan_json, plan_text
 
 StateDict = dict[str, torch.Tensor]
 VOCAB = 64  # short embeddings keep the 7-element slice runs fast; they still span 64 slices
@@ -384,6 +385,21 @@ def test_nuslerp_per_row_reads_only_1d_tensors_twice(tmp_path, monkeypatch):
     monkeypatch.setattr(sphere, "gram", spy)
     merge(tmp_path, recipe("nuslerp", True, [("m0", 0.3), ("m1", 0.7)], NUSLERP_MODES["row"]))
     assert seen and all(len(shape) == 1 for shape in seen)
+
+
+def test_the_plan_says_which_tensors_a_per_row_pass_reads(tmp_path):
+    family(tmp_path, torch.float32, False)
+    path = tmp_path / "rows.toml"
+    path.write_text(recipe("nuslerp", True, [("m0", 0.3), ("m1", 0.7)], NUSLERP_MODES["row"]))
+    plan = hubmerge.load_plan(path)
+    vectors = sum(1 for t in plan.tensors if len(t.shape) == 1)
+    assert 0 < vectors < len(plan.tensors)
+    assert plan_json(plan)["passes"] == [
+        {"name": "gram", "kind": "reduce", "scope": "tensor", "tensors": vectors}
+    ]
+    assert f"{vectors} of {len(plan.tensors)} tensors): every input is read at most 2 times" in plan_text(
+        plan
+    )
 
 
 # --- multislerp ------------------------------------------------------------------------------------------
