@@ -116,7 +116,7 @@ def demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "notours" / "x").touch()
     recipes = {
         "ok.toml": 'method = "task_arithmetic"\nbase = "./models/base"\nmodels = ["./models/math"]\n',
-        "r2.toml": 'method = "ties-merging"\nbase = "./models/base"\nmodels = ["./models/math"]\n',
+        "r2.toml": 'method = "task-arithmetics"\nbase = "./models/base"\nmodels = ["./models/math"]\n',
         "r3.toml": 'method = "ties"\nbase = "./models/base"\nmodels = ["./models/maths"]\n',
         "r4.toml": 'method = "ties"\nbase = "./models/base"\nmodels = ["./models/small"]\n',
         "r5.toml": 'method = "ties"\nbase = "./models/base"\nmodels = ["./models/nolicense"]\n',
