@@ -171,11 +171,11 @@ def merge(
     that misses `[eval] require` is written but not pushed (`GateError`). `sanity=False` (or `[eval] sanity =
     false`) skips the quick sanity check (sanity.py).
 
-    When pushing, `upload_while_merging` uploads each shard as soon as it is written, while the merge goes on;
-    the one commit is made once the whole output is uploaded (`publish.ShardUploader`). `delete_uploaded`
-    then deletes each shard from the output folder once it is on the Hub, so that at most two shards are on
-    the disk at a time; the folder keeps the side files and the lock, and no sanity check or evaluation runs
-    (they read the whole model).
+    When pushing (without `evaluate`, whose gate comes first), `upload_while_merging` uploads each shard as
+    soon as it is written, while the merge goes on; the one commit is made once the whole output is uploaded
+    (`publish.ShardUploader`). `delete_uploaded` then deletes each shard from the output folder once it is on
+    the Hub, so that at most two shards are on the disk at a time (TIES: all of them until the merge ends);
+    the folder keeps the side files and the lock, and no sanity check runs (it reads the whole model).
     """
     merge_plan = load_plan(recipe_path, output_dir, lock)
     spec = _eval_spec(merge_plan) if evaluate else None
@@ -188,16 +188,17 @@ def merge(
     check_target(directory, merge_plan.output_bytes)
     compute = _device(device)
     publishing = push and merge_plan.recipe.output.repo is not None
-    streaming = publishing and upload_while_merging
-    if delete_uploaded and not streaming:
-        raise HubmergeError(
-            "delete_uploaded deletes shards once they are uploaded, so it needs a push with "
-            "upload_while_merging; without a push the output folder must hold the whole model"
-        )
     if delete_uploaded and spec is not None:
         raise HubmergeError(
             "an evaluation reads the whole merged model from the disk, which delete_uploaded does not keep; "
             "evaluate without delete_uploaded, or afterwards from the pushed repo"
+        )
+    # An [eval] gate decides whether anything leaves the machine: nothing is uploaded before it passes.
+    streaming = publishing and upload_while_merging and spec is None
+    if delete_uploaded and not streaming:
+        raise HubmergeError(
+            "delete_uploaded deletes shards once they are uploaded, so it needs a push with "
+            "upload_while_merging; without a push the output folder must hold the whole model"
         )
     if delete_uploaded and sanity and merge_plan.recipe.sanity:
         log(
@@ -258,12 +259,7 @@ def merge(
     result = MergeResult(merge_plan, directory, tuple(sorted(files)), None, document, evaluation, report)
     if evaluation is not None:
         where = f"it is in {directory} but was not pushed" if publishing else f"the output is in {directory}"
-        try:
-            _gate(evaluation, where)
-        except GateError:
-            if uploader is not None:
-                uploader.cancel()  # the shards uploaded so far belong to no commit
-            raise
+        _gate(evaluation, where)
     if not publishing:
         return result
     if uploader is not None:
