@@ -158,8 +158,7 @@ ROWS: list[tuple[str, str, str, Setup, dict[str, str], int, str]] = [
         _nothing,
         {},
         2,
-        "unknown method 'fisher_merging'; known methods: simple_average, linear, task_arithmetic, ties, slerp, "
-        "nuslerp, multislerp, karcher, model_stock",
+        "unknown method 'fisher_merging'; known methods: simple_average, linear, task_arithmetic, ties, ",
     ),
     (
         "parameter the method does not take",

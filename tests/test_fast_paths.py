@@ -14,12 +14,14 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from hubmerge import methods
 from hubmerge.lock import SourceHashes
+from hubmerge.methods import METHODS, Slice
+from hubmerge.methods.ties import _disjoint_merge
 from hubmerge.selection import bracket, kth_smallest
 
 
@@ -96,22 +98,42 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
+def _merge(
+    method: str,
+    base: torch.Tensor | None,
+    models: list[torch.Tensor],
+    params: dict[str, object],
+    weights: list[float] | None = None,
+    stats: dict[str, object] | None = None,
+) -> Any:
+    """One slice through a registered method's merge step, as the engine calls it."""
+    model_params = tuple({"weight": w, "density": 1.0} for w in weights or [1.0] * len(models))
+    s = Slice("t", tuple(models[0].shape), 0, base, tuple(models), params, model_params)  # type: ignore[arg-type]
+    return METHODS[method].merge(s, stats or {})
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_methods_on_stored_dtype_models_equal_upcast_copies_bit_for_bit(dtype: torch.dtype) -> None:
     base, models = _inputs(dtype)
     b32, m32 = base.float(), [m.float() for m in models]
     mixed = [m32[0], *models[1:]]  # the engine upcasts only the first slice
-    assert _same_bits(methods.simple_average(mixed), methods.simple_average(m32))
-    assert _same_bits(methods.linear(mixed, [0.3, 1.0, 2.5]), methods.linear(m32, [0.3, 1.0, 2.5]))
+    assert _same_bits(_merge("simple_average", None, mixed, {}), _merge("simple_average", None, m32, {}))
+    weights = [0.3, 1.0, 2.5]
+    linear = {"normalize": True}
     assert _same_bits(
-        methods.task_arithmetic(b32, models, [1.0, 0.7, 1.0], 0.8),
-        methods.task_arithmetic(b32, m32, [1.0, 0.7, 1.0], 0.8),
+        _merge("linear", None, mixed, linear, weights), _merge("linear", None, m32, linear, weights)
+    )
+    ta = {"scaling_factor": 0.8, "normalize": False, "rescale": False}
+    assert _same_bits(
+        _merge("task_arithmetic", b32, models, ta, [1.0, 0.7, 1.0]),
+        _merge("task_arithmetic", b32, m32, ta, [1.0, 0.7, 1.0]),
     )
     cuts = [float((m - b32).abs().median()) for m in m32]
     for merge_func in ("sum", "mean", "max"):
+        ties = {"scaling_factor": 0.8, "merge_func": merge_func}
         fast, plain = (
-            methods.ties(b32, models, cuts, 0.8, merge_func),
-            methods.ties(b32, m32, cuts, 0.8, merge_func),
+            _merge("ties", b32, models, ties, stats={"cut": cuts}),
+            _merge("ties", b32, m32, ties, stats={"cut": cuts}),
         )
         assert _same_bits(fast.values, plain.values) and fast.sign_sum == plain.sign_sum
         assert torch.equal(fast.undecided, plain.undecided) and fast.undecided.numel() > 0
@@ -121,11 +143,11 @@ def test_ties_fused_sum_equals_the_general_disjoint_merge_bit_for_bit() -> None:
     base, models = _inputs(torch.bfloat16)
     b32 = base.float()
     cuts = [float((m.float() - b32).abs().median()) for m in models]
-    chunk = methods.ties(b32, models, cuts, 0.8, "sum")
+    chunk = _merge("ties", b32, models, {"scaling_factor": 0.8, "merge_func": "sum"}, stats={"cut": cuts})
     tv = torch.stack([m.float() - b32 for m in models])
     tv = tv * (tv.abs() >= torch.tensor(cuts)[:, None])
     sign = torch.sign(tv.sum(0))
-    merged = methods._disjoint_merge(tv, torch.where(sign == 0, 1.0, sign), "sum")
+    merged = _disjoint_merge(tv, torch.where(sign == 0, 1.0, sign), "sum")
     assert _same_bits(chunk.values, b32 + 0.8 * merged)
     assert chunk.sign_sum == int(sign.sum())
     assert torch.equal(chunk.undecided, ((sign == 0) & (tv != 0).any(0)).nonzero().flatten())
