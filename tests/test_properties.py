@@ -190,7 +190,7 @@ def param_values(name: str) -> st.SearchStrategy[Any]:
     declared = [p for m in METHODS.values() for p in (*m.params, *m.model_params) if p.name == name]
     near: list[Any] = []
     for p in declared:
-        near += [p.default, *p.choices]
+        near += [*([p.default] if p.default is not None else []), *p.choices]
         for bound in (p.minimum, p.maximum):
             if bound is not None:
                 near += [bound, bound - 1e-9, bound + 1e-9, int(bound)]
@@ -202,7 +202,8 @@ def valid_param(p: Any) -> st.SearchStrategy[Any]:
         return st.sampled_from(p.choices)
     low = -4.0 if p.minimum is None else p.minimum
     high = 4.0 if p.maximum is None else p.maximum
-    return st.floats(low, high, allow_nan=False) | st.integers(int(low), int(high)) | st.just(p.default)
+    numbers = st.floats(low, high, allow_nan=False) | st.integers(int(low), int(high))
+    return numbers if p.default is None else numbers | st.just(p.default)
 
 
 @st.composite
@@ -214,10 +215,11 @@ def valid_parts(draw: st.DrawFn) -> dict[str, dict[str, Any]]:
     if method.needs_base or draw(st.booleans()):
         parts[""]["base"] = draw(local | st.fixed_dictionaries({"source": local}))
     models = []
-    for _ in range(draw(st.integers(1, 3))):
+    contract = method.contract
+    for _ in range(draw(st.integers(contract.min_models, min(3, contract.max_models or 3)))):
         entry = {"source": draw(local)}
         for p in method.model_params:
-            if draw(st.booleans()):
+            if p.default is None or draw(st.booleans()):
                 entry[p.name] = draw(st.floats(0.1, 2.0) | st.integers(1, 3))
         models.append(entry)
     if draw(st.booleans()):
@@ -226,7 +228,9 @@ def valid_parts(draw: st.DrawFn) -> dict[str, dict[str, Any]]:
         parts[""]["models"] = [m["source"] if len(m) == 1 and draw(st.booleans()) else m for m in models]
     if draw(st.booleans()):
         parts[""]["dtype"] = draw(st.sampled_from(["bfloat16", "float32", "float16"]))
-    parts["parameters"] = {p.name: draw(valid_param(p)) for p in method.params if draw(st.booleans())}
+    parts["parameters"] = {
+        p.name: draw(valid_param(p)) for p in method.params if p.default is None or draw(st.booleans())
+    }
     if draw(st.integers(0, 3)) == 0:
         parts["tokenizer"] = {"source": draw(local | st.just("base"))}
     parts["output"] = {"dir": "out"}
