@@ -218,10 +218,11 @@ def valid_parts(draw: st.DrawFn) -> dict[str, dict[str, Any]]:
     if method.needs_base or draw(st.booleans()):
         parts[""]["base"] = draw(local | st.fixed_dictionaries({"source": local}))
     models = []
-    for _ in range(draw(st.integers(1, 3))):
+    contract = method.contract
+    for _ in range(draw(st.integers(contract.min_models, min(3, contract.max_models or 3)))):
         entry = {"source": draw(local)}
         for p in method.model_params:
-            if draw(st.booleans()):
+            if p.default is None or draw(st.booleans()):
                 entry[p.name] = draw(st.floats(0.1, 2.0) | st.integers(1, 3))
         models.append(entry)
     if draw(st.booleans()):
@@ -230,7 +231,9 @@ def valid_parts(draw: st.DrawFn) -> dict[str, dict[str, Any]]:
         parts[""]["models"] = [m["source"] if len(m) == 1 and draw(st.booleans()) else m for m in models]
     if draw(st.booleans()):
         parts[""]["dtype"] = draw(st.sampled_from(["bfloat16", "float32", "float16"]))
-    parts["parameters"] = {p.name: draw(valid_param(p)) for p in method.params if draw(st.booleans())}
+    parts["parameters"] = {
+        p.name: draw(valid_param(p)) for p in method.params if p.default is None or draw(st.booleans())
+    }
     if draw(st.integers(0, 3)) == 0:
         parts["tokenizer"] = {"source": draw(local | st.just("base"))}
     parts["output"] = {"dir": "out"}
