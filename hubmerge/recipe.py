@@ -83,6 +83,7 @@ class OutputSpec:
     branch: str | None = None
     create_pr: bool = False
     max_shard_size: int = 5 * 10**9
+    max_disk: int | None = None  # bytes of disk the run may use; None: the free space (budget.py)
     stats: bool = True  # merge diagnostics (diagnostics.py): merge_stats.json and plots in the output
 
 
@@ -400,7 +401,11 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
         tokenizer = r.model(tokenizer_table, "tokenizer", METHODS["simple_average"], {})
 
     out = r.get(data, "output", dict, "") or {}
-    r.check_keys(out, ("dir", "repo", "private", "branch", "create_pr", "max_shard_size", "stats"), "output.")
+    r.check_keys(
+        out,
+        ("dir", "repo", "private", "branch", "create_pr", "max_shard_size", "max_disk", "stats"),
+        "output.",
+    )
     if output_dir is not None:
         out_dir = r.path_of(str(output_dir), "--output", Path.cwd())
     elif r.get(out, "dir", str, "output.") is not None:
@@ -414,6 +419,10 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
         max_shard_size = parse_size(out.get("max_shard_size", "5GB"))
     except ValueError as exc:
         raise r.fail("output.max_shard_size", str(exc)) from None
+    try:
+        max_disk = parse_size(out["max_disk"]) if "max_disk" in out else None
+    except ValueError as exc:
+        raise r.fail("output.max_disk", str(exc)) from None
     branch = r.get(out, "branch", str, "output.")
     create_pr = bool(r.get(out, "create_pr", bool, "output."))
     if create_pr and branch not in (None, "main"):
@@ -425,6 +434,7 @@ def _build(r: _Reader, data: dict[str, Any], text: str, output_dir: str | Path |
         branch=branch,
         create_pr=create_pr,
         max_shard_size=max_shard_size,
+        max_disk=max_disk,
         stats=r.get(out, "stats", bool, "output.") is not False,
     )
 

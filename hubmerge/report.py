@@ -56,9 +56,11 @@ def plan_json(plan: MergePlan) -> dict[str, Any]:
             "tie_word_embeddings": plan.tie_word_embeddings,
         },
         "estimates": {
-            "peak_memory_bytes": plan.peak_memory_estimate,
-            "disk_bytes": plan.output_bytes + sum(d.bytes - d.cached_bytes for d in plan.downloads),
+            "peak_memory_bytes": plan.disk.peak_memory,
+            "disk_bytes": plan.disk.peak_disk,
+            "network_bytes": plan.disk.network_bytes,
         },
+        "disk": _disk_json(plan),
         "push": None
         if r.output.repo is None
         else {
@@ -68,6 +70,33 @@ def plan_json(plan: MergePlan) -> dict[str, Any]:
             "create_pr": r.output.create_pr,
         },
         "warnings": list(plan.warnings),
+    }
+
+
+def _disk_json(plan: MergePlan) -> dict[str, Any]:
+    d = plan.disk
+    return {
+        "strategy": d.strategy,
+        "budget_bytes": d.budget,
+        "budget_origin": d.budget_origin,
+        "peak_disk_bytes": d.peak_disk,
+        "peak_memory_bytes": d.peak_memory,
+        "network_bytes": d.network_bytes,
+        "reads": d.reads,
+        "output_disk_bytes": d.output_disk,
+        "scratch_bytes": d.scratch_bytes,
+        "max_shard_size": d.max_shard_size,
+        "upload_while_merging": d.upload_while_merging,
+        "sources": [
+            {
+                "source": s.role,
+                "strategy": s.strategy,
+                "disk_bytes": s.disk_bytes,
+                "network_bytes": s.network_bytes,
+                "reason": s.reason,
+            }
+            for s in d.sources
+        ],
     }
 
 
@@ -91,8 +120,22 @@ def plan_text(plan: MergePlan) -> str:
         f"{_gb(out['bytes'])} in {len(out['shards'])} file(s), "
         f"{'tied' if out['tie_word_embeddings'] else 'untied'} lm_head"
     )
-    est = data["estimates"]
-    lines.append(f"needs    ~{_gb(est['peak_memory_bytes'])} peak memory, {_gb(est['disk_bytes'])} disk")
+    disk = data["disk"]
+    lines.append(
+        f"needs    ~{_gb(disk['peak_memory_bytes'])} peak memory, {_gb(disk['peak_disk_bytes'])} disk of a "
+        f"{_gb(disk['budget_bytes'])} budget ({disk['budget_origin']}), {_gb(disk['network_bytes'])} over the network"
+    )
+    lines += [
+        f"{'stream' if s['strategy'] == 'streaming' else s['strategy']:<9}{s['source']}: {s['reason']}"
+        + (f", {_gb(s['network_bytes'])} over the network" if s["network_bytes"] else "")
+        for s in disk["sources"]
+        if s["strategy"] != "local"
+    ]
+    if disk["upload_while_merging"]:
+        lines.append(
+            f"upload   each shard (at most {_gb(disk['max_shard_size'])}) as it is written; the output folder "
+            f"holds about {_gb(disk['output_disk_bytes'])} at once"
+        )
     push = data["push"]
     lines.append(
         "push     none ([output] repo not set)"

@@ -1,0 +1,147 @@
+"""The disk budget (budget.py) and streamed sources (remote.py), end to end against the local test Hub.
+
+Sources are sharded as real Qwen2.5 repos are (shards + model.safetensors.index.json), stored in float32 so
+that one source is larger than the budget while the bfloat16 output fits it. A streamed merge must equal the
+cached one byte for byte, and must run inside a tmpfs the size of the budget holding the HF cache and the
+output: the kernel, not an estimate, enforces the peak disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_state_dict, run_cli, write_checkpoint
+from hubserver import LocalHub
+from test_hub import TOKEN, hub_env
+
+VOCAB = 32768  # float32: an embedding of 4 MiB, so a source is ~4.4 MB and the bf16 output ~2.2 MB
+SHARDS = 3
+REPOS = {"Qwen/tiny-base": 1, "Qwen/tiny-math": 2, "Qwen/tiny-coder": 3, "Qwen/tiny-chat": 4}
+BUDGET = 4_000_000
+
+
+def _folder_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalHub]:
+    models = tmp_path_factory.mktemp("models")
+    with LocalHub() as server:
+        server.add_user("user", TOKEN)
+        server.add_user("Qwen", "hf_qwen_token")
+        for repo, seed in REPOS.items():
+            folder = write_checkpoint(
+                models / repo.split("/")[1],
+                random_state_dict(seed, vocab=VOCAB),
+                dtype=torch.float32,
+                shards=SHARDS,
+                vocab_size=VOCAB,
+            )
+            server.create_repo(repo)
+            server.commit(repo, _folder_files(folder), "Upload model")
+        yield server
+
+
+def _recipe(tmp_path: Path, method: str, extra: str = "") -> Path:
+    params = {
+        "simple_average": "",
+        "task_arithmetic": "[parameters]\nscaling_factor = 0.7\n",
+        "ties": "[parameters]\nscaling_factor = 0.8\nthreshold = 30\n",
+    }[method]
+    base = "" if method == "simple_average" else 'base = "Qwen/tiny-base"\n'
+    recipe = tmp_path / f"{method}.toml"
+    recipe.write_text(
+        f'method = "{method}"\n{base}models = ["Qwen/tiny-math", "Qwen/tiny-coder", "Qwen/tiny-chat"]\n'
+        f'dtype = "bfloat16"\n{params}{extra}'
+    )
+    return recipe
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of exactly the budget: the HF cache and the output live there, so the disk really fills."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={BUDGET}", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+class _Watcher:
+    """The most bytes used on a filesystem while a run lasts (a measure, for the report; the tmpfs's size is
+    what enforces the budget)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, shutil.disk_usage(self.path).used)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, shutil.disk_usage(self.path).used)
+
+
+def _weights(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.name.endswith(".safetensors")}
+
+
+@pytest.mark.parametrize("method", ["simple_average", "task_arithmetic", "ties"])
+def test_streamed_merge_under_a_budget_smaller_than_one_source_equals_the_cached_merge(
+    hub: LocalHub, tmp_path: Path, small_disk: Path, method: str
+) -> None:
+    recipe = _recipe(tmp_path, method)
+    cached = run_cli(recipe, "--output", tmp_path / "cached", "-q", env=hub_env(hub, tmp_path / "big"))
+    assert cached.returncode == 0, cached.stderr
+
+    env = hub_env(hub, tmp_path, HF_HOME=str(small_disk / "hf_home"))
+    plan = run_cli("plan", recipe, "--json", "--max-disk", str(BUDGET), "--output", small_disk / "out", env=env)
+    assert plan.returncode == 0, plan.stderr
+    disk = json.loads(plan.stdout)["disk"]
+    assert disk["strategy"] == "streaming"
+    assert {s["strategy"] for s in disk["sources"]} == {"streaming"}
+    assert disk["peak_disk_bytes"] <= BUDGET
+    source_bytes = sum(len(d) for n, d in hub.files("Qwen/tiny-math").items() if n.endswith(".safetensors"))
+    assert source_bytes > BUDGET  # one source alone would not fit
+    reads = 3 if method == "ties" else 1
+    assert disk["reads"] == reads
+
+    since = len(hub.requests)
+    watcher = _Watcher(small_disk)
+    streamed = run_cli(recipe, "--output", small_disk / "out", "-q", "--max-disk", str(BUDGET), env=env)
+    peak = watcher.stop()
+    assert streamed.returncode == 0, streamed.stderr
+    assert peak <= BUDGET
+    assert _weights(small_disk / "out") == _weights(tmp_path / "cached")
+    # No weight file was downloaded whole: every weight byte came by range.
+    whole = hub.bytes_served(lambda p: p.endswith(".safetensors"), include_ranges=False, since=since)
+    assert whole == 0
+    fetched = hub.bytes_served(lambda p: p.endswith(".safetensors"), since=since)
+    inputs = 3 if method == "simple_average" else 4
+    assert fetched >= inputs * source_bytes  # at least one full read of every input
+    lock = json.loads((small_disk / "out" / "hubmerge.lock.json").read_text())
+    assert {s["verified"] for s in lock["sources"]} <= {"sha256", "size+header"}
+    cached_lock = json.loads((tmp_path / "cached" / "hubmerge.lock.json").read_text())
+    assert [s["files"] for s in lock["sources"]] == [s["files"] for s in cached_lock["sources"]]
+    assert {s["verified"] for s in cached_lock["sources"]} == {"sha256"}
