@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,7 +117,9 @@ def test_streamed_merge_under_a_budget_smaller_than_one_source_equals_the_cached
     assert cached.returncode == 0, cached.stderr
 
     env = hub_env(hub, tmp_path, HF_HOME=str(small_disk / "hf_home"))
-    plan = run_cli("plan", recipe, "--json", "--max-disk", str(BUDGET), "--output", small_disk / "out", env=env)
+    plan = run_cli(
+        "plan", recipe, "--json", "--max-disk", str(BUDGET), "--output", small_disk / "out", env=env
+    )
     assert plan.returncode == 0, plan.stderr
     disk = json.loads(plan.stdout)["disk"]
     assert disk["strategy"] == "streaming"
@@ -145,3 +148,83 @@ def test_streamed_merge_under_a_budget_smaller_than_one_source_equals_the_cached
     cached_lock = json.loads((tmp_path / "cached" / "hubmerge.lock.json").read_text())
     assert [s["files"] for s in lock["sources"]] == [s["files"] for s in cached_lock["sources"]]
     assert {s["verified"] for s in cached_lock["sources"]} == {"sha256"}
+
+
+# --- faults while streaming ------------------------------------------------------------------------------
+
+DATA = 64  # a range starting here or later reads tensor data: headers and the plan's probes start at 0 or 8
+
+
+def _stream(hub: LocalHub, tmp_path: Path, recipe: Path, out: str) -> subprocess.CompletedProcess[str]:
+    env = hub_env(hub, tmp_path / f"{out}-cache")  # a fresh, empty cache
+    return run_cli(recipe, "--output", tmp_path / out, "-q", "--max-disk", str(BUDGET), env=env)
+
+
+def test_dropped_connections_and_5xx_bursts_mid_range_are_retried_and_the_merge_is_exact(
+    hub: LocalHub, tmp_path: Path
+) -> None:
+    recipe = _recipe(tmp_path, "task_arithmetic")
+    cached = run_cli(recipe, "--output", tmp_path / "cached", "-q", env=hub_env(hub, tmp_path / "big"))
+    assert cached.returncode == 0, cached.stderr
+
+    since = len(hub.requests)
+    hub.cut_next(2, "tiny-math/resolve/", method="GET", from_byte=DATA)
+    hub.fail_next(2, 503, "tiny-coder/resolve/", method="GET", from_byte=DATA)
+    hub.drop_next(1, "tiny-chat/resolve/", method="GET", from_byte=DATA)
+    streamed = _stream(hub, tmp_path, recipe, "streamed")
+    assert streamed.returncode == 0, streamed.stderr
+    assert _weights(tmp_path / "streamed") == _weights(tmp_path / "cached")
+    faults = [r for r in hub.requests[since:] if r.status in (0, 503)]
+    assert len([r for r in faults if r.status == 503]) == 2
+    assert len([r for r in faults if r.status == 0]) == 1
+    assert not hub._faults  # every injected fault was met
+    assert hub.server_errors == []
+
+
+def test_a_hub_that_keeps_failing_mid_stream_ends_in_one_line_and_no_output(
+    hub: LocalHub, tmp_path: Path
+) -> None:
+    recipe = _recipe(tmp_path, "task_arithmetic")
+    hub.fail_next(1000, 503, "tiny-math/resolve/", method="GET", from_byte=DATA)
+    try:
+        streamed = _stream(hub, tmp_path, recipe, "streamed")
+    finally:
+        hub._faults.clear()
+    assert streamed.returncode == 3, streamed.stderr
+    line = streamed.stderr.strip().splitlines()[-1]
+    assert line.startswith(
+        "hubmerge: error: models[0] (Qwen/tiny-math): the Hub answered 503 for Qwen/tiny-math"
+    )
+    assert not (tmp_path / "streamed").exists()
+
+
+def test_a_slow_range_is_waited_for(hub: LocalHub, tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, "simple_average")
+    held = hub.hold_next("tiny-chat/resolve/", method="GET", from_byte=DATA)
+    env = {**os.environ, **hub_env(hub, tmp_path / "hf")}
+    env.pop("HUBMERGE_DEBUG", None)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hubmerge.cli",
+            recipe,
+            "--output",
+            tmp_path / "out",
+            "-q",
+            "--max-disk",
+            str(BUDGET),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert held.arrived.wait(120)  # the run is provably waiting on a range of tensor data
+        assert process.poll() is None
+    finally:
+        held.release.set()
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert (tmp_path / "out" / "hubmerge.lock.json").is_file()
