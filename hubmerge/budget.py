@@ -25,7 +25,16 @@ from typing import Literal
 
 from .errors import HubmergeError
 
-__all__ = ["Budget", "DiskPlan", "SourceCost", "SourceNeeds", "default_budget", "plan_disk", "reads_of"]
+__all__ = [
+    "Budget",
+    "DiskPlan",
+    "SourceCost",
+    "SourceNeeds",
+    "default_budget",
+    "format_size",
+    "plan_disk",
+    "reads_of",
+]
 
 Strategy = Literal["local", "cached", "streaming"]
 
@@ -56,7 +65,7 @@ def default_budget(paths: Sequence[Path]) -> Budget:
         seen.setdefault(os.stat(existing).st_dev, (existing, shutil.disk_usage(existing).free))
     where, free = min(seen.values(), key=lambda item: item[1])
     margin = min(_MARGIN_MAX, int(free * _MARGIN_FRACTION))
-    return Budget(max(0, free - margin), f"free space on {where} minus {_size(margin)}")
+    return Budget(max(0, free - margin), f"free space on {where} minus {format_size(margin)}")
 
 
 @dataclass(frozen=True)
@@ -109,8 +118,9 @@ class DiskPlan:
         return frozenset(s.role for s in self.sources if s.strategy == "streaming")
 
 
-def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.2f} MB"
+def format_size(n: int) -> str:
+    """Bytes for people: GB, MB or B."""
+    return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.2f} MB" if n >= 10**5 else f"{n} B"
 
 
 def plan_disk(
@@ -145,8 +155,8 @@ def plan_disk(
     if fixed + output_disk > budget.bytes:
         if not push:
             raise HubmergeError(
-                f"the merged output needs {_size(output_bytes + side_bytes)} in its folder, plus {_size(fixed)} of source "
-                f"metadata and scratch, but the disk budget is {_size(budget.bytes)} ({budget.origin}); raise "
+                f"the merged output needs {format_size(output_bytes + side_bytes)} in its folder, plus {format_size(fixed)} of source "
+                f"metadata and scratch, but the disk budget is {format_size(budget.bytes)} ({budget.origin}); raise "
                 "--max-disk ([output] max_disk), free some space, or set [output] repo and push, so that each "
                 "shard is uploaded as it is written"
             )
@@ -157,15 +167,15 @@ def plan_disk(
         output_disk = 2 * max(shard, largest_tensor) + side_bytes
         if fixed + output_disk > budget.bytes:
             hint = (
-                f"lower [output] max_shard_size (now {_size(max_shard_size)}; at least {_size(largest_tensor)}, "
+                f"lower [output] max_shard_size (now {format_size(max_shard_size)}; at least {format_size(largest_tensor)}, "
                 "the largest tensor), "
                 if shard_size_set and max_shard_size > largest_tensor
                 else ""
             )
             raise HubmergeError(
                 f"even streaming every source and uploading each shard as it is written, the merge needs "
-                f"{_size(fixed + output_disk)} of disk (two output shards of {_size(max(shard, largest_tensor))}, "
-                f"{_size(fixed + side_bytes)} of side files, source metadata and scratch) but the budget is {_size(budget.bytes)} "
+                f"{format_size(fixed + output_disk)} of disk (two output shards of {format_size(max(shard, largest_tensor))}, "
+                f"{format_size(fixed + side_bytes)} of side files, source metadata and scratch) but the budget is {format_size(budget.bytes)} "
                 f"({budget.origin}); {hint}raise --max-disk ([output] max_disk) or free some space"
             )
     room = budget.bytes - fixed - output_disk
@@ -184,7 +194,7 @@ def plan_disk(
             costs.append(SourceCost(n.role, "cached", missing, missing + other, "fits the budget"))
         else:
             peak_memory += 2 * slice_bytes
-            reason = f"{_size(missing)} does not fit the {_size(max(room, 0))} left"
+            reason = f"{format_size(missing)} does not fit the {format_size(max(room, 0))} left"
             if reads > 1:
                 reason += f"; read {reads} times"
             costs.append(SourceCost(n.role, "streaming", 0, missing * reads + other, reason))

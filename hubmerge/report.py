@@ -6,13 +6,13 @@ import re
 from typing import Any
 
 from . import __version__
+from .budget import format_size
 from .plan import MergePlan
 
 __all__ = ["plan_json", "plan_text", "summary_markdown"]
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.2f} MB" if n >= 10**5 else f"{n} B"
+_gb = format_size
 
 
 def plan_json(plan: MergePlan) -> dict[str, Any]:

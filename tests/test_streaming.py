@@ -21,6 +21,7 @@ import pytest
 import torch
 from conftest import random_state_dict, run_cli, write_checkpoint
 from hubserver import LocalHub
+from qwen_shapes import add_shaped_repos, recipe_text
 from test_hub import TOKEN, hub_env
 
 VOCAB = 32768  # float32: an embedding of 4 MiB, so a source is ~4.4 MB and the bf16 output ~2.2 MB
@@ -228,3 +229,98 @@ def test_a_slow_range_is_waited_for(hub: LocalHub, tmp_path: Path) -> None:
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr
     assert (tmp_path / "out" / "hubmerge.lock.json").is_file()
+
+
+# --- plans of Qwen2.5-shaped repos (sparse shards: a plan reads only headers) ----------------------------
+
+RUNNER_DISK = "14GB"  # what a GitHub-hosted runner has free
+
+
+@pytest.fixture(scope="module")
+def shaped_hub() -> Iterator[tuple[LocalHub, dict[str, list[str]]]]:
+    with LocalHub() as server:
+        server.add_user("user", TOKEN)
+        server.add_user("shaped", "hf_shaped_token")
+        yield server, {size: add_shaped_repos(server, size) for size in ("7B", "14B", "72B")}
+
+
+def _plan(
+    shaped_hub: tuple[LocalHub, dict[str, list[str]]],
+    tmp_path: Path,
+    size: str,
+    max_disk: str,
+    method: str = "task_arithmetic",
+    push: bool = True,
+    extra: str = "",
+) -> subprocess.CompletedProcess[str]:
+    hub, ids = shaped_hub
+    recipe = tmp_path / f"{size}.toml"
+    recipe.write_text(recipe_text(ids[size], method, "user/merged" if push else None) + extra)
+    return run_cli("plan", recipe, "--json", "--max-disk", max_disk, env=hub_env(hub, tmp_path))
+
+
+@pytest.mark.parametrize(("size", "method"), [("7B", "task_arithmetic"), ("14B", "ties"), ("72B", "ties")])
+def test_qwen25_shaped_base_plus_3_plans_a_streamed_merge_within_a_runners_14_gb(
+    shaped_hub: tuple[LocalHub, dict[str, list[str]]], tmp_path: Path, size: str, method: str
+) -> None:
+    hub, _ = shaped_hub
+    since = len(hub.requests)
+    result = _plan(shaped_hub, tmp_path, size, RUNNER_DISK, method)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    disk = data["disk"]
+    source_bytes = data["downloads"][0]["bytes"]
+    assert source_bytes > 14e9  # one source alone is larger than the disk
+    assert disk["strategy"] == "streaming"
+    assert [s["strategy"] for s in disk["sources"]] == ["streaming"] * 4
+    assert disk["upload_while_merging"] is True
+    assert disk["peak_disk_bytes"] <= 14e9 == disk["budget_bytes"]
+    assert disk["output_disk_bytes"] <= 2 * disk["max_shard_size"] + 2e6
+    assert disk["peak_memory_bytes"] < 2e9  # memory does not grow with the model
+    reads = 3 if method == "ties" else 1
+    assert disk["network_bytes"] >= 4 * reads * (source_bytes - 1e6)
+    # Planning read headers only: a few hundred kB per shard at most.
+    served = hub.bytes_served(lambda p: p.endswith(".safetensors"), since=since)
+    shards = sum(1 for f in data["downloads"][0]["files"] if f.endswith(".safetensors"))
+    assert served <= 4 * shards * 100_001
+
+
+@pytest.mark.parametrize("size", ["7B", "72B"])
+def test_a_budget_too_small_even_for_streaming_is_refused_with_the_numbers(
+    shaped_hub: tuple[LocalHub, dict[str, list[str]]], tmp_path: Path, size: str
+) -> None:
+    result = _plan(shaped_hub, tmp_path, size, "2GB")
+    assert result.returncode == 1
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(
+        "hubmerge: error: even streaming every source and uploading each shard as it is written"
+    )
+    assert "but the budget is 2.00 GB" in line
+    assert line.endswith("raise --max-disk ([output] max_disk) or free some space")
+
+
+def test_without_a_push_the_output_folder_must_fit_the_budget(
+    shaped_hub: tuple[LocalHub, dict[str, list[str]]], tmp_path: Path
+) -> None:
+    result = _plan(shaped_hub, tmp_path, "7B", RUNNER_DISK, push=False)
+    assert result.returncode == 1
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("hubmerge: error: the merged output needs 15.2")
+    assert "the disk budget is 14.00 GB" in line
+    assert "set [output] repo and push" in line
+
+
+def test_the_shard_size_is_chosen_to_fit_unless_the_recipe_sets_one_that_cannot(
+    shaped_hub: tuple[LocalHub, dict[str, list[str]]], tmp_path: Path
+) -> None:
+    chosen = _plan(shaped_hub, tmp_path, "14B", "8GB")
+    assert chosen.returncode == 0, chosen.stderr
+    data = json.loads(chosen.stdout)
+    assert data["disk"]["max_shard_size"] < 4e9
+    assert data["disk"]["peak_disk_bytes"] <= 8e9
+    assert len(data["output"]["shards"]) > 29.5 // 5  # smaller shards than 5 GB, so more of them
+
+    fixed = _plan(shaped_hub, tmp_path, "14B", "8GB", extra='max_shard_size = "5GB"\n')
+    assert fixed.returncode == 1
+    line = fixed.stderr.strip().splitlines()[-1]
+    assert "lower [output] max_shard_size (now 5.00 GB; at least 1.56 GB, the largest tensor)" in line
