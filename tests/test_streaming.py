@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_state_dict, run_cli, write_checkpoint
-from hubserver import LocalHub
+from hubserver import LocalHub, SparseFile
 from qwen_shapes import add_shaped_repos, recipe_text
 from test_hub import TOKEN, hub_env
 
@@ -324,3 +324,61 @@ def test_the_shard_size_is_chosen_to_fit_unless_the_recipe_sets_one_that_cannot(
     assert fixed.returncode == 1
     line = fixed.stderr.strip().splitlines()[-1]
     assert "lower [output] max_shard_size (now 5.00 GB; at least 1.56 GB, the largest tensor)" in line
+
+
+# --- integrity -------------------------------------------------------------------------------------------
+
+
+def test_streamed_files_read_whole_in_order_are_checked_against_their_lfs_sha256(
+    hub: LocalHub, tmp_path: Path
+) -> None:
+    recipe = _recipe(tmp_path, "task_arithmetic")
+    result = _stream(hub, tmp_path, recipe, "streamed")
+    assert result.returncode == 0, result.stderr
+    lock = json.loads((tmp_path / "streamed" / "hubmerge.lock.json").read_text())
+    # The tiny shards store their tensors in the order the merge reads them: every byte passed through.
+    assert {s["role"]: s["verified"] for s in lock["sources"]} == dict.fromkeys(
+        ["base", "models[0]", "models[1]", "models[2]"], "sha256"
+    )
+
+
+def test_a_streamed_file_whose_bytes_differ_from_the_hubs_sha256_is_an_error_naming_it(
+    hub: LocalHub, tmp_path: Path
+) -> None:
+    # A file whose listed sha256 is not that of its bytes (what a corrupted transfer looks like).
+    content = hub.files("Qwen/tiny-chat")
+    forged = {
+        n: SparseFile(bytes(d), len(d)) if n.endswith(".safetensors") else d for n, d in content.items()
+    }
+    hub.create_repo("Qwen/tiny-forged")
+    hub.commit("Qwen/tiny-forged", forged, "Upload model")
+    recipe = tmp_path / "forged.toml"
+    recipe.write_text(
+        'method = "task_arithmetic"\nbase = "Qwen/tiny-base"\nmodels = ["Qwen/tiny-forged"]\n'
+        'dtype = "bfloat16"\n[parameters]\nscaling_factor = 0.5\n'
+    )
+    result = _stream(hub, tmp_path, recipe, "streamed")
+    assert result.returncode == 3, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("hubmerge: error: models[0] (Qwen/tiny-forged): Qwen/tiny-forged@")
+    assert ".safetensors: its sha256 is " in line and "but the Hub lists" in line
+    assert not (tmp_path / "streamed").exists()
+
+
+def test_a_damaged_file_in_the_cache_is_an_error_naming_it(hub: LocalHub, tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, "simple_average")
+    env = hub_env(hub, tmp_path / "cache")
+    assert run_cli(recipe, "--output", tmp_path / "first", "-q", env=env).returncode == 0
+    blob = next(
+        (tmp_path / "cache" / "hf_home" / "hub" / "models--Qwen--tiny-coder" / "blobs").glob("?" * 64)
+    )
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF  # one bit of the last tensor: same size, same header
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
+    result = run_cli(recipe, "--output", tmp_path / "second", "-q", env=env)
+    assert result.returncode == 3, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("hubmerge: error: models[1] (Qwen/tiny-coder): ")
+    assert "the cached copy is damaged: delete it (`hf cache rm`) and run again" in line
+    assert not (tmp_path / "second").exists()
