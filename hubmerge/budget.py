@@ -187,7 +187,13 @@ def plan_disk(
         if n.local:
             costs.append(SourceCost(n.role, "local", 0, 0, "a local folder, read in place"))
         elif not missing or offline:
-            reason = "offline: read from the cache" if offline and missing else "already in the cache"
+            reason = (
+                "offline: read from the cache"
+                if offline and missing
+                else "already in the cache"
+                if n.weight_bytes
+                else "no weights read"
+            )
             costs.append(SourceCost(n.role, "cached", 0, other, reason))
         elif missing <= room:
             room -= missing

@@ -107,12 +107,14 @@ def plan_text(plan: MergePlan) -> str:
         pinned = f" @ {s['sha']}" if s["sha"] else ""
         params = f" {s['parameters']}" if s["parameters"] and s["parameters"] != {"weight": 1.0} else ""
         lines.append(f"{s['role'] + ' ':<9}{s['repo_id'] or s['path']}{pinned}{params}")  # models[10] too
+    streamed = plan.disk.streamed
     for d in data["downloads"]:
         files = f"{d['source']} ({d['reference']}): {len(d['files'])} files, {_gb(d['bytes'])}"
         lines.append(
             f"local    {files} read in place"
             if d["local"]
-            else f"download {files} ({_gb(d['cached_bytes'])} cached)"
+            else f"download {files} ({_gb(d['cached_bytes'])} cached"
+            + ("; the weights are streamed, not downloaded)" if d["source"] in streamed else ")")
         )
     out = data["output"]
     lines.append(

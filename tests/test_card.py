@@ -236,9 +236,7 @@ def test_base_model_lists_hub_ids_and_leaves_local_folders_out(
     tmp_path: Path, hub_cache: Path, write_recipe: Callable[[str], Path]
 ) -> None:
     shutil.copytree(TINY / "math", tmp_path / "my-math")
-    config = json.loads(
-        (tmp_path / "my-math" / "config.json").read_text()
-    )  # shaped like the cached Hub copies
+    config = json.loads((tmp_path / "my-math" / "config.json").read_text())  # shaped like the cached Hub copies
     (tmp_path / "my-math" / "config.json").write_text(json.dumps(config | QWEN25_1_5B_CONFIG))
     card = render_card(
         api.load_plan(
@@ -612,9 +610,7 @@ def test_usage_snippet_runs_with_transformers(tmp_path: Path, chat: bool) -> Non
         (model / "chat_template.jinja").unlink()
     recipe = tmp_path / "r.toml"
     recipe.write_text('method = "simple_average"\nmodels = ["./model"]\n')
-    code = usage_snippet(render_card(api.load_plan(recipe))).replace(
-        'model_id = "r"', f'model_id = "{model}"'
-    )
+    code = usage_snippet(render_card(api.load_plan(recipe))).replace('model_id = "r"', f'model_id = "{model}"')
     assert ("apply_chat_template" in code) is chat
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
