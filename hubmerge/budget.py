@@ -53,19 +53,31 @@ def reads_of(trims: bool) -> int:
 
 @dataclass(frozen=True)
 class Budget:
-    bytes: int
-    origin: str  # for messages: where the number comes from
+    bytes: int  # for everything the run writes, or only the HF cache when `output` is set
+    origin: str  # for messages: where the numbers come from
+    output: int | None = None  # the output folder's own room, when it is on another filesystem
 
 
-def default_budget(paths: Sequence[Path]) -> Budget:
-    """The free space of the filesystems `paths` live on (the smallest, when they differ), minus a margin."""
-    seen: dict[int, tuple[Path, int]] = {}
-    for path in paths:
+def default_budget(cache: Path, output: Path) -> Budget:
+    """The free space of the HF cache's filesystem and of the output folder's (each on its own when they
+    differ), minus a margin of `_MARGIN_FRACTION` (at most `_MARGIN_MAX`)."""
+
+    def room(path: Path) -> tuple[Path, int, int, int]:
         existing = next((p for p in (path, *path.parents) if p.exists()), Path(path.anchor))
-        seen.setdefault(os.stat(existing).st_dev, (existing, shutil.disk_usage(existing).free))
-    where, free = min(seen.values(), key=lambda item: item[1])
-    margin = min(_MARGIN_MAX, int(free * _MARGIN_FRACTION))
-    return Budget(max(0, free - margin), f"free space on {where} minus {format_size(margin)}")
+        free = shutil.disk_usage(existing).free
+        margin = min(_MARGIN_MAX, int(free * _MARGIN_FRACTION))
+        return existing, max(0, free - margin), margin, os.stat(existing).st_dev
+
+    cache_at, cache_room, margin, cache_device = room(cache)
+    output_at, output_room, output_margin, output_device = room(output)
+    if cache_device == output_device:
+        return Budget(cache_room, f"free space on {cache_at} minus {format_size(margin)}")
+    return Budget(
+        cache_room,
+        f"free space on {cache_at} (HF cache) minus {format_size(margin)}, and on {output_at} (output) minus "
+        f"{format_size(output_margin)}",
+        output=output_room,
+    )
 
 
 @dataclass(frozen=True)
@@ -93,8 +105,9 @@ class SourceCost:
 class DiskPlan:
     """How the run fits its disk budget, and what it costs; every number is in bytes."""
 
-    budget: int
+    budget: int  # for everything, or for the HF cache when `output_budget` is set
     budget_origin: str
+    output_budget: int | None  # the output folder's own, when it is on another filesystem than the cache
     sources: tuple[SourceCost, ...]
     reads: int  # passes of the engine over every input
     output_bytes: int  # the merged weights
@@ -147,38 +160,45 @@ def plan_disk(
     (a streamed source holds one being read and one prefetched). Raises `HubmergeError` with the numbers
     when even streaming every source leaves the budget too small.
     """
-    # Fixed costs: every Hub source's small files, the scratch file.
-    fixed = scratch_bytes + sum(n.other_bytes - n.other_cached for n in needs if not n.local)
+    # Every Hub source's small files go to the cache; the scratch file and the output to the output folder.
+    metadata = sum(n.other_bytes - n.other_cached for n in needs if not n.local)
+    separate = budget.output is not None
+    output_room = (budget.output if budget.output is not None else budget.bytes - metadata) - scratch_bytes
+    limit = format_size(budget.output if budget.output is not None else budget.bytes)
     shard = max_shard_size
     upload = False
     output_disk = output_bytes + side_bytes
-    if fixed + output_disk > budget.bytes:
+    if output_disk > output_room:
         if not push:
             raise HubmergeError(
-                f"the merged output needs {format_size(output_bytes + side_bytes)} in its folder, plus {format_size(fixed)} of source "
-                f"metadata and scratch, but the disk budget is {format_size(budget.bytes)} ({budget.origin}); raise "
-                "--max-disk ([output] max_disk), free some space, or set [output] repo and push, so that each "
-                "shard is uploaded as it is written"
+                f"the merged output needs {format_size(output_disk)} in its folder, plus "
+                f"{format_size(scratch_bytes + (0 if separate else metadata))} of "
+                f"source metadata and scratch, but the disk budget is {limit} ({budget.origin}); raise --max-disk "
+                "([output] max_disk), free some space, or set [output] repo and push, so that each shard is "
+                "uploaded as it is written"
             )
         upload = True
-        room = budget.bytes - fixed - side_bytes
         if not shard_size_set:  # two shards in the folder: one being written, one being uploaded
-            shard = min(max_shard_size, max(largest_tensor, room // 2))
+            shard = min(max_shard_size, max(largest_tensor, (output_room - side_bytes) // 2))
         output_disk = 2 * max(shard, largest_tensor) + side_bytes
-        if fixed + output_disk > budget.bytes:
+        if output_disk > output_room:
             hint = (
-                f"lower [output] max_shard_size (now {format_size(max_shard_size)}; at least {format_size(largest_tensor)}, "
-                "the largest tensor), "
+                f"lower [output] max_shard_size (now {format_size(max_shard_size)}; at least "
+                f"{format_size(largest_tensor)}, the largest tensor), "
                 if shard_size_set and max_shard_size > largest_tensor
                 else ""
             )
-            raise HubmergeError(
-                f"even streaming every source and uploading each shard as it is written, the merge needs "
-                f"{format_size(fixed + output_disk)} of disk (two output shards of {format_size(max(shard, largest_tensor))}, "
-                f"{format_size(fixed + side_bytes)} of side files, source metadata and scratch) but the budget is {format_size(budget.bytes)} "
-                f"({budget.origin}); {hint}raise --max-disk ([output] max_disk) or free some space"
+            other = (
+                output_disk - 2 * max(shard, largest_tensor) + scratch_bytes + (0 if separate else metadata)
             )
-    room = budget.bytes - fixed - output_disk
+            raise HubmergeError(
+                "even streaming every source and uploading each shard as it is written, the merge needs "
+                f"{format_size(output_disk + scratch_bytes + (0 if separate else metadata))} of disk (two output "
+                f"shards of {format_size(max(shard, largest_tensor))}, {format_size(other)} of side files, source "
+                f"metadata and scratch) but the budget is {limit} ({budget.origin}); {hint}raise --max-disk "
+                "([output] max_disk) or free some space"
+            )
+    room = budget.bytes - metadata if separate else output_room - output_disk
     costs = []
     peak_memory = memory
     for n in needs:
@@ -204,9 +224,10 @@ def plan_disk(
             if reads > 1:
                 reason += f"; read {reads} times"
             costs.append(SourceCost(n.role, "streaming", 0, missing * reads + other, reason))
-    peak_disk = fixed + output_disk + sum(c.disk_bytes for c in costs)
+    peak_disk = metadata + scratch_bytes + output_disk + sum(c.disk_bytes for c in costs)
     return DiskPlan(
         budget=budget.bytes,
+        output_budget=budget.output,
         budget_origin=budget.origin,
         sources=tuple(costs),
         reads=reads,

@@ -414,7 +414,7 @@ def _disk_plan(
     budget = (
         Budget(out.max_disk, "--max-disk or [output] max_disk")
         if out.max_disk is not None
-        else default_budget([Path(constants.HF_HUB_CACHE), out.dir])
+        else default_budget(Path(constants.HF_HUB_CACHE), out.dir)
     )
     item = torch.empty(0, dtype=out_dtype).element_size()
     stored = max(DTYPES[i.dtype].itemsize for t in tensors for i in t.inputs)

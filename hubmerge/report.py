@@ -79,6 +79,7 @@ def _disk_json(plan: MergePlan) -> dict[str, Any]:
         "strategy": d.strategy,
         "budget_bytes": d.budget,
         "budget_origin": d.budget_origin,
+        "output_budget_bytes": d.output_budget,
         "peak_disk_bytes": d.peak_disk,
         "peak_memory_bytes": d.peak_memory,
         "network_bytes": d.network_bytes,
