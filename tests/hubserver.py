@@ -489,7 +489,7 @@ class LocalHub:
                 if (
                     hold.method in (None, method)
                     and not (hold.whole and ranged)
-                    and _range_start(range_header) >= (hold.from_byte or 0)
+                    and (hold.from_byte is None or _range_start(range_header) >= hold.from_byte)
                     and (hold.path_contains in target or hold.path_contains in unquote(target))
                 ):
                     self._holds.remove(hold)
