@@ -382,3 +382,19 @@ def test_a_damaged_file_in_the_cache_is_an_error_naming_it(hub: LocalHub, tmp_pa
     assert line.startswith("hubmerge: error: models[1] (Qwen/tiny-coder): ")
     assert "the cached copy is damaged: delete it (`hf cache rm`) and run again" in line
     assert not (tmp_path / "second").exists()
+
+
+def test_a_disk_budget_that_is_not_a_size_is_a_one_line_error(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(
+        'method = "simple_average"\nmodels = ["Qwen/a", "Qwen/b"]\n[output]\nmax_disk = "lots"\n'
+    )
+    result = run_cli("validate", recipe)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f'hubmerge: error: {recipe}: output.max_disk: must be a size such as "5GB", "500MB" or a number of '
+        "bytes, got 'lots'"
+    )
+    flag = run_cli("plan", recipe, "--max-disk", "lots")
+    assert flag.returncode == 2
+    assert "argument --max-disk: must be a size such as" in flag.stderr
