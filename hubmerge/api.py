@@ -7,10 +7,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 
 from .card import license_file, render_card
+from .checkpoint import Folder
 from .diagnostics import STATS_FILE, MergeStats, stats_files, write_stats
 from .engine import collect_stats, write_weights
 from .errors import EvalError, GateError, HubmergeError, RecipeError
@@ -34,19 +37,22 @@ from .lock import (
     LOCK_FILE,
     RECIPE_COPY,
     SourceHashes,
+    Verification,
     apply_lock,
     check_reproduced,
     file_sha256,
     hash_sources,
     lock_data,
+    verify_cached,
 )
 from .output import check_target, disk_full, recover, staged, swap_in
 from .plan import MergePlan, build_plan
 from .publish import ShardUploader, check_push_access
 from .publish import push as publish
 from .recipe import EvalSpec, load_recipe
+from .remote import RemoteFolder
 from .sanity import SanityReport
-from .sources import TOKENIZER_FILES, fetch
+from .sources import TOKENIZER_FILES, Source, fetch
 
 __all__ = ["EvalResult", "InspectResult", "MergeResult", "evaluate", "inspect", "load_plan", "merge"]
 
@@ -69,10 +75,18 @@ def _stderr(message: str) -> None:
 
 
 def load_plan(
-    recipe_path: str | Path, output_dir: str | Path | None = None, lock: str | Path | None = None
+    recipe_path: str | Path,
+    output_dir: str | Path | None = None,
+    lock: str | Path | None = None,
+    max_disk: int | None = None,
 ) -> MergePlan:
-    """Validate the recipe and resolve its sources (metadata only) into a `MergePlan`."""
+    """Validate the recipe and resolve its sources (metadata only) into a `MergePlan`.
+
+    `max_disk` (bytes) overrides `[output] max_disk`, the disk budget (budget.py).
+    """
     recipe = load_recipe(recipe_path, output_dir)
+    if max_disk is not None:
+        recipe = dataclasses.replace(recipe, output=dataclasses.replace(recipe.output, max_disk=max_disk))
     template = recipe.card.template
     if template is not None and not template.is_relative_to(recipe.path.parent):
         # Rendered in pull-request checks and copied into the published output: it must be the recipe's own.
@@ -91,14 +105,38 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _fetch_all(plan: MergePlan, quiet: bool) -> dict[int, Path]:
+def _streamed(plan: MergePlan) -> dict[int, Source]:
+    """The sources whose weights the disk plan reads by range from the Hub, by id."""
+    return {id(r.source): r.source for r in plan.roles if r.name in plan.disk.streamed}
+
+
+def _fetch_all(plan: MergePlan, quiet: bool, stream: bool = True) -> dict[int, Path]:
+    """Each source's folder; with `stream`, the streamed sources' folders hold everything but the weights."""
+    streamed = _streamed(plan) if stream else {}
     folders: dict[int, Path] = {}
     for source in (*plan.weight_sources, plan.tokenizer):
         if id(source) not in folders:
             folders[id(source)] = fetch(
-                source, weights=bool(source.tensors), tokenizer=source is plan.tokenizer, quiet=quiet
+                source,
+                weights=bool(source.tensors),
+                tokenizer=source is plan.tokenizer,
+                quiet=quiet,
+                stream=id(source) in streamed,
             )
     return folders
+
+
+@contextlib.contextmanager
+def _weights(
+    plan: MergePlan, folders: dict[int, Path]
+) -> Iterator[tuple[dict[int, Folder], dict[int, RemoteFolder]]]:
+    """Where the engine reads each source's weights: its folder, or the Hub by range (streamed sources)."""
+    remote = {key: RemoteFolder(source) for key, source in _streamed(plan).items()}
+    try:
+        yield {**folders, **remote}, remote
+    finally:
+        for folder in remote.values():
+            folder.close()
 
 
 def _copy_side_files(plan: MergePlan, folders: dict[int, Path], directory: Path, log: Log) -> list[str]:
@@ -158,6 +196,7 @@ def merge(
     sanity: bool = True,
     upload_while_merging: bool = True,
     delete_uploaded: bool = False,
+    max_disk: int | None = None,
     log: Log = _stderr,
 ) -> MergeResult:
     """Run a recipe end to end: write the output folder, and with `push=True` publish it to `[output] repo`.
@@ -169,7 +208,8 @@ def merge(
     `stats=False` (or `[output] stats = false`) skips the merge diagnostics (merge_stats.json and plots).
     `evaluate=True` runs the recipe's `[eval]` tasks on the merge (and its sources) before publishing; a merge
     that misses `[eval] require` is written but not pushed (`GateError`). `sanity=False` (or `[eval] sanity =
-    false`) skips the quick sanity check (sanity.py).
+    false`) skips the quick sanity check (sanity.py). `max_disk` (bytes) overrides `[output] max_disk`: the
+    plan (budget.py) streams sources from the Hub and sizes shards so that the run fits it.
 
     When pushing (without `evaluate`, whose gate comes first), `upload_while_merging` uploads each shard as
     soon as it is written, while the merge goes on; the one commit is made once the whole output is uploaded
@@ -177,7 +217,7 @@ def merge(
     the Hub, so that at most two shards are on the disk at a time (TIES: all of them until the merge ends);
     the folder keeps the side files and the lock, and no sanity check runs (it reads the whole model).
     """
-    merge_plan = load_plan(recipe_path, output_dir, lock)
+    merge_plan = load_plan(recipe_path, output_dir, lock, max_disk)
     spec = _eval_spec(merge_plan) if evaluate else None
     if spec is not None:
         require_lm_eval()  # before any download: a missing extra fails in a second
@@ -188,6 +228,14 @@ def merge(
     check_target(directory, merge_plan.output_bytes)
     compute = _device(device)
     publishing = push and merge_plan.recipe.output.repo is not None
+    if merge_plan.disk.upload_while_merging and not publishing:
+        raise HubmergeError(
+            f"the merged output ({merge_plan.output_bytes / 1e9:.2f} GB) does not fit the disk budget "
+            f"({merge_plan.disk.budget / 1e9:.2f} GB, {merge_plan.disk.budget_origin}) without being uploaded as "
+            "it is written; push it (drop --no-push), raise --max-disk, or free some space"
+        )
+    if merge_plan.disk.upload_while_merging:  # the budget holds a few shards, not the model: delete them
+        delete_uploaded = True
     if delete_uploaded and spec is not None:
         raise HubmergeError(
             "an evaluation reads the whole merged model from the disk, which delete_uploaded does not keep; "
@@ -219,10 +267,11 @@ def merge(
             uploader = ShardUploader(merge_plan, delete_uploaded=delete_uploaded)
         needed += _side_bytes(merge_plan, folders)
         source_hashes = hash_sources(merge_plan, folders)
-        with staged(directory) as staging:
+        with staged(directory) as staging, _weights(merge_plan, folders) as (weights, remote):
             written = _write_output(
                 merge_plan,
                 folders,
+                weights,
                 staging,
                 compute,
                 quiet,
@@ -238,7 +287,11 @@ def merge(
             gone = uploader.deleted() if uploader is not None else {}
             files |= {name: sha for name, (_, sha) in gone.items()}
             uploaded = {name: size for name, (size, _) in gone.items()}
-            record = lock_data(merge_plan, folders, staging, files, source_hashes.result(), device, uploaded)
+            hashes = source_hashes.result()
+            verify_cached(merge_plan, folders, hashes)  # before the output replaces anything
+            record = lock_data(
+                merge_plan, folders, staging, files, hashes, device, uploaded, _verified(merge_plan, remote)
+            )
             if lock is not None:
                 check_reproduced(Path(lock), record)
             (staging / LOCK_FILE).write_text(json.dumps(record, indent=2) + "\n")
@@ -273,6 +326,19 @@ def merge(
     return MergeResult(merge_plan, directory, result.files, pushed.url, document, evaluation, report)
 
 
+def _verified(plan: MergePlan, remote: dict[int, RemoteFolder]) -> dict[str, Verification]:
+    """How each Hub source's weights were checked, by first mention: the cached ones by their sha256 (see
+    `verify_cached`), the streamed ones as `remote.verification` says."""
+    result: dict[str, Verification] = {}
+    for role in plan.roles:
+        source = role.source
+        if source.ref.is_local or not source.tensors:
+            continue
+        folder = remote.get(id(source))
+        result[role.name] = folder.verification() if folder is not None else "sha256"
+    return result
+
+
 @dataclass(frozen=True)
 class _Written:
     """What `_write_output` put into the staging folder."""
@@ -286,6 +352,7 @@ class _Written:
 def _write_output(
     plan: MergePlan,
     folders: dict[int, Path],
+    weights: dict[int, Folder],
     staging: Path,
     compute: torch.device,
     quiet: bool,
@@ -316,7 +383,7 @@ def _write_output(
         trims = plan.recipe.method.trims
         if uploader is not None:
             on_shard = _ties_upload(plan, uploader) if trims else uploader.submit
-        files = write_weights(plan, folders, staging, compute, progress, collector, on_shard)
+        files = write_weights(plan, weights, staging, compute, progress, collector, on_shard)
         if uploader is not None and trims:
             for layout in plan.shards:
                 if files[layout.file] is None or layout is plan.shards[-1]:
@@ -392,7 +459,8 @@ def inspect(
     )
     compute = _device(device)
     folders = _fetch_all(merge_plan, quiet)
-    document = collect_stats(merge_plan, folders, compute).result()
+    with _weights(merge_plan, folders) as (weights, _):
+        document = collect_stats(merge_plan, weights, compute).result()
     directory.mkdir(parents=True, exist_ok=True)
     document = write_stats(document, directory)
     return InspectResult(merge_plan, directory, tuple(stats_files(document)), document)
@@ -411,8 +479,13 @@ def _eval_spec(plan: MergePlan) -> EvalSpec:
 
 def _source_candidates(plan: MergePlan, folders: dict[int, Path]) -> list[Candidate]:
     """The base (when the recipe has one) and every model, in recipe order, as the recipe names them; a
-    source mentioned twice is one candidate (its first mention), evaluated once."""
-    seen: set[int] = set()
+    source mentioned twice is one candidate (its first mention), evaluated once. Streamed sources have no
+    weights on disk to load: they are left out."""
+    seen = {
+        key
+        for key, source in _streamed(plan).items()
+        if not all((folders[key] / f).is_file() for f in source.weight_files)
+    }
     candidates = []
     for role in plan.roles:
         if role.kind == "tokenizer" or id(role.source) in seen:
@@ -509,7 +582,8 @@ def evaluate(
     spec = _eval_spec(merge_plan)
     require_lm_eval()
     with_sources = sources or any(r.reference is not None for r in spec.require)
-    candidates = _source_candidates(merge_plan, _fetch_all(merge_plan, quiet)) if with_sources else []
+    folders = _fetch_all(merge_plan, quiet, stream=False) if with_sources else {}
+    candidates = _source_candidates(merge_plan, folders) if with_sources else []
     evaluation = _evaluate(merge_plan, spec, directory, candidates, log)
     previous = directory / RESULTS_FILE
     report = None

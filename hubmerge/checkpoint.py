@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, Union
 
 import torch
 
@@ -26,6 +26,10 @@ from .errors import SourceError
 __all__ = [
     "DTYPES",
     "PICKLE_SUFFIXES",
+    "Folder",
+    "LocalFile",
+    "Opener",
+    "RangeSource",
     "ShardWriter",
     "TensorInfo",
     "TensorReader",
@@ -88,25 +92,87 @@ class TensorInfo:
         return self.offsets[1] - self.offsets[0]
 
 
+class RangeSource(Protocol):
+    """A file read by absolute byte ranges: a local file, or a Hub file read by HTTP range (remote.py)."""
+
+    @property
+    def name(self) -> str: ...  # the path or URL, for messages
+
+    @property
+    def size(self) -> int: ...
+
+    def readinto(self, offset: int, view: memoryview) -> None:
+        """Fill `view` with the bytes at `offset`, or raise `SourceError`."""
+
+    def prefetch(self, offset: int, n: int) -> None:
+        """A hint: the bytes at [offset, offset + n) are read next."""
+
+    def close(self) -> None: ...
+
+
+class Opener(Protocol):
+    """A checkpoint folder that is not a local path: `open` gives a file's source and where its data starts."""
+
+    def open(self, file: str) -> tuple[RangeSource, int]: ...
+
+
+Folder = Union[Path, Opener]  # noqa: UP007 - a runtime alias, and Python 3.10 has no `|` on a Protocol
+
+
+class LocalFile:
+    """A local file as a `RangeSource`, read with `pread` into buffers we own."""
+
+    def __init__(self, path: Path) -> None:
+        self.name = str(path)
+        self._fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self._fd).st_size
+
+    def readinto(self, offset: int, view: memoryview) -> None:
+        done = 0
+        while done < len(view):
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise SourceError(f"{self.name} is truncated at byte {offset + done}; re-download it")
+            done += n
+
+    def prefetch(self, offset: int, n: int) -> None:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, offset, n, os.POSIX_FADV_WILLNEED)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
     """The header dict of a safetensors file and the absolute offset where its data starts."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise SourceError(f"{path} is not a safetensors file (shorter than 8 bytes); re-download it")
-        (length,) = struct.unpack("<Q", raw)
-        if length > min(_MAX_HEADER, size - 8):
-            raise SourceError(
-                f"{path} is not a safetensors file or is truncated (header of {length} bytes in a file of {size}); "
-                "re-download it"
-            )
-        try:
-            header = json.loads(f.read(length))
-        except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python recurses
-            header = None
-        if not isinstance(header, dict):
-            raise SourceError(f"{path} has a corrupt safetensors header; re-download it")
+    source = LocalFile(path)
+    try:
+        return header_of(source, "re-download it")
+    finally:
+        source.close()
+
+
+def header_of(source: RangeSource, fix: str) -> tuple[dict[str, Any], int]:
+    """The header dict of a safetensors file read from `source`, and where its data starts; `fix` ends
+    every error message (what the user should do)."""
+    if source.size < 8:
+        raise SourceError(f"{source.name} is not a safetensors file (shorter than 8 bytes); {fix}")
+    raw = bytearray(8)
+    source.readinto(0, memoryview(raw))
+    (length,) = struct.unpack("<Q", raw)
+    if length > min(_MAX_HEADER, source.size - 8):
+        raise SourceError(
+            f"{source.name} is not a safetensors file or is truncated (header of {length} bytes in a file of "
+            f"{source.size}); {fix}"
+        )
+    text = bytearray(length)
+    source.readinto(8, memoryview(text))
+    try:
+        header = json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python recurses
+        header = None
+    if not isinstance(header, dict):
+        raise SourceError(f"{source.name} has a corrupt safetensors header; {fix}")
     return header, 8 + length
 
 
@@ -237,41 +303,39 @@ def index_files(path: Path, label: str) -> list[str]:
 
 
 class TensorReader:
-    """Reads tensors, or ranges of their leading dimension, from one checkpoint folder."""
+    """Reads tensors, or ranges of their leading dimension, from one checkpoint folder (local or not)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Folder) -> None:
         self.folder = folder
-        self._files: dict[str, tuple[int, int]] = {}  # file -> (fd, data start)
+        self._files: dict[str, tuple[RangeSource, int]] = {}  # file -> (source, data start)
 
-    def _open(self, file: str) -> tuple[int, int]:
+    def _open(self, file: str) -> tuple[RangeSource, int]:
         if file not in self._files:
-            path = self.folder / file
-            _, start = read_header(path)
-            self._files[file] = (os.open(path, os.O_RDONLY), start)
+            if isinstance(self.folder, Path):
+                source = LocalFile(self.folder / file)
+                self._files[file] = (source, header_of(source, "re-download it")[1])
+            else:
+                self._files[file] = self.folder.open(file)
         return self._files[file]
 
     def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor (or rows [a, b) of it) in its stored dtype, in memory we own."""
-        fd, start = self._open(info.file)
+        source, start = self._open(info.file)
         row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
         a, b = rows if rows is not None else (0, info.shape[0] if info.shape else 1)
         first, count = start + info.offsets[0] + a * row_bytes, (b - a) * row_bytes
         buffer = torch.empty(count, dtype=torch.uint8)
-        view = memoryview(buffer.numpy())  # type: ignore[arg-type]
-        done = 0
-        while done < count:
-            n = os.preadv(fd, [view[done:]], first + done)
-            if n <= 0:
-                raise SourceError(
-                    f"{self.folder / info.file} is truncated at tensor {info.name}; re-download it"
-                )
-            done += n
+        if count:
+            source.readinto(first, memoryview(buffer.numpy()))  # type: ignore[arg-type]
+        end = start + info.offsets[1]
+        if first + count < end:  # the engine reads a tensor's slices in order: the next one follows
+            source.prefetch(first + count, min(count, end - first - count))
         shape = ((b - a), *info.shape[1:]) if info.shape else ()
         return buffer.view(DTYPES[info.dtype]).reshape(shape)
 
     def close(self) -> None:
-        for fd, _ in self._files.values():
-            os.close(fd)
+        for source, _ in self._files.values():
+            source.close()
         self._files.clear()
 
 

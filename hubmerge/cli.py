@@ -62,6 +62,7 @@ def _run_parser() -> argparse.ArgumentParser:
         "--device", choices=("cpu", "cuda"), default="cpu", help="where the arithmetic runs (default cpu)"
     )
     p.add_argument("--lock", type=Path, help="reproduce the merge recorded in this hubmerge.lock.json")
+    _max_disk_option(p)
     p.add_argument(
         "--summary",
         type=Path,
@@ -84,6 +85,25 @@ def _run_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"hubmerge {__version__}")
     return p
+
+
+def _size(value: str) -> int:
+    from .recipe import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _max_disk_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-disk",
+        type=_size,
+        metavar="SIZE",
+        help='disk the run may use, e.g. "14GB" (overrides [output] max_disk; default: the free space of the '
+        "HF cache's and the output's filesystems, minus a margin); sources that do not fit are streamed",
+    )
 
 
 def _default_summary() -> Path | None:
@@ -139,6 +159,7 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
             help="print the value of a method parameter for every tensor (gradients and filters resolved)",
         )
         p.add_argument("--lock", type=Path, help="pin sources to this hubmerge.lock.json")
+        _max_disk_option(p)
         p.add_argument(
             "--summary", type=Path, default=_default_summary(), help="append a Markdown summary here"
         )
@@ -236,7 +257,9 @@ def _dispatch(argv: Sequence[str]) -> int:
         return _eval(_command_parser("eval").parse_args(argv[1:]))
     if argv and argv[0] in COMMANDS:
         command, args = argv[0], _command_parser(argv[0]).parse_args(argv[1:])
-        merge_plan = api.load_plan(args.recipe, args.output, getattr(args, "lock", None))
+        merge_plan = api.load_plan(
+            args.recipe, args.output, getattr(args, "lock", None), getattr(args, "max_disk", None)
+        )
         if command == "plan" and args.explain:
             print(explain(merge_plan, args.explain))
             return 0
@@ -255,7 +278,7 @@ def _dispatch(argv: Sequence[str]) -> int:
 
     args = _run_parser().parse_args(argv)
     if args.dry_run:
-        merge_plan = api.load_plan(args.recipe, args.output, args.lock)
+        merge_plan = api.load_plan(args.recipe, args.output, args.lock, args.max_disk)
         print(plan_text(merge_plan))
         _append(args.summary, summary_markdown(merge_plan))
         return 0
@@ -270,6 +293,7 @@ def _dispatch(argv: Sequence[str]) -> int:
             stats=not args.no_stats,
             evaluate=args.eval,
             sanity=not args.no_sanity and os.environ.get("HUBMERGE_NO_SANITY") in (None, "", "0"),
+            max_disk=args.max_disk,
         )
     except GateError as exc:
         _append(args.summary, exc.summary)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .checkpoint import ShardWriter, TensorInfo, TensorReader
+from .checkpoint import Folder, ShardWriter, TensorInfo, TensorReader
 from .diagnostics import MergeStats
 from .errors import HubmergeError, SourceError
 from .methods import Reduce, Select, Slice, TiesChunk
@@ -106,9 +106,9 @@ class _Inputs:
     def __init__(
         self,
         plan: MergePlan,
-        folders: Mapping[int, Path],
+        folders: Mapping[int, Folder],
         device: torch.device,
-        stats_base: Path | None = None,
+        stats_base: Folder | None = None,
     ) -> None:
         # A source listed twice is one reader, and each of its slices is read once (`rows`).
         readers = {id(s): TensorReader(folders[id(s)]) for s in plan.inputs}
@@ -179,7 +179,7 @@ class _Inputs:
 
 
 def _open_inputs(
-    plan: MergePlan, folders: Mapping[int, Path], device: torch.device, stats: MergeStats | None
+    plan: MergePlan, folders: Mapping[int, Folder], device: torch.device, stats: MergeStats | None
 ) -> _Inputs:
     # The base is read for the diagnostics only when they are collected and the method's math skips it.
     reads_base = stats is not None and any(t.stats_base for t in plan.tensors)
@@ -307,7 +307,7 @@ def _arithmetic_threads(default: int) -> int:
     return max(1, min(default, cores - 1))
 
 
-def collect_stats(plan: MergePlan, folders: Mapping[int, Path], device: torch.device) -> MergeStats:
+def collect_stats(plan: MergePlan, folders: Mapping[int, Folder], device: torch.device) -> MergeStats:
     """The diagnostics of the merge `plan` describes, from the same reads as `write_weights`, writing nothing."""
     stats = MergeStats(plan)
     inputs = _open_inputs(plan, folders, device, stats)
@@ -325,7 +325,7 @@ def collect_stats(plan: MergePlan, folders: Mapping[int, Path], device: torch.de
 
 def write_weights(
     plan: MergePlan,
-    folders: Mapping[int, Path],
+    folders: Mapping[int, Folder],
     directory: Path,
     device: torch.device,
     progress: Progress,

@@ -16,10 +16,10 @@ import sys
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from . import __version__
-from .errors import HubmergeError, RecipeError
+from .errors import HubmergeError, RecipeError, SourceError
 from .plan import MergePlan, Role
 from .recipe import Recipe
 from .schedule import to_json
@@ -28,16 +28,21 @@ __all__ = [
     "LOCK_FILE",
     "RECIPE_COPY",
     "SourceHashes",
+    "Verification",
     "apply_lock",
     "check_reproduced",
     "file_sha256",
     "hash_sources",
     "lock_data",
+    "verify_cached",
 ]
 
 LOCK_FILE = "hubmerge.lock.json"
 RECIPE_COPY = "hubmerge.toml"  # the recipe, as written, beside the weights
 CARD_FILE = "README.md"
+# How a Hub source's weights were checked against the Hub's metadata: the sha256 of every file, or (a
+# streamed file not read whole in order) its size and safetensors header.
+Verification = Literal["sha256", "size+header"]
 
 
 def file_sha256(path: Path) -> str:
@@ -55,12 +60,13 @@ def _labels(recipe: Recipe) -> list[tuple[str, Any]]:
 
 
 def _source_files(plan: MergePlan, folders: Mapping[int, Path]) -> Iterator[tuple[Role, Path, str]]:
-    """(role, folder, file) for every file each mention of a source contributes."""
+    """(role, folder, file) for every file each mention of a source contributes: on disk, or (the weights of
+    a streamed source) known by the Hub's sha256."""
     for role in plan.roles:
         source = role.source
         folder = folders[id(source)]
         for f in source.needed_files(weights=bool(source.tensors), tokenizer=source is plan.tokenizer):
-            if (folder / f).is_file():
+            if (folder / f).is_file() or f in source.lfs_sha256:
                 yield role, folder, f
 
 
@@ -126,11 +132,24 @@ def _sha256(path: Path, stop: threading.Event) -> str | None:
 
 
 def hash_sources(plan: MergePlan, folders: Mapping[int, Path]) -> SourceHashes:
-    """Start hashing the source files whose sha256 the Hub did not give us (local sources: gigabytes)."""
-    paths = sorted(
-        {folder / f for role, folder, f in _source_files(plan, folders) if f not in role.source.lfs_sha256}
+    """Start hashing the source files on disk: the ones whose sha256 the Hub did not give us (local sources:
+    gigabytes), and the downloaded ones it did, to check them (`verify_cached`)."""
+    return SourceHashes(
+        sorted({folder / f for _, folder, f in _source_files(plan, folders) if (folder / f).is_file()})
     )
-    return SourceHashes(paths)
+
+
+def verify_cached(plan: MergePlan, folders: Mapping[int, Path], hashes: Mapping[Path, str]) -> None:
+    """Every Hub file read from the cache has the sha256 the Hub lists for it; raises `SourceError` naming
+    the first that does not (huggingface_hub checks the size of a download, not its content)."""
+    for role, folder, f in _source_files(plan, folders):
+        expected = role.source.lfs_sha256.get(f)
+        actual = hashes.get(folder / f)
+        if expected is not None and actual is not None and actual != expected:
+            raise SourceError(
+                f"{role.source.label}: {folder / f} has sha256 {actual} but the Hub lists {expected}; the cached "
+                "copy is damaged: delete it (`hf cache rm`) and run again"
+            )
 
 
 def lock_data(
@@ -141,11 +160,13 @@ def lock_data(
     source_hashes: Mapping[Path, str],
     device: str,
     uploaded: Mapping[str, int] | None = None,
+    verified: Mapping[str, Verification] | None = None,
 ) -> dict[str, Any]:
     """The lock document; `output_files` maps each output file to its sha256 when already known.
 
     `uploaded` gives the sizes of output files no longer in `output` (pushed, then deleted to save disk);
-    their sha256 must be in `output_files`.
+    their sha256 must be in `output_files`. `verified` says how each Hub source (by first mention) was
+    checked against the Hub's metadata.
     """
     gone = uploaded or {}
     import torch
@@ -167,10 +188,14 @@ def lock_data(
                 if ref.path
                 else None,
                 "files": {},
+                "verified": (verified or {}).get(role.name),
             },
         )
-        sha = source.lfs_sha256.get(f) or source_hashes.get(folder / f) or file_sha256(folder / f)
-        entry["files"][f] = {"size": (folder / f).stat().st_size, "sha256": sha}
+        if (folder / f).is_file():
+            sha = source.lfs_sha256.get(f) or source_hashes.get(folder / f) or file_sha256(folder / f)
+            entry["files"][f] = {"size": (folder / f).stat().st_size, "sha256": sha}
+        else:  # streamed: never on disk, read by range and checked against the Hub's metadata
+            entry["files"][f] = {"size": source.files[f], "sha256": source.lfs_sha256[f]}
     return {
         "hubmerge_version": __version__,
         "torch_version": torch.__version__,

@@ -10,18 +10,27 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from .checkpoint import DTYPES, ShardLayout, TensorInfo, numel
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+from .budget import Budget, DiskPlan, SourceNeeds, default_budget, plan_disk
+from .checkpoint import DTYPES, INDEX_FILE, ShardLayout, TensorInfo, numel
 from .errors import IncompatibleSourcesError, RecipeError
+from .methods import Select
 from .qwen import Qwen25Size, qwen25_size
 from .recipe import ModelRef, Recipe
 from .schedule import Scalar, Setting, evaluate, layer_position
-from .sources import Source, cached_files, resolve
+from .sources import TOKENIZER_FILES, Source, cached_files, resolve
 
 __all__ = ["CHUNK_ELEMENTS", "MergePlan", "OutputTensor", "Role", "build_plan"]
 
@@ -31,6 +40,8 @@ HEAD = "lm_head.weight"
 CHUNK_ELEMENTS = 1 << 22
 # Process baseline measured with torch + transformers imported (see bench/RESULTS.md).
 _BASELINE_BYTES = 450 * 2**20
+# The card, lock, diagnostics and license written beside the weights: a generous bound.
+_CARD_RESERVE = 2**20
 _CONFIG_NOISE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype"}
 # Fields that change how the same tensor shapes are read: q_proj is hidden×hidden whatever the head count,
 # so only the config can tell that two models split it differently.
@@ -119,6 +130,7 @@ class MergePlan:
     config_differences: tuple[str, ...]
     qwen25: Qwen25Size | None
     downloads: tuple[Download, ...]
+    disk: DiskPlan  # how the run fits its disk budget: cached or streamed sources, shard size, costs
     stats: bool = True  # collect merge diagnostics (diagnostics.py) while merging
 
     @property
@@ -148,16 +160,7 @@ class MergePlan:
 
     @property
     def peak_memory_estimate(self) -> int:
-        # Per chunk: every input in the compute dtype, the stacked task vectors and the method's temporaries.
-        item = torch.empty(0, dtype=self.compute_dtype).element_size()
-        largest = max(
-            min(t.numel, t.chunk_rows * (t.numel // max(t.shape[0], 1) if t.shape else 1))
-            for t in self.tensors
-        )
-        per_element = 4 * len(self.inputs) + 8
-        if self.stats:  # diagnostics.py: the base if only it reads it, the task vectors again, masks
-            per_element += len(self.models) + 6
-        return _BASELINE_BYTES + largest * item * per_element
+        return _peak_memory(self.tensors, self.compute_dtype, len(self.inputs), len(self.models), self.stats)
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -176,6 +179,24 @@ class MergePlan:
         if not self.recipe.method.uses_base and self.base is not None:
             notes.append(f"the base is not part of {self.recipe.method.name}; it provides config.json")
         return tuple(notes)
+
+
+def _peak_memory(
+    tensors: tuple[OutputTensor, ...], compute_dtype: torch.dtype, inputs: int, models: int, stats: bool
+) -> int:
+    # Per chunk: every input in the compute dtype, the stacked task vectors and the method's temporaries.
+    item = torch.empty(0, dtype=compute_dtype).element_size()
+    per_element = 4 * inputs + 8
+    if stats:  # diagnostics.py: the base if only it reads it, the task vectors again, masks
+        per_element += models + 6
+    return _BASELINE_BYTES + _largest_slice(tensors) * item * per_element
+
+
+def _largest_slice(tensors: tuple[OutputTensor, ...]) -> int:
+    """Elements of the largest slice the engine reads of one input."""
+    return max(
+        min(t.numel, t.chunk_rows * (t.numel // max(t.shape[0], 1) if t.shape else 1)) for t in tensors
+    )
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -343,6 +364,90 @@ def _downloads(roles: tuple[Role, ...], tokenizer: Source) -> tuple[Download, ..
     return tuple(result)
 
 
+def _needs(roles: tuple[Role, ...], tokenizer: Source) -> tuple[SourceNeeds, ...]:
+    """Each source once (by its first mention): its weight files and its other files, and what is cached."""
+    result = []
+    for role in _first_mentions(roles):
+        source = role.source
+        files = source.needed_files(weights=bool(source.tensors), tokenizer=source is tokenizer)
+        cached = cached_files(source, files)
+        # The index is downloaded whole in every strategy: it is one of the small files.
+        weights = {f for f in source.weight_files if f != INDEX_FILE} if source.tensors else set()
+
+        sizes = {f: source.files.get(f, 0) for f in files}
+        weight_bytes = sum(n for f, n in sizes.items() if f in weights)
+        other_bytes = sum(sizes.values()) - weight_bytes
+        weight_cached = sum(n for f, n in sizes.items() if f in weights and f in cached)
+        other_cached = sum(n for f, n in sizes.items() if f in cached) - weight_cached
+        result.append(
+            SourceNeeds(
+                role.name,
+                source.ref.is_local,
+                weight_bytes=weight_bytes,
+                weight_cached=weight_cached,
+                other_bytes=other_bytes,
+                other_cached=other_cached,
+            )
+        )
+    return tuple(result)
+
+
+def _shard_size_set(recipe: Recipe) -> bool:
+    """Whether the recipe chose `[output] max_shard_size` (else the disk plan may choose a smaller one)."""
+    try:
+        data = tomllib.loads(recipe.text)
+    except tomllib.TOMLDecodeError:  # a recipe pinned by a lock, already validated: never reached
+        return True
+    output = data.get("output")
+    return isinstance(output, dict) and "max_shard_size" in output
+
+
+def _disk_plan(
+    recipe: Recipe,
+    roles: tuple[Role, ...],
+    tokenizer: Source,
+    tensors: tuple[OutputTensor, ...],
+    out_dtype: torch.dtype,
+    compute_dtype: torch.dtype,
+    inputs: int,
+) -> DiskPlan:
+    from huggingface_hub import constants
+
+    out = recipe.output
+    budget = (
+        Budget(out.max_disk, "--max-disk or [output] max_disk")
+        if out.max_disk is not None
+        else default_budget(Path(constants.HF_HUB_CACHE), out.dir)
+    )
+    item = torch.empty(0, dtype=out_dtype).element_size()
+    stored = max(DTYPES[i.dtype].itemsize for t in tensors for i in t.inputs)
+    side = sum(tokenizer.files.get(f, 0) for f in TOKENIZER_FILES) + len(recipe.text) + _CARD_RESERVE
+    models = sum(r.kind == "model" for r in roles)
+    return plan_disk(
+        _needs(roles, tokenizer),
+        budget=budget,
+        output_bytes=sum(t.numel for t in tensors) * item,
+        side_bytes=side,
+        largest_tensor=max(t.numel for t in tensors) * item,
+        max_shard_size=out.max_shard_size,
+        shard_size_set=_shard_size_set(recipe),
+        push=out.repo is not None,
+        offline=constants.HF_HUB_OFFLINE,
+        reads=_reads(recipe),
+        memory=_peak_memory(tensors, compute_dtype, inputs, models, out.stats),
+        slice_bytes=_largest_slice(tensors) * stored,
+        scratch_bytes=sum(t.numel for t in tensors) * item // 200 if recipe.method.trims else 0,
+    )
+
+
+def _reads(recipe: Recipe) -> int:
+    """The most times the merge reads every input byte: once per active pass and once to merge, and two more
+    per selection whose sampled bracket misses (`selection.py`)."""
+    settings = [m.params for m in recipe.models]
+    passes = recipe.method.active_passes(recipe.parameters, settings)
+    return recipe.method.reads(recipe.parameters, settings) + 2 * sum(isinstance(p, Select) for p in passes)
+
+
 # config.json fields that belong to the tokenizer: the special token ids generation stops and pads on.
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
@@ -461,6 +566,7 @@ def build_plan(recipe: Recipe) -> MergePlan:
             config[key] = copy.deepcopy(tokenizer.config[key])
         else:
             config.pop(key, None)
+    disk = _disk_plan(recipe, roles, tokenizer, tensors, out_dtype, compute_dtype, len(inputs))
     return MergePlan(
         recipe=recipe,
         roles=roles,
@@ -471,11 +577,12 @@ def build_plan(recipe: Recipe) -> MergePlan:
         out_dtype=out_dtype,
         compute_dtype=compute_dtype,
         tensors=tensors,
-        shards=_shards(tensors, out_dtype, recipe.output.max_shard_size),
+        shards=_shards(tensors, out_dtype, disk.max_shard_size),
         tie_word_embeddings=tied,
         config=config,
         config_differences=_config_differences(_first_mentions(weight_roles)),
         qwen25=qwen25_size(config_source.config),
         downloads=_downloads(roles, tokenizer),
+        disk=disk,
         stats=recipe.output.stats,
     )

@@ -71,8 +71,8 @@ class OutputSpec:
     branch: str | None = None
     create_pr: bool = False
     max_shard_size: int = 5 * 10**9
+    max_disk: int | None = None  # bytes of disk the run may use; None: the free space (budget.py)
     stats: bool = True  # merge diagnostics (diagnostics.py): merge_stats.json and plots in the output
-    max_disk: int | None = None  # `[output] max_disk`: the most bytes the output may take (parse_size)
 
 
 @dataclass(frozen=True)

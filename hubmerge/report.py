@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 from . import __version__
+from .budget import format_size
 from .errors import RecipeError
 from .methods.base import Pass, Reduce
 from .plan import MergePlan
@@ -15,8 +16,7 @@ from .schedule import to_json
 __all__ = ["explain", "plan_json", "plan_text", "summary_markdown"]
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.2f} MB" if n >= 10**5 else f"{n} B"
+_gb = format_size
 
 
 def _pass_json(p: Pass, plan: MergePlan) -> dict[str, Any]:
@@ -71,9 +71,11 @@ def plan_json(plan: MergePlan) -> dict[str, Any]:
             "tie_word_embeddings": plan.tie_word_embeddings,
         },
         "estimates": {
-            "peak_memory_bytes": plan.peak_memory_estimate,
-            "disk_bytes": plan.output_bytes + sum(d.bytes - d.cached_bytes for d in plan.downloads),
+            "peak_memory_bytes": plan.disk.peak_memory,
+            "disk_bytes": plan.disk.peak_disk,
+            "network_bytes": plan.disk.network_bytes,
         },
+        "disk": _disk_json(plan),
         "push": None
         if r.output.repo is None
         else {
@@ -83,6 +85,34 @@ def plan_json(plan: MergePlan) -> dict[str, Any]:
             "create_pr": r.output.create_pr,
         },
         "warnings": list(plan.warnings),
+    }
+
+
+def _disk_json(plan: MergePlan) -> dict[str, Any]:
+    d = plan.disk
+    return {
+        "strategy": d.strategy,
+        "budget_bytes": d.budget,
+        "budget_origin": d.budget_origin,
+        "output_budget_bytes": d.output_budget,
+        "peak_disk_bytes": d.peak_disk,
+        "peak_memory_bytes": d.peak_memory,
+        "network_bytes": d.network_bytes,
+        "reads": d.reads,
+        "output_disk_bytes": d.output_disk,
+        "scratch_bytes": d.scratch_bytes,
+        "max_shard_size": d.max_shard_size,
+        "upload_while_merging": d.upload_while_merging,
+        "sources": [
+            {
+                "source": s.role,
+                "strategy": s.strategy,
+                "disk_bytes": s.disk_bytes,
+                "network_bytes": s.network_bytes,
+                "reason": s.reason,
+            }
+            for s in d.sources
+        ],
     }
 
 
@@ -101,12 +131,14 @@ def plan_text(plan: MergePlan) -> str:
         pinned = f" @ {s['sha']}" if s["sha"] else ""
         params = f" {s['parameters']}" if s["parameters"] and s["parameters"] != {"weight": 1.0} else ""
         lines.append(f"{s['role'] + ' ':<9}{s['repo_id'] or s['path']}{pinned}{params}")  # models[10] too
+    streamed = plan.disk.streamed
     for d in data["downloads"]:
         files = f"{d['source']} ({d['reference']}): {len(d['files'])} files, {_gb(d['bytes'])}"
         lines.append(
             f"local    {files} read in place"
             if d["local"]
-            else f"download {files} ({_gb(d['cached_bytes'])} cached)"
+            else f"download {files} ({_gb(d['cached_bytes'])} cached"
+            + ("; the weights are streamed, not downloaded)" if d["source"] in streamed else ")")
         )
     out = data["output"]
     lines.append(
@@ -114,8 +146,22 @@ def plan_text(plan: MergePlan) -> str:
         f"{_gb(out['bytes'])} in {len(out['shards'])} file(s), "
         f"{'tied' if out['tie_word_embeddings'] else 'untied'} lm_head"
     )
-    est = data["estimates"]
-    lines.append(f"needs    ~{_gb(est['peak_memory_bytes'])} peak memory, {_gb(est['disk_bytes'])} disk")
+    disk = data["disk"]
+    lines.append(
+        f"needs    ~{_gb(disk['peak_memory_bytes'])} peak memory, {_gb(disk['peak_disk_bytes'])} disk of a "
+        f"{_gb(disk['budget_bytes'])} budget ({disk['budget_origin']}), {_gb(disk['network_bytes'])} over the network"
+    )
+    lines += [
+        f"{'stream' if s['strategy'] == 'streaming' else s['strategy']:<9}{s['source']}: {s['reason']}"
+        + (f", {_gb(s['network_bytes'])} over the network" if s["network_bytes"] else "")
+        for s in disk["sources"]
+        if s["strategy"] != "local"
+    ]
+    if disk["upload_while_merging"]:
+        lines.append(
+            f"upload   each shard (at most {_gb(disk['max_shard_size'])}) as it is written; the output folder "
+            f"holds about {_gb(disk['output_disk_bytes'])} at once"
+        )
     push = data["push"]
     lines.append(
         "push     none ([output] repo not set)"

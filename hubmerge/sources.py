@@ -295,8 +295,11 @@ def _resolve_hub(ref: ModelRef, label: str, weights: bool) -> Source:
     )
 
 
-def fetch(source: Source, weights: bool, tokenizer: bool, quiet: bool) -> Path:
-    """Make the needed files local and return the folder (the snapshot folder for Hub sources)."""
+def fetch(source: Source, weights: bool, tokenizer: bool, quiet: bool, stream: bool = False) -> Path:
+    """Make the needed files local and return the folder (the snapshot folder for Hub sources).
+
+    `stream`: the weights are read by range later (remote.py); only their index is downloaded here.
+    """
     if source.ref.path is not None:
         return source.ref.path
     from huggingface_hub import snapshot_download
@@ -309,7 +312,13 @@ def fetch(source: Source, weights: bool, tokenizer: bool, quiet: bool) -> Path:
     with hub_errors(source.label, repo_id, source.sha):
         return Path(
             snapshot_download(
-                repo_id, revision=source.sha, allow_patterns=list(source.needed_files(weights, tokenizer))
+                repo_id,
+                revision=source.sha,
+                allow_patterns=[
+                    f
+                    for f in source.needed_files(weights, tokenizer)
+                    if not (stream and f.endswith(".safetensors"))
+                ],
             )
         )
 

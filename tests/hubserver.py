@@ -95,6 +95,27 @@ def _iso(timestamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp)) + f".{millis:03d}Z"
 
 
+class SparseFile:
+    """File content of which only a prefix is stored: the rest reads as zeros. It stands for a checkpoint
+    shard of real size whose header alone matters (a plan reads only headers), so a 145 GB model fits in
+    memory. Only ranges can be read from the server; its `sha256` is made up, and stable."""
+
+    def __init__(self, prefix: bytes, size: int) -> None:
+        if size < len(prefix):
+            raise ValueError("a sparse file is at least as long as its stored prefix")
+        self.prefix = prefix
+        self.size = size
+        self.sha256 = hashlib.sha256(prefix + b"sparse %d" % size).hexdigest()
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, span: slice) -> bytes:
+        start, stop, _ = span.indices(self.size)
+        part = self.prefix[start:stop]
+        return part + bytes(max(0, stop - start - len(part)))
+
+
 class HubError(Exception):
     """An HTTP error answer, with the `X-Error-Code` the client maps to an exception class."""
 
@@ -183,6 +204,7 @@ class _Fault:
     method: str | None
     cut: bool = False  # answer normally but close the connection halfway through the body
     whole: bool = False  # only requests without a Range header (a download, not a header probe)
+    from_byte: int | None = None  # only requests for a range starting at this byte or later
 
 
 @dataclass
@@ -193,6 +215,7 @@ class Hold:
     path_contains: str
     method: str | None
     whole: bool  # only requests without a Range header (a download, not a header probe)
+    from_byte: int | None = None  # only requests for a range starting at this byte or later
     arrived: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
 
@@ -406,41 +429,67 @@ class LocalHub:
             )
 
     def fail_next(
-        self, n: int, status: int = 500, path_contains: str | None = None, method: str | None = None
+        self,
+        n: int,
+        status: int = 500,
+        path_contains: str | None = None,
+        method: str | None = None,
+        from_byte: int | None = None,
     ) -> None:
         """Answer `status` to the next `n` requests whose target (raw or decoded) contains `path_contains`.
 
         None matches any target; `method` (e.g. "GET") narrows the match, since a download is a HEAD then a
-        GET on the same path and the client retries them differently.
+        GET on the same path and the client retries them differently. With `from_byte`, only requests for a
+        range starting at that byte or later match (a read of tensor data, not of a header).
         """
         with self._lock:
-            self._faults.append(_Fault(n, status, path_contains, method))
+            self._faults.append(_Fault(n, status, path_contains, method, from_byte=from_byte))
 
-    def drop_next(self, n: int, path_contains: str | None = None, method: str | None = None) -> None:
+    def drop_next(
+        self,
+        n: int,
+        path_contains: str | None = None,
+        method: str | None = None,
+        from_byte: int | None = None,
+    ) -> None:
         """Close the connection without an answer on the next `n` matching requests (see `fail_next`)."""
         with self._lock:
-            self._faults.append(_Fault(n, None, path_contains, method))
+            self._faults.append(_Fault(n, None, path_contains, method, from_byte=from_byte))
 
-    def cut_next(self, n: int, path_contains: str, method: str | None = None, whole: bool = False) -> None:
+    def cut_next(
+        self,
+        n: int,
+        path_contains: str,
+        method: str | None = None,
+        whole: bool = False,
+        from_byte: int | None = None,
+    ) -> None:
         """Send the headers and half the body of the next `n` matching answers, then close the connection;
-        with `whole`, only requests without a Range header match."""
+        with `whole`, only requests without a Range header match (`from_byte`: see `fail_next`)."""
         with self._lock:
-            self._faults.append(_Fault(n, None, path_contains, method, cut=True, whole=whole))
+            self._faults.append(
+                _Fault(n, None, path_contains, method, cut=True, whole=whole, from_byte=from_byte)
+            )
 
-    def hold_next(self, path_contains: str, method: str | None = None, whole: bool = False) -> Hold:
+    def hold_next(
+        self, path_contains: str, method: str | None = None, whole: bool = False, from_byte: int | None = None
+    ) -> Hold:
         """Hold the next matching request until the returned `Hold` is released (see `Hold`); with `whole`,
-        only a request without a Range header matches."""
-        hold = Hold(path_contains, method, whole)
+        only a request without a Range header matches (`from_byte`: see `fail_next`)."""
+        hold = Hold(path_contains, method, whole, from_byte)
         with self._lock:
             self._holds.append(hold)
         return hold
 
-    def _take_hold(self, method: str, target: str, ranged: bool) -> Hold | None:
+    def _take_hold(
+        self, method: str, target: str, ranged: bool, range_header: str | None = None
+    ) -> Hold | None:
         with self._lock:
             for hold in self._holds:
                 if (
                     hold.method in (None, method)
                     and not (hold.whole and ranged)
+                    and (hold.from_byte is None or _range_start(range_header) >= hold.from_byte)
                     and (hold.path_contains in target or hold.path_contains in unquote(target))
                 ):
                     self._holds.remove(hold)
@@ -485,6 +534,8 @@ class LocalHub:
             if fault.method is not None and fault.method != request.method:
                 continue
             if fault.whole and request.headers.get("Range") is not None:
+                continue
+            if fault.from_byte is not None and _range_start(request.headers.get("Range")) < fault.from_byte:
                 continue
             needle = fault.path_contains
             if needle is None or needle in request.target or needle in unquote(request.target):
@@ -819,6 +870,8 @@ class LocalHub:
             headers["ETag"] = f'"{self._blob_git_sha1(blob_key)}"'
         byte_range = _parse_range(req.headers.get("Range"), len(content))
         if byte_range is None:
+            if isinstance(content, SparseFile) and req.method == "GET":
+                raise HubError(501, f"{path} is a sparse test file: read it by range")
             return _Response(200, content, headers)
         start, end = byte_range
         headers["Content-Range"] = f"bytes {start}-{end}/{len(content)}"
@@ -1138,7 +1191,7 @@ class LocalHub:
         return sha
 
     def _store_blob(self, content: bytes) -> str:
-        key = hashlib.sha256(content).hexdigest()
+        key = content.sha256 if isinstance(content, SparseFile) else hashlib.sha256(content).hexdigest()
         self._blobs[key] = content
         return key
 
@@ -1224,7 +1277,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self) -> None:
         body = self._read_body()
-        hold = self.server.hub._take_hold(self.command, self.path, "Range" in self.headers)
+        hold = self.server.hub._take_hold(
+            self.command, self.path, "Range" in self.headers, self.headers.get("Range")
+        )
         if hold is not None:  # outside the hub's lock: other requests go on while this one waits
             hold.arrived.set()
             hold.release.wait()
@@ -1317,6 +1372,14 @@ def _parse_ndjson(body: bytes) -> tuple[dict[str, Any], list[tuple[str, dict[str
     if not items or items[0][0] != "header":
         raise HubError(400, "The first ndjson line must be the header")
     return items[0][1], items[1:]
+
+
+def _range_start(header: str | None) -> int:
+    """The first byte a `bytes=N-M` Range header asks for; -1 without one (or for a suffix range)."""
+    if header is None or not header.startswith("bytes="):
+        return -1
+    first = header.removeprefix("bytes=").partition("-")[0].strip()
+    return int(first) if first.isdigit() else -1
 
 
 def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:

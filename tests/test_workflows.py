@@ -455,6 +455,23 @@ def test_push_to_main_merges_each_changed_recipe_and_pushes_it(hub: LocalHub, wo
     assert int(loaded.stdout.split()[-1]) == 107072
 
 
+def test_merge_job_passes_a_disk_budget_set_as_a_repository_variable(
+    hub: LocalHub, workspace: Path, tmp_path: Path
+) -> None:
+    recipe = "recipes/tiny-ties.toml"
+    _write(workspace, {recipe: _hub_recipe("tiny-ties.toml", "user/budgeted")})
+    _commit(workspace, "add a recipe")
+    contexts = {
+        "matrix": {"recipe": recipe},
+        "secrets": {"HF_TOKEN": TOKEN},
+        "vars": {"HUBMERGE_MAX_DISK": "1KB"},  # unset, the budget is the runner's free disk
+    }
+    job = Job(MERGE_YML, "merge", workspace, contexts, _step_env(hub, tmp_path))
+    assert job.run() == 1
+    assert "but the budget is 1000 B (--max-disk or [output] max_disk)" in job.log("Merge and push")
+    assert "user/budgeted" not in hub._repos  # refused before anything was downloaded or pushed
+
+
 def test_merge_without_hf_token_uses_trusted_publishing_for_the_output_repo(hub: LocalHub, workspace: Path,
                                                                              tmp_path: Path) -> None:
     recipe = "recipes/tiny-ties.toml"

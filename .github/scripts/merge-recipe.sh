@@ -3,6 +3,9 @@
 #
 #   RECIPE    the recipe file
 #   PUSH      "false" only writes the output folder (default "true")
+#   MAX_DISK  the disk the merge may use ("40GB"); empty: the runner's free disk, which is hubmerge's own
+#             default (the free space of the HF cache's and the output's filesystems, minus a margin).
+#             Sources that do not fit are streamed from the Hub by range instead of downloaded.
 #   HF_TOKEN  a token with write access; when empty, the push authenticates by Hugging Face trusted
 #             publishing, scoped to the recipe's [output] repo (HF_OIDC_RESOURCE), which needs the job
 #             permission `id-token: write` and a trusted publisher on that repo
@@ -17,6 +20,9 @@ source "$(dirname "$0")/lib.sh"
 : "${RECIPE:?set RECIPE to the recipe path}"
 
 args=("$RECIPE")
+if [[ -n ${MAX_DISK:-} ]]; then
+  args+=(--max-disk "$MAX_DISK")
+fi
 if [[ ${PUSH:-true} == false ]]; then
   args+=(--no-push)
 elif [[ -z ${HF_TOKEN:-} ]]; then
