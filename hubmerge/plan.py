@@ -441,11 +441,13 @@ def _disk_plan(
 
 
 def _reads(recipe: Recipe) -> int:
-    """The most times the merge reads every input byte: once per active pass and once to merge, and two more
-    per selection whose sampled bracket misses (`selection.py`)."""
+    """How many times the merge reads every input byte, as the disk plan counts network bytes: once per
+    active pass and once to merge, and one more per selection for its sample (a whole small model; on a
+    big one a sliver, which leaves room for the two reads more where a sampled bracket misses,
+    `selection.py`). FusionBench TIES: 3, as measured on streamed tiny repos (bench/RESULTS.md)."""
     settings = [m.params for m in recipe.models]
     passes = recipe.method.active_passes(recipe.parameters, settings)
-    return recipe.method.reads(recipe.parameters, settings) + 2 * sum(isinstance(p, Select) for p in passes)
+    return recipe.method.reads(recipe.parameters, settings) + sum(isinstance(p, Select) for p in passes)
 
 
 # config.json fields that belong to the tokenizer: the special token ids generation stops and pads on.
