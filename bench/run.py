@@ -357,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
 TARGETS = {"simple_average": 1.5, "linear": 1.5, "task_arithmetic": 1.5, "ties": 3.5}
 
 
+def _target(ratio: float, target: float | None) -> str:
+    return "" if target is None else f" ({'≤' if ratio <= target else '>'} {target})"
+
+
 def write_results(args: argparse.Namespace, rows: list[dict[str, object]], info: dict[str, str]) -> None:
     command = "python bench/run.py " + " ".join(a for a in sys.argv[1:])
     lines = [
@@ -376,12 +380,12 @@ def write_results(args: argparse.Namespace, rows: list[dict[str, object]], info:
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        target = TARGETS[str(r["method"])]
+        target = TARGETS.get(str(r["method"]))  # the targets cover the linear methods and TIES
         ratio = float(r["ratio"])  # type: ignore[arg-type]
         cpu = f"{r['cpu_s']:.1f} / {r['floor_cpu_s']:.1f}" if "cpu_s" in r else "not recorded"
         lines.append(
             f"| {r['shape']} | {r['models']} | {r['method']} | {r['input_gb']:.2f} | {r['floor_s']:.1f} | "
-            f"{r['hubmerge_s']:.1f} | {ratio:.2f}× ({'≤' if ratio <= target else '>'} {target}) | "
+            f"{r['hubmerge_s']:.1f} | {ratio:.2f}×{_target(ratio, target)} | "
             f"{r['rss_gb']:.2f} | {r['load']:.2f} | {cpu} | {r['walls']} (floor {r['floors']}) |"
         )
     mk = [r for r in rows if r["mergekit"]]
