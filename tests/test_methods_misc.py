@@ -232,8 +232,8 @@ def test_sce_select_topk_0_keeps_the_base(tmp_path):
 
 def test_sce_passes_run_only_when_some_select_topk_is_below_1():
     sce = get_method("sce")
-    assert sce.reads({"select_topk": 1.0}) == 2  # the weights' pass, then the merge
-    assert sce.reads({"select_topk": 0.5}) == 4  # + the nonzero count and the variance cut-off
+    assert sce.reads({"select_topk": 1.0}, [{}]) == 2  # the weights' pass, then the merge
+    assert sce.reads({"select_topk": 0.5}, [{}]) == 4  # + the nonzero count and the variance cut-off
     assert sce.max_reads() == 4
 
 

@@ -415,7 +415,7 @@ def test_the_recipe_generator_reaches_valid_plans_and_each_kind_of_error(workspa
     """The fuzzers above are only as good as their inputs: they must produce both outcomes, often."""
     outcomes: dict[str, int] = {}
 
-    @settings(max_examples=150, deadline=None, derandomize=True, database=None)
+    @settings(max_examples=400, deadline=None, derandomize=True, database=None)
     @given(text=recipe_texts(hub=False))
     def sample(text: str) -> None:
         path = workspace / "sampled.toml"
