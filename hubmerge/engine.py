@@ -349,18 +349,13 @@ def write_weights(
     try:
         passes = _Passes(plan, inputs)
         passes.before_merge()
-        current: dict[str, Any] = {}
         by_name = {t.name: t for t in plan.tensors}
         for layout in plan.shards:
             writer = ShardWriter(directory / layout.file, layout, {"format": "pt"})
             files[layout.file] = writer
             try:
                 shard = [by_name[name] for name, _ in layout.tensors]
-                for tensor, start, slices in _with_stats(passes, inputs, shard):
-                    tensor_stats = passes.for_tensor(tensor) if start < 0 else None
-                    if tensor_stats is not None:
-                        current = tensor_stats
-                        continue
+                for tensor, start, slices, current in _with_stats(passes, inputs, shard):
                     if stats is not None:
                         stats.add(tensor, slices, current.get("cut") if method.trims else None)
                     result = method.merge(_slice(plan, tensor, start, slices), current)
@@ -391,22 +386,21 @@ def write_weights(
 
 def _with_stats(
     passes: _Passes, inputs: _Inputs, tensors: Sequence[OutputTensor]
-) -> Iterator[tuple[OutputTensor, int, list[torch.Tensor]]]:
-    """The merge pass's slices; before each tensor, a (tensor, -1, []) marker where its passes run.
+) -> Iterator[tuple[OutputTensor, int, list[torch.Tensor], dict[str, Any]]]:
+    """The merge pass's slices of `tensors`, each with its tensor's statistics (its passes run first).
 
-    Without tensor-scope passes the slices of consecutive tensors stream with read-ahead across tensors.
+    Without tensor-scope passes every tensor has the model-scope results, and the slices of consecutive
+    tensors stream with read-ahead across tensors.
     """
     if not passes.tensor_passes:
-        current = None
+        shared = passes.for_tensor(tensors[0]) if tensors else {}
         for tensor, start, slices in inputs.stream(tensors):
-            if tensor is not current:
-                current = tensor
-                yield tensor, -1, []
-            yield tensor, start, slices
+            yield tensor, start, slices, shared
         return
     for tensor in tensors:
-        yield tensor, -1, []
-        yield from inputs.stream([tensor])
+        current = passes.for_tensor(tensor)
+        for _, start, slices in inputs.stream([tensor]):
+            yield tensor, start, slices, current
 
 
 def _write_index(plan: MergePlan, directory: Path) -> None:
