@@ -14,7 +14,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -87,16 +88,41 @@ def _recipe(folder: Path, repo: str, text: str = RECIPE) -> Path:
     return folder / "recipe.toml"
 
 
-def _traced(hub: LocalHub, recipe: Path, out: Path, **options: bool) -> tuple[int, dict]:
-    done = subprocess.run(
+def _traced(
+    hub: LocalHub, recipe: Path, out: Path, *, hold_first_upload: bool = False, **options: bool
+) -> tuple[int, dict]:
+    """Run TRACED_MERGE. With `hold_first_upload`, the Hub answers the first LFS upload only once the next
+    shard's close marker has arrived: the upload provably overlaps the merge, however fast either side is."""
+    held = hub.hold_next("/lfs-upload/", method="PUT") if hold_first_upload else None
+    since = len(hub.requests)
+    process = subprocess.Popen(
         [sys.executable, "-c", TRACED_MERGE, recipe, out, hub.url, json.dumps(options)],
         env={**os.environ, **hub_env(hub, out.parent / "home")},
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
     )
-    assert done.stdout, done.stderr
-    return done.returncode, json.loads(done.stdout.splitlines()[-1])
+    try:
+        if held is not None:
+            assert held.arrived.wait(120), "the first shard was never uploaded"
+            # The first shard's marker came before its upload; the second one's comes while it is held.
+            _wait_for(lambda: sum(r.path.startswith("/hook/closed/") for r in hub.requests[since:]) >= 2)
+            held.release.set()
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        if held is not None:
+            held.release.set()
+        process.kill()
+    assert stdout, stderr
+    return process.returncode, json.loads(stdout.splitlines()[-1])
+
+
+def _wait_for(condition: Callable[[], bool], limit: float = 120.0) -> None:
+    """Poll `condition` until it holds; `limit` only turns a hang into a failure."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, "the merge stopped before the next shard closed"
+        time.sleep(0.01)
 
 
 def _shards(folder: Path) -> dict[str, bytes]:
@@ -153,13 +179,13 @@ def test_delete_uploaded_keeps_two_shards_on_disk_and_commits_from_hashes_alone(
     """The commit is made after every shard was deleted locally: it needs only their sha256 and size."""
     recipe = _recipe(tmp_path, "user/small-disk", RECIPE.replace("./", f"{pool}/"))
     out = tmp_path / "out"
-    code, result = _traced(hub, recipe, out, delete_uploaded=True)
+    code, result = _traced(hub, recipe, out, hold_first_upload=True, delete_uploaded=True)
     assert code == 0, result
     events = result["events"]
     assert len(events) >= 4
     assert max(len(e["before"]) for e in events) <= 2  # the shard just closed, and the one uploading
     assert all(len(e["after"]) <= 1 for e in events)  # the previous one is stored, then deleted
-    assert any(len(e["before"]) == 2 for e in events)  # the upload really overlapped the merge
+    assert len(events[1]["before"]) == 2  # the first shard, still uploading (held), and the second
     files = hub.files("user/small-disk")
     reference = _shards(pool / "reference")
     assert {name: files[name] for name in reference} == reference
