@@ -3,7 +3,8 @@
 The sources are Qwen2.5-shaped repos on the local test Hub (tests/qwen_shapes.py: real tensor names, shapes,
 bf16 and shard counts; sparse shards, since a plan reads only headers). Each size is planned three times:
 with disk to spare (every source cached), and within a GitHub runner's 14 GB with a push, for
-task_arithmetic (one read of every input) and TIES with its global cut-off (three reads).
+task_arithmetic (one read of every input) and TIES with its global cut-off (three reads; four
+when shards are uploaded as written, which settles the majority sign first).
 
     python bench/shaped_plans.py    # prints the Markdown table
 """

@@ -79,10 +79,12 @@ def load_plan(
     output_dir: str | Path | None = None,
     lock: str | Path | None = None,
     max_disk: int | None = None,
+    delete_uploaded: bool = False,
 ) -> MergePlan:
     """Validate the recipe and resolve its sources (metadata only) into a `MergePlan`.
 
-    `max_disk` (bytes) overrides `[output] max_disk`, the disk budget (budget.py).
+    `max_disk` (bytes) overrides `[output] max_disk`, the disk budget (budget.py). `delete_uploaded`: plan
+    for each shard being deleted once uploaded (`merge`).
     """
     recipe = load_recipe(recipe_path, output_dir)
     if max_disk is not None:
@@ -96,7 +98,7 @@ def load_plan(
         )
     if lock is not None:
         recipe = apply_lock(recipe, Path(lock))
-    return build_plan(recipe)
+    return build_plan(recipe, delete_uploaded=delete_uploaded)
 
 
 def _device(name: str) -> torch.device:
@@ -214,10 +216,11 @@ def merge(
     When pushing (without `evaluate`, whose gate comes first), `upload_while_merging` uploads each shard as
     soon as it is written, while the merge goes on; the one commit is made once the whole output is uploaded
     (`publish.ShardUploader`). `delete_uploaded` then deletes each shard from the output folder once it is on
-    the Hub, so that at most two shards are on the disk at a time (TIES: all of them until the merge ends);
+    the Hub, so that at most two shards are on the disk at a time (TIES then reads its inputs once more
+    before the merge to settle the majority sign, `Method.settle`, instead of patching shards at the end);
     the folder keeps the side files and the lock, and no sanity check runs (it reads the whole model).
     """
-    merge_plan = load_plan(recipe_path, output_dir, lock, max_disk)
+    merge_plan = load_plan(recipe_path, output_dir, lock, max_disk, delete_uploaded and push)
     spec = _eval_spec(merge_plan) if evaluate else None
     if spec is not None:
         require_lm_eval()  # before any download: a missing extra fails in a second
@@ -225,7 +228,9 @@ def merge(
         log(f"warning: {warning}")
     directory = merge_plan.recipe.output.dir
     recover(directory)
-    check_target(directory, merge_plan.output_bytes)
+    # With shards deleted as they are uploaded, the folder holds two at once: one written, one uploading.
+    at_once = sum(sorted(s.nbytes for s in merge_plan.shards)[-2:])
+    check_target(directory, at_once if merge_plan.disk.upload_while_merging else merge_plan.output_bytes)
     compute = _device(device)
     publishing = push and merge_plan.recipe.output.repo is not None
     if merge_plan.disk.upload_while_merging and not publishing:
@@ -380,11 +385,11 @@ def _write_output(
                 bar.set_postfix_str(uploader.status(), refresh=False)
 
         on_shard = None
-        trims = plan.recipe.method.trims
+        rewrites = plan.rewrites_shards
         if uploader is not None:
-            on_shard = _ties_upload(plan, uploader) if trims else uploader.submit
+            on_shard = _ties_upload(plan, uploader) if rewrites else uploader.submit
         files = write_weights(plan, weights, staging, compute, progress, collector, on_shard)
-        if uploader is not None and trims:
+        if uploader is not None and rewrites:
             for layout in plan.shards:
                 if files[layout.file] is None or layout is plan.shards[-1]:
                     uploader.submit(staging / layout.file)  # rewritten by the patch, or held back for it
@@ -415,10 +420,11 @@ def _write_output(
 
 
 def _ties_upload(plan: MergePlan, uploader: ShardUploader) -> Callable[[Path], None]:
-    """The shard hook for TIES, which may rewrite closed shards once the whole model's majority sign is known
-    (`engine._Patches`, right after the last shard): each shard but the last is uploaded as soon as it is
-    closed and kept; the last one waits until no upload reads a shard while the patch may write it. What the
-    patch rewrites goes up again afterwards (`_write_output`)."""
+    """The shard hook for TIES when it may rewrite closed shards once the whole model's majority sign is known
+    (`engine._Patches`, right after the last shard; `MergePlan.rewrites_shards`): each shard but the last is
+    uploaded as soon as it is closed and kept; the last one waits until no upload reads a shard while the
+    patch may write it. What the patch rewrites goes up again afterwards (`_write_output`). A plan that
+    deletes uploaded shards settles the sign first instead, and uploads with the plain hook."""
     last = plan.shards[-1].file
 
     def on_shard(path: Path) -> None:

@@ -10,7 +10,9 @@ Each Hub source is read one of two ways:
 
 Local folders are read in place. The output folder holds the whole output unless it is pushed and cannot
 fit: then each shard is uploaded as soon as it is written and deleted (`upload_while_merging`), and the
-folder holds about two shards at a time. Sources are cached while the budget allows (fastest, one fetch),
+folder holds about two shards at a time. A method that would rewrite closed shards after the last one
+(TIES's majority sign, `Method.settle`) then settles that in one more read before the merge
+(`settle_first`), so that no deleted shard is ever needed again. Sources are cached while the budget allows (fastest, one fetch),
 streamed otherwise; when even streaming everything cannot fit, `plan_disk` refuses with the numbers.
 """
 
@@ -106,6 +108,8 @@ class DiskPlan:
     scratch_bytes: int  # the engine's scratch file (TIES's undecided positions), an estimate
     max_shard_size: int  # as chosen (the recipe's, or one that fits the budget)
     upload_while_merging: bool  # each shard is uploaded once written and deleted when the budget needs it
+    # The method's `settle` pass runs before the merge (one read more) instead of patching closed shards.
+    settle_first: bool
     peak_disk: int
     peak_memory: int
     network_bytes: int
@@ -142,24 +146,33 @@ def plan_disk(
     memory: int,
     slice_bytes: int,
     scratch_bytes: int,
+    settle: bool = False,
+    delete_uploaded: bool = False,
 ) -> DiskPlan:
     """Choose per source between cached and streaming, and the output's shard size, within `budget`.
 
     `output_bytes` counts the merged weights, `side_bytes` what is written beside them (tokenizer, card, lock).
 
     `memory` is the engine's peak without streaming; `slice_bytes` what one input slice weighs as stored
-    (a streamed source holds one being read and one prefetched). Raises `HubmergeError` with the numbers
+    (a streamed source holds one being read and one prefetched). `settle`: the method has a `settle` pass,
+    run (one read more, no scratch file) when shards are deleted once uploaded; `delete_uploaded` asks for
+    that deletion whether or not the output would fit (with a push). Raises `HubmergeError` with the numbers
     when even streaming every source leaves the budget too small.
     """
     # Every Hub source's small files go to the cache; the scratch file and the output to the output folder.
     metadata = sum(n.other_bytes - n.other_cached for n in needs if not n.local)
     separate = budget.output is not None
-    output_room = (budget.output if budget.output is not None else budget.bytes - metadata) - scratch_bytes
+    output_room = budget.output if budget.output is not None else budget.bytes - metadata
     limit = format_size(budget.output if budget.output is not None else budget.bytes)
     shard = max_shard_size
-    upload = False
     output_disk = output_bytes + side_bytes
-    if output_disk > output_room:
+    upload = push and (delete_uploaded or output_disk > output_room - scratch_bytes)
+    settle_first = upload and settle
+    if settle_first:  # no scratch file: nothing is patched afterwards
+        reads += 1
+        scratch_bytes = 0
+    output_room -= scratch_bytes
+    if upload or output_disk > output_room:
         if not push:
             raise HubmergeError(
                 f"the merged output needs {format_size(output_disk)} in its folder, plus "
@@ -227,6 +240,7 @@ def plan_disk(
         scratch_bytes=scratch_bytes,
         max_shard_size=shard,
         upload_while_merging=upload,
+        settle_first=settle_first,
         peak_disk=peak_disk,
         peak_memory=peak_memory,
         network_bytes=sum(c.network_bytes for c in costs),

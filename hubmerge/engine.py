@@ -5,7 +5,8 @@ The engine runs every method the same way (`methods.base`): the method's model-s
 whole model first, then per output tensor its tensor-scope passes and the merge step, slice by slice. A
 `Reduce` pass folds slices into a small accumulator; a `Select` pass finds exact k-th smallest values
 with the streaming selection (`selection.py`): a sample brackets each cut-off, one pass counts exactly
-against the bracket (two more only where a bracket missed). Arithmetic runs in float32 (float64 inputs
+against the bracket (two more only where a bracket missed). When the plan says so, the method's `settle`
+pass runs last before the merge, over the whole model, so that no closed shard is rewritten afterwards. Arithmetic runs in float32 (float64 inputs
 stay float64) on the chosen device and is rounded once to the output dtype.
 """
 
@@ -212,23 +213,54 @@ class _Passes:
     def __init__(self, plan: MergePlan, inputs: _Inputs) -> None:
         self.plan = plan
         self.inputs = inputs
-        recipe = plan.recipe
-        active = recipe.method.active_passes(recipe.parameters, [m.params for m in recipe.models])
-        self.model_passes = tuple(p for p in active if p.scope == "model")
-        self.tensor_passes = tuple(p for p in active if p.scope == "tensor")
+        method = plan.recipe.method
+        self.settle = method.settle if plan.disk.settle_first else None
+        self.model_passes = tuple(p for p in plan.passes if p.scope == "model" and p is not self.settle)
+        self.tensor_passes = tuple(p for p in plan.passes if p.scope == "tensor")
         self.model_stats: dict[str, Any] = {}
+        # A settle pass needs each tensor's own results once before the merge and once in it: they are
+        # kept (a few numbers per tensor) rather than computed, and read, twice.
+        self._kept: dict[str, dict[str, Any]] | None = {} if self.settle is not None else None
 
     def before_merge(self) -> None:
         for p in self.model_passes:
             self.model_stats[p.name] = self._run(p, self.plan.tensors, self.model_stats)
+        if self.settle is not None:
+            accumulator = None
+            for tensor, start, slices, stats in self.with_stats(self.plan.tensors):
+                accumulator = self.settle.step(_slice(self.plan, tensor, start, slices), stats, accumulator)
+            self.model_stats[self.settle.name] = accumulator
 
     def for_tensor(self, tensor: OutputTensor) -> dict[str, Any]:
+        if self._kept is not None and tensor.name in self._kept:
+            return {**self.model_stats, **self._kept[tensor.name]}
         stats = dict(self.model_stats)
+        own = {}
         for p in self.tensor_passes:
             if isinstance(p, Reduce) and p.shapes is not None and not p.shapes(tensor.shape):
                 continue
-            stats[p.name] = self._run(p, (tensor,), stats)
+            stats[p.name] = own[p.name] = self._run(p, (tensor,), stats)
+        if self._kept is not None:
+            self._kept[tensor.name] = own
         return stats
+
+    def with_stats(
+        self, tensors: Sequence[OutputTensor]
+    ) -> Iterator[tuple[OutputTensor, int, list[torch.Tensor], dict[str, Any]]]:
+        """Every slice of `tensors`, each with its tensor's statistics (its passes run first).
+
+        Without tensor-scope passes every tensor has the model-scope results, and the slices of consecutive
+        tensors stream with read-ahead across tensors.
+        """
+        if not self.tensor_passes:
+            shared = self.for_tensor(tensors[0]) if tensors else {}
+            for tensor, start, slices in self.inputs.stream(tensors):
+                yield tensor, start, slices, shared
+            return
+        for tensor in tensors:
+            current = self.for_tensor(tensor)
+            for _, start, slices in self.inputs.stream([tensor]):
+                yield tensor, start, slices, current
 
     def _slices(self, tensors: Sequence[OutputTensor]) -> Iterator[Slice]:
         for tensor, start, slices in self.inputs.stream(tensors):
@@ -355,7 +387,7 @@ def write_weights(
             files[layout.file] = writer
             try:
                 shard = [by_name[name] for name, _ in layout.tensors]
-                for tensor, start, slices, current in _with_stats(passes, inputs, shard):
+                for tensor, start, slices, current in passes.with_stats(shard):
                     if stats is not None:
                         stats.add(tensor, slices, current.get("cut") if method.trims else None)
                     result = method.merge(_slice(plan, tensor, start, slices), current)
@@ -382,25 +414,6 @@ def write_weights(
         _write_index(plan, directory)
         written["model.safetensors.index.json"] = None
     return written
-
-
-def _with_stats(
-    passes: _Passes, inputs: _Inputs, tensors: Sequence[OutputTensor]
-) -> Iterator[tuple[OutputTensor, int, list[torch.Tensor], dict[str, Any]]]:
-    """The merge pass's slices of `tensors`, each with its tensor's statistics (its passes run first).
-
-    Without tensor-scope passes every tensor has the model-scope results, and the slices of consecutive
-    tensors stream with read-ahead across tensors.
-    """
-    if not passes.tensor_passes:
-        shared = passes.for_tensor(tensors[0]) if tensors else {}
-        for tensor, start, slices in inputs.stream(tensors):
-            yield tensor, start, slices, shared
-        return
-    for tensor in tensors:
-        current = passes.for_tensor(tensor)
-        for _, start, slices in inputs.stream([tensor]):
-            yield tensor, start, slices, current
 
 
 def _write_index(plan: MergePlan, directory: Path) -> None:

@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from .budget import format_size
 from .errors import HubmergeError
 from .lock import LOCK_FILE
 
@@ -85,7 +86,8 @@ def _unexpected(directory: Path, listed: dict[str, int]) -> list[str]:
 
 
 def check_target(directory: Path, output_bytes: int) -> None:
-    """Refuse a target that is not ours to replace, or whose disk cannot hold the weights."""
+    """Refuse a target that is not ours to replace, or whose disk cannot hold `output_bytes` (the weights, or
+    what the folder holds at once when shards are deleted as they are uploaded)."""
     target = directory.absolute()
     resolved = directory.resolve()
     cwd = Path.cwd().resolve()
@@ -117,8 +119,8 @@ def check_target(directory: Path, output_bytes: int) -> None:
     free = shutil.disk_usage(existing).free
     if free < output_bytes:
         raise HubmergeError(
-            f"{existing} has {free / 1e9:.1f} GB free but the merged weights need {output_bytes / 1e9:.1f} GB; "
-            "free some space or choose another --output"
+            f"{existing} has {format_size(free)} free but the merged weights need {format_size(output_bytes)} "
+            "there; free some space or choose another --output"
         )
 
 

@@ -27,6 +27,7 @@ from .budget import Budget, DiskPlan, SourceNeeds, default_budget, plan_disk
 from .checkpoint import DTYPES, INDEX_FILE, ShardLayout, TensorInfo, numel
 from .errors import IncompatibleSourcesError, RecipeError
 from .methods import Select
+from .methods.base import Pass
 from .qwen import Qwen25Size, qwen25_size
 from .recipe import ModelRef, Recipe
 from .schedule import Scalar, Setting, evaluate, layer_position
@@ -153,6 +154,19 @@ class MergePlan:
     @property
     def output_bytes(self) -> int:
         return sum(s.nbytes for s in self.shards)
+
+    @property
+    def passes(self) -> tuple[Pass, ...]:
+        """The statistics passes the engine runs, in order: those the recipe's settings switch on, then the
+        method's `settle` pass when the disk plan runs it first."""
+        method = self.recipe.method
+        active = method.active_passes(self.recipe.parameters, [m.params for m in self.recipe.models])
+        return active + ((method.settle,) if self.disk.settle_first and method.settle else ())
+
+    @property
+    def rewrites_shards(self) -> bool:
+        """Whether the engine may rewrite closed shards after the last one (`methods.ties.TiesChunk`)."""
+        return self.recipe.method.settle is not None and not self.disk.settle_first
 
     @property
     def parameter_count(self) -> int:
@@ -410,6 +424,7 @@ def _disk_plan(
     out_dtype: torch.dtype,
     compute_dtype: torch.dtype,
     inputs: int,
+    delete_uploaded: bool,
 ) -> DiskPlan:
     from huggingface_hub import constants
 
@@ -436,7 +451,9 @@ def _disk_plan(
         reads=_reads(recipe),
         memory=_peak_memory(tensors, compute_dtype, inputs, models, out.stats),
         slice_bytes=_largest_slice(tensors) * stored,
-        scratch_bytes=sum(t.numel for t in tensors) * item // 200 if recipe.method.trims else 0,
+        scratch_bytes=sum(t.numel for t in tensors) * item // 200 if recipe.method.settle else 0,
+        settle=recipe.method.settle is not None,
+        delete_uploaded=delete_uploaded,
     )
 
 
@@ -510,8 +527,11 @@ def _tensor_params(
     return params, tuple(per_model)
 
 
-def build_plan(recipe: Recipe) -> MergePlan:
-    """Resolve the recipe's sources (metadata only) and decide everything the merge will do."""
+def build_plan(recipe: Recipe, *, delete_uploaded: bool = False) -> MergePlan:
+    """Resolve the recipe's sources (metadata only) and decide everything the merge will do.
+
+    `delete_uploaded`: each output shard is deleted once uploaded, whether or not the output would fit
+    the disk budget (with a push; see `budget.plan_disk`)."""
     roles = _resolve_all(recipe)
     base = next((r.source for r in roles if r.kind == "base"), None)
     models = tuple(r.source for r in roles if r.kind == "model")
@@ -568,7 +588,7 @@ def build_plan(recipe: Recipe) -> MergePlan:
             config[key] = copy.deepcopy(tokenizer.config[key])
         else:
             config.pop(key, None)
-    disk = _disk_plan(recipe, roles, tokenizer, tensors, out_dtype, compute_dtype, len(inputs))
+    disk = _disk_plan(recipe, roles, tokenizer, tensors, out_dtype, compute_dtype, len(inputs), delete_uploaded)
     return MergePlan(
         recipe=recipe,
         roles=roles,

@@ -28,7 +28,6 @@ def _pass_json(p: Pass, plan: MergePlan) -> dict[str, Any]:
 
 def plan_json(plan: MergePlan) -> dict[str, Any]:
     r = plan.recipe
-    settings = [m.params for m in r.models]  # per-model settings switch passes on too (a density < 1)
     return {
         "hubmerge_version": __version__,
         "recipe": str(r.path),
@@ -36,8 +35,8 @@ def plan_json(plan: MergePlan) -> dict[str, Any]:
         "method": r.method.name,
         "parameters": {k: to_json(v) for k, v in r.parameters.items()},
         # Statistics gathered before merging, and how many times every input byte is read in all.
-        "passes": [_pass_json(p, plan) for p in r.method.active_passes(r.parameters, settings)],
-        "reads": r.method.reads(r.parameters, settings),
+        "passes": [_pass_json(p, plan) for p in plan.passes],
+        "reads": 1 + len(plan.passes),
         "sources": [
             {
                 "role": role.name,
@@ -103,6 +102,7 @@ def _disk_json(plan: MergePlan) -> dict[str, Any]:
         "scratch_bytes": d.scratch_bytes,
         "max_shard_size": d.max_shard_size,
         "upload_while_merging": d.upload_while_merging,
+        "settle_first": d.settle_first,
         "sources": [
             {
                 "source": s.role,
@@ -161,6 +161,12 @@ def plan_text(plan: MergePlan) -> str:
         lines.append(
             f"upload   each shard (at most {_gb(disk['max_shard_size'])}) as it is written; the output folder "
             f"holds about {_gb(disk['output_disk_bytes'])} at once"
+            + (
+                f"; the {plan.recipe.method.settle.name} pass settles first what would otherwise rewrite "
+                "uploaded shards"
+                if disk["settle_first"] and plan.recipe.method.settle
+                else ""
+            )
         )
     push = data["push"]
     lines.append(

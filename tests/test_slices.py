@@ -215,3 +215,57 @@ def test_exact_zero_sign_sums_are_patched_across_slices_and_shards(tmp_path, mon
     else:  # a zero majority elects no sign, and FusionBench's `where(sign > 0, τ > 0, τ < 0)` keeps τ < 0
         assert torch.equal(cancelled, -a[1::3].abs().to(dtype).float())
     assert len(list((tmp_path / "out-7").glob("model-*.safetensors"))) >= 2
+
+
+@pytest.mark.parametrize(
+    ("majority", "dtype", "merge_func", "trim"),
+    [
+        (-1, torch.float32, "sum", "global"),
+        (0, torch.bfloat16, "mean", "global"),
+        (1, torch.bfloat16, "sum", "tensor"),
+        (-1, torch.bfloat16, "max", "tensor"),
+    ],
+    ids=["negative-f32-sum-global", "none-bf16-mean-global", "positive-bf16-sum-tensor", "negative-bf16-max-tensor"],
+)
+def test_settling_the_majority_sign_first_writes_the_patched_bytes_and_rewrites_no_shard(
+    tmp_path: Path, majority: int, dtype: torch.dtype, merge_func: str, trim: str
+) -> None:
+    """A plan that deletes uploaded shards runs TIES's `majority` pass before the merge (`Method.settle`):
+    every shard is final when it closes, and holds the bytes the end-of-merge patch writes otherwise."""
+    from hubmerge.api import _fetch_all, load_plan
+    from hubmerge.engine import write_weights
+
+    base, models = cancelling_pool(tmp_path, majority, dtype)
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(
+        'method = "ties"\nbase = "models/base"\nmodels = ["models/a", "models/b"]\n[parameters]\n'
+        f'scaling_factor = 1.0\nthreshold = {100 if trim == "global" else 50}\nmerge_func = "{merge_func}"\n'
+        f'trim = "{trim}"\n'
+        '[output]\nrepo = "user/never-pushed"\nmax_shard_size = "20KB"\n'
+    )
+    written: dict[str, dict[str, bytes]] = {}
+    for kind, delete_uploaded in (("patched", False), ("settled", True)):
+        plan = load_plan(recipe, tmp_path / kind, delete_uploaded=delete_uploaded)
+        assert plan.disk.settle_first is delete_uploaded and plan.rewrites_shards is not delete_uploaded
+        assert [p.name for p in plan.passes][-1:] == (["majority"] if delete_uploaded else ["cut"])
+        out = tmp_path / kind
+        out.mkdir()
+        closed: dict[str, bytes] = {}
+        files = write_weights(
+            plan,
+            _fetch_all(plan, quiet=True),
+            out,
+            torch.device("cpu"),
+            lambda _: None,
+            on_shard=lambda path, closed=closed: closed.setdefault(path.name, path.read_bytes()),
+        )
+        final = {p.name: p.read_bytes() for p in sorted(out.glob("model-*.safetensors"))}
+        assert len(final) >= 2
+        if delete_uploaded:  # each shard, as it closed, is final and its hash is known
+            assert closed == final and all(files[name] is not None for name in final)
+        elif majority <= 0:  # the patch rewrote shards after they closed
+            assert closed != final and any(files[name] is None for name in final)
+        written[kind] = final
+    assert written["settled"] == written["patched"]
+    if trim == "global":  # the patched output against FusionBench's formula (per tensor: `CASES` above)
+        assert_close(load_f32(tmp_path / "settled"), ref_ties(base, models, 1.0, 100, merge_func), dtype)

@@ -204,9 +204,12 @@ def test_delete_uploaded_keeps_two_shards_on_disk_and_commits_from_hashes_alone(
     assert len(hub.commits("user/small-disk")) == commits
 
 
-def test_ties_shards_rewritten_by_the_negative_majority_patch_are_uploaded_again(
+def test_ties_deleting_uploaded_shards_settles_the_majority_sign_first_and_keeps_two_on_disk(
     hub: LocalHub, tmp_path: Path
 ) -> None:
+    """With a negative majority, a plain TIES run rewrites closed shards at the end (`engine._Patches`);
+    deleting uploaded shards, it reads the inputs once more before the merge instead, and each shard goes
+    up once, final."""
     cancelling_pool(tmp_path, majority=-1, dtype=torch.float32)
     text = (
         'method = "ties"\nbase = "models/base"\nmodels = ["models/a", "models/b"]\n'
@@ -217,16 +220,17 @@ def test_ties_shards_rewritten_by_the_negative_majority_patch_are_uploaded_again
     reference = _shards(tmp_path / "reference")
     assert len(reference) >= 4
     since = len(hub.requests)
-    code, result = _traced(hub, recipe, tmp_path / "out", delete_uploaded=True)
+    code, result = _traced(hub, recipe, tmp_path / "out", hold_first_upload=True, delete_uploaded=True)
     assert code == 0, result
+    events = result["events"]
+    assert max(len(e["before"]) for e in events) <= 2 and len(events[1]["before"]) == 2
+    assert all(len(e["after"]) <= 1 for e in events)
     log = _log(hub, since)
-    puts = [i for i, (method, path, _) in enumerate(log) if method == "PUT" and "/lfs-upload/" in path]
-    closed = [i for i, (_, path, _) in enumerate(log) if path.startswith("/hook/closed/")]
-    assert puts[0] < closed[-1]  # uploads still overlap the merge
-    assert len(puts) > len(reference)  # the patched shards went up a second time, after the patch
+    puts = [path for method, path, _ in log if method == "PUT" and "/lfs-upload/" in path]
+    assert len(puts) == len(reference)  # each shard once: none was rewritten after its upload
     files = hub.files("user/ties")
     assert {name: files[name] for name in reference} == reference
-    assert _shards(tmp_path / "out") == {}  # deleted once their final version was stored
+    assert _shards(tmp_path / "out") == {}
 
 
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])

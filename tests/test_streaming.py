@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from conftest import random_state_dict, run_cli, write_checkpoint
 from hubserver import LocalHub, SparseFile
@@ -151,6 +152,78 @@ def test_streamed_merge_under_a_budget_smaller_than_one_source_equals_the_cached
     assert {s["verified"] for s in cached_lock["sources"]} == {"sha256"}
 
 
+DEEP = {"Qwen/deep-base": 21, "Qwen/deep-math": 22, "Qwen/deep-coder": 23}
+DEEP_BUDGET = 1_450_000  # a source and the float32 output are ~1.6 MB each: neither fits
+
+
+@pytest.fixture
+def smaller_disk(tmp_path: Path) -> Iterator[Path]:
+    disk = tmp_path / "smaller"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={DEEP_BUDGET}", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_ties_pushed_under_a_budget_smaller_than_its_output_settles_the_sign_first_and_fits(
+    hub: LocalHub, tmp_path: Path, smaller_disk: Path
+) -> None:
+    """Sources and output each larger than the disk: sources stream by range, each output shard is uploaded
+    and deleted, and TIES's majority sign is settled before the merge (no shard is needed again)."""
+    for repo, seed in DEEP.items():  # many small layers: an output that splits into many small shards
+        folder = write_checkpoint(
+            tmp_path / "deep" / repo.split("/")[1],
+            random_state_dict(seed, vocab=1024, layers=40),
+            dtype=torch.float32,
+            shards=SHARDS,
+            vocab_size=1024,
+            num_hidden_layers=40,
+        )
+        hub.create_repo(repo)
+        hub.commit(repo, _folder_files(folder), "Upload model")
+    recipe = tmp_path / "ties.toml"
+    recipe.write_text(
+        'method = "ties"\nbase = "Qwen/deep-base"\nmodels = ["Qwen/deep-math", "Qwen/deep-coder"]\n'
+        'dtype = "float32"\n[parameters]\nscaling_factor = 0.8\nthreshold = 30\n[output]\nrepo = "user/deep-ties"\n'
+    )
+    cached = run_cli(recipe, "--output", tmp_path / "cached", "-q", "--no-push", env=hub_env(hub, tmp_path / "big"))
+    assert cached.returncode == 0, cached.stderr
+
+    env = hub_env(hub, tmp_path, HF_HOME=str(smaller_disk / "hf_home"))
+    args = ("--output", smaller_disk / "out", "--max-disk", str(DEEP_BUDGET))
+    plan = run_cli("plan", recipe, "--json", *args, env=env)
+    assert plan.returncode == 0, plan.stderr
+    disk = json.loads(plan.stdout)["disk"]
+    assert disk["output_disk_bytes"] < DEEP_BUDGET < json.loads(plan.stdout)["output"]["bytes"]
+    assert (disk["strategy"], disk["upload_while_merging"], disk["settle_first"]) == ("streaming", True, True)
+    assert disk["reads"] == 4 and disk["peak_disk_bytes"] <= DEEP_BUDGET
+    text = run_cli("plan", recipe, *args, env=env).stdout
+    assert "the majority pass settles first what would otherwise rewrite uploaded shards" in text
+
+    since = len(hub.requests)
+    watcher = _Watcher(smaller_disk)
+    streamed = run_cli(recipe, *args, "-q", env=env)
+    peak = watcher.stop()
+    assert streamed.returncode == 0, streamed.stderr
+    assert peak <= DEEP_BUDGET
+    files = hub.files("user/deep-ties")
+    shards = [data for name, data in files.items() if name.endswith(".safetensors")]
+    assert len(shards) >= 4  # the output was split into shards that fit (the cached run wrote one file)
+    pushed = {k: v for data in shards for k, v in safetensors.torch.load(data).items()}
+    reference = safetensors.torch.load(_weights(tmp_path / "cached")["model.safetensors"])
+    assert sorted(pushed) == sorted(reference)
+    assert all(torch.equal(pushed[k].view(torch.uint8), reference[k].view(torch.uint8)) for k in reference)
+    assert _weights(smaller_disk / "out") == {}  # each shard was deleted once uploaded
+    puts = [r for r in hub.requests[since:] if r.method == "PUT" and "/lfs-upload/" in r.path]
+    assert len(puts) == len(shards)  # each shard once: none was rewritten after its upload
+
+
 # --- faults while streaming ------------------------------------------------------------------------------
 
 DATA = 64  # a range starting here or later reads tensor data: headers and the plan's probes start at 0 or 8
@@ -277,7 +350,10 @@ def test_qwen25_shaped_base_plus_3_plans_a_streamed_merge_within_a_runners_14_gb
     assert disk["peak_disk_bytes"] <= 14e9 == disk["budget_bytes"]
     assert disk["output_disk_bytes"] <= 2 * disk["max_shard_size"] + 2e6
     assert disk["peak_memory_bytes"] < 2e9  # memory does not grow with the model
-    reads = 3 if method == "ties" else 1
+    # TIES settles its majority sign in one more read, so that no uploaded (deleted) shard is rewritten.
+    assert disk["settle_first"] is (method == "ties")
+    reads = 4 if method == "ties" else 1
+    assert disk["reads"] == reads
     assert disk["network_bytes"] >= 4 * reads * (source_bytes - 1e6)
     # Planning read headers only: a few hundred kB per shard at most.
     served = hub.bytes_served(lambda p: p.endswith(".safetensors"), since=since)

@@ -276,6 +276,11 @@ class Method:
     # Keeps the entries with |τᵢ| >= a per-model cut-off (the pass named "cut") and elects a sign: the
     # diagnostics then report kept and dropped shares (FusionBench TIES).
     trims: bool = field(default=False)
+    # A model-scope pass that settles up front what `merge` otherwise leaves open until the last tensor
+    # (TIES's majority sign: its merge returns a `TiesChunk`, and the engine patches closed shards after
+    # the last one). The plan runs it, one read more, when closed shards may not be rewritten: they are
+    # uploaded and deleted as the merge goes (`DiskPlan.settle_first`). Its step sees each tensor's stats.
+    settle: Reduce | None = None
     citation: Citation | None = None  # how the card cites `paper` (None: by its arXiv id, no BibTeX)
     fusionbench_config: FusionBenchConfig | None = None
     description: str = ""  # a paragraph the card prints under the formula: what its operations do

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._gta import TIES, magnitudes
-from .base import Contract, FusionBenchConfig, Method, Param, Select, Slice, Stats
+from .base import Contract, FusionBenchConfig, Method, Param, Reduce, Select, Slice, Stats
 from .task_arithmetic import SCALING
 
 if TYPE_CHECKING:
@@ -82,23 +82,47 @@ def _elected_sum(task_vectors: Tensor, total: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(total < 0, negative, positive), positive
 
 
-def merge(s: Slice, stats: Stats) -> TiesChunk:
-    """Trim each τᵢ to |τᵢ| >= its cut-off, elect sign(Σ trimmed τ), merge the agreeing entries."""
+def _trimmed(s: Slice, stats: Stats) -> tuple[Tensor, Tensor]:
+    """The trimmed task vectors, one (n, ...) buffer, and their sum Σ trimmed τ."""
     import torch  # here, not at module level: `hubmerge validate` reads the registry without loading torch
 
     assert s.base is not None
-    base, models, thresholds = s.base, s.models, stats["cut"]
-    scaling_factor, merge_func = float(s.params["scaling_factor"]), str(s.params["merge_func"])
-
+    base = s.base
     # In place, one (n, ...) buffer: trimming zeroes the entries below each model's cut-off.
-    task_vectors = torch.empty((len(models), *base.shape), dtype=base.dtype, device=base.device)
+    task_vectors = torch.empty((len(s.models), *base.shape), dtype=base.dtype, device=base.device)
     magnitude = torch.empty_like(base)
-    for row, model, cut in zip(task_vectors, models, thresholds, strict=True):
+    for row, model, cut in zip(task_vectors, s.models, stats["cut"], strict=True):
         torch.sub(model, base, out=row)
         row.masked_fill_(torch.abs(row, out=magnitude) < cut, 0.0)
-    total = task_vectors.sum(dim=0)
-    # sign(total) summed, without materialising the sign: exact for any realistic model size.
-    sign_sum = int(torch.count_nonzero(total > 0)) - int(torch.count_nonzero(total < 0))
+    return task_vectors, task_vectors.sum(dim=0)
+
+
+def _sign_sum(total: Tensor) -> int:
+    """Σ sign(total), without materialising the sign: exact for any realistic model size."""
+    import torch
+
+    return int(torch.count_nonzero(total > 0)) - int(torch.count_nonzero(total < 0))
+
+
+def majority(s: Slice, stats: Stats, accumulator: int | None) -> int:
+    """The `settle` pass: Σ sign(Σ trimmed τ) over the whole model, whose sign is the majority sign."""
+    return (accumulator or 0) + _sign_sum(_trimmed(s, stats)[1])
+
+
+def merge(s: Slice, stats: Stats) -> TiesChunk | Tensor:
+    """Trim each τᵢ to |τᵢ| >= its cut-off, elect sign(Σ trimmed τ), merge the agreeing entries.
+
+    With the `majority` pass's result in `stats`, the positions that need the majority sign get their
+    value here (a tensor); without it, a `TiesChunk` leaves them to the engine's patch. Both write the
+    same values: each position's candidates are computed by the same operations either way.
+    """
+    import torch
+
+    assert s.base is not None
+    base = s.base
+    scaling_factor, merge_func = float(s.params["scaling_factor"]), str(s.params["merge_func"])
+    task_vectors, total = _trimmed(s, stats)
+    sign_sum = _sign_sum(total)
     if merge_func == "sum":
         merged, positive = _elected_sum(task_vectors, total)
         # Σ trimmed τ is 0 while some τᵢ is not exactly where both signs occur, i.e. some τᵢ > 0.
@@ -117,7 +141,12 @@ def merge(s: Slice, stats: Stats) -> TiesChunk:
         if_zero = b + scaling_factor * _disjoint_merge(tv, 0 * ones, merge_func)
     else:
         if_negative = if_zero = base.new_empty(0)
-    return TiesChunk(values, sign_sum, undecided, if_negative, if_zero)
+    settled = stats.get("majority")
+    if settled is None:
+        return TiesChunk(values, sign_sum, undecided, if_negative, if_zero)
+    if settled <= 0 and undecided.numel():
+        values.view(-1)[undecided] = if_negative if settled < 0 else if_zero
+    return values
 
 
 def _ranks(numel: int, s: Slice) -> list[int]:
@@ -171,6 +200,7 @@ METHOD = Method(
     notes="FusionBench's TIES: one magnitude cut over the whole model, λ = `scaling_factor`, no weights. "
     "mergekit's TIES is `mergekit_ties`.",
     trims=True,
+    settle=Reduce("majority", majority, scope="model"),
     citation=TIES,
     fusionbench_config=FusionBenchConfig(
         "linear/ties_merging_for_causallm",
