@@ -12,7 +12,8 @@ import dataclasses
 import json
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -285,6 +286,7 @@ def merge(
                 spec,
                 sanity and merge_plan.recipe.sanity,
                 uploader,
+                tuple(remote.values()),
             )
             files = written.files
             if uploader is not None and delete_uploaded:
@@ -366,10 +368,13 @@ def _write_output(
     spec: EvalSpec | None,
     sanity: bool,
     uploader: ShardUploader | None = None,
+    streamed: Sequence[RemoteFolder] = (),
 ) -> _Written:
     """Write weights, side files, diagnostics, checks, card and license into `staging`; hand each shard to
-    `uploader` as soon as it is complete."""
+    `uploader` as soon as it is complete. The progress bar shows the bytes `streamed` in and uploaded out."""
     from tqdm.auto import tqdm
+
+    started = time.monotonic()
 
     with tqdm(
         total=plan.output_bytes,
@@ -381,8 +386,14 @@ def _write_output(
 
         def progress(written: int) -> None:
             bar.update(written)
+            transfers = []
+            if streamed:
+                fetched = sum(folder.fetched for folder in streamed)
+                transfers.append(incoming_status(fetched, time.monotonic() - started))
             if uploader is not None:
-                bar.set_postfix_str(uploader.status(), refresh=False)
+                transfers.append(uploader.status())
+            if transfers:
+                bar.set_postfix_str(", ".join(transfers), refresh=False)
 
         on_shard = None
         rewrites = plan.rewrites_shards
@@ -417,6 +428,12 @@ def _write_output(
         shutil.copyfile(folders[id(source)] / name, staging / name)
         files[name] = None
     return _Written(files, document, evaluation, report)
+
+
+def incoming_status(fetched: int, seconds: float) -> str:
+    """Bytes streamed in from the Hub and their throughput, for the progress bar."""
+    rate = fetched / seconds / 1e6 if seconds > 0 else 0.0
+    return f"in {fetched / 1e6:,.1f} MB at {rate:,.1f} MB/s"
 
 
 def _ties_upload(plan: MergePlan, uploader: ShardUploader) -> Callable[[Path], None]:

@@ -40,16 +40,18 @@ import base64
 import hashlib
 import itertools
 import json
+import os
 import re
 import secrets
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote
@@ -114,6 +116,37 @@ class SparseFile:
         start, stop, _ = span.indices(self.size)
         part = self.prefix[start:stop]
         return part + bytes(max(0, stop - start - len(part)))
+
+
+class DiskFile:
+    """File content read from a file on disk when served, so that a benchmark can serve checkpoints of many
+    GB (bench/streaming.py) without holding them in memory. `sha256` is the file's real one (computed once,
+    or given when known); whole GETs and ranges both work."""
+
+    def __init__(self, path: Path, sha256: str | None = None) -> None:
+        self.path = path
+        self.size = path.stat().st_size
+        if sha256 is None:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while block := f.read(1 << 24):
+                    digest.update(block)
+            sha256 = digest.hexdigest()
+        self.sha256 = sha256
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, span: slice) -> bytes:
+        start, stop, _ = span.indices(self.size)
+        with open(self.path, "rb") as f:
+            return os.pread(f.fileno(), max(0, stop - start), start)
+
+    def chunks(self, size: int = 1 << 24) -> Iterator[bytes]:
+        """The whole content in pieces of `size` bytes, for writing a response without loading it."""
+        with open(self.path, "rb") as f:
+            while block := f.read(size):
+                yield block
 
 
 class HubError(Exception):
@@ -1191,7 +1224,7 @@ class LocalHub:
         return sha
 
     def _store_blob(self, content: bytes) -> str:
-        key = content.sha256 if isinstance(content, SparseFile) else hashlib.sha256(content).hexdigest()
+        key = content.sha256 if isinstance(content, (SparseFile, DiskFile)) else hashlib.sha256(content).hexdigest()
         self._blobs[key] = content
         return key
 
@@ -1298,6 +1331,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(response.body[: len(response.body) // 2])
                 self.wfile.flush()
                 self.close_connection = True
+                return
+            if isinstance(response.body, DiskFile):
+                for block in response.body.chunks():
+                    self.wfile.write(block)
                 return
             self.wfile.write(response.body)
 

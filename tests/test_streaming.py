@@ -8,11 +8,16 @@ output: the kernel, not an estimate, enforces the peak disk.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import re
 import shutil
+import struct
 import subprocess
 import sys
+import termios
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -222,6 +227,39 @@ def test_ties_pushed_under_a_budget_smaller_than_its_output_settles_the_sign_fir
     assert _weights(smaller_disk / "out") == {}  # each shard was deleted once uploaded
     puts = [r for r in hub.requests[since:] if r.method == "PUT" and "/lfs-upload/" in r.path]
     assert len(puts) == len(shards)  # each shard once: none was rewritten after its upload
+
+
+def test_the_progress_bar_shows_the_bytes_streamed_in_and_their_rate(hub: LocalHub, tmp_path: Path) -> None:
+    """On a terminal, the merge's progress bar carries "in N MB at R MB/s" for the sources read by range."""
+    recipe = _recipe(tmp_path, "task_arithmetic")
+    main, terminal = pty.openpty()
+    # A fresh pty is 0 columns wide, and tqdm draws a bar of its terminal's width: give it 200.
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hubmerge.cli", recipe, "--output", tmp_path / "out", "--max-disk", str(BUDGET)],
+        env={**os.environ, **hub_env(hub, tmp_path)},
+        stdout=subprocess.DEVNULL,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    shown = bytearray()
+    while True:  # until the child's end of the terminal is closed
+        try:
+            block = os.read(main, 65536)
+        except OSError:
+            break
+        if not block:
+            break
+        shown += block
+    os.close(main)
+    assert process.wait(timeout=300) == 0, shown.decode(errors="replace")
+    bars = [line for line in re.split(r"[\r\n]", shown.decode(errors="replace")) if line.startswith("merging")]
+    assert bars, shown.decode(errors="replace")
+    final = re.search(r"in ([\d,.]+) MB at [\d,.]+ MB/s", bars[-1])
+    assert final is not None, bars[-1]
+    # Every weight byte of the four sources came in by range (the plan's one read of each).
+    sources = 4 * sum(len(d) for n, d in hub.files("Qwen/tiny-math").items() if n.endswith(".safetensors"))
+    assert float(final.group(1).replace(",", "")) * 1e6 >= 0.9 * sources
 
 
 # --- faults while streaming ------------------------------------------------------------------------------
