@@ -64,6 +64,10 @@ def _recipe(tmp_path: Path, method: str, extra: str = "") -> Path:
         "simple_average": "",
         "task_arithmetic": "[parameters]\nscaling_factor = 0.7\n",
         "ties": "[parameters]\nscaling_factor = 0.8\nthreshold = 30\n",
+        # mergekit's methods with statistics passes: L1 norms and a seeded mask, Gram matrices, a band cut.
+        "dare_ties": "[parameters]\ndensity = 0.5\nseed = 7\n",
+        "model_stock": "",
+        "breadcrumbs_ties": "[parameters]\ndensity = 0.6\ngamma = 0.05\n",
     }[method]
     base = "" if method == "simple_average" else 'base = "Qwen/tiny-base"\n'
     recipe = tmp_path / f"{method}.toml"
@@ -115,7 +119,9 @@ def _weights(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.name.endswith(".safetensors")}
 
 
-@pytest.mark.parametrize("method", ["simple_average", "task_arithmetic", "ties"])
+@pytest.mark.parametrize(
+    "method", ["simple_average", "task_arithmetic", "ties", "dare_ties", "model_stock", "breadcrumbs_ties"]
+)
 def test_streamed_merge_under_a_budget_smaller_than_one_source_equals_the_cached_merge(
     hub: LocalHub, tmp_path: Path, small_disk: Path, method: str
 ) -> None:
@@ -134,7 +140,8 @@ def test_streamed_merge_under_a_budget_smaller_than_one_source_equals_the_cached
     assert disk["peak_disk_bytes"] <= BUDGET
     source_bytes = sum(len(d) for n, d in hub.files("Qwen/tiny-math").items() if n.endswith(".safetensors"))
     assert source_bytes > BUDGET  # one source alone would not fit
-    reads = 3 if method == "ties" else 1
+    # One read to merge, one per statistics pass, one more per selection for its sample (tiny: the whole model).
+    reads = {"ties": 3, "dare_ties": 2, "model_stock": 2, "breadcrumbs_ties": 3}.get(method, 1)
     assert disk["reads"] == reads
 
     since = len(hub.requests)
@@ -149,7 +156,7 @@ def test_streamed_merge_under_a_budget_smaller_than_one_source_equals_the_cached
     assert whole == 0
     fetched = hub.bytes_served(lambda p: p.endswith(".safetensors"), since=since)
     inputs = 3 if method == "simple_average" else 4
-    assert fetched >= inputs * source_bytes  # at least one full read of every input
+    assert fetched >= reads * inputs * source_bytes  # as many full reads of every input as the plan said
     lock = json.loads((small_disk / "out" / "hubmerge.lock.json").read_text())
     assert {s["verified"] for s in lock["sources"]} <= {"sha256", "size+header"}
     cached_lock = json.loads((tmp_path / "cached" / "hubmerge.lock.json").read_text())
@@ -176,14 +183,13 @@ def smaller_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
-def test_ties_pushed_under_a_budget_smaller_than_its_output_settles_the_sign_first_and_fits(
-    hub: LocalHub, tmp_path: Path, smaller_disk: Path
-) -> None:
-    """Sources and output each larger than the disk: sources stream by range, each output shard is uploaded
-    and deleted, and TIES's majority sign is settled before the merge (no shard is needed again)."""
-    for repo, seed in DEEP.items():  # many small layers: an output that splits into many small shards
-        folder = write_checkpoint(
-            tmp_path / "deep" / repo.split("/")[1],
+@pytest.fixture(scope="module")
+def deep_repos(hub: LocalHub, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Base + 2 of many small layers, so that an output of ~1.6 MB splits into many small shards."""
+    folder = tmp_path_factory.mktemp("deep")
+    for repo, seed in DEEP.items():
+        written = write_checkpoint(
+            folder / repo.split("/")[1],
             random_state_dict(seed, vocab=1024, layers=40),
             dtype=torch.float32,
             shards=SHARDS,
@@ -191,11 +197,22 @@ def test_ties_pushed_under_a_budget_smaller_than_its_output_settles_the_sign_fir
             num_hidden_layers=40,
         )
         hub.create_repo(repo)
-        hub.commit(repo, _folder_files(folder), "Upload model")
-    recipe = tmp_path / "ties.toml"
+        hub.commit(repo, _folder_files(written), "Upload model")
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_pushed_under_a_budget_smaller_than_the_output_each_shard_is_uploaded_and_deleted(
+    hub: LocalHub, deep_repos: None, tmp_path: Path, smaller_disk: Path, method: str
+) -> None:
+    """Sources and output each larger than the disk: sources stream by range, each output shard is uploaded
+    and deleted as the merge goes, and TIES settles its majority sign before the merge (one read more) so
+    that no deleted shard is needed again. The pushed tensors equal the cached merge's, bit for bit."""
+    ties = method == "ties"
+    recipe = tmp_path / f"{method}.toml"
     recipe.write_text(
-        'method = "ties"\nbase = "Qwen/deep-base"\nmodels = ["Qwen/deep-math", "Qwen/deep-coder"]\n'
-        'dtype = "float32"\n[parameters]\nscaling_factor = 0.8\nthreshold = 30\n[output]\nrepo = "user/deep-ties"\n'
+        f'method = "{method}"\nbase = "Qwen/deep-base"\nmodels = ["Qwen/deep-math", "Qwen/deep-coder"]\n'
+        f'dtype = "float32"\n[parameters]\nscaling_factor = 0.8\n{"threshold = 30" if ties else ""}\n'
+        f'[output]\nrepo = "user/deep-{method}"\n'
     )
     cached = run_cli(recipe, "--output", tmp_path / "cached", "-q", "--no-push", env=hub_env(hub, tmp_path / "big"))
     assert cached.returncode == 0, cached.stderr
@@ -206,10 +223,11 @@ def test_ties_pushed_under_a_budget_smaller_than_its_output_settles_the_sign_fir
     assert plan.returncode == 0, plan.stderr
     disk = json.loads(plan.stdout)["disk"]
     assert disk["output_disk_bytes"] < DEEP_BUDGET < json.loads(plan.stdout)["output"]["bytes"]
-    assert (disk["strategy"], disk["upload_while_merging"], disk["settle_first"]) == ("streaming", True, True)
-    assert disk["reads"] == 4 and disk["peak_disk_bytes"] <= DEEP_BUDGET
+    assert (disk["strategy"], disk["upload_while_merging"], disk["settle_first"]) == ("streaming", True, ties)
+    assert disk["reads"] == (4 if ties else 1) and disk["peak_disk_bytes"] <= DEEP_BUDGET
     text = run_cli("plan", recipe, *args, env=env).stdout
-    assert "the majority pass settles first what would otherwise rewrite uploaded shards" in text
+    said = "the majority pass settles first what would otherwise rewrite uploaded shards"
+    assert (said in text) is ties
 
     since = len(hub.requests)
     watcher = _Watcher(smaller_disk)
@@ -217,7 +235,7 @@ def test_ties_pushed_under_a_budget_smaller_than_its_output_settles_the_sign_fir
     peak = watcher.stop()
     assert streamed.returncode == 0, streamed.stderr
     assert peak <= DEEP_BUDGET
-    files = hub.files("user/deep-ties")
+    files = hub.files(f"user/deep-{method}")
     shards = [data for name, data in files.items() if name.endswith(".safetensors")]
     assert len(shards) >= 4  # the output was split into shards that fit (the cached run wrote one file)
     pushed = {k: v for data in shards for k, v in safetensors.torch.load(data).items()}
