@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, random_state_dict, write_checkpoint
+from conftest import REPO, TINY, mounted_tmpfs, random_state_dict, write_checkpoint
 from hubserver import Hold, LocalHub
 from safetensors.torch import load_file
 from test_hub import POOL, TOKEN, _folder_files, hub_env
@@ -87,17 +87,8 @@ def _wait_for(condition: Callable[[], bool], process: subprocess.Popen[str]) -> 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs mounted for this test: a disk that really fills up."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "2m") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
 def test_disk_filling_up_mid_write_is_one_line_and_keeps_the_previous_output(

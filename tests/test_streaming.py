@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import random_state_dict, run_cli, write_checkpoint
+from conftest import mounted_tmpfs, random_state_dict, run_cli, write_checkpoint
 from hubserver import LocalHub, SparseFile
 from qwen_shapes import add_shaped_repos, recipe_text
 from test_hub import TOKEN, hub_env
@@ -81,17 +81,8 @@ def _recipe(tmp_path: Path, method: str, extra: str = "") -> Path:
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs of exactly the budget: the HF cache and the output live there, so the disk really fills."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={BUDGET}", "tmpfs", str(disk)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", BUDGET) as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
 class _Watcher:
@@ -170,17 +161,8 @@ DEEP_BUDGET = 1_450_000  # a source and the float32 output are ~1.6 MB each: nei
 
 @pytest.fixture
 def smaller_disk(tmp_path: Path) -> Iterator[Path]:
-    disk = tmp_path / "smaller"
-    disk.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={DEEP_BUDGET}", "tmpfs", str(disk)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "smaller", DEEP_BUDGET) as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
 @pytest.fixture(scope="module")
