@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +28,7 @@ from .schedule import to_json
 __all__ = [
     "LOCK_FILE",
     "RECIPE_COPY",
+    "KnownHashes",
     "SourceHashes",
     "Verification",
     "apply_lock",
@@ -90,14 +92,21 @@ class SourceHashes:
         if sys.platform == "linux":  # per-thread niceness; elsewhere this would renice the whole process
             with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICE)
+        known = KnownHashes.load()
         try:
             for path in paths:
-                digest = _sha256(path, self._stop)
+                before = os.stat(path)
+                digest = known.get(path, before)
                 if digest is None:
-                    return
+                    digest = _sha256(path, self._stop)
+                    if digest is None:
+                        return
+                    known.put(path, before, os.stat(path), digest)
                 self._hashes[path] = digest
         except BaseException as exc:  # re-raised by result(), in the caller's thread
             self._error = exc
+        finally:
+            known.save()
 
     def result(self) -> dict[Path, str]:
         """Every file's sha256, waiting for the rest (back at normal priority where the OS permits)."""
@@ -116,6 +125,85 @@ class SourceHashes:
 
 _NICE = 10
 _BLOCK = 2**24
+# A file changed less than this before it was hashed may change again within the same timestamp (git's
+# "racily clean" entries): its hash is used, but not remembered.
+_SETTLED_NS = 2 * 10**9
+_MAX_KNOWN = 10_000
+
+
+def _now_ns() -> int:
+    return time.time_ns()
+
+
+class KnownHashes:
+    """sha256 of files hashed by earlier runs, so that merging the same local checkpoints again (or reading
+    the same cached Hub files) does not hash gigabytes again.
+
+    An entry holds the file's device, inode, size, mtime and ctime, as git's index does; it is used only while
+    all five are unchanged. A program can set a file's mtime but not its ctime, which every write moves, so a
+    file rewritten in place is hashed again. Stored in `$HUBMERGE_CACHE/sha256.json` (default
+    `~/.cache/hubmerge/`); an unreadable store is ignored, and `HUBMERGE_CACHE=off` disables it.
+    """
+
+    def __init__(self, store: Path | None, entries: dict[str, list[Any]]) -> None:
+        self.store = store
+        self.entries = entries
+        self._added: dict[str, list[Any]] = {}
+
+    @staticmethod
+    def location() -> Path | None:
+        setting = os.environ.get("HUBMERGE_CACHE")
+        if setting == "off":
+            return None
+        folder = (
+            Path(setting) if setting else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        )
+        return (folder if setting else folder / "hubmerge") / "sha256.json"
+
+    @classmethod
+    def load(cls) -> KnownHashes:
+        store = cls.location()
+        return cls(store, cls._read(store) if store is not None else {})
+
+    @staticmethod
+    def _read(store: Path) -> dict[str, list[Any]]:
+        try:
+            data = json.loads(store.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    @staticmethod
+    def _stamp(st: os.stat_result) -> list[int]:
+        return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+    def get(self, path: Path, st: os.stat_result) -> str | None:
+        entry = self.entries.get(str(path.resolve()))
+        if isinstance(entry, list) and len(entry) == 2 and entry[0] == self._stamp(st):
+            return str(entry[1])
+        return None
+
+    def put(self, path: Path, before: os.stat_result, after: os.stat_result, digest: str) -> None:
+        """Remember `digest` if the file did not change while hashed, nor shortly before."""
+        stamp = self._stamp(before)
+        if (
+            stamp == self._stamp(after)
+            and _now_ns() - max(before.st_mtime_ns, before.st_ctime_ns) > _SETTLED_NS
+        ):
+            self._added[str(path.resolve())] = [stamp, digest]
+
+    def save(self) -> None:
+        """Add this run's entries to the store (re-read first: other runs may have written it meanwhile)."""
+        if self.store is None or not self._added:
+            return
+        with contextlib.suppress(OSError):
+            entries = self._read(self.store) | self._added
+            if len(entries) > _MAX_KNOWN:  # the oldest entries first out: dicts keep insertion order
+                entries = dict(list(entries.items())[-_MAX_KNOWN:])
+            self.store.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.store.with_name(f".{self.store.name}.{os.getpid()}.tmp")
+            temporary.write_text(json.dumps(entries))
+            os.replace(temporary, self.store)
 
 
 def _sha256(path: Path, stop: threading.Event) -> str | None:

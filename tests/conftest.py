@@ -125,6 +125,18 @@ def write_checkpoint(
     return folder
 
 
+@pytest.fixture(scope="session")
+def known_hashes_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("hubmerge-cache")
+
+
+@pytest.fixture(autouse=True)
+def private_known_hashes(monkeypatch: pytest.MonkeyPatch, known_hashes_store: Path) -> None:
+    """The remembered sha256 of source files (`lock.KnownHashes`) go to a folder of this test session, not to
+    the user's ~/.cache (`HUBMERGE_CACHE`, inherited by CLI subprocesses)."""
+    monkeypatch.setenv("HUBMERGE_CACHE", str(known_hashes_store))
+
+
 @pytest.fixture(autouse=True)
 def no_sanity_check(monkeypatch: pytest.MonkeyPatch) -> None:
     """Merges skip the quick sanity check (`HUBMERGE_NO_SANITY`, inherited by CLI subprocesses): it loads

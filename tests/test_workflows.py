@@ -52,7 +52,7 @@ def _workflow_files() -> list[Path]:
 def _runner_env(**values: str) -> dict[str, str]:
     """This process's environment without anything a real runner (or the Hub client) would have set."""
     prefixes = ("GITHUB_", "RUNNER_", "ACTIONS_", "HF_", "HUGGING_FACE_", "HUBMERGE_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes) or k == "HUBMERGE_CACHE"}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return env | values
 
