@@ -198,7 +198,9 @@ METHOD = Method(
     paper="arXiv:2306.01708",
     fusionbench="TiesMergingAlgorithm",
     notes="FusionBench's TIES: one magnitude cut over the whole model, λ = `scaling_factor`, no weights. "
-    "mergekit's TIES is `mergekit_ties`.",
+    "mergekit's TIES is `mergekit_ties`. Where the elected sign is exactly 0, the model-wide majority sign "
+    "decides, patched into the written shards at the end; when shards are deleted as soon as they are "
+    "uploaded (a disk budget smaller than the output), one more read settles that sign before the merge.",
     trims=True,
     settle=Reduce("majority", majority, scope="model"),
     citation=TIES,
