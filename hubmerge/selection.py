@@ -4,7 +4,7 @@ TIES keeps, per task vector, the entries whose |τ| reaches the k-th smallest ma
 model (FusionBench's `kthvalue` over one flattened vector). For non-negative float32 values the IEEE
 bit pattern, read as an integer, orders exactly like the value, so every count here is on bit patterns.
 
-With a bracket [lo, hi) per row (from `bracket`, over a small sample of the values), one pass counts the
+With a bracket [lo, hi] per row (from `bracket`, over a small sample of the values), one pass counts the
 values below lo and histograms the bit patterns inside the bracket (a few thousand to a million bins,
 one clamp and one bincount per row and chunk):
 if rank k lands inside, the histogram names the exact k-th value. A row whose bracket missed (an
@@ -44,7 +44,10 @@ def _bits(value: float) -> int:
 
 
 def bracket(sample: torch.Tensor, ranks: Sequence[int], total: int) -> list[tuple[float, float]]:
-    """Per row of `sample` (n, s), an interval [lo, hi) likely to hold the ranks[i]-th smallest of `total`.
+    """Per row of `sample` (n, s), an interval [lo, hi] likely to hold the ranks[i]-th smallest of `total`.
+
+    Closed at both ends: on quantised data (bf16 fine-tunes) the answer is often a value the sample holds
+    many times, the very one at the margin's edge.
 
     The sample's quantile at ranks[i] / total, widened by a margin well beyond its sampling error
     (sqrt(q(1 - q) / s) for independent draws; rows of a tensor are drawn in blocks, so more is allowed).
@@ -91,18 +94,18 @@ def kth_smallest(
 
     `chunks()` must yield float32 tensors of shape (len(ranks), m) holding non-negative values, the same
     values each time it is called. It is called once when every row's answer lies in its bracket
-    [lo, hi), twice more for the rows where it does not (or without brackets). A rank below 1 yields 0.0,
+    [lo, hi], twice more for the rows where it does not (or without brackets). A rank below 1 yields 0.0,
     which keeps everything.
     """
     n = len(ranks)
     result = [0.0] * n
     wanted = {i: rank for i, rank in enumerate(ranks) if rank >= 1}
     if brackets is not None and wanted:
-        # Bit patterns: [lo, hi) as integers, hi at least lo + 1 so a bracket of one repeated value holds it.
+        # Bit patterns: [lo, hi] as the integers [lo, hi + 1).
         bounds = {}
         for i in wanted:
             lo = _bits(brackets[i][0])
-            hi = max(_bits(brackets[i][1]) if brackets[i][1] < math.inf else _INFINITY_BITS + 1, lo + 1)
+            hi = _bits(brackets[i][1]) + 1 if brackets[i][1] < math.inf else _INFINITY_BITS + 1
             if hi - lo <= _MAX_BRACKET_BINS:
                 bounds[i] = (lo, hi)
         # One histogram per row: bin 0 counts the values below lo, bins 1..hi-lo the bit patterns in

@@ -72,6 +72,20 @@ def test_a_missed_bracket_falls_back_to_the_exact_passes(where: str) -> None:
     assert len(calls) == 3  # the bracketed pass, then both radix passes
 
 
+@pytest.mark.parametrize("edge", ["lo", "hi"])
+def test_an_answer_on_either_edge_of_the_bracket_is_found_in_one_pass(edge: str) -> None:
+    """Quantised task vectors (Qwen2.5-1.5B-shaped bf16 fine-tunes) often put the k-th value exactly where
+    the sample's margin ends: the bracket holds both of its ends (a half-open one cost two more reads)."""
+    x = _data(3)
+    ranks = [41_000, 30_000, 45_000]
+    truth = _kthvalue(x, ranks)
+    calls: list[int] = []
+    edges = [(t, t * 1.1) if edge == "lo" else (t * 0.9, t) for t in truth]
+    got = kth_smallest(_counted(x, calls), ranks, edges)
+    assert torch.equal(torch.tensor(got).view(torch.int32), torch.tensor(truth).view(torch.int32))
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("bracketed", [True, False])
 def test_extreme_and_tied_ranks_match_kthvalue(bracketed: bool) -> None:
     x = _data(2)
