@@ -37,8 +37,11 @@ __all__ = ["CHUNK_ELEMENTS", "MergePlan", "OutputTensor", "Role", "build_plan"]
 
 EMBED = "model.embed_tokens.weight"
 HEAD = "lm_head.weight"
-# Elements of one tensor slice the engine holds per input at a time (16 MiB in float32).
+# Elements of one tensor slice the engine holds per input at a time (16 MiB in float32), with up to
+# `_SHARED_BY` inputs; with more, each slice shrinks so that all inputs together never hold more than
+# CHUNK_ELEMENTS × _SHARED_BY: memory does not grow with the number of models.
 CHUNK_ELEMENTS = 1 << 22
+_SHARED_BY = 4
 # Process baseline measured with torch + transformers imported (see bench/RESULTS.md).
 _BASELINE_BYTES = 450 * 2**20
 # The card, lock, diagnostics and license written beside the weights: a generous bound.
@@ -101,7 +104,8 @@ class OutputTensor:
     @property
     def chunk_rows(self) -> int:
         row = self.numel // self.shape[0] if self.shape and self.shape[0] else max(self.numel, 1)
-        return max(1, CHUNK_ELEMENTS // max(row, 1))
+        per_input = CHUNK_ELEMENTS * _SHARED_BY // max(len(self.inputs), _SHARED_BY)
+        return max(1, per_input // max(row, 1))
 
 
 @dataclass(frozen=True)
