@@ -389,7 +389,7 @@ def _write_output(
             transfers = []
             if streamed:
                 fetched = sum(folder.fetched for folder in streamed)
-                transfers.append(incoming_status(fetched, time.monotonic() - started))
+                transfers.append(_incoming_status(fetched, time.monotonic() - started))
             if uploader is not None:
                 transfers.append(uploader.status())
             if transfers:
@@ -430,7 +430,7 @@ def _write_output(
     return _Written(files, document, evaluation, report)
 
 
-def incoming_status(fetched: int, seconds: float) -> str:
+def _incoming_status(fetched: int, seconds: float) -> str:
     """Bytes streamed in from the Hub and their throughput, for the progress bar."""
     rate = fetched / seconds / 1e6 if seconds > 0 else 0.0
     return f"in {fetched / 1e6:,.1f} MB at {rate:,.1f} MB/s"

@@ -12,8 +12,9 @@ Local folders are read in place. The output folder holds the whole output unless
 fit: then each shard is uploaded as soon as it is written and deleted (`upload_while_merging`), and the
 folder holds about two shards at a time. A method that would rewrite closed shards after the last one
 (TIES's majority sign, `Method.settle`) then settles that in one more read before the merge
-(`settle_first`), so that no deleted shard is ever needed again. Sources are cached while the budget allows (fastest, one fetch),
-streamed otherwise; when even streaming everything cannot fit, `plan_disk` refuses with the numbers.
+(`settle_first`), so that no deleted shard is ever needed again. Sources are cached while the budget
+allows (fastest, one fetch), streamed otherwise; when even streaming everything cannot fit, `plan_disk`
+refuses with the numbers.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ whole model first, then per output tensor its tensor-scope passes and the merge 
 `Reduce` pass folds slices into a small accumulator; a `Select` pass finds exact k-th smallest values
 with the streaming selection (`selection.py`): a sample brackets each cut-off, one pass counts exactly
 against the bracket (two more only where a bracket missed). When the plan says so, the method's `settle`
-pass runs last before the merge, over the whole model, so that no closed shard is rewritten afterwards. Arithmetic runs in float32 (float64 inputs
-stay float64) on the chosen device and is rounded once to the output dtype.
+pass runs last before the merge, over the whole model, so that no closed shard is rewritten afterwards.
+Arithmetic runs in float32 (float64 inputs stay float64) on the chosen device and is rounded once to the
+output dtype.
 """
 
 from __future__ import annotations
