@@ -81,7 +81,12 @@ def test_a_source_rewritten_in_place_with_its_old_mtime_is_hashed_again(
 def test_files_changed_just_before_they_were_hashed_are_not_remembered(
     pool: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first, _ = _merge(pool, monkeypatch, "out1")  # the sources were written a moment ago
+    # Hashed 1 s after the sources' last change (the clock pinned, so no test machine is too slow for it).
+    last_change = max(
+        max(p.stat().st_mtime_ns, p.stat().st_ctime_ns) for p in pool.glob("*/*") if p.is_file()
+    )
+    monkeypatch.setattr(lock, "_now_ns", lambda: last_change + 10**9)
+    first, _ = _merge(pool, monkeypatch, "out1")
     assert first
     again, _ = _merge(pool, monkeypatch, "out2")
     assert sorted(again) == sorted(first)
