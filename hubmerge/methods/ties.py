@@ -122,7 +122,6 @@ def merge(s: Slice, stats: Stats) -> TiesChunk | Tensor:
     base = s.base
     scaling_factor, merge_func = float(s.params["scaling_factor"]), str(s.params["merge_func"])
     task_vectors, total = _trimmed(s, stats)
-    sign_sum = _sign_sum(total)
     if merge_func == "sum":
         merged, positive = _elected_sum(task_vectors, total)
         # Σ trimmed τ is 0 while some τᵢ is not exactly where both signs occur, i.e. some τᵢ > 0.
@@ -133,20 +132,22 @@ def merge(s: Slice, stats: Stats) -> TiesChunk | Tensor:
         undecided = (zero & (task_vectors != 0).any(dim=0)).flatten().nonzero().flatten()
         merged = _disjoint_merge(task_vectors, torch.where(zero, 1.0, sign), merge_func)
     values = merged.mul_(scaling_factor).add_(base)  # base + λ·merged, rounded as written
-    if undecided.numel():
-        tv = task_vectors.flatten(1)[:, undecided]
-        b = base.flatten()[undecided]
-        ones = torch.ones_like(b)
-        if_negative = b + scaling_factor * _disjoint_merge(tv, -ones, merge_func)
-        if_zero = b + scaling_factor * _disjoint_merge(tv, 0 * ones, merge_func)
-    else:
-        if_negative = if_zero = base.new_empty(0)
     settled = stats.get("majority")
-    if settled is None:
-        return TiesChunk(values, sign_sum, undecided, if_negative, if_zero)
-    if settled <= 0 and undecided.numel():
-        values.view(-1)[undecided] = if_negative if settled < 0 else if_zero
-    return values
+    if settled is not None and (settled > 0 or not undecided.numel()):
+        return values  # the +1 the merge assumed is the majority, or nothing waits for it
+
+    def under(majority: float) -> Tensor:
+        """The undecided positions' values under a majority sign of `majority` (-1 or 0)."""
+        b = base.flatten()[undecided]
+        elected = torch.full_like(b, majority)
+        return b + scaling_factor * _disjoint_merge(task_vectors.flatten(1)[:, undecided], elected, merge_func)
+
+    if settled is not None:
+        values.view(-1)[undecided] = under(-1.0 if settled < 0 else 0.0)
+        return values
+    if not undecided.numel():
+        return TiesChunk(values, _sign_sum(total), undecided, base.new_empty(0), base.new_empty(0))
+    return TiesChunk(values, _sign_sum(total), undecided, under(-1.0), under(0.0))
 
 
 def _ranks(numel: int, s: Slice) -> list[int]:
