@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from conftest import toml_value
 from safetensors.torch import load_file
 
 import hubmerge
@@ -49,18 +50,6 @@ def runs() -> list[dict[str, Any]]:
     ]
 
 
-def toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml(v) for v in value) + "]"
-    return "{" + ", ".join(f"{k} = {toml(v)}" for k, v in value.items()) + "}"
-
-
 def recipe(config: dict[str, Any], models: Path) -> str:
     method = config["merge_method"]
     text = f'method = "{METHODS.get(method, method)}"\nbase = "{models / config["base_model"]}"\n'
@@ -70,11 +59,11 @@ def recipe(config: dict[str, Any], models: Path) -> str:
         if entry["model"] == config["base_model"]:
             continue
         text += f'[[models]]\nsource = "{models / entry["model"]}"\n'
-        text += "".join(f"{k} = {toml(v)}\n" for k, v in entry.get("parameters", {}).items())
+        text += "".join(f"{k} = {toml_value(v)}\n" for k, v in entry.get("parameters", {}).items())
     parameters = {k: v for k, v in config.get("parameters", {}).items() if k != "int8_mask"}
     if method == "task_arithmetic":  # λ is scaling_factor there, and mergekit's default is 1
         parameters["scaling_factor"] = parameters.pop("lambda", 1.0)
-    text += "[parameters]\n" + "".join(f"{k} = {toml(v)}\n" for k, v in parameters.items())
+    text += "[parameters]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in parameters.items())
     return text
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from conftest import toml_value
 from safetensors.torch import load_file, save_file
 
 import hubmerge
@@ -34,18 +35,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def runs() -> list[dict[str, Any]]:
     manifest = json.loads(MANIFEST.read_text())
     return [r for r in manifest["runs"] if r["merge_method"] in ("nearswap", "sce", "passthrough")]
-
-
-def toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml(v) for v in value) + "]"
-    return "{" + ", ".join(f"{k} = {toml(v)}" for k, v in value.items()) + "}"
 
 
 def inputs_as_loaded(run: dict[str, Any], config: dict[str, Any], tmp_path: Path) -> Path:
@@ -78,9 +67,9 @@ def recipe(config: dict[str, Any], models: Path) -> str:
         if entry["model"] == config.get("base_model"):
             continue
         text += f'[[models]]\nsource = "{models / entry["model"]}"\n'
-        text += "".join(f"{k} = {toml(v)}\n" for k, v in entry.get("parameters", {}).items())
+        text += "".join(f"{k} = {toml_value(v)}\n" for k, v in entry.get("parameters", {}).items())
     parameters = config.get("parameters", {})
-    return text + "[parameters]\n" + "".join(f"{k} = {toml(v)}\n" for k, v in parameters.items())
+    return text + "[parameters]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in parameters.items())
 
 
 def tied_variances(config: dict[str, Any], name: str, models: Path) -> torch.Tensor:
