@@ -1,23 +1,31 @@
-"""Reproduce bench/RESULTS.md: hubmerge against the machine's own I/O floor, measured in the same run.
+"""Reproduce bench/RESULTS.md: hubmerge against the machine's I/O floor, mergekit and FusionBench, in one run.
 
-For every shape (Qwen2.5-0.5B / 1.5B layouts), number of fine-tunes and method it
+For every shape (Qwen2.5-0.5B / 1.5B layouts, or the ~123 M-parameter "0.1b"), number of fine-tunes and
+method it
   1. makes the checkpoints it needs (`make_checkpoints.py`, deterministic, under bench/work/),
   2. writes the recipes (and mergekit configs) under bench/work/configs/ with paths relative to them,
   3. alternates, `--repeats` times: the I/O floor (a child process that reads exactly the input files the
-     method needs and writes a buffered file of the output's size), then hubmerge (`python -m hubmerge.cli`)
-     and, with `--with-mergekit`, mergekit 0.1.5. Before each run every input is read once so the page
-     cache is warm for all of them alike. Wall time comes from `time.perf_counter` around the child, peak
-     RSS from the child's own rusage (`os.wait4`), and the 1-minute load average is recorded before each,
-  4. writes the medians, the machine, the versions and what exactly ran to RESULTS.md (and every single
-     measurement to bench/work/results.jsonl).
+     method needs and writes a buffered file of the output's size), then hubmerge (`python -m hubmerge.cli`),
+     with `--with-mergekit` mergekit 0.1.5 (`mergekit-yaml`) and with `--with-fusionbench` FusionBench
+     0.2.33 (its `fusion_bench` CLI as its Qwen2.5 docs run it; only on the 0.1b shape and for
+     simple_average, task_arithmetic and ties: see `fusionbench_command`). Before each run every input is
+     read once so the page cache is warm for all of them alike. Wall time comes from `time.perf_counter`
+     around the child, peak RSS and CPU seconds from the child's own rusage (`os.wait4`), and the 1-minute
+     load average is recorded before each,
+  4. compares the outputs of the last repeat once: hubmerge vs mergekit (`compare.py`), and hubmerge vs
+     FusionBench, both against a float32 reference, plus a bf16 replica of FusionBench's arithmetic
+     (`fusionbench_check.py`),
+  5. writes the medians, the machine, the versions and what exactly ran to RESULTS.md (the cells to
+     `--rows`, every single measurement to `--record`).
 
     python bench/run.py                                # 0.5B, 3 fine-tunes, all methods, 3 repeats
     python bench/run.py --shape 1.5b --models 2,3,5    # the scaling table
     python bench/run.py --with-mergekit                # also mergekit 0.1.5 in bench/work/venv-mergekit
     python bench/run.py --shape 1.5b --methods dare_ties,slerp,model_stock --with-mergekit
+    python bench/run.py --shape 0.1b --with-mergekit --with-fusionbench --results /tmp/results.md
 
-mergekit (and FusionBench, `--with-fusionbench`, installed only: see RESULTS.md) get their own virtual
-environments under bench/work/, with torch==2.13.0 installed first so they compute with the same torch.
+mergekit and FusionBench get their own virtual environments under bench/work/ (venv-mergekit,
+venv-fusionbench), with torch==2.13.0 installed first so they compute with the same torch.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -157,6 +166,60 @@ def mergekit_config(method: str, shape: str, count: int) -> str:
     return "\n".join(lines)
 
 
+# FusionBench 0.2.33: its causal-LM method configs and the Qwen2.5-1.5B model pools its docs use, pointed at
+# the bench checkpoints by overrides. Only where it can run: TIES holds every model flattened several
+# times (~28x the model size in RAM, measured on 120 M parameters), so no 0.5B/1.5B.
+FUSIONBENCH = "fusion-bench==0.2.33"
+FUSIONBENCH_SHAPES = ("0.1b",)
+FUSIONBENCH_METHODS = {
+    "simple_average": ("linear/simple_average_for_causallm", []),
+    "task_arithmetic": ("linear/task_arithmetic_for_causallm", ["method.scaling_factor=0.8"]),
+    "ties": (
+        "linear/ties_merging_for_causallm",
+        ["method.scaling_factor=0.8", "method.threshold=20", "method.merge_func=sum"],
+    ),
+}
+FUSIONBENCH_KEYS = {"math": "math", "coder": "code", "instruct": "instruction"}  # the pools' model names
+
+
+def fusionbench_lazy(method: str) -> bool:
+    """The shipped Qwen2.5 pools load lazily; its simple average crashes on a lazy pool (TypeError
+    `state_dict() got an unexpected keyword argument 'prefix'`), so that one runs eagerly."""
+    return method != "simple_average"
+
+
+def fusionbench_command(executable: Path, method: str, shape: str, count: int, log_dir: str) -> list[str]:
+    """FusionBench's CLI as its Qwen2.5 docs run it, run from bench/work/configs.
+
+    Model paths are `${hydra:runtime.cwd}/../models-<shape>/<model>`: relative to the directory it runs in,
+    resolved by Hydra at run time. A plain relative path breaks its lazy loading of a single-file
+    checkpoint: `LazyStateDict` indexes every key to `<path>/model.safetensors` and then joins the path in
+    front once more (`../m/../m/model.safetensors`: FileNotFoundError); an absolute one would not.
+    """
+    config, parameters = FUSIONBENCH_METHODS[method]
+    pool = "Qwen2.5-1.5B_math_and_code" if count == 2 else "Qwen2.5-1.5B_three_models"
+    shipped = ["math", "code"] if count == 2 else ["math", "code", "instruction"]
+    models = "${hydra:runtime.cwd}/" + f"../models-{shape}"
+    command = [
+        str(executable),
+        f"path.log_dir={log_dir}",
+        f"method={config}",
+        *parameters,
+        f"modelpool=CausalLMPool/{pool}",
+        f"modelpool.models._pretrained_={models}/base",
+    ]
+    keys = []
+    for model in fine_tunes(method, count):
+        key = FUSIONBENCH_KEYS.get(model, model)
+        keys.append(key)
+        command.append(f"{'' if key in shipped else '+'}modelpool.models.{key}={models}/{model}")
+    command += [f"~modelpool.models.{key}" for key in shipped if key not in keys]
+    command.append(f"modelpool.tokenizer={models}/base")  # required: it saves the tokenizer with the model
+    if not fusionbench_lazy(method):
+        command.append("modelpool.enable_lazy_loading=false")
+    return command
+
+
 def venv(name: str, packages: list[str]) -> Path:
     """A virtual environment under bench/work/ with torch==2.13.0 installed before `packages`."""
     folder = WORK / f"venv-{name}"
@@ -212,24 +275,50 @@ def fmt(runs: list[Run]) -> tuple[float, float, float]:
     )
 
 
+def summary(runs: list[Run]) -> dict[str, object]:
+    """A tool's cell: medians over its successful repeats (over all of them if none succeeded)."""
+    ok = [r for r in runs if r.rc == 0] or runs
+    wall, rss, load = fmt(runs)
+    return {
+        "wall_s": wall,
+        "rss_gb": rss,
+        "load": load,
+        "cpu_s": statistics.median(r.cpu_s for r in ok),
+        "walls": [round(r.wall_s, 1) for r in runs],
+        "failed": sum(r.rc != 0 for r in runs),
+        "runs": len(runs),
+    }
+
+
+def compare_outputs(*command: str) -> str:
+    check = subprocess.run([sys.executable, *command], capture_output=True, text=True)
+    return check.stdout.strip() or f"rc {check.returncode}: {check.stderr.strip()[-500:]}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="0.5b", help="comma-separated: 0.5b, 1.5b")
+    p.add_argument("--shape", default="0.5b", help="comma-separated: 0.1b, 0.5b, 1.5b")
     p.add_argument("--models", default="3", help="comma-separated numbers of fine-tunes (at most 5)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--with-mergekit", action="store_true", help="also run mergekit 0.1.5 (once per cell)")
+    p.add_argument("--with-mergekit", action="store_true", help="also run mergekit 0.1.5 (every repeat)")
     p.add_argument(
         "--with-fusionbench",
         action="store_true",
-        help="install fusion-bench in its own venv (installed and versioned only: no FusionBench run yet)",
+        help=f"also run FusionBench ({FUSIONBENCH}, every repeat) on the shapes {', '.join(FUSIONBENCH_SHAPES)} "
+        f"for {', '.join(FUSIONBENCH_METHODS)}",
     )
     p.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
     p.add_argument(
-        "--append",
-        action="store_true",
-        help="keep the other cells of the previous run (bench/work/rows.json)",
+        "--rows",
+        type=Path,
+        default=WORK / "rows.json",
+        help="the cells, kept for --append (default %(default)s)",
     )
+    p.add_argument(
+        "--record", type=Path, default=WORK / "results.jsonl", help="every measurement is appended here"
+    )
+    p.add_argument("--append", action="store_true", help="keep the other cells of the previous run (--rows)")
     args = p.parse_args(argv)
 
     configs, out = WORK / "configs", WORK / "out"
@@ -237,11 +326,15 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = WORK / "run.log"
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    # FusionBench gets no PYTHONPATH: nothing of this repository is on its path.
+    fb_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
     mergekit = venv("mergekit", ["mergekit==0.1.5"]) / "bin" / "mergekit-yaml" if args.with_mergekit else None
-    fusionbench = venv("fusionbench", ["fusion-bench"]) / "bin" / "python" if args.with_fusionbench else None
+    fusionbench = (
+        venv("fusionbench", [FUSIONBENCH]) / "bin" / "fusion_bench" if args.with_fusionbench else None
+    )
 
     rows: list[dict[str, object]] = []
-    with open(WORK / "results.jsonl", "a") as record:
+    with open(args.record, "a") as record:
         for shape in args.shape.split(","):
             for count in map(int, args.models.split(",")):
                 models = make_models(shape, count)
@@ -255,7 +348,22 @@ def main(argv: list[str] | None = None) -> int:
                     inputs = [models / m / "model.safetensors" for m in needed]
                     size = inputs[0].stat().st_size  # the output has the inputs' layout and dtype
                     target = out / name
-                    runs: dict[str, list[Run]] = {"floor": [], "hubmerge": [], "mergekit": []}
+                    mk_out, fb_log = out / f"mergekit-{name}", f"../out/fusionbench-{name}"
+                    fb_out = configs / fb_log
+                    fb_command = None
+                    if fusionbench is not None:
+                        if shape in FUSIONBENCH_SHAPES and method in FUSIONBENCH_METHODS:
+                            fb_command = fusionbench_command(fusionbench, method, shape, count, fb_log)
+                        else:
+                            print(f"  FusionBench: not run for {name} (shapes {FUSIONBENCH_SHAPES} only)")
+                    if mergekit is not None:
+                        (configs / f"{name}.yml").write_text(mergekit_config(method, shape, count))
+                    runs: dict[str, list[Run]] = {
+                        "floor": [],
+                        "hubmerge": [],
+                        "mergekit": [],
+                        "fusionbench": [],
+                    }
                     print(
                         f"== {name}: {len(inputs)} inputs, {sum(i.stat().st_size for i in inputs) / 1e9:.2f} GB",
                         flush=True,
@@ -266,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                             sys.executable,
                             "-c",
                             FLOOR,
-                            str(out / "floor.bin"),
+                            str(out / f"floor-{name}.bin"),
                             str(size),
                             *map(str, inputs),
                         ]
@@ -288,34 +396,57 @@ def main(argv: list[str] | None = None) -> int:
                             "--no-sanity",
                         ]
                         runs["hubmerge"].append(measure("hubmerge", command, ROOT, log, env))
-                        if mergekit is not None and i == 0:
-                            (configs / f"{name}.yml").write_text(mergekit_config(method, shape, count))
-                            shutil.rmtree(out / f"mergekit-{name}", ignore_errors=True)
+                        if mergekit is not None:
+                            shutil.rmtree(mk_out, ignore_errors=True)
                             warm(inputs)
-                            mk = [str(mergekit), f"{name}.yml", str(out / f"mergekit-{name}")]
+                            mk = [str(mergekit), f"{name}.yml", str(mk_out)]
                             runs["mergekit"].append(measure("mergekit", mk, configs, log, env))
+                        if fb_command is not None:
+                            shutil.rmtree(fb_out, ignore_errors=True)
+                            warm(inputs)
+                            runs["fusionbench"].append(
+                                measure("fusionbench", fb_command, configs, log, fb_env)
+                            )
                         for tool in runs:
                             if runs[tool] and len(runs[tool]) == i + 1:
                                 r = runs[tool][-1]
                                 print(
-                                    f"  {tool:9} {r.wall_s:7.1f} s  {r.peak_rss_gb:5.2f} GB  load {r.load_1m:.2f}",
+                                    f"  {tool:11} {r.wall_s:7.1f} s  {r.peak_rss_gb:5.2f} GB  "
+                                    f"{r.cpu_s:6.1f} CPU s  load {r.load_1m:.2f}",
                                     flush=True,
                                 )
                                 record.write(json.dumps({"cell": name, "repeat": i, **r.__dict__}) + "\n")
-                    comparison = None
+                    # The outputs of the last repeat, compared once.
+                    mk_row = fb_row = None
                     if runs["mergekit"]:
-                        check = subprocess.run(
-                            [
-                                sys.executable,
-                                str(HERE / "compare.py"),
-                                str(target),
-                                str(out / f"mergekit-{name}"),
-                            ],
-                            capture_output=True,
-                            text=True,
+                        mk_row = summary(runs["mergekit"])
+                        mk_row["comparison"] = compare_outputs(
+                            str(HERE / "compare.py"), str(target), str(mk_out)
                         )
-                        comparison = check.stdout.strip()
-                        shutil.rmtree(out / f"mergekit-{name}", ignore_errors=True)
+                        shutil.rmtree(mk_out, ignore_errors=True)
+                    if runs["fusionbench"]:
+                        assert fb_command is not None
+                        fb_row = summary(runs["fusionbench"])
+                        check = [
+                            str(HERE / "fusionbench_check.py"),
+                            method,
+                            "--models",
+                            ",".join(str(models / m) for m in fine_tunes(method, count)),
+                            "--hubmerge",
+                            str(target),
+                            "--fusionbench",
+                            str(fb_out / "checkpoint"),
+                        ]
+                        if method != "simple_average":
+                            check += ["--base", str(models / "base")]
+                        text = compare_outputs(*check)
+                        try:
+                            fb_row["comparison"] = json.loads(text)
+                        except json.JSONDecodeError:
+                            fb_row["comparison"] = text
+                        fb_row["lazy"] = fusionbench_lazy(method)
+                        fb_row["command"] = shlex.join(["fusion_bench", *fb_command[1:]])
+                        shutil.rmtree(fb_out, ignore_errors=True)
                     shutil.rmtree(target, ignore_errors=True)
                     floor_s, _, _ = fmt(runs["floor"])
                     hub_s, hub_rss, load = fmt(runs["hubmerge"])
@@ -334,21 +465,22 @@ def main(argv: list[str] | None = None) -> int:
                             "cpu_s": statistics.median(r.cpu_s for r in runs["hubmerge"]),
                             "floor_cpu_s": statistics.median(r.cpu_s for r in runs["floor"]),
                             "floors": [round(r.wall_s, 1) for r in runs["floor"]],
-                            "mergekit": fmt(runs["mergekit"]) if runs["mergekit"] else None,
-                            "comparison": comparison,
+                            "mergekit": mk_row,
+                            "fusionbench": fb_row,
                         }
                     )
-    saved = WORK / "rows.json"
-    if args.append and saved.exists():
+    if args.append and args.rows.exists():
         key = lambda r: (r["shape"], r["models"], r["method"])  # noqa: E731
         fresh = {key(r) for r in rows}
-        rows = [r for r in json.loads(saved.read_text()) if key(r) not in fresh] + rows
-    saved.write_text(json.dumps(rows))
+        rows = [r for r in json.loads(args.rows.read_text()) if key(r) not in fresh] + rows
+    args.rows.write_text(json.dumps(rows))
     info = machine()
     if mergekit is not None:
         info["mergekit venv"] = version_of(mergekit.parent / "python", "torch", "mergekit", "transformers")
     if fusionbench is not None:
-        info["fusion-bench venv"] = version_of(fusionbench, "torch", "fusion-bench")
+        info["fusion-bench venv"] = version_of(
+            fusionbench.parent / "python", "torch", "fusion-bench", "transformers"
+        )
     write_results(args, rows, info)
     print(f"wrote {args.results}")
     return 0
@@ -361,6 +493,25 @@ def _target(ratio: float, target: float | None) -> str:
     return "" if target is None else f" ({'≤' if ratio <= target else '>'} {target})"
 
 
+def _tool(row: dict[str, object], tool: str) -> dict[str, object] | None:
+    """A row's mergekit/FusionBench cell; rows.json from before repeats held mergekit as (wall, rss, load)."""
+    cell = row.get(tool)
+    if isinstance(cell, list):
+        return {
+            "wall_s": cell[0],
+            "rss_gb": cell[1],
+            "load": cell[2],
+            "runs": 1,
+            "comparison": row.get("comparison"),
+        }
+    return cell  # type: ignore[return-value]
+
+
+def _pair(comparison: dict[str, object], pair: str) -> str:
+    d = comparison[pair]
+    return f"{d['max_abs_diff']:.3g} / {100 * d['fraction_differing']:.2f} %"  # type: ignore[index]
+
+
 def write_results(args: argparse.Namespace, rows: list[dict[str, object]], info: dict[str, str]) -> None:
     command = "python bench/run.py " + " ".join(a for a in sys.argv[1:])
     lines = [
@@ -368,10 +519,10 @@ def write_results(args: argparse.Namespace, rows: list[dict[str, object]], info:
         "",
         f"Generated by `{command.strip()}` (see the docstring of bench/run.py for the method);",
         "with `--append`, cells of earlier invocations are kept (each row says how many runs it has).",
-        f"Medians of {args.repeats} alternating runs per cell (floor, hubmerge, floor, hubmerge, ...), page cache",
-        "warmed before every run. **floor**: a child process reading exactly the input files the method needs",
-        "and writing a buffered file of the output's size. **ratio** = hubmerge / floor. Peak RSS is the",
-        "largest `ru_maxrss` of the hubmerge child over the repeats. load = median 1-minute load average",
+        f"Medians of {args.repeats} alternating runs per cell (floor, hubmerge[, mergekit][, FusionBench], floor,",
+        "...), page cache warmed before every run. **floor**: a child process reading exactly the input files",
+        "the method needs and writing a buffered file of the output's size. **ratio** = hubmerge / floor. Peak RSS",
+        "is the largest `ru_maxrss` of the child over the repeats. load = median 1-minute load average",
         "before the runs (2-core machine shared with other engineers' test runs). CPU s: median user + system",
         "seconds of the child (the work done, far less sensitive to the load than wall time).",
         "",
@@ -388,14 +539,102 @@ def write_results(args: argparse.Namespace, rows: list[dict[str, object]], info:
             f"{r['hubmerge_s']:.1f} | {ratio:.2f}×{_target(ratio, target)} | "
             f"{r['rss_gb']:.2f} | {r['load']:.2f} | {cpu} | {r['walls']} (floor {r['floors']}) |"
         )
-    mk = [r for r in rows if r["mergekit"]]
-    if mk:
-        lines += ["", "mergekit 0.1.5 (one run per cell, same warm cache):", ""]
-        for r in mk:
-            wall, rss, load = r["mergekit"]  # type: ignore[misc]
+    others = [(r, tool, _tool(r, tool)) for r in rows for tool in ("mergekit", "fusionbench")]
+    others = [(r, tool, cell) for r, tool, cell in others if cell]
+    if others:
+        lines += [
+            "",
+            "The other tools, same cells, same warm cache (hubmerge repeated from the table above):",
+            "",
+            "| shape | fine-tunes | method | tool | wall s (median) | peak RSS GB | CPU s (median) | load | runs s |",
+            "|---|---:|---|---|---:|---:|---:|---:|---|",
+        ]
+        names = {"mergekit": "mergekit 0.1.5", "fusionbench": "FusionBench 0.2.33"}
+        done = set()
+        for r, tool, cell in others:
+            key = (r["shape"], r["models"], r["method"])
+            if key not in done:
+                done.add(key)
+                cpu = f"{r['cpu_s']:.1f}" if "cpu_s" in r else "–"
+                lines.append(
+                    f"| {r['shape']} | {r['models']} | {r['method']} | hubmerge | {r['hubmerge_s']:.1f} | "
+                    f"{r['rss_gb']:.2f} | {cpu} | {r['load']:.2f} | {r['walls']} |"
+                )
+            failed = f" ({cell['failed']} of {cell['runs']} failed)" if cell.get("failed") else ""
+            mode = ""
+            if tool == "fusionbench":
+                mode = ", lazy pool" if cell.get("lazy") else ", eager (`enable_lazy_loading=false`)"
+            cpu = f"{cell['cpu_s']:.1f}" if "cpu_s" in cell else "–"
             lines.append(
-                f"- {r['method']} {r['shape']} × {r['models']}: {wall:.1f} s, {rss:.2f} GB (load {load:.2f}); output vs hubmerge: `{r['comparison']}`"
+                f"| {r['shape']} | {r['models']} | {r['method']} | {names[tool]}{mode}{failed} | "
+                f"{cell['wall_s']:.1f} | {cell['rss_gb']:.2f} | {cpu} | {cell['load']:.2f} | "
+                f"{cell.get('walls', '1 run')} |"
             )
+    mk = [(r, cell) for r, tool, cell in others if tool == "mergekit"]
+    if mk:
+        lines += [
+            "",
+            "Output, hubmerge vs mergekit (`bench/compare.py` on the last repeat's outputs). mergekit's `linear`",
+            "(weights 1, normalised) is simple_average and its `task_arithmetic` (λ 0.8, no normalisation) is",
+            "hubmerge's; its `ties` trims each tensor to density 0.2, hubmerge's `ties` the whole model",
+            "(FusionBench's), so TIES differs by design:",
+            "",
+        ]
+        for r, cell in mk:
+            lines.append(f"- {r['method']} {r['shape']} × {r['models']}: `{cell['comparison']}`")
+    fb = [(r, cell) for r, tool, cell in others if tool == "fusionbench"]
+    if fb:
+        lines += [
+            "",
+            "Output, hubmerge vs FusionBench (`bench/fusionbench_check.py` on the last repeat's outputs): max abs",
+            "diff / share of differing elements. FusionBench computes in the models' bf16 and rounds after every",
+            "operation, hubmerge in float32 rounding once, so both are also held against **fp32**: the formula",
+            "computed from the input safetensors in float32 and rounded to bf16 once (simple average of the",
+            "fine-tunes without the base; base + 0.8·Σ(ft − base); TIES with one global top-20 % magnitude cut",
+            "per task over all keys sorted by name, sign elected by the sum, agreeing deltas summed, × 0.8).",
+            "**bf16 replica**: the same formulas evaluated as FusionBench does, in bf16 (0 = FusionBench",
+            "reproduced bit for bit).",
+            "",
+            "| shape | fine-tunes | method | hubmerge vs FusionBench | hubmerge vs fp32 | FusionBench vs fp32 "
+            "| bf16 replica vs FusionBench | skipped keys |",
+            "|---|---:|---|---:|---:|---:|---:|---|",
+        ]
+        for r, cell in fb:
+            c = cell.get("comparison")
+            if not isinstance(c, dict) or "error" in c:
+                lines.append(f"| {r['shape']} | {r['models']} | {r['method']} | `{c}` | | | | |")
+                continue
+            pairs = (
+                "hubmerge_vs_fusionbench",
+                "hubmerge_vs_fp32",
+                "fusionbench_vs_fp32",
+                "replica_vs_fusionbench",
+            )
+            lines.append(
+                f"| {r['shape']} | {r['models']} | {r['method']} | "
+                + " | ".join(_pair(c, p) for p in pairs)
+                + f" | {', '.join(f'`{k}`' for k in c['skipped']) or 'none'} |"
+            )
+        lines += [
+            "",
+            "How FusionBench ran (`fusion_bench` of bench/work/venv-fusionbench, from bench/work/configs/, with",
+            "`HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1`): the command lines of its Qwen2.5 docs, pointed at the bench",
+            "checkpoints and the tiny demo tokenizer, with these deviations:",
+            "",
+            "- simple_average runs with `modelpool.enable_lazy_loading=false`: with the lazy pool the Qwen2.5",
+            "  model pools ship, it crashes (`TypeError: LazyStateDict.state_dict() got an unexpected keyword",
+            "  argument 'prefix'`). task_arithmetic and ties run on the shipped lazy pool.",
+            "- The lazy pool saves an uninitialised `lm_head.weight` next to the tied embeddings (the sources have",
+            "  no such key); the comparison skips `lm_head.weight` where the sources lack it.",
+            "- Model paths are `${hydra:runtime.cwd}/../models-<shape>/...`: a plain relative path breaks its lazy",
+            "  loading of a single-file checkpoint (`LazyStateDict` joins the folder onto an already joined path:",
+            "  `FileNotFoundError ../m/../m/model.safetensors`); Hydra resolves this one at run time, so no",
+            "  absolute path is written anywhere in the command.",
+            "",
+            "```",
+            *sorted({str(cell["command"]) for _, cell in fb if cell.get("command")}),
+            "```",
+        ]
     lines += ["", "Machine and versions:", ""] + [f"- {k}: {v}" for k, v in info.items()] + [""]
     # Hand-written analysis (profiles, what blocks a target) lives under "## Notes" and survives reruns.
     old = args.results.read_text() if args.results.exists() else ""
