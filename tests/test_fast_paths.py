@@ -167,6 +167,48 @@ def test_ties_fused_sum_equals_the_general_disjoint_merge_bit_for_bit() -> None:
     assert torch.equal(chunk.undecided, ((sign == 0) & (tv != 0).any(0)).nonzero().flatten())
 
 
+def _fusionbench_ties(base: torch.Tensor, models: list[torch.Tensor], cuts: list[float], merge_func: str):  # type: ignore[no-untyped-def]
+    """TIES on one slice, written out plainly (majority sign +1): mask, elect, merge. Trimmed entries are
+    +0, as hubmerge has always written them (FusionBench's τ * mask gives -0 for a trimmed negative τ,
+    which changes a bit only where the base is -0 and every τ there is trimmed)."""
+    tv = torch.stack([m.float() - base for m in models])
+    tv = torch.where(tv.abs() >= torch.tensor(cuts)[:, None], tv, torch.zeros(()))
+    sign = torch.sign(tv.sum(0))
+    return base + 0.8 * _disjoint_merge(tv, torch.where(sign == 0, 1.0, sign), merge_func), tv, sign
+
+
+@pytest.mark.parametrize("cut_at", ["median", "zero", "exact"])
+def test_ties_fast_trim_and_elected_sum_keep_every_bit_signed_zeros_included(cut_at: str) -> None:
+    # Signed zeros everywhere: a base of -0 and +0, models of -0 and +0, so τ = -0 (only from -0 - +0),
+    # +0, exact cancellations; cut-offs at 0 (keep all) and at values the task vectors hold exactly.
+    g = torch.Generator().manual_seed(3)
+    n = 60_000
+    base = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16).float()
+    base[:3000], base[3000:6000] = 0.0, -0.0
+    models = []
+    for i in range(3):
+        m = (base + torch.randn(n, generator=g) * 0.01).to(torch.bfloat16)
+        m[: 1500 + 500 * i] = -0.0
+        m[3000 : 4000 + 300 * i] = 0.0
+        models.append(m)
+    models[2][10_000:20_000] = (2 * base[10_000:20_000] - models[1][10_000:20_000].float()).to(torch.bfloat16)
+    tv = torch.stack([m.float() - base for m in models])
+    if cut_at == "zero":
+        cuts = [0.0, 0.0, 0.0]
+    elif cut_at == "exact":
+        cuts = [float(row.abs()[row != 0][0]) for row in tv]  # a value some entries sit on exactly
+    else:
+        cuts = [float(row.abs().median()) for row in tv]
+    chunk = _merge("ties", base, models, {"scaling_factor": 0.8, "merge_func": "sum"}, stats={"cut": cuts})
+    want, trimmed, sign = _fusionbench_ties(base, models, cuts, "sum")
+    assert _same_bits(chunk.values, want)
+    assert torch.equal(chunk.undecided, ((sign == 0) & (trimmed != 0).any(0)).nonzero().flatten())
+    for majority, values in ((-1.0, chunk.if_negative), (0.0, chunk.if_zero)):
+        under = base + 0.8 * _disjoint_merge(trimmed, torch.full_like(sign, majority), "sum")
+        assert _same_bits(values, under[chunk.undecided])
+    assert bool((base.view(torch.int32) == torch.tensor(-0.0).view(torch.int32)).any())  # -0 was there
+
+
 def test_source_hashes_are_the_files_sha256(tmp_path: Path) -> None:
     paths = []
     for i, size in enumerate((0, 1, 2**24 + 3)):

@@ -5,7 +5,8 @@ span many slices: with 7 elements a 2-D tensor is read one row at a time and the
 biases in slices of 7, 7, 7, 7, 4; with 101 a (64, 32) embedding is read 3 rows at a time. The TIES
 magnitude selection then sees hundreds of uneven chunks and the majority-sign patch rewrites positions
 scattered over many slices and shards. Each merge must still equal the reference formula, and its
-output files must be byte for byte those of the same merge with the default slice size.
+output files must be byte for byte those of the same merge with the default slice size, and of the merge
+computed in small pieces (`engine._PIECE_ELEMENTS`) on one merge thread or two.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from test_merge import (
 )
 
 import hubmerge
+from hubmerge import engine
 from hubmerge import plan as plan_module
 
 SMALL_SLICES = (7, 101)
@@ -120,6 +122,14 @@ def check_small_slices_match(
         assert sorted(small) == sorted(default)
         for name in default:
             assert small[name] == default[name], f"{name} differs with {elements}-element slices"
+    # Whole slices computed in pieces of a few rows (a 32-element row each), on one merge thread and on
+    # two: the same bytes again.
+    monkeypatch.setattr(plan_module, "CHUNK_ELEMENTS", 1 << 22)
+    monkeypatch.setattr(engine, "_PIECE_ELEMENTS", 40)
+    for threads in (1, 2):
+        monkeypatch.setattr(engine, "_merge_threads", lambda device, n=threads: n)
+        pieces = merge_files(recipe, f"out-pieces-{threads}")
+        assert pieces == default, f"computing in pieces on {threads} thread(s) changed the output"
 
 
 # Each method once, the layouts spread over them so that every dtype, single-file and sharded inputs,

@@ -10,7 +10,8 @@ mergekit's TIES (per-tensor density, weights, normalize) is `mergekit_ties`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from ._gta import TIES, magnitudes
@@ -18,6 +19,7 @@ from .base import Contract, FusionBenchConfig, Method, Param, Reduce, Select, Sl
 from .task_arithmetic import SCALING
 
 if TYPE_CHECKING:
+    import torch
     from torch import Tensor
 
 
@@ -61,25 +63,23 @@ def _disjoint_merge(task_vectors: Tensor, sign: Tensor, merge_func: str) -> Tens
     return selected.abs().amax(dim=0) * sign  # "max"
 
 
-def _elected_sum(task_vectors: Tensor, total: Tensor) -> tuple[Tensor, Tensor]:
+def _elected_sum(task_vectors: Tensor, total: Tensor) -> Tensor:
     """`_disjoint_merge(task_vectors, sign(total) with 0 -> +1, "sum")`, bit for bit, in fewer passes.
 
-    Also returns Σ max(τᵢ, 0), which is > 0 exactly where some τᵢ is positive.
-
-    The agreeing entries of a +1 position are the positive τᵢ, of a -1 position the negative ones, so the
-    two candidate sums are Σ max(τᵢ, 0) and Σ min(τᵢ, 0) in model order. Adding the zeros that stand for
-    the disagreeing entries changes no bit of a sum that is used: `tests/test_merge.py` holds both forms
-    to FusionBench's formula.
+    Consumes `task_vectors` (its buffer is reused). With s = ±1 the sign of `total`, the agreeing entries
+    of a position are those with s·τᵢ > 0, so the merge is s · Σᵢ max(s·τᵢ, 0), summed in model order as
+    FusionBench sums. Multiplying by ±1 is exact and rounding is symmetric, so for s = -1 this is
+    Σᵢ min(τᵢ, 0) to the bit; the zeros that stand for disagreeing entries change no bit of a sum that
+    has a non-zero term, and a sum of zeros only meets a base of +0 (τ = -0 needs base +0), where the
+    signed zero is lost in the final + base. No boolean mask and no `where`: on a CPU those are 5-15×
+    slower than these arithmetic passes (bench/RESULTS.md). `tests/test_fast_paths.py` holds it to
+    FusionBench's formula, signed zeros included.
     """
     import torch
 
-    positive = task_vectors[0].clamp(min=0)
-    negative = task_vectors[0].clamp(max=0)
-    scratch = torch.empty_like(positive)
-    for row in task_vectors[1:]:
-        positive += torch.clamp(row, min=0, out=scratch)
-        negative += torch.clamp(row, max=0, out=scratch)
-    return torch.where(total < 0, negative, positive), positive
+    sign = torch.copysign(torch.ones((), dtype=total.dtype, device=total.device), total)
+    task_vectors.mul_(sign).clamp_(min=0)
+    return task_vectors.sum(dim=0).mul_(sign)
 
 
 def _trimmed(s: Slice, stats: Stats) -> tuple[Tensor, Tensor]:
@@ -88,20 +88,37 @@ def _trimmed(s: Slice, stats: Stats) -> tuple[Tensor, Tensor]:
 
     assert s.base is not None
     base = s.base
-    # In place, one (n, ...) buffer: trimming zeroes the entries below each model's cut-off.
     task_vectors = torch.empty((len(s.models), *base.shape), dtype=base.dtype, device=base.device)
-    magnitude = torch.empty_like(base)
     for row, model, cut in zip(task_vectors, s.models, stats["cut"], strict=True):
         torch.sub(model, base, out=row)
-        row.masked_fill_(torch.abs(row, out=magnitude) < cut, 0.0)
+        if cut > 0:  # a cut-off of 0 keeps every entry
+            # Keep |τ| >= cut: hardshrink keeps |τ| > λ and writes +0 elsewhere (as a mask and fill would),
+            # and with λ the largest value below the cut-off in τ's dtype, > λ is exactly >= cut. One
+            # vectorised pass instead of abs, compare and masked_fill.
+            torch.hardshrink(row, _below(cut, row.dtype), out=row)
     return task_vectors, task_vectors.sum(dim=0)
 
 
-def _sign_sum(total: Tensor) -> int:
-    """Σ sign(total), without materialising the sign: exact for any realistic model size."""
+def _at(s: Slice, positions: Tensor) -> Slice:
+    """The slice's inputs at some flat positions only (a 1-D slice of them)."""
+    assert s.base is not None
+    return replace(
+        s, base=s.base.flatten()[positions], models=tuple(m.flatten()[positions] for m in s.models)
+    )
+
+
+def _below(value: float, dtype: torch.dtype) -> float:
+    """The largest `dtype` number below `value` (itself a `dtype` number)."""
     import torch
 
-    return int(torch.count_nonzero(total > 0)) - int(torch.count_nonzero(total < 0))
+    return float(torch.nextafter(torch.tensor(value, dtype=dtype), torch.tensor(-math.inf, dtype=dtype)))
+
+
+def _sign_sum(total: Tensor) -> int:
+    """Σ sign(total), summed in float64: exact for any realistic slice (below 2⁵³ elements)."""
+    import torch
+
+    return int(torch.sign(total).sum(dtype=torch.float64))
 
 
 def majority(s: Slice, stats: Stats, accumulator: int | None) -> int:
@@ -123,9 +140,10 @@ def merge(s: Slice, stats: Stats) -> TiesChunk | Tensor:
     scaling_factor, merge_func = float(s.params["scaling_factor"]), str(s.params["merge_func"])
     task_vectors, total = _trimmed(s, stats)
     if merge_func == "sum":
-        merged, positive = _elected_sum(task_vectors, total)
-        # Σ trimmed τ is 0 while some τᵢ is not exactly where both signs occur, i.e. some τᵢ > 0.
-        undecided = ((total == 0) & (positive > 0)).flatten().nonzero().flatten()
+        merged = _elected_sum(task_vectors, total)
+        # Undecided: Σ trimmed τ is exactly 0 while some τᵢ is not, so both signs occur. There the elected
+        # sign was +1 and `merged` is Σ max(τᵢ, 0), > 0 exactly then.
+        undecided = ((total == 0) & (merged > 0)).flatten().nonzero().flatten()
     else:
         sign = torch.sign(total)
         zero = sign == 0
@@ -136,17 +154,19 @@ def merge(s: Slice, stats: Stats) -> TiesChunk | Tensor:
     if settled is not None and (settled > 0 or not undecided.numel()):
         return values  # the +1 the merge assumed is the majority, or nothing waits for it
 
+    if settled is None and not undecided.numel():
+        return TiesChunk(values, _sign_sum(total), undecided, base.new_empty(0), base.new_empty(0))
+    b = base.flatten()[undecided]
+    # Their trimmed τ again, by the same operations on the same values (the merge consumed the buffer).
+    vectors = _trimmed(_at(s, undecided), stats)[0]
+
     def under(majority: float) -> Tensor:
         """The undecided positions' values under a majority sign of `majority` (-1 or 0)."""
-        b = base.flatten()[undecided]
-        elected = torch.full_like(b, majority)
-        return b + scaling_factor * _disjoint_merge(task_vectors.flatten(1)[:, undecided], elected, merge_func)
+        return b + scaling_factor * _disjoint_merge(vectors, torch.full_like(b, majority), merge_func)
 
     if settled is not None:
         values.view(-1)[undecided] = under(-1.0 if settled < 0 else 0.0)
         return values
-    if not undecided.numel():
-        return TiesChunk(values, _sign_sum(total), undecided, base.new_empty(0), base.new_empty(0))
     return TiesChunk(values, _sign_sum(total), undecided, under(-1.0), under(0.0))
 
 
