@@ -184,8 +184,11 @@ class _Inputs:
             pending = self.pool.submit(self._read, *order[i + 1]) if i + 1 < len(order) else None
             # Read in slices, computed in pieces: a slice is large so that reads are few (HTTP ranges for
             # streamed sources), a piece small so that a method's every operation works in the CPU's cache.
+            # On an accelerator the whole slice is one piece: there a small operation costs its launch.
             rows = raw[0].shape[0] if raw[0].dim() else 1
             step = max(1, _PIECE_ELEMENTS // max(raw[0][:1].numel(), 1)) if raw[0].dim() else 1
+            if self.device.type != "cpu":
+                step = rows
             for first in range(0, rows, step):
                 piece = raw if step >= rows else [r[first : first + step] for r in raw]
                 yield tensor, start + first, self.upcast(piece)
@@ -363,11 +366,13 @@ R = TypeVar("R")
 
 
 def _merge_threads(device: torch.device) -> int:
-    """Threads that compute pieces side by side: two on a CPU with two cores or more, where a piece's small
-    operations leave a core idle between them (torch releases the GIL inside each); one on an accelerator,
-    which queues the operations anyway. 0.5B TIES on 2 cores: 16-19 s with one, 13-14 s with two."""
+    """Threads that compute pieces side by side: two on a CPU whose arithmetic runs on one thread (two
+    cores), where a piece's small operations leave the second core idle between them (torch releases the
+    GIL inside each); 0.5B TIES on 2 cores: 16-19 s with one, 12.6-14.5 s with two. One where torch already
+    spreads each operation over several cores (two callers would each start a team of spinning OpenMP
+    workers), and on an accelerator, which queues the operations anyway."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return 2 if device.type == "cpu" and cores >= 2 else 1
+    return 2 if device.type == "cpu" and cores >= 2 and torch.get_num_threads() == 1 else 1
 
 
 class _Workers:
