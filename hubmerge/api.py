@@ -134,7 +134,8 @@ def _weights(
     plan: MergePlan, folders: dict[int, Path]
 ) -> Iterator[tuple[dict[int, Folder], dict[int, RemoteFolder]]]:
     """Where the engine reads each source's weights: its folder, or the Hub by range (streamed sources)."""
-    remote = {key: RemoteFolder(source) for key, source in _streamed(plan).items()}
+    verify = plan.recipe.output.verify_streamed
+    remote = {key: RemoteFolder(source, verify=verify) for key, source in _streamed(plan).items()}
     try:
         yield {**folders, **remote}, remote
     finally:
@@ -289,6 +290,8 @@ def merge(
                 tuple(remote.values()),
             )
             files = written.files
+            for folder in remote.values():
+                folder.finish()  # every streamed byte proven the Hub's before anything is kept or committed
             if uploader is not None and delete_uploaded:
                 uploader.wait()  # a shard TIES rewrote may be going up again, to be deleted after
             gone = uploader.deleted() if uploader is not None else {}
@@ -482,8 +485,10 @@ def inspect(
     )
     compute = _device(device)
     folders = _fetch_all(merge_plan, quiet)
-    with _weights(merge_plan, folders) as (weights, _):
+    with _weights(merge_plan, folders) as (weights, remote):
         document = collect_stats(merge_plan, weights, compute).result()
+        for folder in remote.values():
+            folder.finish()
     directory.mkdir(parents=True, exist_ok=True)
     document = write_stats(document, directory)
     return InspectResult(merge_plan, directory, tuple(stats_files(document)), document)

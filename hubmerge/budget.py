@@ -149,6 +149,7 @@ def plan_disk(
     scratch_bytes: int,
     settle: bool = False,
     delete_uploaded: bool = False,
+    verify: bool = True,
 ) -> DiskPlan:
     """Choose per source between cached and streaming, and the output's shard size, within `budget`.
 
@@ -157,7 +158,8 @@ def plan_disk(
     `memory` is the engine's peak without streaming; `slice_bytes` what one input slice weighs as stored
     (a streamed source holds one being read and one prefetched). `settle`: the method has a `settle` pass,
     run (one read more, no scratch file) when shards are deleted once uploaded; `delete_uploaded` asks for
-    that deletion whether or not the output would fit (with a push). Raises `HubmergeError` with the numbers
+    that deletion whether or not the output would fit (with a push). `verify`: a streamed file is read up to
+    once more, in file order, to prove its sha256 (remote.py), and the network counts it. Raises `HubmergeError` with the numbers
     when even streaming every source leaves the budget too small.
     """
     # Every Hub source's small files go to the cache; the scratch file and the output to the output folder.
@@ -228,7 +230,12 @@ def plan_disk(
             reason = f"{format_size(missing)} does not fit the {format_size(max(room, 0))} left"
             if reads > 1:
                 reason += f"; read {reads} times"
-            costs.append(SourceCost(n.role, "streaming", 0, missing * reads + other, reason))
+            reason += (
+                "; up to once more in file order to prove its sha256"
+                if verify
+                else "; sha256 not checked (verify_streamed = false)"
+            )
+            costs.append(SourceCost(n.role, "streaming", 0, missing * (reads + verify) + other, reason))
     peak_disk = metadata + scratch_bytes + output_disk + sum(c.disk_bytes for c in costs)
     return DiskPlan(
         budget=budget.bytes,

@@ -282,8 +282,10 @@ def lock_data(
         if (folder / f).is_file():
             sha = source.lfs_sha256.get(f) or source_hashes.get(folder / f) or file_sha256(folder / f)
             entry["files"][f] = {"size": (folder / f).stat().st_size, "sha256": sha}
-        else:  # streamed: never on disk, read by range and checked against the Hub's metadata
+        elif entry["verified"] == "sha256":  # streamed: never on disk, every byte read proven (remote.py)
             entry["files"][f] = {"size": source.files[f], "sha256": source.lfs_sha256[f]}
+        else:  # streamed without verification: the Hub's sha256, named as such, never claimed as checked
+            entry["files"][f] = {"size": source.files[f], "hub_sha256": source.lfs_sha256[f]}
     return {
         "hubmerge_version": __version__,
         "torch_version": torch.__version__,

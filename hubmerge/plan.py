@@ -453,6 +453,7 @@ def _disk_plan(
         push=out.repo is not None,
         offline=constants.HF_HUB_OFFLINE,
         reads=_reads(recipe),
+        verify=out.verify_streamed,
         memory=_peak_memory(tensors, compute_dtype, inputs, models, out.stats),
         slice_bytes=_largest_slice(tensors) * stored,
         # TIES's undecided positions (engine._Patches): 8 bytes of position and two values each, for 1 % of

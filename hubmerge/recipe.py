@@ -73,6 +73,8 @@ class OutputSpec:
     max_shard_size: int = 5 * 10**9
     max_disk: int | None = None  # bytes of disk the run may use; None: the free space (budget.py)
     stats: bool = True  # merge diagnostics (diagnostics.py): merge_stats.json and plots in the output
+    # Prove every streamed byte against the Hub's sha256 (remote.py); False: sizes and headers only.
+    verify_streamed: bool = True
 
 
 @dataclass(frozen=True)
@@ -321,6 +323,7 @@ def _build(r: _Reader, tables: Any, text: str, output_dir: str | Path | None) ->
         create_pr=out.create_pr,
         max_shard_size=out.max_shard_size,
         stats=out.stats,
+        verify_streamed=out.verify_streamed,
         max_disk=out.max_disk,
     )
 

@@ -6,12 +6,15 @@ part, not a file. Files already in the local Hugging Face cache are read from it
 
 Every file is checked against the Hub's metadata before its first tensor is used: its safetensors header
 (dtypes, shapes, offsets) must describe exactly the file size the Hub reports and the tensors the plan
-was made from. Bytes are also hashed as long as they arrive in file order; a file read whole that way is
-checked against its LFS sha256, and a mismatch is an error naming the file (`verified` records which).
+was made from. With `verify` (the default, `[output] verify_streamed`), every byte the merge reads is also
+proven to be the Hub's: each read is recorded by its sha256, and `RemoteFolder.finish` reads what did not
+arrive in file order once more to check the file's LFS sha256 (`_FileCheck`), before the output is kept or
+pushed. A mismatch is an error naming the file; `verified` records which files were proven.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import threading
 from collections.abc import Callable
@@ -34,9 +37,13 @@ class RemoteFolder:
     """A Hub source's weight files at its resolved commit, opened as `RangeSource`s (a `checkpoint.Opener`).
 
     `on_bytes` is called with the number of bytes fetched from the network (for progress and measures).
+    `verify`: prove every byte read against the files' LFS sha256 (`finish` must then be called once the
+    merge has read everything); without it only sizes and headers are checked.
     """
 
-    def __init__(self, source: Source, on_bytes: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self, source: Source, on_bytes: Callable[[int], None] | None = None, verify: bool = True
+    ) -> None:
         from huggingface_hub import HfFileSystem
 
         assert source.ref.repo_id is not None and source.sha is not None
@@ -51,17 +58,25 @@ class RemoteFolder:
         # One fetch ahead per open file at most; the engine's own read thread waits on it when it arrives.
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hubmerge-fetch")
         self._open: list[RangeSource] = []
+        self._verify = verify
+        self._checks: dict[str, _FileCheck] = {}  # file -> what was read of it, while `verify`
 
-    def open(self, file: str) -> tuple[RangeSource, int]:
+    def _raw(self, file: str) -> RangeSource:
+        """The file from the local cache when it is there, else from the Hub by range."""
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(self.repo_id, file, revision=self.sha)
-        size = self.source.files.get(file, 0)
-        handle: RangeSource
         if isinstance(cached, str):
-            handle = _Hashed(LocalFile(Path(cached)), self, file)
-        else:
-            handle = _Hashed(_HubFile(self, file, size), self, file)
+            return LocalFile(Path(cached))
+        return _HubFile(self, file, self.source.files.get(file, 0))
+
+    def open(self, file: str) -> tuple[RangeSource, int]:
+        size = self.source.files.get(file, 0)
+        lfs = self.source.lfs_sha256.get(file)
+        check = None
+        if self._verify and lfs is not None:
+            check = self._checks.setdefault(file, _FileCheck(self, file, lfs))
+        handle: RangeSource = _Checked(self._raw(file), check)
         fix = (
             f"the Hub's copy of {self.repo_id}@{self.sha[:12]} is damaged or changed; report it to its owners"
         )
@@ -78,8 +93,21 @@ class RemoteFolder:
         self._open.append(handle)
         return handle, start
 
+    def finish(self) -> None:
+        """Prove every file read so far (see `_FileCheck`): read once more, in file order, what did not
+        arrive in order, and check it. Raises `SourceError` naming the first file that differs."""
+        for file, check in self._checks.items():
+            if check.done:
+                continue
+            source = self._raw(file)
+            try:
+                check.finish(source)
+            finally:
+                source.close()
+            self.verified[file] = "sha256"
+
     def verification(self) -> Verified:
-        """How the weight files were verified: sha256 when every one was read whole, else size+header."""
+        """How the weight files were verified: sha256 when every one was proven by `finish`, else size+header."""
         files = {t.file for t in self.source.tensors.values()}
         return "sha256" if all(self.verified.get(f) == "sha256" for f in files) else "size+header"
 
@@ -161,34 +189,122 @@ class _HubFile:
         self._handle.close()
 
 
-class _Hashed:
-    """A `RangeSource` that hashes the bytes read while they arrive in file order, and checks the file's
-    LFS sha256 once all of it has passed through."""
+class _FileCheck:
+    """What the merge read of one streamed file, checked against the file's LFS sha256.
 
-    def __init__(self, inner: RangeSource, folder: RemoteFolder, file: str) -> None:
-        self.inner = inner
+    sha256 only hashes bytes in file order, and the engine reads tensors in layer order, which a safetensors
+    file (names sorted as text: `layers.10` before `layers.2`) does not follow. So every read is recorded
+    by its own sha256 (two reads of the same range must agree), reads that arrive in file order also feed
+    the file's digest, and `finish` reads the rest of the file once more in order: the file's digest must
+    equal the Hub's, and each recorded read must equal the bytes at its place. Every byte the merge used is
+    then proven to be the Hub's; the price is a second read of the part not read in order.
+    """
+
+    def __init__(self, folder: RemoteFolder, file: str, expected: str) -> None:
         self.folder = folder
         self.file = file
+        self.expected = expected
+        self.name = f"{folder.repo_id}@{folder.sha[:12]}/{file}"
+        self._lock = threading.Lock()
+        self._digest = hashlib.sha256()
+        self._cursor = 0  # bytes [0, cursor) are in `_digest`
+        self._reads: dict[tuple[int, int], bytes] = {}  # (offset, length) -> sha256 of the bytes read
+        self._starts: list[int] = []  # sorted read offsets, to find overlaps
+        self._ends: dict[int, int] = {}  # read offset -> the furthest end of a read starting there
+        self._in_order: set[tuple[int, int]] = set()  # the reads that fed `_digest`
+        self._overlap = False  # reads that overlap without being the same range: prove from byte 0
+        self.done = False
+
+    def record(self, offset: int, view: memoryview) -> None:
+        key = (offset, len(view))
+        digest = hashlib.sha256(view).digest()
+        with self._lock:
+            seen = self._reads.get(key)
+            if seen is not None:
+                if seen != digest:
+                    raise self._changed(offset, len(view))
+            else:
+                self._note_overlap(offset, len(view))
+                self._reads[key] = digest
+            if offset == self._cursor and key not in self._in_order:
+                self._digest.update(view)
+                self._cursor += len(view)
+                self._in_order.add(key)
+
+    def _note_overlap(self, offset: int, n: int) -> None:
+        i = bisect.bisect_left(self._starts, offset)
+        if i > 0:
+            before = self._starts[i - 1]
+            if self._ends[before] > offset:
+                self._overlap = True
+        if i < len(self._starts) and self._starts[i] < offset + n:
+            self._overlap = True  # a read starting inside this one, or at the same byte with another length
+        if i == len(self._starts) or self._starts[i] != offset:
+            self._starts.insert(i, offset)
+        self._ends[offset] = max(self._ends.get(offset, 0), offset + n)
+
+    def finish(self, source: RangeSource) -> int:
+        """Read what is not proven yet from `source` (a fresh handle on the same file) in file order and
+        check it; returns the bytes read. Raises `SourceError` naming the file on any difference."""
+        if self._overlap:
+            start, digest = 0, hashlib.sha256()
+            pending = sorted(self._reads)
+        else:
+            start, digest = self._cursor, self._digest.copy()
+            pending = sorted(k for k in self._reads if k not in self._in_order)
+        size = source.size
+        buffer = bytearray(min(_PART, max(size - start, 0)))
+        active: list[tuple[int, int, Any]] = []  # (offset, length, running sha256) of reads being re-hashed
+        i = 0
+        for part in range(start, size, _PART):
+            n = min(_PART, size - part)
+            view = memoryview(buffer)[:n]
+            source.readinto(part, view)
+            if part + n < size:
+                source.prefetch(part + n, min(_PART, size - part - n))
+            digest.update(view)
+            while i < len(pending) and pending[i][0] < part + n:
+                active.append((*pending[i], hashlib.sha256()))
+                i += 1
+            still = []
+            for offset, length, running in active:
+                lo, hi = max(offset, part), min(offset + length, part + n)
+                running.update(view[lo - part : hi - part])
+                if offset + length > part + n:
+                    still.append((offset, length, running))
+                elif running.digest() != self._reads[(offset, length)]:
+                    raise self._changed(offset, length)
+            active = still
+        if digest.hexdigest() != self.expected:
+            raise SourceError(
+                f"{self.folder.source.label}: {self.name}: its sha256 is {digest.hexdigest()} but the Hub lists "
+                f"{self.expected}; the bytes were damaged on the way or on the Hub; run again, and report it to "
+                "the repo's owners if it persists"
+            )
+        self.done = True
+        return size - start
+
+    def _changed(self, offset: int, n: int) -> SourceError:
+        return SourceError(
+            f"{self.folder.source.label}: {self.name}: bytes {offset}-{offset + n - 1} differ between two reads "
+            f"of the same commit, so the Hub or the network changed them; run again, and report it to the "
+            "repo's owners if it persists"
+        )
+
+
+class _Checked:
+    """A `RangeSource` whose every read is recorded by the file's `_FileCheck`."""
+
+    def __init__(self, inner: RangeSource, check: _FileCheck | None) -> None:
+        self.inner = inner
+        self.check = check
         self.name = inner.name
         self.size = inner.size
-        self.expected = folder.source.lfs_sha256.get(file)
-        self._digest = hashlib.sha256()
-        self._hashed = 0
 
     def readinto(self, offset: int, view: memoryview) -> None:
         self.inner.readinto(offset, view)
-        if self.expected is None or not offset <= self._hashed < offset + len(view):
-            return
-        self._digest.update(view[self._hashed - offset :])
-        self._hashed = offset + len(view)
-        if self._hashed == self.size:
-            if self._digest.hexdigest() != self.expected:
-                raise SourceError(
-                    f"{self.folder.source.label}: {self.name}: its sha256 is {self._digest.hexdigest()} but the "
-                    f"Hub lists {self.expected}; the bytes were damaged on the way or on the Hub; run again, and "
-                    "report it to the repo's owners if it persists"
-                )
-            self.folder.verified[self.file] = "sha256"
+        if self.check is not None:
+            self.check.record(offset, view)
 
     def prefetch(self, offset: int, n: int) -> None:
         self.inner.prefetch(offset, n)

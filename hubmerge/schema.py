@@ -221,6 +221,11 @@ class OutputTable(_Table):
     )
     max_disk: _Size | None = Field(None, description='the most disk the output may take, e.g. "20GB"')
     stats: bool = Field(True, description="merge diagnostics: merge_stats.json and plots (false: off)")
+    verify_streamed: bool = Field(
+        True,
+        description="prove every byte read from a streamed source against the Hub's sha256 (costs up to one "
+        "more read of each streamed file); false: sizes and headers only, recorded in the lock",
+    )
 
 
 class CardTable(_Table):

@@ -307,6 +307,8 @@ class LocalHub:
         self._pending_uploads: dict[str, tuple[str, int]] = {}  # capability -> (sha256, size)
         self._faults: list[_Fault] = []
         self._holds: list[Hold] = []
+        # (repo id, path) -> what a byte-range answer carries instead of the stored bytes (`tamper`).
+        self._tampers: dict[tuple[str, str], Callable[[int, int, bytes], bytes]] = {}
         self._commit_counter = itertools.count()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -513,6 +515,13 @@ class LocalHub:
         with self._lock:
             self._holds.append(hold)
         return hold
+
+    def tamper(self, repo_id: str, path: str, answer: Callable[[int, int, bytes], bytes]) -> None:
+        """Answer every byte-range GET of `path` in `repo_id` with `answer(start, end, content)` (end
+        inclusive) instead of `content[start : end + 1]`, keeping the status, headers and length: a Hub whose
+        ranges lie while its metadata (sizes, LFS sha256, whole downloads) stays right."""
+        with self._lock:
+            self._tampers[(repo_id, path)] = answer
 
     def _take_hold(
         self, method: str, target: str, ranged: bool, range_header: str | None = None
@@ -908,6 +917,12 @@ class LocalHub:
             return _Response(200, content, headers)
         start, end = byte_range
         headers["Content-Range"] = f"bytes {start}-{end}/{len(content)}"
+        with self._lock:
+            answer = self._tampers.get((repo_id, path))
+        if answer is not None and req.method == "GET":
+            lie = answer(start, end, content)
+            assert len(lie) == end + 1 - start, "a tampered answer keeps the length"
+            return _Response(206, lie, headers)
         return _Response(206, content[start : end + 1], headers)
 
     # ------------------------------------------------------------------ upload routes
