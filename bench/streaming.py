@@ -3,7 +3,10 @@
 For each method it runs the same recipe twice, each time with an empty Hugging Face cache:
   * **cached**: disk to spare, so every source is downloaded whole into the cache, then merged;
   * **streaming**: `--max-disk` holds the output and the metadata but not one source, so every source is read
-    by HTTP range (`remote.py`) and nothing of it is written to disk.
+    by HTTP range (`remote.py`) and nothing of it is written to disk; every byte read is proven against the
+    Hub's sha256, which reads what did not arrive in file order once more (the default);
+  * **unverified**: the same with `[output] verify_streamed = false` (sizes and headers only): what the proof
+    costs is the difference between these two rows.
 The Hub is tests/hubserver.py in this process, serving the checkpoints of `make_checkpoints.py` from disk
 (`hubserver.DiskFile`, real sha256), so the sources cost no memory here. Measured per run: wall time, the
 child's peak RSS (`os.wait4`), peak disk (bytes under the run's folder: HF_HOME, output and staging, polled
@@ -56,10 +59,11 @@ def _serve(hub: LocalHub, models: Path) -> None:
         hub.commit(repo, files, "Upload model")
 
 
-def _recipe(method: str) -> str:
+def _recipe(method: str, verify: bool = True) -> str:
     base = "" if method == "simple_average" else 'base = "Qwen/bench-base"\n'
     models = ", ".join(f'"Qwen/bench-{m}"' for m in FINE_TUNES)
-    return f'method = "{method}"\n{base}models = [{models}]\ndtype = "bfloat16"\n{PARAMETERS[method]}'
+    output = "" if verify else "[output]\nverify_streamed = false\n"
+    return f'method = "{method}"\n{base}models = [{models}]\ndtype = "bfloat16"\n{PARAMETERS[method]}{output}'
 
 
 def _used(paths: list[Path]) -> int:
@@ -119,12 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         _serve(hub, models)
         for method in args.methods.split(","):
             outputs = {}
-            for mode in ("cached", "streaming"):
+            for mode in ("cached", "streaming", "unverified"):
                 run = scratch / f"{method}-{mode}"
                 shutil.rmtree(run, ignore_errors=True)
                 run.mkdir(parents=True)
                 recipe = run / "recipe.toml"
-                recipe.write_text(_recipe(method))
+                recipe.write_text(_recipe(method, verify=mode != "unverified"))
                 env = {
                     **os.environ,
                     "HF_ENDPOINT": hub.url,
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                     "NO_PROXY": "127.0.0.1,localhost",
                     "PYTHONPATH": str(ROOT),
                 }
-                extra = ["--max-disk", str(budget)] if mode == "streaming" else []
+                extra = ["--max-disk", str(budget)] if mode != "cached" else []
                 out = run / "out"
                 planned = subprocess.run(
                     [
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(rows[-1], flush=True)
                 shutil.rmtree(run / "hf_home")
-            same = outputs["cached"] == outputs["streaming"]
+            same = outputs["cached"] == outputs["streaming"] == outputs["unverified"]
             rows.append(
                 f"| {method} | outputs | {'byte for byte the same' if same else 'DIFFERENT'} | | | | | | |"
             )

@@ -51,7 +51,7 @@ from .plan import MergePlan, build_plan
 from .publish import ShardUploader, check_push_access
 from .publish import push as publish
 from .recipe import EvalSpec, load_recipe
-from .remote import RemoteFolder
+from .remote import RemoteFolder, prove_all
 from .sanity import SanityReport
 from .sources import TOKENIZER_FILES, Source, fetch
 
@@ -290,8 +290,7 @@ def merge(
                 tuple(remote.values()),
             )
             files = written.files
-            for folder in remote.values():
-                folder.finish()  # every streamed byte proven the Hub's before anything is kept or committed
+            prove_all(remote.values())  # every streamed byte proven the Hub's before anything is kept or pushed
             if uploader is not None and delete_uploaded:
                 uploader.wait()  # a shard TIES rewrote may be going up again, to be deleted after
             gone = uploader.deleted() if uploader is not None else {}
@@ -487,8 +486,7 @@ def inspect(
     folders = _fetch_all(merge_plan, quiet)
     with _weights(merge_plan, folders) as (weights, remote):
         document = collect_stats(merge_plan, weights, compute).result()
-        for folder in remote.values():
-            folder.finish()
+        prove_all(remote.values())
     directory.mkdir(parents=True, exist_ok=True)
     document = write_stats(document, directory)
     return InspectResult(merge_plan, directory, tuple(stats_files(document)), document)

@@ -7,7 +7,7 @@ part, not a file. Files already in the local Hugging Face cache are read from it
 Every file is checked against the Hub's metadata before its first tensor is used: its safetensors header
 (dtypes, shapes, offsets) must describe exactly the file size the Hub reports and the tensors the plan
 was made from. With `verify` (the default, `[output] verify_streamed`), every byte the merge reads is also
-proven to be the Hub's: each read is recorded by its sha256, and `RemoteFolder.finish` reads what did not
+proven to be the Hub's: each read is recorded by its sha256, and `prove_all` reads what did not
 arrive in file order once more to check the file's LFS sha256 (`_FileCheck`), before the output is kept or
 pushed. A mismatch is an error naming the file; `verified` records which files were proven.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +26,7 @@ from .checkpoint import LocalFile, RangeSource, header_of, header_tensors
 from .errors import SourceError
 from .sources import Source, hub_errors
 
-__all__ = ["RemoteFolder", "Verified"]
+__all__ = ["RemoteFolder", "Verified", "prove_all"]
 
 Verified = Literal["sha256", "size+header"]
 _PART = 16 * 2**20  # bytes per range request
@@ -37,7 +37,7 @@ class RemoteFolder:
     """A Hub source's weight files at its resolved commit, opened as `RangeSource`s (a `checkpoint.Opener`).
 
     `on_bytes` is called with the number of bytes fetched from the network (for progress and measures).
-    `verify`: prove every byte read against the files' LFS sha256 (`finish` must then be called once the
+    `verify`: prove every byte read against the files' LFS sha256 (`prove_all` must then be called once the
     merge has read everything); without it only sizes and headers are checked.
     """
 
@@ -93,21 +93,22 @@ class RemoteFolder:
         self._open.append(handle)
         return handle, start
 
-    def finish(self) -> None:
-        """Prove every file read so far (see `_FileCheck`): read once more, in file order, what did not
-        arrive in order, and check it. Raises `SourceError` naming the first file that differs."""
-        for file, check in self._checks.items():
-            if check.done:
-                continue
-            source = self._raw(file)
-            try:
-                check.finish(source)
-            finally:
-                source.close()
-            self.verified[file] = "sha256"
+    def unproven(self) -> list[str]:
+        """The files read so far whose bytes `prove` has not checked yet."""
+        return [file for file, check in self._checks.items() if not check.done]
+
+    def prove(self, file: str) -> None:
+        """Prove what the merge read of `file` (see `_FileCheck`): read once more, in file order, what did
+        not arrive in order, and check it; raises `SourceError` naming the file on any difference."""
+        source = self._raw(file)
+        try:
+            self._checks[file].finish(source)
+        finally:
+            source.close()
+        self.verified[file] = "sha256"
 
     def verification(self) -> Verified:
-        """How the weight files were verified: sha256 when every one was proven by `finish`, else size+header."""
+        """How the weight files were verified: sha256 when every one was proven by `prove`, else size+header."""
         files = {t.file for t in self.source.tensors.values()}
         return "sha256" if all(self.verified.get(f) == "sha256" for f in files) else "size+header"
 
@@ -119,6 +120,17 @@ class RemoteFolder:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def prove_all(folders: Iterable[RemoteFolder], workers: int = 4) -> None:
+    """Prove every file the merge read from `folders` (`RemoteFolder.prove`), a few files at a time: each is
+    a sequential read whose hashing releases the GIL, so files overlap their network waits and hashing."""
+    jobs = [(folder, file) for folder in folders for file in folder.unproven()]
+    if not jobs:
+        return
+    with ThreadPoolExecutor(max_workers=min(workers, len(jobs)), thread_name_prefix="hubmerge-prove") as pool:
+        for _ in pool.map(lambda job: job[0].prove(job[1]), jobs):
+            pass
 
 
 class _HubFile:
@@ -198,6 +210,8 @@ class _FileCheck:
     the file's digest, and `finish` reads the rest of the file once more in order: the file's digest must
     equal the Hub's, and each recorded read must equal the bytes at its place. Every byte the merge used is
     then proven to be the Hub's; the price is a second read of the part not read in order.
+
+    Called from the engine's read threads (`record`) and then from one prove thread (`finish`).
     """
 
     def __init__(self, folder: RemoteFolder, file: str, expected: str) -> None:
