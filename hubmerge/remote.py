@@ -205,13 +205,15 @@ class _FileCheck:
     """What the merge read of one streamed file, checked against the file's LFS sha256.
 
     sha256 only hashes bytes in file order, and the engine reads tensors in layer order, which a safetensors
-    file (names sorted as text: `layers.10` before `layers.2`) does not follow. So every read is recorded
-    by its own sha256 (two reads of the same range must agree), reads that arrive in file order also feed
-    the file's digest, and `finish` reads the rest of the file once more in order: the file's digest must
-    equal the Hub's, and each recorded read must equal the bytes at its place. Every byte the merge used is
-    then proven to be the Hub's; the price is a second read of the part not read in order.
+    file (names sorted as text: `layers.10` before `layers.2`) does not follow. So every read is recorded by
+    its own sha256 (two reads of the same range must agree), and the file's bytes are hashed as one stream in
+    file order: fed by the reads that arrive at its end, then, in `finish`, by reading the rest of the file
+    once more. A recorded read is checked against the stream when the stream passes over it; the stream's
+    digest must equal the Hub's. Every byte the merge used is then proven to be the Hub's; the price is a
+    second read of the part that did not arrive in order (all of it when a read landed behind the stream
+    with another range than the one that fed it, as TIES's samples may: the stream then starts again).
 
-    Called from the engine's read threads (`record`) and then from one prove thread (`finish`).
+    Called from the engine's read threads (`record`), then from one prove thread (`finish`).
     """
 
     def __init__(self, folder: RemoteFolder, file: str, expected: str) -> None:
@@ -220,83 +222,72 @@ class _FileCheck:
         self.expected = expected
         self.name = f"{folder.repo_id}@{folder.sha[:12]}/{file}"
         self._lock = threading.Lock()
+        self._reads: dict[tuple[int, int], bytes] = {}  # (offset, length) -> sha256 of the bytes read
+        self._behind = False  # a read landed inside the streamed part with another range: stream again
+        self._restart()
+        self.done = False
+
+    def _restart(self) -> None:
         self._digest = hashlib.sha256()
         self._cursor = 0  # bytes [0, cursor) are in `_digest`
-        self._reads: dict[tuple[int, int], bytes] = {}  # (offset, length) -> sha256 of the bytes read
-        self._starts: list[int] = []  # sorted read offsets, to find overlaps
-        self._ends: dict[int, int] = {}  # read offset -> the furthest end of a read starting there
-        self._in_order: set[tuple[int, int]] = set()  # the reads that fed `_digest`
-        self._overlap = False  # reads that overlap without being the same range: prove from byte 0
-        self.done = False
+        self._waiting: list[tuple[int, int]] = sorted(self._reads)  # reads ahead of the stream
+        self._active: list[tuple[int, int, Any]] = []  # reads the stream is passing over, with their sha256
 
     def record(self, offset: int, view: memoryview) -> None:
         key = (offset, len(view))
         digest = hashlib.sha256(view).digest()
         with self._lock:
             seen = self._reads.get(key)
-            if seen is not None:
-                if seen != digest:
-                    raise self._changed(offset, len(view))
-            else:
-                self._note_overlap(offset, len(view))
-                self._reads[key] = digest
-            if offset == self._cursor and key not in self._in_order:
-                self._digest.update(view)
-                self._cursor += len(view)
-                self._in_order.add(key)
+            if seen is not None and seen != digest:
+                raise self._changed(*key)
+            self._reads[key] = digest
+            if offset == self._cursor:
+                self._stream(view)  # the read itself is proven with the stream: nothing to wait for
+            elif seen is None and offset > self._cursor:
+                bisect.insort(self._waiting, key)
+            elif seen is None:
+                self._behind = True
 
-    def _note_overlap(self, offset: int, n: int) -> None:
-        i = bisect.bisect_left(self._starts, offset)
-        if i > 0:
-            before = self._starts[i - 1]
-            if self._ends[before] > offset:
-                self._overlap = True
-        if i < len(self._starts) and self._starts[i] < offset + n:
-            self._overlap = True  # a read starting inside this one, or at the same byte with another length
-        if i == len(self._starts) or self._starts[i] != offset:
-            self._starts.insert(i, offset)
-        self._ends[offset] = max(self._ends.get(offset, 0), offset + n)
+    def _stream(self, view: memoryview) -> None:
+        """Hash `view`, the file's bytes at the cursor, and check the recorded reads it covers."""
+        start, end = self._cursor, self._cursor + len(view)
+        self._digest.update(view)
+        taken = bisect.bisect_left(self._waiting, (end, 0))
+        self._active += [(o, n, hashlib.sha256()) for o, n in self._waiting[:taken]]
+        del self._waiting[:taken]
+        still = []
+        for offset, length, running in self._active:
+            running.update(view[max(offset, start) - start : min(offset + length, end) - start])
+            if offset + length > end:
+                still.append((offset, length, running))
+            elif running.digest() != self._reads[(offset, length)]:
+                raise self._changed(offset, length)
+        self._active = still
+        self._cursor = end
 
     def finish(self, source: RangeSource) -> int:
-        """Read what is not proven yet from `source` (a fresh handle on the same file) in file order and
-        check it; returns the bytes read. Raises `SourceError` naming the file on any difference."""
-        if self._overlap:
-            start, digest = 0, hashlib.sha256()
-            pending = sorted(self._reads)
-        else:
-            start, digest = self._cursor, self._digest.copy()
-            pending = sorted(k for k in self._reads if k not in self._in_order)
-        size = source.size
-        buffer = bytearray(min(_PART, max(size - start, 0)))
-        active: list[tuple[int, int, Any]] = []  # (offset, length, running sha256) of reads being re-hashed
-        i = 0
-        for part in range(start, size, _PART):
-            n = min(_PART, size - part)
-            view = memoryview(buffer)[:n]
-            source.readinto(part, view)
-            if part + n < size:
-                source.prefetch(part + n, min(_PART, size - part - n))
-            digest.update(view)
-            while i < len(pending) and pending[i][0] < part + n:
-                active.append((*pending[i], hashlib.sha256()))
-                i += 1
-            still = []
-            for offset, length, running in active:
-                lo, hi = max(offset, part), min(offset + length, part + n)
-                running.update(view[lo - part : hi - part])
-                if offset + length > part + n:
-                    still.append((offset, length, running))
-                elif running.digest() != self._reads[(offset, length)]:
-                    raise self._changed(offset, length)
-            active = still
-        if digest.hexdigest() != self.expected:
-            raise SourceError(
-                f"{self.folder.source.label}: {self.name}: its sha256 is {digest.hexdigest()} but the Hub lists "
-                f"{self.expected}; the bytes were damaged on the way or on the Hub; run again, and report it to "
-                "the repo's owners if it persists"
-            )
-        self.done = True
-        return size - start
+        """Stream the rest of the file from `source` (a fresh handle on it), check it; returns the bytes
+        read. Raises `SourceError` naming the file on any difference."""
+        with self._lock:
+            if self._behind:
+                self._restart()
+            start = self._cursor
+            buffer = bytearray(min(_PART, max(source.size - start, 0)))
+            for part in range(start, source.size, _PART):
+                n = min(_PART, source.size - part)
+                view = memoryview(buffer)[:n]
+                source.readinto(part, view)
+                if part + n < source.size:
+                    source.prefetch(part + n, min(_PART, source.size - part - n))
+                self._stream(view)
+            if self._digest.hexdigest() != self.expected:
+                raise SourceError(
+                    f"{self.folder.source.label}: {self.name}: its sha256 is {self._digest.hexdigest()} but the "
+                    f"Hub lists {self.expected}; the bytes were damaged on the way or on the Hub; run again, and "
+                    "report it to the repo's owners if it persists"
+                )
+            self.done = True
+            return source.size - start
 
     def _changed(self, offset: int, n: int) -> SourceError:
         return SourceError(

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import struct
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import safetensors.torch
@@ -23,6 +25,9 @@ import torch
 from conftest import random_state_dict, run_cli, write_checkpoint
 from hubserver import LocalHub
 from test_hub import TOKEN, hub_env
+
+from hubmerge import remote
+from hubmerge.errors import SourceError
 
 LAYERS = 12
 VOCAB = 1024
@@ -198,3 +203,86 @@ def test_without_verification_the_lock_records_the_hubs_sha256_as_unchecked(
     for source in lock["sources"]:
         assert source["verified"] == "size+header"
         assert "sha256" not in source["files"][FILE] and len(source["files"][FILE]["hub_sha256"]) == 64
+
+
+# --- the proof itself, in process: any read order, any overlap -----------------------------------------------
+
+
+class _Bytes:
+    """A `RangeSource` over bytes in memory that counts what it serves."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.name, self.size, self.served = data, "mem", len(data), 0
+
+    def readinto(self, offset: int, view: memoryview) -> None:
+        view[:] = self.data[offset : offset + len(view)]
+        self.served += len(view)
+
+    def prefetch(self, offset: int, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _check(data: bytes) -> remote._FileCheck:
+    folder = SimpleNamespace(repo_id="Qwen/x", sha="0" * 40, source=SimpleNamespace(label="models[0] (Qwen/x)"))
+    return remote._FileCheck(folder, FILE, hashlib.sha256(data).hexdigest())  # type: ignore[arg-type]
+
+
+def _read(check: remote._FileCheck, data: bytes, offset: int, n: int) -> None:
+    check.record(offset, memoryview(data[offset : offset + n]))
+
+
+DATA = bytes(random.Random(0).randbytes(10_000))
+CHUNKS = [(i, 1000) for i in range(0, 10_000, 1000)]
+
+
+@pytest.mark.parametrize(
+    ("order", "reread"),
+    [
+        (CHUNKS, 0),  # in file order: nothing read again
+        (CHUNKS[:3] + CHUNKS[5:] + CHUNKS[3:5], 5000),  # a gap filled late: what follows it is read again
+        (CHUNKS[::-1], 9000),  # only the first chunk arrived at the stream's end
+        # samples first (TIES), inside later reads: checked as the stream passes them
+        ([(2500, 10), (7100, 300), *CHUNKS[:4], *CHUNKS[6:], *CHUNKS[4:6]], 4000),
+        # a sample behind the stream, another range than the one that fed it: stream again from byte 0
+        ([*CHUNKS[:4], (1500, 20), *CHUNKS[4:]], 10_000),
+        # the same ranges read again in a later pass, out of order
+        (CHUNKS + CHUNKS[::-1], 0),
+    ],
+)
+def test_reads_in_any_order_are_proven_by_reading_again_only_what_did_not_arrive_in_order(
+    order: list[tuple[int, int]], reread: int
+) -> None:
+    check = _check(DATA)
+    for offset, n in order:
+        _read(check, DATA, offset, n)
+    source = _Bytes(DATA)
+    assert check.finish(source) == reread == source.served
+
+
+def test_a_read_whose_bytes_are_not_the_files_is_refused_naming_it() -> None:
+    lie = bytearray(DATA)
+    lie[7200] ^= 1
+    check = _check(DATA)
+    for offset, n in CHUNKS[:3] + CHUNKS[5:] + CHUNKS[3:5]:  # chunk 7 was read (wrongly) out of order
+        _read(check, bytes(lie), offset, n)
+    with pytest.raises(SourceError, match=r"Qwen/x@000000000000/model\.safetensors: bytes 7000-7999 differ"):
+        check.finish(_Bytes(DATA))
+
+
+def test_a_lie_read_in_file_order_fails_the_files_sha256() -> None:
+    lie = bytes(DATA[:-1]) + b"\0"
+    check = _check(DATA)
+    for offset, n in CHUNKS:
+        _read(check, lie, offset, n)
+    with pytest.raises(SourceError, match=r"its sha256 is .* but the Hub lists"):
+        check.finish(_Bytes(lie))
+
+
+def test_two_reads_of_one_range_that_differ_are_refused_at_once() -> None:
+    check = _check(DATA)
+    _read(check, DATA, 5000, 100)
+    with pytest.raises(SourceError, match="bytes 5000-5099 differ between two reads"):
+        _read(check, bytes(10_000), 5000, 100)
