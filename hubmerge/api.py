@@ -533,7 +533,9 @@ def _sanity_check(
     for role in plan.roles:
         source = role.source
         if role.kind != "tokenizer" and id(source) not in sources:
-            sources[id(source)] = Checkpoint(role.ref.text, weights[id(source)], source.config, source.tensors)
+            sources[id(source)] = Checkpoint(
+                role.ref.text, weights[id(source)], source.config, source.tensors
+            )
     streamed = [w for w in weights.values() if isinstance(w, RemoteFolder)]
     fetched = sum(w.fetched for w in streamed)
     report = check(folder, list(sources.values()), device)

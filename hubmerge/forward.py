@@ -16,6 +16,7 @@ raise `Unrunnable` with the reason in one line.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,6 +32,7 @@ from .checkpoint import Folder, TensorInfo, TensorReader, index_folder
 __all__ = ["CHUNK_BYTES", "Checkpoint", "Losses", "Qwen2Shape", "Unrunnable", "token_losses"]
 
 CHUNK_BYTES = 64 * 2**20  # float32 bytes of one weight chunk (and of one chunk of logits' weights)
+_GAP_BYTES = 2**20  # embedding rows closer than this (stored bytes) are read in one span
 
 
 class Unrunnable(Exception):
@@ -95,15 +97,22 @@ class Qwen2Shape:
                 **_rope(config),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise Unrunnable(f"config.json is not a complete Qwen2 config ({type(exc).__name__}: {exc})") from None
+            raise Unrunnable(
+                f"config.json is not a complete Qwen2 config ({type(exc).__name__}: {exc})"
+            ) from None
         if heads % kv_heads or shape.head_dim % 2:
-            raise Unrunnable(f"{heads} attention heads over {kv_heads} key-value heads of {shape.head_dim} dims")
+            raise Unrunnable(
+                f"{heads} attention heads over {kv_heads} key-value heads of {shape.head_dim} dims"
+            )
         return shape
 
     def expected(self) -> dict[str, tuple[int, ...]]:
         """Every tensor the pass reads, with its shape."""
         h, q, kv = self.hidden_size, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab_size, h), "model.norm.weight": (h,)}
+        shapes: dict[str, tuple[int, ...]] = {
+            "model.embed_tokens.weight": (self.vocab_size, h),
+            "model.norm.weight": (h,),
+        }
         for i in range(self.layers):
             p = f"model.layers.{i}."
             shapes |= {
@@ -164,7 +173,9 @@ class _Weights:
     """A checkpoint's tensors, read a row chunk at a time as float32 on `device`, each checked against its
     expected shape; with `check_finite`, every chunk read is also checked for inf and NaN."""
 
-    def __init__(self, checkpoint: Checkpoint, shape: Qwen2Shape, device: torch.device, check_finite: bool) -> None:
+    def __init__(
+        self, checkpoint: Checkpoint, shape: Qwen2Shape, device: torch.device, check_finite: bool
+    ) -> None:
         self.checkpoint = checkpoint
         self.device = device
         self.check_finite = check_finite
@@ -175,7 +186,9 @@ class _Weights:
             if info is None:
                 raise Unrunnable(f"{checkpoint.label} has no tensor {name}")
             if info.shape != expected:
-                raise Unrunnable(f"{checkpoint.label}: {name} has shape {list(info.shape)}, its config says {list(expected)}")
+                raise Unrunnable(
+                    f"{checkpoint.label}: {name} has shape {list(info.shape)}, its config says {list(expected)}"
+                )
         self.reader = TensorReader(checkpoint.folder)
 
     def _read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -200,11 +213,27 @@ class _Weights:
         return self._read(self.checkpoint.tensors[name])
 
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
-        """The rows `ids` of a tensor (the embedding of tokens), each distinct row read once."""
+        """The rows `ids` of a tensor (the embedding of tokens). Distinct rows closer than `_GAP_BYTES` are
+        read together, in spans of at most `CHUNK_BYTES` as float32: one request each for a streamed source."""
         info = self.checkpoint.tensors[name]
+        stored_row, row = info.nbytes // info.shape[0], math.prod(info.shape[1:]) * 4
         distinct, where = torch.unique(ids, return_inverse=True)
-        read = torch.stack([self._read(info, (i, i + 1))[0] for i in distinct.tolist()])
-        return read[where.to(self.device)]
+        spans: list[list[int]] = []
+        for i in distinct.tolist():
+            if (
+                spans
+                and (i - spans[-1][-1]) * stored_row <= _GAP_BYTES
+                and (i + 1 - spans[-1][0]) * row <= CHUNK_BYTES
+            ):
+                spans[-1].append(i)
+            else:
+                spans.append([i])
+        parts = []
+        for span in spans:
+            read = self._read(info, (span[0], span[-1] + 1))
+            parts.append(read[torch.tensor(span, device=self.device) - span[0]])
+            del read
+        return torch.cat(parts)[where.to(self.device)]
 
     def linear(self, x: torch.Tensor, name: str, bias: bool = False) -> torch.Tensor:
         """x @ W.T (+ b), W read a chunk of output features at a time."""
@@ -252,17 +281,19 @@ def token_losses(
     device = device or torch.device("cpu")
     longest = max((len(s) for s in sequences), default=0)
     if longest > shape.max_length:
-        raise Unrunnable(f"a text of {longest} tokens is longer than the {shape.max_length} this pass computes exactly")
+        raise Unrunnable(
+            f"a text of {longest} tokens is longer than the {shape.max_length} this pass computes exactly"
+        )
     if any(len(s) < 2 for s in sequences):
         raise ValueError("every sequence needs at least two tokens (one to predict)")
+    weights = _Weights(checkpoint, shape, device, check_finite)
     ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long)
-    if len(ids) and not 0 <= int(ids.min()) <= int(ids.max()) < shape.vocab_size:
+    if not 0 <= int(ids.min()) <= int(ids.max()) < shape.vocab_size:
         raise Unrunnable(f"the tokenizer gives ids outside the model's vocabulary of {shape.vocab_size}")
     bounds = [0]
     for s in sequences:
         bounds.append(bounds[-1] + len(s))
-    segments = list(zip(bounds, bounds[1:]))
-    weights = _Weights(checkpoint, shape, device, check_finite)
+    segments = list(itertools.pairwise(bounds))
     try:
         nll = _forward(weights, shape, ids.to(device), segments)
         if check_finite:
@@ -274,7 +305,9 @@ def token_losses(
     return Losses(per_sequence, nonfinite)
 
 
-def _forward(w: _Weights, shape: Qwen2Shape, ids: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
+def _forward(
+    w: _Weights, shape: Qwen2Shape, ids: torch.Tensor, segments: list[tuple[int, int]]
+) -> torch.Tensor:
     """The loss of every token but the first of each segment, in order."""
     device, eps, hd = ids.device, shape.rms_norm_eps, shape.head_dim
     positions = torch.cat([torch.arange(b - a, device=device) for a, b in segments]).float()

@@ -104,7 +104,10 @@ def _tokenize(folder: Path, texts: Mapping[str, Sequence[str]]) -> dict[str, lis
 
 
 def _domain_losses(
-    checkpoint: Checkpoint, ids: Mapping[str, list[list[int]]], device: torch.device, check_finite: bool = False
+    checkpoint: Checkpoint,
+    ids: Mapping[str, list[list[int]]],
+    device: torch.device,
+    check_finite: bool = False,
 ) -> tuple[dict[str, float], tuple[str, ...]]:
     """The mean loss per predicted token of each domain, all texts in one pass; and the non-finite tensors."""
     import torch
@@ -130,7 +133,9 @@ def check(output: Path, sources: Sequence[Checkpoint], device: torch.device | No
     try:
         return _check(output, sources, device or torch.device("cpu"))
     except Exception as exc:  # an optional check never turns a good merge into a failure
-        return SanityReport(skipped=f"the check stopped on an unexpected error ({type(exc).__name__}: {exc}); please report it")
+        return SanityReport(
+            skipped=f"the check stopped on an unexpected error ({type(exc).__name__}: {exc}); please report it"
+        )
 
 
 def _check(output: Path, sources: Sequence[Checkpoint], device: torch.device) -> SanityReport:

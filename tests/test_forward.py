@@ -42,7 +42,9 @@ def _transformers_losses(folder: Path, sequences: list[list[int]]) -> list[torch
     with torch.no_grad():
         return [
             torch.nn.functional.cross_entropy(
-                model(input_ids=torch.tensor([s])).logits[0, :-1].float(), torch.tensor(s[1:]), reduction="none"
+                model(input_ids=torch.tensor([s])).logits[0, :-1].float(),
+                torch.tensor(s[1:]),
+                reduction="none",
             )
             for s in sequences
         ]
@@ -64,12 +66,22 @@ def _largest_difference(ours: tuple[torch.Tensor, ...], reference: list[torch.Te
         (True, torch.float32, 1, {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
         (False, torch.float32, 1, {"rope_theta": 10000.0, "head_dim": 8}),
     ],
-    ids=["tied", "untied-sharded", "bf16-tied-sharded", "bf16-untied", "rope-linear", "rope-dynamic", "theta-1e4"],
+    ids=[
+        "tied",
+        "untied-sharded",
+        "bf16-tied-sharded",
+        "bf16-untied",
+        "rope-linear",
+        "rope-dynamic",
+        "theta-1e4",
+    ],
 )
 def test_loss_per_token_equals_transformers_float32_forward_pass(
     tmp_path: Path, head: bool, dtype: torch.dtype, shards: int, config: dict[str, Any]
 ) -> None:
-    folder = write_checkpoint(tmp_path / "m", _sharp_state_dict(1, head), dtype=dtype, shards=shards, **config)
+    folder = write_checkpoint(
+        tmp_path / "m", _sharp_state_dict(1, head), dtype=dtype, shards=shards, **config
+    )
     ours = token_losses(Checkpoint.local("m", folder), SEQUENCES).per_sequence
     assert _largest_difference(ours, _transformers_losses(folder, SEQUENCES)) < TOLERANCE
 
@@ -83,17 +95,17 @@ def test_the_parity_tolerance_catches_a_wrong_rotary_embedding(tmp_path: Path) -
 
 
 @pytest.fixture
-def live_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
+def live_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     """Instruments the checkpoint reader: bytes of tensors read and still alive, their peak, the largest read,
-    and the total read."""
-    stats = {"live": 0, "peak": 0, "largest": 0, "total": 0}
+    and the bytes read of each tensor."""
+    stats: dict[str, Any] = {"live": 0, "peak": 0, "largest": 0, "read": {}}
     real = TensorReader.read
 
     def tracked(self: TensorReader, info: Any, rows: tuple[int, int] | None = None) -> torch.Tensor:
         tensor = real(self, info, rows)
         size = tensor.numel() * tensor.element_size()
         stats["live"] += size
-        stats["total"] += size
+        stats["read"][info.name] = stats["read"].get(info.name, 0) + size
         stats["peak"] = max(stats["peak"], stats["live"])
         stats["largest"] = max(stats["largest"], size)
         weakref.finalize(tensor, _release, stats, size)
@@ -103,18 +115,18 @@ def live_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
     yield stats
 
 
-def _release(stats: dict[str, int], size: int) -> None:
+def _release(stats: dict[str, Any], size: int) -> None:
     stats["live"] -= size
 
 
 def test_weights_are_held_a_chunk_at_a_time_never_a_layer(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, live_reads: dict[str, int]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, live_reads: dict[str, Any]
 ) -> None:
     # float32 weights: the tensors read are the ones computed with (no conversion copy to hide behind).
     folder = write_checkpoint(tmp_path / "m", _sharp_state_dict(3, head=True), dtype=torch.float32, shards=2)
     checkpoint = Checkpoint.local("m", folder)
     whole = token_losses(checkpoint, SEQUENCES).per_sequence  # default chunks: every matrix here is one chunk
-    live_reads.update(live=0, peak=0, largest=0, total=0)
+    live_reads.update(live=0, peak=0, largest=0, read={})
     chunk = 1024  # bytes: 8 rows of the 32-wide matrices, 4 rows of down_proj
     monkeypatch.setattr(forward, "CHUNK_BYTES", chunk)
     chunked = token_losses(checkpoint, SEQUENCES).per_sequence
@@ -122,10 +134,17 @@ def test_weights_are_held_a_chunk_at_a_time_never_a_layer(
     layer = sum(i.nbytes for n, i in checkpoint.tensors.items() if n.startswith("model.layers.0."))
     assert live_reads["largest"] <= chunk
     assert live_reads["peak"] <= chunk < layer / 10
-    # Every weight is read once (the embedding: one row per distinct token, then whole for nothing else).
-    rows = len({t for s in SEQUENCES for t in s})
-    weights = sum(i.nbytes for i in checkpoint.tensors.values())
-    assert live_reads["total"] == weights - checkpoint.tensors["model.embed_tokens.weight"].nbytes + rows * HIDDEN * 4
+    # Every weight is read once, the embedding only in spans around the tokens' rows (the head is lm_head).
+    embedding = "model.embed_tokens.weight"
+    read = live_reads["read"]
+    assert {n: b for n, b in read.items() if n != embedding} == {
+        n: i.nbytes for n, i in checkpoint.tensors.items() if n != embedding
+    }
+    assert (
+        len({t for s in SEQUENCES for t in s}) * HIDDEN * 4
+        <= read[embedding]
+        < checkpoint.tensors[embedding].nbytes / 4
+    )
     assert _largest_difference(chunked, list(whole)) < TOLERANCE  # only the summation order differs
 
 
@@ -171,4 +190,3 @@ def test_ids_outside_the_vocabulary_are_refused(tmp_path: Path) -> None:
     folder = write_checkpoint(tmp_path / "m", random_state_dict(6), dtype=torch.bfloat16)
     with pytest.raises(Unrunnable, match="ids outside the model's vocabulary of 512"):
         token_losses(Checkpoint.local("m", folder), [[1, 2, 512]])
-
