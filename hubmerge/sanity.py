@@ -130,8 +130,12 @@ def check(output: Path, sources: Sequence[Checkpoint], device: torch.device | No
     the reason."""
     import torch
 
+    from .errors import HubmergeError
+
     try:
         return _check(output, sources, device or torch.device("cpu"))
+    except HubmergeError as exc:  # e.g. a streamed source the Hub no longer serves: its own one-line reason
+        return SanityReport(skipped=str(exc))
     except Exception as exc:  # an optional check never turns a good merge into a failure
         return SanityReport(
             skipped=f"the check stopped on an unexpected error ({type(exc).__name__}: {exc}); please report it"

@@ -180,3 +180,16 @@ def test_streamed_sources_are_read_by_range_and_compared(tmp_path: Path) -> None
     assert recorded["passed"] is True and set(recorded["losses"]) == {"merged", *folders}
     local = check(tmp_path / "out", [Checkpoint.local(name, folder) for name, folder in folders.items()])
     assert recorded["losses"] == {name: dict(losses) for name, losses in local.losses.items()}
+
+
+def test_a_source_that_fails_to_read_during_the_check_is_a_skip_with_its_own_one_line_error(
+    tmp_path: Path, make_model: Callable[..., Path]
+) -> None:
+    output = make_model("merged", 1)
+    source = make_model("source", 2)
+    checkpoint = Checkpoint.local("source", source)
+    weights = source / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # changed on the disk after its header was read
+    report = check(output, [checkpoint])
+    assert report.skipped is not None and report.skipped.startswith(f"{weights} is truncated at byte ")
+    assert report.skipped.endswith("; re-download it") and report.losses == {}
