@@ -147,6 +147,7 @@ def test_domain_losses_equal_transformers_float32_loss_as_the_check_always_measu
             assert report.losses[name][domain] == pytest.approx(total / tokens, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_streamed_sources_are_read_by_range_and_compared(tmp_path: Path) -> None:
     """A merge whose sources are all streamed (a disk budget smaller than one source) compares the merge with
     each of them, with the losses the same sources give from a local folder."""
