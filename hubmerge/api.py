@@ -414,7 +414,7 @@ def _write_output(
         document = write_stats(collector.result(), staging)
         files |= dict.fromkeys(stats_files(document))
     candidates = _source_candidates(plan, folders)
-    report = _sanity_check(plan, staging, candidates, log) if sanity else None
+    report = _sanity_check(plan, staging, weights, compute, log) if sanity else None
     evaluation = None
     if spec is not None:
         evaluation = _evaluate(plan, spec, staging, candidates if spec.sources else [], log)
@@ -524,12 +524,28 @@ def _source_candidates(plan: MergePlan, folders: dict[int, Path]) -> list[Candid
     return candidates
 
 
-def _sanity_check(plan: MergePlan, folder: Path, candidates: list[Candidate], log: Log) -> SanityReport:
+def _sanity_check(
+    plan: MergePlan, folder: Path, weights: dict[int, Folder], device: torch.device, log: Log
+) -> SanityReport:
+    """The quick sanity check of the merge in `folder` against the base and every model (each source once, by
+    its first mention), read where the merge read them: streamed sources by range from the Hub again."""
+    from .forward import Checkpoint
     from .sanity import check
 
-    item = torch.empty(0, dtype=plan.out_dtype).element_size()
-    report = check(folder, [(c.name, c.folder) for c in candidates], plan.parameter_count, item)
+    sources: dict[int, Checkpoint] = {}
+    for role in plan.roles:
+        source = role.source
+        if role.kind != "tokenizer" and id(source) not in sources:
+            sources[id(source)] = Checkpoint(
+                role.ref.text, weights[id(source)], source.config, source.tensors
+            )
+    streamed = [w for w in weights.values() if isinstance(w, RemoteFolder)]
+    fetched = sum(w.fetched for w in streamed)
+    report = check(folder, list(sources.values()), device)
     log(report.summary())
+    if streamed and not report.skipped:
+        again = sum(w.fetched for w in streamed) - fetched
+        log(f"sanity check: read the streamed sources again by range from the Hub ({again / 1e6:,.1f} MB)")
     for warning in report.warnings:
         log(f"WARNING: sanity check: {warning}")
     return report

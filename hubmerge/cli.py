@@ -81,7 +81,7 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-sanity",
         action="store_true",
-        help="skip the quick sanity check (loads the merge, checks it is finite, compares its loss with the sources')",
+        help="skip the quick sanity check (is the merge finite, is its loss on a few texts near the sources')",
     )
     p.add_argument("--version", action="version", version=f"hubmerge {__version__}")
     return p

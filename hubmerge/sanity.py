@@ -1,38 +1,41 @@
-"""The quick sanity check after every merge: does the output load, is it finite, does it still model text?
+"""The quick sanity check after every merge: is the output finite, does it still model text?
 
-It needs no extra (torch and transformers only) and takes seconds on small models:
+It needs no extra (torch, and transformers for the tokenizer only) and holds a few hundred MB at any size:
 
-1. the output folder loads with `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=False)`;
-2. every tensor of the loaded model is finite;
-3. its mean loss (nats per token) on a few short texts per domain (math, code, chat; `data/sanity_texts.json`,
+1. every tensor of the merged model is finite;
+2. its mean loss (nats per token) on a few short texts per domain (math, code, chat; `data/sanity_texts.json`,
    written for hubmerge) is compared with each source's loss on the same texts, with the output's tokenizer.
+
+The losses come from `forward.token_losses`, a Qwen2 forward pass run layer by layer from the safetensors
+files (equal to transformers' float32 forward pass to float rounding), all texts of a model in one pass.
 
 A merge fails the check when, in some domain, its loss is above `LOSS_RATIO` (1.5) times the worst source's
 loss there, or not finite: a merge that broke the model (a scaling factor of 50, a wrong weight, a dtype
 overflow) lands far above that, while a working merge lands between its sources or close to them. A failed
 check is a loud warning in the terminal and in the card, not an error: the user decides.
 
-Models are loaded one at a time. When the largest would not fit in the memory available now (parameter
-count × bytes per parameter + `_OVERHEAD_BYTES`), the check is skipped with a note instead.
+What cannot be measured is skipped with a one-line reason, never an error: no tokenizer in the output,
+texts that tokenize to fewer than two tokens, a config the forward pass does not implement.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["LOSS_RATIO", "SanityReport", "available_memory", "check", "sanity_texts"]
+if TYPE_CHECKING:
+    import torch
+
+    from .forward import Checkpoint
+
+__all__ = ["LOSS_RATIO", "SanityReport", "check", "sanity_texts"]
 
 LOSS_RATIO = 1.5
 TEXTS = Path(__file__).parent / "data" / "sanity_texts.json"
-# The process with torch and transformers imported, plus activations for a few short texts.
-_OVERHEAD_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -76,99 +79,92 @@ def sanity_texts() -> dict[str, list[str]]:
     return data
 
 
-def available_memory() -> int:
-    """Bytes of memory available to a new allocation now (Linux `MemAvailable`, else free pages)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+def _tokenize(folder: Path, texts: Mapping[str, Sequence[str]]) -> dict[str, list[list[int]]] | str:
+    """Each domain's texts as token ids with the tokenizer in `folder`, leaving out texts of fewer than two
+    tokens (nothing to predict); or why that cannot be done."""
+    from .sources import TOKENIZER_FILES
 
-
-def _domain_losses(model: Any, tokenizer: Any, texts: Mapping[str, Sequence[str]]) -> dict[str, float]:
-    import torch
-
-    losses: dict[str, float] = {}
-    with torch.no_grad():
-        for domain, items in texts.items():
-            total, tokens = 0.0, 0
-            for text in items:
-                ids = tokenizer(text, return_tensors="pt").input_ids
-                # The loss is a mean over the len - 1 predicted tokens; weight each text by them.
-                loss = model(input_ids=ids, labels=ids).loss.float().item()
-                total += loss * (ids.shape[1] - 1)
-                tokens += ids.shape[1] - 1
-            losses[domain] = total / tokens
-    return losses
-
-
-def _load(folder: Path) -> Any:
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as transformers_logging
-
-    # transformers draws a "Loading weights" bar per model; the merge has its own progress and -q.
-    shown = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    try:
-        model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", trust_remote_code=False)
-    finally:
-        if shown:
-            transformers_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
-    model.eval()
-    return model
-
-
-def check(
-    output: Path, sources: Sequence[tuple[str, Path]], parameter_count: int, bytes_per_parameter: int
-) -> SanityReport:
-    """Check the merged model in `output` against `sources` ((label, folder) pairs, in recipe order)."""
-    needed = parameter_count * bytes_per_parameter + _OVERHEAD_BYTES
-    available = available_memory()
-    if needed > available:
-        return SanityReport(
-            skipped=f"the model needs about {needed / 2**30:.1f} GiB to load and {available / 2**30:.1f} GiB "
-            "are available; run it on a larger machine or pass --no-sanity"
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES if name != "chat_template.jinja"):
+        return (
+            "the merged folder has no tokenizer files (its tokenizer source ships none); set [tokenizer] source "
+            "in the recipe to a model that has them"
         )
     from transformers import AutoTokenizer
 
-    texts = sanity_texts()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(output, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        ids = {domain: [list(tokenizer(text).input_ids) for text in items] for domain, items in texts.items()}
     except Exception as exc:  # no usable tokenizer in the output: nothing to measure the loss with
-        return SanityReport(skipped=f"the output's tokenizer does not load ({type(exc).__name__}: {exc})")
+        return f"the output's tokenizer does not load ({type(exc).__name__}: {exc})"
+    kept = {domain: [s for s in sequences if len(s) >= 2] for domain, sequences in ids.items()}
+    empty = [domain for domain, sequences in kept.items() if not sequences]
+    if empty:
+        return f"the output's tokenizer encodes every {empty[0]} text to fewer than two tokens: no token to predict"
+    return kept
+
+
+def _domain_losses(
+    checkpoint: Checkpoint,
+    ids: Mapping[str, list[list[int]]],
+    device: torch.device,
+    check_finite: bool = False,
+) -> tuple[dict[str, float], tuple[str, ...]]:
+    """The mean loss per predicted token of each domain, all texts in one pass; and the non-finite tensors."""
+    import torch
+
+    from .forward import token_losses
+
+    sequences = [s for domain in ids.values() for s in domain]
+    result = token_losses(checkpoint, sequences, device, check_finite)
+    losses, first = {}, 0
+    for domain, items in ids.items():
+        per_token = torch.cat(result.per_sequence[first : first + len(items)]).double()
+        losses[domain] = float(per_token.mean())
+        first += len(items)
+    return losses, result.nonfinite
+
+
+def check(output: Path, sources: Sequence[Checkpoint], device: torch.device | None = None) -> SanityReport:
+    """Check the merged model in `output` against `sources` (in recipe order, labelled as the recipe names
+    them), computing on `device` (the CPU by default). Never raises: what it cannot measure, it skips with
+    the reason."""
+    import torch
+
+    from .errors import HubmergeError
+
     try:
-        model = _load(output)
-    except Exception as exc:  # any failure to load is the finding, not a crash
+        return _check(output, sources, device or torch.device("cpu"))
+    except HubmergeError as exc:  # e.g. a streamed source the Hub no longer serves: its own one-line reason
+        return SanityReport(skipped=str(exc))
+    except Exception as exc:  # an optional check never turns a good merge into a failure
         return SanityReport(
-            warnings=(f"the merged model does not load in transformers ({type(exc).__name__}: {exc})",)
+            skipped=f"the check stopped on an unexpected error ({type(exc).__name__}: {exc}); please report it"
         )
-    warnings = [
-        f"tensor {name} of the merged model has non-finite values (inf or NaN)"
-        for name, tensor in model.state_dict().items()
-        if tensor.is_floating_point() and not tensor.isfinite().all()
-    ]
-    losses = {"merged": _domain_losses(model, tokenizer, texts)}
-    del model
-    for label, folder in sources:
+
+
+def _check(output: Path, sources: Sequence[Checkpoint], device: torch.device) -> SanityReport:
+    from .forward import Checkpoint, Unrunnable
+
+    ids = _tokenize(output, sanity_texts())
+    if isinstance(ids, str):
+        return SanityReport(skipped=ids)
+    merged = Checkpoint.local("the merged model", output)
+    try:
+        merged_losses, nonfinite = _domain_losses(merged, ids, device, check_finite=True)
+    except Unrunnable as exc:
+        return SanityReport(skipped=str(exc))
+    warnings = [f"tensor {name} of the merged model has non-finite values (inf or NaN)" for name in nonfinite]
+    losses = {"merged": merged_losses}
+    for source in sources:
         try:
-            model = _load(folder)
-        except Exception as exc:  # a source transformers cannot load leaves nothing to compare with
-            return SanityReport(
-                losses,
-                tuple(warnings),
-                f"source {label} does not load in transformers ({type(exc).__name__})",
-            )
-        losses[label] = _domain_losses(model, tokenizer, texts)
-        del model
-        gc.collect()
-    for domain, merged in losses["merged"].items():
-        worst = max((losses[label][domain] for label, _ in sources), default=math.inf)
-        if not math.isfinite(merged) or merged > LOSS_RATIO * worst:
+            losses[source.label] = _domain_losses(source, ids, device)[0]
+        except Unrunnable as exc:  # nothing to compare with
+            return SanityReport(losses, tuple(warnings), f"source {source.label}: {exc}")
+    for domain, loss in losses["merged"].items():
+        worst = max((losses[source.label][domain] for source in sources), default=math.inf)
+        if not math.isfinite(loss) or loss > LOSS_RATIO * worst:
             warnings.append(
-                f"the merged model's loss on {domain} texts is {merged:.3g} nats/token, above {LOSS_RATIO}× the "
+                f"the merged model's loss on {domain} texts is {loss:.3g} nats/token, above {LOSS_RATIO}× the "
                 f"worst source's ({worst:.3g}): the merge has probably broken the model (check scaling_factor "
                 "and weights)"
             )

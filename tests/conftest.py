@@ -141,9 +141,9 @@ def private_known_hashes(monkeypatch: pytest.MonkeyPatch, known_hashes_store: Pa
 
 @pytest.fixture(autouse=True)
 def no_sanity_check(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Merges skip the quick sanity check (`HUBMERGE_NO_SANITY`, inherited by CLI subprocesses): it loads
-    transformers' model code, about 3 s of CPU per merging process on the tiny models, and only
-    tests/test_eval.py tests it (its own fixture turns it back on)."""
+    """Merges skip the quick sanity check (`HUBMERGE_NO_SANITY`, inherited by CLI subprocesses): it imports
+    transformers' tokenizer and runs a forward pass per model, and only tests/test_eval.py and
+    tests/test_sanity.py test it (their own fixtures turn it back on)."""
     monkeypatch.setenv("HUBMERGE_NO_SANITY", "1")
 
 
