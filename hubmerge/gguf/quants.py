@@ -20,7 +20,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 __all__ = ["QUANTIZERS", "quantize"]
 
 QK_K = 256
-_CHUNK = 1 << 21  # values quantized at a time: bounds the working memory of the K-quants' search
+_CHUNK = 1 << 18  # values quantized at a time: bounds the working memory of the K-quants' search
 
 
 def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
@@ -126,29 +126,33 @@ def _make_qkx2_quants(
     levels = torch.clamp(_nearest_int(iscale * (x - low)), 0, nmax)
     diff = scale * levels + low - x
     best_error = _fold(weights * (diff * diff))
+    # the winning candidate's levels are recomputed once at the end from its iscale and the min it used
+    best_iscale, best_from = iscale, low
     for step in range(nstep + 1):
         numerator = np.float32(np.float32(rmin) + np.float32(rdelta) * np.float32(step)) + np.float32(nmax)
         # the reference moves `min` to each better candidate's, so later candidates span from there
         iscale = _over(float(numerator), torch.where(flat, ones, high - low))
-        trial = torch.clamp(_nearest_int(iscale * (x - low)), 0, nmax)
+        trial = torch.sub(x, low).mul_(iscale).round_().clamp_(0, nmax)
         wl = weights * trial
-        sum_l, sum_l2, sum_xl = _fold(wl), _fold(wl * trial), _fold(wl * x)
+        sum_l, sum_l2, sum_xl = _fold(wl), _fold(wl.mul(trial)), _fold(wl.mul_(x))
         det = sum_w * sum_l2 - sum_l * sum_l
-        safe_det = torch.where(det > 0, det, torch.ones_like(det))
+        safe_det = torch.where(det > 0, det, ones)
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe_det
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe_det
         positive_min = this_min > 0
-        this_min = torch.where(positive_min, torch.zeros_like(this_min), this_min)
+        this_min = torch.where(positive_min, 0.0, this_min)
         this_scale = torch.where(positive_min, sum_xl / sum_l2, this_scale)
-        diff = this_scale * trial + this_min - x
-        error = _fold(weights * (diff * diff))
+        diff = trial.mul_(this_scale).add_(this_min).sub_(x)
+        error = _fold(diff.mul_(diff).mul_(weights))
         better = (det > 0) & (error < best_error)
-        levels = torch.where(better, trial, levels)
         best_error = torch.where(better, error, best_error)
         scale = torch.where(better, this_scale, scale)
+        best_iscale = torch.where(better, iscale, best_iscale)
+        best_from = torch.where(better, low, best_from)
         low = torch.where(better, this_min, low)
-    levels = torch.where(flat, torch.zeros_like(levels), levels)
-    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    levels = torch.clamp(_nearest_int(best_iscale * (x - best_from)), 0, nmax)
+    levels = torch.where(flat, 0.0, levels)
+    scale = torch.where(flat, 0.0, scale)
     return scale, -low, levels
 
 
@@ -218,25 +222,27 @@ def _make_qx_quants_rmse1(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, tor
     empty = peak.abs() < 1e-15
     safe_peak = torch.where(empty, torch.ones_like(peak), peak)
     weights = x * x
+    weighted_x = weights * x
 
-    def trial(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        level = torch.clamp(_nearest_int(iscale * x), -nmax, nmax - 1)
-        wl = weights * level
-        return level, _fold(weights * x * level), _fold(wl * level)
+    def trial(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        level = torch.mul(x, iscale).round_().clamp_(-nmax, nmax - 1)
+        return _fold(weighted_x * level), _fold(level.mul(weights).mul_(level))
 
-    level, sumlx, suml2 = trial(_over(-float(nmax), safe_peak))
-    levels = level + nmax
+    best_iscale = _over(-float(nmax), safe_peak)
+    sumlx, suml2 = trial(best_iscale)
     scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, 1.0), 0.0)
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
         factor = -np.float32(np.float32(nmax) + np.float32(0.1) * np.float32(step))
-        level, sumlx, suml2 = trial(_over(float(factor), safe_peak))
+        iscale = _over(float(factor), safe_peak)
+        sumlx, suml2 = trial(iscale)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        levels = torch.where(better, level + nmax, levels)
+        best_iscale = torch.where(better, iscale, best_iscale)
         scale = torch.where(better, sumlx / torch.where(suml2 > 0, suml2, 1.0), scale)
         best = torch.where(better, scale * sumlx, best)
+    levels = torch.clamp(_nearest_int(best_iscale * x), -nmax, nmax - 1) + nmax
     scale = torch.where(empty, torch.zeros_like(scale), scale)
     levels = torch.where(empty, torch.zeros_like(levels), levels)
     return scale, levels
