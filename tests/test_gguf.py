@@ -182,7 +182,7 @@ def test_reading_a_few_rows_at_a_time_writes_the_same_file(
 ) -> None:
     folder = models["wide-untied"]
     whole = write_gguf(folder, folder / "whole.gguf", "q4_k_m").path.read_bytes()
-    monkeypatch.setattr(writer, "_ROWS_AT_ONCE", 300)  # a row or two of 256 values a read
+    monkeypatch.setattr(writer, "_ROWS_AT_ONCE", 48 * 256 + 100)  # 48 rows of 256 values a read
     assert write_gguf(folder, folder / "sliced.gguf", "q4_k_m").path.read_bytes() == whole
 
 

@@ -13,6 +13,9 @@ by default; a build of llama.cpp with `-march=native` may contract and then diff
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -294,6 +297,17 @@ def quantize(rows: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
         raise ValueError(f"{qtype.name} needs rows of a multiple of {block_size} values, not {width}")
     flat = rows.reshape(-1).to(torch.float32)
     per_chunk = max(block_size, _CHUNK // block_size * block_size)
-    parts = [QUANTIZERS[qtype](flat[start : start + per_chunk]) for start in range(0, flat.numel(), per_chunk)]
+    starts = range(0, flat.numel(), per_chunk)
+    # Chunks side by side on one-thread torch: the operations are small, and OpenMP teams that spin
+    # between them cost 20x the time on a busy 2-core machine. Every chunk is computed alone by the same
+    # operations, so the bytes do not depend on the number of threads.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, min(cores, len(starts)))) as pool:
+            parts = list(pool.map(lambda start: QUANTIZERS[qtype](flat[start : start + per_chunk]), starts))
+    finally:
+        torch.set_num_threads(threads)
     out = torch.cat(parts) if parts else torch.empty(0, type_size, dtype=torch.uint8)
     return out.reshape(*rows.shape[:-1], width // block_size * type_size)
