@@ -73,6 +73,14 @@ class OutputSpec:
     max_shard_size: int = 5 * 10**9
     max_disk: int | None = None  # bytes of disk the run may use; None: the free space (budget.py)
     stats: bool = True  # merge diagnostics (diagnostics.py): merge_stats.json and plots in the output
+    gguf: tuple[str, ...] = ()  # GGUF file types (gguf/writer.py GGUF_TYPES), written after the weights
+    gguf_repo: str | None = None  # the repo they are pushed to, when `repo` is set and `gguf` is not empty
+
+    @property
+    def gguf_dir(self) -> Path:
+        """Where the GGUF files are written: the output folder when they go beside the weights, else a
+        companion folder `{dir}-GGUF` with its own card."""
+        return self.dir if self.gguf_repo == self.repo else self.dir.with_name(self.dir.name + "-GGUF")
 
 
 @dataclass(frozen=True)
@@ -322,6 +330,10 @@ def _build(r: _Reader, tables: Any, text: str, output_dir: str | Path | None) ->
         max_shard_size=out.max_shard_size,
         stats=out.stats,
         max_disk=out.max_disk,
+        gguf=tuple(dict.fromkeys(out.gguf)),
+        gguf_repo=(out.repo if out.gguf_repo == "same" else out.gguf_repo or f"{out.repo}-GGUF")
+        if out.repo and out.gguf
+        else None,
     )
 
     c = tables.card

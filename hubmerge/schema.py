@@ -221,6 +221,13 @@ class OutputTable(_Table):
     )
     max_disk: _Size | None = Field(None, description='the most disk the output may take, e.g. "20GB"')
     stats: bool = Field(True, description="merge diagnostics: merge_stats.json and plots (false: off)")
+    gguf: list[Literal["q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16", "bf16", "f32"]] = Field(
+        [], description='GGUF files (llama.cpp, Ollama, LM Studio) written after the weights, e.g. ["q4_k_m"]'
+    )
+    gguf_repo: (
+        Annotated[str, Field(json_schema_extra={"pattern": r"^(same|[A-Za-z0-9_.\-]{1,96}/[A-Za-z0-9_.\-]{1,96})$"})]
+        | None
+    ) = Field(None, description='push the GGUF files to this repo, or "same" (beside the weights); default: {repo}-GGUF')
 
 
 class CardTable(_Table):

@@ -3,13 +3,16 @@ metadata and per-tensor types, and quantizer blocks equal to llama.cpp's referen
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, random_state_dict, write_checkpoint
+from conftest import REPO, TINY, random_state_dict, run_cli, write_checkpoint
 from gguf import GGMLQuantizationType, GGUFReader
+from hubserver import LocalHub
 
 from hubmerge.cli import main
 from hubmerge.gguf import writer
@@ -205,3 +208,80 @@ def test_cli_writes_the_file_and_refuses_to_overwrite(tmp_path: Path, capsys: py
     assert "exists" in capsys.readouterr().err
     assert main(["gguf", str(tmp_path), "-o", str(tmp_path / "x.gguf")]) == 3
     assert "config.json" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- [output] gguf in a merge, pushed
+
+
+@pytest.fixture(scope="module")
+def hub() -> Iterator[LocalHub]:
+    with LocalHub() as server:
+        server.add_user("user", "hf_test_user_token")
+        yield server
+
+
+def _hub_env(hub: LocalHub, tmp_path: Path) -> dict[str, str]:
+    return {
+        "HF_ENDPOINT": hub.url,
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "HF_HUB_OFFLINE": "0",
+        "HF_TOKEN": "hf_test_user_token",
+    }
+
+
+def _gguf_recipe(tmp_path: Path, output: str) -> Path:
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(
+        f'method = "task_arithmetic"\nbase = "{TINY / "base"}"\nmodels = ["{TINY / "math"}"]\n'
+        f'[output]\ndir = "out"\n{output}\n'
+    )
+    return recipe
+
+
+def test_merge_pushes_gguf_files_to_a_companion_repo_with_its_card_in_one_commit(
+    hub: LocalHub, tmp_path: Path
+) -> None:
+    recipe = _gguf_recipe(tmp_path, 'repo = "user/merged"\ngguf = ["q4_k_m", "q8_0"]')
+    result = run_cli(recipe, "-q", env=_hub_env(hub, tmp_path))
+    assert result.returncode == 0, result.stderr
+    companion = hub.files("user/merged-GGUF")
+    names = {"merged-Q4_K_M.gguf", "merged-Q8_0.gguf"}
+    assert names | {"README.md", "hubmerge.lock.json"} <= companion.keys()
+    assert len(hub.commits("user/merged-GGUF")) == 1 + 1  # the repo's creation, then the one push
+    local = tmp_path / "out-GGUF"
+    for name in names:
+        assert companion[name] == (local / name).read_bytes()
+    assert tensor_types(local / "merged-Q8_0.gguf")["blk.0.attn_q.weight"] == "Q8_0"
+    card = companion["README.md"].decode()
+    assert "base_model: user/merged\nbase_model_relation: quantized\nlicense: apache-2.0" in card
+    assert "| [merged-Q4_K_M.gguf](" in card and "| Q4_K_M |" in card
+    assert "llama-cli -hf user/merged-GGUF:Q4_K_M" in card and "ollama run hf.co/user/merged-GGUF:Q4_K_M" in card
+    merged = hub.files("user/merged")
+    assert not any(name.endswith(".gguf") for name in merged)
+    assert "[user/merged-GGUF](https://huggingface.co/user/merged-GGUF)" in merged["README.md"].decode()
+
+
+def test_gguf_repo_same_puts_the_files_beside_the_weights_in_their_commit(hub: LocalHub, tmp_path: Path) -> None:
+    recipe = _gguf_recipe(tmp_path, 'repo = "user/beside"\ngguf = ["q8_0"]\ngguf_repo = "same"')
+    result = run_cli(recipe, "-q", env=_hub_env(hub, tmp_path))
+    assert result.returncode == 0, result.stderr
+    files = hub.files("user/beside")
+    assert {"beside-Q8_0.gguf", "model.safetensors"} <= files.keys()
+    assert len(hub.commits("user/beside")) == 2
+    assert "beside-Q8_0.gguf" in json.loads(files["hubmerge.lock.json"])["output"]["files"]
+    assert "`beside-Q8_0.gguf` (Q8_0)" in files["README.md"].decode()
+    assert not (tmp_path / "out-GGUF").exists()
+
+
+def test_plan_counts_the_gguf_files_in_the_disk_estimate(tmp_path: Path) -> None:
+    from hubmerge.api import load_plan
+
+    without = load_plan(_gguf_recipe(tmp_path, ""))
+    with_gguf = load_plan(_gguf_recipe(tmp_path, 'gguf = ["q8_0", "f16"]'))
+    written = [write_gguf(TINY / "base", tmp_path / f"{t}.gguf", t).size for t in ("q8_0", "f16")]
+    extra = with_gguf.disk.peak_disk - without.disk.peak_disk
+    assert sum(written) <= extra <= sum(written) + 2 * (2**20 + 2 * 10**6)

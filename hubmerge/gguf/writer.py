@@ -35,9 +35,10 @@ from gguf import (
 
 from ..checkpoint import TensorInfo, TensorReader, index_folder
 from ..errors import SourceError
+from .card import file_name
 from .quants import quantize
 
-__all__ = ["GGUF_TYPES", "GgufFile", "GgufType", "file_name", "gguf_tensor_types", "write_gguf"]
+__all__ = ["GGUF_TYPES", "GgufFile", "GgufType", "estimate_size", "file_name", "gguf_tensor_types", "write_gguf"]
 
 Q = GGMLQuantizationType
 
@@ -82,11 +83,6 @@ class GgufFile:
     @property
     def bits_per_weight(self) -> float:
         return self.size * 8 / self.parameters
-
-
-def file_name(model_name: str, gguf_type: str) -> str:
-    """`Qwen2.5-1.5B-merged-Q4_K_M.gguf`: the name llama.cpp's tools and the Hub's GGUF repos use."""
-    return f"{model_name}-{gguf_type.upper()}.gguf"
 
 
 def _config(folder: Path) -> dict[str, Any]:
@@ -144,23 +140,39 @@ def gguf_tensor_types(folder: Path, gguf_type: str) -> dict[str, tuple[tuple[int
     return {name: (info.shape, qtype) for name, (info, qtype) in _layout(folder, config, gguf_type).items()}
 
 
-def _layout(folder: Path, config: Mapping[str, Any], gguf_type: str) -> dict[str, tuple[TensorInfo, Q]]:
+def _types(
+    shapes: Mapping[str, tuple[int, ...]], layers: int, tied: bool, gguf_type: str, where: str
+) -> dict[str, tuple[str, Q]]:
+    """GGUF name → (safetensors name, tensor type), in llama.cpp's order, for tensors of these shapes."""
     kind = GGUF_TYPES[gguf_type]
-    tensors = index_folder(folder, str(folder))
-    layers = int(config["num_hidden_layers"])
-    tied = _tied(config, tensors)
     names = get_tensor_name_map(MODEL_ARCH.QWEN2, layers)
-    layout: dict[str, tuple[TensorInfo, Q]] = {}
-    for hf_name, info in tensors.items():
-        if tied and hf_name == "lm_head.weight":
-            continue
-        if hf_name.endswith("rotary_emb.inv_freq"):
+    types: dict[str, tuple[str, Q]] = {}
+    for hf_name, shape in shapes.items():
+        if (tied and hf_name == "lm_head.weight") or hf_name.endswith("rotary_emb.inv_freq"):
             continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise SourceError(f"{folder}: tensor {hf_name} has no GGUF name in the qwen2 architecture")
-        layout[name] = (info, _tensor_type(name, info.shape, kind, layers, tied))
-    return dict(sorted(layout.items(), key=lambda item: _llama_order(item[0])))
+            raise SourceError(f"{where}: tensor {hf_name} has no GGUF name in the qwen2 architecture")
+        types[name] = (hf_name, _tensor_type(name, shape, kind, layers, tied))
+    return dict(sorted(types.items(), key=lambda item: _llama_order(item[0])))
+
+
+def _layout(folder: Path, config: Mapping[str, Any], gguf_type: str) -> dict[str, tuple[TensorInfo, Q]]:
+    tensors = index_folder(folder, str(folder))
+    shapes = {name: info.shape for name, info in tensors.items()}
+    types = _types(shapes, int(config["num_hidden_layers"]), _tied(config, tensors), gguf_type, str(folder))
+    return {name: (tensors[hf_name], qtype) for name, (hf_name, qtype) in types.items()}
+
+
+def estimate_size(shapes: Mapping[str, tuple[int, ...]], gguf_type: str, tokenizer_bytes: int) -> int:
+    """The size of the GGUF file of a qwen2 model with these (safetensors name → shape) tensors, before it
+    exists: its tensors' bytes, their alignment, and the tokenizer's size as metadata (the token and merge
+    lists take about what tokenizer.json does) plus a MiB for the rest."""
+    layers = 1 + max((int(m.group(1)) for n in shapes if (m := re.match(r"model\.layers\.(\d+)\.", n))), default=-1)
+    tied = "lm_head.weight" not in shapes
+    types = _types(shapes, layers, tied, gguf_type, "the merged model")
+    data = sum(_nbytes(shapes[hf_name], qtype) + 31 for hf_name, qtype in types.values())
+    return data + tokenizer_bytes + 2**20
 
 
 def _nbytes(shape: tuple[int, ...], qtype: Q) -> int:
