@@ -34,6 +34,8 @@ from .evaluate import (
     require_lm_eval,
     summary_markdown,
 )
+from .gguf import write_companion
+from .gguf import write_files as write_gguf_files
 from .lock import (
     LOCK_FILE,
     RECIPE_COPY,
@@ -48,8 +50,6 @@ from .lock import (
 )
 from .output import check_target, disk_full, recover, staged, swap_in
 from .plan import MergePlan, build_plan
-from .gguf import write_companion
-from .gguf import write_files as write_gguf_files
 from .publish import ShardUploader, check_push_access, push_companion
 from .publish import push as publish
 from .recipe import EvalSpec, load_recipe

@@ -256,7 +256,9 @@ def _gguf(args: argparse.Namespace) -> int:
     if path.exists():
         raise HubmergeError(f"{path} exists; remove it or choose another -o")
     written = write_gguf(args.folder, path, args.type)
-    print(f"wrote {written.path} ({args.type}, {written.size / 1e6:.1f} MB, {written.bits_per_weight:.2f} bits per weight)")
+    print(
+        f"wrote {written.path} ({args.type}, {written.size / 1e6:.1f} MB, {written.bits_per_weight:.2f} bits per weight)"
+    )
     return 0
 
 

@@ -225,9 +225,14 @@ class OutputTable(_Table):
         [], description='GGUF files (llama.cpp, Ollama, LM Studio) written after the weights, e.g. ["q4_k_m"]'
     )
     gguf_repo: (
-        Annotated[str, Field(json_schema_extra={"pattern": r"^(same|[A-Za-z0-9_.\-]{1,96}/[A-Za-z0-9_.\-]{1,96})$"})]
+        Annotated[
+            str, Field(json_schema_extra={"pattern": r"^(same|[A-Za-z0-9_.\-]{1,96}/[A-Za-z0-9_.\-]{1,96})$"})
+        ]
         | None
-    ) = Field(None, description='push the GGUF files to this repo, or "same" (beside the weights); default: {repo}-GGUF')
+    ) = Field(
+        None,
+        description='push the GGUF files to this repo, or "same" (beside the weights); default: {repo}-GGUF',
+    )
 
 
 class CardTable(_Table):

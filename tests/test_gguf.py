@@ -41,7 +41,9 @@ def logits(folder: Path, gguf_file: str | None = None, round_to: torch.dtype | N
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
-    if round_to is not None:  # what a file of that dtype stores: its matrices rounded, norms and biases in F32
+    if (
+        round_to is not None
+    ):  # what a file of that dtype stores: its matrices rounded, norms and biases in F32
         for parameter in model.parameters():
             if parameter.dim() == 2:
                 parameter.data = parameter.data.to(round_to).float()
@@ -160,7 +162,10 @@ def test_tokenizer_built_from_the_file_encodes_like_the_folders(models: dict[str
 
     folder = models["tied"]
     write_gguf(folder, folder / "tok-F16.gguf", "f16")
-    ours, theirs = AutoTokenizer.from_pretrained(folder, gguf_file="tok-F16.gguf"), AutoTokenizer.from_pretrained(folder)
+    ours, theirs = (
+        AutoTokenizer.from_pretrained(folder, gguf_file="tok-F16.gguf"),
+        AutoTokenizer.from_pretrained(folder),
+    )
     chat = theirs.apply_chat_template(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
         tokenize=False,
@@ -198,7 +203,9 @@ def test_quantizer_blocks_equal_llama_cpp_reference_blocks(name: str) -> None:
     assert ours.tobytes() == fixtures[name].tobytes()
 
 
-def test_cli_writes_the_file_and_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_writes_the_file_and_refuses_to_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = REPO / "recipes" / "examples" / "tiny" / "base"
     out = tmp_path / "base-Q8_0.gguf"
     assert main(["gguf", str(folder), "--type", "q8_0", "-o", str(out)]) == 0
@@ -259,13 +266,17 @@ def test_merge_pushes_gguf_files_to_a_companion_repo_with_its_card_in_one_commit
     card = companion["README.md"].decode()
     assert "base_model: user/merged\nbase_model_relation: quantized\nlicense: apache-2.0" in card
     assert "| [merged-Q4_K_M.gguf](" in card and "| Q4_K_M |" in card
-    assert "llama-cli -hf user/merged-GGUF:Q4_K_M" in card and "ollama run hf.co/user/merged-GGUF:Q4_K_M" in card
+    assert (
+        "llama-cli -hf user/merged-GGUF:Q4_K_M" in card and "ollama run hf.co/user/merged-GGUF:Q4_K_M" in card
+    )
     merged = hub.files("user/merged")
     assert not any(name.endswith(".gguf") for name in merged)
     assert "[user/merged-GGUF](https://huggingface.co/user/merged-GGUF)" in merged["README.md"].decode()
 
 
-def test_gguf_repo_same_puts_the_files_beside_the_weights_in_their_commit(hub: LocalHub, tmp_path: Path) -> None:
+def test_gguf_repo_same_puts_the_files_beside_the_weights_in_their_commit(
+    hub: LocalHub, tmp_path: Path
+) -> None:
     recipe = _gguf_recipe(tmp_path, 'repo = "user/beside"\ngguf = ["q8_0"]\ngguf_repo = "same"')
     result = run_cli(recipe, "-q", env=_hub_env(hub, tmp_path))
     assert result.returncode == 0, result.stderr

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from ..plan import MergePlan
     from .writer import GgufFile
 
-__all__ = ["write_files", "write_companion"]
+__all__ = ["write_companion", "write_files"]
 
 
 def write_files(plan: MergePlan, weights: Path, folder: Path) -> list[GgufFile]:

@@ -95,7 +95,9 @@ def companion_card(plan: MergePlan, files: Sequence[GgufFile], license: str | No
     return "\n".join(front + lines) + "\n"
 
 
-def write_companion_card(folder: Path, plan: MergePlan, files: Sequence[GgufFile], license: str | None) -> Path:
+def write_companion_card(
+    folder: Path, plan: MergePlan, files: Sequence[GgufFile], license: str | None
+) -> Path:
     path = folder / "README.md"
     path.write_text(companion_card(plan, files, license), encoding="utf-8")
     return path

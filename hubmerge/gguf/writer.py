@@ -23,10 +23,10 @@ import torch
 from gguf import (
     GGML_QUANT_SIZES,
     GGML_QUANT_VERSION,
+    MODEL_ARCH,
     GGMLQuantizationType,
     GGUFWriter,
     LlamaFileType,
-    MODEL_ARCH,
     RopeScalingType,
     SpecialVocab,
     TokenType,
@@ -38,7 +38,15 @@ from ..errors import SourceError
 from .card import file_name
 from .quants import quantize
 
-__all__ = ["GGUF_TYPES", "GgufFile", "GgufType", "estimate_size", "file_name", "gguf_tensor_types", "write_gguf"]
+__all__ = [
+    "GGUF_TYPES",
+    "GgufFile",
+    "GgufType",
+    "estimate_size",
+    "file_name",
+    "gguf_tensor_types",
+    "write_gguf",
+]
 
 Q = GGMLQuantizationType
 
@@ -90,7 +98,9 @@ def _config(folder: Path) -> dict[str, Any]:
     try:
         config: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise SourceError(f"{folder}: no readable config.json; GGUF export needs the model's config") from None
+        raise SourceError(
+            f"{folder}: no readable config.json; GGUF export needs the model's config"
+        ) from None
     if config.get("model_type") != "qwen2":
         raise SourceError(
             f"{folder}: model_type is {config.get('model_type')!r}; GGUF export supports the qwen2 architecture"
@@ -115,7 +125,7 @@ def _tensor_type(name: str, shape: tuple[int, ...], kind: GgufType, layers: int,
         return kind.base
     if kind.base == Q.Q8_0:  # the converter's own Q8_0; rows it cannot block stay F16
         return Q.Q8_0 if columns % 32 == 0 else Q.F16
-    qtype = kind.base
+    qtype: Q = kind.base
     layer = int(match.group(1)) if (match := re.match(r"blk\.(\d+)\.", name)) else -1
     if name == "output.weight" or (tied and name == "token_embd.weight"):
         qtype = Q.Q6_K if columns % 256 == 0 else Q.Q8_0
@@ -168,7 +178,9 @@ def estimate_size(shapes: Mapping[str, tuple[int, ...]], gguf_type: str, tokeniz
     """The size of the GGUF file of a qwen2 model with these (safetensors name → shape) tensors, before it
     exists: its tensors' bytes, their alignment, and the tokenizer's size as metadata (the token and merge
     lists take about what tokenizer.json does) plus a MiB for the rest."""
-    layers = 1 + max((int(m.group(1)) for n in shapes if (m := re.match(r"model\.layers\.(\d+)\.", n))), default=-1)
+    layers = 1 + max(
+        (int(m.group(1)) for n in shapes if (m := re.match(r"model\.layers\.(\d+)\.", n))), default=-1
+    )
     tied = "lm_head.weight" not in shapes
     types = _types(shapes, layers, tied, gguf_type, "the merged model")
     data = sum(_nbytes(shapes[hf_name], qtype) + 31 for hf_name, qtype in types.values())
@@ -218,7 +230,9 @@ def _add_tokenizer(writer: GGUFWriter, folder: Path, vocab_size: int) -> None:
         raise SourceError(f"{folder}: no readable tokenizer.json; GGUF export needs the tokenizer") from None
     model = tokenizer.get("model", {})
     if model.get("type") != "BPE":
-        raise SourceError(f"{folder}: the tokenizer is {model.get('type')!r}, not the byte-level BPE of qwen2")
+        raise SourceError(
+            f"{folder}: the tokenizer is {model.get('type')!r}, not the byte-level BPE of qwen2"
+        )
     by_id: dict[int, str] = {i: token for token, i in model["vocab"].items()}
     added = {}
     for entry in tokenizer.get("added_tokens", []):
@@ -237,7 +251,9 @@ def _add_tokenizer(writer: GGUFWriter, folder: Path, vocab_size: int) -> None:
         tokens.append(token)
         if i in added:
             looks_special = token.startswith("<|") and token.endswith("|>")
-            types.append(TokenType.CONTROL if added[i].get("special") or looks_special else TokenType.USER_DEFINED)
+            types.append(
+                TokenType.CONTROL if added[i].get("special") or looks_special else TokenType.USER_DEFINED
+            )
         else:
             types.append(TokenType.NORMAL)
     writer.add_tokenizer_model("gpt2")

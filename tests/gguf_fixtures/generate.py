@@ -62,7 +62,9 @@ def compile_reference(llama_cpp: Path, out: Path) -> Path:
 
 def reference(binary: Path, qtype: str, values: np.ndarray) -> np.ndarray:
     flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-    done = subprocess.run([str(binary), qtype, str(flat.size)], input=flat.tobytes(), capture_output=True, check=True)
+    done = subprocess.run(
+        [str(binary), qtype, str(flat.size)], input=flat.tobytes(), capture_output=True, check=True
+    )
     return np.frombuffer(done.stdout, dtype=np.uint8).reshape(values.shape[0], -1)
 
 
@@ -85,7 +87,9 @@ def measure(binary: Path, count: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("llama_cpp", type=Path, help="a llama.cpp source tree (has ggml/src/ggml-quants.c)")
     parser.add_argument("--measure", type=int, default=0, metavar="N", help="compare N random super-blocks")
     args = parser.parse_args()
