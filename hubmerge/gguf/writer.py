@@ -109,7 +109,8 @@ def _config(folder: Path) -> dict[str, Any]:
 
 
 def _tied(config: Mapping[str, Any], tensors: Mapping[str, TensorInfo]) -> bool:
-    return bool(config.get("tie_word_embeddings", True)) or "lm_head.weight" not in tensors
+    # transformers' Qwen2Config unties by default; a checkpoint without lm_head.weight is tied whatever it says
+    return bool(config.get("tie_word_embeddings", False)) or "lm_head.weight" not in tensors
 
 
 def _use_more_bits(layer: int, layers: int) -> bool:
