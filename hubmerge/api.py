@@ -34,6 +34,8 @@ from .evaluate import (
     require_lm_eval,
     summary_markdown,
 )
+from .gguf import write_companion
+from .gguf import write_files as write_gguf_files
 from .lock import (
     LOCK_FILE,
     RECIPE_COPY,
@@ -48,7 +50,7 @@ from .lock import (
 )
 from .output import check_target, disk_full, recover, staged, swap_in
 from .plan import MergePlan, build_plan
-from .publish import ShardUploader, check_push_access
+from .publish import ShardUploader, check_push_access, push_companion
 from .publish import push as publish
 from .recipe import EvalSpec, load_recipe
 from .remote import RemoteFolder, prove_all
@@ -243,6 +245,11 @@ def merge(
         )
     if merge_plan.disk.upload_while_merging:  # the budget holds a few shards, not the model: delete them
         delete_uploaded = True
+    if delete_uploaded and merge_plan.recipe.output.gguf:
+        raise HubmergeError(
+            "[output] gguf files are written from the whole merged model on the disk, which delete_uploaded "
+            "does not keep; raise --max-disk or free some space, or drop [output] gguf"
+        )
     if delete_uploaded and spec is not None:
         raise HubmergeError(
             "an evaluation reads the whole merged model from the disk, which delete_uploaded does not keep; "
@@ -291,6 +298,9 @@ def merge(
             )
             files = written.files
             prove_all(remote.values())  # every streamed byte proven the Hub's before anything is kept or pushed
+            gguf_beside = merge_plan.recipe.output.gguf_dir == merge_plan.recipe.output.dir
+            if merge_plan.recipe.output.gguf and gguf_beside:  # in the same commit as the weights
+                files |= {f.path.name: None for f in write_gguf_files(merge_plan, staging, staging)}
             if uploader is not None and delete_uploaded:
                 uploader.wait()  # a shard TIES rewrote may be going up again, to be deleted after
             gone = uploader.deleted() if uploader is not None else {}
@@ -317,6 +327,8 @@ def merge(
         if full is not None:
             raise _no_space(full, directory, needed) from None
         raise
+    if merge_plan.recipe.output.gguf and not gguf_beside:
+        write_companion(merge_plan, directory)
     document, evaluation, report = written.stats, written.evaluation, written.sanity
     result = MergeResult(merge_plan, directory, tuple(sorted(files)), None, document, evaluation, report)
     if evaluation is not None:
@@ -332,6 +344,8 @@ def merge(
         pushed = publish(merge_plan, directory)
     if not pushed.changed:
         log(f"{merge_plan.recipe.output.repo} already holds exactly this output; no new commit was made")
+    if merge_plan.recipe.output.gguf and not gguf_beside:
+        push_companion(merge_plan, merge_plan.recipe.output.gguf_dir)
     return MergeResult(merge_plan, directory, result.files, pushed.url, document, evaluation, report)
 
 

@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import CardError
+from .gguf.card import gguf_links
 from .lock import LOCK_FILE, RECIPE_COPY
 from .methods import Method
 from .methods.base import Citation, resolve_defaults
@@ -795,6 +796,7 @@ def render_card(
     context["diagnostics"] = _diagnostics(stats, context["sources"])
     context["evaluation"] = _evaluation(evaluation, context["sources"])
     context["sanity"] = _sanity(sanity)
+    context["gguf"] = gguf_links(plan)
     if evaluation is not None:
         _with_model_index(context, evaluation)
     template = plan.recipe.card.template or _DEFAULT_TEMPLATE

@@ -33,6 +33,8 @@ _EPILOG = """commands:
   hubmerge eval RECIPE [--sources]
                                   run the recipe's [eval] lm-eval tasks on its output folder (and the
                                   sources); needs pip install "hubmerge[eval]"
+  hubmerge gguf FOLDER [--type q4_k_m] [-o FILE]
+                                  write a GGUF file (llama.cpp, Ollama, LM Studio) of a Qwen2 model folder
   hubmerge schema                 print the recipe's JSON Schema, for editors (`#:schema` line) and CI
   hubmerge import-mergekit CONFIG.yml [-o RECIPE.toml]
                                   convert a mergekit config into an equivalent recipe (stdout without -o);
@@ -123,6 +125,9 @@ _DESCRIPTIONS = {
     "that read a `#:schema PATH` first line (Taplo / Even Better TOML, Tombi) then complete and check recipes.",
     "eval": "Evaluate the recipe's merged output folder on its [eval] lm-evaluation-harness tasks (and, with "
     "--sources, the base and every model), then update eval_results.json, the chart, the card and the lock.",
+    "gguf": "Write a GGUF file of a Qwen2-architecture model folder (merged or not) for llama.cpp, Ollama "
+    "and LM Studio: F32/F16/BF16, Q8_0, or a K-quant (Q6_K, and the Q5_K_M / Q4_K_M mixes llama-quantize "
+    "makes), quantized by hubmerge a tensor at a time.",
     "import-mergekit": "Convert a mergekit (0.1.5) YAML config into a hubmerge recipe that merges the same: "
     "method, base, models, parameters (gradients and filters), dtype, tokenizer source. What has no "
     "equivalent (layer-range slices, LoRA references, MoE, modules, ...) is listed one line per key, and "
@@ -142,6 +147,14 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
             type=Path,
             help="write the recipe here (it must not exist yet; local model folders are named relative to "
             "it); default: print it",
+        )
+    elif command == "gguf":
+        from .gguf.writer import GGUF_TYPES
+
+        p.add_argument("folder", type=Path, help="the model folder (config.json, safetensors, tokenizer)")
+        p.add_argument("--type", choices=tuple(GGUF_TYPES), default="q4_k_m", help="default: q4_k_m")
+        p.add_argument(
+            "-o", "--output", type=Path, help="the file to write (default: FOLDER/FOLDER-TYPE.gguf)"
         )
     elif command != "schema":
         p.add_argument("recipe", type=Path, help="the recipe file (TOML)")
@@ -236,6 +249,19 @@ def _import_mergekit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gguf(args: argparse.Namespace) -> int:
+    from .gguf.writer import file_name, write_gguf
+
+    path = args.output or args.folder / file_name(args.folder.resolve().name, args.type)
+    if path.exists():
+        raise HubmergeError(f"{path} exists; remove it or choose another -o")
+    written = write_gguf(args.folder, path, args.type)
+    print(
+        f"wrote {written.path} ({args.type}, {written.size / 1e6:.1f} MB, {written.bits_per_weight:.2f} bits per weight)"
+    )
+    return 0
+
+
 def _dispatch(argv: Sequence[str]) -> int:
     if argv and argv[0] == "validate":  # before importing the merge API: validating needs no torch
         return _validate(_command_parser("validate").parse_args(argv[1:]).recipes)
@@ -247,6 +273,9 @@ def _dispatch(argv: Sequence[str]) -> int:
         return 0
     if argv and argv[0] == "import-mergekit":  # nor does importing a mergekit config
         return _import_mergekit(_command_parser("import-mergekit").parse_args(argv[1:]))
+
+    if argv and argv[0] == "gguf":
+        return _gguf(_command_parser("gguf").parse_args(argv[1:]))
 
     from . import api
     from .report import explain, plan_json, plan_text, summary_markdown

@@ -441,6 +441,11 @@ def _disk_plan(
     item = torch.empty(0, dtype=out_dtype).element_size()
     stored = max(DTYPES[i.dtype].itemsize for t in tensors for i in t.inputs)
     side = sum(tokenizer.files.get(f, 0) for f in TOKENIZER_FILES) + len(recipe.text) + _CARD_RESERVE
+    if out.gguf:  # written after the weights, from them: beside them or in the companion folder
+        from .gguf.writer import estimate_size
+
+        shapes = {t.name: t.shape for t in tensors}
+        side += sum(estimate_size(shapes, t, tokenizer.files.get("tokenizer.json", 0)) for t in out.gguf)
     models = sum(r.kind == "model" for r in roles)
     return plan_disk(
         _needs(roles, tokenizer),

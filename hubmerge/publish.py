@@ -22,7 +22,7 @@ from .lock import LOCK_FILE, RECIPE_COPY
 from .plan import MergePlan
 from .sources import LICENSE_FILES, TOKENIZER_FILES
 
-__all__ = ["PushResult", "ShardUploader", "check_push_access", "push"]
+__all__ = ["PushResult", "ShardUploader", "check_push_access", "push", "push_companion"]
 
 
 @dataclass(frozen=True)
@@ -207,6 +207,29 @@ def push(plan: MergePlan, folder: Path) -> PushResult:
     except Exception as exc:
         raise _hub_failure(repo, exc) from None
     return _retrying(plan, lambda: _push_once(api, plan, folder, repo, plan.recipe.output.branch or "main"))
+
+
+def push_companion(plan: MergePlan, folder: Path) -> PushResult:
+    """Push the GGUF folder to `[output] gguf_repo` (by default `{repo}-GGUF`) in one commit."""
+    from huggingface_hub import HfApi
+
+    out = plan.recipe.output
+    repo = out.gguf_repo
+    assert repo is not None
+    api = HfApi()
+    try:
+        api.create_repo(repo, private=out.private, exist_ok=True)
+        before = _tip(api, repo, "main")
+        info = api.upload_folder(
+            repo_id=repo,
+            folder_path=folder,
+            commit_message=f"hubmerge: GGUF files of {out.repo}",
+            parent_commit=before,
+            delete_patterns=["*.gguf"],
+        )
+    except Exception as exc:
+        raise _hub_failure(repo, exc) from None
+    return _pushed(info, before)
 
 
 def _push_once(api: Any, plan: MergePlan, folder: Path, repo: str, branch: str) -> PushResult:

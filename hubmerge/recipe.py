@@ -75,6 +75,14 @@ class OutputSpec:
     stats: bool = True  # merge diagnostics (diagnostics.py): merge_stats.json and plots in the output
     # Prove every streamed byte against the Hub's sha256 (remote.py); False: sizes and headers only.
     verify_streamed: bool = True
+    gguf: tuple[str, ...] = ()  # GGUF file types (gguf/writer.py GGUF_TYPES), written after the weights
+    gguf_repo: str | None = None  # the repo they are pushed to, when `repo` is set and `gguf` is not empty
+
+    @property
+    def gguf_dir(self) -> Path:
+        """Where the GGUF files are written: the output folder when they go beside the weights, else a
+        companion folder `{dir}-GGUF` with its own card."""
+        return self.dir if self.gguf_repo == self.repo else self.dir.with_name(self.dir.name + "-GGUF")
 
 
 @dataclass(frozen=True)
@@ -325,6 +333,10 @@ def _build(r: _Reader, tables: Any, text: str, output_dir: str | Path | None) ->
         stats=out.stats,
         verify_streamed=out.verify_streamed,
         max_disk=out.max_disk,
+        gguf=tuple(dict.fromkeys(out.gguf)),
+        gguf_repo=(out.repo if out.gguf_repo == "same" else out.gguf_repo or f"{out.repo}-GGUF")
+        if out.repo and out.gguf
+        else None,
     )
 
     c = tables.card

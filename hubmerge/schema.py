@@ -226,6 +226,18 @@ class OutputTable(_Table):
         description="prove every byte read from a streamed source against the Hub's sha256 (costs up to one "
         "more read of each streamed file); false: sizes and headers only, recorded in the lock",
     )
+    gguf: list[Literal["q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16", "bf16", "f32"]] = Field(
+        [], description='GGUF files (llama.cpp, Ollama, LM Studio) written after the weights, e.g. ["q4_k_m"]'
+    )
+    gguf_repo: (
+        Annotated[
+            str, Field(json_schema_extra={"pattern": r"^(same|[A-Za-z0-9_.\-]{1,96}/[A-Za-z0-9_.\-]{1,96})$"})
+        ]
+        | None
+    ) = Field(
+        None,
+        description='push the GGUF files to this repo, or "same" (beside the weights); default: {repo}-GGUF',
+    )
 
 
 class CardTable(_Table):

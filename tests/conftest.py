@@ -52,33 +52,39 @@ def qwen2_config(tied: bool = True, dtype: str = "bfloat16", **overrides: object
 
 
 def random_state_dict(
-    seed: int, vocab: int = VOCAB, head: bool = False, layers: int = LAYERS
+    seed: int,
+    vocab: int = VOCAB,
+    head: bool = False,
+    layers: int = LAYERS,
+    hidden: int = HIDDEN,
+    intermediate: int = INTERMEDIATE,
 ) -> dict[str, torch.Tensor]:
+    """Qwen2 weights; a `hidden` other than HIDDEN needs `hidden_size` (and `intermediate_size`) in the config."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g) * 0.02
 
-    kv = HIDDEN // HEADS * KV_HEADS
-    sd = {"model.embed_tokens.weight": rand(vocab, HIDDEN), "model.norm.weight": 1 + rand(HIDDEN)}
+    kv = hidden // HEADS * KV_HEADS
+    sd = {"model.embed_tokens.weight": rand(vocab, hidden), "model.norm.weight": 1 + rand(hidden)}
     for i in range(layers):
         p = f"model.layers.{i}."
         sd |= {
-            p + "input_layernorm.weight": 1 + rand(HIDDEN),
-            p + "post_attention_layernorm.weight": 1 + rand(HIDDEN),
-            p + "self_attn.q_proj.weight": rand(HIDDEN, HIDDEN),
-            p + "self_attn.q_proj.bias": rand(HIDDEN),
-            p + "self_attn.k_proj.weight": rand(kv, HIDDEN),
+            p + "input_layernorm.weight": 1 + rand(hidden),
+            p + "post_attention_layernorm.weight": 1 + rand(hidden),
+            p + "self_attn.q_proj.weight": rand(hidden, hidden),
+            p + "self_attn.q_proj.bias": rand(hidden),
+            p + "self_attn.k_proj.weight": rand(kv, hidden),
             p + "self_attn.k_proj.bias": rand(kv),
-            p + "self_attn.v_proj.weight": rand(kv, HIDDEN),
+            p + "self_attn.v_proj.weight": rand(kv, hidden),
             p + "self_attn.v_proj.bias": rand(kv),
-            p + "self_attn.o_proj.weight": rand(HIDDEN, HIDDEN),
-            p + "mlp.gate_proj.weight": rand(INTERMEDIATE, HIDDEN),
-            p + "mlp.up_proj.weight": rand(INTERMEDIATE, HIDDEN),
-            p + "mlp.down_proj.weight": rand(HIDDEN, INTERMEDIATE),
+            p + "self_attn.o_proj.weight": rand(hidden, hidden),
+            p + "mlp.gate_proj.weight": rand(intermediate, hidden),
+            p + "mlp.up_proj.weight": rand(intermediate, hidden),
+            p + "mlp.down_proj.weight": rand(hidden, intermediate),
         }
     if head:
-        sd["lm_head.weight"] = rand(vocab, HIDDEN)
+        sd["lm_head.weight"] = rand(vocab, hidden)
     return sd
 
 
