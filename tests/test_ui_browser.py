@@ -136,8 +136,9 @@ def test_edit_plan_run_cancel_and_push_in_the_browser(
     # A second run, cancelled midway: held after its first slice until the cancel arrives (uiapp.py).
     app.pause.touch()
     page.click("#run")
-    expect(page.locator("#progress [data-state=running]")).to_contain_text(
-        "merging tiny-ties.toml", timeout=WAIT
+    running = page.locator("#progress [data-state=running]")
+    expect(running).to_contain_text(
+        re.compile(r"merging tiny-ties.toml: 0\.\d\d MB of 0\.21 MB"), timeout=WAIT
     )
     expect(page.locator("#queue")).to_contain_text("running tiny-ties.toml")
     assert app.reached.is_file()

@@ -1,9 +1,10 @@
 """`hubmerge ui` in a subprocess on 127.0.0.1, for the web app's tests (gradio_client and the browser).
 
 Run as a script, this file is the server: `hubmerge ui` itself, plus one test hook. When the environment names
-a pause file (HUBMERGE_TEST_PAUSE) and that file exists when a merge writes its first slice, the merge removes
-it, writes `<pause file>.reached`, and waits until the job is cancelled: a test cancels a merge that is
-provably midway (its staging folder holds a partly written shard) without depending on timing.
+a pause file (HUBMERGE_TEST_PAUSE) and that file exists when a merge is about to write its second slice (the
+first one written and reported), the merge removes it, writes the shard's path to `<pause file>.reached`, and
+waits until the job is cancelled: a test cancels a merge that is provably midway (its staging folder holds a
+partly written shard) without depending on timing.
 """
 
 from __future__ import annotations
@@ -86,18 +87,21 @@ def _install_pause(pause: Path) -> None:
     from hubmerge import api, engine
 
     cancelled: list[threading.Event] = []
+    writes = [0]
     merge, write = api.merge, engine.ShardWriter.write
 
     def watched_merge(*args, **kwargs):  # type: ignore[no-untyped-def]
         cancelled[:] = [kwargs["cancel"]] if kwargs.get("cancel") is not None else []
+        writes[0] = 0
         return merge(*args, **kwargs)
 
     def paused_write(self, tensor):  # type: ignore[no-untyped-def]
-        write(self, tensor)
-        if cancelled and pause.exists():
+        writes[0] += 1
+        if writes[0] == 2 and cancelled and pause.exists():
             pause.unlink()
             Path(f"{pause}.reached").write_text(str(self.path))
             cancelled[0].wait(120)
+        write(self, tensor)
 
     api.merge = watched_merge  # type: ignore[assignment]
     engine.ShardWriter.write = paused_write  # type: ignore[method-assign]

@@ -19,7 +19,8 @@ _CSS = """
 #validation .problem { margin: .4em 0; }
 #validation .message { color: #b91c1c; font-weight: 600; }
 #validation pre { margin: .2em 0; padding: .3em .5em; background: #f8fafc; border-radius: 4px; }
-#validation .at { background: #fee2e2; display: block; }
+#validation pre span { display: block; white-space: pre; }
+#validation .at { background: #fee2e2; }
 #progress progress { width: 100%; height: 1.2em; }
 """
 
@@ -39,7 +40,7 @@ def validation_html(problems: list[Problem], text: str, summary: str) -> str:
                 f'<span class="{"at" if n == p.line else "near"}">{n:>3} | {html.escape(line)}</span>'
                 for n, line in lines_around(text, p.line)
             ]
-            block = "<pre>" + "\n".join(rows) + "</pre>"
+            block = "<pre>" + "".join(rows) + "</pre>"
         parts.append(
             f'<div class="problem" data-line="{p.line or ""}">{block}'
             f'<div class="message">{html.escape(where)}{html.escape(p.message)}</div></div>'
@@ -59,6 +60,8 @@ def progress_html(job: Job, queue: str) -> str:
         eta = job.eta()
         done = f"{_size(job.written)} of {_size(job.total)}" if job.total else "fetching the sources"
         text = f"merging {job.name}: {done}" + (f", about {eta:.0f} s left" if eta is not None else "")
+        if job.total:
+            text += f" ({job.written / job.total:.0%})"
     elif state == "done":
         text = f"done: {job.name} merged into {job.result.output_dir if job.result else '?'}"
     elif state == "cancelled":
@@ -218,12 +221,6 @@ def build(service: Service) -> gr.Blocks:
                 queue = gr.Markdown(service.queue_status(), elem_id="queue")
                 progress = gr.HTML(elem_id="progress")
                 log = gr.Textbox(label="Log", lines=6, max_lines=12, interactive=False, elem_id="log")
-                gr.Markdown("## Results")
-                card = gr.Markdown(elem_id="card")
-                lock = gr.Code(label="hubmerge.lock.json", language="json", interactive=False, elem_id="lock")
-                downloads = gr.File(
-                    label="Files", file_count="multiple", interactive=False, elem_id="downloads"
-                )
                 gr.Markdown("## Push to the Hub")
                 token = gr.Textbox(
                     label="Hugging Face token (write access; used for this push only, never kept)",
@@ -235,6 +232,30 @@ def build(service: Service) -> gr.Blocks:
                     private = gr.Checkbox(value=True, label="Private", elem_id="private")
                 push_button = gr.Button("Push", elem_id="push")
                 pushed = gr.Markdown(elem_id="pushed")
+        gr.Markdown("## Results")
+        with gr.Row():
+            with gr.Column(scale=3):
+                card = gr.Markdown(elem_id="card")
+            with gr.Column(scale=2):
+                downloads = gr.File(
+                    label="Files", file_count="multiple", interactive=False, elem_id="downloads"
+                )
+                lock = gr.Code(
+                    label="hubmerge.lock.json",
+                    language="json",
+                    interactive=False,
+                    max_lines=30,
+                    elem_id="lock",
+                )
+        timer = gr.Timer(2)
+        timer.tick(
+            service.queue_status,
+            None,
+            queue,
+            api_visibility="private",
+            concurrency_limit=None,
+            show_progress="hidden",
+        )
 
         example.change(pick, example, [editor, path], api_visibility="private")
         editor.change(check, [editor, path], validation, api_visibility="private", concurrency_limit=None)
