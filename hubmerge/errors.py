@@ -9,7 +9,7 @@
      ├── PublishError                 exit 6: the result cannot be pushed (token, permissions, Hub errors)
      ├── EvalError                    exit 7: the evaluation cannot run (lm-eval missing, a task fails)
      │    └── GateError               exit 8: the merge misses an `[eval] require` score; it was not pushed
-     └── Cancelled                    exit 130: the caller cancelled the merge (`merge(cancel=...)`); nothing was written
+     └── Cancelled                    exit 1: a caller of the API cancelled the merge (`merge(cancel=...)`)
 
 Exit code 130 means interrupted and 70 an internal error, a bug (run with HUBMERGE_DEBUG=1 for a traceback).
 """
@@ -79,6 +79,5 @@ class GateError(EvalError):
 
 
 class Cancelled(HubmergeError):
-    """The merge was cancelled through `hubmerge.merge(cancel=event)`; the output folder was left as it was."""
-
-    exit_code = 130
+    """The merge was cancelled through `hubmerge.merge(cancel=event)`; the output folder was left as it was.
+    The CLI never raises it: Ctrl-C there is exit 130 (cli.py)."""

@@ -63,6 +63,7 @@ def _staging(work: Path) -> list[Path]:
     return [p for p in work.rglob("*") if ".hubmerge-" in p.name]
 
 
+@pytest.mark.slow
 def test_edit_plan_run_cancel_and_push_in_the_browser(
     app: Served, hub: LocalHub, browser: Browser, tmp_path: Path
 ) -> None:

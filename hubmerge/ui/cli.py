@@ -33,18 +33,33 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="where merges are written (default ./hubmerge-ui; on a Space with persistent storage /data/hubmerge-ui)",
     )
+    p.add_argument(
+        "--space-files",
+        type=Path,
+        metavar="DIR",
+        help="write app.py, requirements.txt and README.md (Space metadata) for a CPU Hugging Face Space into "
+        "DIR, then stop",
+    )
     return p
 
 
 def main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(argv)
+    if args.space_files is not None:
+        from .space import write_space_files
+
+        for path in write_space_files(args.space_files):
+            print(f"wrote {path}")
+        print(
+            f"upload them to a new Gradio Space: hf upload your-name/hubmerge {args.space_files} --repo-type space"
+        )
+        return 0
     on_space = bool(os.environ.get("SPACE_ID"))
     persistent = Path("/data")
     public = args.public or on_space or args.share
     if on_space and persistent.is_dir():
-        os.environ.setdefault(
-            "HF_HOME", str(persistent / "huggingface")
-        )  # before huggingface_hub is imported
+        # Before huggingface_hub is imported: the cache on the persistent disk, downloaded once.
+        os.environ.setdefault("HF_HOME", str(persistent / "huggingface"))
     if public:
         # The server's own token (a Space secret) must not open its owner's private repos to every visitor.
         os.environ["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"
