@@ -16,6 +16,7 @@ from gradio_client.exceptions import AppError
 from uiapp import Served, serve
 
 from hubmerge.cli import main
+from hubmerge.recipe import loads_recipe
 from hubmerge.ui.service import Service, Settings, key_line
 
 RECIPE = f"""method = "ties"
@@ -249,3 +250,62 @@ def test_space_files_are_a_gradio_space_that_serves_the_app(
         "for --space-files\n"
     )
     assert (folder / "app.py").read_text() == "# mine\n"
+
+
+# --- the form ---------------------------------------------------------------------------------------------
+
+EXAMPLE = (TINY.parent / "tiny-ties.toml").read_text()
+
+
+def test_form_reads_the_recipe_and_writes_back_only_its_own_lines() -> None:
+    from hubmerge.ui.form import read_form, write_form
+
+    form = read_form(EXAMPLE)
+    assert form is not None and form.method == "ties" and form.base == "./tiny/base"
+    assert form.models == ["./tiny/math", "./tiny/coder", "./tiny/instruct"]
+    assert form.parameters == {"scaling_factor": 0.8, "threshold": 20}
+    written = write_form(EXAMPLE, "ties", "./tiny/base", ["./tiny/math", "./tiny/coder"], {"threshold": 30.0})
+    before, after = EXAMPLE.splitlines(), written.splitlines()
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    assert changed == [
+        (
+            'models = ["./tiny/math", "./tiny/coder", "./tiny/instruct"]',
+            'models = ["./tiny/math", "./tiny/coder"]',
+        ),
+        ("threshold = 20", "threshold = 30.0"),
+    ]
+    assert len(before) == len(after)
+    # A default the recipe does not set stays unwritten; the result is a valid recipe.
+    assert write_form(EXAMPLE, "ties", "./tiny/base", form.models, {"trim": "global"}) == EXAMPLE
+    loads_recipe(written, TINY.parent / "tiny-ties.toml")
+
+
+def test_form_adds_parameters_and_leaves_tables_and_schedules_alone() -> None:
+    from hubmerge.ui.form import read_form, write_form
+
+    text = (
+        '# mine\nmethod = "linear"\n[[models]]\nsource = "a/b"\nweight = 2\n[parameters]\nweight = [0, 1]\n'
+    )
+    form = read_form(text)
+    assert form is not None and form.models is None and form.parameters == {"weight": [0, 1]}
+    written = write_form(text, "linear", "", None, {"normalize": False})
+    assert written == text.replace("weight = [0, 1]\n", "weight = [0, 1]\nnormalize = false\n")
+    assert write_form('method = "ties"\n', "simple_average", "", ["x/y"], {}) == (
+        'method = "simple_average"\nmodels = ["x/y"]\n'
+    )
+    assert read_form("method = [") is None
+
+
+def test_form_fields_are_the_registrys() -> None:
+    from hubmerge.methods import METHODS
+    from hubmerge.ui.form import FIELDS, fields_of
+
+    for method in METHODS.values():
+        for param in fields_of(method):
+            assert FIELDS[param.name].type is param.type and FIELDS[param.name].choices == param.choices
+    assert [p.name for p in fields_of(METHODS["ties"])] == [
+        "scaling_factor",
+        "threshold",
+        "merge_func",
+        "trim",
+    ]

@@ -94,6 +94,18 @@ def test_edit_plan_run_cancel_and_push_in_the_browser(
     assert page.input_value("#recipe-path input, #recipe-path textarea") == str(EXAMPLE)
     shot("02-example")
 
+    # The form shows the recipe with the registry's fields for its method; an edit there rewrites the TOML.
+    page.get_by_text("Form (the method registry's parameters").click()
+    expect(page.locator("#param-threshold input")).to_have_value("20", timeout=WAIT)
+    expect(page.locator("#param-trim")).to_be_visible()  # a ties parameter the recipe leaves at its default
+    expect(page.locator("#param-t")).to_be_hidden()  # slerp's, not ties's
+    page.fill("#param-threshold input", "30")
+    page.keyboard.press("Tab")
+    expect(page.locator("#editor .cm-content")).to_contain_text("threshold = 30.0", timeout=WAIT)
+    expect(page.locator("#editor .cm-content")).to_contain_text("# Offline demo: the tiny")  # comments kept
+    expect(page.locator("#validation [data-state=ok]")).to_be_visible(timeout=WAIT)
+    shot("02b-form")
+
     # A typo: the error is shown at its line, worded as the CLI words it.
     text = EXAMPLE.read_text()
     typo = text.replace("threshold", "treshold")

@@ -10,6 +10,8 @@ import gradio as gr
 from gradio.events import api
 
 from ..errors import HubmergeError
+from ..methods import METHODS, Param
+from .form import FIELDS, fields_of, read_form, write_form
 from .service import Job, Problem, Service, card_markdown, cli_line, examples, lines_around, read_lock
 
 __all__ = ["build", "serve"]
@@ -89,6 +91,73 @@ def page_card(markdown: str, folder: Path) -> str:
         return f"![{match.group(1)}](/gradio_api/file={target})"
 
     return _IMAGE.sub(served, markdown)
+
+
+def _field(param: Param) -> Any:
+    """The form's input for a parameter, as the registry declares it (hidden until its method is chosen)."""
+    common: dict[str, Any] = {
+        "label": param.name,
+        "info": param.help,
+        "visible": False,
+        "elem_id": f"param-{param.name}",
+    }
+    if param.choices:
+        return gr.Dropdown(choices=list(param.choices), value=param.default, **common)
+    if param.type is bool:
+        return gr.Checkbox(value=bool(param.default), **common)
+    if param.type in (int, float):
+        return gr.Number(
+            value=float(param.default) if param.default is not None else None,
+            minimum=param.minimum,
+            maximum=param.maximum,
+            precision=0 if param.type is int else None,
+            **common,
+        )
+    return gr.Textbox(value=str(param.default or ""), **common)
+
+
+def form_updates(text: str) -> list[Any]:
+    """The form showing the recipe `text`: method, base, models, then every parameter field; unchanged
+    (skipped) while the text is not TOML."""
+    form = read_form(text)
+    if form is None:
+        return [gr.skip()] * (3 + len(FIELDS))
+    own = {p.name: p for p in fields_of(METHODS[form.method])} if form.method else {}
+    updates = [
+        gr.update(value=form.method),
+        gr.update(value=form.base),
+        gr.update(value="\n".join(form.models or []), interactive=form.models is not None),
+    ]
+    for name, shared in FIELDS.items():
+        param = own.get(name, shared)  # the method's own default and help
+        value = form.parameters.get(name, param.default)
+        scheduled = isinstance(value, (list, dict))
+        updates.append(
+            gr.update(
+                visible=name in own,
+                value=param.default if scheduled else value,
+                interactive=not scheduled,
+                info=f"set in the recipe as a gradient or filter: edit it there. {param.help}"
+                if scheduled
+                else param.help,
+            )
+        )
+    return updates
+
+
+def from_form(text: str, method: str | None, base: str, models: str, *values: Any) -> Any:
+    """The recipe `text` with the form's values written into it (only the fields of the method it had)."""
+    if not method:
+        return gr.skip()
+    before = read_form(text)
+    if before is None:
+        return gr.skip()
+    owned = {p.name for p in fields_of(METHODS[before.method])} if before.method else set()
+    given: dict[str, Any] = {}
+    for (name, param), value in zip(FIELDS.items(), values, strict=True):
+        if name in owned and value is not None and not isinstance(before.parameters.get(name), (list, dict)):
+            given[name] = param.type(value)
+    return write_form(text, method, base, models.splitlines() if before.models is not None else None, given)
 
 
 # --- the app ---------------------------------------------------------------------------------------------
@@ -212,6 +281,22 @@ def build(service: Service) -> gr.Blocks:
                     interactive=True,
                 )
                 validation = gr.HTML(elem_id="validation")
+                with gr.Accordion(
+                    "Form (the method registry's parameters, kept in sync with the TOML)", open=False
+                ):
+                    method_field = gr.Dropdown(
+                        choices=[(f"{m.name}: {m.title}", m.name) for m in METHODS.values()],
+                        value=None,
+                        label="method",
+                        elem_id="form-method",
+                    )
+                    base_field = gr.Textbox(label="base (a Hub id or a folder)", elem_id="form-base")
+                    models_field = gr.Textbox(
+                        label="models, one per line ([[models]] tables are edited in the TOML)",
+                        lines=3,
+                        elem_id="form-models",
+                    )
+                    param_fields = [_field(p) for p in FIELDS.values()]
                 plan_button = gr.Button("Show the plan", elem_id="plan-button")
                 plan_view = gr.Code(label="Plan", language=None, elem_id="plan", interactive=False)
             with gr.Column(scale=2):
@@ -259,6 +344,12 @@ def build(service: Service) -> gr.Blocks:
 
         example.change(pick, example, [editor, path], api_visibility="private")
         editor.change(check, [editor, path], validation, api_visibility="private", concurrency_limit=None)
+        form = [method_field, base_field, models_field, *param_fields]
+        editor.change(form_updates, editor, form, api_visibility="private", concurrency_limit=None)
+        for component in form:
+            # User edits only (`input`, `blur`): the form's own updates from the TOML must not write back.
+            trigger = component.input if isinstance(component, (gr.Dropdown, gr.Checkbox)) else component.blur
+            trigger(from_form, [editor, *form], editor, api_visibility="private", concurrency_limit=None)
         path.change(check, [editor, path], validation, api_visibility="private", concurrency_limit=None)
         plan_button.click(show_plan, [editor, path], plan_view, api_visibility="private")
         run_button.click(
