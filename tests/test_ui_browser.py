@@ -100,7 +100,7 @@ def test_edit_plan_run_cancel_and_push_in_the_browser(
     expect(page.locator("#param-trim")).to_be_visible()  # a ties parameter the recipe leaves at its default
     expect(page.locator("#param-t")).to_be_hidden()  # slerp's, not ties's
     page.fill("#param-threshold input", "30")
-    page.keyboard.press("Tab")
+    page.locator("#param-threshold input").blur()
     expect(page.locator("#editor .cm-content")).to_contain_text("threshold = 30.0", timeout=WAIT)
     expect(page.locator("#editor .cm-content")).to_contain_text("# Offline demo: the tiny")  # comments kept
     expect(page.locator("#validation [data-state=ok]")).to_be_visible(timeout=WAIT)

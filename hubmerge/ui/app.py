@@ -343,13 +343,34 @@ def build(service: Service) -> gr.Blocks:
         )
 
         example.change(pick, example, [editor, path], api_visibility="private")
-        editor.change(check, [editor, path], validation, api_visibility="private", concurrency_limit=None)
+        editor.change(
+            check,
+            [editor, path],
+            validation,
+            api_visibility="private",
+            concurrency_limit=None,
+            show_progress="hidden",
+        )
         form = [method_field, base_field, models_field, *param_fields]
-        editor.change(form_updates, editor, form, api_visibility="private", concurrency_limit=None)
+        editor.change(
+            form_updates,
+            editor,
+            form,
+            api_visibility="private",
+            concurrency_limit=None,
+            show_progress="hidden",
+        )
         for component in form:
             # User edits only (`input`, `blur`): the form's own updates from the TOML must not write back.
             trigger = component.input if isinstance(component, (gr.Dropdown, gr.Checkbox)) else component.blur
-            trigger(from_form, [editor, *form], editor, api_visibility="private", concurrency_limit=None)
+            trigger(
+                from_form,
+                [editor, *form],
+                editor,
+                api_visibility="private",
+                concurrency_limit=None,
+                show_progress="hidden",
+            )
         path.change(check, [editor, path], validation, api_visibility="private", concurrency_limit=None)
         plan_button.click(show_plan, [editor, path], plan_view, api_visibility="private")
         run_button.click(
