@@ -121,11 +121,15 @@ def _streamed(plan: MergePlan) -> dict[int, Source]:
     return {id(r.source): r.source for r in plan.roles if r.name in plan.disk.streamed}
 
 
-def _fetch_all(plan: MergePlan, quiet: bool, stream: bool = True) -> dict[int, Path]:
-    """Each source's folder; with `stream`, the streamed sources' folders hold everything but the weights."""
+def _fetch_all(
+    plan: MergePlan, quiet: bool, stream: bool = True, cancel: threading.Event | None = None
+) -> dict[int, Path]:
+    """Each source's folder; with `stream`, the streamed sources' folders hold everything but the weights.
+    A `cancel` set while one source downloads stops before the next one."""
     streamed = _streamed(plan) if stream else {}
     folders: dict[int, Path] = {}
     for source in (*plan.weight_sources, plan.tokenizer):
+        _check_cancel(cancel)
         if id(source) not in folders:
             folders[id(source)] = fetch(
                 source,
@@ -282,7 +286,7 @@ def merge(
     collector = MergeStats(merge_plan) if stats and merge_plan.stats else None
     uploader: ShardUploader | None = None
     try:
-        folders = _fetch_all(merge_plan, quiet)
+        folders = _fetch_all(merge_plan, quiet, cancel=cancel)
         _check_cancel(cancel)
         if streaming:
             uploader = ShardUploader(merge_plan, delete_uploaded=delete_uploaded)

@@ -309,3 +309,15 @@ def test_form_fields_are_the_registrys() -> None:
         "merge_func",
         "trim",
     ]
+
+
+def test_merge_cancelled_before_it_starts_writes_nothing(tmp_path: Path) -> None:
+    from hubmerge.api import merge
+    from hubmerge.errors import Cancelled
+
+    cancel = threading.Event()
+    cancel.set()
+    recipe = loads_recipe(RECIPE, tmp_path / "recipe.toml")
+    with pytest.raises(Cancelled, match="the merge was cancelled"):
+        merge(recipe, output_dir=tmp_path / "out", cancel=cancel, log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
