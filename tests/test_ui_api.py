@@ -321,3 +321,32 @@ def test_merge_cancelled_before_it_starts_writes_nothing(tmp_path: Path) -> None
     with pytest.raises(Cancelled, match="the merge was cancelled"):
         merge(recipe, output_dir=tmp_path / "out", cancel=cancel, log=lambda _: None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_one_merge_at_a_time_the_next_one_waits_in_the_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hubmerge import engine
+
+    write = engine.ShardWriter.write
+    midway = threading.Event()
+    service = Service(Settings(tmp_path / "work"))
+
+    def held(self: engine.ShardWriter, tensor: object) -> None:
+        write(self, tensor)  # type: ignore[arg-type]
+        if first.state == "running":
+            midway.set()
+            first.cancel.wait(60)
+
+    monkeypatch.setattr(engine.ShardWriter, "write", held)
+    first = service.submit(RECIPE, str(tmp_path / "first.toml"), "a")
+    assert midway.wait(60)
+    second = service.submit(RECIPE, str(tmp_path / "second.toml"), "b")
+    assert second.state == "waiting"
+    assert service.queue_status() == f"running first.toml (job {first.id}); 1 waiting"
+    assert service.cancel("a") is first
+    assert second.finished.wait(60) and first.finished.is_set()
+    assert (first.state, second.state) == ("cancelled", "done")
+    assert second.result is not None and (second.result.output_dir / "model.safetensors").is_file()
+    assert service.results == {"b": second.result}
+    assert service.queue_status() == "idle; 0 waiting"
