@@ -12,6 +12,7 @@ import dataclasses
 import json
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from .card import license_file, render_card
 from .checkpoint import Folder
 from .diagnostics import STATS_FILE, MergeStats, stats_files, write_stats
 from .engine import collect_stats, write_weights
-from .errors import EvalError, GateError, HubmergeError, RecipeError
+from .errors import Cancelled, EvalError, GateError, HubmergeError, RecipeError
 from .evaluate import (
     CHART_FILE,
     RESULTS_FILE,
@@ -52,7 +53,7 @@ from .output import check_target, disk_full, recover, staged, swap_in
 from .plan import MergePlan, build_plan
 from .publish import ShardUploader, check_push_access, push_companion
 from .publish import push as publish
-from .recipe import EvalSpec, load_recipe
+from .recipe import EvalSpec, Recipe, load_recipe, loads_recipe
 from .remote import RemoteFolder, prove_all
 from .sanity import SanityReport
 from .sources import TOKENIZER_FILES, Source, fetch
@@ -60,6 +61,7 @@ from .sources import TOKENIZER_FILES, Source, fetch
 __all__ = ["EvalResult", "InspectResult", "MergeResult", "evaluate", "inspect", "load_plan", "merge"]
 
 Log = Callable[[str], None]
+Progress = Callable[[int, int], None]  # (bytes of merged weights written so far, bytes the weights total)
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ def _stderr(message: str) -> None:
 
 
 def load_plan(
-    recipe_path: str | Path,
+    recipe_path: str | Path | Recipe,
     output_dir: str | Path | None = None,
     lock: str | Path | None = None,
     max_disk: int | None = None,
@@ -87,9 +89,15 @@ def load_plan(
     """Validate the recipe and resolve its sources (metadata only) into a `MergePlan`.
 
     `max_disk` (bytes) overrides `[output] max_disk`, the disk budget (budget.py). `delete_uploaded`: plan
-    for each shard being deleted once uploaded (`merge`).
+    for each shard being deleted once uploaded (`merge`). A `Recipe` already loaded (`loads_recipe`, for a
+    recipe that is text rather than a file) stands for its file.
     """
-    recipe = load_recipe(recipe_path, output_dir)
+    if isinstance(recipe_path, Recipe):
+        recipe = recipe_path
+        if output_dir is not None:
+            recipe = loads_recipe(recipe.text, recipe.path, output_dir)
+    else:
+        recipe = load_recipe(recipe_path, output_dir)
     if max_disk is not None:
         recipe = dataclasses.replace(recipe, output=dataclasses.replace(recipe.output, max_disk=max_disk))
     template = recipe.card.template
@@ -115,11 +123,15 @@ def _streamed(plan: MergePlan) -> dict[int, Source]:
     return {id(r.source): r.source for r in plan.roles if r.name in plan.disk.streamed}
 
 
-def _fetch_all(plan: MergePlan, quiet: bool, stream: bool = True) -> dict[int, Path]:
-    """Each source's folder; with `stream`, the streamed sources' folders hold everything but the weights."""
+def _fetch_all(
+    plan: MergePlan, quiet: bool, stream: bool = True, cancel: threading.Event | None = None
+) -> dict[int, Path]:
+    """Each source's folder; with `stream`, the streamed sources' folders hold everything but the weights.
+    A `cancel` set while one source downloads stops before the next one."""
     streamed = _streamed(plan) if stream else {}
     folders: dict[int, Path] = {}
     for source in (*plan.weight_sources, plan.tokenizer):
+        _check_cancel(cancel)
         if id(source) not in folders:
             folders[id(source)] = fetch(
                 source,
@@ -190,7 +202,7 @@ def _no_space(exc: OSError, directory: Path, needed: int) -> HubmergeError:
 
 
 def merge(
-    recipe_path: str | Path,
+    recipe_path: str | Path | Recipe,
     *,
     output_dir: str | Path | None = None,
     push: bool = False,
@@ -204,6 +216,8 @@ def merge(
     delete_uploaded: bool = False,
     max_disk: int | None = None,
     log: Log = _stderr,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
 ) -> MergeResult:
     """Run a recipe end to end: write the output folder, and with `push=True` publish it to `[output] repo`.
 
@@ -223,6 +237,10 @@ def merge(
     the Hub, so that at most two shards are on the disk at a time (TIES then reads its inputs once more
     before the merge to settle the majority sign, `Method.settle`, instead of patching shards at the end);
     the folder keeps the side files and the lock, and no sanity check runs (it reads the whole model).
+
+    `progress(written, total)` is called after each merged slice is written (bytes of weights). Setting
+    `cancel` (from another thread) stops the merge at the next slice, or before the output replaces anything,
+    with `Cancelled`: the staging folder is removed, the previous output is left as it was, nothing is pushed.
     """
     merge_plan = load_plan(recipe_path, output_dir, lock, max_disk, delete_uploaded and push)
     spec = _eval_spec(merge_plan) if evaluate else None
@@ -276,7 +294,8 @@ def merge(
     collector = MergeStats(merge_plan) if stats and merge_plan.stats else None
     uploader: ShardUploader | None = None
     try:
-        folders = _fetch_all(merge_plan, quiet)
+        folders = _fetch_all(merge_plan, quiet, cancel=cancel)
+        _check_cancel(cancel)
         if streaming:
             uploader = ShardUploader(merge_plan, delete_uploaded=delete_uploaded)
         needed += _side_bytes(merge_plan, folders)
@@ -295,6 +314,7 @@ def merge(
                 sanity and merge_plan.recipe.sanity,
                 uploader,
                 tuple(remote.values()),
+                _Watch(progress, cancel),
             )
             files = written.files
             prove_all(remote.values())  # every streamed byte proven the Hub's before anything is kept or pushed
@@ -317,6 +337,7 @@ def merge(
             files[LOCK_FILE] = None
             if uploader is not None:
                 uploader.wait()  # the shards still uploading are read from the staging folder
+            _check_cancel(cancel)  # the last moment: after the swap the new output is complete
             swap_in(staging, directory)
     except BaseException as exc:
         if source_hashes is not None:
@@ -362,6 +383,19 @@ def _verified(plan: MergePlan, remote: dict[int, RemoteFolder]) -> dict[str, Ver
     return result
 
 
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("the merge was cancelled; the previous output, if any, was left as it was")
+
+
+@dataclass(frozen=True)
+class _Watch:
+    """The caller's view of a merge in progress: a progress callback and a cancel event, both optional."""
+
+    progress: Progress | None = None
+    cancel: threading.Event | None = None
+
+
 @dataclass(frozen=True)
 class _Written:
     """What `_write_output` put into the staging folder."""
@@ -385,12 +419,14 @@ def _write_output(
     sanity: bool,
     uploader: ShardUploader | None = None,
     streamed: Sequence[RemoteFolder] = (),
+    watch: _Watch = _Watch(),
 ) -> _Written:
     """Write weights, side files, diagnostics, checks, card and license into `staging`; hand each shard to
     `uploader` as soon as it is complete. The progress bar shows the bytes `streamed` in and uploaded out."""
     from tqdm.auto import tqdm
 
     started = time.monotonic()
+    done = 0
 
     with tqdm(
         total=plan.output_bytes,
@@ -401,6 +437,11 @@ def _write_output(
     ) as bar:
 
         def progress(written: int) -> None:
+            nonlocal done
+            _check_cancel(watch.cancel)
+            done += written
+            if watch.progress is not None:
+                watch.progress(done, plan.output_bytes)
             bar.update(written)
             transfers = []
             if streamed:

@@ -39,6 +39,9 @@ _EPILOG = """commands:
   hubmerge import-mergekit CONFIG.yml [-o RECIPE.toml]
                                   convert a mergekit config into an equivalent recipe (stdout without -o);
                                   what cannot be converted is listed, one line per key
+  hubmerge ui [--host H] [--port N] [--public]
+                                  serve the web app (editor, plan, merge, card, push) and its API;
+                                  needs pip install "hubmerge[ui]"
 
 exit codes: 0 ok, 1 other error (output folder, disk full, lock not reproduced), 2 recipe, 3 source,
   4 incompatible sources, 5 card, 6 publish, 7 evaluation failed, 8 the merge missed [eval] require
@@ -203,13 +206,10 @@ def _append(path: Path | None, text: str) -> None:
 
 
 def _validate_one(path: Path) -> None:
-    from .errors import SourceError
-    from .recipe import load_recipe
+    from .recipe import load_recipe, missing_folder
 
     recipe = load_recipe(path)
-    for ref in (recipe.base, *recipe.models, recipe.tokenizer):
-        if ref is not None and ref.path is not None and not ref.path.is_dir():
-            raise SourceError(f"{path}: {ref.text!r} is not a folder ({ref.path})")
+    missing_folder(recipe, path)
     for warning in recipe.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"ok  {path}  ({recipe.method.name}, {len(recipe.models)} models)")
@@ -273,6 +273,10 @@ def _dispatch(argv: Sequence[str]) -> int:
         return 0
     if argv and argv[0] == "import-mergekit":  # nor does importing a mergekit config
         return _import_mergekit(_command_parser("import-mergekit").parse_args(argv[1:]))
+    if argv and argv[0] == "ui":
+        from .ui.cli import main as serve
+
+        return serve(argv[1:])
 
     if argv and argv[0] == "gguf":
         return _gguf(_command_parser("gguf").parse_args(argv[1:]))

@@ -7,8 +7,9 @@
      ├── IncompatibleSourcesError     exit 4: the sources cannot be merged together (names, shapes, architecture)
      ├── CardError                    exit 5: the model card cannot be rendered (template, license)
      ├── PublishError                 exit 6: the result cannot be pushed (token, permissions, Hub errors)
-     └── EvalError                    exit 7: the evaluation cannot run (lm-eval missing, a task fails)
-          └── GateError               exit 8: the merge misses an `[eval] require` score; it was not pushed
+     ├── EvalError                    exit 7: the evaluation cannot run (lm-eval missing, a task fails)
+     │    └── GateError               exit 8: the merge misses an `[eval] require` score; it was not pushed
+     └── Cancelled                    exit 1: a caller of the API cancelled the merge (`merge(cancel=...)`)
 
 Exit code 130 means interrupted and 70 an internal error, a bug (run with HUBMERGE_DEBUG=1 for a traceback).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "Cancelled",
     "CardError",
     "ConfigImportError",
     "EvalError",
@@ -74,3 +76,8 @@ class GateError(EvalError):
     def __init__(self, message: str, summary: str = "") -> None:
         super().__init__(message)
         self.summary = summary  # the results table in Markdown, for the job summary
+
+
+class Cancelled(HubmergeError):
+    """The merge was cancelled through `hubmerge.merge(cancel=event)`; the output folder was left as it was.
+    The CLI never raises it: Ctrl-C there is exit 130 (cli.py)."""

@@ -50,8 +50,9 @@ def _hub_failure(repo: str, exc: Exception) -> PublishError:
     return PublishError(f"pushing to {repo} failed ({type(exc).__name__}: {exc}); re-run to retry")
 
 
-def check_push_access(plan: MergePlan) -> str:
-    """Fail early unless a token that can write to the target namespace is available; return the user name."""
+def check_push_access(plan: MergePlan, token: str | None = None) -> str:
+    """Fail early unless a token that can write to the target namespace is available (`token`, or the one
+    huggingface_hub finds); return the user name."""
     import os
 
     from huggingface_hub import HfApi, get_token
@@ -59,7 +60,7 @@ def check_push_access(plan: MergePlan) -> str:
     repo = plan.recipe.output.repo
     assert repo is not None
     try:
-        token = get_token()
+        token = token or get_token()
     except Exception as exc:  # trusted publishing (HF_OIDC_RESOURCE) failed to mint or exchange a token
         raise PublishError(
             f"trusted publishing for {repo} failed ({type(exc).__name__}: {' '.join(str(exc).split())}); add a "
@@ -74,7 +75,7 @@ def check_push_access(plan: MergePlan) -> str:
         # A trusted-publishing token is scoped to this one repo; the push itself reports a refusal.
         return "trusted publisher"
     try:
-        who: dict[str, Any] = HfApi().whoami()
+        who: dict[str, Any] = HfApi(token=token).whoami()
     except Exception as exc:
         raise _hub_failure(repo, exc) from None
     namespace = repo.split("/")[0]
@@ -191,8 +192,9 @@ def _retrying(plan: MergePlan, push_once: Callable[[], PushResult]) -> PushResul
         raise _hub_failure(repo, exc) from None
 
 
-def push(plan: MergePlan, folder: Path) -> PushResult:
-    """Create the repo if needed and upload `folder` to its branch or as a pull request.
+def push(plan: MergePlan, folder: Path, token: str | None = None) -> PushResult:
+    """Create the repo if needed and upload `folder` to its branch or as a pull request, with `token` (default:
+    the one huggingface_hub finds).
 
     The commit names the branch tip it was computed against (deletions included); when someone else
     pushes in between, the Hub refuses it (412 or 409) and the push is redone on the new tip.
@@ -201,7 +203,7 @@ def push(plan: MergePlan, folder: Path) -> PushResult:
 
     repo = plan.recipe.output.repo
     assert repo is not None
-    api = HfApi()
+    api = HfApi(token=token)
     try:
         _create_target(api, plan)
     except Exception as exc:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import schema
-from .errors import RecipeError
+from .errors import RecipeError, SourceError
 from .methods import METHODS, Method
 from .schedule import Setting, is_schedule
 from .schema import RELATIVE_SCORE, REPO_ID, parse_size
@@ -35,6 +35,8 @@ __all__ = [
     "Recipe",
     "Requirement",
     "load_recipe",
+    "loads_recipe",
+    "missing_folder",
     "parse_size",
 ]
 
@@ -250,6 +252,13 @@ def load_recipe(path: str | Path, output_dir: str | Path | None = None) -> Recip
         raise RecipeError(f"{path}: cannot read the recipe ({exc})") from None
     if path.suffix.lower() in (".yml", ".yaml"):
         raise RecipeError(f"{path}: {_NOT_YAML}")
+    return loads_recipe(text, path, output_dir)
+
+
+def loads_recipe(text: str, path: str | Path, output_dir: str | Path | None = None) -> Recipe:
+    """Validate recipe `text` as if it were the file `path` (which need not exist): relative folders are read
+    from `path`'s folder and errors name `path`. Raises `RecipeError` with one actionable line."""
+    path = Path(path)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -270,6 +279,14 @@ def load_recipe(path: str | Path, output_dir: str | Path | None = None) -> Recip
     except schema.Problem as problem:
         raise reader.fail(problem.key, problem.message) from None
     return _build(reader, tables, text, output_dir)
+
+
+def missing_folder(recipe: Recipe, name: str | Path | None = None) -> None:
+    """Raise `SourceError` for the first local model folder of `recipe` that does not exist; the message
+    names the recipe as `name` (default: its absolute path)."""
+    for ref in (recipe.base, *recipe.models, recipe.tokenizer):
+        if ref is not None and ref.path is not None and not ref.path.is_dir():
+            raise SourceError(f"{name or recipe.path}: {ref.text!r} is not a folder ({ref.path})")
 
 
 def _build(r: _Reader, tables: Any, text: str, output_dir: str | Path | None) -> Recipe:
