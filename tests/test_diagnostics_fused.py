@@ -7,6 +7,7 @@ pieces, so the documents are equal to the bit, NaN included."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -104,9 +105,10 @@ def tiny_recipe(method: str, extra: str = "") -> str:
 def test_fused_stats_of_merge_and_inspect_equal_the_separate_pass_to_the_bit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
-    # Small pieces: every tensor is many pieces, merged by two threads and recorded in order.
-    monkeypatch.setattr(hubmerge.engine, "_PIECE_ELEMENTS", 700)
+    # Small pieces: the larger tensors are several pieces, merged by two threads and recorded in order.
+    monkeypatch.setattr(hubmerge.engine, "_PIECE_ELEMENTS", 4096)
     monkeypatch.setattr(hubmerge.engine, "_merge_threads", lambda device: 2)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # no plots: they are not what is compared
     recipe = tmp_path / "r.toml"
     recipe.write_text(tiny_recipe(method))
     expected = reference_stats(recipe)
@@ -114,7 +116,7 @@ def test_fused_stats_of_merge_and_inspect_equal_the_separate_pass_to_the_bit(
     if method == "ties":
         assert 0 < expected["total"]["dropped"][0] < expected["total"]["kept"][0] < 1
 
-    merged = api.merge(recipe, output_dir=tmp_path / "out", push=False, quiet=True).stats
+    merged = api.merge(recipe, output_dir=tmp_path / "out", push=False, quiet=True, sanity=False).stats
     inspected = api.inspect(recipe, output_dir=tmp_path / "inspect", quiet=True).stats
     assert merged is not None
     assert as_text(merged) == as_text(expected)
@@ -122,7 +124,7 @@ def test_fused_stats_of_merge_and_inspect_equal_the_separate_pass_to_the_bit(
 
 
 def test_fused_ties_counts_equal_the_separate_pass_where_sums_cancel_and_inputs_hold_nan(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Exact cancellations (the elected sign is 0: undecided entries, both signs), a zero task vector,
     and NaN and ±Inf in the sources of a recipe that allows them."""
@@ -141,6 +143,7 @@ def test_fused_ties_counts_equal_the_separate_pass_where_sums_cancel_and_inputs_
         'method = "ties"\nbase = "base"\nmodels = ["a", "b", "c"]\nallow_non_finite = true\n'
         '[parameters]\nscaling_factor = 1.0\nthreshold = 60\ntrim = "tensor"\n'
     )
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
     expected = reference_stats(recipe)
     up = next(t for t in expected["tensors"] if t["name"] == "model.layers.1.mlp.up_proj.weight")
     norm = next(t for t in expected["tensors"] if t["name"] == "model.norm.weight")
