@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,7 @@ class MergeStats:
         self._sign_sum = 0.0  # TIES: Σ elected signs over the model, whose sign breaks ties at 0
         # Only a recipe that accepts non-finite inputs can bring a NaN here (the engine refuses them otherwise).
         self._nan = plan.recipe.allow_non_finite
+        self._local = threading.local()  # each merge thread's scratch buffers (`_scratch`)
 
     def add(self, tensor: OutputTensor, slices: Sequence[torch.Tensor], cuts: Sequence[float] | None) -> None:
         """`measure` and `record` in one."""
@@ -153,7 +155,7 @@ class MergeStats:
     ) -> Measured | None:
         """One piece's statistics: `slices` as the engine reads them (the plan's math inputs, then
         `tensor.stats_base` when it has one); `cuts` are TIES's per-model magnitude cut-offs. None without
-        a base (nothing to measure). Reads the slices, changes nothing."""
+        a base (nothing to measure). Reads the slices, changes nothing; safe to call from several threads."""
         if self.reference is None:
             return None
         if self.plan.recipe.method.uses_base:
@@ -163,54 +165,58 @@ class MergeStats:
         # The engine upcasts only the first slice (methods promote the rest inside their arithmetic); the
         # reference must be in the compute dtype too, or bf16 − bf16 would round every task vector.
         base = base.to(self.plan.compute_dtype)
-        n = len(models)
-        task_vectors = torch.empty((n, base.numel()), dtype=base.dtype, device=base.device)
+        n, numel, device = len(models), base.numel(), base.device
+        task_vectors = self._scratch("task_vectors", (n, numel), base.dtype, device)
         for row, model in zip(task_vectors, models, strict=True):
             torch.sub(model.flatten(), base.flatten(), out=row)
-        gram = torch.zeros((n, n), dtype=torch.float64, device=base.device)
+        gram = torch.zeros((n, n), dtype=torch.float64, device=device)
         # float64 a block at a time (a quarter of a slice), so the dot products are exact to rounding.
         for block in torch.split(task_vectors, _BLOCK, dim=1):
-            as64 = block.to(torch.float64)
+            as64 = self._scratch("as64", block.shape, torch.float64, device).copy_(block)
             gram.addmm_(as64, as64.T)
         # Every count below is a matrix product of sign vectors (`_counts`): on a CPU, boolean masks and
         # logical operations cost several times an arithmetic pass (bench/RESULTS.md).
-        # A position has a sign conflict when the largest τ is > 0 and the smallest < 0 (1.0 there, else 0);
-        # there, and only there, every nonzero τᵢ is opposed by another model's. (A NaN makes the largest
-        # and the smallest NaN, whose sign torch takes as 0: no conflict there.)
-        high, low = task_vectors.amax(dim=0), task_vectors.amin(dim=0)
+        # A position has a sign conflict when the largest τ is > 0 and the smallest < 0 (conflict = 1.0
+        # there, else 0): there, and only there, every nonzero τᵢ is opposed by another model's. (A NaN
+        # makes the largest and the smallest NaN, whose sign torch takes as 0: no conflict there.)
+        high, low = self._scratch("extremes", (2, numel), base.dtype, device)
+        torch.amax(task_vectors, dim=0, out=high)
+        torch.amin(task_vectors, dim=0, out=low)
         conflict = high.sign_().clamp_(min=0).mul_(low.sign_().clamp_(max=0)).neg_()
-        nonzero = torch.sign(task_vectors).abs_()  # 1 where τᵢ ≠ 0 (a NaN τᵢ is where there is no conflict)
-        model_conflict = _counts(nonzero, conflict[None])[:, 0]
+        rows = self._scratch("rows", (2 * n, numel), base.dtype, device)
+        nonzero = torch.sign(task_vectors, out=rows[:n]).abs_()  # 1 where τᵢ ≠ 0 (NaN: see above)
         sums = _Sums(
-            base.numel(),
+            numel,
             gram,
             conflict.sum(dtype=torch.float64).to(torch.int64),
-            model_conflict,
-            *(torch.zeros(n, dtype=torch.int64, device=base.device) for _ in range(4)),
+            _counts(nonzero, conflict[None])[:, 0],
+            *(torch.zeros(n, dtype=torch.int64, device=device) for _ in range(4)),
         )
         sign_sum = 0.0
         if self.trims:
             assert cuts is not None
-            sign_sum = self._measure_trims(task_vectors, cuts, sums)
+            sign_sum = self._measure_trims(task_vectors, rows, cuts, sums)
         return Measured(tensor.name, sums, sign_sum)
 
-    def _measure_trims(self, task_vectors: torch.Tensor, cuts: Sequence[float], sums: _Sums) -> float:
-        """Fill the TIES counts of `sums` (trimming `task_vectors` in place); return Σ elected signs."""
-        n = task_vectors.shape[0]
+    def _measure_trims(
+        self, task_vectors: torch.Tensor, rows: torch.Tensor, cuts: Sequence[float], sums: _Sums
+    ) -> float:
+        """Fill the TIES counts of `sums` (trimming `task_vectors` in place, `rows` as scratch); return
+        Σ elected signs."""
+        n, numel = task_vectors.shape
         for row, cut in zip(task_vectors, cuts, strict=True):
             trim_(row, cut)  # the trimming rule of `methods.ties`
-        total = task_vectors.sum(dim=0)
         # Columns: the elected sign e, |e| (1 where e ≠ 0), 1 − |e| (1 where e = 0), 1. torch's sign of NaN
         # is 0: where the sum is NaN, no sign is elected.
-        columns = torch.empty((4, total.numel()), dtype=total.dtype, device=total.device)
+        columns = self._scratch("columns", (4, numel), task_vectors.dtype, task_vectors.device)
         elected, decided, undecided, ones = columns
-        torch.sign(total, out=elected)
+        torch.sum(task_vectors, dim=0, out=elected)
+        elected.sign_()
         sign_sum = float(elected.sum(dtype=torch.float64))
         torch.abs(elected, out=decided)
         torch.sub(1.0, decided, out=undecided)
         ones.fill_(1.0)
         # Rows: sign τᵢ (±1, or 0 where trimmed away; 0 for NaN too), then |sign τᵢ|.
-        rows = torch.empty((2 * n, total.numel()), dtype=total.dtype, device=total.device)
         torch.sign(task_vectors, out=rows[:n])
         torch.abs(rows[:n], out=rows[n:])
         c = _counts(rows, columns)
@@ -222,6 +228,18 @@ class MergeStats:
         sums.undecided_pos = (unsigned[:, 2] + signed[:, 2]) // 2
         sums.undecided_neg = (unsigned[:, 2] - signed[:, 2]) // 2
         return sign_sum
+
+    def _scratch(
+        self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """A buffer of this thread's, reused piece after piece: a fresh allocation of a few MB is mapped
+        and faulted in every time."""
+        size = math.prod(shape)
+        buffer: torch.Tensor | None = getattr(self._local, name, None)
+        if buffer is None or buffer.numel() < size or buffer.dtype != dtype or buffer.device != device:
+            buffer = torch.empty(size, dtype=dtype, device=device)
+            setattr(self._local, name, buffer)
+        return buffer[:size].view(tuple(shape))
 
     def record(self, measured: Measured) -> None:
         """Add one piece's statistics to its tensor's."""
