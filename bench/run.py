@@ -5,7 +5,9 @@ method it
   1. makes the checkpoints it needs (`make_checkpoints.py`, deterministic, under bench/work/),
   2. writes the recipes (and mergekit configs) under bench/work/configs/ with paths relative to them,
   3. alternates, `--repeats` times: the I/O floor (a child process that reads exactly the input files the
-     method needs and writes a buffered file of the output's size), then hubmerge (`python -m hubmerge.cli`),
+     method needs and writes a buffered file of the output's size), then hubmerge (`python -m hubmerge.cli`)
+     once per `--variants` command (default: the merge alone with `--no-stats --no-sanity`, then the
+     default command a user runs, diagnostics and sanity check included; `stats` = `--no-sanity` only),
      with `--with-mergekit` mergekit 0.1.5 (`mergekit-yaml`) and with `--with-fusionbench` FusionBench
      0.2.33 (its `fusion_bench` CLI as its Qwen2.5 docs run it; only on the 0.1b shape and for
      simple_average, task_arithmetic and ties: see `fusionbench_command`). Before each run every input is
@@ -19,6 +21,7 @@ method it
      `--rows`, every single measurement to `--record`).
 
     python bench/run.py                                # 0.5B, 3 fine-tunes, all methods, 3 repeats
+    python bench/run.py --variants alone,stats         # the merge alone and with its diagnostics
     python bench/run.py --shape 1.5b --models 2,3,5    # the scaling table
     python bench/run.py --with-mergekit                # also mergekit 0.1.5 in bench/work/venv-mergekit
     python bench/run.py --shape 1.5b --methods dare_ties,slerp,model_stock --with-mergekit

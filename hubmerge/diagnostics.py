@@ -1,8 +1,10 @@
 """Merge diagnostics: what the task vectors look like, measured while the engine streams the inputs anyway.
 
-`MergeStats` is a pure accumulator. The engine feeds it every slice it reads (no extra pass over the
-inputs); it keeps a few float64 sums and integer counts per tensor, so its memory does not grow with the
-model. Per tensor, per decoder layer and over the whole model it reports, for task vectors
+`MergeStats` is an accumulator of a few float64 sums and integer counts per tensor, so its memory does not
+grow with the model. The engine measures every piece it merges (`MergeStats.measure`) on the merge thread
+that merges it, just before the merge step, while the piece's inputs are in the CPU's caches, and records
+the results in the pieces' order (`MergeStats.record`): no extra pass over the inputs, and the same
+numbers, to the bit, as `hubmerge inspect`, which streams the same pieces without merging. Per tensor, per decoder layer and over the whole model it reports, for task vectors
 τᵢ = θᵢ − θ_base:
 
 - norm             ‖τᵢ‖₂
@@ -19,10 +21,12 @@ a base there are no task vectors, and the statistics are reported as not applica
 against a stand-in such as the models' mean (whose deviations always sum to zero, so two models would
 always show a cosine of −1).
 
-No extra pass over the inputs, but not free arithmetic: about ten elementwise passes over the task vectors
-per slice (float64 dot products included, so the numbers do not depend on the slice size). Measured on a
-40M-parameter, 3-model merge on the 2-core development machine (CPU, shared): simple_average 7-8 s without,
-17-27 s with; TIES 57-70 s without, 92-94 s with. `--no-stats` or `[output] stats = false` turns them off.
+Not free arithmetic: per piece, the task vectors again, their Gram matrix in float64 (so the numbers do not
+depend on the piece size), and every count as a matrix product of sign vectors (`_counts`) instead of
+boolean masks; about a dozen elementwise passes over the task vectors (on one CPU thread, 256 Ki elements
+and 3 models: ~3.5 ms per piece, ~7.5 ms with TIES's counts; the separate pass this replaced took ~4 and
+~15-24 ms, on the main thread, before the piece could be merged). bench/RESULTS.md has the end-to-end cost.
+`--no-stats` or `[output] stats = false` turns them off.
 
 `write_stats` writes `merge_stats.json` and, when matplotlib is installed (`hubmerge[plots]`), the plots.
 """

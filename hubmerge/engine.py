@@ -12,7 +12,8 @@ output dtype.
 
 Reading, computing and writing overlap: a read thread fetches the next slice while the current one is
 computed, a slice is computed in small pieces (`_PIECE_ELEMENTS`) on up to two merge threads, and a write
-thread writes and hashes each finished piece, in order.
+thread writes and hashes each finished piece, in order. The merge diagnostics of a piece are measured on
+the thread that merges it, just before (`diagnostics.MergeStats.measure`), and recorded in order.
 """
 
 from __future__ import annotations
