@@ -27,7 +27,8 @@ from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # this checkout's hubmerge, whatever is installed (as bench/run.py runs it)
+# This checkout's hubmerge, whatever is installed (bench/run.py runs it the same way, with PYTHONPATH).
+sys.path.insert(0, str(HERE.parent))
 
 timers: dict[str, float] = defaultdict(float)
 counts: dict[str, int] = defaultdict(int)
