@@ -1,12 +1,16 @@
 """Where hubmerge's TIES time goes: phase timers plus a cProfile of `hubmerge.merge`.
 
-Wraps (at run time, without editing hubmerge/) the engine's threshold phase, the sample that brackets
-the cut-off (`engine._sample`), each streaming pass of the selection (`engine._streamed` chunks: pass 1
-= the bracketed count; passes 2-3 only if a bracket missed), `TensorReader.read` (pread of the slices),
-`methods.ties` and `ShardWriter.write`, then prints a phase table and the top functions by own time.
+Wraps (at run time, without editing hubmerge/) the model-scope passes before the merge
+(`engine._Passes.before_merge`: the sample that brackets each cut-off, `_Passes._sample`, and the
+streaming passes of the selection, `engine.kth_smallest`'s calls of its `chunks`: pass 1 = the bracketed
+count; passes 2-3 only if a bracket missed), `TensorReader.read` (pread of the slices), the TIES merge
+step (`ties.METHOD.merge`), the diagnostics (`MergeStats.measure`), the majority-sign patches and
+`ShardWriter.write`, then prints a phase table and the top functions by own time. The merge step and the
+diagnostics run on the merge threads: their times are summed over the threads (they can exceed the wall
+time). The sanity check is off: it is not TIES's time.
 
     python bench/run.py --methods ties --repeats 1     # writes bench/work/configs/ties-0.5b-3.toml
-    python bench/profile_ties.py [RECIPE] [--output DIR] [--no-cprofile]
+    python bench/profile_ties.py [RECIPE] [--output DIR] [--no-cprofile] [--no-stats]
 """
 
 from __future__ import annotations
@@ -17,16 +21,20 @@ import io
 import pstats
 import shutil
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# This checkout's hubmerge, whatever is installed (bench/run.py runs it the same way, with PYTHONPATH).
+sys.path.insert(0, str(HERE.parent))
 
 timers: dict[str, float] = defaultdict(float)
-TIES_STATS: dict[str, int] = {}
-PHASES = ("thresholds (sample + selection passes, total)", "write_weights (whole engine)")
 counts: dict[str, int] = defaultdict(int)
+TIES_STATS: dict[str, int] = defaultdict(int)
+PHASES = ("model-scope passes (samples + selection passes, total)", "write_weights (whole engine)")
+_lock = threading.Lock()  # timers are updated from the merge threads too
 
 
 def memory() -> str:
@@ -38,14 +46,19 @@ def memory() -> str:
     return f"RSS {rss:.2f} GB, peak {hwm:.2f} GB"
 
 
+def add(name: str, seconds: float) -> None:
+    with _lock:
+        timers[name] += seconds
+        counts[name] += 1
+
+
 def timed(name, fn):
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
-            timers[name] += time.perf_counter() - start
-            counts[name] += 1
+            add(name, time.perf_counter() - start)
             if name in PHASES:
                 print(f"after {name}: {memory()}", flush=True)
 
@@ -53,47 +66,48 @@ def timed(name, fn):
 
 
 def install() -> None:
-    from hubmerge import checkpoint, engine, selection
+    from hubmerge import api, checkpoint, diagnostics, engine
+    from hubmerge.methods import ties
 
-    engine._ties_thresholds = timed("thresholds (sample + selection passes, total)", engine._ties_thresholds)
-    engine.write_weights = timed("write_weights (whole engine)", engine.write_weights)
+    engine._Passes.before_merge = timed(PHASES[0], engine._Passes.before_merge)
+    engine._Passes._sample = timed("sample (bracket the cut-off)", engine._Passes._sample)
+    api.write_weights = timed(PHASES[1], api.write_weights)  # the api calls the name it imported
     checkpoint.TensorReader.read = timed("TensorReader.read (pread)", checkpoint.TensorReader.read)
     checkpoint.ShardWriter.write = timed("ShardWriter.write", checkpoint.ShardWriter.write)
+    diagnostics.MergeStats.measure = timed(
+        "diagnostics: MergeStats.measure (summed over the merge threads)", diagnostics.MergeStats.measure
+    )
 
-    original_method = engine._Patches.apply
+    original_apply = engine._Patches.apply
 
-    def apply_method(self, plan, files):
+    def apply(self, plan, files):
         print(f"before patches: {memory()}", flush=True)
         print(f"patches: sign_sum={self.sign_sum}, {self.count:,} positions spilled", flush=True)
-        return original_method(self, plan, files)
+        return original_apply(self, plan, files)
 
-    engine._Patches.apply = timed("patches: apply", apply_method)
+    engine._Patches.apply = timed("patches: apply", apply)
     engine._Patches.add = timed("patches: add (spill)", engine._Patches.add)
 
-    original_ties = engine.ties
-    stats = {"undecided": 0, "sign_sum": 0}
+    original_merge = ties.METHOD.merge
 
-    def ties_counted(*args, **kwargs):
-        chunk = original_ties(*args, **kwargs)
-        stats["undecided"] += int(chunk.undecided.numel())
-        stats["sign_sum"] += chunk.sign_sum
-        stats["chunks"] = stats.get("chunks", 0) + 1
-        if stats["chunks"] % 1000 == 0:
-            print(
-                f"merge chunk {stats['chunks']}: {stats['undecided']:,} undecided so far, {memory()}",
-                flush=True,
-            )
-        return chunk
+    def merge(s, stats):
+        start = time.perf_counter()
+        result = original_merge(s, stats)
+        add("methods.ties merge step (summed over the merge threads)", time.perf_counter() - start)
+        with _lock:
+            TIES_STATS["pieces"] += 1
+            if isinstance(result, ties.TiesChunk):
+                TIES_STATS["undecided"] += int(result.undecided.numel())
+                TIES_STATS["sign_sum"] += result.sign_sum
+            if TIES_STATS["pieces"] % 1000 == 0:
+                print(f"merge piece {TIES_STATS['pieces']}: {dict(TIES_STATS)}, {memory()}", flush=True)
+        return result
 
-    engine.ties = ties_counted
-    global TIES_STATS
-    TIES_STATS = stats
+    object.__setattr__(ties.METHOD, "merge", merge)  # a frozen registry entry: the engine calls this field
 
-    engine._sample = timed("sample (bracket the cut-off)", engine._sample)
-    original_streamed = engine._streamed
+    original_kth = engine.kth_smallest
 
-    def streamed(inputs, tensors):
-        chunks = original_streamed(inputs, tensors)
+    def kth_smallest(chunks, ranks, brackets):
         calls = {"n": 0}
 
         def timed_chunks():
@@ -101,7 +115,7 @@ def install() -> None:
             label = f"selection pass {calls['n']}"
             start = time.perf_counter()
             produce = 0.0
-            it = chunks()
+            it = iter(chunks())
             while True:
                 t = time.perf_counter()
                 try:
@@ -110,16 +124,13 @@ def install() -> None:
                     break
                 produce += time.perf_counter() - t
                 yield chunk
-            timers[label + " (total)"] += time.perf_counter() - start
-            timers[label + ": read + |τ|"] += produce
+            add(label + " (total)", time.perf_counter() - start)
+            add(label + ": read + |τ|", produce)
             print(f"after {label}: {memory()}", flush=True)
 
-        return timed_chunks
+        return original_kth(timed_chunks, ranks, brackets)
 
-    engine._streamed = streamed
-    engine.ties = timed("methods.ties (merge math)", engine.ties)
-    # kth_smallest reads `chunks` from its argument, so nothing else to patch there.
-    del selection
+    engine.kth_smallest = kth_smallest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=HERE / "work" / "out" / "profile-ties")
     p.add_argument("--no-cprofile", action="store_true")
     p.add_argument("--chunk-elements", type=int, help="override hubmerge.plan.CHUNK_ELEMENTS for this run")
-    p.add_argument("--stats", type=Path, default=HERE / "work" / "ties.pstats")
+    p.add_argument(
+        "--pstats", type=Path, default=HERE / "work" / "ties.pstats", help="where the profile goes"
+    )
+    p.add_argument("--no-stats", action="store_true", help="without the merge diagnostics (as --no-stats)")
     args = p.parse_args(argv)
     install()
     if args.chunk_elements:
@@ -139,14 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     import hubmerge
 
     start = time.perf_counter()
+    options = {"output_dir": args.output, "push": False, "quiet": True, "sanity": False}
     if args.no_cprofile:
-        hubmerge.merge(args.recipe, output_dir=args.output, push=False, quiet=True)
+        hubmerge.merge(args.recipe, stats=not args.no_stats, **options)
     else:
         prof = cProfile.Profile()
         prof.enable()
-        hubmerge.merge(args.recipe, output_dir=args.output, push=False, quiet=True)
+        hubmerge.merge(args.recipe, stats=not args.no_stats, **options)
         prof.disable()
-        prof.dump_stats(args.stats)
+        prof.dump_stats(args.pstats)
     total = time.perf_counter() - start
     print(f"hubmerge.merge: {total:.1f} s wall (profiled)")
     for name in sorted(timers):
@@ -154,11 +169,12 @@ def main(argv: list[str] | None = None) -> int:
             f"  {timers[name]:8.1f} s  {100 * timers[name] / total:5.1f} %  {name}  ({counts.get(name, '')} calls)"
         )
     print(
-        f"ties chunks: {TIES_STATS}  (undecided = positions whose elected sign is 0 but some trimmed τ is not)"
+        f"ties pieces: {dict(TIES_STATS)}  (undecided = positions whose elected sign is 0 but some trimmed τ "
+        "is not, left to the patches)"
     )
     if not args.no_cprofile:
         s = io.StringIO()
-        stats = pstats.Stats(str(args.stats), stream=s)
+        stats = pstats.Stats(str(args.pstats), stream=s)
         stats.sort_stats("tottime").print_stats(30)
         print(s.getvalue())
     shutil.rmtree(args.output, ignore_errors=True)

@@ -5,7 +5,9 @@ method it
   1. makes the checkpoints it needs (`make_checkpoints.py`, deterministic, under bench/work/),
   2. writes the recipes (and mergekit configs) under bench/work/configs/ with paths relative to them,
   3. alternates, `--repeats` times: the I/O floor (a child process that reads exactly the input files the
-     method needs and writes a buffered file of the output's size), then hubmerge (`python -m hubmerge.cli`),
+     method needs and writes a buffered file of the output's size), then hubmerge (`python -m hubmerge.cli`)
+     once per `--variants` command (default: the merge alone with `--no-stats --no-sanity`, then the
+     default command a user runs, diagnostics and sanity check included; `stats` = `--no-sanity` only),
      with `--with-mergekit` mergekit 0.1.5 (`mergekit-yaml`) and with `--with-fusionbench` FusionBench
      0.2.33 (its `fusion_bench` CLI as its Qwen2.5 docs run it; only on the 0.1b shape and for
      simple_average, task_arithmetic and ties: see `fusionbench_command`). Before each run every input is
@@ -19,6 +21,7 @@ method it
      `--rows`, every single measurement to `--record`).
 
     python bench/run.py                                # 0.5B, 3 fine-tunes, all methods, 3 repeats
+    python bench/run.py --variants alone,stats         # the merge alone and with its diagnostics
     python bench/run.py --shape 1.5b --models 2,3,5    # the scaling table
     python bench/run.py --with-mergekit                # also mergekit 0.1.5 in bench/work/venv-mergekit
     python bench/run.py --shape 1.5b --methods dare_ties,slerp,model_stock --with-mergekit
@@ -65,6 +68,17 @@ with open(out, "wb") as f:
         size -= f.write(view[: min(size, len(buf))])
 os.unlink(out)
 """
+
+
+# The hubmerge commands a cell can time. `alone` is the merge as the floor and mergekit measure it; the
+# diagnostics (stats) and the sanity check are extra work a user switches off with these same flags, and
+# `default` is what a user who gives no flag runs.
+VARIANTS = {
+    "alone": ("--no-stats", "--no-sanity"),
+    "stats": ("--no-sanity",),
+    "default": (),
+}
+TOOLS = {"alone": "hubmerge", "stats": "hubmerge +stats", "default": "hubmerge default"}
 
 
 @dataclass(frozen=True)
@@ -308,6 +322,13 @@ def main(argv: list[str] | None = None) -> int:
         help=f"also run FusionBench ({FUSIONBENCH}, every repeat) on the shapes {', '.join(FUSIONBENCH_SHAPES)} "
         f"for {', '.join(FUSIONBENCH_METHODS)}",
     )
+    p.add_argument(
+        "--variants",
+        default="alone,default",
+        help="comma-separated hubmerge commands, each run every repeat: "
+        + "; ".join(f"{v} = `{' '.join(('hubmerge recipe.toml', *f))}`" for v, f in VARIANTS.items())
+        + " (the first one fills the main table)",
+    )
     p.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
     p.add_argument(
         "--rows",
@@ -320,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--append", action="store_true", help="keep the other cells of the previous run (--rows)")
     args = p.parse_args(argv)
+    variants = args.variants.split(",")
+    if unknown := [v for v in variants if v not in VARIANTS]:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
 
     configs, out = WORK / "configs", WORK / "out"
     configs.mkdir(parents=True, exist_ok=True)
@@ -360,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
                         (configs / f"{name}.yml").write_text(mergekit_config(method, shape, count))
                     runs: dict[str, list[Run]] = {
                         "floor": [],
-                        "hubmerge": [],
+                        **{TOOLS[v]: [] for v in variants},
                         "mergekit": [],
                         "fusionbench": [],
                     }
@@ -379,23 +403,20 @@ def main(argv: list[str] | None = None) -> int:
                             *map(str, inputs),
                         ]
                         runs["floor"].append(measure("floor", floor, ROOT, log))
-                        shutil.rmtree(target, ignore_errors=True)
-                        warm(inputs)
-                        command = [
-                            sys.executable,
-                            "-m",
-                            "hubmerge.cli",
-                            str(recipe),
-                            "--output",
-                            str(target),
-                            "-q",
-                            # The merge alone, as the floor and mergekit measure it: the diagnostics
-                            # (stats) and the sanity check (which loads every model in transformers) are
-                            # extra work a user can switch off with these same flags.
-                            "--no-stats",
-                            "--no-sanity",
-                        ]
-                        runs["hubmerge"].append(measure("hubmerge", command, ROOT, log, env))
+                        for variant in variants:
+                            shutil.rmtree(target, ignore_errors=True)
+                            warm(inputs)
+                            command = [
+                                sys.executable,
+                                "-m",
+                                "hubmerge.cli",
+                                str(recipe),
+                                "--output",
+                                str(target),
+                                "-q",
+                                *VARIANTS[variant],
+                            ]
+                            runs[TOOLS[variant]].append(measure(TOOLS[variant], command, ROOT, log, env))
                         if mergekit is not None:
                             shutil.rmtree(mk_out, ignore_errors=True)
                             warm(inputs)
@@ -411,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                             if runs[tool] and len(runs[tool]) == i + 1:
                                 r = runs[tool][-1]
                                 print(
-                                    f"  {tool:11} {r.wall_s:7.1f} s  {r.peak_rss_gb:5.2f} GB  "
+                                    f"  {tool:16} {r.wall_s:7.1f} s  {r.peak_rss_gb:5.2f} GB  "
                                     f"{r.cpu_s:6.1f} CPU s  load {r.load_1m:.2f}",
                                     flush=True,
                                 )
@@ -449,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
                         shutil.rmtree(fb_out, ignore_errors=True)
                     shutil.rmtree(target, ignore_errors=True)
                     floor_s, _, _ = fmt(runs["floor"])
-                    hub_s, hub_rss, load = fmt(runs["hubmerge"])
+                    main = TOOLS[variants[0]]
+                    hub_s, hub_rss, load = fmt(runs[main])
                     rows.append(
                         {
                             "shape": shape,
@@ -461,8 +483,10 @@ def main(argv: list[str] | None = None) -> int:
                             "ratio": hub_s / floor_s,
                             "rss_gb": hub_rss,
                             "load": load,
-                            "walls": [round(r.wall_s, 1) for r in runs["hubmerge"]],
-                            "cpu_s": statistics.median(r.cpu_s for r in runs["hubmerge"]),
+                            "walls": [round(r.wall_s, 1) for r in runs[main]],
+                            "cpu_s": statistics.median(r.cpu_s for r in runs[main]),
+                            "variant": variants[0],
+                            "variants": {v: summary(runs[TOOLS[v]]) for v in variants[1:]},
                             "floor_cpu_s": statistics.median(r.cpu_s for r in runs["floor"]),
                             "floors": [round(r.wall_s, 1) for r in runs["floor"]],
                             "mergekit": mk_row,
@@ -526,6 +550,8 @@ def write_results(args: argparse.Namespace, rows: list[dict[str, object]], info:
         "before the runs (2-core machine shared with other engineers' test runs). CPU s: median user + system",
         "seconds of the child (the work done, far less sensitive to the load than wall time).",
         "",
+        f"hubmerge s: `hubmerge recipe.toml {' '.join(VARIANTS[args.variants.split(',')[0]])}`.",
+        "",
         "| shape | fine-tunes | method | inputs GB | floor s | hubmerge s | ratio (target) | peak RSS GB "
         "| load | CPU s hubmerge / floor | runs s |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -539,6 +565,26 @@ def write_results(args: argparse.Namespace, rows: list[dict[str, object]], info:
             f"{r['hubmerge_s']:.1f} | {ratio:.2f}×{_target(ratio, target)} | "
             f"{r['rss_gb']:.2f} | {r['load']:.2f} | {cpu} | {r['walls']} (floor {r['floors']}) |"
         )
+    variants = [r for r in rows if r.get("variants")]
+    if variants:
+        lines += [
+            "",
+            "The other hubmerge commands, same cells, same repeats (each run beside the merge alone, after the same",
+            "warm-up): wall time against the floor and against the first command of the main table.",
+            "",
+            "| shape | fine-tunes | method | command | wall s (median) | ratio to floor | × the main table's "
+            "| peak RSS GB | CPU s (median) | runs s |",
+            "|---|---:|---|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in variants:
+            for name, cell in r["variants"].items():  # type: ignore[attr-defined]
+                flags = " ".join(VARIANTS[name])
+                lines.append(
+                    f"| {r['shape']} | {r['models']} | {r['method']} | `hubmerge recipe.toml{' ' + flags if flags else ''}` | "
+                    f"{cell['wall_s']:.1f} | {cell['wall_s'] / float(r['floor_s']):.2f}× | "  # type: ignore[arg-type]
+                    f"{cell['wall_s'] / float(r['hubmerge_s']):.2f}× | {cell['rss_gb']:.2f} | "  # type: ignore[arg-type]
+                    f"{cell['cpu_s']:.1f} | {cell['walls']} |"
+                )
     others = [(r, tool, _tool(r, tool)) for r in rows for tool in ("mergekit", "fusionbench")]
     others = [(r, tool, cell) for r, tool, cell in others if cell]
     if others:

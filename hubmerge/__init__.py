@@ -19,19 +19,31 @@ from .errors import (
     RecipeError,
     SourceError,
 )
-from .mergekit_config import import_mergekit
-from .recipe import Recipe, load_recipe
 
 if TYPE_CHECKING:
     from .api import InspectResult, MergeResult, inspect, load_plan, merge
+    from .mergekit_config import import_mergekit
+    from .recipe import Recipe, load_recipe
+
+# Loaded on first use (PEP 562): the merge API imports torch, the recipe model pydantic, and the mergekit
+# importer both, so `import hubmerge` and `hubmerge --version` stay fast without them.
+_LAZY = {
+    "InspectResult": "api",
+    "MergeResult": "api",
+    "inspect": "api",
+    "load_plan": "api",
+    "merge": "api",
+    "import_mergekit": "mergekit_config",
+    "Recipe": "recipe",
+    "load_recipe": "recipe",
+}
 
 
 def __getattr__(name: str) -> Any:
-    # The merge API imports torch; keep `import hubmerge` (and `hubmerge validate`) fast without it.
-    if name in ("InspectResult", "MergeResult", "inspect", "load_plan", "merge"):
-        from . import api
+    if name in _LAZY:
+        from importlib import import_module
 
-        return getattr(api, name)
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'hubmerge' has no attribute {name!r}")
 
 

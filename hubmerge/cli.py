@@ -281,15 +281,18 @@ def _dispatch(argv: Sequence[str]) -> int:
     if argv and argv[0] == "gguf":
         return _gguf(_command_parser("gguf").parse_args(argv[1:]))
 
+    # The arguments first: --help, --version and a usage error exit here, before the merge API loads torch.
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    args = _command_parser(command).parse_args(argv[1:]) if command else _run_parser().parse_args(argv)
+
     from . import api
     from .report import explain, plan_json, plan_text, summary_markdown
 
-    if argv and argv[0] == "inspect":
-        return _inspect(_command_parser("inspect").parse_args(argv[1:]))
-    if argv and argv[0] == "eval":
-        return _eval(_command_parser("eval").parse_args(argv[1:]))
-    if argv and argv[0] in COMMANDS:
-        command, args = argv[0], _command_parser(argv[0]).parse_args(argv[1:])
+    if command == "inspect":
+        return _inspect(args)
+    if command == "eval":
+        return _eval(args)
+    if command is not None:
         merge_plan = api.load_plan(
             args.recipe, args.output, getattr(args, "lock", None), getattr(args, "max_disk", None)
         )
@@ -309,7 +312,6 @@ def _dispatch(argv: Sequence[str]) -> int:
             sys.stdout.write(card)
         return 0
 
-    args = _run_parser().parse_args(argv)
     if args.dry_run:
         merge_plan = api.load_plan(args.recipe, args.output, args.lock, args.max_disk)
         print(plan_text(merge_plan))

@@ -1,8 +1,10 @@
 """Merge diagnostics: what the task vectors look like, measured while the engine streams the inputs anyway.
 
-`MergeStats` is a pure accumulator. The engine feeds it every slice it reads (no extra pass over the
-inputs); it keeps a few float64 sums and integer counts per tensor, so its memory does not grow with the
-model. Per tensor, per decoder layer and over the whole model it reports, for task vectors
+`MergeStats` is an accumulator of a few float64 sums and integer counts per tensor, so its memory does not
+grow with the model. The engine measures every piece it merges (`MergeStats.measure`) on the merge thread
+that merges it, just before the merge step, while the piece's inputs are in the CPU's caches, and records
+the results in the pieces' order (`MergeStats.record`): no extra pass over the inputs, and the same
+numbers, to the bit, as `hubmerge inspect`, which streams the same pieces without merging. Per tensor, per decoder layer and over the whole model it reports, for task vectors
 τᵢ = θᵢ − θ_base:
 
 - norm             ‖τᵢ‖₂
@@ -19,10 +21,12 @@ a base there are no task vectors, and the statistics are reported as not applica
 against a stand-in such as the models' mean (whose deviations always sum to zero, so two models would
 always show a cosine of −1).
 
-No extra pass over the inputs, but not free arithmetic: about ten elementwise passes over the task vectors
-per slice (float64 dot products included, so the numbers do not depend on the slice size). Measured on a
-40M-parameter, 3-model merge on the 2-core development machine (CPU, shared): simple_average 7-8 s without,
-17-27 s with; TIES 57-70 s without, 92-94 s with. `--no-stats` or `[output] stats = false` turns them off.
+Not free arithmetic: per piece, the task vectors again, their Gram matrix in float64 (so the numbers do not
+depend on the piece size), and every count as a matrix product of sign vectors (`_counts`) instead of
+boolean masks; about a dozen elementwise passes over the task vectors (on one CPU thread, 256 Ki elements
+and 3 models: ~3.5 ms per piece, ~7.5 ms with TIES's counts; the separate pass this replaced took ~4 and
+~15-24 ms, on the main thread, before the piece could be merged). bench/RESULTS.md has the end-to-end cost.
+`--no-stats` or `[output] stats = false` turns them off.
 
 `write_stats` writes `merge_stats.json` and, when matplotlib is installed (`hubmerge[plots]`), the plots.
 """
@@ -32,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +45,13 @@ from typing import Any
 import torch
 
 from . import __version__, plots
+from .methods import trim_
 from .plan import MergePlan, OutputTensor
 
 __all__ = [
     "PLOTS",
     "STATS_FILE",
+    "Measured",
     "MergeStats",
     "model_summary",
     "number_text",
@@ -99,12 +106,37 @@ class _Sums:
         return self
 
 
-def _counts(rows: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([torch.count_nonzero(row) for row in rows])
+@dataclass(frozen=True)
+class Measured:
+    """One piece's share of the diagnostics (`MergeStats.measure`), to be recorded in the pieces' order."""
+
+    name: str  # the output tensor's
+    sums: _Sums
+    sign_sum: float  # TIES: Σ elected signs over the piece
+
+
+_EXACT = 1 << 24  # a float32 sum of integers is exact while every partial sum stays below 2**24
+
+
+def _counts(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """rows @ columns.T, as int64, for entries in {-1, 0, 1}: each product is exact and so is every partial
+    sum of a block of at most 2**24 elements, whatever order the matrix product adds them in. One matrix
+    product counts what would otherwise be a boolean mask, a logical and and a count per model."""
+    total = None
+    for a, b in zip(torch.split(rows, _EXACT, dim=1), torch.split(columns, _EXACT, dim=1), strict=True):
+        part = (a @ b.T).to(torch.int64)
+        total = part if total is None else total + part
+    assert total is not None
+    return total
 
 
 class MergeStats:
-    """Accumulates the diagnostics of one plan, slice by slice, in any slice size."""
+    """Accumulates the diagnostics of one plan, piece by piece, in any piece size.
+
+    `measure` is a pure function of one piece (it runs on the merge threads, beside the merge of the same
+    piece, while its inputs are in cache); `record` adds its result, in the order the pieces come in, so
+    the float64 sums do not depend on which thread measured what.
+    """
 
     def __init__(self, plan: MergePlan) -> None:
         self.plan = plan
@@ -112,12 +144,24 @@ class MergeStats:
         self.reference = "base" if plan.base is not None else None
         self._sums: dict[str, _Sums] = {}
         self._sign_sum = 0.0  # TIES: Σ elected signs over the model, whose sign breaks ties at 0
+        # Only a recipe that accepts non-finite inputs can bring a NaN here (the engine refuses them otherwise).
+        self._nan = plan.recipe.allow_non_finite
+        self._local = threading.local()  # each merge thread's scratch buffers (`_scratch`)
 
     def add(self, tensor: OutputTensor, slices: Sequence[torch.Tensor], cuts: Sequence[float] | None) -> None:
-        """Account for one slice: `slices` as the engine reads them (the plan's math inputs, then
-        `tensor.stats_base` when it has one); `cuts` are TIES's per-model magnitude cut-offs."""
+        """`measure` and `record` in one."""
+        measured = self.measure(tensor, slices, cuts)
+        if measured is not None:
+            self.record(measured)
+
+    def measure(
+        self, tensor: OutputTensor, slices: Sequence[torch.Tensor], cuts: Sequence[float] | None
+    ) -> Measured | None:
+        """One piece's statistics: `slices` as the engine reads them (the plan's math inputs, then
+        `tensor.stats_base` when it has one); `cuts` are TIES's per-model magnitude cut-offs. None without
+        a base (nothing to measure). Reads the slices, changes nothing; safe to call from several threads."""
         if self.reference is None:
-            return
+            return None
         if self.plan.recipe.method.uses_base:
             base, models = slices[0], slices[1:]
         else:
@@ -125,39 +169,89 @@ class MergeStats:
         # The engine upcasts only the first slice (methods promote the rest inside their arithmetic); the
         # reference must be in the compute dtype too, or bf16 − bf16 would round every task vector.
         base = base.to(self.plan.compute_dtype)
-        n = len(models)
-        task_vectors = torch.empty((n, base.numel()), dtype=base.dtype, device=base.device)
+        n, numel, device = len(models), base.numel(), base.device
+        task_vectors = self._scratch("task_vectors", (n, numel), base.dtype, device)
         for row, model in zip(task_vectors, models, strict=True):
             torch.sub(model.flatten(), base.flatten(), out=row)
-        sums = _Sums.zeros(n, task_vectors.device)
-        sums.numel = task_vectors.shape[1]
+        gram = torch.zeros((n, n), dtype=torch.float64, device=device)
         # float64 a block at a time (a quarter of a slice), so the dot products are exact to rounding.
         for block in torch.split(task_vectors, _BLOCK, dim=1):
-            as64 = block.to(torch.float64)
-            sums.gram.addmm_(as64, as64.T)
-        # A position has a sign conflict when the largest τ is > 0 and the smallest < 0; there, and only
-        # there, every nonzero τᵢ is opposed by another model's. (Counts are taken row by row: a 1-D
-        # count_nonzero is several times faster than one along a dimension.)
-        conflict = (task_vectors.amax(dim=0) > 0) & (task_vectors.amin(dim=0) < 0)
-        sums.conflict = torch.count_nonzero(conflict)
-        sums.model_conflict = _counts([(row != 0) & conflict for row in task_vectors])
+            as64 = self._scratch("as64", block.shape, torch.float64, device).copy_(block)
+            gram.addmm_(as64, as64.T)
+        # Every count below is a matrix product of sign vectors (`_counts`): on a CPU, boolean masks and
+        # logical operations cost several times an arithmetic pass (bench/RESULTS.md).
+        # A position has a sign conflict when the largest τ is > 0 and the smallest < 0 (conflict = 1.0
+        # there, else 0): there, and only there, every nonzero τᵢ is opposed by another model's. (A NaN
+        # makes the largest and the smallest NaN, whose sign torch takes as 0: no conflict there.)
+        high, low = self._scratch("extremes", (2, numel), base.dtype, device)
+        torch.amax(task_vectors, dim=0, out=high)
+        torch.amin(task_vectors, dim=0, out=low)
+        conflict = high.sign_().clamp_(min=0).mul_(low.sign_().clamp_(max=0)).neg_()
+        rows = self._scratch("rows", (2 * n, numel), base.dtype, device)
+        nonzero = torch.sign(task_vectors, out=rows[:n]).abs_()  # 1 where τᵢ ≠ 0 (NaN: see above)
+        sums = _Sums(
+            numel,
+            gram,
+            conflict.sum(dtype=torch.float64).to(torch.int64),
+            _counts(nonzero, conflict[None])[:, 0],
+            *(torch.zeros(n, dtype=torch.int64, device=device) for _ in range(4)),
+        )
+        sign_sum = 0.0
         if self.trims:
             assert cuts is not None
-            # The trimming rule of `methods.ties`, in place (τ is not needed any more): an entry stays
-            # when |τᵢ| >= the model's cut-off.
-            for row, cut in zip(task_vectors, cuts, strict=True):
-                row.masked_fill_(row.abs() < cut, 0.0)
-            elected = torch.sign(task_vectors.sum(dim=0))
-            self._sign_sum += float(elected.sum(dtype=torch.float64))
-            undecided = elected == 0
-            sums.kept = _counts(list(task_vectors))
-            sums.dropped = _counts([row * elected < 0 for row in task_vectors])
-            sums.undecided_pos = _counts([(row > 0) & undecided for row in task_vectors])
-            sums.undecided_neg = _counts([(row < 0) & undecided for row in task_vectors])
-        if tensor.name in self._sums:
-            self._sums[tensor.name] += sums
+            sign_sum = self._measure_trims(task_vectors, rows, cuts, sums)
+        return Measured(tensor.name, sums, sign_sum)
+
+    def _measure_trims(
+        self, task_vectors: torch.Tensor, rows: torch.Tensor, cuts: Sequence[float], sums: _Sums
+    ) -> float:
+        """Fill the TIES counts of `sums` (trimming `task_vectors` in place, `rows` as scratch); return
+        Σ elected signs."""
+        n, numel = task_vectors.shape
+        for row, cut in zip(task_vectors, cuts, strict=True):
+            trim_(row, cut)  # the trimming rule of `methods.ties`
+        # Columns: the elected sign e, |e| (1 where e ≠ 0), 1 − |e| (1 where e = 0), 1. torch's sign of NaN
+        # is 0: where the sum is NaN, no sign is elected.
+        columns = self._scratch("columns", (4, numel), task_vectors.dtype, task_vectors.device)
+        elected, decided, undecided, ones = columns
+        torch.sum(task_vectors, dim=0, out=elected)
+        elected.sign_()
+        sign_sum = float(elected.sum(dtype=torch.float64))
+        torch.abs(elected, out=decided)
+        torch.sub(1.0, decided, out=undecided)
+        ones.fill_(1.0)
+        # Rows: sign τᵢ (±1, or 0 where trimmed away; 0 for NaN too), then |sign τᵢ|.
+        torch.sign(task_vectors, out=rows[:n])
+        torch.abs(rows[:n], out=rows[n:])
+        c = _counts(rows, columns)
+        signed, unsigned = c[:n], c[n:]
+        sums.kept = unsigned[:, 3]
+        if self._nan:  # a NaN τᵢ is kept (it is not below the cut-off) and not 0, but has no sign
+            sums.kept = sums.kept + torch.isnan(task_vectors).sum(dim=1)
+        sums.dropped = (unsigned[:, 1] - signed[:, 0]) // 2  # kept, where e ≠ 0, and of the other sign
+        sums.undecided_pos = (unsigned[:, 2] + signed[:, 2]) // 2
+        sums.undecided_neg = (unsigned[:, 2] - signed[:, 2]) // 2
+        return sign_sum
+
+    def _scratch(
+        self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """A buffer of this thread's, reused piece after piece: a fresh allocation of a few MB is mapped
+        and faulted in every time."""
+        size = math.prod(shape)
+        buffer: torch.Tensor | None = getattr(self._local, name, None)
+        if buffer is None or buffer.numel() < size or buffer.dtype != dtype or buffer.device != device:
+            buffer = torch.empty(size, dtype=dtype, device=device)
+            setattr(self._local, name, buffer)
+        return buffer[:size].view(tuple(shape))
+
+    def record(self, measured: Measured) -> None:
+        """Add one piece's statistics to its tensor's."""
+        self._sign_sum += measured.sign_sum
+        if measured.name in self._sums:
+            self._sums[measured.name] += measured.sums
         else:
-            self._sums[tensor.name] = sums
+            self._sums[measured.name] = measured.sums
 
     def result(self) -> dict[str, Any]:
         """The JSON document of `merge_stats.json`; groups are summed in plan order, so the numbers do not

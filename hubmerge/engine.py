@@ -12,7 +12,8 @@ output dtype.
 
 Reading, computing and writing overlap: a read thread fetches the next slice while the current one is
 computed, a slice is computed in small pieces (`_PIECE_ELEMENTS`) on up to two merge threads, and a write
-thread writes and hashes each finished piece, in order.
+thread writes and hashes each finished piece, in order. The merge diagnostics of a piece are measured on
+the thread that merges it, just before (`diagnostics.MergeStats.measure`), and recorded in order.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import struct
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,7 +31,7 @@ import torch
 
 from . import __version__
 from .checkpoint import Folder, ShardWriter, TensorInfo, TensorReader
-from .diagnostics import MergeStats
+from .diagnostics import Measured, MergeStats
 from .errors import HubmergeError, SourceError
 from .methods import Reduce, Select, Slice, TiesChunk
 from .methods.base import Pass
@@ -39,6 +41,8 @@ from .selection import bracket, kth_smallest
 __all__ = ["Progress", "collect_stats", "write_weights"]
 
 Progress = Callable[[int], None]  # called with the number of output bytes just written
+# One piece as the engine streams it: its tensor, its first row, one slice per input, the tensor's stats.
+_Piece = tuple[OutputTensor, int, list[torch.Tensor], dict[str, Any]]
 
 
 class _Patches:
@@ -405,28 +409,38 @@ def _ordered(workers: _Workers | None, fn: Callable[[T], R], items: Iterable[T])
             future.cancel()
 
 
-def _observed(
-    pieces: Iterator[tuple[OutputTensor, int, list[torch.Tensor], dict[str, Any]]],
-    stats: MergeStats,
-    trims: bool,
-) -> Iterator[tuple[OutputTensor, int, list[torch.Tensor], dict[str, Any]]]:
-    """The pieces, each first accounted for in the diagnostics (in order, on the reading thread)."""
-    for tensor, start, slices, current in pieces:
-        stats.add(tensor, slices, current.get("cut") if trims else None)
-        yield tensor, start, slices, current
+@contextmanager
+def _merge_workers(device: torch.device) -> Iterator[_Workers]:
+    """The merge threads, with torch's own arithmetic threads set for them while they run."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(_arithmetic_threads(threads))
+    workers = _Workers(_merge_threads(device))
+    try:
+        yield workers
+    finally:
+        workers.close()
+        torch.set_num_threads(threads)
 
 
 def collect_stats(plan: MergePlan, folders: Mapping[int, Folder], device: torch.device) -> MergeStats:
-    """The diagnostics of the merge `plan` describes, from the same reads as `write_weights`, writing nothing."""
+    """The diagnostics of the merge `plan` describes, from the same reads and pieces as `write_weights` and
+    measured the same way (so the numbers are the merge's, to the bit), writing nothing."""
     stats = MergeStats(plan)
+    trims = plan.recipe.method.trims
     inputs = _open_inputs(plan, folders, device, stats)
     try:
-        passes = _Passes(plan, inputs)
-        passes.before_merge()
-        for tensor in plan.tensors:
-            cuts = passes.for_tensor(tensor).get("cut") if plan.recipe.method.trims else None
-            for _, _, slices in inputs.stream([tensor]):
-                stats.add(tensor, slices, cuts)
+        with _merge_workers(device) as workers:
+            passes = _Passes(plan, inputs, workers)
+            passes.before_merge()
+
+            def measure(piece: _Piece) -> Measured | None:
+                tensor, _, slices, current = piece
+                return stats.measure(tensor, slices, current.get("cut") if trims else None)
+
+            for measured in _ordered(workers, measure, passes.with_stats(plan.tensors)):
+                if measured is not None:
+                    stats.record(measured)
     finally:
         inputs.close()
     return stats
@@ -441,7 +455,8 @@ def write_weights(
     stats: MergeStats | None = None,
     on_shard: Callable[[Path], None] | None = None,
 ) -> dict[str, str | None]:
-    """Write the merged safetensors shards (and index) into `directory`, feeding `stats` every slice read.
+    """Write the merged safetensors shards (and index) into `directory`; measure the diagnostics of every
+    piece into `stats` on the way (`MergeStats.measure`, on the merge threads beside the piece's merge).
 
     `on_shard` is called with each shard's path once it is complete (a method with deferred patches, see
     `methods.ties.TiesChunk`, may rewrite some after the last one: those come back in the result without
@@ -452,49 +467,51 @@ def write_weights(
     patches = _Patches(directory / ".ties-undecided.tmp", plan.out_dtype)
     index = {t.name: i for i, t in enumerate(plan.tensors)}
     files: dict[str, ShardWriter] = {}
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(_arithmetic_threads(threads))
-    workers = _Workers(_merge_threads(device))
+    trims = method.trims
     try:
-        passes = _Passes(plan, inputs, workers)
-        passes.before_merge()
-        by_name = {t.name: t for t in plan.tensors}
+        with _merge_workers(device) as workers:
+            passes = _Passes(plan, inputs, workers)
+            passes.before_merge()
+            by_name = {t.name: t for t in plan.tensors}
 
-        def compute(
-            piece: tuple[OutputTensor, int, list[torch.Tensor], dict[str, Any]],
-        ) -> tuple[OutputTensor, int, torch.Tensor, TiesChunk | None]:
-            tensor, start, slices, current = piece
-            result = method.merge(_slice(plan, tensor, start, slices), current)
-            chunk = result if isinstance(result, TiesChunk) else None
-            out = (chunk.values if chunk is not None else result).to(plan.out_dtype).cpu()
-            _check_finite(plan, tensor, slices, out)
-            return tensor, start, out, chunk
-
-        for layout in plan.shards:
-            writer = ShardWriter(directory / layout.file, layout, {"format": "pt"})
-            files[layout.file] = writer
-            try:
-                shard = [by_name[name] for name, _ in layout.tensors]
-                pieces = passes.with_stats(shard)
+            def compute(
+                piece: _Piece,
+            ) -> tuple[OutputTensor, int, torch.Tensor, TiesChunk | None, Measured | None]:
+                tensor, start, slices, current = piece
+                # The diagnostics of the piece first, on the same thread while its inputs are in cache; they
+                # read the slices and change nothing, so the merge sees the same inputs as without them.
+                measured = None
                 if stats is not None:
-                    pieces = _observed(pieces, stats, method.trims)
-                for tensor, start, out, chunk in _ordered(workers, compute, pieces):
-                    if chunk is not None:
-                        patches.add(index[tensor.name], tensor, start, chunk)
-                    writer.write(out)
-                    progress(out.numel() * out.element_size())
-            except BaseException:
-                writer.close(complete=False)  # the error that stopped the shard is the one to report
-                raise
-            writer.close()
-            if on_shard is not None:
-                on_shard(writer.path)
-        written: dict[str, str | None] = {file: w.digest.hexdigest() for file, w in files.items()}
-        written |= dict.fromkeys(patches.apply(plan, files))  # rewritten: hash them again
+                    measured = stats.measure(tensor, slices, current.get("cut") if trims else None)
+                result = method.merge(_slice(plan, tensor, start, slices), current)
+                chunk = result if isinstance(result, TiesChunk) else None
+                out = (chunk.values if chunk is not None else result).to(plan.out_dtype).cpu()
+                _check_finite(plan, tensor, slices, out)
+                return tensor, start, out, chunk, measured
+
+            for layout in plan.shards:
+                writer = ShardWriter(directory / layout.file, layout, {"format": "pt"})
+                files[layout.file] = writer
+                try:
+                    shard = [by_name[name] for name, _ in layout.tensors]
+                    for tensor, start, out, chunk, measured in _ordered(
+                        workers, compute, passes.with_stats(shard)
+                    ):
+                        if stats is not None and measured is not None:
+                            stats.record(measured)  # in the pieces' order: the same sums as `collect_stats`
+                        if chunk is not None:
+                            patches.add(index[tensor.name], tensor, start, chunk)
+                        writer.write(out)
+                        progress(out.numel() * out.element_size())
+                except BaseException:
+                    writer.close(complete=False)  # the error that stopped the shard is the one to report
+                    raise
+                writer.close()
+                if on_shard is not None:
+                    on_shard(writer.path)
+            written: dict[str, str | None] = {file: w.digest.hexdigest() for file, w in files.items()}
+            written |= dict.fromkeys(patches.apply(plan, files))  # rewritten: hash them again
     finally:
-        workers.close()
-        torch.set_num_threads(threads)
         inputs.close()
         patches.close()
     if len(plan.shards) > 1:

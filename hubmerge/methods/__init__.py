@@ -29,7 +29,7 @@ from . import (
     task_arithmetic,
     ties,
 )
-from .base import Contract, Method, Param, Reduce, Select, Slice, Stats, resolve_defaults, uniform
+from .base import Contract, Method, Param, Reduce, Select, Slice, Stats, resolve_defaults, trim_, uniform
 from .ties import TiesChunk, ties_keep_count
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "get_method",
     "readme_table",
     "ties_keep_count",
+    "trim_",
     "uniform",
     "update_readme",
 ]

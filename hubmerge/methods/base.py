@@ -40,6 +40,7 @@ __all__ = [
     "Select",
     "Slice",
     "Stats",
+    "trim_",
     "uniform",
 ]
 
@@ -331,6 +332,23 @@ class Method:
     @property
     def random(self) -> bool:
         return any(p.name == "seed" for p in self.params)
+
+
+def trim_(task_vector: Tensor, cut: float) -> Tensor:
+    """Keep the entries with |τ| >= `cut` (a number of τ's dtype), +0 elsewhere, in place: the trimming of a
+    method that `trims` (a cut-off of 0 keeps every entry).
+
+    hardshrink keeps |τ| > λ and writes +0 elsewhere (as a mask and fill would), and with λ the largest
+    value below the cut-off in τ's dtype, > λ is exactly >= cut: one vectorised pass instead of abs,
+    compare and masked_fill (which are 5-15× slower on a CPU, bench/RESULTS.md).
+    """
+    import torch
+
+    if cut > 0:
+        dtype = task_vector.dtype
+        below = torch.nextafter(torch.tensor(cut, dtype=dtype), torch.tensor(-math.inf, dtype=dtype))
+        torch.hardshrink(task_vector, float(below), out=task_vector)
+    return task_vector
 
 
 # --- counter-based random numbers -----------------------------------------------------------------------

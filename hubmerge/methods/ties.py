@@ -10,16 +10,14 @@ mergekit's TIES (per-tensor density, weights, normalize) is `mergekit_ties`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from ._gta import TIES, magnitudes
-from .base import Contract, FusionBenchConfig, Method, Param, Reduce, Select, Slice, Stats
+from .base import Contract, FusionBenchConfig, Method, Param, Reduce, Select, Slice, Stats, trim_
 from .task_arithmetic import SCALING
 
 if TYPE_CHECKING:
-    import torch
     from torch import Tensor
 
 
@@ -91,11 +89,7 @@ def _trimmed(s: Slice, stats: Stats) -> tuple[Tensor, Tensor]:
     task_vectors = torch.empty((len(s.models), *base.shape), dtype=base.dtype, device=base.device)
     for row, model, cut in zip(task_vectors, s.models, stats["cut"], strict=True):
         torch.sub(model, base, out=row)
-        if cut > 0:  # a cut-off of 0 keeps every entry
-            # Keep |τ| >= cut: hardshrink keeps |τ| > λ and writes +0 elsewhere (as a mask and fill would),
-            # and with λ the largest value below the cut-off in τ's dtype, > λ is exactly >= cut. One
-            # vectorised pass instead of abs, compare and masked_fill.
-            torch.hardshrink(row, _below(cut, row.dtype), out=row)
+        trim_(row, cut)
     return task_vectors, task_vectors.sum(dim=0)
 
 
@@ -105,13 +99,6 @@ def _at(s: Slice, positions: Tensor) -> Slice:
     return replace(
         s, base=s.base.flatten()[positions], models=tuple(m.flatten()[positions] for m in s.models)
     )
-
-
-def _below(value: float, dtype: torch.dtype) -> float:
-    """The largest `dtype` number below `value` (itself a `dtype` number)."""
-    import torch
-
-    return float(torch.nextafter(torch.tensor(value, dtype=dtype), torch.tensor(-math.inf, dtype=dtype)))
 
 
 def _sign_sum(total: Tensor) -> int:

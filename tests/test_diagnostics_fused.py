@@ -1,0 +1,154 @@
+"""The diagnostics measured inside the merge (`MergeStats.measure` on the merge threads, beside each piece's
+merge) against the computation they replaced: a separate pass over the same pieces on one thread, with
+boolean masks (`reference_add` below, the package's code before the fusion, kept here as the reference).
+Counts are exact either way and the float64 dot products are taken by the same operations on the same
+pieces, so the documents are equal to the bit, NaN included."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import TINY, random_state_dict, write_checkpoint
+
+import hubmerge.engine
+from hubmerge import api
+from hubmerge.diagnostics import _BLOCK, MergeStats, _Sums
+from hubmerge.engine import _open_inputs, _Passes
+from hubmerge.plan import OutputTensor
+
+MODELS = ("math", "coder", "instruct")
+
+
+def _row_counts(rows: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([torch.count_nonzero(row) for row in rows])
+
+
+def reference_add(
+    stats: MergeStats, tensor: OutputTensor, slices: Sequence[torch.Tensor], cuts: Sequence[float] | None
+) -> None:
+    """`MergeStats.add` as it was before the fusion (boolean masks, trimming by masked_fill)."""
+    plan = stats.plan
+    if stats.reference is None:
+        return
+    if plan.recipe.method.uses_base:
+        base, models = slices[0], slices[1:]
+    else:
+        base, models = slices[-1], slices[:-1]
+    base = base.to(plan.compute_dtype)
+    n = len(models)
+    task_vectors = torch.empty((n, base.numel()), dtype=base.dtype, device=base.device)
+    for row, model in zip(task_vectors, models, strict=True):
+        torch.sub(model.flatten(), base.flatten(), out=row)
+    sums = _Sums.zeros(n, task_vectors.device)
+    sums.numel = task_vectors.shape[1]
+    for block in torch.split(task_vectors, _BLOCK, dim=1):
+        as64 = block.to(torch.float64)
+        sums.gram.addmm_(as64, as64.T)
+    conflict = (task_vectors.amax(dim=0) > 0) & (task_vectors.amin(dim=0) < 0)
+    sums.conflict = torch.count_nonzero(conflict)
+    sums.model_conflict = _row_counts([(row != 0) & conflict for row in task_vectors])
+    if stats.trims:
+        assert cuts is not None
+        for row, cut in zip(task_vectors, cuts, strict=True):
+            row.masked_fill_(row.abs() < cut, 0.0)
+        elected = torch.sign(task_vectors.sum(dim=0))
+        stats._sign_sum += float(elected.sum(dtype=torch.float64))
+        undecided = elected == 0
+        sums.kept = _row_counts(list(task_vectors))
+        sums.dropped = _row_counts([row * elected < 0 for row in task_vectors])
+        sums.undecided_pos = _row_counts([(row > 0) & undecided for row in task_vectors])
+        sums.undecided_neg = _row_counts([(row < 0) & undecided for row in task_vectors])
+    if tensor.name in stats._sums:
+        stats._sums[tensor.name] += sums
+    else:
+        stats._sums[tensor.name] = sums
+
+
+def reference_stats(recipe: Path) -> dict[str, Any]:
+    """The old `engine.collect_stats`: the method's passes, then every piece of every tensor on this thread."""
+    plan = api.load_plan(recipe)
+    stats = MergeStats(plan)
+    with api._weights(plan, api._fetch_all(plan, quiet=True)) as (folders, _):
+        inputs = _open_inputs(plan, folders, torch.device("cpu"), stats)
+        try:
+            passes = _Passes(plan, inputs)
+            passes.before_merge()
+            for tensor in plan.tensors:
+                cuts = passes.for_tensor(tensor).get("cut") if plan.recipe.method.trims else None
+                for _, _, slices in inputs.stream([tensor]):
+                    reference_add(stats, tensor, slices, cuts)
+        finally:
+            inputs.close()
+    return stats.result()
+
+
+def as_text(document: dict[str, Any]) -> str:
+    """The document without what `write_stats` adds, as JSON: floats compared by their exact repr, NaN too."""
+    return json.dumps({k: v for k, v in document.items() if k not in ("plots", "plots_note")}, sort_keys=True)
+
+
+def tiny_recipe(method: str, extra: str = "") -> str:
+    models = ", ".join(f'"{TINY / m}"' for m in MODELS)
+    text = f'method = "{method}"\nbase = "{TINY / "base"}"\nmodels = [{models}]\n{extra}'
+    if method == "ties":
+        text += "[parameters]\nscaling_factor = 0.8\nthreshold = 20\n"
+    return text
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "simple_average"])
+def test_fused_stats_of_merge_and_inspect_equal_the_separate_pass_to_the_bit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    # Small pieces: the larger tensors are several pieces, merged by two threads and recorded in order.
+    monkeypatch.setattr(hubmerge.engine, "_PIECE_ELEMENTS", 4096)
+    monkeypatch.setattr(hubmerge.engine, "_merge_threads", lambda device: 2)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # no plots: they are not what is compared
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(tiny_recipe(method))
+    expected = reference_stats(recipe)
+    assert expected["total"]["norm"][0] > 0 and 0 < expected["total"]["sign_conflict"] < 1
+    if method == "ties":
+        assert 0 < expected["total"]["dropped"][0] < expected["total"]["kept"][0] < 1
+
+    merged = api.merge(recipe, output_dir=tmp_path / "out", push=False, quiet=True, sanity=False).stats
+    inspected = api.inspect(recipe, output_dir=tmp_path / "inspect", quiet=True).stats
+    assert merged is not None
+    assert as_text(merged) == as_text(expected)
+    assert as_text(inspected) == as_text(expected)
+
+
+def test_fused_ties_counts_equal_the_separate_pass_where_sums_cancel_and_inputs_hold_nan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exact cancellations (the elected sign is 0: undecided entries, both signs), a zero task vector,
+    and NaN and ±Inf in the sources of a recipe that allows them."""
+    base = {k: torch.zeros_like(v) for k, v in random_state_dict(0).items()}
+    a = {k: v.clone() for k, v in random_state_dict(1).items()}
+    b = {k: -v for k, v in a.items()}  # cancels a everywhere
+    c = {k: v.clone() for k, v in random_state_dict(2).items()}
+    b["model.norm.weight"][:8] = c["model.norm.weight"][:8]  # some positions no longer cancel
+    c["model.layers.0.input_layernorm.weight"][:] = 0.0  # nothing to keep
+    a["model.layers.1.mlp.up_proj.weight"][0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    c["model.layers.1.mlp.up_proj.weight"][0, 1] = -float("inf")  # +inf + -inf: a NaN sum
+    for name, sd in (("base", base), ("a", a), ("b", b), ("c", c)):
+        write_checkpoint(tmp_path / name, sd, dtype=torch.float32)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        'method = "ties"\nbase = "base"\nmodels = ["a", "b", "c"]\nallow_non_finite = true\n'
+        '[parameters]\nscaling_factor = 1.0\nthreshold = 60\ntrim = "tensor"\n'
+    )
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    expected = reference_stats(recipe)
+    up = next(t for t in expected["tensors"] if t["name"] == "model.layers.1.mlp.up_proj.weight")
+    norm = next(t for t in expected["tensors"] if t["name"] == "model.norm.weight")
+    assert up["norm"][0] != up["norm"][0]  # NaN: the case is exercised
+    assert sum(norm["dropped"]) > 0 and sum(up["dropped"]) > 0
+
+    inspected = api.inspect(recipe, output_dir=tmp_path / "inspect", quiet=True).stats
+    assert as_text(inspected) == as_text(expected)
