@@ -404,14 +404,17 @@ def _checks(evaluation: Evaluation, require: Sequence[Requirement]) -> tuple[Che
 
 
 def results_table(evaluation: Evaluation) -> str:
-    """The results table in Markdown: the merge, then each source with the merge's difference to it."""
-    header = ["Task", "Metric", evaluation.merged.name]
+    """The results table in Markdown: the merge, then each source with the merge's difference to it. Task,
+    metric and model names come from the recipe and lm-eval: each is a code span, inert in a job summary."""
+    from .markdown import code, text
+
+    header = ["Task", "Metric", text(evaluation.merged.name)]
     for m in evaluation.models[1:]:
-        header += [m.name, "Δ"]
+        header += [code(m.name), "Δ"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for task, metric, scores in evaluation.rows():
         merged = scores[0].value
-        cells = [task, f"`{metric}`", f"{merged:.4f}"]
+        cells = [code(task), code(metric), f"{merged:.4f}"]
         for s in scores[1:]:
             cells += [f"{s.value:.4f}", f"{merged - s.value:+.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -420,5 +423,7 @@ def results_table(evaluation: Evaluation) -> str:
 
 def summary_markdown(evaluation: Evaluation) -> str:
     """The job summary section: the results table and the `[eval] require` checks."""
-    checks = "".join(f"- {'✅' if c.passed else '❌'} {c.describe()}\n" for c in evaluation.checks)
+    from .markdown import text
+
+    checks = "".join(f"- {'✅' if c.passed else '❌'} {text(c.describe())}\n" for c in evaluation.checks)
     return f"\n### Evaluation\n\n{results_table(evaluation)}" + (f"\n{checks}" if checks else "")
