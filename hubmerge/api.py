@@ -411,6 +411,8 @@ def _write_output(
     if collector is not None:
         document = write_stats(collector.result(), staging)
         files |= dict.fromkeys(stats_files(document))
+        if document.get("plots_note"):  # a local install's missing extra: said here, never in the card
+            log(document["plots_note"])
     candidates = _source_candidates(plan, folders)
     report = _sanity_check(plan, staging, candidates, log) if sanity else None
     evaluation = None

@@ -51,7 +51,8 @@ Template context (every variable is always defined):
     diagnostics    dict or None   the merge diagnostics (merge_stats.json), None before the merge: applicable
                           (bool), note, sign_conflict (str), trims (bool), models (rows of model, norm,
                           mean_layer_norm, mean_cosine, conflict, kept, dropped: formatted str), plots (dicts of
-                          file, title), plots_note (str or None)
+                          file, title), plots_note (str or None: why there are no plots; the default card leaves
+                          it out, since a missing extra of the machine that merged says nothing about the model)
     evaluation     dict or None   lm-eval results, None unless evaluated: models (markdown names of the base and
                           models evaluated, in the table's order), rows (dicts of task, metric, merged, direction
                           "↑"/"↓", sources: dicts of value and difference, the merge minus that source; all
