@@ -297,6 +297,27 @@ def _build(r: _Reader, tables: Any, text: str, output_dir: str | Path | None) ->
             f"{r.path}: parameters.threshold = 1 is read as the fraction 1.0, keeping 100 % of each task vector "
             "(as FusionBench reads it); for 1 percent write 0.01"
         )
+    # density is the fraction of a task vector kept: 0 keeps none of it, and with every model at 0 the merge
+    # is the base unchanged. Valid, but like threshold = 1 more likely a misreading than the intent.
+    dropped = [
+        f"models[{i}]"
+        for i, m in enumerate(models)
+        if any(p.name == "density" for p in method.model_params)
+        and m.params.get("density", model_defaults.get("density")) == 0
+    ]
+    if dropped:
+        where = (
+            "density = 0" if len(dropped) == len(models) else ", ".join(f"{k}.density = 0" for k in dropped)
+        )
+        effect = (
+            "the merge is the base model, unchanged"
+            if len(dropped) == len(models)
+            else f"{' and '.join(dropped)} add{'s' if len(dropped) == 1 else ''} nothing to the merge"
+        )
+        warnings.append(
+            f"{r.path}: {where} keeps none of the task vector ({effect}); density is the fraction kept, "
+            "1 keeps all of it"
+        )
     base = r.model(tables.base, "base") if tables.base is not None else None
     tokenizer = tables.tokenizer
     if tokenizer is not None and tokenizer.source not in (None, "base"):
