@@ -43,9 +43,10 @@ Template context (every variable is always defined):
                           tie_embedding, parameter_count, dtype, compute_dtype, shards
     qwen25         dict or None   name, layers, heads, kv_heads, tie_embedding, context, generation, license
     notes          list   statements about the merge (where config.json comes from, config differences)
-    usage          dict   model_id, chat_template (bool)
-    recipe         dict   file, text, fence (a Markdown fence longer than any backtick run in text), sha256,
-                          saved_as (the recipe's file name in the output)
+    usage          dict   model_id ([output] repo, else the output folder's absolute path), chat_template (bool)
+    recipe         dict   file, text (as saved in the output: `Recipe.published_text`), fence (a Markdown fence
+                          longer than any backtick run in text), sha256 (of text), saved_as (the recipe's file
+                          name in the output)
     provenance     dict   hubmerge_version, lock_file, reproducible (every source is a Hub repo at a sha)
     citations      list   BibTeX entries: Qwen2.5, the method's paper, FusionBench when it is the reference
     diagnostics    dict or None   the merge diagnostics (merge_stats.json), None before the merge: applicable
@@ -596,13 +597,17 @@ def _context(plan: MergePlan) -> dict[str, Any]:
         },
         "notes": notes,
         "usage": {
-            "model_id": r.output.repo or r.output.dir.name,
+            # The folder a local merge was written to (not its bare name, which from_pretrained would look
+            # up on the Hub), or the repo it is pushed to.
+            "model_id": r.output.repo or str(r.output.dir),
             "chat_template": _has_chat_template(plan.tokenizer),
         },
         "recipe": {
             "file": r.path.name,
-            "text": visible(r.text.rstrip("\n")),  # inside a fence longer than any backtick run in it
-            "fence": Markdown(_fence(r.text)),
+            "text": visible(
+                r.published_text.rstrip("\n")
+            ),  # inside a fence longer than any backtick run in it
+            "fence": Markdown(_fence(r.published_text)),
             "sha256": r.sha256,
             "saved_as": RECIPE_COPY,
         },

@@ -19,7 +19,8 @@ from typing import Any
 from . import schema
 from .errors import RecipeError
 from .methods import METHODS, Method
-from .schedule import Setting, is_schedule
+from .qwen import ALWAYS_PRESENT
+from .schedule import Setting, evaluate, is_schedule
 from .schema import RELATIVE_SCORE, REPO_ID, parse_size
 
 if sys.version_info >= (3, 11):
@@ -139,8 +140,19 @@ class Recipe:
     )
 
     @property
+    def published_text(self) -> str:
+        """The recipe as the output keeps it (hubmerge.toml): `text` without a first-line `#:schema` directive
+        naming a local file, which would point nowhere beside the output or in its Hub repo."""
+        first, _, rest = self.text.partition("\n")
+        directive = re.fullmatch(r"#:schema\s+(\S+)\s*", first)
+        keep = directive is None or re.match(r"https?://", directive.group(1)) is not None
+        return self.text if keep else rest
+
+    @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.text.encode()).hexdigest()
+        """sha256 of `published_text`: the same for the recipe and its copy beside the output, so that the
+        card, the lock and the copy agree, and `--lock` accepts either."""
+        return hashlib.sha256(self.published_text.encode()).hexdigest()
 
     @property
     def tokenizer_source(self) -> ModelRef:
@@ -262,6 +274,38 @@ def load_recipe(path: str | Path, output_dir: str | Path | None = None) -> Recip
     return _build(reader, tables, text, output_dir)
 
 
+def _check_coverage(
+    r: _Reader,
+    method: Method,
+    given: Mapping[str, Setting],
+    model_defaults: Mapping[str, Setting],
+    models: tuple[ModelRef, ...],
+) -> None:
+    """Refuse a parameter without a default whose filter rules give no value to a tensor every checkpoint
+    has: `plan` would refuse it after reading the headers (plan._tensor_params), `validate` says it first."""
+
+    def uncovered(settings: list[Setting]) -> str | None:
+        return next((n for n in ALWAYS_PRESENT if all(evaluate(s, n, 0.0) is None for s in settings)), None)
+
+    for p in method.params:
+        name = uncovered([given[p.name]]) if p.default is None and p.name in given else None
+        if name is not None:
+            raise r.fail(
+                f"parameters.{p.name}",
+                f"no value for tensor {name} (no filter matches it); add a rule without a filter",
+            )
+    for i, model in enumerate(models):
+        for p in method.model_params:
+            settings = [s for s in (model.params.get(p.name), model_defaults.get(p.name)) if s is not None]
+            name = uncovered(settings) if p.default is None and settings else None
+            if name is not None:
+                raise r.fail(
+                    f"models[{i}].{p.name}",
+                    f"no value for tensor {name} (no filter matches it); add a rule without a filter, or a default "
+                    "in [parameters]",
+                )
+
+
 def _build(r: _Reader, tables: Any, text: str, output_dir: str | Path | None) -> Recipe:
     method: Method = METHODS[tables.method]
     parameters = schema.given(tables.parameters)
@@ -272,6 +316,7 @@ def _build(r: _Reader, tables: Any, text: str, output_dir: str | Path | None) ->
         for p in method.model_params:
             if p.default is None and p.name not in m.params and p.name not in model_defaults:
                 raise r.fail(f"models[{i}].{p.name}", f"is required by {method.name}: {p.help}")
+    _check_coverage(r, method, given, model_defaults, models)
     weights = [
         float(w)
         for w in (m.params.get("weight", model_defaults.get("weight", 1.0)) for m in models)
