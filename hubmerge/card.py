@@ -43,7 +43,8 @@ Template context (every variable is always defined):
                           tie_embedding, parameter_count, dtype, compute_dtype, shards
     qwen25         dict or None   name, layers, heads, kv_heads, tie_embedding, context, generation, license
     notes          list   statements about the merge (where config.json comes from, config differences)
-    usage          dict   model_id ([output] repo, else the output folder's absolute path), chat_template (bool)
+    usage          dict   model_id ([output] repo, else the output folder relative to the working directory,
+                          as ./DIR or ../DIR), chat_template (bool)
     recipe         dict   file, text (as saved in the output: `Recipe.published_text`), fence (a Markdown fence
                           longer than any backtick run in text), sha256 (of text), saved_as (the recipe's file
                           name in the output)
@@ -68,6 +69,7 @@ Template context (every variable is always defined):
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -415,6 +417,13 @@ def _has_chat_template(source: Source) -> bool:
     return isinstance(data, dict) and bool(data.get("chat_template"))
 
 
+def _local_model_id(folder: Path) -> str:
+    """The output folder for from_pretrained: relative to where hubmerge ran, since the card holds no absolute
+    path, and starting with ./ or ../, so that it is not taken for a Hub id (a bare "tiny-ties" would be)."""
+    relative = Path(os.path.relpath(folder)).as_posix()
+    return relative if relative.startswith("../") else f"./{relative}"
+
+
 def _fence(text: str) -> str:
     longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
     return "`" * max(3, longest + 1)
@@ -597,9 +606,7 @@ def _context(plan: MergePlan) -> dict[str, Any]:
         },
         "notes": notes,
         "usage": {
-            # The folder a local merge was written to (not its bare name, which from_pretrained would look
-            # up on the Hub), or the repo it is pushed to.
-            "model_id": r.output.repo or str(r.output.dir),
+            "model_id": r.output.repo or _local_model_id(r.output.dir),
             "chat_template": _has_chat_template(plan.tokenizer),
         },
         "recipe": {

@@ -251,7 +251,10 @@ def test_local_output_usage_snippet_loads_the_output_folder(pool: Path) -> None:
     recipe.write_text('method = "ties"\nbase = "./base"\nmodels = ["./a"]\n')
     out = _merge(recipe, pool / "tiny-ties").output_dir
     card = (out / "README.md").read_text()
-    assert f'model_id = "{out}"\n' in card and 'model_id = "tiny-ties"' not in card
+    assert f'model_id = "{os.path.relpath(out)}"\n' in card and 'model_id = "tiny-ties"' not in card
+    usage: dict[str, str] = {}
+    exec(re.findall(r"^model_id = .*$", card, flags=re.M)[0], usage)
+    assert Path(usage["model_id"]).resolve() == out  # what from_pretrained opens from here: the output
 
 
 def test_card_command_shows_the_diagnostics_the_merge_wrote(
