@@ -43,8 +43,8 @@ Template context (every variable is always defined):
                           tie_embedding, parameter_count, dtype, compute_dtype, shards
     qwen25         dict or None   name, layers, heads, kv_heads, tie_embedding, context, generation, license
     notes          list   statements about the merge (where config.json comes from, config differences)
-    usage          dict   model_id ([output] repo, else the output folder relative to the working directory,
-                          as ./DIR or ../DIR), chat_template (bool)
+    usage          dict   model_id ([output] repo, else ./ and the output folder relative to the working
+                          directory, or its name when it is not below it), chat_template (bool)
     recipe         dict   file, text (as saved in the output: `Recipe.published_text`), fence (a Markdown fence
                           longer than any backtick run in text), sha256 (of text), saved_as (the recipe's file
                           name in the output)
@@ -69,7 +69,6 @@ Template context (every variable is always defined):
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -418,10 +417,13 @@ def _has_chat_template(source: Source) -> bool:
 
 
 def _local_model_id(folder: Path) -> str:
-    """The output folder for from_pretrained: relative to where hubmerge ran, since the card holds no absolute
-    path, and starting with ./ or ../, so that it is not taken for a Hub id (a bare "tiny-ties" would be)."""
-    relative = Path(os.path.relpath(folder)).as_posix()
-    return relative if relative.startswith("../") else f"./{relative}"
+    """The output folder for from_pretrained, starting with ./ so that it is not taken for a Hub id (a bare
+    "tiny-ties" would be): relative to where hubmerge ran when it is below, else as seen from its parent
+    folder. The card never holds an absolute path, which would name the user's folders."""
+    try:
+        return f"./{folder.absolute().relative_to(Path.cwd()).as_posix()}"
+    except ValueError:
+        return f"./{folder.name}"
 
 
 def _fence(text: str) -> str:

@@ -251,10 +251,21 @@ def test_local_output_usage_snippet_loads_the_output_folder(pool: Path) -> None:
     recipe.write_text('method = "ties"\nbase = "./base"\nmodels = ["./a"]\n')
     out = _merge(recipe, pool / "tiny-ties").output_dir
     card = (out / "README.md").read_text()
-    assert f'model_id = "{os.path.relpath(out)}"\n' in card and 'model_id = "tiny-ties"' not in card
+    # Not under the working directory: as seen from its parent (the card holds no absolute path).
+    assert 'model_id = "./tiny-ties"\n' in card and str(pool) not in card
+
+
+def test_local_output_below_the_working_directory_is_named_from_there(
+    pool: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(pool.parent)
+    recipe = pool / "r.toml"
+    recipe.write_text('method = "ties"\nbase = "./base"\nmodels = ["./a"]\n')
+    out = _merge(recipe, pool / "merged").output_dir
+    card = (out / "README.md").read_text()
     usage: dict[str, str] = {}
     exec(re.findall(r"^model_id = .*$", card, flags=re.M)[0], usage)
-    assert Path(usage["model_id"]).resolve() == out  # what from_pretrained opens from here: the output
+    assert usage["model_id"] == f"./{pool.name}/merged" and Path(usage["model_id"]).resolve() == out
 
 
 def test_card_command_shows_the_diagnostics_the_merge_wrote(
