@@ -759,7 +759,8 @@ def _evaluation(evaluation: Evaluation | None, sources: Sequence[Mapping[str, An
                 "merged": f"{scores[0].value:.4f}",
                 "direction": "↑" if scores[0].higher_is_better else "↓",
                 "sources": [
-                    {"value": f"{s.value:.4f}", "difference": f"{scores[0].value - s.value:+.4f}"}
+                    # numbers hubmerge formats: Markdown as they are (a leading + is no list item in a cell)
+                    {"value": f"{s.value:.4f}", "difference": Markdown(f"{scores[0].value - s.value:+.4f}")}
                     for s in scores[1:]
                 ],
             }
