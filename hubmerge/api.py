@@ -175,7 +175,7 @@ def _copy_side_files(plan: MergePlan, folders: dict[int, Path], directory: Path,
         if source_file.is_file():
             shutil.copyfile(source_file, directory / name)
             written.append(name)
-    (directory / RECIPE_COPY).write_text(plan.recipe.text)
+    (directory / RECIPE_COPY).write_text(plan.recipe.published_text)
     written.append(RECIPE_COPY)
     template = plan.recipe.card.template
     if template is not None:
@@ -468,6 +468,8 @@ def _write_output(
     if collector is not None:
         document = write_stats(collector.result(), staging)
         files |= dict.fromkeys(stats_files(document))
+        if document.get("plots_note"):  # a local install's missing extra: said here, never in the card
+            log(document["plots_note"])
     candidates = _source_candidates(plan, folders)
     report = _sanity_check(plan, staging, weights, compute, log) if sanity else None
     evaluation = None
@@ -695,6 +697,24 @@ def evaluate(
     _record_outputs(directory, [*written, "README.md"])
     _gate(evaluation, f"the results are in {directory / RESULTS_FILE}")
     return EvalResult(merge_plan, directory, evaluation)
+
+
+def recorded_results(plan: MergePlan) -> tuple[dict[str, Any] | None, SanityReport | None]:
+    """What the merge of `plan` wrote into its output folder for the card: merge_stats.json and the sanity
+    report of eval_results.json; (None, None) unless the folder's lock was written for this very recipe."""
+    directory = plan.recipe.output.dir
+    try:
+        lock = json.loads((directory / LOCK_FILE).read_text(encoding="utf-8"))
+        if lock["recipe"]["sha256"] != plan.recipe.sha256:
+            return None, None
+        stats_path, results = directory / STATS_FILE, directory / RESULTS_FILE
+        stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else None
+        recorded = (
+            json.loads(results.read_text(encoding="utf-8")).get("sanity") if results.is_file() else None
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
+    return stats, SanityReport.from_json(recorded) if recorded else None
 
 
 def _record_outputs(directory: Path, names: list[str]) -> None:

@@ -5,6 +5,13 @@ parses and writes back unchanged. The body is a Jinja template (`templates/model
 recipe's `[card] template`) rendered in a sandbox with `StrictUndefined`: a misspelt variable is an error,
 and a template cannot reach Python internals. The rendered card must still carry the computed metadata.
 
+Strings from sources and recipes (folder names, card metadata, config.json values, `[card]` keys, task names)
+are untrusted: every value a template prints is escaped as inline Markdown text (`markdown.text`: no tag,
+link, table cell, heading or bidirectional override comes out of it), except the `Markdown` values hubmerge
+composed from escaped parts (`sources[].markdown`, `notes`, `front_matter`, the recipe's text in its fence).
+A value inside a code span goes through the `code` filter, a Python string literal through `literal`. A
+license link is kept only when it is an http(s) URL or a file name (never `javascript:`).
+
 License: derived from the sources' own cards, never guessed. Each source's `license` (with `license_name`
 when it is `other`) is read from its README front matter at the pinned revision; Qwen's names are ranked
 apache-2.0 < qwen < qwen-research, and the most restrictive governs. `qwen` and `qwen-research` are not
@@ -36,15 +43,18 @@ Template context (every variable is always defined):
                           tie_embedding, parameter_count, dtype, compute_dtype, shards
     qwen25         dict or None   name, layers, heads, kv_heads, tie_embedding, context, generation, license
     notes          list   statements about the merge (where config.json comes from, config differences)
-    usage          dict   model_id, chat_template (bool)
-    recipe         dict   file, text, fence (a Markdown fence longer than any backtick run in text), sha256,
-                          saved_as (the recipe's file name in the output)
+    usage          dict   model_id ([output] repo, else ./ and the output folder relative to the working
+                          directory, or its name when it is not below it), chat_template (bool)
+    recipe         dict   file, text (as saved in the output: `Recipe.published_text`), fence (a Markdown fence
+                          longer than any backtick run in text), sha256 (of text), saved_as (the recipe's file
+                          name in the output)
     provenance     dict   hubmerge_version, lock_file, reproducible (every source is a Hub repo at a sha)
     citations      list   BibTeX entries: Qwen2.5, the method's paper, FusionBench when it is the reference
     diagnostics    dict or None   the merge diagnostics (merge_stats.json), None before the merge: applicable
                           (bool), note, sign_conflict (str), trims (bool), models (rows of model, norm,
                           mean_layer_norm, mean_cosine, conflict, kept, dropped: formatted str), plots (dicts of
-                          file, title), plots_note (str or None)
+                          file, title), plots_note (str or None: why there are no plots; the default card leaves
+                          it out, since a missing extra of the machine that merged says nothing about the model)
     evaluation     dict or None   lm-eval results, None unless evaluated: models (markdown names of the base and
                           models evaluated, in the table's order), rows (dicts of task, metric, merged, direction
                           "↑"/"↓", sources: dicts of value and difference, the merge minus that source; all
@@ -69,6 +79,7 @@ from . import __version__
 from .errors import CardError
 from .gguf.card import gguf_links
 from .lock import LOCK_FILE, RECIPE_COPY
+from .markdown import Markdown, code, finalize, literal, safe_url, text, visible
 from .methods import Method
 from .methods.base import Citation, resolve_defaults
 from .plan import MergePlan
@@ -228,12 +239,16 @@ def _licensing(plan: MergePlan, entries: list[_Entry]) -> _Licensing:
                 f"{' < '.join(QWEN_LICENSES)}. Decide the merge's license and set [card] license in {plan.recipe.path}"
             )
         chosen = combined
+    if spec.license_link is not None and safe_url(spec.license_link) is None:
+        raise CardError(
+            f"{where}.license_link: {spec.license_link!r} is not an http(s) URL or a file name in the repository"
+        )
     governing = [(e, lic) for e, lic in found if lic is not None and lic.key == chosen.key]
     file = next(((e, name) for e, _ in governing for name in LICENSE_FILES if name in e.source.files), None)
     link = (
         spec.license_link
         or (file[1] if file else None)
-        or next((lic.link for _, lic in governing if lic.link), None)
+        or next((lic.link for _, lic in governing if safe_url(lic.link)), None)  # never a javascript: link
     )
     if chosen.id == "other" and link is None:
         raise CardError(
@@ -325,12 +340,12 @@ def _source_context(entry: _Entry, root: Path, params: Mapping[str, Setting]) ->
     return {
         "role": entry.role,
         "name": name,
-        "markdown": f"[{repo_id}]({_HUB}/{repo_id})" if repo_id else f"`{name}`",
+        "markdown": Markdown(f"[{repo_id}]({_HUB}/{repo_id})") if repo_id else code(name),
         "repo_id": repo_id,
         "reference": ref.text,
         "revision": ref.revision,
         "sha": s.sha,
-        "url": f"{_HUB}/{repo_id}/tree/{s.sha}" if repo_id and s.sha else None,
+        "url": safe_url(f"{_HUB}/{repo_id}/tree/{s.sha}") if repo_id and s.sha else None,
         "license": str(License(declared, license_name or None)) if declared else "unknown",
         "parameters": {k: to_json(v) for k, v in params.items()},
     }
@@ -374,7 +389,9 @@ def _fusionbench(plan: MergePlan, entries: list[_Entry]) -> dict[str, Any] | Non
     return {
         "pool": f"CausalLMPool/{pool}",
         "method_config": reference.config,
-        "command": f"fusion_bench method={reference.config}{override} modelpool=CausalLMPool/{pool}",
+        "command": Markdown(
+            f"fusion_bench method={reference.config}{override} modelpool=CausalLMPool/{pool}"
+        ),
         "notes": notes,
     }
 
@@ -398,6 +415,16 @@ def _has_chat_template(source: Source) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and bool(data.get("chat_template"))
+
+
+def _local_model_id(folder: Path) -> str:
+    """The output folder for from_pretrained, starting with ./ so that it is not taken for a Hub id (a bare
+    "tiny-ties" would be): relative to where hubmerge ran when it is below, else as seen from its parent
+    folder. The card never holds an absolute path, which would name the user's folders."""
+    try:
+        return f"./{folder.absolute().relative_to(Path.cwd()).as_posix()}"
+    except ValueError:
+        return f"./{folder.name}"
 
 
 def _fence(text: str) -> str:
@@ -457,19 +484,20 @@ def _card_data(plan: MergePlan, entries: list[_Entry], lic: License) -> ModelCar
 def _method_context(method: Method, paper_id: str | None) -> dict[str, Any]:
     paper = method.citation
     return {
+        # The method's texts are hubmerge's own Markdown (its registry entry), printed as they are.
         "name": method.name,
-        "title": method.title,
-        "formula": method.formula,
-        "legend": [f"{symbol}: {meaning}" for symbol, meaning in method.legend()],
-        "description": method.description,
+        "title": Markdown(method.title),
+        "formula": Markdown(method.formula),
+        "legend": [Markdown(f"{symbol}: {meaning}") for symbol, meaning in method.legend()],
+        "description": Markdown(method.description),
         "uses_base": method.uses_base,
         "paper": None
         if paper_id is None
         else {
             "id": paper_id,
-            "cite": paper.cite if paper else f"arXiv:{paper_id}",
-            "title": paper.title if paper else None,
-            "url": f"https://arxiv.org/abs/{paper_id}",
+            "cite": Markdown(paper.cite) if paper else text(f"arXiv:{paper_id}"),
+            "title": Markdown(paper.title) if paper else None,
+            "url": safe_url(f"https://arxiv.org/abs/{paper_id}"),
         },
     }
 
@@ -488,8 +516,8 @@ def _context(plan: MergePlan) -> dict[str, Any]:
     base = next((s for s in sources if s["role"] == "base"), None)
     title = r.card.title or (r.output.repo.split("/")[-1] if r.output.repo else r.path.stem)
     with_base = f", with {base['markdown']} as the base" if base and r.method.uses_base else ""
-    description = r.card.description or (
-        f"{title} is a merge of {_join([s['markdown'] for s in sources if s['role'] == 'model'])}{with_base}, "
+    description = r.card.description or Markdown(
+        f"{text(title)} is a merge of {_join([s['markdown'] for s in sources if s['role'] == 'model'])}{with_base}, "
         f"made with hubmerge {__version__} using {_lower_first(r.method.title)}. No training was involved: every weight "
         "was computed from the sources listed below by the recipe included in this card."
     )
@@ -505,31 +533,35 @@ def _context(plan: MergePlan) -> dict[str, Any]:
     config_from = next(by_entry[id(e)] for e in entries if e.source is plan.config_source)
     if base is not None and not r.method.uses_base:
         notes = [
-            f"The base ({base['markdown']}) takes no part in the {_lower_first(r.method.title)}; it provides config.json."
+            Markdown(
+                f"The base ({base['markdown']}) takes no part in the {_lower_first(r.method.title)}; it provides "
+                "config.json."
+            )
         ]
     else:
-        notes = [f"config.json comes from the {config_from['role']} ({config_from['markdown']})."]
+        notes = [Markdown(f"config.json comes from the {config_from['role']} ({config_from['markdown']}).")]
     tokenizer_from = next(by_entry[id(e)] for e in entries if e.source is plan.tokenizer)
     notes.append(
-        f"The tokenizer files, chat template, generation_config.json and the special token ids in config.json "
-        f"(bos, eos and pad) come from the tokenizer source, the {tokenizer_from['role']} "
-        f"({tokenizer_from['markdown']})."
-    )
-    if plan.config_differences:
-        notes.append(
-            "These config.json fields differ between the sources: " + "; ".join(plan.config_differences) + "."
+        Markdown(
+            f"The tokenizer files, chat template, generation_config.json and the special token ids in config.json "
+            f"(bos, eos and pad) come from the tokenizer source, the {tokenizer_from['role']} "
+            f"({tokenizer_from['markdown']})."
         )
+    )
+    if plan.config_differences:  # their values come from the sources' config.json
+        differences = "; ".join(text(d) for d in plan.config_differences)
+        notes.append(Markdown(f"These config.json fields differ between the sources: {differences}."))
     config = plan.config
     q = plan.qwen25
     file = licensing.file
     return {
-        "front_matter": card_data.to_yaml(),
+        "front_matter": Markdown(card_data.to_yaml()),
         "metadata": _as_dict(card_data),
         "title": title,
         "description": description,
         "method": _method_context(r.method, paper_id),
         "parameters": [
-            {"name": p.name, "value": _setting_text(r.parameters[p.name]), "help": p.help}
+            {"name": p.name, "value": _setting_text(r.parameters[p.name]), "help": Markdown(p.help)}
             for p in r.method.params + r.method.model_params  # a per-model default in [parameters] too
             if p.name in r.parameters
         ],
@@ -537,11 +569,11 @@ def _context(plan: MergePlan) -> dict[str, Any]:
         "license": {
             "id": lic.id,
             "name": lic.name,
-            "link": lic.link,
+            "link": safe_url(lic.link),
             "text": str(lic),
             "from_recipe": licensing.from_recipe,
             "file": file[1] if file else None,
-            "file_source": f"{by_entry[id(file[0])]['role']} ({by_entry[id(file[0])]['markdown']})"
+            "file_source": Markdown(f"{by_entry[id(file[0])]['role']} ({by_entry[id(file[0])]['markdown']})")
             if file
             else None,
             "aliased": [
@@ -577,13 +609,15 @@ def _context(plan: MergePlan) -> dict[str, Any]:
         },
         "notes": notes,
         "usage": {
-            "model_id": r.output.repo or r.output.dir.name,
+            "model_id": r.output.repo or _local_model_id(r.output.dir),
             "chat_template": _has_chat_template(plan.tokenizer),
         },
         "recipe": {
             "file": r.path.name,
-            "text": r.text.rstrip("\n"),
-            "fence": _fence(r.text),
+            "text": visible(
+                r.published_text.rstrip("\n")
+            ),  # inside a fence longer than any backtick run in it
+            "fence": Markdown(_fence(r.published_text)),
             "sha256": r.sha256,
             "saved_as": RECIPE_COPY,
         },
@@ -592,7 +626,7 @@ def _context(plan: MergePlan) -> dict[str, Any]:
             "lock_file": LOCK_FILE,
             "reproducible": all(s["repo_id"] and s["sha"] for s in sources),
         },
-        "citations": citations,
+        "citations": [Markdown(c) for c in citations],
         "hubmerge_version": __version__,
     }
 
@@ -617,12 +651,14 @@ def _render(template_path: Path, context: Mapping[str, Any]) -> str:
 
     env = ImmutableSandboxedEnvironment(
         loader=FileSystemLoader(template_path.parent),
+        finalize=finalize,  # strings from sources and recipes print inert, unless hubmerge built them (Markdown)
         undefined=StrictUndefined,
         autoescape=False,
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
+    env.filters.update(code=code, literal=literal)
     filename = str(template_path)
     try:
         return env.get_template(template_path.name).render(context)
@@ -695,7 +731,7 @@ def _diagnostics(
             }
             for name, r in zip(names, rows, strict=False)
         ],
-        "plots": [{"file": file, "title": titles[file]} for file in stats.get("plots", [])],
+        "plots": [{"file": safe_url(file), "title": titles[file]} for file in stats.get("plots", [])],
         "plots_note": stats.get("plots_note"),
     }
 
@@ -724,7 +760,8 @@ def _evaluation(evaluation: Evaluation | None, sources: Sequence[Mapping[str, An
                 "merged": f"{scores[0].value:.4f}",
                 "direction": "↑" if scores[0].higher_is_better else "↓",
                 "sources": [
-                    {"value": f"{s.value:.4f}", "difference": f"{scores[0].value - s.value:+.4f}"}
+                    # numbers hubmerge formats: Markdown as they are (a leading + is no list item in a cell)
+                    {"value": f"{s.value:.4f}", "difference": Markdown(f"{scores[0].value - s.value:+.4f}")}
                     for s in scores[1:]
                 ],
             }
@@ -732,7 +769,7 @@ def _evaluation(evaluation: Evaluation | None, sources: Sequence[Mapping[str, An
         ],
         "settings": ", ".join(described),
         "lm_eval_version": evaluation.lm_eval_version,
-        "chart": CHART_FILE,
+        "chart": safe_url(CHART_FILE),
         "checks": [{"text": c.describe(), "passed": c.passed} for c in evaluation.checks],
     }
 
@@ -779,7 +816,7 @@ def _with_model_index(context: dict[str, Any], evaluation: Evaluation) -> None:
         for task, metric, scores in evaluation.rows()
     ]
     data = ModelCardData(**context["metadata"], model_name=context["title"], eval_results=results)
-    context["front_matter"] = data.to_yaml()
+    context["front_matter"] = Markdown(data.to_yaml())
     context["metadata"] = _as_dict(data)
 
 

@@ -212,7 +212,8 @@ def _validate_one(path: Path) -> None:
     missing_folder(recipe, path)
     for warning in recipe.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"ok  {path}  ({recipe.method.name}, {len(recipe.models)} models)")
+    count = len(recipe.models)
+    print(f"ok  {path}  ({recipe.method.name}, {count} model{'' if count == 1 else 's'})")
 
 
 def _validate(paths: Sequence[Path]) -> int:
@@ -305,7 +306,8 @@ def _dispatch(argv: Sequence[str]) -> int:
             return 0
         from .card import render_card
 
-        card = render_card(merge_plan)
+        stats, sanity = api.recorded_results(merge_plan)  # the diagnostics an earlier merge wrote there
+        card = render_card(merge_plan, stats=stats, sanity=sanity)
         if args.file:
             args.file.write_text(card)
         else:
@@ -335,6 +337,10 @@ def _dispatch(argv: Sequence[str]) -> int:
         raise
     if not args.quiet:
         print(f"wrote {result.output_dir}")
+    if result.evaluation is not None:  # as `hubmerge eval` prints it
+        from .evaluate import results_table
+
+        print(results_table(result.evaluation), end="")
     if result.commit_url:
         print(result.commit_url)
     _append(args.summary, summary_markdown(result.plan, result.commit_url, merged=True))

@@ -275,6 +275,36 @@ def _code_execution(allowed: bool) -> Iterator[None]:
             os.environ["HF_ALLOW_CODE_EVAL"] = previous
 
 
+@contextlib.contextmanager
+def _library_output_captured() -> Iterator[None]:
+    """What lm-eval and transformers write while they run, to a temporary file instead of the terminal: their
+    progress bars, and the `fatal: not a git repository` of the `git describe` lm-eval runs to record its
+    version (a child process, so only the file descriptors catch it). Shown afterwards when logging is on
+    (`HUBMERGE_DEBUG=1` on the command line, or a Python caller that has not turned it off)."""
+    import logging
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryFile() as captured:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        saved = [os.dup(1), os.dup(2)]
+        os.dup2(captured.fileno(), 1)
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            if logging.root.manager.disable < logging.CRITICAL:
+                captured.seek(0)
+                sys.stderr.write(captured.read().decode(errors="replace"))
+
+
 def _stderr(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
@@ -293,6 +323,13 @@ def _scores(results: Mapping[str, Any], higher: Mapping[str, bool]) -> dict[str,
 
 
 def _run(
+    folder: Path, tokenizer: Path, tasks: Sequence[str], spec: EvalSpec, manager: Any, recipe: Path
+) -> dict[str, dict[str, Score]]:
+    with _library_output_captured():
+        return _evaluate_folder(folder, tokenizer, tasks, spec, manager, recipe)
+
+
+def _evaluate_folder(
     folder: Path, tokenizer: Path, tasks: Sequence[str], spec: EvalSpec, manager: Any, recipe: Path
 ) -> dict[str, dict[str, Score]]:
     import lm_eval
@@ -404,14 +441,17 @@ def _checks(evaluation: Evaluation, require: Sequence[Requirement]) -> tuple[Che
 
 
 def results_table(evaluation: Evaluation) -> str:
-    """The results table in Markdown: the merge, then each source with the merge's difference to it."""
-    header = ["Task", "Metric", evaluation.merged.name]
+    """The results table in Markdown: the merge, then each source with the merge's difference to it. Task,
+    metric and model names come from the recipe and lm-eval: each is a code span, inert in a job summary."""
+    from .markdown import code, text
+
+    header = ["Task", "Metric", text(evaluation.merged.name)]
     for m in evaluation.models[1:]:
-        header += [m.name, "Δ"]
+        header += [code(m.name), "Δ"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for task, metric, scores in evaluation.rows():
         merged = scores[0].value
-        cells = [task, f"`{metric}`", f"{merged:.4f}"]
+        cells = [code(task), code(metric), f"{merged:.4f}"]
         for s in scores[1:]:
             cells += [f"{s.value:.4f}", f"{merged - s.value:+.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -420,5 +460,7 @@ def results_table(evaluation: Evaluation) -> str:
 
 def summary_markdown(evaluation: Evaluation) -> str:
     """The job summary section: the results table and the `[eval] require` checks."""
-    checks = "".join(f"- {'✅' if c.passed else '❌'} {c.describe()}\n" for c in evaluation.checks)
+    from .markdown import text
+
+    checks = "".join(f"- {'✅' if c.passed else '❌'} {text(c.describe())}\n" for c in evaluation.checks)
     return f"\n### Evaluation\n\n{results_table(evaluation)}" + (f"\n{checks}" if checks else "")

@@ -345,21 +345,39 @@ def apply_lock(recipe: Recipe, lock_path: Path) -> Recipe:
     )
 
 
-def check_reproduced(lock_path: Path, record: Mapping[str, Any]) -> None:
-    """Fail unless `record` (this run's lock) has the output files, byte for byte, that `lock_path` records.
+def _reports() -> set[str]:
+    """The files that report on a merge rather than make up the model: the diagnostics and their plots, the
+    evaluation and sanity results and their chart."""
+    from .diagnostics import PLOTS, STATS_FILE
+    from .evaluate import CHART_FILE, RESULTS_FILE
 
-    The card is left out: without an [output] repo its usage snippet names the output folder, which a
-    reproduction is free to choose.
+    return {STATS_FILE, *(file for file, _ in PLOTS.values()), RESULTS_FILE, CHART_FILE}
+
+
+def check_reproduced(lock_path: Path, record: Mapping[str, Any]) -> None:
+    """Fail unless `record` (this run's lock) has the model that `lock_path` records: the same files, byte
+    for byte, among the model's files (weights, index, config, tokenizer, recipe copy, license).
+
+    Left out: the card (without an [output] repo its usage snippet names the output folder, which a
+    reproduction is free to choose) and the reports (merge_stats.json, eval_results.json and their charts),
+    which `--no-stats`, `--no-sanity` and `--eval` turn on and off without changing a weight. A model file
+    that only one of the two runs produced is named as such, not as differing.
     """
     lock = json.loads(lock_path.read_text())
+    skip = {CARD_FILE, *_reports()}
     expected = {
-        name: entry.get("sha256")
-        for name, entry in lock.get("output", {}).get("files", {}).items()
-        if name != CARD_FILE
+        n: e.get("sha256") for n, e in lock.get("output", {}).get("files", {}).items() if n not in skip
     }
-    actual = {name: e["sha256"] for name, e in record["output"]["files"].items() if name != CARD_FILE}
-    differing = sorted(n for n in expected.keys() | actual.keys() if expected.get(n) != actual.get(n))
-    if not differing:
+    actual = {n: e["sha256"] for n, e in record["output"]["files"].items() if n not in skip}
+    problems = []
+    differing = sorted(n for n in expected.keys() & actual.keys() if expected[n] != actual[n])
+    if differing:
+        problems.append(f"{', '.join(differing)} differ")
+    if missing := sorted(expected.keys() - actual.keys()):
+        problems.append(f"{', '.join(missing)} not produced by this run")
+    if extra := sorted(actual.keys() - expected.keys()):
+        problems.append(f"{', '.join(extra)} not in the lock")
+    if not problems:
         return
     environment = [
         f"{key.replace('_version', '')} {lock.get(key, 'unrecorded')} then, {record[key]} now"
@@ -373,6 +391,6 @@ def check_reproduced(lock_path: Path, record: Mapping[str, Any]) -> None:
     ]
     causes = environment + ([f"sources differ: {', '.join(sources)}"] if sources else [])
     raise HubmergeError(
-        f"the merge did not reproduce {lock_path}: {', '.join(differing)} differ "
+        f"the merge did not reproduce {lock_path}: {'; '.join(problems)} "
         f"({'; '.join(causes) or 'same hubmerge, torch, device and sources'}); the previous output was kept"
     )

@@ -24,6 +24,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -165,6 +166,17 @@ def recover(directory: Path) -> None:
                 leftover.rmdir()
 
 
+def _mkdir_mode() -> int:
+    """The mode `mkdir` gives a new folder: 0o777 less the umask (`mkdtemp` gives 0o700, owner only)."""
+    try:  # Linux states the umask; reading it elsewhere means setting it, briefly, for the whole process
+        status = Path("/proc/self/status").read_text()
+        return 0o777 & ~int(re.search(r"^Umask:\s*([0-7]+)", status, flags=re.M).group(1), 8)  # type: ignore[union-attr]
+    except (OSError, AttributeError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return 0o777 & ~mask
+
+
 @contextmanager
 def staged(directory: Path) -> Iterator[Path]:
     """A fresh staging folder next to `directory`, removed unless `swap_in` consumed it."""
@@ -187,6 +199,7 @@ def staged(directory: Path) -> Iterator[Path]:
                     raise
         fcntl.flock(marker, fcntl.LOCK_EX | fcntl.LOCK_NB)
         _running[staging] = marker
+        staging.chmod(_mkdir_mode())  # the output folder follows the umask, as any folder the user makes
     finally:
         _holding = False
     if _deferred:

@@ -9,7 +9,28 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["QWEN25_SIZES", "Qwen25Size", "qwen25_size"]
+__all__ = ["ALWAYS_PRESENT", "QWEN25_SIZES", "Qwen25Size", "qwen25_size"]
+
+# Tensors every Qwen2 checkpoint has, whatever its size (names it shares with the Llama family; the q/k/v
+# biases, Qwen2's own, are left out): `validate` checks filter lists against them before any header is read.
+ALWAYS_PRESENT = (
+    "model.embed_tokens.weight",
+    "model.norm.weight",
+    *(
+        f"model.layers.0.{name}.weight"
+        for name in (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    ),
+)
 
 
 @dataclass(frozen=True)

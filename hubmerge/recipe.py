@@ -19,7 +19,8 @@ from typing import Any
 from . import schema
 from .errors import RecipeError, SourceError
 from .methods import METHODS, Method
-from .schedule import Setting, is_schedule
+from .qwen import ALWAYS_PRESENT
+from .schedule import Setting, evaluate, is_schedule
 from .schema import RELATIVE_SCORE, REPO_ID, parse_size
 
 if sys.version_info >= (3, 11):
@@ -151,8 +152,19 @@ class Recipe:
     )
 
     @property
+    def published_text(self) -> str:
+        """The recipe as the output keeps it (hubmerge.toml): `text` without a first-line `#:schema` directive
+        naming a local file, which would point nowhere beside the output or in its Hub repo."""
+        first, _, rest = self.text.partition("\n")
+        directive = re.fullmatch(r"#:schema\s+(\S+)\s*", first)
+        keep = directive is None or re.match(r"https?://", directive.group(1)) is not None
+        return self.text if keep else rest
+
+    @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.text.encode()).hexdigest()
+        """sha256 of `published_text`: the same for the recipe and its copy beside the output, so that the
+        card, the lock and the copy agree, and `--lock` accepts either."""
+        return hashlib.sha256(self.published_text.encode()).hexdigest()
 
     @property
     def tokenizer_source(self) -> ModelRef:
@@ -289,6 +301,38 @@ def missing_folder(recipe: Recipe, name: str | Path | None = None) -> None:
             raise SourceError(f"{name or recipe.path}: {ref.text!r} is not a folder ({ref.path})")
 
 
+def _check_coverage(
+    r: _Reader,
+    method: Method,
+    given: Mapping[str, Setting],
+    model_defaults: Mapping[str, Setting],
+    models: tuple[ModelRef, ...],
+) -> None:
+    """Refuse a parameter without a default whose filter rules give no value to a tensor every checkpoint
+    has: `plan` would refuse it after reading the headers (plan._tensor_params), `validate` says it first."""
+
+    def uncovered(settings: list[Setting]) -> str | None:
+        return next((n for n in ALWAYS_PRESENT if all(evaluate(s, n, 0.0) is None for s in settings)), None)
+
+    for p in method.params:
+        name = uncovered([given[p.name]]) if p.default is None and p.name in given else None
+        if name is not None:
+            raise r.fail(
+                f"parameters.{p.name}",
+                f"no value for tensor {name} (no filter matches it); add a rule without a filter",
+            )
+    for i, model in enumerate(models):
+        for p in method.model_params:
+            settings = [s for s in (model.params.get(p.name), model_defaults.get(p.name)) if s is not None]
+            name = uncovered(settings) if p.default is None and settings else None
+            if name is not None:
+                raise r.fail(
+                    f"models[{i}].{p.name}",
+                    f"no value for tensor {name} (no filter matches it); add a rule without a filter, or a default "
+                    "in [parameters]",
+                )
+
+
 def _build(r: _Reader, tables: Any, text: str, output_dir: str | Path | None) -> Recipe:
     method: Method = METHODS[tables.method]
     parameters = schema.given(tables.parameters)
@@ -299,6 +343,7 @@ def _build(r: _Reader, tables: Any, text: str, output_dir: str | Path | None) ->
         for p in method.model_params:
             if p.default is None and p.name not in m.params and p.name not in model_defaults:
                 raise r.fail(f"models[{i}].{p.name}", f"is required by {method.name}: {p.help}")
+    _check_coverage(r, method, given, model_defaults, models)
     weights = [
         float(w)
         for w in (m.params.get("weight", model_defaults.get("weight", 1.0)) for m in models)
@@ -323,6 +368,27 @@ def _build(r: _Reader, tables: Any, text: str, output_dir: str | Path | None) ->
         warnings.append(
             f"{r.path}: parameters.threshold = 1 is read as the fraction 1.0, keeping 100 % of each task vector "
             "(as FusionBench reads it); for 1 percent write 0.01"
+        )
+    # density is the fraction of a task vector kept: 0 keeps none of it, and with every model at 0 the merge
+    # is the base unchanged. Valid, but like threshold = 1 more likely a misreading than the intent.
+    dropped = [
+        f"models[{i}]"
+        for i, m in enumerate(models)
+        if any(p.name == "density" for p in method.model_params)
+        and m.params.get("density", model_defaults.get("density")) == 0
+    ]
+    if dropped:
+        where = (
+            "density = 0" if len(dropped) == len(models) else ", ".join(f"{k}.density = 0" for k in dropped)
+        )
+        effect = (
+            "the merge is the base model, unchanged"
+            if len(dropped) == len(models)
+            else f"{' and '.join(dropped)} add{'s' if len(dropped) == 1 else ''} nothing to the merge"
+        )
+        warnings.append(
+            f"{r.path}: {where} keeps none of the task vector ({effect}); density is the fraction kept, "
+            "1 keeps all of it"
         )
     base = r.model(tables.base, "base") if tables.base is not None else None
     tokenizer = tables.tokenizer

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import difflib
-import re
 from typing import Any
 
 from . import __version__
 from .budget import format_size
 from .errors import RecipeError
+from .markdown import code, text
 from .methods.base import Pass, Reduce
 from .plan import MergePlan
 from .schedule import to_json
@@ -179,44 +179,28 @@ def plan_text(plan: MergePlan) -> str:
     return "\n".join(lines)
 
 
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|!~])")
-
-
-def _md(value: object) -> str:
-    """`value` as inert Markdown text for a job summary: Hub metadata and recipe strings are untrusted, so no
-    markup, link, HTML tag, table cell or line break can come out of them."""
-    text = " ".join(str(value).split())
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", text.replace("&", "&amp;"))
-
-
-def _code(value: object) -> str:
-    """`value` in a code span (where HTML is inert) that no backtick can close and no `|` can split."""
-    text = " ".join(str(value).split()).replace("`", "'").replace("|", "\\|")
-    return f"`{text}`"
-
-
 def summary_markdown(plan: MergePlan, commit_url: str | None = None, merged: bool = False) -> str:
     data = plan_json(plan)
     title = "Merged" if merged else "Plan for"
     lines = [
-        f"### {title} {_code(plan.recipe.path.name)} ({_md(data['method'])})",
+        f"### {title} {code(plan.recipe.path.name)} ({text(data['method'])})",
         "",
         "| role | source | revision | sha |",
         "|---|---|---|---|",
     ]
     for s in data["sources"]:
         lines.append(
-            f"| {s['role']} | {_code(s['repo_id'] or s['path'])} | {_md(s['revision'] or '')} "
-            f"| {_code(s['sha'] or 'local')} |"
+            f"| {s['role']} | {code(s['repo_id'] or s['path'])} | {text(s['revision'] or '')} "
+            f"| {code(s['sha'] or 'local')} |"
         )
     out = data["output"]
     lines += [
         "",
-        f"Output: {out['tensors']} tensors, {out['parameters']:,} parameters, {_gb(out['bytes'])} ({_md(out['dtype'])}).",
+        f"Output: {out['tensors']} tensors, {out['parameters']:,} parameters, {_gb(out['bytes'])} ({text(out['dtype'])}).",
     ]
     if commit_url:
-        lines.append(f"Pushed: {_md(commit_url)}")
-    lines += [f"> warning: {_md(w)}" for w in data["warnings"]]
+        lines.append(f"Pushed: {text(commit_url)}")
+    lines += [f"> warning: {text(w)}" for w in data["warnings"]]
     return "\n".join(lines) + "\n"
 
 

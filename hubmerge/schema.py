@@ -533,6 +533,19 @@ def _unknown_key(key: str, known: list[str]) -> str:
     return "unknown key" + (f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}")
 
 
+def _mergekit_habit(method: Method, key: str) -> str | None:
+    """A hint for a key that is right in mergekit, under another name (or method) in hubmerge."""
+    names = {p.name for p in method.params + method.model_params}
+    if key == "lambda" and "scaling_factor" in names:
+        return "unknown key; did you mean 'scaling_factor'? (mergekit calls it lambda)"
+    if method.name == "ties" and key in ("density", "weight"):
+        return (
+            f"unknown key; hubmerge's ties is FusionBench's (scaling_factor, threshold), without {key}: for "
+            'mergekit\'s TIES, with density and a weight per model, write method = "mergekit_ties"'
+        )
+    return None
+
+
 def _method_problem(data: Mapping[str, Any]) -> tuple[str, str]:
     """(key, message) for a recipe whose `method` names no method."""
     known = _schema_keys()
@@ -544,7 +557,7 @@ def _method_problem(data: Mapping[str, Any]) -> tuple[str, str]:
         return "method", f"is required; one of {', '.join(METHODS)}"
     if not isinstance(name, str):
         return "method", f"must be a string, got {name!r}"
-    close = difflib.get_close_matches(name.replace("-", "_"), METHODS, n=1)
+    close = difflib.get_close_matches(name.lower().replace("-", "_"), METHODS, n=1)  # mergekit's "TIES" too
     hint = f"did you mean {close[0]!r}?" if close else f"known methods: {', '.join(METHODS)}"
     return "method", f"unknown method {name!r}; {hint}"
 
@@ -561,7 +574,7 @@ def _message(error: ErrorDetails, path: list[str | int], form: str | None, metho
     if kind == "unknown_key":
         if path == ["parameters"] and not ctx["known"]:
             return f"{method.name} takes no parameters"
-        return _unknown_key(ctx["key"], ctx["known"])
+        return _mergekit_habit(method, ctx["key"]) or _unknown_key(ctx["key"], ctx["known"])
     if kind in ("setting", "rule_value", "reference"):
         return error["msg"] + got
     if kind == "missing":

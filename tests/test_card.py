@@ -604,14 +604,18 @@ def usage_snippet(card: str) -> str:
 
 
 @pytest.mark.parametrize("chat", [True, False])
-def test_usage_snippet_runs_with_transformers(tmp_path: Path, chat: bool) -> None:
+def test_usage_snippet_runs_with_transformers(
+    tmp_path: Path, chat: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
     model = shutil.copytree(TINY / "instruct", tmp_path / "model")
     if not chat:
         (model / "chat_template.jinja").unlink()
     recipe = tmp_path / "r.toml"
     recipe.write_text('method = "simple_average"\nmodels = ["./model"]\n')
-    code = usage_snippet(render_card(api.load_plan(recipe))).replace('model_id = "r"', f'model_id = "{model}"')
-    assert ("apply_chat_template" in code) is chat
+    # A local output's snippet loads the folder it was written to, as it stands (here: the model itself).
+    code = usage_snippet(render_card(api.load_plan(recipe, model)))
+    assert 'model_id = "./model"\n' in code and ("apply_chat_template" in code) is chat
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         exec(compile(code, "usage", "exec"), {})

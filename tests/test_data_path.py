@@ -147,7 +147,7 @@ def test_validate_checks_every_recipe_and_warns_on_threshold_one(
     missing = write_recipe('method = "ties"\nbase = "./base"\nmodels = ["./gone"]\n', "missing.toml")
     result = run_cli("validate", bad, good, missing)
     assert result.returncode == 2  # the first failure's code
-    assert result.stdout.splitlines() == [f"ok  {good}  (ties, 1 models)"]
+    assert result.stdout.splitlines() == [f"ok  {good}  (ties, 1 model)"]
     err = result.stderr.splitlines()
     assert len(err) == 3 and "Traceback" not in result.stderr
     assert err[0].startswith("hubmerge: error: ") and "bad.toml: base: is required" in err[0]

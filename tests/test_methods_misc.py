@@ -278,7 +278,7 @@ def test_sce_card_cites_its_paper_and_explains_its_symbols(tmp_path):
     )
     assert "mᵢ: the sign-agreement mask of model i" in card and "τᵢ: the task vector θᵢ − θ_base" in card
     assert "`top_k` keeps, in every task vector" in card
-    assert "| `select_topk` | [0.2, 0.6] |" in card
+    assert "| `select_topk` | \\[0.2, 0.6\\] |" in card  # escaped: filter strings come from the recipe
     assert "@misc{wan2024fusechat," in card and "eprint={2408.07990}" in card
 
 

@@ -154,6 +154,169 @@ def test_no_run_step_expands_expressions_and_no_checkout_keeps_credentials() -> 
     assert all(step["with"]["persist-credentials"] is False for step in checkouts)
 
 
+# --------------------------------------------------------------------------------- installs and tokens
+
+SCRIPTS = REPO / ".github" / "scripts"
+REQUIREMENTS = REPO / ".github" / "requirements"
+_SCRIPT = re.compile(r"(?:\.github/scripts/|\$\(dirname \"\$0\"\)/)([\w-]+\.sh)")
+# The two installs that cannot be hashed, each with --no-deps so that nothing else comes in through them:
+# PyTorch's CPU wheel, pinned, from PyTorch's index (PyPI has no CPU-only Linux wheel to compile a hash
+# from), and hubmerge itself as HUBMERGE_SPEC names it (the checked-out commit, or a pinned release).
+_UNHASHED = [
+    "python -m pip install --progress-bar off --no-deps \"torch==$torch_version\" --index-url https://download.pytorch.org/whl/cpu",
+    'python -m pip install --progress-bar off --no-deps --no-build-isolation "$HUBMERGE_SPEC"',
+]
+
+
+def _scripts_run_by(text: str, seen: frozenset[str] = frozenset()) -> list[str]:
+    """The scripts in .github/scripts/ that `text` runs or sources, and the ones they do, transitively."""
+    found = []
+    for name in _SCRIPT.findall(text):
+        if name not in seen:
+            seen |= {name}
+            found += [name, *_scripts_run_by((SCRIPTS / name).read_text(), seen)]
+    return found
+
+
+def _pip_installs(text: str) -> list[str]:
+    lines = text.replace("\\\n", " ").splitlines()
+    return [" ".join(line.split()) for line in lines if re.search(r"\bpip3? install\b", line)]
+
+
+def _jobs() -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(name, job, environment shared by its steps) for every job of the workflows and for action.yml."""
+    jobs = []
+    for path in _workflow_files():
+        doc = yaml.safe_load(path.read_text())
+        jobs += [(f"{path.name}:{n}", job, {**doc.get("env", {}), **job.get("env", {})})
+                 for n, job in doc["jobs"].items()]
+    return [*jobs, ("action.yml", yaml.safe_load(ACTION_YML.read_text())["runs"], {})]
+
+
+def _holds_token(job: dict[str, Any]) -> bool:
+    text = yaml.safe_dump(job)
+    return "secrets." in text or "inputs.hf-token" in text or job.get("permissions", {}).get("id-token") == "write"
+
+
+def test_in_jobs_holding_a_token_every_install_is_hashed_and_no_install_step_sees_the_token() -> None:
+    token_jobs = [(name, job, env) for name, job, env in _jobs() if _holds_token(job)]
+    assert [name for name, _, _ in token_jobs] == [
+        "merge.yml:auth", "merge.yml:merge", "merge.yml:merge-oidc", "action.yml"
+    ]
+    install_steps = 0
+    for name, job, shared in token_jobs:
+        for step in job["steps"]:
+            run = step.get("run", "")
+            installs = _pip_installs(run + "".join((SCRIPTS / s).read_text() for s in _scripts_run_by(run)))
+            if not installs:
+                continue
+            install_steps += 1
+            env = yaml.safe_dump({**shared, **step.get("env", {})})
+            assert "HF_TOKEN" not in env and "secrets." not in env and "hf-token" not in env, (name, step)
+            for line in installs:
+                assert "--require-hashes" in line or line in _UNHASHED, (name, line)
+            assert any("--require-hashes" in line and "requirements/hubmerge.txt" in line for line in installs)
+    assert install_steps == 3  # merge, merge-oidc and action.yml each install in one step, without a token
+    # The steps that push (the token's only users) install nothing, the eval extra included.
+    merge = (SCRIPTS / "merge-recipe.sh").read_text() + (SCRIPTS / "lib.sh").read_text()
+    assert _pip_installs(merge) == []
+
+
+def _requirements(name: str) -> dict[str, tuple[str, list[str]]]:
+    """package -> (version, hashes) of a compiled requirements file; every entry must be pinned."""
+    entries: dict[str, tuple[str, list[str]]] = {}
+    for block in re.split(r"\n(?=\S)", (REQUIREMENTS / name).read_text()):
+        if block.startswith("#") or not block.strip():
+            continue
+        package, version = re.match(r"([A-Za-z0-9_.-]+)==(\S+)", block).groups()  # type: ignore[union-attr]
+        entries[package.lower()] = (version, re.findall(r"--hash=sha256:([0-9a-f]{64})", block))
+    return entries
+
+
+def test_hashed_requirements_pin_the_eval_extra_at_hubmerge_txts_versions_and_never_torch() -> None:
+    from packaging.requirements import Requirement
+
+    base, full = _requirements("hubmerge.txt"), _requirements("eval.txt")
+    assert all(hashes for _, hashes in [*base.values(), *full.values()])
+    assert {p: full[p][0] for p in base} == {p: v for p, (v, _) in base.items()}  # a superset, same versions
+    pyproject = (REPO / "pyproject.toml").read_text()
+    extra = re.search(r"^eval = (\[.*\])$", pyproject, flags=re.M).group(1)  # type: ignore[union-attr]
+    for spec in map(Requirement, json.loads(extra)):
+        assert spec.specifier.contains(full[spec.name.lower()][0]), spec
+    assert not [p for p in full if p == "torch" or p.startswith(("nvidia-", "triton"))]
+
+
+def _eval_recipe(tmp_path: Path, tasks: str) -> Path:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'method = "ties"\nbase = "./base"\nmodels = ["./a"]\n[eval]\ntasks = {tasks}\n')
+    return recipe
+
+
+def test_eval_detection_fails_the_step_where_tomllib_is_missing_instead_of_skipping_the_gate(tmp_path: Path) -> None:
+    detect = f'source {SCRIPTS / "lib.sh"}; has_eval=$(recipe_has_eval "$1"); echo "eval=$has_eval"'
+    for tasks, expected in (('["arc_easy"]', "true"), ("[]", "false")):
+        result = subprocess.run([*BASH, "-c", detect, "-", _eval_recipe(tmp_path, tasks)], capture_output=True,
+                                text=True, env=_runner_env())
+        assert result.returncode == 0 and result.stdout == f"eval={expected}\n", result.stderr
+    old_python = tmp_path / "py310"  # what Python 3.10 has: no tomllib
+    old_python.mkdir()
+    (old_python / "tomllib.py").write_text("raise ModuleNotFoundError(\"No module named 'tomllib'\")\n")
+    recipe = _eval_recipe(tmp_path, '["arc_easy"]')
+    result = subprocess.run([*BASH, "-c", detect, "-", recipe], capture_output=True, text=True,
+                            env=_runner_env(PYTHONPATH=str(old_python)))
+    assert result.returncode != 0 and "eval=" not in result.stdout and "tomllib" in result.stderr
+    merge = subprocess.run([*BASH, str(SCRIPTS / "merge-recipe.sh")], capture_output=True, text=True, cwd=tmp_path,
+                           env=_runner_env(PYTHONPATH=str(old_python), RECIPE=str(recipe), PUSH="false"))
+    assert merge.returncode != 0 and not (tmp_path / "r").exists(), merge.stdout  # no merge without its gate
+
+
+def test_a_merge_step_without_the_eval_extra_stops_instead_of_installing_it(tmp_path: Path) -> None:
+    missing = tmp_path / "no-lm-eval"
+    missing.mkdir()
+    (missing / "lm_eval.py").write_text("raise ModuleNotFoundError(\"No module named 'lm_eval'\")\n")
+    recipe = _eval_recipe(tmp_path, '["arc_easy"]')
+    merge = subprocess.run([*BASH, str(SCRIPTS / "merge-recipe.sh")], capture_output=True, text=True, cwd=tmp_path,
+                           env=_runner_env(PYTHONPATH=str(missing), RECIPE=str(recipe), PUSH="false"))
+    assert merge.returncode == 7, merge.stdout + merge.stderr
+    assert f"::error file={recipe},title=hubmerge evaluation error (exit 7)::" in merge.stdout
+    assert "pip" not in merge.stdout + merge.stderr
+
+
+@pytest.mark.parametrize(("tasks", "files"), [('["arc_easy"]', ["hubmerge.txt", "eval.txt"]), ("[]", ["hubmerge.txt"])])
+def test_install_step_installs_the_hashed_eval_requirements_when_the_recipe_has_an_eval_table(
+    tmp_path: Path, tasks: str, files: list[str]
+) -> None:
+    shims = tmp_path / "bin"  # pip and hubmerge recorded, not run; every other python call is the real one
+    shims.mkdir()
+    log = tmp_path / "pip.log"
+    (shims / "python").write_text(f'#!/bin/bash\nif [[ $1 == -m && $2 == pip ]]; then echo "$*" >>{log}; exit 0; fi\n'
+                                  f'exec {sys.executable} "$@"\n')
+    (shims / "hubmerge").write_text("#!/bin/bash\necho hubmerge 0.1.0\n")
+    for shim in shims.iterdir():
+        shim.chmod(0o755)
+    env = _runner_env(RECIPE=str(_eval_recipe(tmp_path, tasks)), HUBMERGE_SPEC=".")
+    env["PATH"] = f"{shims}{os.pathsep}{env['PATH']}"
+    result = subprocess.run([*BASH, str(SCRIPTS / "install-hubmerge.sh")], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    hashed = [line for line in log.read_text().splitlines() if "--require-hashes" in line]
+    assert [Path(line.split(" -r ")[1]).name for line in hashed] == files
+
+
+def test_readme_says_to_copy_every_folder_the_scripts_read_and_the_python_they_need() -> None:
+    step = (REPO / "README.md").read_text().split("### 1. Copy the workflow")[1].split("\n### ")[0]
+    scripts = "".join(p.read_text() for p in SCRIPTS.glob("*.sh"))
+    folders = {"scripts", *re.findall(r"\$\(dirname \"\$0\"\)/\.\./(\w+)", scripts)}
+    assert folders == {"scripts", "requirements"}
+    for folder in folders:
+        assert f"[`.github/{folder}/`](.github/{folder}/)" in step, folder
+    # The hashes pin what one hubmerge depends on: they come from the release the workflow installs.
+    assert "Copy the three\nfrom that same release or commit" in step and "Python 3.11 or later" in step
+    # The scripts read recipes with tomllib: the action says so, and the install refuses an older Python.
+    action = ACTION_YML.read_text()
+    assert "3.11+" in action and "3.10" not in action
+    assert "sys.version_info < (3, 11)" in (SCRIPTS / "install-hubmerge.sh").read_text()
+
+
 # ---------------------------------------------------------------------------- changed-recipe detection
 
 

@@ -45,3 +45,12 @@ hubmerge_or_fail() {
   rm -f "$err"
   return "$status"
 }
+
+# recipe_has_eval RECIPE: print "true" when RECIPE has an [eval] table with tasks, else "false". A recipe that
+# does not parse, or a Python without tomllib, fails the caller (set -e): an [eval] gate is never skipped
+# silently.
+recipe_has_eval() {
+  python -c 'import sys, tomllib
+with open(sys.argv[1], "rb") as f:
+    print("true" if tomllib.load(f).get("eval", {}).get("tasks") else "false")' "$1"
+}

@@ -34,12 +34,14 @@ elif [[ -z ${HF_TOKEN:-} ]]; then
   fi
 fi
 
-has_eval='import sys, tomllib; sys.exit(0 if tomllib.load(open(sys.argv[1], "rb")).get("eval", {}).get("tasks") else 1)'
-if python -c "$has_eval" "$RECIPE"; then
+has_eval=$(recipe_has_eval "$RECIPE")
+if [[ $has_eval == true ]]; then
+  # This step holds the token, so it installs nothing: install-hubmerge.sh, given RECIPE, installed the
+  # eval extra from hashed requirements.
   if ! python -c 'import lm_eval, accelerate, matplotlib' 2>/dev/null; then
-    # The installed hubmerge's own extra, so lm-eval's version range is the one it was tested with.
-    version=$(hubmerge --version | cut -d' ' -f2)
-    python -m pip install --progress-bar off "hubmerge[eval]==$version"
+    line="hubmerge: error: $RECIPE has an [eval] table but lm-eval is not installed; run install-hubmerge.sh with RECIPE set in the install step"
+    echo "::error file=$RECIPE,title=hubmerge evaluation error (exit 7)::$line"
+    exit 7
   fi
   args+=(--eval)
 fi
