@@ -5,12 +5,13 @@ local folders, a cancel that leaves nothing behind, errors at their recipe line.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import TINY
+from conftest import REPO, TINY
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from uiapp import Served, serve
@@ -350,3 +351,12 @@ def test_one_merge_at_a_time_the_next_one_waits_in_the_queue(
     assert second.result is not None and (second.result.output_dir / "model.safetensors").is_file()
     assert service.results == {"b": second.result}
     assert service.queue_status() == "idle; 0 waiting"
+
+
+def test_run_folders_carry_an_unguessable_part_since_gradio_serves_the_work_folder(tmp_path: Path) -> None:
+    service = Service(Settings(work_dir=tmp_path))
+    example = REPO / "recipes" / "examples" / "tiny-ties.toml"
+    recipe = loads_recipe(example.read_text(), example)
+    first, second = (service._output(1, recipe).parent.name, service._output(1, recipe).parent.name)
+    assert first != second  # same second, same number: only the random part differs
+    assert all(re.fullmatch(r"\d{8}-\d{6}-1-[0-9a-f]{32}", name) for name in (first, second))

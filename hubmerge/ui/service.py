@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import re
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -242,9 +243,10 @@ class Service:
         return load_plan(recipe, self._output(next(self._ids), recipe))
 
     def _output(self, number: int, recipe: Recipe) -> Path:
-        return (
-            self.settings.work_dir / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{number}" / recipe.path.stem
-        )
+        # Gradio serves every file under the work folder to whoever names its path: a random part in each
+        # run's folder keeps one visitor from fetching another's merge by guessing the time and number.
+        run = f"{time.strftime('%Y%m%d-%H%M%S')}-{number}-{secrets.token_hex(16)}"
+        return self.settings.work_dir / "runs" / run / recipe.path.stem
 
     # --- merge jobs -------------------------------------------------------------------------------------
 
