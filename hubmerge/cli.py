@@ -33,6 +33,10 @@ _EPILOG = """commands:
   hubmerge eval RECIPE [--sources]
                                   run the recipe's [eval] lm-eval tasks on its output folder (and the
                                   sources); needs pip install "hubmerge[eval]"
+  hubmerge search RECIPE [--output DIR] [--trials N] [--ray [ADDRESS]]
+                                  search the recipe's [search] values: trials merged, scored and removed;
+                                  writes DIR/best.toml and search_results.json/.csv; rerun to resume;
+                                  needs pip install "hubmerge[search]" (and "hubmerge[ray]" for --ray)
   hubmerge schema                 print the recipe's JSON Schema, for editors (`#:schema` line) and CI
   hubmerge import-mergekit CONFIG.yml [-o RECIPE.toml]
                                   convert a mergekit config into an equivalent recipe (stdout without -o);
@@ -123,6 +127,9 @@ _DESCRIPTIONS = {
     "that read a `#:schema PATH` first line (Taplo / Even Better TOML, Tombi) then complete and check recipes.",
     "eval": "Evaluate the recipe's merged output folder on its [eval] lm-evaluation-harness tasks (and, with "
     "--sources, the base and every model), then update eval_results.json, the chart, the card and the lock.",
+    "search": "Search the values of the recipe's [search] table: each trial merges the recipe with its values "
+    "into scratch, scores the merge (the built-in loss or [eval] tasks) and removes it. The study is kept in "
+    "DIR/study.db: running the same command again resumes it without repeating finished trials.",
     "import-mergekit": "Convert a mergekit (0.1.5) YAML config into a hubmerge recipe that merges the same: "
     "method, base, models, parameters (gradients and filters), dtype, tokenizer source. What has no "
     "equivalent (layer-range slices, LoRA references, MoE, modules, ...) is listed one line per key, and "
@@ -146,11 +153,21 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
     elif command != "schema":
         p.add_argument("recipe", type=Path, help="the recipe file (TOML)")
         where = (
-            'write here (default: the output folder + "-inspect")'
-            if command == "inspect"
+            f'write here (default: the output folder + "-{command}")'
+            if command in ("inspect", "search")
             else "the merge's output folder, as for a merge (overrides [output] dir)"
         )
         p.add_argument("--output", type=Path, help=where)
+    if command == "search":
+        p.add_argument("--trials", type=int, metavar="N", help="how many trials (overrides [search] trials)")
+        p.add_argument(
+            "--ray",
+            nargs="?",
+            const="",
+            metavar="ADDRESS",
+            help="run trials as Ray tasks on the cluster at ADDRESS (default: $RAY_ADDRESS, else a local Ray)",
+        )
+        p.add_argument("-q", "--quiet", action="store_true", help="no line per trial")
     if command == "plan":
         p.add_argument("--json", action="store_true", help="print the plan as JSON")
         p.add_argument(
@@ -255,6 +272,8 @@ def _dispatch(argv: Sequence[str]) -> int:
         return _inspect(_command_parser("inspect").parse_args(argv[1:]))
     if argv and argv[0] == "eval":
         return _eval(_command_parser("eval").parse_args(argv[1:]))
+    if argv and argv[0] == "search":
+        return _search(_command_parser("search").parse_args(argv[1:]))
     if argv and argv[0] in COMMANDS:
         command, args = argv[0], _command_parser(argv[0]).parse_args(argv[1:])
         merge_plan = api.load_plan(
@@ -321,6 +340,28 @@ def _eval(args: argparse.Namespace) -> int:
         raise
     print(results_table(result.evaluation), end="")
     _append(args.summary, summary_markdown(result.evaluation))
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from .search.run import BEST_FILE, RESULTS_JSON, search
+
+    if args.trials is not None and args.trials < 1:
+        raise HubmergeError(f"--trials must be at least 1, got {args.trials}")
+    result = search(
+        args.recipe,
+        output_dir=args.output,
+        trials=args.trials,
+        ray=args.ray is not None,
+        ray_address=args.ray or None,
+        log=(lambda _: None) if args.quiet else (lambda line: print(line, file=sys.stderr)),
+    )
+    best = result.best
+    if best is None:
+        print(f"no trial completed; see {result.output_dir / RESULTS_JSON}")
+        return 1
+    print(f"best: trial {best['number']}, score {best['score']:.6g} ({result.direction}d), {best['params']}")
+    print(f"wrote {result.output_dir / BEST_FILE} and {result.output_dir / RESULTS_JSON}")
     return 0
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import HubmergeError, RecipeError
+from ..lock import LOCK_FILE
 from ..recipe import EvalSpec, load_recipe
 from .document import local_paths, recipe_text
 from .objective import direction, score
@@ -82,6 +83,13 @@ def _node() -> str:
     return socket.gethostname()
 
 
+def _weights(folder: Path) -> dict[str, str]:
+    """The sha256 of each weights file, as the merge's lock records them: what `hubmerge best.toml` must equal."""
+    record = json.loads((folder / LOCK_FILE).read_text(encoding="utf-8"))
+    files = record["output"]["files"]
+    return {name: entry["sha256"] for name, entry in files.items() if name.endswith(".safetensors")}
+
+
 def run_trial(job: TrialJob) -> dict[str, Any]:
     """Merge the recipe with the trial's values into scratch, score it, remove it: the trial's result."""
     from .. import api
@@ -98,7 +106,12 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
             recipe, output_dir=folder / "merged", quiet=True, stats=False, sanity=False, log=lambda _: None
         )
         value, terms = score(merged.output_dir, job.spec, job.recipe, job.eval)
-        result |= {"state": "complete", "score": value, "terms": terms}
+        result |= {
+            "state": "complete",
+            "score": value,
+            "terms": terms,
+            "weights": _weights(merged.output_dir),
+        }
     except HubmergeError as exc:
         result |= {"state": "failed", "error": " ".join(str(exc).split())}
     except Exception as exc:  # a trial's bug or a library's error is that trial's result, not the search's
@@ -191,7 +204,10 @@ def _require_optuna() -> Any:
     return optuna
 
 
-def _sampler(optuna: Any, spec: SearchSpec) -> Any:
+def _sampler(optuna: Any, spec: SearchSpec, existing: int) -> Any:
+    """The sampler of a study that holds `existing` trials: seeded `seed + existing`, except the grid, whose
+    seed orders its points once for the whole study."""
+    seed = None if spec.seed is None else spec.seed + existing
     if spec.sampler == "grid":
 
         class _Grid(optuna.samplers.GridSampler):  # type: ignore[misc]
@@ -206,10 +222,10 @@ def _sampler(optuna: Any, spec: SearchSpec) -> Any:
             raise HubmergeError(
                 'the cmaes sampler needs the cmaes package: pip install "hubmerge[search]"'
             ) from None
-        return optuna.samplers.CmaEsSampler(seed=spec.seed)
+        return optuna.samplers.CmaEsSampler(seed=seed)
     if spec.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=spec.seed)
-    return optuna.samplers.TPESampler(seed=spec.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def _fingerprint(document: Mapping[str, Any], spec: SearchSpec) -> str:
@@ -271,6 +287,7 @@ def _record(trial: Any) -> dict[str, Any]:
         "seconds": attrs.get("seconds"),
         "error": attrs.get("error"),
         "terms": attrs.get("terms", {}),
+        "weights": attrs.get("weights", {}),  # sha256 of each weights file the trial's merge wrote
     }
 
 
@@ -396,9 +413,11 @@ def _search(
         storage=f"sqlite:///{directory / STUDY_FILE}",
         study_name=_STUDY,
         direction=direction(spec),
-        sampler=_sampler(optuna, spec),
+        sampler=_sampler(optuna, spec, 0),
         load_if_exists=True,
     )
+    # A resumed study's sampler is seeded past the trials it holds, so that it does not draw them again.
+    study.sampler = _sampler(optuna, spec, len(study.trials))
     known = study.user_attrs.get("fingerprint")
     if known is None:
         study.set_user_attr("fingerprint", fingerprint)
@@ -446,7 +465,7 @@ def _search(
 
 
 def _tell(study: Any, optuna: Any, trial: Any, result: Mapping[str, Any]) -> None:
-    for key in ("node", "seconds", "error", "terms"):
+    for key in ("node", "seconds", "error", "terms", "weights"):
         if result.get(key) is not None:
             trial.set_user_attr(key, result[key])
     if result["state"] == "complete":
