@@ -29,6 +29,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ class TrialJob:
     recipe: Path  # the recipe file: [eval]'s cache and include_path are relative to it
     spec: SearchSpec
     eval: EvalSpec | None
-    scratch: Path  # where the trial's folder is made, then removed
+    scratch: Path | None  # where the trial's folder is made, then removed; None: the machine's temp folder
 
 
 def _node() -> str:
@@ -95,7 +96,8 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
     from .. import api
 
     started = time.monotonic()
-    folder = job.scratch / f"trial-{job.number}"
+    scratch = job.scratch or Path(tempfile.gettempdir()) / "hubmerge-search"
+    folder = scratch / f"trial-{job.number}"
     result: dict[str, Any] = {"number": job.number, "node": _node()}
     try:
         shutil.rmtree(folder, ignore_errors=True)  # a previous attempt's, on a retry
@@ -149,7 +151,7 @@ class _Local:
 class _Ray:
     """Trials as Ray tasks, with the `[search.resources]` each; a task lost with its node is retried by Ray."""
 
-    def __init__(self, address: str | None, spec: SearchSpec, concurrency: int | None) -> None:
+    def __init__(self, address: str | None, spec: SearchSpec, concurrency: int | None, memory: int) -> None:
         try:
             import ray
         except ImportError:
@@ -158,16 +160,20 @@ class _Ray:
         self.owned = not ray.is_initialized()
         if self.owned:
             ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
-        options: dict[str, Any] = {"num_cpus": spec.cpus, "num_gpus": spec.gpus, "max_retries": 3}
-        if spec.memory is not None:
-            options["memory"] = spec.memory
+        options = {
+            "num_cpus": spec.cpus,
+            "num_gpus": spec.gpus,
+            "memory": spec.memory or memory,
+            "max_retries": 3,
+        }
         self.task = ray.remote(run_trial).options(**options)
         cpus = ray.cluster_resources().get("CPU", 1.0)  # type: ignore[no-untyped-call]
         self.capacity = concurrency or max(1, int(cpus // spec.cpus))
         self.pending: dict[Any, int] = {}
 
     def submit(self, job: TrialJob) -> None:
-        self.pending[self.task.remote(job)] = job.number
+        # Each node merges into its own temp folder: the driver's output folder may not exist there.
+        self.pending[self.task.remote(dataclasses.replace(job, scratch=None))] = job.number
 
     def next_done(self) -> dict[str, Any]:
         (ref,), _ = self.ray.wait(list(self.pending), num_returns=1)
@@ -190,6 +196,17 @@ class _Ray:
             self.ray.cancel(ref, force=True)
         if self.owned:
             self.ray.shutdown()
+
+
+def trial_memory(recipe: Path) -> int:
+    """Bytes of memory one trial needs: the merge's peak (the plan's estimate), or loading the merged model to
+    score it, whichever is larger."""
+    from .. import api
+    from ..sanity import _OVERHEAD_BYTES
+
+    plan = api.load_plan(recipe)
+    item = plan.out_dtype.itemsize  # the model is scored in its own dtype ("auto")
+    return max(plan.peak_memory_estimate, plan.parameter_count * item + _OVERHEAD_BYTES)
 
 
 # --- the study ------------------------------------------------------------------------------------------
@@ -435,7 +452,9 @@ def _search(
         budget = min(budget, len(study.sampler._all_grids))
     best_document = _best_writer(recipe, spec, directory)
     use_ray = ray or bool(os.environ.get("RAY_ADDRESS"))
-    runner: _Local | _Ray = _Ray(ray_address, spec, spec.concurrency) if use_ray else _Local()
+    runner: _Local | _Ray = (
+        _Ray(ray_address, spec, spec.concurrency, trial_memory(recipe.path)) if use_ray else _Local()
+    )
     started = time.monotonic()
     running: dict[int, Any] = {}
     try:
