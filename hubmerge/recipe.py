@@ -370,9 +370,15 @@ def _search(r: _Reader, tables: Any, method: Method, models: int, spec: EvalSpec
     from .sanity import sanity_texts
 
     try:
-        return search_spec(
-            tables.search, method, models, spec.tasks if spec else (), r.root, tuple(sanity_texts())
-        )
+        written = {f"parameters.{k}": v for k, v in schema.given(tables.parameters).items()}
+        for i, m in enumerate(tables.models):
+            if not isinstance(m, str):
+                given = schema.given(m)
+                written |= {
+                    f"models[{i}].{k}": v for k, v in given.items() if k not in ("source", "revision")
+                }
+        tasks = spec.tasks if spec else ()
+        return search_spec(tables.search, method, written, models, tasks, r.root, tuple(sanity_texts()))
     except schema.Problem as problem:
         raise r.fail(problem.key, problem.message) from None
 

@@ -286,7 +286,18 @@ class EvalTable(_Table):
     sanity: bool = Field(True, description="the quick sanity check after every merge (false: off)")
 
 
-class SearchRange(_Table):
+class _PerLayerGroup(_Table):
+    """One value per group of decoder layers (mergekit-evolve's layer_granularity), optionally per filter."""
+
+    layers_per_group: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="search one value per group of this many decoder layers (a per-tensor parameter)"
+    )
+    filters: Annotated[list[_NonEmpty], Field(min_length=1)] | None = Field(
+        None, description='with layers_per_group: one value per group and filter, e.g. ["self_attn", "mlp"]'
+    )
+
+
+class SearchRange(_PerLayerGroup):
     """A range a searched value is drawn from (an Optuna float or int distribution)."""
 
     low: float = Field(description="the lowest value")
@@ -307,7 +318,7 @@ class SearchRange(_Table):
         return self
 
 
-class SearchChoices(_Table):
+class SearchChoices(_PerLayerGroup):
     """The values a searched value is chosen from."""
 
     choices: Annotated[list[float | bool | str], Field(min_length=1)] = Field(

@@ -257,6 +257,35 @@ seed = 5
     assert len({t["params"]["parameters.scaling_factor"] for t in complete}) == 3
 
 
+def test_values_per_group_of_layers_and_filter_become_filter_rules_that_best_toml_reproduces(
+    models: Path, tmp_path: Path
+) -> None:
+    table = """trials = 2
+sampler = "random"
+seed = 1
+[search.space]
+"parameters.scaling_factor" = { low = 0.1, high = 1.5, layers_per_group = 1, filters = ["self_attn", "mlp"] }
+"""
+    recipe = _recipe(tmp_path, table)
+    recipe.write_text(recipe.read_text().replace("[search]", "[parameters]\nscaling_factor = 0.8\n[search]"))
+    result = search(recipe, output_dir=tmp_path / "s", log=lambda _: None)
+    names = [f"parameters.scaling_factor@layers.{i}-{i}.{f}" for i in (0, 1) for f in ("self_attn", "mlp")]
+    assert all(sorted(t["params"]) == sorted(names) for t in result.trials)
+    assert result.best is not None and result.best_recipe is not None
+    best = load_recipe(result.best_recipe)
+    rules = best.parameters["scaling_factor"]
+    assert [r.filter for r in rules] == [
+        "layers.0.self_attn.",
+        "layers.0.mlp.",
+        "layers.1.self_attn.",
+        "layers.1.mlp.",
+        None,
+    ]
+    assert [r.value for r in rules] == [result.best["params"][n] for n in names] + [0.8]
+    assert main([str(result.best_recipe), "-q", "--no-stats"]) == 0
+    assert _weights(tmp_path / "s" / "best") == result.best["weights"]
+
+
 BAD_TABLES = [
     (
         '[search.space]\n"parameters.scaling_factor" = { low = 1.0, high = 0.5 }',
@@ -311,6 +340,10 @@ BAD_TABLES = [
         'search.objective."loss.poetry": no such text domain; the texts\' domains: math, code, chat',
     ),
     ("trials = 2", "search.space: is required"),
+    (
+        '[search.space]\n"parameters.scaling_factor" = { low = 0.1, high = 1.0, filters = ["mlp"] }',
+        'search.space."parameters.scaling_factor".filters: needs layers_per_group: filters split each group of layers',
+    ),
 ]
 
 

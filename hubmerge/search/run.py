@@ -74,6 +74,7 @@ class TrialJob:
     spec: SearchSpec
     eval: EvalSpec | None
     scratch: Path | None  # where the trial's folder is made, then removed; None: the machine's temp folder
+    layers: int  # decoder layers of the model: where values per group of layers go
 
 
 def _node() -> str:
@@ -103,7 +104,9 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
         shutil.rmtree(folder, ignore_errors=True)  # a previous attempt's, on a retry
         folder.mkdir(parents=True)
         recipe = folder / "recipe.toml"
-        recipe.write_text(recipe_text(apply(job.document, job.values)), encoding="utf-8")
+        recipe.write_text(
+            recipe_text(apply(job.document, job.spec, job.values, job.layers)), encoding="utf-8"
+        )
         merged = api.merge(
             recipe, output_dir=folder / "merged", quiet=True, stats=False, sanity=False, log=lambda _: None
         )
@@ -198,6 +201,13 @@ class _Ray:
             self.ray.shutdown()
 
 
+def _layers(recipe: Path) -> int:
+    """The decoder layers of the merged model (its config.json), for values searched per group of layers."""
+    from .. import api
+
+    return int(api.load_plan(recipe).config["num_hidden_layers"])
+
+
 def trial_memory(recipe: Path) -> int:
     """Bytes of memory one trial needs: the merge's peak (the plan's estimate), or loading the merged model to
     score it, whichever is larger."""
@@ -221,7 +231,7 @@ def _require_optuna() -> Any:
     return optuna
 
 
-def _sampler(optuna: Any, spec: SearchSpec, existing: int) -> Any:
+def _sampler(optuna: Any, spec: SearchSpec, existing: int, layers: int) -> Any:
     """The sampler of a study that holds `existing` trials: seeded `seed + existing`, except the grid, whose
     seed orders its points once for the whole study."""
     seed = None if spec.seed is None else spec.seed + existing
@@ -231,7 +241,7 @@ def _sampler(optuna: Any, spec: SearchSpec, existing: int) -> Any:
             def after_trial(self, *args: Any, **kwargs: Any) -> None:
                 pass  # the search counts its budget itself; GridSampler's stop() only works in optimize()
 
-        return _Grid({d.path: d.grid() for d in spec.dimensions}, seed=spec.seed)
+        return _Grid({name: d.grid() for name, d in spec.values(layers).items()}, seed=spec.seed)
     if spec.sampler == "cmaes":
         try:
             import cmaes  # noqa: F401
@@ -341,7 +351,7 @@ def _results(
         "best": best_record,
     }
     _write(directory / RESULTS_JSON, json.dumps(summary, indent=2) + "\n")
-    paths = [d.path for d in spec.dimensions]
+    paths = list(dict.fromkeys(name for r in records for name in r["params"]))
     rows = io.StringIO()
     writer = csv.writer(rows, lineterminator="\n")
     writer.writerow(["number", "state", "score", *paths, "seconds", "node", "error"])
@@ -426,15 +436,16 @@ def _search(
 ) -> SearchResult:
     document = local_paths(recipe, None)
     fingerprint = _fingerprint(document, spec)
+    layers = _layers(recipe.path) if spec.grouped else 0
     study = optuna.create_study(
         storage=f"sqlite:///{directory / STUDY_FILE}",
         study_name=_STUDY,
         direction=direction(spec),
-        sampler=_sampler(optuna, spec, 0),
+        sampler=_sampler(optuna, spec, 0, layers),
         load_if_exists=True,
     )
     # A resumed study's sampler is seeded past the trials it holds, so that it does not draw them again.
-    study.sampler = _sampler(optuna, spec, len(study.trials))
+    study.sampler = _sampler(optuna, spec, len(study.trials), layers)
     known = study.user_attrs.get("fingerprint")
     if known is None:
         study.set_user_attr("fingerprint", fingerprint)
@@ -446,11 +457,11 @@ def _search(
     _retry_interrupted(study, optuna, log)
     scratch = directory / TRIALS_DIR
     shutil.rmtree(scratch, ignore_errors=True)  # trials of a run that died; none is running (the lock)
-    distributions = {d.path: d.distribution() for d in spec.dimensions}
+    distributions = {name: d.distribution() for name, d in spec.values(layers).items()}
     budget = spec.trials
     if spec.sampler == "grid":
         budget = min(budget, len(study.sampler._all_grids))
-    best_document = _best_writer(recipe, spec, directory)
+    best_document = _best_writer(recipe, spec, directory, layers)
     use_ray = ray or bool(os.environ.get("RAY_ADDRESS"))
     runner: _Local | _Ray = (
         _Ray(ray_address, spec, spec.concurrency, trial_memory(recipe.path)) if use_ray else _Local()
@@ -466,7 +477,14 @@ def _search(
                 running[trial.number] = trial
                 runner.submit(
                     TrialJob(
-                        trial.number, dict(trial.params), document, recipe.path, spec, recipe.eval, scratch
+                        trial.number,
+                        dict(trial.params),
+                        document,
+                        recipe.path,
+                        spec,
+                        recipe.eval,
+                        scratch,
+                        layers,
                     )
                 )
             if not running:
@@ -501,11 +519,13 @@ def _log_trial(log: Log, result: Mapping[str, Any], summary: SearchResult, done:
     log(f"trial {result['number']} ({done}/{budget}) {what}; {best_text}")
 
 
-def _best_writer(recipe: Any, spec: SearchSpec, directory: Path) -> Callable[[Any, int], str]:
+def _best_writer(recipe: Any, spec: SearchSpec, directory: Path, layers: int) -> Callable[[Any, int], str]:
     document = local_paths(recipe, directory)
     document.setdefault("output", {})["dir"] = "best"
 
     def write(best: Any, finished: int) -> str:
-        return recipe_text(apply(document, best.params), _best_header(recipe.path, spec, best, finished))
+        return recipe_text(
+            apply(document, spec, best.params, layers), _best_header(recipe.path, spec, best, finished)
+        )
 
     return write

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..methods import Method, Param
+from ..schedule import is_schedule
 from ..schema import Problem
 
 if TYPE_CHECKING:
@@ -43,6 +44,22 @@ class Dimension:
     log: bool = False
     choices: tuple[Value, ...] = ()
     integer: bool = False  # an int parameter: drawn as an int
+    layers_per_group: int | None = None  # one value per group of this many decoder layers
+    filters: tuple[str, ...] = ()  # with layers_per_group: one value per group and filter
+    fallback: Value | None = None  # with layers_per_group: the value of the tensors outside the layers
+
+    def names(self, layers: int) -> list[tuple[str, tuple[str, ...]]]:
+        """The values this dimension stands for in a model of `layers` decoder layers: (the value's name in
+        the study, the tensor-name substrings it applies to; none: the whole path)."""
+        if self.layers_per_group is None:
+            return [(self.path, ())]
+        named = []
+        for start in range(0, layers, self.layers_per_group):
+            group = range(start, min(start + self.layers_per_group, layers))
+            for f in self.filters or ("",):
+                name = f"{self.path}@layers.{group[0]}-{group[-1]}" + (f".{f}" if f else "")
+                named.append((name, tuple(f"layers.{i}.{f}." if f else f"layers.{i}." for i in group)))
+        return named
 
     def distribution(self) -> BaseDistribution:
         from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -82,6 +99,15 @@ class SearchSpec:
     gpus: float = 0.0
     memory: int | None = None
 
+    def values(self, layers: int) -> dict[str, Dimension]:
+        """Every value the study draws, by name, for a model of `layers` decoder layers."""
+        return {name: d for d in self.dimensions for name, _ in d.names(layers)}
+
+    @property
+    def grouped(self) -> bool:
+        """Whether a value is searched per group of layers (the search then needs the layer count)."""
+        return any(d.layers_per_group is not None for d in self.dimensions)
+
     @property
     def tasks(self) -> tuple[str, ...]:
         """The [eval] tasks the objective names."""
@@ -110,14 +136,38 @@ def _param(method: Method, path: str, models: int) -> tuple[Param, str]:
     raise Problem(key, 'is not a recipe path; write "parameters.NAME" or "models[I].NAME"')
 
 
-def _dimension(method: Method, path: str, table: Any, models: int, sampler: str) -> Dimension:
+def _groups(param: Param, key: str, table: Any, written: Any) -> dict[str, Any]:
+    """The per-layer-group fields of a dimension."""
+    if table.layers_per_group is None:
+        if table.filters is not None:
+            raise Problem(f"{key}.filters", "needs layers_per_group: filters split each group of layers")
+        return {}
+    if not param.per_tensor:
+        raise Problem(f"{key}.layers_per_group", f"{param.name} is one value for the whole model")
+    fallback = param.default if written is None or is_schedule(written) else written
+    if fallback is None:
+        raise Problem(
+            f"{key}.layers_per_group",
+            f"give {param.name} a value in the recipe: it is kept for the tensors outside the decoder layers",
+        )
+    return {
+        "layers_per_group": table.layers_per_group,
+        "filters": tuple(table.filters or ()),
+        "fallback": fallback,
+    }
+
+
+def _dimension(
+    method: Method, path: str, table: Any, models: int, sampler: str, written: Mapping[str, Any]
+) -> Dimension:
     param, key = _param(method, path, models)
+    groups = _groups(param, key, table, written.get(path))
     if hasattr(table, "choices"):
         for value in table.choices:
             problem = param.check_scalar(value)
             if problem is not None:
                 raise Problem(f"{key}.choices", f"{param.name} {problem}")
-        return Dimension(path, choices=tuple(table.choices))
+        return Dimension(path, choices=tuple(table.choices), **groups)
     if param.type not in (int, float):
         raise Problem(key, f"{param.name} is not a number; search it with {{ choices = [...] }}")
     integer = param.type is int
@@ -130,17 +180,26 @@ def _dimension(method: Method, path: str, table: Any, models: int, sampler: str)
             raise Problem(f"{key}.{bound}", f"{param.name} {problem}")
     if sampler == "grid" and table.step is None:
         raise Problem(key, "the grid sampler needs a step in every range (or choices)")
-    return Dimension(path, table.low, table.high, table.step, table.log, integer=integer)
+    return Dimension(path, table.low, table.high, table.step, table.log, integer=integer, **groups)
 
 
 def search_spec(
-    table: Any, method: Method, models: int, eval_tasks: Sequence[str], root: Path, domains: Sequence[str]
+    table: Any,
+    method: Method,
+    written: Mapping[str, Any],
+    models: int,
+    eval_tasks: Sequence[str],
+    root: Path,
+    domains: Sequence[str],
 ) -> SearchSpec:
     """The validated `[search]` table (schema.SearchTable) checked against the recipe; raises `Problem`.
 
-    `domains`: the sanity texts' domains, for `loss.DOMAIN` keys (a `texts` file has the one domain "text").
+    `written`: the recipe's own settings by path ("parameters.NAME", "models[I].NAME"). `domains`: the
+    sanity texts' domains, for `loss.DOMAIN` keys (a `texts` file has the one domain "text").
     """
-    dimensions = tuple(_dimension(method, p, t, models, table.sampler) for p, t in table.space.items())
+    dimensions = tuple(
+        _dimension(method, p, t, models, table.sampler, written) for p, t in table.space.items()
+    )
     texts = (root / Path(table.texts).expanduser()).resolve() if table.texts else None
     if texts is not None and not texts.is_file():
         raise Problem("search.texts", f"no such file {texts} (relative to the recipe)")
@@ -175,10 +234,26 @@ def search_spec(
 # --- the recipe with a trial's values ------------------------------------------------------------------
 
 
-def apply(document: Mapping[str, Any], values: Mapping[str, Value]) -> dict[str, Any]:
-    """A copy of the recipe's TOML `document` with each searched value set at its path."""
+def _settings(spec: SearchSpec, values: Mapping[str, Value], layers: int) -> dict[str, Any]:
+    """The recipe setting of each searched path: a value, or filter rules for values per group of layers."""
+    settings: dict[str, Any] = {}
+    for d in spec.dimensions:
+        named = d.names(layers)
+        if d.layers_per_group is None:
+            settings[d.path] = values[d.path]
+            continue
+        rules = [{"filter": sub, "value": values[name]} for name, subs in named for sub in subs]
+        settings[d.path] = [*rules, {"value": d.fallback}]
+    return settings
+
+
+def apply(
+    document: Mapping[str, Any], spec: SearchSpec, values: Mapping[str, Value], layers: int
+) -> dict[str, Any]:
+    """A copy of the recipe's TOML `document` with a trial's `values` (by their names in the study) set at
+    their paths, for a model of `layers` decoder layers."""
     out = copy.deepcopy(dict(document))
-    for path, value in values.items():
+    for path, value in _settings(spec, values, layers).items():
         if m := _PARAMETER.match(path):
             out.setdefault("parameters", {})[m.group(1)] = value
         elif m := _MODEL.match(path):
