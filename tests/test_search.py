@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import REPO
 
 from hubmerge import api
 from hubmerge.cli import main
@@ -284,6 +285,39 @@ seed = 1
     assert [r.value for r in rules] == [result.best["params"][n] for n in names] + [0.8]
     assert main([str(result.best_recipe), "-q", "--no-stats"]) == 0
     assert _weights(tmp_path / "s" / "best") == result.best["weights"]
+
+
+@pytest.mark.slow  # lm-eval on every trial: ~40 s
+def test_an_eval_task_in_the_objective_is_maximised_with_the_loss_negated(
+    models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("lm_eval")
+    monkeypatch.chdir(REPO)  # the offline task's data_files are relative to the repository
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    table = """sampler = "grid"
+[search.space]
+"parameters.scaling_factor" = { choices = [0.5, 1.0] }
+[search.objective]
+hubmerge_tiny = 1.0
+loss = 0.5
+"""
+    recipe = _recipe(tmp_path, table)
+    tasks = REPO / "tests" / "data" / "lm_eval"
+    recipe.write_text(
+        recipe.read_text().replace(
+            "[search]", f'[eval]\ntasks = ["hubmerge_tiny"]\ninclude_path = "{tasks}"\nlimit = 8\n[search]'
+        )
+    )
+    result = search(recipe, output_dir=tmp_path / "s", log=lambda _: None)
+    assert result.direction == "maximize"
+    for t in result.trials:
+        terms = t["terms"]
+        assert 0 <= terms["hubmerge_tiny"] <= 1  # acc, lm-eval's primary metric of the task, higher is better
+        assert t["score"] == pytest.approx(terms["hubmerge_tiny"] - 0.5 * terms["loss"])
+    assert result.best is not None
+    assert result.best["score"] == max(t["score"] for t in result.trials)
 
 
 BAD_TABLES = [
