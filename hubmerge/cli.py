@@ -386,7 +386,10 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     name = "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
 
     def finish() -> None:
-        print(f"hubmerge: {name}; the previous output, if any, was left as it was", file=sys.stderr)
+        if "hubmerge.search.run" in sys.modules:  # a search keeps its finished trials in its study
+            print(f"hubmerge: {name}; run the same command again to resume the search", file=sys.stderr)
+        else:
+            print(f"hubmerge: {name}; the previous output, if any, was left as it was", file=sys.stderr)
         sys.stderr.flush()
         sys.stdout.flush()
         os._exit(128 + signum)

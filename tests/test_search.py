@@ -135,6 +135,25 @@ def test_grid_search_finds_the_best_of_every_grid_point_merged_and_scored_by_han
     )
 
 
+@pytest.mark.slow  # two spawned processes import torch and transformers: ~40 s or more on a busy machine
+def test_trials_side_by_side_give_the_same_grid_results_as_one_at_a_time(
+    models: Path, tmp_path: Path
+) -> None:
+    recipe = _recipe(tmp_path, "concurrency = 2\n" + GRID)
+    side_by_side = search(recipe, output_dir=tmp_path / "two", log=lambda _: None)
+    recipe.write_text(recipe.read_text().replace("concurrency = 2\n", ""))
+    alone = search(recipe, output_dir=tmp_path / "one", log=lambda _: None)
+
+    def points(result: Any) -> dict[float, tuple[float, dict[str, str]]]:
+        return {t["params"]["parameters.scaling_factor"]: (t["score"], t["weights"]) for t in result.trials}
+
+    two, one = points(side_by_side), points(alone)
+    assert sorted(two) == sorted(one) == [0.25, 0.75, 1.25]
+    for value, (loss, weights) in one.items():
+        assert two[value][1] == weights
+        assert two[value][0] == pytest.approx(loss, rel=1e-6)
+
+
 def test_the_same_seed_and_sampler_draw_the_same_trials(models: Path, tmp_path: Path) -> None:
     table = """trials = 3
 sampler = "tpe"
@@ -149,9 +168,15 @@ seed = 7
     assert [t["params"] for t in first.trials] == [t["params"] for t in second.trials]
     assert [t["score"] for t in first.trials] == [t["score"] for t in second.trials]
     assert len({t["params"]["parameters.scaling_factor"] for t in first.trials}) == 3
+    # The first trial is the recipe as written (scaling_factor 0.3 by default, weight 1.0); then the sampler.
+    assert first.trials[0]["as_written"] and not first.trials[1]["as_written"]
+    assert first.trials[0]["params"] == {"parameters.scaling_factor": 0.3, "models[1].weight": 1.0}
+    written = first.trials[0]["score"]
+    assert _results(tmp_path / "a")["as_written"]["score"] == written
+    assert f"The recipe as written (trial 0) scored {written!r}" in (tmp_path / "a" / BEST_FILE).read_text()
     other = _recipe(tmp_path, table.replace("seed = 7", "seed = 8"))
-    third = search(other, output_dir=tmp_path / "c", trials=1, log=lambda _: None)
-    assert third.trials[0]["params"] != first.trials[0]["params"]
+    third = search(other, output_dir=tmp_path / "c", trials=2, log=lambda _: None)
+    assert third.trials[1]["params"] != first.trials[1]["params"]
 
 
 def test_a_failing_trial_is_recorded_with_its_reason_and_the_search_completes(
@@ -239,6 +264,8 @@ seed = 5
         if process.poll() is None:
             process.kill()
     assert process.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL), err
+    if sig == signal.SIGINT:
+        assert "run the same command again to resume the search" in err
     with sqlite3.connect(out / "study.db") as c:
         before = dict(c.execute("select number, state from trials").fetchall())
     finished = [n for n, s in before.items() if s == "COMPLETE"]

@@ -18,7 +18,9 @@ search's.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import ctypes
 import dataclasses
 import fcntl
 import hashlib
@@ -27,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -52,6 +55,7 @@ BEST_FILE = "best.toml"
 TRIALS_DIR = "trials"  # scratch: one folder per running trial
 _STUDY = "hubmerge-search"
 _LOCK = ".search.lock"
+_AS_WRITTEN = "as_written"  # user attr of the trial of the recipe's own values
 _INTERRUPTED = "interrupted"  # user attr of a trial that was running when its search died
 Log = Callable[[str], None]
 
@@ -149,6 +153,65 @@ class _Local:
 
     def close(self) -> None:
         pass
+
+
+def _trial_process(threads: int) -> None:
+    """A side-by-side trial process: its share of the cores, and it dies with the search (Linux)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class _Pool:
+    """Trials side by side in processes of this machine, each with its share of the cores."""
+
+    def __init__(self, capacity: int) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.capacity = capacity
+        threads = max(1, (os.cpu_count() or 1) // capacity)
+        self.pool = ProcessPoolExecutor(
+            capacity, multiprocessing.get_context("spawn"), initializer=_trial_process, initargs=(threads,)
+        )
+        self.running: dict[Any, int] = {}
+
+    def submit(self, job: TrialJob) -> None:
+        self.running[self.pool.submit(run_trial, job)] = job.number
+
+    def next_done(self) -> dict[str, Any]:
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        done, _ = wait(self.running, return_when=FIRST_COMPLETED)
+        future = next(iter(done))
+        number = self.running.pop(future)
+        try:
+            result: dict[str, Any] = future.result()
+        except Exception as exc:  # the trial's process died (killed, out of memory)
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            return {"number": number, "state": "failed", "error": message, "node": _node(), "seconds": None}
+        return result
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _local(spec: SearchSpec, recipe: Path, log: Log) -> _Local | _Pool:
+    """Trials one at a time, or `[search] concurrency` side by side, as many as the memory available holds."""
+    if not spec.concurrency or spec.concurrency == 1:
+        return _Local()
+    from ..sanity import available_memory
+
+    needed = trial_memory(recipe)
+    fits = max(1, available_memory() // needed)
+    if fits < spec.concurrency:
+        log(
+            f"{spec.concurrency} trials side by side need about {spec.concurrency * needed / 2**30:.1f} GiB; "
+            f"{fits} at a time fit the memory available"
+        )
+    return _Pool(min(spec.concurrency, fits))
 
 
 class _Ray:
@@ -315,6 +378,7 @@ def _record(trial: Any) -> dict[str, Any]:
         "error": attrs.get("error"),
         "terms": attrs.get("terms", {}),
         "weights": attrs.get("weights", {}),  # sha256 of each weights file the trial's merge wrote
+        "as_written": bool(attrs.get(_AS_WRITTEN)),  # the recipe's own values
     }
 
 
@@ -334,13 +398,14 @@ class SearchResult:
 
 
 def _results(
-    study: Any, spec: SearchSpec, recipe: Path, directory: Path, best_document: Callable[[Any, int], str]
+    study: Any, spec: SearchSpec, recipe: Path, directory: Path, best_document: Callable[[Any, int, Any], str]
 ) -> SearchResult:
     trials = [t for t in study.get_trials(deepcopy=False) if t.state.name in _STATES]
     records = tuple(_record(t) for t in trials)
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     best = study.best_trial if complete else None
     best_record = _record(best) if best is not None else None
+    written = next((t for t in complete if t.user_attrs.get(_AS_WRITTEN)), None)
     summary = {
         "recipe": str(recipe),
         "sampler": spec.sampler,
@@ -349,6 +414,7 @@ def _results(
         "direction": direction(spec),
         "trials": list(records),
         "best": best_record,
+        "as_written": _record(written) if written is not None else None,
     }
     _write(directory / RESULTS_JSON, json.dumps(summary, indent=2) + "\n")
     paths = list(dict.fromkeys(name for r in records for name in r["params"]))
@@ -371,18 +437,24 @@ def _results(
     best_path = None
     if best is not None:
         best_path = directory / BEST_FILE
-        _write(best_path, best_document(best, sum(_counted(t) for t in trials)))
+        _write(best_path, best_document(best, sum(_counted(t) for t in trials), written))
     return SearchResult(directory, records, best_record, direction(spec), best_path)
 
 
-def _best_header(recipe: Path, spec: SearchSpec, best: Any, finished: int) -> str:
+def _best_header(recipe: Path, spec: SearchSpec, best: Any, finished: int, written: Any) -> str:
     objective = " + ".join(f"{w:g}·{name}" for name, w in spec.objective.items())
     values = ", ".join(f"{path} = {value!r}" for path, value in best.params.items())
     return (
         f"Found by `hubmerge search {recipe.name}`: trial {best.number}, the best of {finished} finished trials\n"
         f"(sampler {spec.sampler}, seed {spec.seed}); objective {objective} ({direction(spec)}d): {best.value!r}.\n"
         f"Values: {values}.\n"
-        "A plain recipe: `hubmerge best.toml` merges the best trial again (the same weights) into best/ beside it."
+        + (
+            f"The recipe as written (trial {written.number}) scored {written.value!r}: "
+            f"{abs(best.value - written.value):.6g} {'better' if best.value != written.value else 'the same'}.\n"
+            if written is not None
+            else ""
+        )
+        + "A plain recipe: `hubmerge best.toml` merges the best trial again (the same weights) into best/ beside it."
     )
 
 
@@ -455,6 +527,10 @@ def _search(
             f"or remove {directory / STUDY_FILE} to start over"
         )
     _retry_interrupted(study, optuna, log)
+    written = spec.as_written(layers)
+    if not study.trials and written is not None and spec.sampler != "grid":
+        # The recipe as written is the first trial: what the search finds is measured against it.
+        study.enqueue_trial(written, user_attrs={_AS_WRITTEN: True})
     scratch = directory / TRIALS_DIR
     shutil.rmtree(scratch, ignore_errors=True)  # trials of a run that died; none is running (the lock)
     distributions = {name: d.distribution() for name, d in spec.values(layers).items()}
@@ -463,8 +539,10 @@ def _search(
         budget = min(budget, len(study.sampler._all_grids))
     best_document = _best_writer(recipe, spec, directory, layers)
     use_ray = ray or bool(os.environ.get("RAY_ADDRESS"))
-    runner: _Local | _Ray = (
-        _Ray(ray_address, spec, spec.concurrency, trial_memory(recipe.path)) if use_ray else _Local()
+    runner: _Local | _Pool | _Ray = (
+        _Ray(ray_address, spec, spec.concurrency, trial_memory(recipe.path))
+        if use_ray
+        else _local(spec, recipe.path, log)
     )
     started = time.monotonic()
     running: dict[int, Any] = {}
@@ -519,13 +597,14 @@ def _log_trial(log: Log, result: Mapping[str, Any], summary: SearchResult, done:
     log(f"trial {result['number']} ({done}/{budget}) {what}; {best_text}")
 
 
-def _best_writer(recipe: Any, spec: SearchSpec, directory: Path, layers: int) -> Callable[[Any, int], str]:
+def _best_writer(
+    recipe: Any, spec: SearchSpec, directory: Path, layers: int
+) -> Callable[[Any, int, Any], str]:
     document = local_paths(recipe, directory)
     document.setdefault("output", {})["dir"] = "best"
 
-    def write(best: Any, finished: int) -> str:
-        return recipe_text(
-            apply(document, spec, best.params, layers), _best_header(recipe.path, spec, best, finished)
-        )
+    def write(best: Any, finished: int, written: Any) -> str:
+        header = _best_header(recipe.path, spec, best, finished, written)
+        return recipe_text(apply(document, spec, best.params, layers), header)
 
     return write

@@ -46,7 +46,22 @@ class Dimension:
     integer: bool = False  # an int parameter: drawn as an int
     layers_per_group: int | None = None  # one value per group of this many decoder layers
     filters: tuple[str, ...] = ()  # with layers_per_group: one value per group and filter
-    fallback: Value | None = None  # with layers_per_group: the value of the tensors outside the layers
+    # The recipe's own value (or the parameter's default); with layers_per_group, that of the tensors outside
+    # the decoder layers. None: the recipe has a gradient or filter rules there.
+    written: Value | None = None
+
+    def holds(self, value: Value) -> bool:
+        """Whether `value` is one this dimension can draw."""
+        if self.choices:
+            return value in self.choices
+        if isinstance(value, (bool, str)) or self.low is None or self.high is None:
+            return False
+        if not self.low <= value <= self.high or (self.integer and not float(value).is_integer()):
+            return False
+        return (
+            self.step is None
+            or abs((value - self.low) / self.step - round((value - self.low) / self.step)) < 1e-9
+        )
 
     def names(self, layers: int) -> list[tuple[str, tuple[str, ...]]]:
         """The values this dimension stands for in a model of `layers` decoder layers: (the value's name in
@@ -103,6 +118,13 @@ class SearchSpec:
         """Every value the study draws, by name, for a model of `layers` decoder layers."""
         return {name: d for d in self.dimensions for name, _ in d.names(layers)}
 
+    def as_written(self, layers: int) -> dict[str, Value] | None:
+        """The recipe's own values, by their names in the study; None when one is not in the space."""
+        values = {name: d.written for name, d in self.values(layers).items()}
+        if any(v is None or not self.values(layers)[n].holds(v) for n, v in values.items()):
+            return None
+        return values  # type: ignore[return-value]
+
     @property
     def grouped(self) -> bool:
         """Whether a value is searched per group of layers (the search then needs the layer count)."""
@@ -137,15 +159,15 @@ def _param(method: Method, path: str, models: int) -> tuple[Param, str]:
 
 
 def _groups(param: Param, key: str, table: Any, written: Any) -> dict[str, Any]:
-    """The per-layer-group fields of a dimension."""
+    """The per-layer-group fields of a dimension, and the value the recipe gives it."""
+    value = None if is_schedule(written) else param.default if written is None else written
     if table.layers_per_group is None:
         if table.filters is not None:
             raise Problem(f"{key}.filters", "needs layers_per_group: filters split each group of layers")
-        return {}
+        return {"written": value}
     if not param.per_tensor:
         raise Problem(f"{key}.layers_per_group", f"{param.name} is one value for the whole model")
-    fallback = param.default if written is None or is_schedule(written) else written
-    if fallback is None:
+    if value is None:
         raise Problem(
             f"{key}.layers_per_group",
             f"give {param.name} a value in the recipe: it is kept for the tensors outside the decoder layers",
@@ -153,7 +175,7 @@ def _groups(param: Param, key: str, table: Any, written: Any) -> dict[str, Any]:
     return {
         "layers_per_group": table.layers_per_group,
         "filters": tuple(table.filters or ()),
-        "fallback": fallback,
+        "written": value,
     }
 
 
@@ -161,7 +183,8 @@ def _dimension(
     method: Method, path: str, table: Any, models: int, sampler: str, written: Mapping[str, Any]
 ) -> Dimension:
     param, key = _param(method, path, models)
-    groups = _groups(param, key, table, written.get(path))
+    own = written.get(path, written.get(f"parameters.{param.name}"))  # a model's own, else [parameters]'
+    groups = _groups(param, key, table, own)
     if hasattr(table, "choices"):
         for value in table.choices:
             problem = param.check_scalar(value)
@@ -243,7 +266,7 @@ def _settings(spec: SearchSpec, values: Mapping[str, Value], layers: int) -> dic
             settings[d.path] = values[d.path]
             continue
         rules = [{"filter": sub, "value": values[name]} for name, subs in named for sub in subs]
-        settings[d.path] = [*rules, {"value": d.fallback}]
+        settings[d.path] = [*rules, {"value": d.written}]
     return settings
 
 
