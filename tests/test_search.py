@@ -420,6 +420,25 @@ def test_a_bad_search_table_is_refused_with_one_line(
     assert text.startswith(f"{recipe}: {message}"), text
 
 
+def test_the_readme_search_examples_are_valid(tmp_path: Path) -> None:
+    readme = (REPO / "README.md").read_text()
+    search_example = readme.split("## Search\n", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    recipe = tmp_path / "search.toml"
+    recipe.write_text(search_example.replace("./tiny/", f"{REPO}/recipes/examples/tiny/"))
+    assert load_recipe(recipe).search is not None
+    reference = readme.split("## Recipe reference\n", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    table = "[search]" + reference.split("[search]", 1)[1]
+    (tmp_path / "my_texts.txt").write_text("Some text.\n\nMore text.\n")
+    recipe.write_text(
+        'method = "task_arithmetic"\nbase = "./models/base"\nmodels = ["./models/math", "./models/code"]\n'
+        '[parameters]\nscaling_factor = 0.5\n[eval]\ntasks = ["gsm8k"]\n' + table
+    )
+    for name in ("base", "math", "code"):
+        (tmp_path / "models" / name).mkdir(parents=True)
+    spec = load_recipe(recipe).search
+    assert spec is not None and spec.dimensions[1].filters == ("self_attn", "mlp")
+
+
 def test_the_search_table_is_in_the_json_schema() -> None:
     from hubmerge.schema import json_schema
 
