@@ -130,6 +130,7 @@ def test_grid_search_finds_the_best_of_every_grid_point_merged_and_scored_by_han
     csv_lines = (tmp_path / "search" / RESULTS_CSV).read_text().splitlines()
     assert csv_lines[0] == "number,state,score,parameters.scaling_factor,seconds,node,error"
     assert len(csv_lines) == 4
+    assert (tmp_path / "search" / "search_objective.png").read_bytes().startswith(b"\x89PNG")
     assert not (tmp_path / "search" / "trials").exists() or not any(
         (tmp_path / "search" / "trials").iterdir()
     )

@@ -52,6 +52,7 @@ STUDY_FILE = "study.db"
 RESULTS_JSON = "search_results.json"
 RESULTS_CSV = "search_results.csv"
 BEST_FILE = "best.toml"
+PLOT_FILE = "search_objective.png"
 TRIALS_DIR = "trials"  # scratch: one folder per running trial
 _STUDY = "hubmerge-search"
 _LOCK = ".search.lock"
@@ -576,7 +577,31 @@ def _search(
                 on_trial(result)
     finally:
         runner.close()
-    return _results(study, spec, recipe.path, directory, best_document)
+    summary = _results(study, spec, recipe.path, directory, best_document)
+    _plot(summary, directory, log)
+    return summary
+
+
+def _plot(result: SearchResult, directory: Path, log: Log) -> None:
+    """PLOT_FILE: each complete trial's score and the best so far, in trial order."""
+    from ..plots import MISSING, Panel, available, line_chart
+
+    complete = [t for t in result.trials if t["state"] == "complete"]
+    if not complete:
+        return
+    if not available():
+        log(MISSING)
+        return
+    pick = min if result.direction == "minimize" else max
+    best = [pick(t["score"] for t in complete[: i + 1]) for i in range(len(complete))]
+    panel = Panel("score", {"trial": [t["score"] for t in complete], "best so far": best})
+    line_chart(
+        directory / PLOT_FILE,
+        f"hubmerge search ({result.direction})",
+        "trial",
+        [t["number"] for t in complete],
+        [panel],
+    )
 
 
 def _tell(study: Any, optuna: Any, trial: Any, result: Mapping[str, Any]) -> None:
