@@ -442,6 +442,18 @@ def _results(
     return SearchResult(directory, records, best_record, direction(spec), best_path)
 
 
+def _against_written(best: Any, written: Any) -> str:
+    """The header's line on the recipe as written (the first trial), when it was tried."""
+    if written is None:
+        return ""
+    if written.number == best.number:
+        return f"The recipe as written (trial {written.number}) is the best found.\n"
+    return (
+        f"The recipe as written (trial {written.number}) scored {written.value!r}; the best is "
+        f"{abs(best.value - written.value):.6g} better.\n"
+    )
+
+
 def _best_header(recipe: Path, spec: SearchSpec, best: Any, finished: int, written: Any) -> str:
     objective = " + ".join(f"{w:g}·{name}" for name, w in spec.objective.items())
     values = ", ".join(f"{path} = {value!r}" for path, value in best.params.items())
@@ -449,12 +461,7 @@ def _best_header(recipe: Path, spec: SearchSpec, best: Any, finished: int, writt
         f"Found by `hubmerge search {recipe.name}`: trial {best.number}, the best of {finished} finished trials\n"
         f"(sampler {spec.sampler}, seed {spec.seed}); objective {objective} ({direction(spec)}d): {best.value!r}.\n"
         f"Values: {values}.\n"
-        + (
-            f"The recipe as written (trial {written.number}) scored {written.value!r}: "
-            f"{abs(best.value - written.value):.6g} {'better' if best.value != written.value else 'the same'}.\n"
-            if written is not None
-            else ""
-        )
+        + _against_written(best, written)
         + "A plain recipe: `hubmerge best.toml` merges the best trial again (the same weights) into best/ beside it."
     )
 
