@@ -446,6 +446,19 @@ def test_the_readme_search_examples_are_valid(tmp_path: Path) -> None:
     assert spec is not None and spec.dimensions[1].filters == ("self_attn", "mlp")
 
 
+def test_the_search_command_refuses_a_recipe_without_a_search_table_in_one_line(
+    models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = tmp_path / "plain.toml"
+    recipe.write_text('method = "task_arithmetic"\nbase = "./models/base"\nmodels = ["./models/math"]\n')
+    assert main(["search", str(recipe), "--output", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hubmerge: error: {recipe}: no [search] table; add one") and err.count("\n") == 1
+    assert main(["search", str(recipe), "--trials", "0"]) == 1
+    assert "--trials must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
 def test_the_search_table_is_in_the_json_schema() -> None:
     from hubmerge.schema import json_schema
 
