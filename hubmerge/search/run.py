@@ -80,6 +80,7 @@ class TrialJob:
     eval: EvalSpec | None
     scratch: Path | None  # where the trial's folder is made, then removed; None: the machine's temp folder
     layers: int  # decoder layers of the model: where values per group of layers go
+    study: str  # the study's fingerprint: trials of two searches on one machine never share a folder
 
 
 def _node() -> str:
@@ -103,7 +104,7 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
 
     started = time.monotonic()
     scratch = job.scratch or Path(tempfile.gettempdir()) / "hubmerge-search"
-    folder = scratch / f"trial-{job.number}"
+    folder = scratch / f"{job.study[:12]}-trial-{job.number}"
     result: dict[str, Any] = {"number": job.number, "node": _node()}
     try:
         shutil.rmtree(folder, ignore_errors=True)  # a previous attempt's, on a retry
@@ -571,6 +572,7 @@ def _search(
                         recipe.eval,
                         scratch,
                         layers,
+                        fingerprint,
                     )
                 )
             if not running:
