@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster = None
         extra: list[str] = []
         if mode == "side":
-            recipe.write_text(recipe.read_text().replace('seed = 0\n', 'seed = 0\nconcurrency = 2\n'))
+            recipe.write_text(recipe.read_text().replace("seed = 0\n", "seed = 0\nconcurrency = 2\n"))
         elif mode == "ray":
             from ray.cluster_utils import Cluster
 
