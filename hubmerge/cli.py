@@ -21,7 +21,7 @@ from .errors import ConfigImportError, GateError, HubmergeError
 
 __all__ = ["main"]
 
-COMMANDS = ("validate", "plan", "card", "inspect", "eval", "schema")
+COMMANDS = ("validate", "plan", "card", "inspect", "eval", "search", "schema")
 _EPILOG = """commands:
   hubmerge RECIPE.toml            merge, write the model folder and card, push if [output] repo is set
   hubmerge validate RECIPE...     check recipes (schema and references) without reading weights
@@ -35,6 +35,10 @@ _EPILOG = """commands:
                                   sources); needs pip install "hubmerge[eval]"
   hubmerge gguf FOLDER [--type q4_k_m] [-o FILE]
                                   write a GGUF file (llama.cpp, Ollama, LM Studio) of a Qwen2 model folder
+  hubmerge search RECIPE [--output DIR] [--trials N] [--ray [ADDRESS]]
+                                  search the recipe's [search] values: trials merged, scored and removed;
+                                  writes DIR/best.toml and search_results.json/.csv; rerun to resume;
+                                  needs pip install "hubmerge[search]" (and "hubmerge[ray]" for --ray)
   hubmerge schema                 print the recipe's JSON Schema, for editors (`#:schema` line) and CI
   hubmerge import-mergekit CONFIG.yml [-o RECIPE.toml]
                                   convert a mergekit config into an equivalent recipe (stdout without -o);
@@ -131,6 +135,9 @@ _DESCRIPTIONS = {
     "gguf": "Write a GGUF file of a Qwen2-architecture model folder (merged or not) for llama.cpp, Ollama "
     "and LM Studio: F32/F16/BF16, Q8_0, or a K-quant (Q6_K, and the Q5_K_M / Q4_K_M mixes llama-quantize "
     "makes), quantized by hubmerge a tensor at a time.",
+    "search": "Search the values of the recipe's [search] table: each trial merges the recipe with its values "
+    "into scratch, scores the merge (the built-in loss or [eval] tasks) and removes it. The study is kept in "
+    "DIR/study.db: running the same command again resumes it without repeating finished trials.",
     "import-mergekit": "Convert a mergekit (0.1.5) YAML config into a hubmerge recipe that merges the same: "
     "method, base, models, parameters (gradients and filters), dtype, tokenizer source. What has no "
     "equivalent (layer-range slices, LoRA references, MoE, modules, ...) is listed one line per key, and "
@@ -162,11 +169,21 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
     elif command != "schema":
         p.add_argument("recipe", type=Path, help="the recipe file (TOML)")
         where = (
-            'write here (default: the output folder + "-inspect")'
-            if command == "inspect"
+            f'write here (default: the output folder + "-{command}")'
+            if command in ("inspect", "search")
             else "the merge's output folder, as for a merge (overrides [output] dir)"
         )
         p.add_argument("--output", type=Path, help=where)
+    if command == "search":
+        p.add_argument("--trials", type=int, metavar="N", help="how many trials (overrides [search] trials)")
+        p.add_argument(
+            "--ray",
+            nargs="?",
+            const="",
+            metavar="ADDRESS",
+            help="run trials as Ray tasks on the cluster at ADDRESS (default: $RAY_ADDRESS, else a local Ray)",
+        )
+        p.add_argument("-q", "--quiet", action="store_true", help="no line per trial")
     if command == "plan":
         p.add_argument("--json", action="store_true", help="print the plan as JSON")
         p.add_argument(
@@ -293,6 +310,8 @@ def _dispatch(argv: Sequence[str]) -> int:
         return _inspect(args)
     if command == "eval":
         return _eval(args)
+    if command == "search":
+        return _search(args)
     if command is not None:
         merge_plan = api.load_plan(
             args.recipe, args.output, getattr(args, "lock", None), getattr(args, "max_disk", None)
@@ -365,6 +384,28 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search(args: argparse.Namespace) -> int:
+    from .search.run import BEST_FILE, RESULTS_JSON, search
+
+    if args.trials is not None and args.trials < 1:
+        raise HubmergeError(f"--trials must be at least 1, got {args.trials}")
+    result = search(
+        args.recipe,
+        output_dir=args.output,
+        trials=args.trials,
+        ray=args.ray is not None,
+        ray_address=args.ray or None,
+        log=(lambda _: None) if args.quiet else (lambda line: print(line, file=sys.stderr)),
+    )
+    best = result.best
+    if best is None:
+        print(f"no trial completed; see {result.output_dir / RESULTS_JSON}")
+        return 1
+    print(f"best: trial {best['number']}, score {best['score']:.6g} ({result.direction}d), {best['params']}")
+    print(f"wrote {result.output_dir / BEST_FILE} and {result.output_dir / RESULTS_JSON}")
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from . import api
     from .diagnostics import summary_text
@@ -386,7 +427,10 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     name = "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
 
     def finish() -> None:
-        print(f"hubmerge: {name}; the previous output, if any, was left as it was", file=sys.stderr)
+        if "hubmerge.search.run" in sys.modules:  # a search keeps its finished trials in its study
+            print(f"hubmerge: {name}; run the same command again to resume the search", file=sys.stderr)
+        else:
+            print(f"hubmerge: {name}; the previous output, if any, was left as it was", file=sys.stderr)
         sys.stderr.flush()
         sys.stdout.flush()
         os._exit(128 + signum)

@@ -22,6 +22,7 @@ from .methods import METHODS, Method
 from .qwen import ALWAYS_PRESENT
 from .schedule import Setting, evaluate, is_schedule
 from .schema import RELATIVE_SCORE, REPO_ID, parse_size
+from .search.space import SearchSpec, search_spec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -150,6 +151,7 @@ class Recipe:
     sanity: bool = (
         True  # the quick sanity check after every merge (sanity.py); `[eval] sanity = false` skips it
     )
+    search: SearchSpec | None = None  # the [search] table (`hubmerge search`)
 
     @property
     def published_text(self) -> str:
@@ -436,6 +438,7 @@ def _build(r: _Reader, tables: Any, text: str, output_dir: str | Path | None) ->
     if card.template is not None and not card.template.is_file():
         raise r.fail("card.template", f"no such template file {card.template}")
 
+    fields = _eval_fields(r, tables.eval, base is not None)
     return Recipe(
         path=r.path.resolve(),
         text=text,
@@ -454,8 +457,28 @@ def _build(r: _Reader, tables: Any, text: str, output_dir: str | Path | None) ->
         card=card,
         allow_non_finite=tables.allow_non_finite,
         warnings=tuple(warnings),
-        **_eval_fields(r, tables.eval, base is not None),
+        search=_search(r, tables, method, len(models), fields.get("eval")),
+        **fields,
     )
+
+
+def _search(r: _Reader, tables: Any, method: Method, models: int, spec: EvalSpec | None) -> SearchSpec | None:
+    if tables.search is None:
+        return None
+    from .sanity import sanity_texts
+
+    try:
+        written = {f"parameters.{k}": v for k, v in schema.given(tables.parameters).items()}
+        for i, m in enumerate(tables.models):
+            if not isinstance(m, str):
+                given = schema.given(m)
+                written |= {
+                    f"models[{i}].{k}": v for k, v in given.items() if k not in ("source", "revision")
+                }
+        tasks = spec.tasks if spec else ()
+        return search_spec(tables.search, method, written, models, tasks, r.root, tuple(sanity_texts()))
+    except schema.Problem as problem:
+        raise r.fail(problem.key, problem.message) from None
 
 
 def _eval_fields(r: _Reader, table: Any, has_base: bool) -> dict[str, Any]:

@@ -303,10 +303,115 @@ class EvalTable(_Table):
     sanity: bool = Field(True, description="the quick sanity check after every merge (false: off)")
 
 
+class _PerLayerGroup(_Table):
+    """One value per group of decoder layers (mergekit-evolve's layer_granularity), optionally per filter."""
+
+    layers_per_group: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="search one value per group of this many decoder layers (a per-tensor parameter)"
+    )
+    filters: Annotated[list[_NonEmpty], Field(min_length=1)] | None = Field(
+        None, description='with layers_per_group: one value per group and filter, e.g. ["self_attn", "mlp"]'
+    )
+
+
+class SearchRange(_PerLayerGroup):
+    """A range a searched value is drawn from (an Optuna float or int distribution)."""
+
+    low: float = Field(description="the lowest value")
+    high: float = Field(description="the highest value")
+    step: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="draw only low, low + step, ... (the grid sampler needs it)"
+    )
+    log: bool = Field(False, description="draw on a log scale (low > 0, no step)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SearchRange:
+        if not self.low < self.high:
+            raise _problem(f"high ({self.high!r}) must be above low ({self.low!r})")
+        if self.log and self.low <= 0:
+            raise _problem(f"a log range needs low > 0, got {self.low!r}")
+        if self.log and self.step is not None:
+            raise _problem("a log range takes no step; drop one of them")
+        return self
+
+
+class SearchChoices(_PerLayerGroup):
+    """The values a searched value is chosen from."""
+
+    choices: Annotated[list[float | bool | str], Field(min_length=1)] = Field(
+        description="the values to try, e.g. [0.5, 1.0]"
+    )
+
+
+class SearchResources(_Table):
+    """What one trial needs on a Ray cluster (`--ray`)."""
+
+    cpus: Annotated[float, Field(gt=0)] = Field(1.0, description="CPUs per trial")
+    gpus: Annotated[float, Field(ge=0)] = Field(0.0, description="GPUs per trial (for evaluation)")
+    memory: _Size | None = Field(
+        None, description='memory per trial, e.g. "4GB"; default: the plan\'s estimate'
+    )
+
+
+SAMPLERS = ("tpe", "cmaes", "random", "grid")
+
+
+def _space_form(value: Any) -> str | None:
+    return (
+        "<choices>"
+        if isinstance(value, dict) and "choices" in value
+        else "<range>"
+        if isinstance(value, dict)
+        else None
+    )
+
+
+class SearchTable(_Table):
+    """[search]: `hubmerge search` (pip install "hubmerge[search]"): which values to search, how, for what."""
+
+    trials: int = Field(20, ge=1, description="how many trials the search runs (a rerun resumes up to it)")
+    timeout: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="stop starting trials after this many seconds"
+    )
+    sampler: Literal[SAMPLERS] = Field(  # type: ignore[valid-type]
+        "tpe", description="Optuna's sampler: tpe, cmaes, random or grid"
+    )
+    seed: int | None = Field(None, description="the sampler's seed: the same seed draws the same trials")
+    concurrency: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="trials at a time; default: one locally, the cluster's CPUs / cpus with --ray"
+    )
+    space: Annotated[
+        dict[
+            str,
+            Annotated[
+                Annotated[SearchRange, Tag("<range>")] | Annotated[SearchChoices, Tag("<choices>")],
+                Discriminator(
+                    _space_form,
+                    custom_error_type="space",
+                    custom_error_message="must be a range { low = ..., high = ... } or { choices = [...] }",
+                ),
+            ],
+        ],
+        Field(min_length=1),
+    ] = Field(description='what to search, by recipe path: "parameters.scaling_factor", "models[1].weight"')
+    objective: dict[str, float] = Field(
+        {"loss": 1.0},
+        description='what to optimise: [eval] task names and "loss" / "loss.DOMAIN" (mean loss per token on '
+        "texts), each with its weight",
+    )
+    texts: str | None = Field(
+        None,
+        description="a text file (paragraphs between blank lines) for the loss; default: the sanity texts",
+    )
+    resources: SearchResources = Field(
+        default_factory=dict, validate_default=True, description="per-trial resources on a Ray cluster"
+    )
+
+
 # Tags of the tagged unions below; they appear in pydantic's error locations and are dropped from key paths.
 _SCALAR, _GRADIENT, _FILTERS = "<scalar>", "<gradient>", "<filters>"
 _REFERENCE, _TABLE = "<reference>", "<table>"
-_TAGS = frozenset((_SCALAR, _GRADIENT, _FILTERS, _REFERENCE, _TABLE))
+_TAGS = frozenset((_SCALAR, _GRADIENT, _FILTERS, _REFERENCE, _TABLE, "<range>", "<choices>"))
 _NOT_A_SETTING = "must be a value, a gradient [a, b, ...] or a list of {filter = ..., value = ...} tables"
 
 
@@ -468,6 +573,7 @@ def _method_model(m: Method) -> type[_Table]:
             Field(default_factory=dict, validate_default=True, description="model card options"),
         ),
         "eval": (EvalTable, Field(None, description="evaluation with lm-evaluation-harness")),
+        "search": (SearchTable, Field(None, description="`hubmerge search`: search the recipe's values")),
         "allow_non_finite": (
             bool,
             Field(False, description="merge sources holding NaN or Inf (refused by default)"),
@@ -575,7 +681,7 @@ def _message(error: ErrorDetails, path: list[str | int], form: str | None, metho
         if path == ["parameters"] and not ctx["known"]:
             return f"{method.name} takes no parameters"
         return _mergekit_habit(method, ctx["key"]) or _unknown_key(ctx["key"], ctx["known"])
-    if kind in ("setting", "rule_value", "reference"):
+    if kind in ("setting", "rule_value", "reference", "space"):
         return error["msg"] + got
     if kind == "missing":
         if path == ["base"]:
@@ -613,6 +719,8 @@ def _message(error: ErrorDetails, path: list[str | int], form: str | None, metho
 def _key_path(parts: list[str | int]) -> str:
     text = ""
     for part in parts:
+        if isinstance(part, str) and not re.fullmatch(r"[A-Za-z0-9_-]+", part):
+            part = f'"{part}"'  # a quoted TOML key: search.space."models[1].weight"
         text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else part
     return text
 
