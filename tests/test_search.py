@@ -64,11 +64,12 @@ def _recipe(folder: Path, search_table: str, method: str = "task_arithmetic") ->
 
 
 def _loss(folder: Path) -> float:
-    """Mean over the sanity domains of the loss per token, computed here with transformers."""
+    """Mean over the sanity domains of the loss per token, computed here with transformers in float32 (what
+    the layer-by-layer forward pass computes in)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     means = []
     with torch.no_grad():
         for texts in sanity_texts().values():
@@ -115,7 +116,7 @@ def test_grid_search_finds_the_best_of_every_grid_point_merged_and_scored_by_han
         by_hand[value] = (_loss(merged.output_dir), _weights(merged.output_dir))
     for t in trials:
         loss, weights = by_hand[t["params"]["parameters.scaling_factor"]]
-        assert t["score"] == pytest.approx(loss, rel=1e-6)
+        assert t["score"] == pytest.approx(loss, abs=1e-5)  # forward.py's bound against transformers
         assert t["weights"] == weights
     best_value = min(by_hand, key=lambda v: by_hand[v][0])
     assert result.best is not None
