@@ -659,7 +659,8 @@ def test_generated_shard_indexes_plan_to_a_valid_plan_or_one_clean_line(workspac
         ('base = "~no-such-user-hubmerge/x"', "base: '~no-such-user-hubmerge/x' is not a usable path"),
         ('base = "./models/base\\u0000"', "base: './models/base\\x00' is not a usable path"),
         ('base = "' + "a" * 300 + '"', "is not a usable path ([Errno 36]"),
-        ('"\\r" = 1', "'\\r': unknown key"),
+        # The key as TOML would need it written (quoted), as the [search] table's dotted keys are named.
+        ('"\\r" = 1', "'\"\\r\"': unknown key"),
     ],
 )
 def test_paths_the_system_refuses_and_unprintable_keys_are_one_line_recipe_errors(workspace, line, fragment):

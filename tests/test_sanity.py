@@ -16,7 +16,7 @@ from conftest import REPO, TINY, random_state_dict, run_cli, write_checkpoint
 from hubserver import LocalHub
 from test_hub import TOKEN, hub_env
 
-from hubmerge import api
+from hubmerge import api, markdown
 from hubmerge.cli import main
 from hubmerge.evaluate import RESULTS_FILE
 from hubmerge.forward import Checkpoint
@@ -60,7 +60,8 @@ def _tokenizer(folder: Path, predicts_nothing: str) -> None:
 
 def _assert_skipped(stderr: str, card: str, record: dict[str, object], reason: str) -> None:
     assert f"sanity check skipped: {reason}" in stderr.splitlines()
-    assert f"The quick sanity check did not run: {reason}." in card.splitlines()
+    # The card prints the reason as inert Markdown text (markdown.text escapes brackets, parentheses, ...).
+    assert f"The quick sanity check did not run: {markdown.text(reason)}." in card.splitlines()
     assert record["skipped"] == reason and record["passed"] is False and record["losses"] == {}
 
 
