@@ -13,6 +13,7 @@ import torch
 from conftest import REPO, TINY, random_state_dict, run_cli, write_checkpoint
 from gguf import GGMLQuantizationType, GGUFReader
 from hubserver import LocalHub
+from test_hub import hub_env
 
 from hubmerge.cli import main
 from hubmerge.gguf import writer
@@ -228,16 +229,7 @@ def hub() -> Iterator[LocalHub]:
 
 
 def _hub_env(hub: LocalHub, tmp_path: Path) -> dict[str, str]:
-    return {
-        "HF_ENDPOINT": hub.url,
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "HF_HUB_DISABLE_XET": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-        "NO_PROXY": "127.0.0.1,localhost",
-        "HF_HUB_OFFLINE": "0",
-        "HF_TOKEN": "hf_test_user_token",
-    }
+    return hub_env(hub, tmp_path, token="hf_test_user_token")
 
 
 def _gguf_recipe(tmp_path: Path, output: str) -> Path:
