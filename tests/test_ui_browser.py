@@ -13,6 +13,7 @@ import pytest
 from conftest import REPO
 from hubserver import LocalHub
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from test_hub import hub_env
 from uiapp import Served, serve
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -33,14 +34,8 @@ def app(
     tmp_path_factory: pytest.TempPathFactory, hub: LocalHub, known_hashes_store: Path
 ) -> Iterator[Served]:
     folder = tmp_path_factory.mktemp("ui-browser")
-    env = {
-        "HF_ENDPOINT": hub.url,
-        "HF_HOME": str(folder / "hf_home"),
-        "HF_HUB_DISABLE_XET": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_TOKEN": "",  # no token but the one typed in the page
-        "HUBMERGE_CACHE": str(known_hashes_store),
-    }
+    # no token but the one typed in the page
+    env = hub_env(hub, folder, token="", HUBMERGE_CACHE=str(known_hashes_store))
     with serve(folder, env=env) as served:
         yield served
 

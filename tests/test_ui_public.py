@@ -11,6 +11,7 @@ from conftest import TINY
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from hubserver import LocalHub
+from test_hub import hub_env
 from uiapp import Served, serve
 
 OWNER_TOKEN = "hf_space_owner_secret"
@@ -33,13 +34,8 @@ def app(
     tmp_path_factory: pytest.TempPathFactory, hub: LocalHub, known_hashes_store: Path
 ) -> Iterator[Served]:
     folder = tmp_path_factory.mktemp("ui-public")
-    env = {
-        "HF_ENDPOINT": hub.url,
-        "HF_HOME": str(folder / "hf_home"),
-        "HF_HUB_DISABLE_XET": "1",
-        "HF_TOKEN": OWNER_TOKEN,  # the Space's secret: it can read owner/secret
-        "HUBMERGE_CACHE": str(known_hashes_store),
-    }
+    # the Space's secret: it can read owner/secret
+    env = hub_env(hub, folder, token=OWNER_TOKEN, HUBMERGE_CACHE=str(known_hashes_store))
     with serve(folder, "--public", env=env) as served:
         yield served
 
