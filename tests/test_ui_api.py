@@ -221,38 +221,6 @@ def test_key_line_counts_array_of_tables() -> None:
     assert key_line(text, "models[0].source") == 3
 
 
-def test_space_files_are_a_gradio_space_that_serves_the_app(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    import ast
-
-    import gradio
-    import yaml
-
-    from hubmerge import __version__
-
-    folder = tmp_path / "space"
-    assert main(["ui", "--space-files", str(folder)]) == 0
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "app.py", "requirements.txt"]
-    readme = (folder / "README.md").read_text()
-    meta = yaml.safe_load(readme.split("---\n")[1])
-    assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py"
-    assert meta["sdk_version"] == gradio.__version__
-    assert f"hubmerge[ui,plots]=={__version__}" in (folder / "requirements.txt").read_text().splitlines()
-    app = ast.parse((folder / "app.py").read_text())
-    calls = [n for n in ast.walk(app) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "main"]
-    assert [ast.literal_eval(c.args[0]) for c in calls] == [["ui", "--host", "0.0.0.0", "--port", "7860"]]
-    # Never over files already there.
-    capsys.readouterr()
-    (folder / "app.py").write_text("# mine\n")
-    assert main(["ui", "--space-files", str(folder)]) == 1
-    assert capsys.readouterr().err == (
-        f"hubmerge: error: {folder} already has app.py, requirements.txt, README.md; choose an empty folder "
-        "for --space-files\n"
-    )
-    assert (folder / "app.py").read_text() == "# mine\n"
-
-
 # --- the form ---------------------------------------------------------------------------------------------
 
 EXAMPLE = (TINY.parent / "tiny-ties.toml").read_text()
