@@ -1239,11 +1239,7 @@ class LocalHub:
         return sha
 
     def _store_blob(self, content: bytes) -> str:
-        key = (
-            content.sha256
-            if isinstance(content, (SparseFile, DiskFile))
-            else hashlib.sha256(content).hexdigest()
-        )
+        key = content.sha256 if isinstance(content, (SparseFile, DiskFile)) else hashlib.sha256(content).hexdigest()
         self._blobs[key] = content
         return key
 

@@ -236,9 +236,7 @@ def test_base_model_lists_hub_ids_and_leaves_local_folders_out(
     tmp_path: Path, hub_cache: Path, write_recipe: Callable[[str], Path]
 ) -> None:
     shutil.copytree(TINY / "math", tmp_path / "my-math")
-    config = json.loads(
-        (tmp_path / "my-math" / "config.json").read_text()
-    )  # shaped like the cached Hub copies
+    config = json.loads((tmp_path / "my-math" / "config.json").read_text())  # shaped like the cached Hub copies
     (tmp_path / "my-math" / "config.json").write_text(json.dumps(config | QWEN25_1_5B_CONFIG))
     card = render_card(
         api.load_plan(

@@ -28,9 +28,7 @@ def _recipe(folder: Path, text: str) -> Path:
     return path
 
 
-def test_tokenizer_source_gives_tokenizer_chat_template_generation_config_and_token_ids(
-    tmp_path: Path,
-) -> None:
+def test_tokenizer_source_gives_tokenizer_chat_template_generation_config_and_token_ids(tmp_path: Path) -> None:
     recipe = _recipe(
         tmp_path,
         f'method = "task_arithmetic"\nbase = "{TINY / "base"}"\nmodels = ["{TINY / "math"}", "{TINY / "instruct"}"]\n'
@@ -61,10 +59,7 @@ def test_a_source_listed_twice_keeps_each_mentions_weight_and_is_read_once(
     )
     plan = api.load_plan(recipe, tmp_path / "out")
     assert plan.models[0] is plan.models[1] and len(plan.downloads) == 2
-    assert [(r.name, r.params["weight"]) for r in plan.model_roles] == [
-        ("models[0]", 0.25),
-        ("models[1]", 0.5),
-    ]
+    assert [(r.name, r.params["weight"]) for r in plan.model_roles] == [("models[0]", 0.25), ("models[1]", 0.5)]
 
     reads: list[str] = []
     original = TensorReader.read
@@ -79,10 +74,7 @@ def test_a_source_listed_twice_keeps_each_mentions_weight_and_is_read_once(
     assert reads.count(str(tmp_path / "a")) == reads.count(str(tmp_path / "base")) == len(plan.tensors)
 
     merged = load_file(tmp_path / "out" / "model.safetensors")
-    base, a = (
-        load_file(tmp_path / "base" / "model.safetensors"),
-        load_file(tmp_path / "a" / "model.safetensors"),
-    )
+    base, a = load_file(tmp_path / "base" / "model.safetensors"), load_file(tmp_path / "a" / "model.safetensors")
     for name, tensor in merged.items():
         b, m = base[name].float(), a[name].float()
         expected = b + 1.0 * ((m - b) * 0.25 + (m - b) * 0.5)
@@ -93,8 +85,7 @@ def test_a_stored_lm_head_under_a_tied_config_is_read_as_transformers_reads_it(t
     write_checkpoint(tmp_path / "base", random_state_dict(0))
     write_checkpoint(tmp_path / "a", random_state_dict(1, head=True), tie_word_embeddings=True)
     recipe = _recipe(
-        tmp_path,
-        'method = "task_arithmetic"\nbase = "./base"\nmodels = ["./a"]\n[parameters]\nscaling_factor = 1.0\n',
+        tmp_path, 'method = "task_arithmetic"\nbase = "./base"\nmodels = ["./a"]\n[parameters]\nscaling_factor = 1.0\n'
     )
     plan = api.load_plan(recipe, tmp_path / "out")
     assert any("stores lm_head.weight although its config.json ties it" in w for w in plan.warnings)
@@ -129,9 +120,7 @@ def test_allow_non_finite_merges_a_source_holding_nan(tmp_path: Path) -> None:
     sd = random_state_dict(2)
     sd["model.norm.weight"][3] = float("nan")
     write_checkpoint(tmp_path / "b", sd)
-    recipe = _recipe(
-        tmp_path, 'allow_non_finite = true\nmethod = "simple_average"\nmodels = ["./a", "./b"]\n'
-    )
+    recipe = _recipe(tmp_path, 'allow_non_finite = true\nmethod = "simple_average"\nmodels = ["./a", "./b"]\n')
     result = run_cli(recipe, "--output", tmp_path / "out", "-q")
     assert result.returncode == 0, result.stderr
     norm = load_file(tmp_path / "out" / "model.safetensors")["model.norm.weight"]
@@ -154,9 +143,7 @@ def test_validate_checks_every_recipe_and_warns_on_threshold_one(
     tmp_path: Path, write_recipe: Callable[..., Path]
 ) -> None:
     _pool(tmp_path)
-    good = write_recipe(
-        'method = "ties"\nbase = "./base"\nmodels = ["./a"]\n[parameters]\nthreshold = 1\n', "good.toml"
-    )
+    good = write_recipe('method = "ties"\nbase = "./base"\nmodels = ["./a"]\n[parameters]\nthreshold = 1\n', "good.toml")
     bad = write_recipe('method = "ties"\nmodels = ["./a"]\n', "bad.toml")
     missing = write_recipe('method = "ties"\nbase = "./base"\nmodels = ["./gone"]\n', "missing.toml")
     result = run_cli("validate", bad, good, missing)

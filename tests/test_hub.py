@@ -365,9 +365,7 @@ def test_online_and_offline_resolution_pick_the_same_weight_files(hub: LocalHub,
     if "Qwen/consolidated" not in hub._repos:
         hub.create_repo("Qwen/consolidated")
         files = _folder_files(TINY / "math")
-        hub.commit(
-            "Qwen/consolidated", files | {"consolidated.safetensors": files["model.safetensors"]}, "up"
-        )
+        hub.commit("Qwen/consolidated", files | {"consolidated.safetensors": files["model.safetensors"]}, "up")
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(TA + 'models = ["Qwen/consolidated"]\n')
     env = hub_env(hub, tmp_path)
@@ -379,15 +377,8 @@ def test_online_and_offline_resolution_pick_the_same_weight_files(hub: LocalHub,
     online = run_cli("plan", recipe, "--json", env=env)
     assert online.returncode == 0, online.stderr
     offline = run_cli(
-        "plan",
-        recipe,
-        "--json",
-        env=hub_env(hub, tmp_path, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9"),
+        "plan", recipe, "--json", env=hub_env(hub, tmp_path, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
     )
     assert offline.returncode == 0, offline.stderr
     files = [json.loads(r.stdout)["downloads"][1]["files"] for r in (online, offline)]
-    assert (
-        files[0] == files[1]
-        and "model.safetensors" in files[0]
-        and "consolidated.safetensors" not in files[0]
-    )
+    assert files[0] == files[1] and "model.safetensors" in files[0] and "consolidated.safetensors" not in files[0]

@@ -235,12 +235,7 @@ def test_exact_zero_sign_sums_are_patched_across_slices_and_shards(tmp_path, mon
         (1, torch.bfloat16, "sum", "tensor"),
         (-1, torch.bfloat16, "max", "tensor"),
     ],
-    ids=[
-        "negative-f32-sum-global",
-        "none-bf16-mean-global",
-        "positive-bf16-sum-tensor",
-        "negative-bf16-max-tensor",
-    ],
+    ids=["negative-f32-sum-global", "none-bf16-mean-global", "positive-bf16-sum-tensor", "negative-bf16-max-tensor"],
 )
 def test_settling_the_majority_sign_first_writes_the_patched_bytes_and_rewrites_no_shard(
     tmp_path: Path, majority: int, dtype: torch.dtype, merge_func: str, trim: str

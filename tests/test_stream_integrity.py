@@ -69,9 +69,7 @@ def test_the_sources_store_tensors_out_of_the_merges_layer_order(hub: LocalHub) 
     header = json.loads(content[8 : _data_start(content)])
     by_offset = sorted((v["data_offsets"][0], k) for k, v in header.items() if k != "__metadata__")
     order = [name for _, name in by_offset]
-    assert order.index("model.layers.10.mlp.down_proj.weight") < order.index(
-        "model.layers.2.mlp.down_proj.weight"
-    )
+    assert order.index("model.layers.10.mlp.down_proj.weight") < order.index("model.layers.2.mlp.down_proj.weight")
 
 
 def _multiplied(content: bytes) -> bytes:
@@ -134,13 +132,7 @@ def test_a_clean_streamed_merge_proves_every_file_and_equals_the_cached_merge(
 ) -> None:
     recipe = _recipe(tmp_path, pattern)
     cached = run_cli(
-        recipe,
-        "--output",
-        tmp_path / "cached",
-        "-q",
-        "--no-push",
-        "--no-sanity",
-        "--no-stats",
+        recipe, "--output", tmp_path / "cached", "-q", "--no-push", "--no-sanity", "--no-stats",
         env=hub_env(hub, tmp_path / "big"),
     )
     assert cached.returncode == 0, cached.stderr
@@ -158,9 +150,7 @@ def test_a_clean_streamed_merge_proves_every_file_and_equals_the_cached_merge(
     weights = sum(
         r.body_bytes
         for r in hub.requests[since:]
-        if r.method == "GET"
-        and r.path.endswith(".safetensors")
-        and "/resolve/" in r.path
+        if r.method == "GET" and r.path.endswith(".safetensors") and "/resolve/" in r.path
         and not (r.range and r.range.split("=")[1].split("-")[0] in ("0", "8") and r.body_bytes < size)
     )
     sources = len(costs["sources"])
@@ -236,9 +226,7 @@ class _Bytes:
 
 
 def _check(data: bytes) -> remote._FileCheck:
-    folder = SimpleNamespace(
-        repo_id="Qwen/x", sha="0" * 40, source=SimpleNamespace(label="models[0] (Qwen/x)")
-    )
+    folder = SimpleNamespace(repo_id="Qwen/x", sha="0" * 40, source=SimpleNamespace(label="models[0] (Qwen/x)"))
     return remote._FileCheck(folder, FILE, hashlib.sha256(data).hexdigest())  # type: ignore[arg-type]
 
 

@@ -196,9 +196,7 @@ def test_pushed_under_a_budget_smaller_than_the_output_each_shard_is_uploaded_an
         f'dtype = "float32"\n[parameters]\nscaling_factor = 0.8\n{"threshold = 30" if ties else ""}\n'
         f'[output]\nrepo = "user/deep-{method}"\n'
     )
-    cached = run_cli(
-        recipe, "--output", tmp_path / "cached", "-q", "--no-push", env=hub_env(hub, tmp_path / "big")
-    )
+    cached = run_cli(recipe, "--output", tmp_path / "cached", "-q", "--no-push", env=hub_env(hub, tmp_path / "big"))
     assert cached.returncode == 0, cached.stderr
 
     env = hub_env(hub, tmp_path, HF_HOME=str(smaller_disk / "hf_home"))
@@ -238,16 +236,7 @@ def test_the_progress_bar_shows_the_bytes_streamed_in_and_their_rate(hub: LocalH
     # A fresh pty is 0 columns wide, and tqdm draws a bar of its terminal's width: give it 200.
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "hubmerge.cli",
-            recipe,
-            "--output",
-            tmp_path / "out",
-            "--max-disk",
-            str(BUDGET),
-        ],
+        [sys.executable, "-m", "hubmerge.cli", recipe, "--output", tmp_path / "out", "--max-disk", str(BUDGET)],
         env={**os.environ, **hub_env(hub, tmp_path)},
         stdout=subprocess.DEVNULL,
         stderr=terminal,
@@ -264,9 +253,7 @@ def test_the_progress_bar_shows_the_bytes_streamed_in_and_their_rate(hub: LocalH
         shown += block
     os.close(main)
     assert process.wait(timeout=300) == 0, shown.decode(errors="replace")
-    bars = [
-        line for line in re.split(r"[\r\n]", shown.decode(errors="replace")) if line.startswith("merging")
-    ]
+    bars = [line for line in re.split(r"[\r\n]", shown.decode(errors="replace")) if line.startswith("merging")]
     assert bars, shown.decode(errors="replace")
     final = re.search(r"in ([\d,.]+) MB at [\d,.]+ MB/s", bars[-1])
     assert final is not None, bars[-1]
