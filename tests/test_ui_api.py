@@ -410,7 +410,7 @@ def test_a_search_from_the_app_runs_its_trials_and_shows_the_best(tmp_path: Path
     from hubmerge.ui.app import best_markdown, progress_html, trials_table
 
     service = Service(Settings(tmp_path / "work"))
-    with pytest.raises(Exception, match=r"no \[search\] table to search"):
+    with pytest.raises(Exception, match=r"plain.toml: no \[search\] table; add one"):
         service.submit(RECIPE, str(tmp_path / "plain.toml"), "me", kind="search")
     job = service.submit(SEARCH, str(tmp_path / "recipe.toml"), "me", kind="search")
     assert job.finished.wait(300)

@@ -188,7 +188,8 @@ def test_edit_plan_run_cancel_and_push_in_the_browser(
     expect(page.locator("#search-progress [data-state=done]")).to_be_visible(timeout=WAIT)
     expect(page.locator("#search-best")).to_contain_text(re.compile(r"best so far: trial \d, score"))
     trials = page.locator("#search-trials")
-    expect(trials.get_by_role("grid")).to_have_attribute("aria-rowcount", "3")  # the header, the grid's 2 points
+    # The header row and one row per point of the grid.
+    expect(trials.get_by_role("grid")).to_have_attribute("aria-rowcount", "3")
     expect(trials).to_contain_text("complete")
     expect(trials).to_contain_text("0.5")
     expect(page.locator("#best-toml")).to_contain_text("Found by `hubmerge search tiny-ties.toml`")

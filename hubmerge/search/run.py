@@ -47,7 +47,16 @@ from .document import local_paths, recipe_text
 from .objective import direction, score
 from .space import SearchSpec, Value, apply
 
-__all__ = ["BEST_FILE", "RESULTS_CSV", "RESULTS_JSON", "STUDY_FILE", "SearchResult", "run_trial", "search"]
+__all__ = [
+    "BEST_FILE",
+    "RESULTS_CSV",
+    "RESULTS_JSON",
+    "STUDY_FILE",
+    "SearchResult",
+    "run_trial",
+    "search",
+    "search_spec",
+]
 
 STUDY_FILE = "study.db"
 RESULTS_JSON = "search_results.json"
@@ -482,6 +491,16 @@ def _best_header(recipe: Path, spec: SearchSpec, best: Any, finished: int, writt
 # --- the search -----------------------------------------------------------------------------------------
 
 
+def search_spec(recipe: Recipe, where: str | Path) -> SearchSpec:
+    """The recipe's `[search]` table; a recipe without one is an error that says how to add it."""
+    if recipe.search is None:
+        raise RecipeError(
+            f'{where}: no [search] table; add one, e.g. [search.space] "parameters.scaling_factor" = '
+            "{ low = 0.1, high = 1.5 }"
+        )
+    return recipe.search
+
+
 def search(
     recipe_path: str | Path | Recipe,
     *,
@@ -503,12 +522,8 @@ def search(
     already loaded (`loads_recipe`) stands for its file.
     """
     recipe = recipe_path if isinstance(recipe_path, Recipe) else load_recipe(recipe_path)
-    if recipe.search is None:
-        raise RecipeError(
-            f'{recipe.path if isinstance(recipe_path, Recipe) else recipe_path}: no [search] table; add one, e.g. [search.space] "parameters.scaling_factor" = '
-            "{ low = 0.1, high = 1.5 }"
-        )
-    spec = recipe.search if trials is None else dataclasses.replace(recipe.search, trials=trials)
+    spec = search_spec(recipe, recipe.path if isinstance(recipe_path, Recipe) else recipe_path)
+    spec = spec if trials is None else dataclasses.replace(spec, trials=trials)
     optuna = _require_optuna()
     out = recipe.output.dir
     directory = Path(output_dir).expanduser().resolve() if output_dir else out.with_name(out.name + "-search")

@@ -272,11 +272,10 @@ class Service:
         """Validate the recipe (raising its error) and start its merge (`kind="search"`: its search) once the
         job before it is done."""
         recipe = self.load(text, path)
-        if kind == "search" and recipe.search is None:
-            raise RecipeError(
-                f'{recipe.path}: no [search] table to search; add one, e.g. [search.space] "parameters.scaling_factor" '
-                "= { low = 0.1, high = 1.5 }"
-            )
+        if kind == "search":
+            from ..search.run import search_spec
+
+            search_spec(recipe, recipe.path)  # a recipe without [search] is refused here, not in the job
         number = next(self._ids)
         output = self._output(number, recipe)
         if kind == "search":
