@@ -7,8 +7,10 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
+import itertools
 import json
 import shutil
 import sys
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 
 from .card import license_file, render_card
-from .checkpoint import Folder
+from .checkpoint import Folder, numel
 from .diagnostics import STATS_FILE, MergeStats, stats_files, write_stats
 from .engine import collect_stats, write_weights
 from .errors import Cancelled, EvalError, GateError, HubmergeError, RecipeError
@@ -58,10 +60,33 @@ from .remote import RemoteFolder, prove_all
 from .sanity import SanityReport
 from .sources import TOKENIZER_FILES, Source, fetch
 
-__all__ = ["EvalResult", "InspectResult", "MergeResult", "evaluate", "inspect", "load_plan", "merge"]
+__all__ = [
+    "EvalResult",
+    "InspectResult",
+    "MergeProgress",
+    "MergeResult",
+    "evaluate",
+    "inspect",
+    "load_plan",
+    "merge",
+]
 
 Log = Callable[[str], None]
-Progress = Callable[[int, int], None]  # (bytes of merged weights written so far, bytes the weights total)
+
+
+@dataclass(frozen=True)
+class MergeProgress:
+    """Where a merge stands, as `merge(progress=...)` is told after each merged slice is written."""
+
+    written: int  # bytes of merged weights written so far
+    total: int  # bytes the merged weights total
+    tensors_done: int  # output tensors written whole (the engine writes them in shard order)
+    tensors: int  # output tensors in all
+    fetched: int | None  # bytes streamed in from the Hub so far; None when no source is streamed
+    uploaded: int | None  # bytes uploaded while merging; None when the shards are not uploaded as written
+
+
+Progress = Callable[[MergeProgress], None]
 
 
 @dataclass(frozen=True)
@@ -238,7 +263,8 @@ def merge(
     before the merge to settle the majority sign, `Method.settle`, instead of patching shards at the end);
     the folder keeps the side files and the lock, and no sanity check runs (it reads the whole model).
 
-    `progress(written, total)` is called after each merged slice is written (bytes of weights). Setting
+    `progress(MergeProgress)` is called after each merged slice is written (bytes and tensors written, bytes
+    streamed in and uploaded). Setting
     `cancel` (from another thread) stops the merge at the next slice, or before the output replaces anything,
     with `Cancelled`: the staging folder is removed, the previous output is left as it was, nothing is pushed.
     """
@@ -427,6 +453,14 @@ def _write_output(
 
     started = time.monotonic()
     done = 0
+    # Where each output tensor's bytes end in the order the engine writes them: tensors done by bytes done.
+    ends = list(
+        itertools.accumulate(
+            numel(shape) * torch.empty(0, dtype=layout.dtype).element_size()
+            for layout in plan.shards
+            for _, shape in layout.tensors
+        )
+    )
 
     with tqdm(
         total=plan.output_bytes,
@@ -440,12 +474,21 @@ def _write_output(
             nonlocal done
             _check_cancel(watch.cancel)
             done += written
+            fetched = sum(folder.fetched for folder in streamed) if streamed else None
             if watch.progress is not None:
-                watch.progress(done, plan.output_bytes)
+                watch.progress(
+                    MergeProgress(
+                        done,
+                        plan.output_bytes,
+                        bisect.bisect_right(ends, done),
+                        len(ends),
+                        fetched,
+                        uploader.bytes_out if uploader is not None else None,
+                    )
+                )
             bar.update(written)
             transfers = []
-            if streamed:
-                fetched = sum(folder.fetched for folder in streamed)
+            if fetched is not None:
                 transfers.append(_incoming_status(fetched, time.monotonic() - started))
             if uploader is not None:
                 transfers.append(uploader.status())

@@ -4,6 +4,8 @@ local folders, a cancel that leaves nothing behind, errors at their recipe line.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import re
 import threading
@@ -221,38 +223,6 @@ def test_key_line_counts_array_of_tables() -> None:
     assert key_line(text, "models[0].source") == 3
 
 
-def test_space_files_are_a_gradio_space_that_serves_the_app(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    import ast
-
-    import gradio
-    import yaml
-
-    from hubmerge import __version__
-
-    folder = tmp_path / "space"
-    assert main(["ui", "--space-files", str(folder)]) == 0
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "app.py", "requirements.txt"]
-    readme = (folder / "README.md").read_text()
-    meta = yaml.safe_load(readme.split("---\n")[1])
-    assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py"
-    assert meta["sdk_version"] == gradio.__version__
-    assert f"hubmerge[ui,plots]=={__version__}" in (folder / "requirements.txt").read_text().splitlines()
-    app = ast.parse((folder / "app.py").read_text())
-    calls = [n for n in ast.walk(app) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "main"]
-    assert [ast.literal_eval(c.args[0]) for c in calls] == [["ui", "--host", "0.0.0.0", "--port", "7860"]]
-    # Never over files already there.
-    capsys.readouterr()
-    (folder / "app.py").write_text("# mine\n")
-    assert main(["ui", "--space-files", str(folder)]) == 1
-    assert capsys.readouterr().err == (
-        f"hubmerge: error: {folder} already has app.py, requirements.txt, README.md; choose an empty folder "
-        "for --space-files\n"
-    )
-    assert (folder / "app.py").read_text() == "# mine\n"
-
-
 # --- the form ---------------------------------------------------------------------------------------------
 
 EXAMPLE = (TINY.parent / "tiny-ties.toml").read_text()
@@ -360,3 +330,134 @@ def test_run_folders_carry_an_unguessable_part_since_gradio_serves_the_work_fold
     first, second = (service._output(1, recipe).parent.name, service._output(1, recipe).parent.name)
     assert first != second  # same second, same number: only the random part differs
     assert all(re.fullmatch(r"\d{8}-\d{6}-1-[0-9a-f]{32}", name) for name in (first, second))
+
+
+# --- progress, [eval] and search through the app's service -------------------------------------------------
+
+
+def test_progress_reports_bytes_and_tensors_in_the_order_they_are_written(tmp_path: Path) -> None:
+    from hubmerge.api import MergeProgress, merge
+    from hubmerge.ui.app import progress_text
+    from hubmerge.ui.service import Job
+
+    reports: list[MergeProgress] = []
+    recipe = loads_recipe(RECIPE, tmp_path / "recipe.toml")
+    result = merge(
+        recipe, output_dir=tmp_path / "out", stats=False, log=lambda _: None, progress=reports.append
+    )
+    total = result.plan.output_bytes
+    assert [(p.total, p.tensors, p.fetched, p.uploaded) for p in reports] == [(total, 26, None, None)] * len(
+        reports
+    )
+    # One slice per tiny tensor: each report is one more tensor, and the bytes of the tensors so far.
+    assert [p.tensors_done for p in reports] == list(range(1, 27))
+    sizes = [t.numel * 2 for t in result.plan.tensors]  # bfloat16
+    by_name = dict(zip((t.name for t in result.plan.tensors), sizes, strict=True))
+    order = [name for layout in result.plan.shards for name, _ in layout.tensors]
+    assert [p.written for p in reports] == list(itertools.accumulate(by_name[n] for n in order))
+    assert reports[-1].written == total
+    job = Job("1", "me", "recipe.toml", progress=reports[9])
+    assert progress_text(job, 12.4) == (
+        f"merging recipe.toml: out {reports[9].written / 1e6:,.2f} MB of {total / 1e6:,.2f} MB "
+        f"({reports[9].written / total:.0%}), 10 of 26 tensors, sources read from the disk, about 12 s left"
+    )
+    streamed = Job(
+        "2", "me", "r.toml", progress=dataclasses.replace(reports[-1], fetched=3_500_000, uploaded=10**6)
+    )
+    assert progress_text(streamed, None).endswith("26 of 26 tensors, in 3.50 MB from the Hub, up 1.00 MB")
+
+
+@pytest.fixture
+def lm_eval_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """lm-eval reads the tiny task's data relative to the repository root, offline (as tests/test_eval.py)."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_a_merge_from_the_app_runs_the_recipes_eval_and_its_card_shows_the_table(
+    tmp_path: Path, lm_eval_offline: None
+) -> None:
+    from hubmerge.evaluate import RESULTS_FILE
+    from hubmerge.ui.app import page_card
+    from hubmerge.ui.service import card_markdown
+
+    tasks = REPO / "tests" / "data" / "lm_eval"
+    text = (
+        RECIPE
+        + f'\n[eval]\ntasks = ["hubmerge_tiny"]\ninclude_path = "{tasks}"\nlimit = 8\nbatch_size = 8\nsources = false\n'
+    )
+    service = Service(Settings(tmp_path / "work"))
+    job = service.submit(text, str(tmp_path / "recipe.toml"), "me")
+    assert job.finished.wait(300)
+    assert job.state == "done", job.error
+    assert job.result is not None and job.result.evaluation is not None
+    acc = json.loads((job.result.output_dir / RESULTS_FILE).read_text())["lm_eval"]["models"][0]["results"]
+    card = page_card(card_markdown(job.result), job.result.output_dir)
+    assert "## Evaluation" in card
+    row = next(line for line in card.splitlines() if line.startswith("| hubmerge_tiny | `acc,none`"))
+    assert f"**{acc['hubmerge_tiny']['acc,none']['value']:.4f}**" in row
+
+
+SEARCH = RECIPE + (
+    '\n[search]\nsampler = "grid"\ntrials = 10\n[search.space]\n'
+    '"parameters.scaling_factor" = { low = 0.5, high = 1.0, step = 0.5 }\n'
+)
+
+
+def test_a_search_from_the_app_runs_its_trials_and_shows_the_best(tmp_path: Path) -> None:
+    from hubmerge.ui.app import best_markdown, progress_html, trials_table
+
+    service = Service(Settings(tmp_path / "work"))
+    with pytest.raises(Exception, match=r"plain.toml: no \[search\] table; add one"):
+        service.submit(RECIPE, str(tmp_path / "plain.toml"), "me", kind="search")
+    job = service.submit(SEARCH, str(tmp_path / "recipe.toml"), "me", kind="search")
+    assert job.finished.wait(300)
+    assert job.state == "done", job.error
+    results = job.search_results()
+    assert results is not None and job.search is not None
+    assert results["trials"] == list(job.search.trials)
+    scores = {t["params"]["parameters.scaling_factor"]: t["score"] for t in results["trials"]}
+    assert sorted(scores) == [0.5, 1.0]  # the grid bounds the budget: 2 of 10
+    best = min(scores, key=lambda v: scores[v])  # the loss: minimized
+    header, rows = trials_table(results)
+    assert header == ["trial", "state", "score", "parameters.scaling_factor", "seconds", "error"]
+    assert sorted((row[3], row[1], row[2]) for row in rows) == sorted(
+        (v, "complete", s) for v, s in scores.items()
+    )
+    shown = best_markdown(results)
+    assert shown.startswith(
+        f"**best so far: trial {results['best']['number']}**, score {scores[best]:.6g} (minimized)"
+    )
+    assert f"`parameters.scaling_factor = {best!r}`" in shown
+    assert (job.output / "best.toml").is_file() and job.output.parent.parent == tmp_path / "work" / "runs"
+    assert "done: the search of recipe.toml" in progress_html(job, service.queue_status())
+    assert service.results == {}  # a search leaves nothing to push
+
+
+def test_a_cancelled_search_runs_no_trial_after_the_running_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hubmerge.search import run
+
+    service = Service(Settings(tmp_path / "work"))
+    real = run.run_trial
+
+    def cancelled_during_the_first(trial: run.TrialJob) -> dict[str, object]:
+        assert service.queue_status() == f"searching recipe.toml (job {service.running.id}); 0 waiting"  # type: ignore[union-attr]
+        service.cancel("me")
+        return real(trial)
+
+    monkeypatch.setattr(run, "run_trial", cancelled_during_the_first)
+    job = service.submit(
+        SEARCH.replace('sampler = "grid"', 'sampler = "random"'),
+        str(tmp_path / "recipe.toml"),
+        "me",
+        kind="search",
+    )
+    assert job.finished.wait(300)
+    assert job.state == "cancelled"
+    results = job.search_results()
+    assert results is not None and [t["state"] for t in results["trials"]] == ["complete"]
+    assert service.queue_status() == "idle; 0 waiting"

@@ -19,6 +19,7 @@ from uiapp import Served, serve
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 TOKEN = "hf_ui_test_token_5c1f0e"  # a token no other test uses, searched for everywhere afterwards
 EXAMPLE = REPO / "recipes" / "examples" / "tiny-ties.toml"
+SEARCH = '\n[search]\nsampler = "grid"\n[search.space]\n"parameters.scaling_factor" = { low = 0.5, high = 1.0, step = 0.5 }\n'
 WAIT = 120_000  # ms: an upper bound for a state to appear on a busy machine, not a timing assumption
 
 
@@ -145,8 +146,13 @@ def test_edit_plan_run_cancel_and_push_in_the_browser(
     app.pause.touch()
     page.click("#run")
     running = page.locator("#progress [data-state=running]")
+    # Bytes out of the total, tensors done, bytes in, and the time left at the rate so far.
     expect(running).to_contain_text(
-        re.compile(r"merging tiny-ties.toml: 0\.\d\d MB of 0\.21 MB"), timeout=WAIT
+        re.compile(
+            r"merging tiny-ties\.toml: out 0\.\d\d MB of 0\.21 MB \(\d+%\), 1 of 26 tensors, sources read "
+            r"from the disk, about \d+ s left"
+        ),
+        timeout=WAIT,
     )
     expect(page.locator("#queue")).to_contain_text("running tiny-ties.toml")
     assert app.reached.is_file()
@@ -173,6 +179,21 @@ def test_edit_plan_run_cancel_and_push_in_the_browser(
     assert pushed["README.md"] == (runs[0] / "tiny-ties" / "README.md").read_bytes()
     assert hub._repos["user/ui-merged"].private
     shot("09-pushed")
+
+    # A search of the same recipe's scaling factor, from the Search tab: its trials, then the best of them.
+    _set_recipe(page, text + SEARCH)
+    expect(page.locator("#validation [data-state=ok]")).to_be_visible(timeout=WAIT)
+    page.get_by_role("tab", name="Search").click()
+    page.click("#search")
+    expect(page.locator("#search-progress [data-state=done]")).to_be_visible(timeout=WAIT)
+    expect(page.locator("#search-best")).to_contain_text(re.compile(r"best so far: trial \d, score"))
+    trials = page.locator("#search-trials")
+    # The header row and one row per point of the grid.
+    expect(trials.get_by_role("grid")).to_have_attribute("aria-rowcount", "3")
+    expect(trials).to_contain_text("complete")
+    expect(trials).to_contain_text("0.5")
+    expect(page.locator("#best-toml")).to_contain_text("Found by `hubmerge search tiny-ties.toml`")
+    shot("10-search")
 
     # The token is in no log, no file the app or the Hub client wrote, and not in the page source.
     assert TOKEN not in page.content()

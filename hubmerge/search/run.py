@@ -33,6 +33,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -41,12 +42,21 @@ from typing import IO, Any
 
 from ..errors import HubmergeError, RecipeError
 from ..lock import LOCK_FILE
-from ..recipe import EvalSpec, load_recipe
+from ..recipe import EvalSpec, Recipe, load_recipe
 from .document import local_paths, recipe_text
 from .objective import direction, score
 from .space import SearchSpec, Value, apply
 
-__all__ = ["BEST_FILE", "RESULTS_CSV", "RESULTS_JSON", "STUDY_FILE", "SearchResult", "run_trial", "search"]
+__all__ = [
+    "BEST_FILE",
+    "RESULTS_CSV",
+    "RESULTS_JSON",
+    "STUDY_FILE",
+    "SearchResult",
+    "run_trial",
+    "search",
+    "search_spec",
+]
 
 STUDY_FILE = "study.db"
 RESULTS_JSON = "search_results.json"
@@ -200,7 +210,7 @@ class _Pool:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _local(spec: SearchSpec, recipe: Path, log: Log) -> _Local | _Pool:
+def _local(spec: SearchSpec, recipe: Recipe, log: Log) -> _Local | _Pool:
     """Trials one at a time, or `[search] concurrency` side by side, as many as the memory available holds."""
     if not spec.concurrency or spec.concurrency == 1:
         return _Local()
@@ -264,14 +274,14 @@ class _Ray:
             self.ray.shutdown()
 
 
-def _layers(recipe: Path) -> int:
+def _layers(recipe: Recipe) -> int:
     """The decoder layers of the merged model (its config.json), for values searched per group of layers."""
     from .. import api
 
     return int(api.load_plan(recipe).config["num_hidden_layers"])
 
 
-def trial_memory(recipe: Path) -> int:
+def trial_memory(recipe: Recipe) -> int:
     """Bytes of memory one trial needs: the merge's peak (the plan's estimate), or scoring the merged model
     layer by layer (forward.py: weights a 64 MiB chunk at a time; 0.60 GB measured at 1.5B), whichever is
     larger."""
@@ -481,8 +491,18 @@ def _best_header(recipe: Path, spec: SearchSpec, best: Any, finished: int, writt
 # --- the search -----------------------------------------------------------------------------------------
 
 
+def search_spec(recipe: Recipe, where: str | Path) -> SearchSpec:
+    """The recipe's `[search]` table; a recipe without one is an error that says how to add it."""
+    if recipe.search is None:
+        raise RecipeError(
+            f'{where}: no [search] table; add one, e.g. [search.space] "parameters.scaling_factor" = '
+            "{ low = 0.1, high = 1.5 }"
+        )
+    return recipe.search
+
+
 def search(
-    recipe_path: str | Path,
+    recipe_path: str | Path | Recipe,
     *,
     output_dir: str | Path | None = None,
     trials: int | None = None,
@@ -490,28 +510,27 @@ def search(
     ray_address: str | None = None,
     log: Log = _stderr,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> SearchResult:
     """Run (or resume) the recipe's `[search]` and write its results into `output_dir`.
 
     `output_dir` defaults to the recipe's output folder with "-search" appended. `trials` overrides
     `[search] trials`. `ray=True` runs trials as Ray tasks on the cluster at `ray_address` (None: the
     RAY_ADDRESS environment variable, else a Ray instance on this machine). `on_trial` is called with each
-    finished trial's record, in the order they finish.
+    finished trial's record, in the order they finish. Setting `cancel` (from another thread) asks for no
+    more trials: the search returns once the running ones are done, and a rerun resumes its study. A `Recipe`
+    already loaded (`loads_recipe`) stands for its file.
     """
-    recipe = load_recipe(recipe_path)
-    if recipe.search is None:
-        raise RecipeError(
-            f'{recipe_path}: no [search] table; add one, e.g. [search.space] "parameters.scaling_factor" = '
-            "{ low = 0.1, high = 1.5 }"
-        )
-    spec = recipe.search if trials is None else dataclasses.replace(recipe.search, trials=trials)
+    recipe = recipe_path if isinstance(recipe_path, Recipe) else load_recipe(recipe_path)
+    spec = search_spec(recipe, recipe.path if isinstance(recipe_path, Recipe) else recipe_path)
+    spec = spec if trials is None else dataclasses.replace(spec, trials=trials)
     optuna = _require_optuna()
     out = recipe.output.dir
     directory = Path(output_dir).expanduser().resolve() if output_dir else out.with_name(out.name + "-search")
     directory.mkdir(parents=True, exist_ok=True)
     held = _hold(directory)
     try:
-        return _search(recipe, spec, directory, optuna, ray, ray_address, log, on_trial)
+        return _search(recipe, spec, directory, optuna, ray, ray_address, log, on_trial, cancel)
     finally:
         held.close()
 
@@ -525,10 +544,11 @@ def _search(
     ray_address: str | None,
     log: Log,
     on_trial: Callable[[dict[str, Any]], None] | None,
+    cancel: threading.Event | None = None,
 ) -> SearchResult:
     document = local_paths(recipe, None)
     fingerprint = _fingerprint(document, spec)
-    layers = _layers(recipe.path) if spec.grouped else 0
+    layers = _layers(recipe) if spec.grouped else 0
     study = optuna.create_study(
         storage=f"sqlite:///{directory / STUDY_FILE}",
         study_name=_STUDY,
@@ -560,9 +580,9 @@ def _search(
     best_document = _best_writer(recipe, spec, directory, layers)
     use_ray = ray or bool(os.environ.get("RAY_ADDRESS"))
     runner: _Local | _Pool | _Ray = (
-        _Ray(ray_address, spec, spec.concurrency, trial_memory(recipe.path))
+        _Ray(ray_address, spec, spec.concurrency, trial_memory(recipe))
         if use_ray
-        else _local(spec, recipe.path, log)
+        else _local(spec, recipe, log)
     )
     started = time.monotonic()
     running: dict[int, Any] = {}
@@ -570,6 +590,7 @@ def _search(
         while True:
             counted = sum(_counted(t) for t in study.get_trials(deepcopy=False))
             in_time = spec.timeout is None or time.monotonic() - started < spec.timeout
+            in_time = in_time and not (cancel is not None and cancel.is_set())
             while in_time and counted + len(running) < budget and len(running) < runner.capacity:
                 trial = study.ask(distributions)
                 running[trial.number] = trial

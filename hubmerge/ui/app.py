@@ -2,7 +2,7 @@
 
 import html
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ from gradio.events import api
 
 from ..errors import HubmergeError
 from ..methods import METHODS, Param
+from ..search.run import BEST_FILE
 from .form import FIELDS, fields_of, read_form, write_form
 from .service import Job, Problem, Service, card_markdown, cli_line, examples, lines_around, read_lock
 
@@ -54,24 +55,75 @@ def _size(n: int) -> str:
     return f"{n / 1e6:,.2f} MB"
 
 
+def progress_text(job: Job, eta: float | None) -> str:
+    """A running merge in a line: bytes out of the total, tensors done, bytes in, and the time left."""
+    p = job.progress
+    if p is None:
+        return f"merging {job.name}: fetching the sources"
+    share = f" ({p.written / p.total:.0%})" if p.total else ""
+    text = f"merging {job.name}: out {_size(p.written)} of {_size(p.total)}{share}, {p.tensors_done} of {p.tensors} tensors"
+    text += ", sources read from the disk" if p.fetched is None else f", in {_size(p.fetched)} from the Hub"
+    if p.uploaded is not None:
+        text += f", up {_size(p.uploaded)}"
+    return text + (f", about {eta:.0f} s left" if eta is not None else "")
+
+
 def progress_html(job: Job, queue: str) -> str:
     state = job.state
+    what = "search" if job.kind == "search" else "merge"
     if state == "waiting":
-        text = f"job {job.id} waits for the merge before it ({queue})"
+        text = f"job {job.id} waits for the job before it ({queue})"
+    elif state == "running" and job.kind == "search":
+        text = f"searching {job.name}"
     elif state == "running":
-        eta = job.eta()
-        done = f"{_size(job.written)} of {_size(job.total)}" if job.total else "fetching the sources"
-        text = f"merging {job.name}: {done}" + (f", about {eta:.0f} s left" if eta is not None else "")
-        if job.total:
-            text += f" ({job.written / job.total:.0%})"
+        text = progress_text(job, job.eta())
+    elif state == "done" and job.kind == "search":
+        text = f"done: the search of {job.name} wrote its results into {job.output}"
     elif state == "done":
         text = f"done: {job.name} merged into {job.result.output_dir if job.result else '?'}"
+    elif state == "cancelled" and job.kind == "search":
+        text = f"cancelled: no trial after the running one; the results so far are in {job.output}"
     elif state == "cancelled":
         text = "cancelled: nothing was written and the staging folder was removed"
     else:
-        text = f"failed: {job.error}"
-    bar = f'<progress value="{job.written}" max="{job.total or 1}"></progress>' if job.total else ""
+        text = f"{what} failed: {job.error}"
+    p = job.progress
+    bar = f'<progress value="{p.written}" max="{p.total or 1}"></progress>' if p is not None else ""
     return f'<div data-state="{state}" data-job="{job.id}">{bar}<div>{html.escape(text)}</div></div>'
+
+
+def trials_table(results: dict[str, Any] | None) -> tuple[list[str], list[list[Any]]]:
+    """A search's trials as the page's table: number, state, score, each searched value, seconds, error."""
+    trials = results["trials"] if results else []
+    values = list(dict.fromkeys(name for t in trials for name in t["params"]))
+    header = ["trial", "state", "score", *values, "seconds", "error"]
+    rows = [
+        [
+            t["number"],
+            t["state"],
+            t["score"],
+            *(t["params"].get(v) for v in values),
+            t["seconds"],
+            t["error"] or "",
+        ]
+        for t in trials
+    ]
+    return header, rows
+
+
+def best_markdown(results: dict[str, Any] | None) -> str:
+    """The best trial so far, in a line or two."""
+    if not results:
+        return "no trial finished yet"
+    best = results["best"]
+    done = sum(t["state"] in ("complete", "failed") for t in results["trials"])
+    if best is None:
+        return f"{done} trials finished, none complete yet"
+    values = ", ".join(f"`{name} = {value!r}`" for name, value in best["params"].items())
+    return (
+        f"**best so far: trial {best['number']}**, score {best['score']:.6g} ({results['direction']}d), "
+        f"of {done} finished trials; {values}"
+    )
 
 
 _IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
@@ -163,12 +215,31 @@ def from_form(text: str, method: str | None, base: str, models: str, *values: An
 # --- the app ---------------------------------------------------------------------------------------------
 
 
+def _error(exc: HubmergeError) -> gr.Error:
+    return gr.Error("\n".join(cli_line(exc)), print_exception=False)
+
+
+def push_handler(service: Service) -> Callable[..., tuple[str, str]]:
+    """The Push button's handler: the typed token, else the visitor's "Sign in with Hugging Face" token (Gradio
+    injects it by the `gr.OAuthToken | None` annotation); either is used for this push only."""
+
+    def push(
+        token: str, repo: str, private: bool, request: gr.Request, oauth_token: gr.OAuthToken | None
+    ) -> tuple[str, str]:
+        chosen = token.strip() or (oauth_token.token if oauth_token is not None else "")
+        try:
+            pushed = service.push(request.session_hash or "", chosen, repo, private)
+        except HubmergeError as exc:
+            raise _error(exc) from None
+        return "", f"pushed to [{pushed.url}]({pushed.url})"  # the token field is emptied
+
+    return push
+
+
 def build(service: Service) -> gr.Blocks:
     shipped = examples()
     public = service.settings.public
-
-    def error(exc: HubmergeError) -> gr.Error:
-        return gr.Error("\n".join(cli_line(exc)), print_exception=False)
+    error = _error
 
     def validate_api(text: str, path: str = "") -> str:
         """Recipe TOML text → "ok", or the errors one per line as the CLI words them."""
@@ -241,12 +312,34 @@ def build(service: Service) -> gr.Blocks:
         job.finished.wait()
         return progress_html(job, service.queue_status()), service.queue_status()
 
-    def push(token: str, repo: str, private: bool, request: gr.Request) -> tuple[str, str]:
+    def run_search(text: str, path: str, request: gr.Request) -> Iterator[tuple[Any, ...]]:
         try:
-            pushed = service.push(request.session_hash or "", token, repo, private)
+            job = service.submit(text, path, request.session_hash or "", kind="search")
         except HubmergeError as exc:
             raise error(exc) from None
-        return "", f"pushed to [{pushed.url}]({pushed.url})"  # the token field is emptied
+
+        def shown() -> tuple[Any, ...]:
+            results = job.search_results()
+            header, rows = trials_table(results)
+            best = (job.output / BEST_FILE) if job.output is not None else None
+            best_text = best.read_text(encoding="utf-8") if best is not None and best.is_file() else ""
+            queue = service.queue_status()
+            return (
+                progress_html(job, queue),
+                best_markdown(results),
+                gr.update(value=rows, headers=header),
+                best_text,
+                "\n".join(job.log),
+                queue,
+            )
+
+        try:
+            while not job.finished.wait(0.5):
+                yield shown()
+        finally:
+            if not job.finished.is_set():
+                job.cancel.set()  # the page went away: no more trials
+        yield shown()
 
     demo: gr.Blocks
     with gr.Blocks(title="hubmerge") as demo:
@@ -307,6 +400,8 @@ def build(service: Service) -> gr.Blocks:
                 progress = gr.HTML(elem_id="progress")
                 log = gr.Textbox(label="Log", lines=6, max_lines=12, interactive=False, elem_id="log")
                 gr.Markdown("## Push to the Hub")
+                if service.settings.oauth:
+                    gr.LoginButton(elem_id="login")
                 token = gr.Textbox(
                     label="Hugging Face token (write access; used for this push only, never kept)",
                     type="password",
@@ -317,21 +412,44 @@ def build(service: Service) -> gr.Blocks:
                     private = gr.Checkbox(value=True, label="Private", elem_id="private")
                 push_button = gr.Button("Push", elem_id="push")
                 pushed = gr.Markdown(elem_id="pushed")
-        gr.Markdown("## Results")
-        with gr.Row():
-            with gr.Column(scale=3):
-                card = gr.Markdown(elem_id="card")
-            with gr.Column(scale=2):
-                downloads = gr.File(
-                    label="Files", file_count="multiple", interactive=False, elem_id="downloads"
+        with gr.Tabs():
+            with gr.Tab("Results", elem_id="results-tab"), gr.Row():
+                with gr.Column(scale=3):
+                    card = gr.Markdown(elem_id="card")
+                with gr.Column(scale=2):
+                    downloads = gr.File(
+                        label="Files", file_count="multiple", interactive=False, elem_id="downloads"
+                    )
+                    lock = gr.Code(
+                        label="hubmerge.lock.json",
+                        language="json",
+                        interactive=False,
+                        max_lines=30,
+                        elem_id="lock",
+                    )
+            with gr.Tab("Search", elem_id="search-tab"):
+                gr.Markdown(
+                    "Search the recipe's `[search]` values (`hubmerge search`): each trial merges and scores the "
+                    "recipe with its values. One job at a time, in the same queue as the merges; Cancel asks for "
+                    "no trial after the running one."
                 )
-                lock = gr.Code(
-                    label="hubmerge.lock.json",
-                    language="json",
+                with gr.Row():
+                    search_button = gr.Button("Search", variant="primary", elem_id="search")
+                    search_cancel = gr.Button("Cancel the search", variant="stop", elem_id="search-cancel")
+                search_progress = gr.HTML(elem_id="search-progress")
+                best = gr.Markdown(elem_id="search-best")
+                trials = gr.Dataframe(
+                    headers=["trial", "state", "score", "seconds", "error"],
                     interactive=False,
-                    max_lines=30,
-                    elem_id="lock",
+                    elem_id="search-trials",
                 )
+                with gr.Row():
+                    best_toml = gr.Code(
+                        label="best.toml", language=None, interactive=False, elem_id="best-toml"
+                    )
+                    search_log = gr.Textbox(
+                        label="Search log", lines=6, max_lines=12, interactive=False, elem_id="search-log"
+                    )
         timer = gr.Timer(2)
         timer.tick(
             service.queue_status,
@@ -381,7 +499,19 @@ def build(service: Service) -> gr.Blocks:
             concurrency_limit=None,  # the service runs one merge at a time and shows the others waiting
         )
         cancel_button.click(cancel, None, [progress, queue], api_visibility="private", concurrency_limit=None)
-        push_button.click(push, [token, repo, private], [token, pushed], api_visibility="private")
+        push_button.click(
+            push_handler(service), [token, repo, private], [token, pushed], api_visibility="private"
+        )
+        search_button.click(
+            run_search,
+            [editor, path],
+            [search_progress, best, trials, best_toml, search_log, queue],
+            api_visibility="private",
+            concurrency_limit=None,  # the service runs one job at a time and shows the others waiting
+        )
+        search_cancel.click(
+            cancel, None, [search_progress, queue], api_visibility="private", concurrency_limit=None
+        )
         api(validate_api, api_name="validate", concurrency_limit=None)
         api(plan_api, api_name="plan")
         api(merge_api, api_name="merge", concurrency_limit=None)

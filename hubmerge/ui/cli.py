@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
         help="write app.py, requirements.txt and README.md (Space metadata) for a CPU Hugging Face Space into "
         "DIR, then stop",
     )
+    p.add_argument(
+        "--space-source",
+        metavar="GIT_URL",
+        help="with --space-files: the commit the Space installs hubmerge from, "
+        "git+https://github.com/OWNER/REPO@COMMIT",
+    )
     return p
 
 
@@ -48,7 +54,7 @@ def main(argv: Sequence[str]) -> int:
     if args.space_files is not None:
         from .space import write_space_files
 
-        for path in write_space_files(args.space_files):
+        for path in write_space_files(args.space_files, args.space_source):
             print(f"wrote {path}")
         print(
             f"upload them to a new Gradio Space: hf upload your-name/hubmerge {args.space_files} --repo-type space"
@@ -77,5 +83,7 @@ def main(argv: Sequence[str]) -> int:
         if exc.name != "gradio":
             raise
         raise HubmergeError('the web app needs Gradio: pip install "hubmerge[ui]"') from None
-    serve(Service(Settings(work, public, allowed)), args.host, args.port, args.share)
+    # A Space whose README sets hf_oauth: true gets OAUTH_CLIENT_ID: visitors can sign in to push.
+    oauth = on_space and bool(os.environ.get("OAUTH_CLIENT_ID"))
+    serve(Service(Settings(work, public, allowed, oauth=oauth)), args.host, args.port, args.share)
     return 0

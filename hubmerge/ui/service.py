@@ -1,5 +1,6 @@
-"""What the web app does, without the web: recipe text → problems at their lines, the plan, one merge job at a
-time (progress, log, cancel), and the push of a finished merge with a token the caller types.
+"""What the web app does, without the web: recipe text → problems at their lines, the plan, one job at a time
+(a merge, with its `[eval]` when the recipe has one, or a search of its `[search]` values: progress, log,
+cancel), and the push of a finished merge with a token the caller types or signed in with.
 
 A recipe in the app is text, named by a path it is read "as" (`loads_recipe`): relative folders are read from
 that path's folder, as the CLI reads them from the recipe file's. Every merge writes under the work
@@ -21,15 +22,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigImportError, HubmergeError, PublishError, RecipeError
 from ..recipe import Recipe, loads_recipe, missing_folder
 
 if TYPE_CHECKING:
-    from ..api import MergeResult
+    from ..api import MergeProgress, MergeResult
     from ..plan import MergePlan
     from ..publish import PushResult
+    from ..search.run import SearchResult
 
 __all__ = ["Job", "Problem", "Service", "Settings", "cli_line", "examples"]
 
@@ -57,6 +59,7 @@ class Settings:
     public: bool = False
     allowed_root: Path | None = None  # public mode: local folders are read only below it (None: none at all)
     default_name: Path = field(default_factory=lambda: Path.cwd() / "recipe.toml")  # a recipe given no path
+    oauth: bool = False  # "Sign in with Hugging Face" (a Space with hf_oauth: true) beside the token field
 
 
 @dataclass(frozen=True)
@@ -137,30 +140,43 @@ def problems(exc: HubmergeError, name: Path, text: str) -> list[Problem]:
 
 @dataclass
 class Job:
-    """One merge: its progress, its log, and how it ended."""
+    """One merge or search: its progress, its log, and how it ended."""
 
     id: str
     owner: str  # the browser session (or API call) that started it; only it may cancel the job
     name: str
+    kind: str = "merge"  # merge, search
     cancel: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
     state: str = "waiting"  # waiting, running, done, failed, cancelled
-    written: int = 0
-    total: int = 0
+    progress: MergeProgress | None = None  # a merge's, after its first slice is written
     started: float = 0.0
     log: list[str] = field(default_factory=list)
     error: str | None = None
     result: MergeResult | None = None
+    output: Path | None = None  # the merge's output folder, or the search's folder (its results files)
+    search: SearchResult | None = None
 
-    def on_progress(self, written: int, total: int) -> None:
-        self.written, self.total = written, total
+    def search_results(self) -> dict[str, Any] | None:
+        """A search's search_results.json as it stands (rewritten whole after every trial), once written."""
+        from ..search.run import RESULTS_JSON
+
+        file = self.output / RESULTS_JSON if self.output is not None and self.kind == "search" else None
+        if file is None or not file.is_file():
+            return None
+        results: dict[str, Any] = json.loads(file.read_text(encoding="utf-8"))
+        return results
+
+    def on_progress(self, progress: MergeProgress) -> None:
+        self.progress = progress
 
     def eta(self) -> float | None:
         """Seconds left at the rate so far, once something was written."""
-        if not self.written or not self.total:
+        p = self.progress
+        if p is None or not p.written or not p.total:
             return None
         elapsed = time.monotonic() - self.started
-        return elapsed * (self.total - self.written) / self.written
+        return elapsed * (p.total - p.written) / p.written
 
 
 class Service:
@@ -203,6 +219,8 @@ class Service:
             local.append(("card.template", recipe.card.template))
         if recipe.eval is not None and recipe.eval.include_path is not None:
             local.append(("eval.include_path", recipe.eval.include_path))
+        if recipe.search is not None and recipe.search.texts is not None:
+            local.append(("search.texts", recipe.search.texts))
         for text, path in local:
             if root is None:
                 raise RecipeError(
@@ -250,25 +268,29 @@ class Service:
 
     # --- merge jobs -------------------------------------------------------------------------------------
 
-    def submit(self, text: str, path: str | None, owner: str) -> Job:
-        """Validate the recipe (raising its error) and start its merge once the one before it is done."""
+    def submit(self, text: str, path: str | None, owner: str, kind: str = "merge") -> Job:
+        """Validate the recipe (raising its error) and start its merge (`kind="search"`: its search) once the
+        job before it is done."""
         recipe = self.load(text, path)
+        if kind == "search":
+            from ..search.run import search_spec
+
+            search_spec(recipe, recipe.path)  # a recipe without [search] is refused here, not in the job
         number = next(self._ids)
-        job = Job(str(number), owner, recipe.path.name)
+        output = self._output(number, recipe)
+        if kind == "search":
+            output = output.with_name(output.name + "-search")
+        job = Job(str(number), owner, recipe.path.name, kind, output=output)
         with self._lock:
             self.waiting.append(job)
         thread = threading.Thread(
-            target=self._run,
-            args=(job, recipe, self._output(number, recipe)),
-            name=f"hubmerge-ui-job-{number}",
+            target=self._run, args=(job, recipe, output), name=f"hubmerge-ui-job-{number}"
         )
         thread.daemon = True
         thread.start()
         return job
 
     def _run(self, job: Job, recipe: Recipe, output: Path) -> None:
-        from ..api import merge
-
         with self._slot:
             with self._lock:
                 self.waiting.remove(job)
@@ -276,19 +298,11 @@ class Service:
             job.state, job.started = "running", time.monotonic()
             try:
                 if job.cancel.is_set():
-                    raise HubmergeError("the merge was cancelled before it started")
-                job.result = merge(
-                    recipe,
-                    output_dir=output,
-                    push=False,
-                    quiet=True,
-                    sanity=os.environ.get("HUBMERGE_NO_SANITY") in (None, "", "0"),
-                    log=job.log.append,
-                    progress=job.on_progress,
-                    cancel=job.cancel,
-                )
-                self.results[job.owner] = job.result
-                job.state = "done"
+                    raise HubmergeError(f"the {job.kind} was cancelled before it started")
+                if job.kind == "search":
+                    self._search(job, recipe, output)
+                else:
+                    self._merge(job, recipe, output)
             except HubmergeError as exc:
                 job.state = "cancelled" if job.cancel.is_set() else "failed"
                 job.error = "\n".join(cli_line(exc))
@@ -296,7 +310,7 @@ class Service:
                 job.state = "failed"
                 job.error = f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())}"
             finally:
-                if job.state != "done":
+                if job.state != "done" and job.kind == "merge":
                     # Only an empty run folder: what a failed merge left (nothing, by output.staged) stays
                     # visible rather than being swept away here.
                     with contextlib.suppress(OSError):
@@ -304,6 +318,29 @@ class Service:
                 with self._lock:
                     self.running = None
                 job.finished.set()
+
+    def _merge(self, job: Job, recipe: Recipe, output: Path) -> None:
+        from ..api import merge
+
+        job.result = merge(
+            recipe,
+            output_dir=output,
+            push=False,
+            quiet=True,
+            evaluate=recipe.eval is not None,  # [eval]'s table goes into the card
+            sanity=os.environ.get("HUBMERGE_NO_SANITY") in (None, "", "0"),
+            log=job.log.append,
+            progress=job.on_progress,
+            cancel=job.cancel,
+        )
+        self.results[job.owner] = job.result
+        job.state = "done"
+
+    def _search(self, job: Job, recipe: Recipe, output: Path) -> None:
+        from ..search.run import search
+
+        job.search = search(recipe, output_dir=output, log=job.log.append, cancel=job.cancel)
+        job.state = "cancelled" if job.cancel.is_set() else "done"
 
     def cancel(self, owner: str) -> Job | None:
         """Cancel `owner`'s job, running or waiting; returns it (None when it has none)."""
@@ -316,7 +353,8 @@ class Service:
     def queue_status(self) -> str:
         with self._lock:
             running, waiting = self.running, len(self.waiting)
-        now = f"running {running.name} (job {running.id})" if running else "idle"
+        verb = "searching" if running is not None and running.kind == "search" else "running"
+        now = f"{verb} {running.name} (job {running.id})" if running else "idle"
         return f"{now}; {waiting} waiting"
 
     # --- results ----------------------------------------------------------------------------------------
@@ -328,7 +366,8 @@ class Service:
         return [p for p in files if p.is_file() and p.stat().st_size <= SMALL_FILE]
 
     def push(self, owner: str, token: str, repo: str, private: bool) -> PushResult:
-        """Publish `owner`'s last finished merge to `repo` with `token` (never kept, never logged)."""
+        """Publish `owner`'s last finished merge to `repo` with `token` (typed, or the visitor's OAuth token on a
+        Space; never kept, never logged)."""
         from ..publish import check_push_access, push
 
         result = self.results.get(owner)
@@ -339,7 +378,8 @@ class Service:
             raise PublishError("give the repo to push to, such as your-name/merged-model")
         token = token.strip()
         if not token and self.settings.public:
-            raise PublishError("paste a Hugging Face write token to push (it is used for this push only)")
+            way = "sign in with Hugging Face or paste" if self.settings.oauth else "paste"
+            raise PublishError(f"{way} a Hugging Face write token to push (it is used for this push only)")
         plan = result.plan
         output = dataclasses.replace(plan.recipe.output, repo=repo, private=private)
         plan = dataclasses.replace(plan, recipe=dataclasses.replace(plan.recipe, output=output))
