@@ -333,9 +333,10 @@ def generated(root: Path) -> dict[Path, str]:
     return pages
 
 
-def main(argv: Sequence[str] = ()) -> int:
+def main(argv: Sequence[str] = (), root: Path | None = None) -> int:
+    """Write the generated files of the repository at `root` (default: the one this package is in)."""
     check = "--check" in argv
-    root = Path(__file__).resolve().parent.parent
+    root = root or Path(__file__).resolve().parent.parent
     pages = generated(root)
     failed = False
     for path in sorted((root / METHODS_DIR).glob("*.md")):
