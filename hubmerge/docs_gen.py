@@ -2,7 +2,8 @@
 
 What the code knows is written out, never retyped: each merge method's page (`docs/methods/NAME.md`)
 from its registry entry, the methods table in `docs/methods/index.md` and the method links in
-`README.md` and the site's menu in `mkdocs.yml` between their markers, and the recipe reference
+`README.md` and the site's menu in `mkdocs.yml` between their markers, the card template's variables
+(`docs/card-template.md`) from the contract in `hubmerge/card.py`'s docstring, and the recipe reference
 (`docs/reference/recipe.md`) from the recipe's JSON Schema (`hubmerge schema`). With `--check` nothing is
 written and the exit code is 1 when a page is out of date (tests/test_docs.py runs it).
 """
@@ -74,7 +75,11 @@ def example_recipe(m: Method) -> str:
     """A recipe of `m` that validates: Qwen2.5-1.5B models, every parameter written out (FusionBench's values
     where the method reproduces a FusionBench configuration, else the defaults)."""
     fixed = m.fusionbench_config.parameters if m.fusionbench_config else {}
-    count = m.contract.min_models if m.contract.max_models == m.contract.min_models else max(2, m.contract.min_models)
+    count = (
+        m.contract.min_models
+        if m.contract.max_models == m.contract.min_models
+        else max(2, m.contract.min_models)
+    )
     sources = ["Qwen/Qwen2.5-Math-1.5B", "Qwen/Qwen2.5-Coder-1.5B", "Qwen/Qwen2.5-1.5B-Instruct"][:count]
     lines = [f'method = "{m.name}"']
     if m.contract.base != "ignored":
@@ -313,18 +318,54 @@ def recipe_reference() -> str:
     return "\n".join(out)
 
 
+# --- the card template's context ---------------------------------------------------------------------------
+
+CONTEXT_START = "<!-- card-context:start -->"
+CONTEXT_END = "<!-- card-context:end -->"
+CARD_PAGE = "docs/card-template.md"
+
+
+def card_context() -> list[tuple[str, str, str]]:
+    """(variable, type, what it holds) from the "Template context" list of `hubmerge/card.py`'s docstring, the
+    contract the card renderer keeps."""
+    from . import card
+
+    text = (card.__doc__ or "").split("Template context", 1)[1]
+    entries: list[list[str]] = []
+    for line in text.splitlines()[1:]:
+        match = re.match(r"^    (\w+) +(dict or None|list|dict|str)(?: +(.*))?$", line)
+        if match:
+            entries.append([match.group(1), match.group(2), match.group(3) or ""])
+        elif line.startswith("      ") and entries:
+            entries[-1][2] += " " + line.strip()
+    return [(name, kind, what) for name, kind, what in entries]
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def card_context_table() -> str:
+    rows = ["| variable | type | what it holds |", "|---|---|---|"]
+    for name, kind, what in card_context():
+        rows.append(f"| `{name}` | {kind} | {_cell(what)} |")
+    return "\n".join(rows) + "\n"
+
+
 # --- all of it ----------------------------------------------------------------------------------------------
 
 
 def generated(root: Path) -> dict[Path, str]:
     """Every generated file under `root` (the repository) with the text it should have."""
-    pages: dict[Path, str] = {
-        root / METHODS_DIR / f"{m.name}.md": method_page(m) for m in METHODS.values()
-    }
+    pages: dict[Path, str] = {root / METHODS_DIR / f"{m.name}.md": method_page(m) for m in METHODS.values()}
     pages[root / RECIPE_REFERENCE] = recipe_reference()
     index = root / METHODS_DIR / "index.md"
     table = methods_table(link=lambda name: f"{name}.md")
     pages[index] = _between(index.read_text(encoding="utf-8"), TABLE_START, TABLE_END, table)
+    card_page = root / CARD_PAGE
+    pages[card_page] = _between(
+        card_page.read_text(encoding="utf-8"), CONTEXT_START, CONTEXT_END, card_context_table()
+    )
     site = root / "mkdocs.yml"
     nav = "".join(f"      - {m.name}: methods/{m.name}.md\n" for m in METHODS.values())
     pages[site] = _between(site.read_text(encoding="utf-8"), NAV_START, NAV_END, nav)

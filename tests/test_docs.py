@@ -16,7 +16,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,11 @@ from conftest import REPO
 
 from hubmerge import cli, docs_gen
 from hubmerge.methods import METHODS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 DOCS = REPO / "docs"
 PAGES = sorted([REPO / "README.md", *DOCS.rglob("*.md")])
@@ -160,7 +164,10 @@ def test_the_recipe_reference_lists_every_key_of_every_table_with_its_default() 
     for table in ("OutputTable", "CardTable", "EvalTable", "SearchTable", "TokenizerTable", "SourceTable"):
         for key in defs[table]["properties"]:
             assert f"| `{key}` |" in reference, (table, key)
-    assert '| `max_shard_size` | size: bytes, or a string such as "5GB", "500MB", "2GiB" | `"5GB"` |' in reference
+    assert (
+        '| `max_shard_size` | size: bytes, or a string such as "5GB", "500MB", "2GiB" | `"5GB"` |'
+        in reference
+    )
     assert '| `sampler` | `"tpe"` or `"cmaes"` or `"random"` or `"grid"` | `"tpe"` |' in reference
 
 
@@ -248,6 +255,9 @@ def test_the_toml_examples_cover_every_method_page_and_the_readme() -> None:
     where = {w.split(":")[0] for w, _ in blocks("toml")}
     assert {f"docs/methods/{name}.md" for name in METHODS} <= where
     assert {"README.md", "docs/recipe.md", "docs/search.md", "docs/getting-started.md"} <= where
+    languages = {m.group(2) for page in PAGES for m in FENCE.finditer(page.read_text())}
+    # every language a test runs or checks; bibtex is the generated citation, text the terminal's output
+    assert languages == {"toml", "python", "bash", "sh", "console", "yaml", "jinja", "bibtex"}, languages
 
 
 @pytest.mark.parametrize(("where", "body"), blocks("python"), ids=[w for w, _ in blocks("python")])
@@ -271,6 +281,34 @@ def test_python_not_run_lists_only_blocks_in_the_pages() -> None:
     bodies = [body for _, body in blocks("python")]
     for line in PYTHON_NOT_RUN:
         assert sum(line in body for body in bodies) == 1, line
+
+
+@pytest.mark.parametrize(("where", "body"), blocks("jinja"), ids=[w for w, _ in blocks("jinja")])
+def test_every_card_template_example_renders_the_demo_card(
+    workdir: Path, capsys: pytest.CaptureFixture[str], where: str, body: str
+) -> None:
+    folder = workdir / "recipes" / "examples"
+    (folder / "my_card.md.j2").write_text(body + "\n")
+    recipe = folder / "card.toml"
+    recipe.write_text((folder / "tiny-ties.toml").read_text() + '\n[card]\ntemplate = "my_card.md.j2"\n')
+    assert cli.main(["card", str(recipe)]) == 0, capsys.readouterr().err
+    card = capsys.readouterr().out
+    assert card.startswith("---\nlanguage:") and "\n# card\n" in card
+    assert "| base | `tiny/base` | apache-2.0 |" in card and "{{" not in card
+
+
+def test_the_card_page_lists_exactly_the_variables_a_template_can_use(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = workdir / "recipes" / "examples"
+    (folder / "my_card.md.j2").write_text("---\n{{ front_matter }}\n---\n{{ no_such_variable }}\n")
+    recipe = folder / "card.toml"
+    recipe.write_text((folder / "tiny-ties.toml").read_text() + '\n[card]\ntemplate = "my_card.md.j2"\n')
+    assert cli.main(["card", str(recipe)]) == 5
+    usable = capsys.readouterr().err.strip().split("the template can use: ", 1)[1].split(", ")
+    documented = [name for name, _, _ in docs_gen.card_context()]
+    assert sorted(documented) == sorted(usable) and len(usable) > 15
+    assert all(what for _, _, what in docs_gen.card_context())
 
 
 @pytest.mark.parametrize(("where", "body"), blocks("yaml"), ids=[w for w, _ in blocks("yaml")])
