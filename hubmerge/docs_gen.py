@@ -268,6 +268,7 @@ def recipe_reference() -> str:
         "parameters": "the method's parameters: each method's page lists them",
     }
     top_types = {
+        "method": "string",
         "base": "string or [table](#models)",
         "models": "list of strings or of [tables](#models)",
         "parameters": "[table](#parameters)",
@@ -307,11 +308,12 @@ def recipe_reference() -> str:
     ]
     for name, (title, _anchor) in _TABLES.items():
         definition = defs[name]
-        out += [f"## {title}", "", definition.get("description", "").strip(), ""]
+        description = re.sub(r"^\[[\w.\[\]]+\]: ", "", definition.get("description", "").strip())
+        out += [f"## {title}", "", description[:1].upper() + description[1:], ""]
         if name == "SourceTable":
             out += [
-                "A model written as a table instead of a string. Beside `source` and `revision` it holds the "
-                "model's own values of the method's per-model parameters (`weight`, `density`, …).",
+                "Beside `source` and `revision`, a model's table holds its own values of the method's "
+                "per-model parameters (`weight`, `density`, …; each method's page lists them).",
                 "",
             ]
         out += [*_keys_table(definition), ""]

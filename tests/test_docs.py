@@ -191,6 +191,15 @@ def test_the_site_builds_strictly(tmp_path: Path) -> None:
     assert (tmp_path / "site" / "methods" / "sce" / "index.html").is_file()
 
 
+def test_the_commands_page_lists_every_command_of_the_help() -> None:
+    page = (DOCS / "commands.md").read_text()
+    listed = re.findall(r"^  hubmerge (\w[\w-]*)", cli._EPILOG, flags=re.MULTILINE)
+    assert {"validate", "plan", "search", "ui", "gguf", "import-mergekit"} <= set(listed)
+    for command in listed:
+        if command != "RECIPE":
+            assert f"`hubmerge {command} " in page or f"`hubmerge {command}`" in page, command
+
+
 def test_the_readme_is_a_front_page_with_the_two_commands_and_every_method() -> None:
     readme = (REPO / "README.md").read_text()
     assert len(readme.encode()) < 8 * 1024
