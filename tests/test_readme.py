@@ -22,7 +22,7 @@ from hubmerge import cli
 ERRORS_PAGE = REPO / "docs" / "errors.md"
 
 
-def readme_table() -> dict[int, tuple[str, str]]:
+def errors_table() -> dict[int, tuple[str, str]]:
     """code -> (meaning, example) from the errors page's table."""
     section = ERRORS_PAGE.read_text()
     rows = {}
@@ -86,14 +86,14 @@ def signal_codes() -> set[int]:
     }
 
 
-def test_the_readme_lists_exactly_the_exit_codes_the_code_defines():
-    table = readme_table()
+def test_the_errors_page_lists_exactly_the_exit_codes_the_code_defines():
+    table = errors_table()
     assert sorted(table) == sorted(set(error_classes()) | cli_codes() | signal_codes())
     assert {0, 1, 2, 3, 4, 5, 6, 7, 8, 70, 130, 143} <= set(table)
 
 
 def test_each_error_code_row_names_its_error_class_and_shows_a_one_line_error():
-    table = readme_table()
+    table = errors_table()
     for code, name in error_classes().items():
         meaning, example = table[code]
         assert f"`{name}`" in meaning, (code, meaning)
@@ -102,12 +102,12 @@ def test_each_error_code_row_names_its_error_class_and_shows_a_one_line_error():
 
 def test_the_help_epilog_lists_the_same_exit_codes():
     epilog = cli._EPILOG.split("exit codes:", 1)[1].split("Set HUBMERGE_DEBUG", 1)[0]
-    assert sorted(int(n) for n in re.findall(r"\b(\d+) [a-z]", epilog)) == sorted(readme_table())
+    assert sorted(int(n) for n in re.findall(r"\b(\d+) [a-z]", epilog)) == sorted(errors_table())
 
 
 @pytest.fixture
 def demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The folder the README's examples were made in (/tmp/demo there)."""
+    """The folder the errors page's examples were made in (/tmp/demo there)."""
     write_checkpoint(tmp_path / "models" / "base", random_state_dict(0))
     write_checkpoint(tmp_path / "models" / "math", random_state_dict(1))
     write_checkpoint(tmp_path / "models" / "small", random_state_dict(2, vocab=256))
@@ -140,8 +140,8 @@ def demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         (5, ["card", "r5.toml"]),
     ],
 )
-def test_the_readme_examples_are_what_the_cli_prints(demo, capsys, code, argv):
-    example = readme_table()[code][1].replace("/tmp/demo", str(demo))
+def test_the_errors_page_examples_are_what_the_cli_prints(demo, capsys, code, argv):
+    example = errors_table()[code][1].replace("/tmp/demo", str(demo))
     assert cli.main(argv) == code
     captured = capsys.readouterr()
     printed = (captured.out if code == 0 else captured.err).strip().splitlines()[-1]
@@ -155,7 +155,7 @@ def test_the_readme_examples_are_what_the_cli_prints(demo, capsys, code, argv):
 # --- the recipe guide ------------------------------------------------------------------------------------
 
 
-def test_readme_parameter_example_is_a_valid_recipe(tmp_path: Path) -> None:
+def test_the_recipe_guide_parameter_example_resolves_as_its_text_says(tmp_path: Path) -> None:
     """The recipe guide's gradient and filter example resolves as its text says."""
     from hubmerge.api import load_plan
     from hubmerge.recipe import load_recipe
