@@ -362,6 +362,12 @@ def test_every_shell_command_runs_offline(
     _run(command, workdir, capsys)
     if command == "hubmerge recipes/examples/tiny-ties.toml":
         assert (workdir / "outputs" / "tiny-ties" / "model.safetensors").is_file()
+    if command == "hubmerge ui --space-files space/":
+        assert sorted(p.name for p in (workdir / "space").iterdir()) == [
+            "README.md",
+            "app.py",
+            "requirements.txt",
+        ]
     if command.startswith("hubmerge schema > "):
         written = (workdir / command.split("> ")[1]).read_text()
         assert written == (REPO / "hubmerge" / "data" / "recipe.schema.json").read_text()
