@@ -106,9 +106,11 @@ def _params_table(params: Sequence[Param]) -> list[str]:
         allowed = []
         if p.choices:
             allowed.append(", ".join(f"`{_literal(c)}`" for c in p.choices))
-        if p.minimum is not None:
+        if p.minimum is not None and p.maximum is not None:
+            allowed.append(f"{p.minimum:g} to {p.maximum:g}")
+        elif p.minimum is not None:
             allowed.append(f"≥ {p.minimum:g}")
-        if p.maximum is not None:
+        elif p.maximum is not None:
             allowed.append(f"≤ {p.maximum:g}")
         default = "required" if p.default is None else f"`{_literal(p.default)}`"
         schedule = "yes" if p.per_tensor else "no: one value for the model"

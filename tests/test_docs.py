@@ -150,7 +150,7 @@ def test_a_method_page_holds_its_formula_parameters_defaults_and_citation() -> N
     ties = (DOCS / "methods" / "ties.md").read_text()
     method = METHODS["ties"]
     assert method.formula in ties and method.notes in ties
-    assert "| `threshold` | number | `20.0` | ≥ 0, ≤ 100 | no: one value for the model |" in ties
+    assert "| `threshold` | number | `20.0` | 0 to 100 | no: one value for the model |" in ties
     assert "[Yadav et al. 2023](https://arxiv.org/abs/2306.01708)" in ties and "eprint={2306.01708}" in ties
     # FusionBench's configuration is the example's values
     assert "scaling_factor = 0.8\nthreshold = 20.0" in ties
