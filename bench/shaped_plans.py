@@ -1,4 +1,4 @@
-"""The README's "Big models" table: `hubmerge plan --json` for a base + 3 merge of every Qwen2.5 size.
+"""docs/big-models.md's table: `hubmerge plan --json` for a base + 3 merge of every Qwen2.5 size.
 
 The sources are Qwen2.5-shaped repos on the local test Hub (tests/qwen_shapes.py: real tensor names, shapes,
 bf16 and shard counts; sparse shards, since a plan reads only headers). Each size is planned three times:

@@ -63,7 +63,9 @@ Template context (every variable is always defined):
     sanity         dict or None   the quick sanity check, None when it did not run: passed (bool), skipped (the
                           reason, or None), warnings (list), ratio (the loss threshold), domains (dicts of
                           domain, merged, best, worst: the merge's and the sources' loss per token, str)
-    hubmerge_version  str
+    gguf           dict or None   the GGUF files of `[output] gguf`, None without: repo (the companion repo, or
+                          None when they sit beside the weights), files (dicts of name, type)
+    hubmerge_version  str  the version of hubmerge that rendered the card
 """
 
 from __future__ import annotations

@@ -237,7 +237,7 @@ class _Reader:
 
 _NOT_YAML = (
     "this looks like a YAML file (a mergekit config?); hubmerge recipes are TOML: convert a mergekit config "
-    'with `hubmerge import-mergekit CONFIG.yml -o recipe.toml`, or see the README\'s "Recipe reference" section'
+    'with `hubmerge import-mergekit CONFIG.yml -o recipe.toml`, or see docs/recipe.md'
 )
 # A YAML mapping line (`key: value`, `- item`) is never valid TOML at the start of a line.
 _YAML_LINE = re.compile(r"^(?:[A-Za-z_][\w.-]*:(?:\s|$)|-\s)")

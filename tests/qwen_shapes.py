@@ -1,7 +1,7 @@
 """Qwen2.5-shaped repos for the local test Hub: real tensor names, shapes, dtype (bf16) and shard counts, with
 sparse shards (`hubserver.SparseFile`) whose header alone is stored, since a plan reads only headers.
 
-Used by tests/test_streaming.py and by bench/shaped_plans.py (the README's "Big models" table).
+Used by tests/test_streaming.py and by bench/shaped_plans.py (the "Big models" table in docs/big-models.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""The README's "Errors and exit codes" table against the code, so neither can drift from the other.
+"""The "Errors and exit codes" page (docs/errors.md) against the code, so neither can drift from the other.
 
-The codes come from `hubmerge/errors.py` (each class's `exit_code`) and `hubmerge/cli.py` (the codes it
+The README is the front page of the documentation: tests/test_docs.py checks it and runs the examples of
+every page. The codes come from `hubmerge/errors.py` (each class's `exit_code`) and `hubmerge/cli.py` (the codes it
 returns itself, and its `--help` epilog); the table must list exactly those, name the right error class
 for each, and its example messages must be what the CLI prints today for the same inputs.
 """
@@ -18,13 +19,12 @@ from conftest import REPO, random_state_dict, write_checkpoint
 
 from hubmerge import cli
 
-SECTION = "## Errors and exit codes"
+ERRORS_PAGE = REPO / "docs" / "errors.md"
 
 
-def readme_table() -> dict[int, tuple[str, str]]:
-    """code -> (meaning, example) from the README section's table."""
-    text = (REPO / "README.md").read_text()
-    section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
+def errors_table() -> dict[int, tuple[str, str]]:
+    """code -> (meaning, example) from the errors page's table."""
+    section = ERRORS_PAGE.read_text()
     rows = {}
     for line in section.splitlines():
         match = re.match(r"^\| (\d+) \| (.*?) \| (.*) \|$", line)
@@ -86,14 +86,14 @@ def signal_codes() -> set[int]:
     }
 
 
-def test_the_readme_lists_exactly_the_exit_codes_the_code_defines():
-    table = readme_table()
+def test_the_errors_page_lists_exactly_the_exit_codes_the_code_defines():
+    table = errors_table()
     assert sorted(table) == sorted(set(error_classes()) | cli_codes() | signal_codes())
     assert {0, 1, 2, 3, 4, 5, 6, 7, 8, 70, 130, 143} <= set(table)
 
 
 def test_each_error_code_row_names_its_error_class_and_shows_a_one_line_error():
-    table = readme_table()
+    table = errors_table()
     for code, name in error_classes().items():
         meaning, example = table[code]
         assert f"`{name}`" in meaning, (code, meaning)
@@ -102,12 +102,12 @@ def test_each_error_code_row_names_its_error_class_and_shows_a_one_line_error():
 
 def test_the_help_epilog_lists_the_same_exit_codes():
     epilog = cli._EPILOG.split("exit codes:", 1)[1].split("Set HUBMERGE_DEBUG", 1)[0]
-    assert sorted(int(n) for n in re.findall(r"\b(\d+) [a-z]", epilog)) == sorted(readme_table())
+    assert sorted(int(n) for n in re.findall(r"\b(\d+) [a-z]", epilog)) == sorted(errors_table())
 
 
 @pytest.fixture
 def demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The folder the README's examples were made in (/tmp/demo there)."""
+    """The folder the errors page's examples were made in (/tmp/demo there)."""
     write_checkpoint(tmp_path / "models" / "base", random_state_dict(0))
     write_checkpoint(tmp_path / "models" / "math", random_state_dict(1))
     write_checkpoint(tmp_path / "models" / "small", random_state_dict(2, vocab=256))
@@ -140,8 +140,8 @@ def demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         (5, ["card", "r5.toml"]),
     ],
 )
-def test_the_readme_examples_are_what_the_cli_prints(demo, capsys, code, argv):
-    example = readme_table()[code][1].replace("/tmp/demo", str(demo))
+def test_the_errors_page_examples_are_what_the_cli_prints(demo, capsys, code, argv):
+    example = errors_table()[code][1].replace("/tmp/demo", str(demo))
     assert cli.main(argv) == code
     captured = capsys.readouterr()
     printed = (captured.out if code == 0 else captured.err).strip().splitlines()[-1]
@@ -152,43 +152,16 @@ def test_the_readme_examples_are_what_the_cli_prints(demo, capsys, code, argv):
     shutil.rmtree(demo / "out", ignore_errors=True)
 
 
-# --- the merge-method table ----------------------------------------------------------------------------------
+# --- the recipe guide ------------------------------------------------------------------------------------
 
 
-def test_readme_method_table_is_generated_from_the_registry() -> None:
-    from hubmerge.methods import METHODS, README_END, README_START, update_readme
-
-    text = (REPO / "README.md").read_text()
-    assert update_readme(text) == text, (
-        "README.md's method table is stale: run python -m hubmerge.methods README.md"
-    )
-    table = text.split(README_START, 1)[1].split(README_END, 1)[0]
-    rows = re.findall(r"^\| `(\w+)` \|", table, flags=re.MULTILINE)
-    assert rows == list(METHODS)
-
-
-def test_python_m_hubmerge_methods_rewrites_a_stale_table_and_check_reports_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from hubmerge.methods.__main__ import main
-
-    readme = tmp_path / "README.md"
-    current = (REPO / "README.md").read_text()
-    readme.write_text(current.replace("| `sce` |", "| `sce_old` |"))
-    assert main([str(readme), "--check"]) == 1
-    assert "out of date" in capsys.readouterr().out
-    assert main([str(readme)]) == 0
-    assert readme.read_text() == current
-    assert main([str(readme), "--check"]) == 0
-
-
-def test_readme_parameter_example_is_a_valid_recipe(tmp_path: Path) -> None:
-    """The recipe reference's gradient and filter example validates as written."""
+def test_the_recipe_guide_parameter_example_resolves_as_its_text_says(tmp_path: Path) -> None:
+    """The recipe guide's gradient and filter example resolves as its text says."""
     from hubmerge.api import load_plan
     from hubmerge.recipe import load_recipe
 
-    text = (REPO / "README.md").read_text()
-    section = text.split("### Parameter values", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    text = (REPO / "docs" / "recipe.md").read_text()
+    section = text.split("## Parameter values", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
     for name, seed in (("base", 0), ("math", 1)):
         write_checkpoint(tmp_path / name, random_state_dict(seed))
     body = section.replace('"Qwen/Qwen2.5-Math-1.5B"', '"./math"')

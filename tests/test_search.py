@@ -430,13 +430,13 @@ def test_a_bad_search_table_is_refused_with_one_line(
     assert text.startswith(f"{recipe}: {message}"), text
 
 
-def test_the_readme_search_examples_are_valid(tmp_path: Path) -> None:
-    readme = (REPO / "README.md").read_text()
-    search_example = readme.split("## Search\n", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+def test_the_docs_search_examples_are_valid(tmp_path: Path) -> None:
+    page = (REPO / "docs" / "search.md").read_text()
+    search_example = page.split("```toml\n", 1)[1].split("```", 1)[0]
     recipe = tmp_path / "search.toml"
     recipe.write_text(search_example.replace("./tiny/", f"{REPO}/recipes/examples/tiny/"))
     assert load_recipe(recipe).search is not None
-    reference = readme.split("## Recipe reference\n", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    reference = (REPO / "docs" / "recipe.md").read_text().split("```toml\n", 1)[1].split("```", 1)[0]
     table = "[search]" + reference.split("[search]", 1)[1]
     (tmp_path / "my_texts.txt").write_text("Some text.\n\nMore text.\n")
     recipe.write_text(

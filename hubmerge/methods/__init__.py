@@ -1,12 +1,14 @@
 """The merge methods: one module each, registered here by name.
 
 A method is one `Method` value (`base.py`): its parameters, its input contract, the statistics it
-gathers before merging, its merge step, and what the card and the README say of it. The engine, the
-recipe validator, the card and the README table all read this registry; adding a method is one file
-here plus its tests.
+gathers before merging, its merge step, and what the card and the documentation say of it. The engine,
+the recipe validator, the card and the documentation (`hubmerge.docs_gen`: the methods table, one page per
+method) all read this registry; adding a method is one file here plus its tests.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from . import (
     breadcrumbs,
@@ -34,8 +36,8 @@ from .ties import TiesChunk, ties_keep_count
 
 __all__ = [
     "METHODS",
-    "README_END",
-    "README_START",
+    "TABLE_END",
+    "TABLE_START",
     "Contract",
     "Method",
     "Param",
@@ -45,11 +47,10 @@ __all__ = [
     "Stats",
     "TiesChunk",
     "get_method",
-    "readme_table",
+    "methods_table",
     "ties_keep_count",
     "trim_",
     "uniform",
-    "update_readme",
 ]
 
 METHODS: dict[str, Method] = {
@@ -82,8 +83,9 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-README_START = "<!-- methods:start -->"
-README_END = "<!-- methods:end -->"
+# The methods table sits between these markers in docs/methods/index.md (`python -m hubmerge.docs_gen`).
+TABLE_START = "<!-- methods:start -->"
+TABLE_END = "<!-- methods:end -->"
 
 
 def _value(value: object) -> str:
@@ -97,7 +99,7 @@ def _number(value: float) -> str:
 
 
 def _param(p: Param) -> str:
-    """`name` (default; allowed values; scope), as the README's table lists a parameter."""
+    """`name` (default; allowed values; scope), as the methods table lists a parameter."""
     facts = ["required" if p.default is None else _value(p.default)]
     if p.choices:
         facts.append(" or ".join(_value(c) for c in p.choices))
@@ -128,9 +130,9 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def readme_table() -> str:
-    """The README's "Merge methods" table and notes, generated from the registry (`python -m hubmerge.methods`
-    writes them between the README's markers; tests/test_readme.py keeps the two equal)."""
+def methods_table(link: Callable[[str], str] | None = None) -> str:
+    """The methods table and the notes under it, generated from the registry; `link(name)`, when given, is
+    the address each method's name links to (its page)."""
     lines = [
         "| method | formula | inputs | parameters (default; allowed) | per-model parameters (default; allowed) "
         "| paper | same math as | reads of the inputs |",
@@ -140,7 +142,7 @@ def readme_table() -> str:
         same = [f"mergekit `{m.mergekit}`"] if m.mergekit else []
         same += [f"FusionBench `{m.fusionbench}`"] if m.fusionbench else []
         cells = [
-            f"`{m.name}`",
+            f"[`{m.name}`]({link(m.name)})" if link else f"`{m.name}`",
             m.formula,
             m.contract.describe(),
             ", ".join(map(_param, m.params)) or "—",
@@ -156,12 +158,3 @@ def readme_table() -> str:
         if text:
             lines.append(f"- **`{m.name}`** ({m.title}): {text}")
     return "\n".join(lines) + "\n"
-
-
-def update_readme(text: str) -> str:
-    """`text` (a README) with the part between `README_START` and `README_END` replaced by `readme_table()`."""
-    before, start, rest = text.partition(README_START)
-    _, end, after = rest.partition(README_END)
-    if not start or not end:
-        raise ValueError(f"the README has no {README_START} … {README_END} markers")
-    return f"{before}{README_START}\n{readme_table()}{README_END}{after}"

@@ -257,7 +257,7 @@ class FusionBenchConfig:
 
 @dataclass(frozen=True, eq=False)  # one value per method in the registry: compared and hashed by identity
 class Method:
-    """One merge method: everything the recipe, the plan, the engine, the card and the README know of it."""
+    """One merge method: everything the recipe, plan, engine, card and documentation know of it."""
 
     name: str
     title: str
