@@ -636,8 +636,9 @@ def _sanity_check(
     for role in plan.roles:
         source = role.source
         if role.kind != "tokenizer" and id(source) not in sources:
+            read_from = weights[id(source)]
             sources[id(source)] = Checkpoint(
-                role.ref.text, weights[id(source)], source.config, source.tensors
+                role.ref.text, read_from, source.config, source.tensors, _identity(source, read_from)
             )
     streamed = [w for w in weights.values() if isinstance(w, RemoteFolder)]
     fetched = sum(w.fetched for w in streamed)
@@ -649,6 +650,26 @@ def _sanity_check(
     for warning in report.warnings:
         log(f"WARNING: sanity check: {warning}")
     return report
+
+
+def _identity(source: Source, folder: Folder) -> str | None:
+    """What a source's weights are (`forward.Checkpoint.identity`): the Hub's sha256 of each weight file at
+    its commit, or each local file's stamp (device, inode, size, mtime, ctime: a rewrite moves the ctime);
+    None when neither is known."""
+    files = source.weight_files
+    if source.sha is not None and all(f in source.lfs_sha256 for f in files):
+        return json.dumps(["hub", source.ref.repo_id, {f: source.lfs_sha256[f] for f in files}])
+    if isinstance(folder, Path):
+        try:
+            stats = {f: (folder / f).resolve().stat() for f in files}
+        except OSError:
+            return None
+        stamps = {
+            f: [str((folder / f).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+            for f, st in stats.items()
+        }
+        return json.dumps(["local", stamps])
+    return None
 
 
 def _evaluate(

@@ -48,6 +48,9 @@ class Checkpoint:
     folder: Folder  # a local folder, or a Hub source read by range (remote.RemoteFolder)
     config: Mapping[str, Any]
     tensors: Mapping[str, TensorInfo]
+    # What the weights are, as a string that changes whenever they do (the Hub's sha256 of each weight file,
+    # or each local file's stamp); None when unknown. The sanity check keys its cache of losses on it.
+    identity: str | None = None
 
     @classmethod
     def local(cls, label: str, folder: Path) -> Checkpoint:

@@ -8,6 +8,9 @@ It needs no extra (torch, and transformers for the tokenizer only) and holds a f
 
 The losses come from `forward.token_losses`, a Qwen2 forward pass run layer by layer from the safetensors
 files (equal to transformers' float32 forward pass to float rounding), all texts of a model in one pass.
+A source's losses are remembered (`_LossCache`, under `$HUBMERGE_CACHE`) by what its weights are, the token
+ids, the device and the versions that computed them: merging the same sources again runs one forward pass,
+the merge's, instead of one per model.
 
 A merge fails the check when, in some domain, its loss is above `LOSS_RATIO` (1.5) times the worst source's
 loss there, or not finite: a merge that broke the model (a scaling factor of 50, a wrong weight, a dtype
@@ -20,8 +23,10 @@ texts that tokenize to fewer than two tokens, a config the forward pass does not
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,11 +160,18 @@ def _check(output: Path, sources: Sequence[Checkpoint], device: torch.device) ->
         return SanityReport(skipped=str(exc))
     warnings = [f"tensor {name} of the merged model has non-finite values (inf or NaN)" for name in nonfinite]
     losses = {"merged": merged_losses}
+    cache = _LossCache.open()
     for source in sources:
+        key = cache.key(source, ids, device)
+        known = cache.get(key)
+        if known is not None:
+            losses[source.label] = known
+            continue
         try:
             losses[source.label] = _domain_losses(source, ids, device)[0]
         except Unrunnable as exc:  # nothing to compare with
             return SanityReport(losses, tuple(warnings), f"source {source.label}: {exc}")
+        cache.put(key, losses[source.label])
     for domain, loss in losses["merged"].items():
         worst = max((losses[source.label][domain] for source in sources), default=math.inf)
         if not math.isfinite(loss) or loss > LOSS_RATIO * worst:
@@ -169,3 +181,54 @@ def _check(output: Path, sources: Sequence[Checkpoint], device: torch.device) ->
                 "and weights)"
             )
     return SanityReport(losses=losses, warnings=tuple(warnings))
+
+
+class _LossCache:
+    """Source losses computed by earlier runs, one small JSON file each under `$HUBMERGE_CACHE/sanity/`.
+
+    The key is the sha256 of everything the numbers depend on: the source's `Checkpoint.identity` (the Hub's
+    sha256 of each weight file, or each local file's device, inode, size, mtime and ctime, which every write
+    moves), the token ids, the device type and the hubmerge and torch versions. A source without an identity
+    is never cached; an unreadable or unwritable cache is ignored; `HUBMERGE_CACHE=off` turns it off.
+    """
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+
+    @classmethod
+    def open(cls) -> _LossCache:
+        from .lock import KnownHashes  # one setting and place for everything hubmerge remembers
+
+        store = KnownHashes.location()
+        return cls(store.parent / "sanity" if store is not None else None)
+
+    def key(self, source: Checkpoint, ids: Mapping[str, list[list[int]]], device: torch.device) -> str | None:
+        if self.folder is None or source.identity is None:
+            return None
+        import torch
+
+        from . import __version__
+
+        facts = [source.identity, ids, device.type, __version__, torch.__version__]
+        return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+
+    def get(self, key: str | None) -> dict[str, float] | None:
+        if key is None or self.folder is None:
+            return None
+        try:
+            data = json.loads((self.folder / f"{key}.json").read_text(encoding="utf-8"))
+            return {str(domain): float(loss) for domain, loss in data["losses"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def put(self, key: str | None, losses: Mapping[str, float]) -> None:
+        if key is None or self.folder is None:
+            return
+        path = self.folder / f"{key}.json"
+        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps({"losses": dict(losses)}), encoding="utf-8")
+            os.replace(partial, path)  # readers see the whole file or none
+        except OSError:
+            partial.unlink(missing_ok=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -121,6 +122,45 @@ def test_an_unexpected_error_in_the_check_is_a_skip_with_the_error_not_a_failed_
     )
     _assert_skipped(stderr, card, record, reason)
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_rerun_remembers_the_sources_losses_until_a_source_is_rewritten(
+    tmp_path: Path,
+    make_model: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from hubmerge import forward
+
+    measured: list[str] = []
+    real = forward.token_losses
+
+    def counting(checkpoint: Checkpoint, *args: object, **kwargs: object) -> object:
+        measured.append(checkpoint.label)
+        return real(checkpoint, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(forward, "token_losses", counting)
+    models = [make_model(name, seed) for seed, name in enumerate(("base", "math", "code"))]
+    recipe = _recipe(tmp_path, models)
+
+    def merge() -> tuple[list[str], dict[str, object]]:
+        measured.clear()
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+        record = _merge_with_cli(recipe, capsys)[2]
+        return list(measured), record
+
+    first, record = merge()
+    assert first[0] == "the merged model" and len(first) == 4 and record["passed"]
+    again, same = merge()
+    assert again == ["the merged model"] and same["losses"] == record["losses"]
+    weights = models[1] / "model.safetensors"
+    data = weights.read_bytes()
+    weights.unlink()
+    weights.write_bytes(data)  # the same bytes, but a new file: nothing proves that, so measured again
+    rewritten, _ = merge()
+    assert rewritten == ["the merged model", first[2]]
+    monkeypatch.setenv("HUBMERGE_CACHE", "off")
+    assert len(merge()[0]) == 4
 
 
 def test_domain_losses_equal_transformers_float32_loss_as_the_check_always_measured_it(
