@@ -385,7 +385,9 @@ class ShardUploader:
                 create_pr=self.plan.recipe.output.create_pr,
                 num_threads=1,
             )
-            if not addition._is_uploaded:  # the Hub wants it inline: the commit takes it from the folder
+            # An LFS upload frees the content (`free_memory`, the default: the documented sign that it is
+            # stored); a file the Hub wants inline keeps it, and the commit takes it from the folder.
+            if addition.path_or_fileobj != b"":
                 self._uploaded.pop(name, None)
                 return
             self.seconds += time.monotonic() - start
@@ -425,11 +427,11 @@ class ShardUploader:
             if addition is None:
                 additions.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=local[name]))
                 continue
-            # Stored already: the commit names it by sha256 and size. What the branch holds now decides
-            # whether it changes anything (an identical re-push makes no commit).
+            # Stored already: the commit names it by sha256 and size, unless the branch holds those very bytes
+            # (an identical re-push makes no commit; huggingface_hub drops its own unchanged files likewise).
             lfs = remote[name].lfs if name in remote else None
-            addition._remote_oid = lfs.sha256 if lfs is not None else None
-            additions.append(addition)
+            if lfs is None or lfs.sha256 != addition.upload_info.sha256.hex():
+                additions.append(addition)
         managed = _managed_files(self._api, self.repo, before or self.branch)
         deletions = [
             CommitOperationDelete(path_in_repo=path, is_folder=False)
