@@ -354,6 +354,7 @@ class SearchResources(_Table):
 
 
 SAMPLERS = ("tpe", "cmaes", "random", "grid")
+PRUNERS = ("median", "hyperband", "none")
 
 
 def _space_form(value: Any) -> str | None:
@@ -375,6 +376,11 @@ class SearchTable(_Table):
     )
     sampler: Literal[SAMPLERS] = Field(  # type: ignore[valid-type]
         "tpe", description="Optuna's sampler: tpe, cmaes, random or grid"
+    )
+    pruner: Literal[PRUNERS] = Field(  # type: ignore[valid-type]
+        "median",
+        description="Optuna's pruner, which stops a trial whose loss so far (per text domain) is worse than the "
+        "others': median, hyperband or none",
     )
     seed: int | None = Field(None, description="the sampler's seed: the same seed draws the same trials")
     concurrency: Annotated[int, Field(ge=1)] | None = Field(

@@ -36,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -43,7 +44,7 @@ from ..errors import HubmergeError, RecipeError
 from ..lock import LOCK_FILE
 from ..recipe import EvalSpec, load_recipe
 from .document import local_paths, recipe_text
-from .objective import direction, score
+from .objective import TrialPruned, direction, score
 from .space import SearchSpec, Value, apply
 
 __all__ = ["BEST_FILE", "RESULTS_CSV", "RESULTS_JSON", "STUDY_FILE", "SearchResult", "run_trial", "search"]
@@ -81,6 +82,56 @@ class TrialJob:
     scratch: Path | None  # where the trial's folder is made, then removed; None: the machine's temp folder
     layers: int  # decoder layers of the model: where values per group of layers go
     study: str  # the study's fingerprint: trials of two searches on one machine never share a folder
+    pruning: Pruning | None = None  # None: the trial is scored in one stage and never pruned
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """What a trial's pruner decides from, wherever the trial runs: the study's trials numbered before it, as
+    they were when it started (so a decision does not depend on which trials finish first elsewhere)."""
+
+    pruner: str  # "median" or "hyperband"
+    direction: str
+    earlier: tuple[Any, ...]  # optuna FrozenTrials
+
+
+def _pruner(optuna: Any, name: str) -> Any:
+    if name == "median":
+        return optuna.pruners.MedianPruner()
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    return optuna.pruners.NopPruner()
+
+
+def _reporter(pruning: Pruning, result: dict[str, Any]) -> Callable[[int, float], bool]:
+    """`report(step, value)` for objective.score: records the value in `result` and asks Optuna's pruner,
+    on a study in memory that holds the earlier trials (unfinished ones as failed), whether to stop."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        direction=optuna.study.StudyDirection[pruning.direction.upper()],
+        sampler=optuna.samplers.RandomSampler(seed=0),  # draws nothing: the trial's values are the job's
+        pruner=_pruner(optuna, pruning.pruner),
+        study_name=_STUDY,
+    )
+    failed = optuna.trial.TrialState.FAIL
+    for t in pruning.earlier:
+        study.add_trial(t if t.state.is_finished() else optuna.trial.create_trial(state=failed))
+    trial = study.ask()  # numbered as the real one: HyperbandPruner's brackets hash the number
+    before = dict(study._storage.get_trial(trial._trial_id).system_attrs)
+    result["intermediate"] = []
+
+    def report(step: int, value: float) -> bool:
+        result["intermediate"].append(value)
+        trial.report(value, step)
+        prune = bool(trial.should_prune())
+        # What the pruner noted on the trial (successive halving's rungs), for the real one.
+        after = study._storage.get_trial(trial._trial_id).system_attrs
+        result["system_attrs"] = {k: v for k, v in after.items() if before.get(k, object()) != v}
+        return prune
+
+    return report
 
 
 def _node() -> str:
@@ -116,13 +167,16 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
         merged = api.merge(
             recipe, output_dir=folder / "merged", quiet=True, stats=False, sanity=False, log=lambda _: None
         )
-        value, terms = score(merged.output_dir, job.spec, job.recipe, job.eval)
+        report = _reporter(job.pruning, result) if job.pruning is not None else None
+        value, terms = score(merged.output_dir, job.spec, job.recipe, job.eval, report=report)
         result |= {
             "state": "complete",
             "score": value,
             "terms": terms,
             "weights": _weights(merged.output_dir),
         }
+    except TrialPruned as exc:
+        result |= {"state": "pruned", "error": str(exc)}
     except HubmergeError as exc:
         result |= {"state": "failed", "error": " ".join(str(exc).split())}
     except Exception as exc:  # a trial's bug or a library's error is that trial's result, not the search's
@@ -392,6 +446,8 @@ def _record(trial: Any) -> dict[str, Any]:
         "terms": attrs.get("terms", {}),
         "weights": attrs.get("weights", {}),  # sha256 of each weights file the trial's merge wrote
         "as_written": bool(attrs.get(_AS_WRITTEN)),  # the recipe's own values
+        # the objective after each stage of scoring (objective.py), when trials may be pruned
+        "intermediate": [trial.intermediate_values[step] for step in sorted(trial.intermediate_values)],
     }
 
 
@@ -534,6 +590,7 @@ def _search(
         study_name=_STUDY,
         direction=direction(spec),
         sampler=_sampler(optuna, spec, 0, layers),
+        pruner=_pruner(optuna, spec.pruner),
         load_if_exists=True,
     )
     # A resumed study's sampler is seeded past the trials it holds, so that it does not draw them again.
@@ -566,6 +623,7 @@ def _search(
     )
     started = time.monotonic()
     running: dict[int, Any] = {}
+    seconds: list[float] = []  # durations of the trials this run finished, for the time left
     try:
         while True:
             counted = sum(_counted(t) for t in study.get_trials(deepcopy=False))
@@ -573,6 +631,10 @@ def _search(
             while in_time and counted + len(running) < budget and len(running) < runner.capacity:
                 trial = study.ask(distributions)
                 running[trial.number] = trial
+                pruning = None
+                if spec.pruner != "none":
+                    earlier = tuple(t for t in study.get_trials() if t.number < trial.number)
+                    pruning = Pruning(spec.pruner, direction(spec), earlier)
                 runner.submit(
                     TrialJob(
                         trial.number,
@@ -584,6 +646,7 @@ def _search(
                         scratch,
                         layers,
                         fingerprint,
+                        pruning,
                     )
                 )
             if not running:
@@ -592,7 +655,9 @@ def _search(
             trial = running.pop(result["number"])
             _tell(study, optuna, trial, result)
             record = _results(study, spec, recipe.path, directory, best_document)
-            _log_trial(log, result, record, counted + 1, budget)
+            if result.get("seconds") is not None:
+                seconds.append(result["seconds"])
+            log(progress_line(result, counted + 1, budget, record.best, seconds, runner.capacity))
             if on_trial is not None:
                 on_trial(result)
     finally:
@@ -628,18 +693,38 @@ def _tell(study: Any, optuna: Any, trial: Any, result: Mapping[str, Any]) -> Non
     for key in ("node", "seconds", "error", "terms", "weights"):
         if result.get(key) is not None:
             trial.set_user_attr(key, result[key])
+    for step, value in enumerate(result.get("intermediate", ())):
+        trial.report(value, step)
+    for key, value in result.get("system_attrs", {}).items():
+        study._storage.set_trial_system_attr(trial._trial_id, key, value)
     if result["state"] == "complete":
         study.tell(trial, result["score"])
+    elif result["state"] == "pruned":
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     else:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
 
 
-def _log_trial(log: Log, result: Mapping[str, Any], summary: SearchResult, done: int, budget: int) -> None:
-    best = summary.best
+def progress_line(
+    result: Mapping[str, Any],
+    done: int,
+    budget: int,
+    best: Mapping[str, Any] | None,
+    seconds: list[float],
+    capacity: int,
+) -> str:
+    """The line logged as a trial finishes: its result, trials done of the budget, the best so far, and the time
+    left at the mean duration of the trials this run finished (`seconds`), `capacity` at a time."""
+    state = result["state"]
+    what = {"complete": f"score {result.get('score', 0):.6g}", "pruned": result.get("error")}.get(
+        state, f"failed: {result.get('error')}"
+    )
     best_text = f"best {best['score']:.6g} (trial {best['number']})" if best else "no trial complete yet"
-    complete = result["state"] == "complete"
-    what = f"score {result['score']:.6g}" if complete else f"failed: {result['error']}"
-    log(f"trial {result['number']} ({done}/{budget}) {what}; {best_text}")
+    left = budget - done
+    eta = ""
+    if seconds and left > 0:
+        eta = f"; ETA {timedelta(seconds=round(sum(seconds) / len(seconds) * -(-left // capacity)))}"
+    return f"trial {result['number']} ({done}/{budget}) {what}; {best_text}{eta}"
 
 
 def _best_writer(

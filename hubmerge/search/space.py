@@ -107,6 +107,7 @@ class SearchSpec:
     trials: int = 20
     timeout: float | None = None
     sampler: str = "tpe"
+    pruner: str = "median"  # "median", "hyperband" or "none"
     seed: int | None = None
     concurrency: int | None = None
     texts: Path | None = None  # a text file for the loss; None: the sanity texts
@@ -245,6 +246,7 @@ def search_spec(
         trials=table.trials,
         timeout=table.timeout,
         sampler=table.sampler,
+        pruner=table.pruner,
         seed=table.seed,
         concurrency=table.concurrency,
         texts=texts,
