@@ -131,7 +131,9 @@ def test_grid_search_finds_the_best_of_every_grid_point_merged_and_scored_by_han
     csv_lines = (tmp_path / "search" / RESULTS_CSV).read_text().splitlines()
     assert csv_lines[0] == "number,state,score,parameters.scaling_factor,seconds,node,error"
     assert len(csv_lines) == 4
-    assert (tmp_path / "search" / "search_objective.png").read_bytes().startswith(b"\x89PNG")
+    for plot in ("search_objective.png", "search_params.png", "search_importance.png"):
+        assert (tmp_path / "search" / plot).read_bytes().startswith(b"\x89PNG")
+    assert result.importance == {"parameters.scaling_factor": 1.0}  # the one value searched
     assert not (tmp_path / "search" / "trials").exists() or not any(
         (tmp_path / "search" / "trials").iterdir()
     )
@@ -182,6 +184,20 @@ seed = 7
     else:
         gain = abs(first.best["score"] - written)
         assert f"The recipe as written (trial 0) scored {written!r}; the best is {gain:.6g} better." in header
+    # Importances: fANOVA's on the study as stored, seeded by the study's seed; shares that sum to 1.
+    import optuna
+
+    study = optuna.load_study(
+        study_name="hubmerge-search", storage=f"sqlite:///{tmp_path / 'a' / 'study.db'}"
+    )
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=7)
+    expected = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    assert first.importance == pytest.approx(expected) and list(first.importance) == list(expected)
+    assert sorted(expected) == ["models[1].weight", "parameters.scaling_factor"]
+    assert sum(first.importance.values()) == pytest.approx(1.0)
+    assert _results(tmp_path / "a")["importance"] == first.importance
+    assert second.importance == first.importance
+    assert (tmp_path / "a" / "search_importance.png").read_bytes().startswith(b"\x89PNG")
     other = _recipe(tmp_path, table.replace("seed = 7", "seed = 8"))
     third = search(other, output_dir=tmp_path / "c", trials=2, log=lambda _: None)
     assert third.trials[1]["params"] != first.trials[1]["params"]

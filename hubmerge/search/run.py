@@ -54,6 +54,8 @@ RESULTS_JSON = "search_results.json"
 RESULTS_CSV = "search_results.csv"
 BEST_FILE = "best.toml"
 PLOT_FILE = "search_objective.png"
+PARAMS_PLOT_FILE = "search_params.png"
+IMPORTANCE_PLOT_FILE = "search_importance.png"
 TRIALS_DIR = "trials"  # scratch: one folder per running trial
 _STUDY = "hubmerge-search"
 _LOCK = ".search.lock"
@@ -464,10 +466,16 @@ class SearchResult:
     best: dict[str, Any] | None
     direction: str
     best_recipe: Path | None  # best.toml, once a trial completed
+    importance: Mapping[str, float] = dataclasses.field(default_factory=dict)  # once the search ended
 
 
 def _results(
-    study: Any, spec: SearchSpec, recipe: Path, directory: Path, best_document: Callable[[Any, int, Any], str]
+    study: Any,
+    spec: SearchSpec,
+    recipe: Path,
+    directory: Path,
+    best_document: Callable[[Any, int, Any], str],
+    importance: Mapping[str, float] | None = None,
 ) -> SearchResult:
     trials = [t for t in study.get_trials(deepcopy=False) if t.state.name in _STATES]
     records = tuple(_record(t) for t in trials)
@@ -484,6 +492,7 @@ def _results(
         "trials": list(records),
         "best": best_record,
         "as_written": _record(written) if written is not None else None,
+        "importance": dict(importance or {}),  # once the search ended (run.py _importance)
     }
     _write(directory / RESULTS_JSON, json.dumps(summary, indent=2) + "\n")
     paths = list(dict.fromkeys(name for r in records for name in r["params"]))
@@ -507,7 +516,7 @@ def _results(
     if best is not None:
         best_path = directory / BEST_FILE
         _write(best_path, best_document(best, sum(_counted(t) for t in trials), written))
-    return SearchResult(directory, records, best_record, direction(spec), best_path)
+    return SearchResult(directory, records, best_record, direction(spec), best_path, dict(importance or {}))
 
 
 def _against_written(best: Any, written: Any) -> str:
@@ -662,14 +671,29 @@ def _search(
                 on_trial(result)
     finally:
         runner.close()
-    summary = _results(study, spec, recipe.path, directory, best_document)
-    _plot(summary, directory, log)
+    summary = _results(study, spec, recipe.path, directory, best_document, _importance(study, optuna, spec))
+    _plots(summary, directory, log)
     return summary
 
 
-def _plot(result: SearchResult, directory: Path, log: Log) -> None:
-    """PLOT_FILE: each complete trial's score and the best so far, in trial order."""
-    from ..plots import MISSING, Panel, available, line_chart
+def _importance(study: Any, optuna: Any, spec: SearchSpec) -> dict[str, float]:
+    """Each searched value's share of the score's variance over the complete trials (Optuna's fANOVA, seeded by
+    the study's seed), largest first; {} before two trials completed. A lone value's share is 1."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    names = list(dict.fromkeys(name for t in complete for name in t.params))
+    if len(complete) < 2 or not names:
+        return {}
+    if len(names) == 1:
+        return {names[0]: 1.0}
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=spec.seed or 0)
+    found = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    return {name: float(value) for name, value in found.items()}
+
+
+def _plots(result: SearchResult, directory: Path, log: Log) -> None:
+    """PLOT_FILE: each complete trial's score and the best so far, in trial order; PARAMS_PLOT_FILE: each
+    searched value against the score; IMPORTANCE_PLOT_FILE: the values' importances."""
+    from ..plots import MISSING, Panel, available, bar_chart, line_chart, scatter_chart
 
     complete = [t for t in result.trials if t["state"] == "complete"]
     if not complete:
@@ -687,6 +711,20 @@ def _plot(result: SearchResult, directory: Path, log: Log) -> None:
         [t["number"] for t in complete],
         [panel],
     )
+    names = list(dict.fromkeys(name for t in complete for name in t["params"]))
+    mark = next(i for i, t in enumerate(complete) if result.best and t["number"] == result.best["number"])
+    points = {name: [(t["params"][name], t["score"]) for t in complete] for name in names}
+    scatter_chart(
+        directory / PARAMS_PLOT_FILE, "each searched value against the score", "score", points, mark
+    )
+    if result.importance:
+        importance = result.importance
+        bar_chart(
+            directory / IMPORTANCE_PLOT_FILE,
+            "importance of each searched value (fANOVA)",
+            list(importance),
+            {"importance": list(importance.values())},
+        )
 
 
 def _tell(study: Any, optuna: Any, trial: Any, result: Mapping[str, Any]) -> None:
