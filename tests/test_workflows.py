@@ -3,9 +3,9 @@
 The linters a GitHub user would run on them (the schemas, actionlint, zizmor); the changed-recipe
 detection against real git histories; and the jobs of merge.yml and search.yml executed as a runner
 would, against the local Hub: every `run:` step in order, with bash, its `env:` evaluated from the job's
-contexts, and the runner's files (`GITHUB_OUTPUT` per step, `GITHUB_STEP_SUMMARY`). Steps that `uses:` an action and the
-step with `id: install` are skipped: the checkout is the temporary workspace, and this interpreter
-already has hubmerge installed.
+contexts, and the runner's files (`GITHUB_OUTPUT` per step, `GITHUB_STEP_SUMMARY`). Steps that `uses:`
+an action and the step with `id: install` are skipped: the checkout is the temporary workspace, and this
+interpreter already has hubmerge installed.
 """
 
 from __future__ import annotations
