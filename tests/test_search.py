@@ -27,7 +27,7 @@ from hubmerge.errors import RecipeError
 from hubmerge.lock import LOCK_FILE
 from hubmerge.recipe import load_recipe
 from hubmerge.sanity import sanity_texts
-from hubmerge.search.run import BEST_FILE, RESULTS_CSV, RESULTS_JSON, progress_line, search
+from hubmerge.search.run import BEST_FILE, RESULTS_CSV, RESULTS_JSON, progress_line, search, side_by_side
 
 pytest.importorskip("optuna")
 
@@ -419,6 +419,10 @@ BAD_TABLES = [
         "search.pruner: must be one of 'median', 'hyperband', 'none', got 'mean'",
     ),
     (
+        'concurrency = "all"\n[search.space]\n"parameters.scaling_factor" = { low = 0.1, high = 1.0 }',
+        "search.concurrency: must be a number of trials (1 or more) or \"auto\", got 'all'",
+    ),
+    (
         'trials = 0\n[search.space]\n"parameters.scaling_factor" = { low = 0.1, high = 1.0 }',
         "search.trials: must be >= 1, got 0",
     ),
@@ -546,3 +550,18 @@ def test_the_progress_line_gives_the_best_so_far_and_the_time_left_at_the_mean_t
     assert progress_line(failed, 20, 20, None, [1.0], 1) == (
         "trial 5 (20/20) failed: the weights sum to 0; no trial complete yet"
     )
+
+
+def test_side_by_side_sizing_takes_the_scarcest_of_memory_disk_and_cores() -> None:
+    gib = 2**30
+    # 0.5B-shaped trial: 1 GiB to merge and score, 1 GB of output.
+    assert side_by_side(gib, 10**9, memory=7 * gib, disk=100 * 10**9, cpus=16) == 7  # memory
+    assert side_by_side(gib, 10**9, memory=64 * gib, disk=3 * 10**9 + 5, cpus=16) == 3  # disk
+    assert side_by_side(gib, 10**9, memory=64 * gib, disk=100 * 10**9, cpus=2) == 2  # cores
+    assert side_by_side(4 * gib, 10**9, memory=3 * gib, disk=10**8, cpus=2) == 1  # none fits: still one
+
+
+def test_concurrency_auto_is_accepted_and_kept_in_the_spec(models: Path, tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, 'concurrency = "auto"\n' + GRID)
+    spec = load_recipe(recipe).search
+    assert spec is not None and spec.concurrency == "auto"

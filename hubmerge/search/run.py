@@ -256,24 +256,41 @@ class _Pool:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _local(spec: SearchSpec, recipe: Path, log: Log) -> _Local | _Pool:
-    """Trials one at a time, or `[search] concurrency` side by side, as many as the memory available holds."""
+def side_by_side(trial_memory: int, trial_disk: int, memory: int, disk: int, cpus: int) -> int:
+    """How many trials fit on this machine at once: each needs `trial_memory` bytes of the `memory` available,
+    `trial_disk` bytes of the `disk` free where trials write their merge, and a core of the `cpus`; at least
+    one (a lone trial that does not fit fails with its own reason)."""
+    return max(1, min(memory // max(trial_memory, 1), disk // max(trial_disk, 1), cpus))
+
+
+def _local(spec: SearchSpec, recipe: Path, scratch: Path, log: Log) -> _Local | _Pool:
+    """Trials one at a time, `[search] concurrency` side by side, or with "auto" as many as the machine holds
+    (`side_by_side`: the plan's memory and disk per trial, the memory available, the free disk, the cores);
+    never more than that."""
     if not spec.concurrency or spec.concurrency == 1:
         return _Local()
-    needed = trial_memory(recipe)
-    fits = max(1, _available_memory() // needed)
-    if fits < spec.concurrency:
+    from .. import api
+
+    plan = api.load_plan(recipe)
+    memory = max(plan.peak_memory_estimate, _SCORING_BYTES)
+    scratch.mkdir(parents=True, exist_ok=True)
+    available, free, cpus = _available_memory(), shutil.disk_usage(scratch).free, os.cpu_count() or 1
+    fits = side_by_side(memory, plan.output_bytes, available, free, cpus)
+    wanted = fits if spec.concurrency == "auto" else spec.concurrency
+    if fits < wanted or spec.concurrency == "auto":
         log(
-            f"{spec.concurrency} trials side by side need about {spec.concurrency * needed / 2**30:.1f} GiB; "
-            f"{fits} at a time fit the memory available"
+            f"{min(wanted, fits)} trials side by side: each needs about {memory / 2**30:.1f} GiB of memory and "
+            f"{plan.output_bytes / 1e9:.2f} GB of disk ({available / 2**30:.1f} GiB available, "
+            f"{free / 1e9:.1f} GB free, {cpus} cores)"
         )
-    return _Pool(min(spec.concurrency, fits))
+    return _Pool(min(wanted, fits)) if min(wanted, fits) > 1 else _Local()
 
 
 class _Ray:
     """Trials as Ray tasks, with the `[search.resources]` each; a task lost with its node is retried by Ray."""
 
     def __init__(self, address: str | None, spec: SearchSpec, concurrency: int | None, memory: int) -> None:
+        # concurrency None: as many as the cluster's CPUs hold at [search.resources] cpus each
         try:
             import ray
         except ImportError:
@@ -626,9 +643,14 @@ def _search(
     best_document = _best_writer(recipe, spec, directory, layers)
     use_ray = ray or bool(os.environ.get("RAY_ADDRESS"))
     runner: _Local | _Pool | _Ray = (
-        _Ray(ray_address, spec, spec.concurrency, trial_memory(recipe.path))
+        _Ray(
+            ray_address,
+            spec,
+            None if spec.concurrency == "auto" else spec.concurrency,
+            trial_memory(recipe.path),
+        )
         if use_ray
-        else _local(spec, recipe.path, log)
+        else _local(spec, recipe.path, scratch, log)
     )
     started = time.monotonic()
     running: dict[int, Any] = {}

@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..methods import Method, Param
 from ..schedule import is_schedule
@@ -109,7 +109,7 @@ class SearchSpec:
     sampler: str = "tpe"
     pruner: str = "median"  # "median", "hyperband" or "none"
     seed: int | None = None
-    concurrency: int | None = None
+    concurrency: int | Literal["auto"] | None = None  # None: one at a time locally
     texts: Path | None = None  # a text file for the loss; None: the sanity texts
     cpus: float = 1.0
     gpus: float = 0.0
