@@ -396,6 +396,7 @@ class SearchTable(_Table):
         if value is None or value == "auto" or (type(value) is int and value >= 1):
             return value
         raise _problem(f'must be a number of trials (1 or more) or "auto", got {value!r}')
+
     space: Annotated[
         dict[
             str,

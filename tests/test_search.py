@@ -531,6 +531,7 @@ def test_the_median_pruner_stops_trials_worse_than_the_median_so_far_and_a_resum
     assert len(lines) == 8
 
 
+@pytest.mark.slow  # eight trials, ~11 s; the median pruner's test covers the shared path in the fast set
 def test_the_hyperband_pruner_stops_trials_at_its_rung_and_its_bookkeeping_reaches_the_study(
     models: Path, tmp_path: Path
 ) -> None:
