@@ -13,7 +13,9 @@ results files and best.toml are rewritten whole (write, then rename), so they al
 A trial (`run_trial`) is a plain function of picklable values, the same locally and in a Ray task: it writes
 the trial's recipe (absolute paths) and merges it with the Python API (api.py), scores the output
 (objective.py) and removes it. Any error is the trial's result ("failed" with its reason), never the
-search's.
+search's. With a pruner, the trial reports its objective after each stage of scoring and asks Optuna's
+pruner, on a copy of the study's earlier trials taken when it started (`Pruning`), whether to stop; the
+driver records the values and the verdict in the study.
 """
 
 from __future__ import annotations
