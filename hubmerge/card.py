@@ -65,6 +65,11 @@ Template context (every variable is always defined):
                           domain, merged, best, worst: the merge's and the sources' loss per token, str)
     gguf           dict or None   the GGUF files of `[output] gguf`, None without: repo (the companion repo, or
                           None when they sit beside the weights), files (dicts of name, type)
+    search         dict or None   the search that found the values (`hubmerge search --publish best`): sampler,
+                          seed, trials (finished), states ("3 complete, 1 failed"), objective, direction
+                          ("minimized"/"maximized"), space (dicts of path, drawn_from), best and as_written
+                          (dicts of number, score; as_written None when not tried), gain (str or None), names
+                          (the searched values' names), top (dicts of number, score, cells: the best trials)
     hubmerge_version  str  the version of hubmerge that rendered the card
 """
 
@@ -94,6 +99,7 @@ if TYPE_CHECKING:
 
     from .evaluate import Evaluation
     from .sanity import SanityReport
+    from .search.publish import SearchCard
 
 __all__ = ["LICENSE_FILES", "License", "combine_licenses", "license_file", "render_card", "source_license"]
 
@@ -800,6 +806,35 @@ def _sanity(report: SanityReport | None) -> dict[str, Any] | None:
     }
 
 
+def _search(card: SearchCard | None) -> dict[str, Any] | None:
+    """The template's view of the search that found the recipe's values."""
+    if card is None:
+        return None
+
+    def trial(record: Mapping[str, Any]) -> dict[str, Any]:
+        return {"number": record["number"], "score": f"{record['score']:.6g}"}
+
+    names = list(card.best["params"])
+    written = card.as_written
+    gain = None
+    if written is not None and written["number"] != card.best["number"]:
+        gain = f"{abs(card.best['score'] - written['score']):.6g}"
+    return {
+        "sampler": card.sampler,
+        "seed": "none" if card.seed is None else str(card.seed),
+        "trials": sum(card.states.values()),
+        "states": ", ".join(f"{n} {state}" for state, n in card.states.items() if n),
+        "objective": " + ".join(f"{weight:g}·{name}" for name, weight in card.objective.items()),
+        "direction": f"{card.direction}d",
+        "space": [{"path": path, "drawn_from": what} for path, what in card.space],
+        "best": trial(card.best),
+        "as_written": None if written is None else trial(written),
+        "gain": gain,
+        "names": names,
+        "top": [{**trial(t), "cells": [f"{t['params'][name]!r}" for name in names]} for t in card.top],
+    }
+
+
 def _with_model_index(context: dict[str, Any], evaluation: Evaluation) -> None:
     """Add the merge's scores to the front matter as `model-index`, through huggingface_hub's `EvalResult`."""
     from huggingface_hub import EvalResult, ModelCardData
@@ -836,6 +871,7 @@ def render_card(
     context["evaluation"] = _evaluation(evaluation, context["sources"])
     context["sanity"] = _sanity(sanity)
     context["gguf"] = gguf_links(plan)
+    context["search"] = _search(plan.recipe.card.search)
     if evaluation is not None:
         _with_model_index(context, evaluation)
     template = plan.recipe.card.template or _DEFAULT_TEMPLATE

@@ -35,7 +35,7 @@ _EPILOG = """commands:
                                   sources); needs pip install "hubmerge[eval]"
   hubmerge gguf FOLDER [--type q4_k_m] [-o FILE]
                                   write a GGUF file (llama.cpp, Ollama, LM Studio) of a Qwen2 model folder
-  hubmerge search RECIPE [--output DIR] [--trials N] [--ray [ADDRESS]]
+  hubmerge search RECIPE [--output DIR] [--trials N] [--ray [ADDRESS]] [--publish best]
                                   search the recipe's [search] values: trials merged, scored and removed;
                                   writes DIR/best.toml and search_results.json/.csv; rerun to resume;
                                   needs pip install "hubmerge[search]" (and "hubmerge[ray]" for --ray)
@@ -182,6 +182,11 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
             const="",
             metavar="ADDRESS",
             help="run trials as Ray tasks on the cluster at ADDRESS (default: $RAY_ADDRESS, else a local Ray)",
+        )
+        p.add_argument(
+            "--publish",
+            choices=("best",),
+            help="then merge best.toml and push it to [output] repo, its card saying how it was found",
         )
         p.add_argument("-q", "--quiet", action="store_true", help="no line per trial")
     if command == "plan":
@@ -389,13 +394,18 @@ def _search(args: argparse.Namespace) -> int:
 
     if args.trials is not None and args.trials < 1:
         raise HubmergeError(f"--trials must be at least 1, got {args.trials}")
+    if args.publish:
+        from .search.publish import check_publishable
+
+        check_publishable(args.recipe)  # before the first trial, not after the last
+    log = (lambda _: None) if args.quiet else (lambda line: print(line, file=sys.stderr))
     result = search(
         args.recipe,
         output_dir=args.output,
         trials=args.trials,
         ray=args.ray is not None,
         ray_address=args.ray or None,
-        log=(lambda _: None) if args.quiet else (lambda line: print(line, file=sys.stderr)),
+        log=log,
     )
     best = result.best
     if best is None:
@@ -403,6 +413,14 @@ def _search(args: argparse.Namespace) -> int:
         return 1
     print(f"best: trial {best['number']}, score {best['score']:.6g} ({result.direction}d), {best['params']}")
     print(f"wrote {result.output_dir / BEST_FILE} and {result.output_dir / RESULTS_JSON}")
+    if args.publish:
+        from .recipe import load_recipe
+        from .search.publish import publish_best
+
+        spec = load_recipe(args.recipe).search
+        assert spec is not None  # search() refuses a recipe without one
+        merged = publish_best(result, spec, log)
+        print(f"merged {result.output_dir / BEST_FILE} into {merged.output_dir}; pushed {merged.commit_url}")
     return 0
 
 

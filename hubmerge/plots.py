@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MISSING", "Panel", "available", "bar_chart", "line_chart"]
+__all__ = ["MISSING", "Panel", "available", "bar_chart", "line_chart", "scatter_chart"]
 
 MISSING = 'plots skipped: matplotlib is not installed (pip install "hubmerge[plots]")'
 
@@ -72,4 +72,38 @@ def bar_chart(path: Path, title: str, groups: Sequence[str], series: Mapping[str
     ax.set_title(title)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize="small")
+    figure.savefig(path, format="png", dpi=100, metadata={"Software": None})
+
+
+def scatter_chart(
+    path: Path, title: str, ylabel: str, panels: Mapping[str, Sequence[tuple[object, float]]], mark: int
+) -> None:
+    """Write one PNG with a panel per entry of `panels` (its name on the x axis): its (x, y) points, the one
+    at index `mark` circled. An x axis of other than numbers is categorical, its values in first-seen order."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    figure = Figure(figsize=(4 * columns, 3 * rows + 0.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for ax, (name, points) in zip(axes, panels.items(), strict=False):
+        xs = [x for x, _ in points]
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs):
+            positions = [float(x) for x in xs]  # type: ignore[arg-type]
+        else:
+            labels = list(dict.fromkeys(map(str, xs)))
+            positions = [float(labels.index(str(x))) for x in xs]
+            ax.set_xticks(range(len(labels)), labels)
+        ys = [y for _, y in points]
+        ax.scatter(positions, ys, s=18)
+        ax.scatter([positions[mark]], [ys[mark]], s=80, facecolors="none", edgecolors="red", label="best")
+        ax.set_xlabel(name, fontsize="small")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize="small")
+    figure.suptitle(title)
     figure.savefig(path, format="png", dpi=100, metadata={"Software": None})

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import schema
 from .errors import RecipeError, SourceError
@@ -23,6 +23,9 @@ from .qwen import ALWAYS_PRESENT
 from .schedule import Setting, evaluate, is_schedule
 from .schema import RELATIVE_SCORE, REPO_ID, parse_size
 from .search.space import SearchSpec, search_spec
+
+if TYPE_CHECKING:
+    from .search.publish import SearchCard
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -99,6 +102,7 @@ class CardSpec:
     license: str | None = None
     license_name: str | None = None
     license_link: str | None = None
+    search: SearchCard | None = None  # the search that found the values (`hubmerge search --publish best`)
 
 
 @dataclass(frozen=True)

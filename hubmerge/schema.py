@@ -30,6 +30,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     create_model,
+    field_validator,
     model_validator,
 )
 from pydantic.json_schema import GenerateJsonSchema
@@ -354,6 +355,7 @@ class SearchResources(_Table):
 
 
 SAMPLERS = ("tpe", "cmaes", "random", "grid")
+PRUNERS = ("median", "hyperband", "none")
 
 
 def _space_form(value: Any) -> str | None:
@@ -376,10 +378,25 @@ class SearchTable(_Table):
     sampler: Literal[SAMPLERS] = Field(  # type: ignore[valid-type]
         "tpe", description="Optuna's sampler: tpe, cmaes, random or grid"
     )
-    seed: int | None = Field(None, description="the sampler's seed: the same seed draws the same trials")
-    concurrency: Annotated[int, Field(ge=1)] | None = Field(
-        None, description="trials at a time; default: one locally, the cluster's CPUs / cpus with --ray"
+    pruner: Literal[PRUNERS] = Field(  # type: ignore[valid-type]
+        "median",
+        description="Optuna's pruner, which stops a trial whose loss so far (per text domain) is worse than the "
+        "others': median, hyperband or none",
     )
+    seed: int | None = Field(None, description="the sampler's seed: the same seed draws the same trials")
+    concurrency: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        None,
+        description='trials at a time; "auto": as many as this machine\'s memory, disk and cores hold (the '
+        "plan's estimate per trial); default: one locally, the cluster's CPUs / cpus with --ray",
+    )
+
+    @field_validator("concurrency", mode="before")
+    @classmethod
+    def _concurrency(cls, value: Any) -> Any:
+        if value is None or value == "auto" or (type(value) is int and value >= 1):
+            return value
+        raise _problem(f'must be a number of trials (1 or more) or "auto", got {value!r}')
+
     space: Annotated[
         dict[
             str,

@@ -507,7 +507,7 @@ def test_undefined_template_variable_is_a_card_error_naming_it_and_its_line(
         CardError,
         match=r"my_card\.md\.j2:5: 'licence' is undefined; the template can use: architecture, citations, "
         "description, diagnostics, evaluation, front_matter, fusionbench, gguf, hubmerge_version, license, metadata, "
-        "method, notes, parameters, provenance, qwen25, recipe, sanity, sources, title, usage$",
+        "method, notes, parameters, provenance, qwen25, recipe, sanity, search, sources, title, usage$",
     ):
         render_card(plan)
 

@@ -27,7 +27,7 @@ from hubmerge.errors import RecipeError
 from hubmerge.lock import LOCK_FILE
 from hubmerge.recipe import load_recipe
 from hubmerge.sanity import sanity_texts
-from hubmerge.search.run import BEST_FILE, RESULTS_CSV, RESULTS_JSON, search
+from hubmerge.search.run import BEST_FILE, RESULTS_CSV, RESULTS_JSON, progress_line, search, side_by_side
 
 pytest.importorskip("optuna")
 
@@ -131,7 +131,9 @@ def test_grid_search_finds_the_best_of_every_grid_point_merged_and_scored_by_han
     csv_lines = (tmp_path / "search" / RESULTS_CSV).read_text().splitlines()
     assert csv_lines[0] == "number,state,score,parameters.scaling_factor,seconds,node,error"
     assert len(csv_lines) == 4
-    assert (tmp_path / "search" / "search_objective.png").read_bytes().startswith(b"\x89PNG")
+    for plot in ("search_objective.png", "search_params.png", "search_importance.png"):
+        assert (tmp_path / "search" / plot).read_bytes().startswith(b"\x89PNG")
+    assert result.importance == {"parameters.scaling_factor": 1.0}  # the one value searched
     assert not (tmp_path / "search" / "trials").exists() or not any(
         (tmp_path / "search" / "trials").iterdir()
     )
@@ -182,6 +184,20 @@ seed = 7
     else:
         gain = abs(first.best["score"] - written)
         assert f"The recipe as written (trial 0) scored {written!r}; the best is {gain:.6g} better." in header
+    # Importances: fANOVA's on the study as stored, seeded by the study's seed; shares that sum to 1.
+    import optuna
+
+    study = optuna.load_study(
+        study_name="hubmerge-search", storage=f"sqlite:///{tmp_path / 'a' / 'study.db'}"
+    )
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=7)
+    expected = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    assert first.importance == pytest.approx(expected) and list(first.importance) == list(expected)
+    assert sorted(expected) == ["models[1].weight", "parameters.scaling_factor"]
+    assert sum(first.importance.values()) == pytest.approx(1.0)
+    assert _results(tmp_path / "a")["importance"] == first.importance
+    assert second.importance == first.importance
+    assert (tmp_path / "a" / "search_importance.png").read_bytes().startswith(b"\x89PNG")
     other = _recipe(tmp_path, table.replace("seed = 7", "seed = 8"))
     third = search(other, output_dir=tmp_path / "c", trials=2, log=lambda _: None)
     assert third.trials[1]["params"] != first.trials[1]["params"]
@@ -250,9 +266,12 @@ def _wait_for_running_trial(db: Path, process: subprocess.Popen[str]) -> None:
 def test_a_search_stopped_mid_trial_resumes_without_losing_or_repeating_a_finished_trial(
     models: Path, tmp_path: Path, sig: signal.Signals
 ) -> None:
+    # No pruner: a pruned trial is finished but not complete, and the resume's budget below counts complete
+    # trials (test_the_median_pruner_... resumes a study with pruned trials).
     table = """trials = 40
 sampler = "random"
 seed = 5
+pruner = "none"
 [search.space]
 "parameters.scaling_factor" = { low = 0.1, high = 1.5 }
 """
@@ -399,6 +418,14 @@ BAD_TABLES = [
         "search.sampler: must be one of 'tpe', 'cmaes', 'random', 'grid', got 'tp'",
     ),
     (
+        'pruner = "mean"\n[search.space]\n"parameters.scaling_factor" = { low = 0.1, high = 1.0 }',
+        "search.pruner: must be one of 'median', 'hyperband', 'none', got 'mean'",
+    ),
+    (
+        'concurrency = "all"\n[search.space]\n"parameters.scaling_factor" = { low = 0.1, high = 1.0 }',
+        "search.concurrency: must be a number of trials (1 or more) or \"auto\", got 'all'",
+    ),
+    (
         'trials = 0\n[search.space]\n"parameters.scaling_factor" = { low = 0.1, high = 1.0 }',
         "search.trials: must be >= 1, got 0",
     ),
@@ -467,3 +494,78 @@ def test_the_search_table_is_in_the_json_schema() -> None:
 
     text = json.dumps(json_schema())
     assert "SearchTable" in text and '"grid"' in text
+
+
+PRUNED = """sampler = "grid"
+seed = 2
+[search.space]
+"parameters.scaling_factor" = { choices = [0.1, 0.2, 0.3, 0.4, 0.5, 3.0, 0.6, 4.0] }
+"""
+
+
+def test_the_median_pruner_stops_trials_worse_than_the_median_so_far_and_a_resume_keeps_them_pruned(
+    models: Path, tmp_path: Path
+) -> None:
+    recipe = _recipe(tmp_path, PRUNED)  # the default pruner: median, after 5 complete trials
+    out = tmp_path / "s"
+    lines: list[str] = []
+    first = search(recipe, output_dir=out, trials=6, log=lines.append)
+    result = search(recipe, output_dir=out, log=lines.append)  # resumed: the grid's 8 points
+    assert result.trials[:6] == first.trials  # finished and pruned trials are kept, not run again
+    order = [t["params"]["parameters.scaling_factor"] for t in result.trials]
+    assert order == [0.5, 0.2, 0.6, 0.3, 0.4, 4.0, 3.0, 0.1]  # the grid's order for seed 2
+    states = [t["state"] for t in result.trials]
+    assert states == ["complete"] * 5 + ["pruned"] * 3
+    startup = result.trials[:5]
+    for t in startup:  # scored in three stages (the sanity texts' domains), the last one the score
+        assert len(t["intermediate"]) == 3 and t["intermediate"][-1] == t["score"]
+    median = sorted(t["intermediate"][0] for t in startup)[2]
+    for t in result.trials[5:]:  # stopped after the first domain: worse than the median there
+        assert t["score"] is None and t["error"] == "pruned after step 0"
+        assert len(t["intermediate"]) == 1 and t["intermediate"][0] > median
+    with sqlite3.connect(out / "study.db") as c:
+        stored = [s for (s,) in c.execute("select state from trials order by number")]
+    assert stored == ["COMPLETE"] * 5 + ["PRUNED"] * 3
+    assert "trial 5 (6/6) pruned after step 0; best" in lines[5]
+    assert search(recipe, output_dir=out, log=lines.append).trials == result.trials  # nothing left to run
+    assert len(lines) == 8
+
+
+@pytest.mark.slow  # eight trials, ~11 s; the median pruner's test covers the shared path in the fast set
+def test_the_hyperband_pruner_stops_trials_at_its_rung_and_its_bookkeeping_reaches_the_study(
+    models: Path, tmp_path: Path
+) -> None:
+    recipe = _recipe(tmp_path, PRUNED.replace("seed = 2", 'seed = 2\npruner = "hyperband"'))
+    result = search(recipe, output_dir=tmp_path / "s", log=lambda _: None)
+    assert [t["state"] for t in result.trials] == ["complete"] * 5 + ["pruned"] * 3
+    assert all(len(t["intermediate"]) == 2 for t in result.trials[5:])  # stopped after the second domain
+    assert all(t["error"] == "pruned after step 1" for t in result.trials[5:])
+    with sqlite3.connect(tmp_path / "s" / "study.db") as c:
+        rungs = c.execute("select count(*) from trial_system_attributes where key = 'completed_rung_0'")
+        assert rungs.fetchone() == (5,)  # successive halving's notes, made in the trial, kept by the study
+
+
+def test_the_progress_line_gives_the_best_so_far_and_the_time_left_at_the_mean_trial() -> None:
+    best = {"number": 2, "score": 1.5}
+    done = {"number": 4, "state": "complete", "score": 1.75}
+    line = progress_line(done, 5, 20, best, [30.0, 50.0], capacity=2)
+    assert line == "trial 4 (5/20) score 1.75; best 1.5 (trial 2); ETA 0:05:20"  # 40 s × 8 rounds of 2
+    failed = {"number": 5, "state": "failed", "error": "the weights sum to 0"}
+    assert progress_line(failed, 20, 20, None, [1.0], 1) == (
+        "trial 5 (20/20) failed: the weights sum to 0; no trial complete yet"
+    )
+
+
+def test_side_by_side_sizing_takes_the_scarcest_of_memory_disk_and_cores() -> None:
+    gib = 2**30
+    # 0.5B-shaped trial: 1 GiB to merge and score, 1 GB of output.
+    assert side_by_side(gib, 10**9, memory=7 * gib, disk=100 * 10**9, cpus=16) == 7  # memory
+    assert side_by_side(gib, 10**9, memory=64 * gib, disk=3 * 10**9 + 5, cpus=16) == 3  # disk
+    assert side_by_side(gib, 10**9, memory=64 * gib, disk=100 * 10**9, cpus=2) == 2  # cores
+    assert side_by_side(4 * gib, 10**9, memory=3 * gib, disk=10**8, cpus=2) == 1  # none fits: still one
+
+
+def test_concurrency_auto_is_accepted_and_kept_in_the_spec(models: Path, tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, 'concurrency = "auto"\n' + GRID)
+    spec = load_recipe(recipe).search
+    assert spec is not None and spec.concurrency == "auto"

@@ -1,11 +1,11 @@
 """The GitHub workflows and composite action that hubmerge ships, checked offline.
 
 The linters a GitHub user would run on them (the schemas, actionlint, zizmor); the changed-recipe
-detection against real git histories; and the jobs of merge.yml executed as a runner would, against the
-local Hub: every `run:` step in order, with bash, its `env:` evaluated from the job's contexts, and the
-runner's files (`GITHUB_OUTPUT` per step, `GITHUB_STEP_SUMMARY`). Steps that `uses:` an action and the
-step with `id: install` are skipped: the checkout is the temporary workspace, and this interpreter
-already has hubmerge installed.
+detection against real git histories; and the jobs of merge.yml and search.yml executed as a runner
+would, against the local Hub: every `run:` step in order, with bash, its `env:` evaluated from the job's
+contexts, and the runner's files (`GITHUB_OUTPUT` per step, `GITHUB_STEP_SUMMARY`). Steps that `uses:`
+an action and the step with `id: install` are skipped: the checkout is the temporary workspace, and this
+interpreter already has hubmerge installed.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def test_no_run_step_expands_expressions_and_no_checkout_keeps_credentials() -> 
     steps = [step for path in [*_workflow_files(), ACTION_YML] for step in _steps(path)]
     runs = [step["run"] for step in steps if "run" in step]
     checkouts = [step for step in steps if step.get("uses", "").startswith("actions/checkout@")]
-    assert len(runs) == 18 and len(checkouts) == 6
+    assert len(runs) == 22 and len(checkouts) == 8
     assert [run for run in runs if "${{" in run] == []
     assert all(step["with"]["persist-credentials"] is False for step in checkouts)
 
@@ -700,3 +700,82 @@ def test_a_recipe_with_an_eval_table_is_evaluated_and_a_missed_gate_blocks_the_p
     assert "### Evaluation\n\n| Task | Metric | merged |\n" in summary
     assert "- ❌ hubmerge_tiny acc,none = " in summary
     assert "user/eval-gated" not in hub._repos  # nothing was created or pushed
+
+
+# ------------------------------------------------------------------------------------------- search.yml
+
+SEARCH_YML = WORKFLOWS / "search.yml"
+
+
+def test_search_yml_is_started_by_hand_and_only_the_pull_request_job_may_write() -> None:
+    workflow = yaml.safe_load(SEARCH_YML.read_text())
+    inputs = workflow[True]["workflow_dispatch"]["inputs"]  # YAML 1.1 reads the key `on` as True
+    assert set(workflow[True]) == {"workflow_dispatch"}
+    assert {name: (i["type"], i["required"]) for name, i in inputs.items()} == {
+        "recipe": ("string", True), "trials": ("string", False), "publish": ("boolean", False)}
+    assert workflow["permissions"] == {}
+    jobs = workflow["jobs"]
+    assert jobs["search"]["permissions"] == {"contents": "read"}
+    assert "secrets." not in SEARCH_YML.read_text()  # no Hugging Face token anywhere: a PR, then merge.yml
+    pull_request = jobs["pull-request"]
+    assert pull_request["if"] == "inputs.publish" and pull_request["needs"] == "search"
+    assert pull_request["permissions"] == {"contents": "write", "pull-requests": "write"}
+    # The job that can write installs nothing and runs no hubmerge.
+    runs = "".join(step.get("run", "") for step in pull_request["steps"])
+    scripts = "".join((SCRIPTS / s).read_text() for s in _scripts_run_by(runs))
+    assert _scripts_run_by(runs) == ["search-pull-request.sh"]
+    assert _pip_installs(scripts) == [] and "hubmerge " not in scripts.replace("hubmerge search:", "")
+    upload = [s for s in jobs["search"]["steps"] if s.get("uses", "").startswith("actions/upload-artifact@")]
+    download = [s for s in pull_request["steps"] if s.get("uses", "").startswith("actions/download-artifact@")]
+    assert upload[0]["with"]["name"] == download[0]["with"]["name"] == "search-results"
+    assert download[0]["with"]["path"] == "${{ needs.search.outputs.results }}"
+
+
+def test_search_job_searches_the_recipe_and_the_pull_request_job_proposes_best_toml(
+    hub: LocalHub, workspace: Path, tmp_path: Path
+) -> None:
+    recipe = "recipes/tiny-search.toml"
+    _write(workspace, {recipe: _hub_recipe("tiny-search.toml", "user/searched")})
+    _commit(workspace, "add a recipe to search")
+    env = _step_env(hub, tmp_path) | {"PYTHONPATH": str(REPO)}  # this tree's hubmerge, whichever is installed
+    inputs = {"recipe": recipe, "trials": "2", "publish": True}
+    search = Job(SEARCH_YML, "search", workspace, {"inputs": inputs}, env)
+    assert search.run() == 0, {name: search.log(name) for name in search.logs}
+    assert search.skipped == ["actions/checkout", "actions/setup-python", "install", "actions/upload-artifact"]
+    assert search.outputs == {"results": "recipes/tiny-search-search"}
+    results = workspace / "recipes" / "tiny-search-search"
+    found = json.loads((results / "search_results.json").read_text())
+    assert len(found["trials"]) == 2 and found["best"] is not None
+    summary = search.summary.read_text()
+    assert summary.startswith("### Searched `tiny-search.toml`\n\nFound by `hubmerge search tiny-search.toml`: trial ")
+    assert "The results are in the artifact `search-results` (`recipes/tiny-search-search/`)." in summary
+
+    # The pull-request job, in the same checkout (the artifact downloaded where the search wrote it), with a
+    # bare repository as GitHub and gh recorded.
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
+    _git(workspace, "remote", "add", "origin", str(origin))
+    _git(workspace, "push", "-q", "origin", "main")
+    shims, calls = tmp_path / "shims", tmp_path / "gh.log"
+    shims.mkdir()
+    (shims / "gh").write_text(f'#!/bin/bash\nprintf "%s\\n" "$*" >>{calls}\n')
+    (shims / "gh").chmod(0o755)
+    github = {"workspace": str(workspace), "ref_name": "main", "run_id": "42", "token": "ghs_job_token"}
+    contexts = {"inputs": inputs, "github": github, "needs": {"search": {"outputs": search.outputs}}}
+    job = Job(SEARCH_YML, "pull-request", workspace, contexts, env | {"PATH": f"{shims}{os.pathsep}{env['PATH']}"})
+    assert job.run() == 0, {name: job.log(name) for name in job.logs}
+    assert job.skipped == ["actions/checkout", "actions/download-artifact"]
+    branch = "hubmerge-search/tiny-search-42"
+    added = subprocess.run(["git", "-C", str(origin), "diff", "--name-only", "main", branch],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert added == [f"recipes/tiny-search-search/{name}" for name in (  # not the study
+        "best.toml", "search_importance.png", "search_objective.png", "search_params.png", "search_results.csv",
+        "search_results.json")]
+    best = subprocess.run(["git", "-C", str(origin), "show", f"{branch}:recipes/tiny-search-search/best.toml"],
+                          capture_output=True, text=True, check=True).stdout
+    assert best == (results / "best.toml").read_text()
+    gh = calls.read_text()
+    assert gh.startswith("auth setup-git\npr create --base main --head hubmerge-search/tiny-search-42 --title "
+                         "hubmerge search: tiny-search --body Found by `hubmerge search tiny-search.toml`: trial ")
+    assert "merge.yml then merges it and pushes it." in gh
+    assert "user/searched" not in hub._repos  # nothing pushed to the Hub: that waits for the review

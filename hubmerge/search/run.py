@@ -13,7 +13,9 @@ results files and best.toml are rewritten whole (write, then rename), so they al
 A trial (`run_trial`) is a plain function of picklable values, the same locally and in a Ray task: it writes
 the trial's recipe (absolute paths) and merges it with the Python API (api.py), scores the output
 (objective.py) and removes it. Any error is the trial's result ("failed" with its reason), never the
-search's.
+search's. With a pruner, the trial reports its objective after each stage of scoring and asks Optuna's
+pruner, on a copy of the study's earlier trials taken when it started (`Pruning`), whether to stop; the
+driver records the values and the verdict in the study.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -44,7 +47,7 @@ from ..errors import HubmergeError, RecipeError
 from ..lock import LOCK_FILE
 from ..recipe import EvalSpec, Recipe, load_recipe
 from .document import local_paths, recipe_text
-from .objective import direction, score
+from .objective import TrialPruned, direction, score
 from .space import SearchSpec, Value, apply
 
 __all__ = [
@@ -63,6 +66,8 @@ RESULTS_JSON = "search_results.json"
 RESULTS_CSV = "search_results.csv"
 BEST_FILE = "best.toml"
 PLOT_FILE = "search_objective.png"
+PARAMS_PLOT_FILE = "search_params.png"
+IMPORTANCE_PLOT_FILE = "search_importance.png"
 TRIALS_DIR = "trials"  # scratch: one folder per running trial
 _STUDY = "hubmerge-search"
 _LOCK = ".search.lock"
@@ -91,6 +96,56 @@ class TrialJob:
     scratch: Path | None  # where the trial's folder is made, then removed; None: the machine's temp folder
     layers: int  # decoder layers of the model: where values per group of layers go
     study: str  # the study's fingerprint: trials of two searches on one machine never share a folder
+    pruning: Pruning | None = None  # None: the trial is scored in one stage and never pruned
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """What a trial's pruner decides from, wherever the trial runs: the study's trials numbered before it, as
+    they were when it started (so a decision does not depend on which trials finish first elsewhere)."""
+
+    pruner: str  # "median" or "hyperband"
+    direction: str
+    earlier: tuple[Any, ...]  # optuna FrozenTrials
+
+
+def _pruner(optuna: Any, name: str) -> Any:
+    if name == "median":
+        return optuna.pruners.MedianPruner()
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    return optuna.pruners.NopPruner()
+
+
+def _reporter(pruning: Pruning, result: dict[str, Any]) -> Callable[[int, float], bool]:
+    """`report(step, value)` for objective.score: records the value in `result` and asks Optuna's pruner,
+    on a study in memory that holds the earlier trials (unfinished ones as failed), whether to stop."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        direction=optuna.study.StudyDirection[pruning.direction.upper()],
+        sampler=optuna.samplers.RandomSampler(seed=0),  # draws nothing: the trial's values are the job's
+        pruner=_pruner(optuna, pruning.pruner),
+        study_name=_STUDY,
+    )
+    failed = optuna.trial.TrialState.FAIL
+    for t in pruning.earlier:
+        study.add_trial(t if t.state.is_finished() else optuna.trial.create_trial(state=failed))
+    trial = study.ask()  # numbered as the real one: HyperbandPruner's brackets hash the number
+    before = dict(study._storage.get_trial(trial._trial_id).system_attrs)
+    result["intermediate"] = []
+
+    def report(step: int, value: float) -> bool:
+        result["intermediate"].append(value)
+        trial.report(value, step)
+        prune = bool(trial.should_prune())
+        # What the pruner noted on the trial (successive halving's rungs), for the real one.
+        after = study._storage.get_trial(trial._trial_id).system_attrs
+        result["system_attrs"] = {k: v for k, v in after.items() if before.get(k, object()) != v}
+        return prune
+
+    return report
 
 
 def _node() -> str:
@@ -126,13 +181,16 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
         merged = api.merge(
             recipe, output_dir=folder / "merged", quiet=True, stats=False, sanity=False, log=lambda _: None
         )
-        value, terms = score(merged.output_dir, job.spec, job.recipe, job.eval)
+        report = _reporter(job.pruning, result) if job.pruning is not None else None
+        value, terms = score(merged.output_dir, job.spec, job.recipe, job.eval, report=report)
         result |= {
             "state": "complete",
             "score": value,
             "terms": terms,
             "weights": _weights(merged.output_dir),
         }
+    except TrialPruned as exc:
+        result |= {"state": "pruned", "error": str(exc)}
     except HubmergeError as exc:
         result |= {"state": "failed", "error": " ".join(str(exc).split())}
     except Exception as exc:  # a trial's bug or a library's error is that trial's result, not the search's
@@ -210,24 +268,41 @@ class _Pool:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _local(spec: SearchSpec, recipe: Recipe, log: Log) -> _Local | _Pool:
-    """Trials one at a time, or `[search] concurrency` side by side, as many as the memory available holds."""
+def side_by_side(trial_memory: int, trial_disk: int, memory: int, disk: int, cpus: int) -> int:
+    """How many trials fit on this machine at once: each needs `trial_memory` bytes of the `memory` available,
+    `trial_disk` bytes of the `disk` free where trials write their merge, and a core of the `cpus`; at least
+    one (a lone trial that does not fit fails with its own reason)."""
+    return max(1, min(memory // max(trial_memory, 1), disk // max(trial_disk, 1), cpus))
+
+
+def _local(spec: SearchSpec, recipe: Recipe, scratch: Path, log: Log) -> _Local | _Pool:
+    """Trials one at a time, `[search] concurrency` side by side, or with "auto" as many as the machine holds
+    (`side_by_side`: the plan's memory and disk per trial, the memory available, the free disk, the cores);
+    never more than that."""
     if not spec.concurrency or spec.concurrency == 1:
         return _Local()
-    needed = trial_memory(recipe)
-    fits = max(1, _available_memory() // needed)
-    if fits < spec.concurrency:
+    from .. import api
+
+    plan = api.load_plan(recipe)
+    memory = max(plan.peak_memory_estimate, _SCORING_BYTES)
+    scratch.mkdir(parents=True, exist_ok=True)
+    available, free, cpus = _available_memory(), shutil.disk_usage(scratch).free, os.cpu_count() or 1
+    fits = side_by_side(memory, plan.output_bytes, available, free, cpus)
+    wanted = fits if spec.concurrency == "auto" else spec.concurrency
+    if fits < wanted or spec.concurrency == "auto":
         log(
-            f"{spec.concurrency} trials side by side need about {spec.concurrency * needed / 2**30:.1f} GiB; "
-            f"{fits} at a time fit the memory available"
+            f"{min(wanted, fits)} trials side by side: each needs about {memory / 2**30:.1f} GiB of memory and "
+            f"{plan.output_bytes / 1e9:.2f} GB of disk ({available / 2**30:.1f} GiB available, "
+            f"{free / 1e9:.1f} GB free, {cpus} cores)"
         )
-    return _Pool(min(spec.concurrency, fits))
+    return _Pool(min(wanted, fits)) if min(wanted, fits) > 1 else _Local()
 
 
 class _Ray:
     """Trials as Ray tasks, with the `[search.resources]` each; a task lost with its node is retried by Ray."""
 
     def __init__(self, address: str | None, spec: SearchSpec, concurrency: int | None, memory: int) -> None:
+        # concurrency None: as many as the cluster's CPUs hold at [search.resources] cpus each
         try:
             import ray
         except ImportError:
@@ -402,6 +477,8 @@ def _record(trial: Any) -> dict[str, Any]:
         "terms": attrs.get("terms", {}),
         "weights": attrs.get("weights", {}),  # sha256 of each weights file the trial's merge wrote
         "as_written": bool(attrs.get(_AS_WRITTEN)),  # the recipe's own values
+        # the objective after each stage of scoring (objective.py), when trials may be pruned
+        "intermediate": [trial.intermediate_values[step] for step in sorted(trial.intermediate_values)],
     }
 
 
@@ -418,10 +495,16 @@ class SearchResult:
     best: dict[str, Any] | None
     direction: str
     best_recipe: Path | None  # best.toml, once a trial completed
+    importance: Mapping[str, float] = dataclasses.field(default_factory=dict)  # once the search ended
 
 
 def _results(
-    study: Any, spec: SearchSpec, recipe: Path, directory: Path, best_document: Callable[[Any, int, Any], str]
+    study: Any,
+    spec: SearchSpec,
+    recipe: Path,
+    directory: Path,
+    best_document: Callable[[Any, int, Any], str],
+    importance: Mapping[str, float] | None = None,
 ) -> SearchResult:
     trials = [t for t in study.get_trials(deepcopy=False) if t.state.name in _STATES]
     records = tuple(_record(t) for t in trials)
@@ -438,6 +521,7 @@ def _results(
         "trials": list(records),
         "best": best_record,
         "as_written": _record(written) if written is not None else None,
+        "importance": dict(importance or {}),  # once the search ended (run.py _importance)
     }
     _write(directory / RESULTS_JSON, json.dumps(summary, indent=2) + "\n")
     paths = list(dict.fromkeys(name for r in records for name in r["params"]))
@@ -461,7 +545,7 @@ def _results(
     if best is not None:
         best_path = directory / BEST_FILE
         _write(best_path, best_document(best, sum(_counted(t) for t in trials), written))
-    return SearchResult(directory, records, best_record, direction(spec), best_path)
+    return SearchResult(directory, records, best_record, direction(spec), best_path, dict(importance or {}))
 
 
 def _against_written(best: Any, written: Any) -> str:
@@ -554,6 +638,7 @@ def _search(
         study_name=_STUDY,
         direction=direction(spec),
         sampler=_sampler(optuna, spec, 0, layers),
+        pruner=_pruner(optuna, spec.pruner),
         load_if_exists=True,
     )
     # A resumed study's sampler is seeded past the trials it holds, so that it does not draw them again.
@@ -580,12 +665,18 @@ def _search(
     best_document = _best_writer(recipe, spec, directory, layers)
     use_ray = ray or bool(os.environ.get("RAY_ADDRESS"))
     runner: _Local | _Pool | _Ray = (
-        _Ray(ray_address, spec, spec.concurrency, trial_memory(recipe))
+        _Ray(
+            ray_address,
+            spec,
+            None if spec.concurrency == "auto" else spec.concurrency,
+            trial_memory(recipe),
+        )
         if use_ray
-        else _local(spec, recipe, log)
+        else _local(spec, recipe, scratch, log)
     )
     started = time.monotonic()
     running: dict[int, Any] = {}
+    seconds: list[float] = []  # durations of the trials this run finished, for the time left
     try:
         while True:
             counted = sum(_counted(t) for t in study.get_trials(deepcopy=False))
@@ -594,6 +685,10 @@ def _search(
             while in_time and counted + len(running) < budget and len(running) < runner.capacity:
                 trial = study.ask(distributions)
                 running[trial.number] = trial
+                pruning = None
+                if spec.pruner != "none":
+                    earlier = tuple(t for t in study.get_trials() if t.number < trial.number)
+                    pruning = Pruning(spec.pruner, direction(spec), earlier)
                 runner.submit(
                     TrialJob(
                         trial.number,
@@ -605,6 +700,7 @@ def _search(
                         scratch,
                         layers,
                         fingerprint,
+                        pruning,
                     )
                 )
             if not running:
@@ -613,19 +709,36 @@ def _search(
             trial = running.pop(result["number"])
             _tell(study, optuna, trial, result)
             record = _results(study, spec, recipe.path, directory, best_document)
-            _log_trial(log, result, record, counted + 1, budget)
+            if result.get("seconds") is not None:
+                seconds.append(result["seconds"])
+            log(progress_line(result, counted + 1, budget, record.best, seconds, runner.capacity))
             if on_trial is not None:
                 on_trial(result)
     finally:
         runner.close()
-    summary = _results(study, spec, recipe.path, directory, best_document)
-    _plot(summary, directory, log)
+    summary = _results(study, spec, recipe.path, directory, best_document, _importance(study, optuna, spec))
+    _plots(summary, directory, log)
     return summary
 
 
-def _plot(result: SearchResult, directory: Path, log: Log) -> None:
-    """PLOT_FILE: each complete trial's score and the best so far, in trial order."""
-    from ..plots import MISSING, Panel, available, line_chart
+def _importance(study: Any, optuna: Any, spec: SearchSpec) -> dict[str, float]:
+    """Each searched value's share of the score's variance over the complete trials (Optuna's fANOVA, seeded by
+    the study's seed), largest first; {} before two trials completed. A lone value's share is 1."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    names = list(dict.fromkeys(name for t in complete for name in t.params))
+    if len(complete) < 2 or not names:
+        return {}
+    if len(names) == 1:
+        return {names[0]: 1.0}
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=spec.seed or 0)
+    found = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    return {name: float(value) for name, value in found.items()}
+
+
+def _plots(result: SearchResult, directory: Path, log: Log) -> None:
+    """PLOT_FILE: each complete trial's score and the best so far, in trial order; PARAMS_PLOT_FILE: each
+    searched value against the score; IMPORTANCE_PLOT_FILE: the values' importances."""
+    from ..plots import MISSING, Panel, available, bar_chart, line_chart, scatter_chart
 
     complete = [t for t in result.trials if t["state"] == "complete"]
     if not complete:
@@ -643,24 +756,58 @@ def _plot(result: SearchResult, directory: Path, log: Log) -> None:
         [t["number"] for t in complete],
         [panel],
     )
+    names = list(dict.fromkeys(name for t in complete for name in t["params"]))
+    mark = next(i for i, t in enumerate(complete) if result.best and t["number"] == result.best["number"])
+    points = {name: [(t["params"][name], t["score"]) for t in complete] for name in names}
+    scatter_chart(
+        directory / PARAMS_PLOT_FILE, "each searched value against the score", "score", points, mark
+    )
+    if result.importance:
+        importance = result.importance
+        bar_chart(
+            directory / IMPORTANCE_PLOT_FILE,
+            "importance of each searched value (fANOVA)",
+            list(importance),
+            {"importance": list(importance.values())},
+        )
 
 
 def _tell(study: Any, optuna: Any, trial: Any, result: Mapping[str, Any]) -> None:
     for key in ("node", "seconds", "error", "terms", "weights"):
         if result.get(key) is not None:
             trial.set_user_attr(key, result[key])
+    for step, value in enumerate(result.get("intermediate", ())):
+        trial.report(value, step)
+    for key, value in result.get("system_attrs", {}).items():
+        study._storage.set_trial_system_attr(trial._trial_id, key, value)
     if result["state"] == "complete":
         study.tell(trial, result["score"])
+    elif result["state"] == "pruned":
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     else:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
 
 
-def _log_trial(log: Log, result: Mapping[str, Any], summary: SearchResult, done: int, budget: int) -> None:
-    best = summary.best
+def progress_line(
+    result: Mapping[str, Any],
+    done: int,
+    budget: int,
+    best: Mapping[str, Any] | None,
+    seconds: list[float],
+    capacity: int,
+) -> str:
+    """The line logged as a trial finishes: its result, trials done of the budget, the best so far, and the time
+    left at the mean duration of the trials this run finished (`seconds`), `capacity` at a time."""
+    state = result["state"]
+    what = {"complete": f"score {result.get('score', 0):.6g}", "pruned": result.get("error")}.get(
+        state, f"failed: {result.get('error')}"
+    )
     best_text = f"best {best['score']:.6g} (trial {best['number']})" if best else "no trial complete yet"
-    complete = result["state"] == "complete"
-    what = f"score {result['score']:.6g}" if complete else f"failed: {result['error']}"
-    log(f"trial {result['number']} ({done}/{budget}) {what}; {best_text}")
+    left = budget - done
+    eta = ""
+    if seconds and left > 0:
+        eta = f"; ETA {timedelta(seconds=round(sum(seconds) / len(seconds) * -(-left // capacity)))}"
+    return f"trial {result['number']} ({done}/{budget}) {what}; {best_text}{eta}"
 
 
 def _best_writer(

@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..methods import Method, Param
 from ..schedule import is_schedule
@@ -107,8 +107,9 @@ class SearchSpec:
     trials: int = 20
     timeout: float | None = None
     sampler: str = "tpe"
+    pruner: str = "median"  # "median", "hyperband" or "none"
     seed: int | None = None
-    concurrency: int | None = None
+    concurrency: int | Literal["auto"] | None = None  # None: one at a time locally
     texts: Path | None = None  # a text file for the loss; None: the sanity texts
     cpus: float = 1.0
     gpus: float = 0.0
@@ -245,6 +246,7 @@ def search_spec(
         trials=table.trials,
         timeout=table.timeout,
         sampler=table.sampler,
+        pruner=table.pruner,
         seed=table.seed,
         concurrency=table.concurrency,
         texts=texts,
