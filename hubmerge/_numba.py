@@ -103,3 +103,64 @@ def ties_sum(
                 undecided[found] = start + j
                 found += 1
     return found, float(signs), nan
+
+
+@_jit
+def diagnostics(
+    base: Any, models: Any, trims: bool, cuts: Any, below: Any, tau: Any, counts: Any
+) -> tuple[int, int]:
+    # `diagnostics.MergeStats.measure` in one pass, the torch path's counts exactly (they are integers):
+    #   τᵢ = float32(modelᵢ) − base, written to `tau` (the dot products stay in torch, in float64);
+    #   a sign conflict where max τ > 0 and min τ < 0 (a NaN τ makes both NaN: no conflict), and per model
+    #   the conflicts where τᵢ ≠ 0 (sign of NaN = 0, as torch's);
+    #   with `trims`, τᵢ trimmed as `ties_sum` does, e = sign(+0 + Σ trimmed τ) (NaN: 0), and per model the
+    #   trimmed τᵢ kept (≠ 0, NaN apart), NaN, dropped (e ≠ 0 and of the other sign), and
+    #   undecided (e = 0) positive and negative.
+    # counts rows: 0 model conflicts, 1 kept, 2 NaN kept, 3 dropped, 4 undecided positive, 5 negative.
+    n, k = base.shape[0], len(models)
+    zero = np.float32(0.0)
+    conflicts = 0
+    signs = 0
+    for i in range(k):
+        model = models[i]
+        row = tau[i]
+        for j in range(n):
+            row[j] = widen(model[j]) - base[j]
+    for j in range(n):
+        high = tau[0, j]
+        low = tau[0, j]
+        nan = high != high
+        for i in range(1, k):
+            t = tau[i, j]
+            nan |= t != t
+            high = max(high, t)
+            low = min(low, t)
+        if not nan and high > zero and low < zero:
+            conflicts += 1
+            for i in range(k):
+                counts[0, i] += tau[i, j] != zero
+        if trims:
+            total = zero
+            for i in range(k):
+                t = tau[i, j]
+                if cuts[i] > 0 and -below[i] <= t and t <= below[i]:
+                    t = zero
+                total = total + t
+            e = 0 if total != total or total == zero else (1 if total > zero else -1)
+            signs += e
+            for i in range(k):
+                t = tau[i, j]
+                if cuts[i] > 0 and -below[i] <= t and t <= below[i]:
+                    continue
+                if t != t:
+                    counts[2, i] += 1
+                    continue
+                if t == zero:
+                    continue
+                s = 1 if t > zero else -1
+                counts[1, i] += 1
+                if e == 0:
+                    counts[4 if s > 0 else 5, i] += 1
+                elif s != e:
+                    counts[3, i] += 1
+    return conflicts, signs
