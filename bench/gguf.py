@@ -78,7 +78,9 @@ def measure(argv: list[str], env: dict[str, str] | None = None) -> dict[str, flo
 def llama_source() -> Path:
     found = sorted((HERE / "work" / "llama-src").glob("llama_cpp_python-*/vendor/llama.cpp"))
     if not found or not (LLAMA_VENV / "bin" / "python").is_file():
-        raise SystemExit("run bench/build_llama.sh first (builds llama-cpp-python into bench/work/llama-venv)")
+        raise SystemExit(
+            "run bench/build_llama.sh first (builds llama-cpp-python into bench/work/llama-venv)"
+        )
     return found[-1]
 
 
@@ -121,10 +123,13 @@ def compare(ours: Path, theirs: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, help="a Qwen2 safetensors folder (default: a made-up one of --shape)")
+    p.add_argument(
+        "--model", type=Path, help="a Qwen2 safetensors folder (default: a made-up one of --shape)"
+    )
     p.add_argument("--shape", default="1.5b", choices=("0.1b", "0.5b", "1.5b"))
     p.add_argument("--types", default="q8_0,q4_k_m")
     p.add_argument("--llama", action="store_true", help="also run llama.cpp's converter and quantizer")
+    p.add_argument("--no-hubmerge", action="store_true", help="reuse WORK's hubmerge files and results")
     p.add_argument("--work", type=Path, default=HERE / "work" / "gguf-bench")
     args = p.parse_args(argv)
     model = args.model
@@ -139,14 +144,17 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
+    saved = work / "results.json"
     results: list[dict[str, Any]] = []
+    if args.no_hubmerge:
+        results = [r for r in json.loads(saved.read_text()) if r.get("tool") == "hubmerge"]
 
     def record(row: dict[str, Any]) -> None:
         results.append(row)
         print(json.dumps(row), flush=True)
 
     hubmerge_env = {"PYTHONPATH": str(REPO)}
-    for gguf_type in args.types.split(","):
+    for gguf_type in [] if args.no_hubmerge else args.types.split(","):
         path = work / f"hubmerge-{gguf_type.upper()}.gguf"
         path.unlink(missing_ok=True)
         cost = measure([sys.executable, "-m", "hubmerge", "gguf", str(model), "--type", gguf_type,
@@ -159,13 +167,17 @@ def main(argv: list[str] | None = None) -> int:
         bf16.unlink(missing_ok=True)
         convert = measure([sys.executable, "-c", _CONVERT, str(source), str(model), "--outtype", "bf16",
                            "--outfile", str(bf16)])  # fmt: skip
-        record({"tool": "convert_hf_to_gguf.py", "type": "bf16", **convert, "file_bytes": bf16.stat().st_size})
+        record(
+            {"tool": "convert_hf_to_gguf.py", "type": "bf16", **convert, "file_bytes": bf16.stat().st_size}
+        )
         python = str(LLAMA_VENV / "bin" / "python")
         for gguf_type in args.types.split(","):
             path = work / f"llama-{gguf_type.upper()}.gguf"
             path.unlink(missing_ok=True)
             cost = measure([python, "-c", _QUANTIZE, str(bf16), str(path), gguf_type])
-            record({"tool": "llama_model_quantize", "type": gguf_type, **cost, "file_bytes": path.stat().st_size})
+            record(
+                {"tool": "llama_model_quantize", "type": gguf_type, **cost, "file_bytes": path.stat().st_size}
+            )
             both = {
                 "wall_s": convert["wall_s"] + cost["wall_s"],
                 "cpu_s": convert["cpu_s"] + cost["cpu_s"],
@@ -173,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             record({"tool": "llama.cpp (convert + quantize)", "type": gguf_type, **both})
             record({"compare": gguf_type, **compare(work / f"hubmerge-{gguf_type.upper()}.gguf", path)})
-    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    saved.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 
