@@ -75,9 +75,12 @@ def measure(argv: list[str], env: dict[str, str] | None = None) -> dict[str, flo
     return result
 
 
-def llama_source() -> Path:
+def llama_source(need_build: bool = True) -> Path:
     found = sorted((HERE / "work" / "llama-src").glob("llama_cpp_python-*/vendor/llama.cpp"))
-    if not found or not (LLAMA_VENV / "bin" / "python").is_file():
+    built = (LLAMA_VENV / "bin" / "python").is_file() and any(
+        LLAMA_VENV.glob("lib/*/site-packages/llama_cpp")
+    )
+    if not found or (need_build and not built):
         raise SystemExit(
             "run bench/build_llama.sh first (builds llama-cpp-python into bench/work/llama-venv)"
         )
@@ -130,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--types", default="q8_0,q4_k_m")
     p.add_argument("--llama", action="store_true", help="also run llama.cpp's converter and quantizer")
     p.add_argument("--no-hubmerge", action="store_true", help="reuse WORK's hubmerge files and results")
+    p.add_argument(
+        "--convert-only",
+        action="store_true",
+        help="only run convert_hf_to_gguf.py (needs the sdist, not the build)",
+    )
     p.add_argument("--work", type=Path, default=HERE / "work" / "gguf-bench")
     args = p.parse_args(argv)
     model = args.model
@@ -154,22 +162,29 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row), flush=True)
 
     hubmerge_env = {"PYTHONPATH": str(REPO)}
-    for gguf_type in [] if args.no_hubmerge else args.types.split(","):
+    for gguf_type in [] if args.no_hubmerge or args.convert_only else args.types.split(","):
         path = work / f"hubmerge-{gguf_type.upper()}.gguf"
         path.unlink(missing_ok=True)
         cost = measure([sys.executable, "-m", "hubmerge", "gguf", str(model), "--type", gguf_type,
                         "-o", str(path)], hubmerge_env)  # fmt: skip
         record({"tool": "hubmerge", "type": gguf_type, **cost, "file_bytes": path.stat().st_size})
 
-    if args.llama:
-        source = llama_source()
+    if args.llama or args.convert_only:
+        source = llama_source(need_build=not args.convert_only)
         bf16 = work / "llama-BF16.gguf"
-        bf16.unlink(missing_ok=True)
-        convert = measure([sys.executable, "-c", _CONVERT, str(source), str(model), "--outtype", "bf16",
-                           "--outfile", str(bf16)])  # fmt: skip
+        converted = work / "convert.json"
+        if bf16.is_file() and converted.is_file():  # a --convert-only run made it (beside the build)
+            convert = json.loads(converted.read_text())
+        else:
+            bf16.unlink(missing_ok=True)
+            convert = measure([sys.executable, "-c", _CONVERT, str(source), str(model), "--outtype", "bf16",
+                               "--outfile", str(bf16)])  # fmt: skip
+            converted.write_text(json.dumps(convert) + "\n")
         record(
             {"tool": "convert_hf_to_gguf.py", "type": "bf16", **convert, "file_bytes": bf16.stat().st_size}
         )
+        if args.convert_only:
+            return 0
         python = str(LLAMA_VENV / "bin" / "python")
         for gguf_type in args.types.split(","):
             path = work / f"llama-{gguf_type.upper()}.gguf"
