@@ -29,9 +29,9 @@ if [ ! -d "$SDIST_DIR" ]; then
   tar -xzf "$WORK/llama-src/llama_cpp_python-$VERSION.tar.gz" -C "$WORK/llama-src"
 fi
 
-# Only the shared library the Python binding loads: no examples, tests, server or CURL.
+# Only the shared libraries the Python binding loads: no multimodal (mtmd), examples, tests, server or CURL.
 export CMAKE_BUILD_PARALLEL_LEVEL=1
-export CMAKE_ARGS="${CMAKE_ARGS:--DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=ON}"
+export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=ON}"
 nice -n 10 "$WORK/llama-venv/bin/pip" install -v "$SDIST_DIR"
 "$WORK/llama-venv/bin/python" -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__, 'quantize:', hasattr(llama_cpp, 'llama_model_quantize'))"
 ls "$SDIST_DIR/vendor/llama.cpp/convert_hf_to_gguf.py"

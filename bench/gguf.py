@@ -132,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default="1.5b", choices=("0.1b", "0.5b", "1.5b"))
     p.add_argument("--types", default="q8_0,q4_k_m")
     p.add_argument("--llama", action="store_true", help="also run llama.cpp's converter and quantizer")
+    p.add_argument(
+        "--llama-python",
+        type=Path,
+        default=LLAMA_VENV / "bin" / "python",
+        help="a Python that imports llama_cpp (default: bench/build_llama.sh's venv)",
+    )
     p.add_argument("--no-hubmerge", action="store_true", help="reuse WORK's hubmerge files and results")
     p.add_argument(
         "--convert-only",
@@ -170,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         record({"tool": "hubmerge", "type": gguf_type, **cost, "file_bytes": path.stat().st_size})
 
     if args.llama or args.convert_only:
-        source = llama_source(need_build=not args.convert_only)
+        source = llama_source(None if args.convert_only else args.llama_python)
         bf16 = work / "llama-BF16.gguf"
         converted = work / "convert.json"
         if bf16.is_file() and converted.is_file():  # a --convert-only run made it (beside the build)
@@ -185,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.convert_only:
             return 0
-        python = str(LLAMA_VENV / "bin" / "python")
+        python = str(args.llama_python)
         for gguf_type in args.types.split(","):
             path = work / f"llama-{gguf_type.upper()}.gguf"
             path.unlink(missing_ok=True)

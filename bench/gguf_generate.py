@@ -152,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--types", default="f32,f16,q8_0,q4_k_m")
     p.add_argument("--new", type=int, default=24)
     p.add_argument("--work", type=Path, default=HERE / "work" / "gguf-generate")
+    p.add_argument(
+        "--llama-python",
+        type=Path,
+        default=LLAMA_PYTHON,
+        help="a Python that imports llama_cpp (default: bench/build_llama.sh's venv)",
+    )
     p.add_argument("--retrain", action="store_true", help="train again even if WORK/model is there")
     args = p.parse_args(argv)
     from transformers import AutoTokenizer
@@ -174,12 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     for gguf_type in args.types.split(","):
         written = write_gguf(folder, folder / f"tiny-{gguf_type.upper()}.gguf", gguf_type)
         files[gguf_type] = str(written.path)
-    if not LLAMA_PYTHON.is_file():
+    if not args.llama_python.is_file():
         raise SystemExit(
             "run bench/build_llama.sh first (builds llama-cpp-python into bench/work/llama-venv)"
         )
     done = subprocess.run(
-        [str(LLAMA_PYTHON), "-c", _LLAMA, json.dumps(files), json.dumps(PROMPTS), str(args.new)],
+        [str(args.llama_python), "-c", _LLAMA, json.dumps(files), json.dumps(PROMPTS), str(args.new)],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     llama = json.loads(done.stdout.splitlines()[-1])
