@@ -75,12 +75,15 @@ def measure(argv: list[str], env: dict[str, str] | None = None) -> dict[str, flo
     return result
 
 
-def llama_source(need_build: bool = True) -> Path:
+def llama_source(python: Path | None) -> Path:
+    """The sdist's llama.cpp; with `python`, check that it imports llama_cpp (the build)."""
     found = sorted((HERE / "work" / "llama-src").glob("llama_cpp_python-*/vendor/llama.cpp"))
-    built = (LLAMA_VENV / "bin" / "python").is_file() and any(
-        LLAMA_VENV.glob("lib/*/site-packages/llama_cpp")
+    built = (
+        python is not None
+        and python.is_file()
+        and subprocess.run([python, "-c", "import llama_cpp"]).returncode == 0
     )
-    if not found or (need_build and not built):
+    if not found or (python is not None and not built):
         raise SystemExit(
             "run bench/build_llama.sh first (builds llama-cpp-python into bench/work/llama-venv)"
         )
