@@ -32,6 +32,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path[0] = str(REPO)  # `import gguf` is the package, not this file
 LLAMA_VENV = HERE / "work" / "llama-venv"
 
 # Runs argv[1:] and prints its wall time, CPU seconds and peak RSS (the child's, from getrusage).
