@@ -30,7 +30,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO))
+sys.path[0] = str(REPO)  # this tree's hubmerge, and the `gguf` package rather than bench/gguf.py
 TINY = REPO / "recipes" / "examples" / "tiny" / "base"
 LLAMA_PYTHON = HERE / "work" / "llama-venv" / "bin" / "python"
 PROMPTS = [

@@ -336,9 +336,7 @@ def test_with_shards_deleted_as_uploaded_gguf_files_are_written_while_merging_th
 ) -> None:
     repo = f"user/small-disk-{beside}"
     same = '\ngguf_repo = "same"' if beside else ""
-    recipe = _gguf_recipe(
-        tmp_path, f'repo = "{repo}"\nmax_shard_size = "16KB"\ngguf = ["q8_0", "f16"]{same}'
-    )
+    recipe = _gguf_recipe(tmp_path, f'repo = "{repo}"\nmax_shard_size = "16KB"\ngguf = ["q8_0", "f16"]{same}')
     args = (recipe, "-q", "--no-stats", "--max-disk", _small_disk(recipe))
     result = run_cli(*args, env=_hub_env(hub, tmp_path))
     assert result.returncode == 0, result.stderr
