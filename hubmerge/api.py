@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,7 +37,7 @@ from .evaluate import (
     require_lm_eval,
     summary_markdown,
 )
-from .gguf import write_companion
+from .gguf import card_license, companion_staging, open_stream, write_companion, write_companion_files
 from .gguf import write_files as write_gguf_files
 from .lock import (
     LOCK_FILE,
@@ -59,6 +59,9 @@ from .recipe import EvalSpec, Recipe, load_recipe, loads_recipe
 from .remote import RemoteFolder, prove_all
 from .sanity import SanityReport
 from .sources import TOKENIZER_FILES, Source, fetch
+
+if TYPE_CHECKING:
+    from .gguf.writer import GgufStream
 
 __all__ = [
     "EvalResult",
@@ -289,11 +292,6 @@ def merge(
         )
     if merge_plan.disk.upload_while_merging:  # the budget holds a few shards, not the model: delete them
         delete_uploaded = True
-    if delete_uploaded and merge_plan.recipe.output.gguf:
-        raise HubmergeError(
-            "[output] gguf files are written from the whole merged model on the disk, which delete_uploaded "
-            "does not keep; raise --max-disk or free some space, or drop [output] gguf"
-        )
     if delete_uploaded and spec is not None:
         raise HubmergeError(
             "an evaluation reads the whole merged model from the disk, which delete_uploaded does not keep; "
@@ -319,6 +317,13 @@ def merge(
     source_hashes: SourceHashes | None = None
     collector = MergeStats(merge_plan) if stats and merge_plan.stats else None
     uploader: ShardUploader | None = None
+    out = merge_plan.recipe.output
+    gguf_beside = out.gguf_dir == out.dir
+    # The shards are deleted once uploaded, so the merged model is never whole on the disk: the GGUF files
+    # are written shard by shard as the merge goes, then uploaded (and deleted) one by one.
+    stream_gguf = bool(out.gguf) and delete_uploaded
+    gguf_stream: GgufStream | None = None
+    gguf_uploader: ShardUploader | None = None
     try:
         folders = _fetch_all(merge_plan, quiet, cancel=cancel)
         _check_cancel(cancel)
@@ -326,7 +331,15 @@ def merge(
             uploader = ShardUploader(merge_plan, delete_uploaded=delete_uploaded)
         needed += _side_bytes(merge_plan, folders)
         source_hashes = hash_sources(merge_plan, folders)
-        with staged(directory) as staging, _weights(merge_plan, folders) as (weights, remote):
+        companion = companion_staging(merge_plan) if stream_gguf and not gguf_beside else None
+        with (
+            staged(directory) as staging,
+            _weights(merge_plan, folders) as (weights, remote),
+            companion or contextlib.nullcontext() as gguf_staging,
+        ):
+            if stream_gguf:
+                gguf_folder = staging if gguf_staging is None else gguf_staging
+                gguf_stream = open_stream(merge_plan, folders[id(merge_plan.tokenizer)], gguf_folder)
             written = _write_output(
                 merge_plan,
                 folders,
@@ -341,11 +354,23 @@ def merge(
                 uploader,
                 tuple(remote.values()),
                 _Watch(progress, cancel),
+                gguf_stream,
             )
             files = written.files
             prove_all(remote.values())  # every streamed byte proven the Hub's before anything is kept or pushed
-            gguf_beside = merge_plan.recipe.output.gguf_dir == merge_plan.recipe.output.dir
-            if merge_plan.recipe.output.gguf and gguf_beside:  # in the same commit as the weights
+            if gguf_stream is not None:
+                assert uploader is not None
+                gguf_files = gguf_stream.finish()
+                if gguf_staging is not None:
+                    gguf_uploader = ShardUploader(merge_plan, delete_uploaded=True, companion=True)
+                for gguf_file in gguf_files:  # uploaded and deleted one by one, as the shards were
+                    (gguf_uploader or uploader).submit(gguf_file.path)
+                if gguf_uploader is not None and gguf_staging is not None:
+                    gguf_uploader.wait()
+                    gone_gguf = gguf_uploader.deleted()
+                    license = card_license(staging)
+                    write_companion_files(merge_plan, gguf_staging, gguf_files, license, gone_gguf)
+            elif out.gguf and gguf_beside:  # in the same commit as the weights
                 files |= {f.path.name: None for f in write_gguf_files(merge_plan, staging, staging)}
             if uploader is not None and delete_uploaded:
                 uploader.wait()  # a shard TIES rewrote may be going up again, to be deleted after
@@ -365,16 +390,21 @@ def merge(
                 uploader.wait()  # the shards still uploading are read from the staging folder
             _check_cancel(cancel)  # the last moment: after the swap the new output is complete
             swap_in(staging, directory)
+            if gguf_staging is not None:
+                swap_in(gguf_staging, out.gguf_dir)
     except BaseException as exc:
         if source_hashes is not None:
             source_hashes.cancel()  # an error or Ctrl-C does not wait for gigabytes to be hashed
-        if uploader is not None:
-            uploader.cancel()  # nothing is committed
+        if gguf_stream is not None:
+            gguf_stream.abort()
+        for running in (uploader, gguf_uploader):
+            if running is not None:
+                running.cancel()  # nothing is committed
         full = disk_full(exc) if isinstance(exc, Exception) else None
         if full is not None:
             raise _no_space(full, directory, needed) from None
         raise
-    if merge_plan.recipe.output.gguf and not gguf_beside:
+    if out.gguf and not gguf_beside and not stream_gguf:
         write_companion(merge_plan, directory)
     document, evaluation, report = written.stats, written.evaluation, written.sanity
     result = MergeResult(merge_plan, directory, tuple(sorted(files)), None, document, evaluation, report)
@@ -391,8 +421,12 @@ def merge(
         pushed = publish(merge_plan, directory)
     if not pushed.changed:
         log(f"{merge_plan.recipe.output.repo} already holds exactly this output; no new commit was made")
-    if merge_plan.recipe.output.gguf and not gguf_beside:
-        push_companion(merge_plan, merge_plan.recipe.output.gguf_dir)
+    if gguf_uploader is not None:
+        companion_pushed = gguf_uploader.finish(out.gguf_dir)
+    elif out.gguf and not gguf_beside:
+        companion_pushed = push_companion(merge_plan, out.gguf_dir)
+    if out.gguf and not gguf_beside and not quiet:
+        log(f"GGUF files: {companion_pushed.url}")
     return MergeResult(merge_plan, directory, result.files, pushed.url, document, evaluation, report)
 
 
@@ -446,9 +480,11 @@ def _write_output(
     uploader: ShardUploader | None = None,
     streamed: Sequence[RemoteFolder] = (),
     watch: _Watch = _Watch(),
+    gguf: GgufStream | None = None,
 ) -> _Written:
     """Write weights, side files, diagnostics, checks, card and license into `staging`; hand each shard to
-    `uploader` as soon as it is complete. The progress bar shows the bytes `streamed` in and uploaded out."""
+    `gguf` (its tensors appended to the GGUF files) and then to `uploader` as soon as it is complete. The
+    progress bar shows the bytes `streamed` in and uploaded out."""
     from tqdm.auto import tqdm
 
     started = time.monotonic()
@@ -499,6 +535,9 @@ def _write_output(
         rewrites = plan.rewrites_shards
         if uploader is not None:
             on_shard = _ties_upload(plan, uploader) if rewrites else uploader.submit
+        if gguf is not None:  # only where the shards are deleted once uploaded: never rewritten
+            assert not rewrites
+            on_shard = _gguf_then(gguf, on_shard)
         files = write_weights(plan, weights, staging, compute, progress, collector, on_shard)
         if uploader is not None and rewrites:
             for layout in plan.shards:
@@ -536,6 +575,18 @@ def _incoming_status(fetched: int, seconds: float) -> str:
     """Bytes streamed in from the Hub and their throughput, for the progress bar."""
     rate = fetched / seconds / 1e6 if seconds > 0 else 0.0
     return f"in {fetched / 1e6:,.1f} MB at {rate:,.1f} MB/s"
+
+
+def _gguf_then(gguf: GgufStream, on_shard: Callable[[Path], None] | None) -> Callable[[Path], None]:
+    """The shard hook that appends each finished shard's tensors to the GGUF files before `on_shard`
+    (which may upload and delete the shard)."""
+
+    def hook(path: Path) -> None:
+        gguf.add_shard(path)
+        if on_shard is not None:
+            on_shard(path)
+
+    return hook
 
 
 def _ties_upload(plan: MergePlan, uploader: ShardUploader) -> Callable[[Path], None]:

@@ -13,8 +13,8 @@ staging folder is never taken for an output: the next run removes it once its ma
 that is once the process that made it has died.
 
 A folder counts as a previous hubmerge output only when its `hubmerge.lock.json` parses, was written by
-hubmerge, and lists exactly the files that are there, with their sizes (shards excepted, which may be
-missing: a push that saves disk deletes each shard once uploaded). Anything else (a user's project,
+hubmerge, and lists exactly the files that are there, with their sizes (shards and GGUF files excepted, which may be
+missing: a push that saves disk deletes each once uploaded). Anything else (a user's project,
 a clone of a merged repo with files added, a file) is refused with a line naming what is in the way.
 """
 
@@ -79,8 +79,8 @@ def _unexpected(directory: Path, listed: dict[str, int]) -> list[str]:
     wrong = sorted(set(present) - set(listed) - {LOCK_FILE, MARKER})
     for name, size in listed.items():
         path = present.get(name)
-        if path is None and name.endswith(".safetensors"):
-            continue  # a shard pushed, then deleted to save disk: nothing of the user's to lose
+        if path is None and name.endswith((".safetensors", ".gguf")):
+            continue  # a shard or GGUF file pushed, then deleted to save disk: nothing of the user's to lose
         if path is None or not path.is_file() or path.is_symlink() or path.stat().st_size != size:
             wrong.append(name)
     return wrong

@@ -156,21 +156,19 @@ def _commit_message(plan: MergePlan) -> str:
     return f"hubmerge: {plan.recipe.path.name} ({plan.recipe.method.name})"
 
 
-def _create_target(api: Any, plan: MergePlan) -> None:
+def _create_target(api: Any, plan: MergePlan, repo: str) -> None:
+    """Create `repo` (the output's, or the GGUF companion's) and `[output] branch` in it when needed."""
     out = plan.recipe.output
-    assert out.repo is not None
-    api.create_repo(out.repo, private=out.private, exist_ok=True)
+    api.create_repo(repo, private=out.private, exist_ok=True)
     if (out.branch or "main") != "main":
-        api.create_branch(out.repo, branch=out.branch, exist_ok=True)
+        api.create_branch(repo, branch=out.branch, exist_ok=True)
 
 
-def _retrying(plan: MergePlan, push_once: Callable[[], PushResult]) -> PushResult:
+def _retrying(plan: MergePlan, repo: str, push_once: Callable[[], PushResult]) -> PushResult:
     """`push_once()`, redone on the new tip while the branch moves under it (409/412); errors as one line."""
     from huggingface_hub.errors import HfHubHTTPError
 
-    repo = plan.recipe.output.repo
     branch = plan.recipe.output.branch or "main"
-    assert repo is not None
     try:
         attempt = 1
         while True:
@@ -205,14 +203,21 @@ def push(plan: MergePlan, folder: Path, token: str | None = None) -> PushResult:
     assert repo is not None
     api = HfApi(token=token)
     try:
-        _create_target(api, plan)
+        _create_target(api, plan, repo)
     except Exception as exc:
         raise _hub_failure(repo, exc) from None
-    return _retrying(plan, lambda: _push_once(api, plan, folder, repo, plan.recipe.output.branch or "main"))
+    return _retrying(
+        plan, repo, lambda: _push_once(api, plan, folder, repo, plan.recipe.output.branch or "main")
+    )
+
+
+def _companion_message(plan: MergePlan) -> str:
+    return f"hubmerge: GGUF files of {plan.recipe.output.repo}"
 
 
 def push_companion(plan: MergePlan, folder: Path) -> PushResult:
-    """Push the GGUF folder to `[output] gguf_repo` (by default `{repo}-GGUF`) in one commit."""
+    """Push the GGUF folder to `[output] gguf_repo` (by default `{repo}-GGUF`) in one commit, to `[output]
+    branch` or as a pull request (`create_pr`), as `push` does for the weights."""
     from huggingface_hub import HfApi
 
     out = plan.recipe.output
@@ -220,18 +225,25 @@ def push_companion(plan: MergePlan, folder: Path) -> PushResult:
     assert repo is not None
     api = HfApi()
     try:
-        api.create_repo(repo, private=out.private, exist_ok=True)
-        before = _tip(api, repo, "main")
+        _create_target(api, plan, repo)
+    except Exception as exc:
+        raise _hub_failure(repo, exc) from None
+
+    def push_once() -> PushResult:
+        branch = out.branch or "main"
+        before = _tip(api, repo, branch)
         info = api.upload_folder(
             repo_id=repo,
             folder_path=folder,
-            commit_message=f"hubmerge: GGUF files of {out.repo}",
-            parent_commit=before,
+            revision=branch,
+            commit_message=_companion_message(plan),
+            create_pr=out.create_pr,
+            parent_commit=None if out.create_pr else before,
             delete_patterns=["*.gguf"],
         )
-    except Exception as exc:
-        raise _hub_failure(repo, exc) from None
-    return _pushed(info, before)
+        return _pushed(info, before)
+
+    return _retrying(plan, repo, push_once)
 
 
 def _push_once(api: Any, plan: MergePlan, folder: Path, repo: str, branch: str) -> PushResult:
@@ -279,12 +291,16 @@ class ShardUploader:
     `delete_uploaded` at most two shards are on the disk (the one uploading and the one being written).
     """
 
-    def __init__(self, plan: MergePlan, *, delete_uploaded: bool = False) -> None:
+    def __init__(self, plan: MergePlan, *, delete_uploaded: bool = False, companion: bool = False) -> None:
+        """With `companion`, the files go to the GGUF repo (`[output] gguf_repo`) instead of `[output] repo`,
+        in a commit of their own, on the same branch or pull request setting."""
         from huggingface_hub import HfApi
 
-        assert plan.recipe.output.repo is not None
+        repo = plan.recipe.output.gguf_repo if companion else plan.recipe.output.repo
+        assert repo is not None
         self.plan = plan
-        self.repo: str = plan.recipe.output.repo
+        self.repo: str = repo
+        self.companion = companion
         self.branch = plan.recipe.output.branch or "main"
         self.delete_uploaded = delete_uploaded
         self.bytes_out = 0  # LFS bytes stored on the Hub so far
@@ -344,7 +360,7 @@ class ShardUploader:
         self._jobs.put(None)
         if self._error is not None:
             raise _hub_failure(self.repo, self._error)
-        return _retrying(self.plan, lambda: self._commit(folder))
+        return _retrying(self.plan, self.repo, lambda: self._commit(folder))
 
     # --- the upload thread ---------------------------------------------------------------------------------
 
@@ -373,7 +389,7 @@ class ShardUploader:
         name = path.name
         if kind != "release":
             if not self._created:
-                _create_target(self._api, self.plan)
+                _create_target(self._api, self.plan, self.repo)
                 self._created = True
                 self._tips.append(_tip(self._api, self.repo, self.branch))
             start = time.monotonic()
@@ -441,7 +457,7 @@ class ShardUploader:
         info = self._api.create_commit(
             self.repo,
             operations=[*deletions, *additions],
-            commit_message=_commit_message(self.plan),
+            commit_message=_companion_message(self.plan) if self.companion else _commit_message(self.plan),
             commit_description=_commit_description(self.plan),
             revision=self.branch,
             create_pr=out.create_pr,

@@ -57,7 +57,7 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote
 
 # The Hub stores these in LFS: the default `.gitattributes` patterns for weights, and anything large.
-LFS_SUFFIXES = (".safetensors", ".bin")
+LFS_SUFFIXES = (".safetensors", ".bin", ".gguf")
 LFS_MIN_SIZE = 10 * 1024 * 1024
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,96}")

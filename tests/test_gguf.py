@@ -3,6 +3,7 @@ metadata and per-tensor types, and quantizer blocks equal to llama.cpp's referen
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -288,3 +289,86 @@ def test_plan_counts_the_gguf_files_in_the_disk_estimate(tmp_path: Path) -> None
     written = [write_gguf(TINY / "base", tmp_path / f"{t}.gguf", t).size for t in ("q8_0", "f16")]
     extra = with_gguf.disk.peak_disk - without.disk.peak_disk
     assert sum(written) <= extra <= sum(written) + 2 * (2**20 + 2 * 10**6)
+
+
+def test_companion_repo_takes_the_branch_of_the_weights(hub: LocalHub, tmp_path: Path) -> None:
+    recipe = _gguf_recipe(tmp_path, 'repo = "user/branchy"\nbranch = "v2"\ngguf = ["q8_0"]')
+    result = run_cli(recipe, "-q", env=_hub_env(hub, tmp_path))
+    assert result.returncode == 0, result.stderr
+    on_branch = hub.files("user/branchy-GGUF", "v2")
+    assert {"branchy-Q8_0.gguf", "README.md", "hubmerge.lock.json"} <= on_branch.keys()
+    assert "/blob/v2/branchy-Q8_0.gguf" in on_branch["README.md"].decode()
+    assert not any(name.endswith(".gguf") or name == "README.md" for name in hub.files("user/branchy-GGUF"))
+    assert "model.safetensors" in hub.files("user/branchy", "v2")
+
+
+def test_companion_repo_gets_a_pull_request_when_the_weights_do(hub: LocalHub, tmp_path: Path) -> None:
+    for repo in ("user/reviewed", "user/reviewed-GGUF"):
+        hub.create_repo(repo)
+    main = hub.head("user/reviewed-GGUF")
+    recipe = _gguf_recipe(tmp_path, 'repo = "user/reviewed"\ncreate_pr = true\ngguf = ["q8_0"]')
+    result = run_cli(recipe, env=_hub_env(hub, tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert f"GGUF files: {hub.url}/user/reviewed-GGUF/discussions/1" in result.stderr
+    assert hub.head("user/reviewed-GGUF") == main
+    assert [pr.num for pr in hub.pull_requests("user/reviewed-GGUF")] == [1]
+    assert "reviewed-Q8_0.gguf" in hub.files("user/reviewed-GGUF", "refs/pr/1")
+    assert [pr.num for pr in hub.pull_requests("user/reviewed")] == [1]
+
+
+def _tensors(path: Path) -> dict[str, tuple[str, bytes]]:
+    return {t.name: (t.tensor_type.name, t.data.tobytes()) for t in GGUFReader(path).tensors}
+
+
+def _small_disk(recipe: Path) -> str:
+    """A disk budget that holds the side files, the GGUF files and a few shards, not the whole merge: the
+    run uploads each shard as written and deletes it."""
+    from hubmerge.api import load_plan
+
+    plan = load_plan(recipe)
+    assert not plan.disk.upload_while_merging
+    return str(plan.disk.output_disk - plan.output_bytes // 4)
+
+
+@pytest.mark.parametrize("beside", [False, True])
+def test_with_shards_deleted_as_uploaded_gguf_files_are_written_while_merging_then_uploaded_and_deleted(
+    hub: LocalHub, tmp_path: Path, beside: bool
+) -> None:
+    repo = f"user/small-disk-{beside}"
+    same = '\ngguf_repo = "same"' if beside else ""
+    recipe = _gguf_recipe(tmp_path, f'repo = "{repo}"\nmax_shard_size = "16KB"\ngguf = ["q8_0", "f16"]{same}')
+    args = (recipe, "-q", "--no-stats", "--max-disk", _small_disk(recipe))
+    result = run_cli(*args, env=_hub_env(hub, tmp_path))
+    assert result.returncode == 0, result.stderr
+    gguf_repo = repo if beside else f"{repo}-GGUF"
+    pushed, weights = hub.files(gguf_repo), hub.files(repo)
+    assert len(hub.commits(gguf_repo)) == 2  # the repo's creation, then one commit
+    assert sum(name.endswith(".safetensors") for name in weights) > 2  # the merge was sharded
+    # Each file holds the tensors (types and bytes) and metadata of the file written afterwards from the
+    # pushed weights; only their order differs (the shards' order).
+    merged = tmp_path / "pushed"
+    merged.mkdir()
+    for name, content in weights.items():
+        (merged / name).write_bytes(content)
+    name = repo.split("/")[-1]
+    local = tmp_path / "out" if beside else tmp_path / "out-GGUF"
+    lock = json.loads((local / "hubmerge.lock.json").read_text())["output"]["files"]
+    for kind in ("q8_0", "f16"):
+        file = f"{name}-{kind.upper()}.gguf"
+        (tmp_path / file).write_bytes(pushed[file])
+        after = write_gguf(merged, tmp_path / f"after-{file}", kind, name)
+        assert _tensors(tmp_path / file) == _tensors(after.path)
+        assert {f.name: f.contents() for f in GGUFReader(tmp_path / file).fields.values()} == {
+            f.name: f.contents() for f in GGUFReader(after.path).fields.values()
+        }
+        # Deleted once uploaded; the lock records it as the output's lock records deleted shards.
+        assert not (local / file).exists()
+        assert lock[file] == {"size": len(pushed[file]), "sha256": hashlib.sha256(pushed[file]).hexdigest()}
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+    if not beside:
+        assert "| Q8_0 |" in pushed["README.md"].decode()
+        assert pushed["hubmerge.lock.json"] == (local / "hubmerge.lock.json").read_bytes()
+    # A rerun takes both folders for its own output, and identical files make no new commit.
+    again = run_cli(*args, env=_hub_env(hub, tmp_path))
+    assert again.returncode == 0, again.stderr
+    assert len(hub.commits(gguf_repo)) == 2 and len(hub.commits(repo)) == 2

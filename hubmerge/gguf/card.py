@@ -51,7 +51,7 @@ def companion_card(plan: MergePlan, files: Sequence[GgufFile], license: str | No
     """README.md of the `{repo}-GGUF` repo: front matter naming the merged model as the base it quantizes,
     a table of the files, and how to run each with llama.cpp, Ollama and LM Studio."""
     out = plan.recipe.output
-    base, repo = out.repo, out.gguf_repo
+    base, repo, branch = out.repo, out.gguf_repo, out.branch or "main"
     front = ["---", f"base_model: {base}", "base_model_relation: quantized"]
     if license:
         front.append(f"license: {license}")
@@ -67,7 +67,7 @@ def companion_card(plan: MergePlan, files: Sequence[GgufFile], license: str | No
     ]
     for f in files:
         lines.append(
-            f"| [{f.path.name}](https://huggingface.co/{repo}/blob/main/{f.path.name}) | {f.type.upper()} | "
+            f"| [{f.path.name}](https://huggingface.co/{repo}/blob/{branch}/{f.path.name}) | {f.type.upper()} | "
             f"{f.size / 1e9:.2f} GB | {f.bits_per_weight:.2f} | {TYPE_NOTES[f.type]} |"
         )
     first = files[0].type.upper()

@@ -12,11 +12,12 @@ read from the shards and quantized a slice of rows at a time, so memory holds a 
 from __future__ import annotations
 
 import json
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ from .quants import quantize
 __all__ = [
     "GGUF_TYPES",
     "GgufFile",
+    "GgufStream",
     "GgufType",
     "estimate_size",
     "file_name",
@@ -101,14 +103,18 @@ def _config(folder: Path) -> dict[str, Any]:
         raise SourceError(
             f"{folder}: no readable config.json; GGUF export needs the model's config"
         ) from None
-    if config.get("model_type") != "qwen2":
-        raise SourceError(
-            f"{folder}: model_type is {config.get('model_type')!r}; GGUF export supports the qwen2 architecture"
-        )
+    _check_architecture(config, str(folder))
     return config
 
 
-def _tied(config: Mapping[str, Any], tensors: Mapping[str, TensorInfo]) -> bool:
+def _check_architecture(config: Mapping[str, Any], where: str) -> None:
+    if config.get("model_type") != "qwen2":
+        raise SourceError(
+            f"{where}: model_type is {config.get('model_type')!r}; GGUF export supports the qwen2 architecture"
+        )
+
+
+def _tied(config: Mapping[str, Any], tensors: Collection[str]) -> bool:
     # transformers' Qwen2Config unties by default; a checkpoint without lm_head.weight is tied whatever it says
     return bool(config.get("tie_word_embeddings", False)) or "lm_head.weight" not in tensors
 
@@ -280,6 +286,63 @@ def _tensor_bytes(rows: torch.Tensor, qtype: Q) -> np.ndarray[Any, Any]:
     return out.contiguous().view(torch.uint8).numpy()
 
 
+def _start(
+    path: Path,
+    config: Mapping[str, Any],
+    tokenizer: Path,
+    kind: GgufType,
+    name: str,
+    tensors: Iterable[tuple[str, tuple[int, ...], Q]],
+) -> GGUFWriter:
+    """A GGUF file at `path` with its metadata and tensor infos written: the tensors' data come next, in
+    the order of `tensors` (GGUF name, shape, type), each through `_write_tensor`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = GGUFWriter(path, "qwen2")
+    try:
+        _add_hyperparameters(writer, config, kind, name)
+        _add_tokenizer(writer, tokenizer, int(config["vocab_size"]))
+        for gguf_name, shape, qtype in tensors:
+            writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), _nbytes(shape, qtype), qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+    except BaseException:
+        writer.close()
+        path.unlink(missing_ok=True)
+        raise
+    return writer
+
+
+def _file(writer: GGUFWriter) -> BinaryIO:
+    assert writer.fout is not None
+    out: BinaryIO = writer.fout[0]
+    return out
+
+
+def _write_tensor(writer: GGUFWriter, chunks: Iterable[torch.Tensor], qtype: Q) -> None:
+    """One tensor's data, given as consecutive slices of its rows, at the next aligned offset."""
+    out = _file(writer)
+    writer.write_padding(out, out.tell())
+    for chunk in chunks:
+        out.write(_tensor_bytes(chunk, qtype).tobytes())
+
+
+def _finish(writer: GGUFWriter) -> None:
+    out = _file(writer)
+    writer.write_padding(out, out.tell())
+    writer.close()
+
+
+def _row_steps(shape: tuple[int, ...]) -> list[tuple[int, int] | None]:
+    """The slices of rows a tensor of this shape is read in: about `_ROWS_AT_ONCE` values each."""
+    if not shape:
+        return [None]
+    rows = shape[0]
+    row_values = max(1, math.prod(shape) // max(rows, 1))
+    step = max(1, _ROWS_AT_ONCE // row_values)
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
 def write_gguf(folder: Path, path: Path, gguf_type: str, name: str | None = None) -> GgufFile:
     """Write the GGUF file of type `gguf_type` (a key of `GGUF_TYPES`) for the model in `folder`."""
     if gguf_type not in GGUF_TYPES:
@@ -288,29 +351,13 @@ def write_gguf(folder: Path, path: Path, gguf_type: str, name: str | None = None
     kind = GGUF_TYPES[gguf_type]
     layout = _layout(folder, config, gguf_type)
     partial = path.with_name(path.name + ".partial")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = GGUFWriter(partial, "qwen2")
-    _add_hyperparameters(writer, config, kind, name or folder.name)
-    _add_tokenizer(writer, folder, int(config["vocab_size"]))
-    for gguf_name, (info, qtype) in layout.items():
-        writer.add_tensor_info(gguf_name, info.shape, np.dtype(np.float32), _nbytes(info.shape, qtype), qtype)
+    tensors = [(gguf_name, info.shape, qtype) for gguf_name, (info, qtype) in layout.items()]
+    writer = _start(partial, config, folder, kind, name or folder.name, tensors)
     reader = TensorReader(folder)
     try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        assert writer.fout is not None
-        out = writer.fout[0]
         for info, qtype in layout.values():
-            writer.write_padding(out, out.tell())
-            rows = info.shape[0] if info.shape else 1
-            row_values = max(1, info.numel // max(rows, 1))
-            step = max(1, _ROWS_AT_ONCE // row_values)
-            for start in range(0, rows, step):
-                chunk = reader.read(info, (start, min(rows, start + step)) if info.shape else None)
-                out.write(_tensor_bytes(chunk, qtype).tobytes())
-        writer.write_padding(out, out.tell())
-        writer.close()
+            _write_tensor(writer, (reader.read(info, rows) for rows in _row_steps(info.shape)), qtype)
+        _finish(writer)
     except BaseException:
         writer.close()
         partial.unlink(missing_ok=True)
@@ -320,3 +367,84 @@ def write_gguf(folder: Path, path: Path, gguf_type: str, name: str | None = None
     partial.replace(path)
     parameters = sum(info.numel for info, _ in layout.values())
     return GgufFile(path, gguf_type, path.stat().st_size, parameters)
+
+
+class GgufStream:
+    """The GGUF files of a merge written while the merge writes its shards, for a run that deletes each shard
+    once uploaded (the merged model is never whole on the disk). Each file's tensors are in the shards'
+    order; `add_shard` appends the tensors of the next finished shard to every file, reading each slice
+    of rows once for all of them; `finish` completes the files."""
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        tokenizer: Path,
+        shards: Iterable[tuple[str, Iterable[tuple[str, tuple[int, ...]]]]],
+        files: Mapping[str, Path],
+        name: str,
+    ) -> None:
+        """`shards`: each shard's file name and its tensors (safetensors name, shape) in the order they are
+        written; `files`: GGUF type -> the path of its file."""
+        _check_architecture(config, "the merged model")
+        order = [(shard, hf_name, shape) for shard, tensors in shards for hf_name, shape in tensors]
+        shapes = {hf_name: shape for _, hf_name, shape in order}
+        layers = int(config["num_hidden_layers"])
+        tied = _tied(config, shapes)
+        self._partial = {t: p.with_name(p.name + ".partial") for t, p in files.items()}
+        self._paths = dict(files)
+        # per type: safetensors name -> (GGUF name, type), for the tensors the file holds
+        self._types = {
+            t: {hf: (g, q) for g, (hf, q) in _types(shapes, layers, tied, t, "the merged model").items()}
+            for t in files
+        }
+        self._order = order
+        self._next = 0  # index in `order` of the next tensor to write
+        self._parameters = {t: sum(math.prod(shapes[hf]) for hf in types) for t, types in self._types.items()}
+        self._writers: dict[str, GGUFWriter] = {}
+        try:
+            for t, partial in self._partial.items():
+                tensors = [(*self._types[t][hf], shape) for _, hf, shape in order if hf in self._types[t]]
+                self._writers[t] = _start(
+                    partial, config, tokenizer, GGUF_TYPES[t], name, [(g, s, q) for g, q, s in tensors]
+                )
+        except BaseException:
+            self.abort()
+            raise
+
+    def add_shard(self, path: Path) -> None:
+        """Append the tensors of the finished shard `path` (the next one in the merge's order) to every file."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as shard:
+            while self._next < len(self._order) and self._order[self._next][0] == path.name:
+                _, hf_name, shape = self._order[self._next]
+                targets = [(t, types[hf_name]) for t, types in self._types.items() if hf_name in types]
+                if targets:
+                    values = shard.get_slice(hf_name)
+                    for t, (_, qtype) in targets:
+                        _write_tensor(self._writers[t], [], qtype)  # the padding before its data
+                    for rows in _row_steps(shape):
+                        chunk = values[rows[0] : rows[1]] if rows is not None else shard.get_tensor(hf_name)
+                        for t, (_, qtype) in targets:
+                            _file(self._writers[t]).write(_tensor_bytes(chunk, qtype).tobytes())
+                self._next += 1
+
+    def finish(self) -> list[GgufFile]:
+        """Complete every file (all shards added) and give them their final names."""
+        if self._next != len(self._order):
+            raise RuntimeError(f"GGUF stream finished with {len(self._order) - self._next} tensors missing")
+        written = []
+        for t, writer in self._writers.items():
+            _finish(writer)
+            self._partial[t].replace(self._paths[t])
+            size = self._paths[t].stat().st_size
+            written.append(GgufFile(self._paths[t], t, size, self._parameters[t]))
+        self._writers = {}
+        return written
+
+    def abort(self) -> None:
+        """Close and remove the unfinished files."""
+        for t, writer in self._writers.items():
+            writer.close()
+            self._partial[t].unlink(missing_ok=True)
+        self._writers = {}
