@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from . import __version__, kernels, plots
+from . import __version__, plots
 from .methods import trim_
 from .plan import MergePlan, OutputTensor
 
@@ -171,30 +171,13 @@ class MergeStats:
         base = base.to(self.plan.compute_dtype)
         n, numel, device = len(models), base.numel(), base.device
         task_vectors = self._scratch("task_vectors", (n, numel), base.dtype, device)
-        # The compiled pass (kernels.diagnostics) where it applies: τ and every count in one loop, the same
-        # integers as the torch passes below; the dot products stay in torch either way.
-        fast = kernels.diagnostics(base, tuple(models), cuts if self.trims else None, task_vectors)
-        if fast is None:
-            for row, model in zip(task_vectors, models, strict=True):
-                torch.sub(model.flatten(), base.flatten(), out=row)
+        for row, model in zip(task_vectors, models, strict=True):
+            torch.sub(model.flatten(), base.flatten(), out=row)
         gram = torch.zeros((n, n), dtype=torch.float64, device=device)
         # float64 a block at a time (a quarter of a slice), so the dot products are exact to rounding.
         for block in torch.split(task_vectors, _BLOCK, dim=1):
             as64 = self._scratch("as64", block.shape, torch.float64, device).copy_(block)
             gram.addmm_(as64, as64.T)
-        if fast is not None:
-            conflicts, counts, signs = fast
-            zeros = torch.zeros(n, dtype=torch.int64, device=device)
-            kept = counts[1] + counts[2] if self._nan else counts[1]
-            sums = _Sums(numel, gram, torch.tensor(conflicts), counts[0], *(zeros.clone() for _ in range(4)))
-            if self.trims:
-                sums.kept, sums.dropped, sums.undecided_pos, sums.undecided_neg = (
-                    kept,
-                    counts[3],
-                    counts[4],
-                    counts[5],
-                )
-            return Measured(tensor.name, sums, float(signs) if self.trims else 0.0)
         # Every count below is a matrix product of sign vectors (`_counts`): on a CPU, boolean masks and
         # logical operations cost several times an arithmetic pass (bench/RESULTS.md).
         # A position has a sign conflict when the largest τ is > 0 and the smallest < 0 (conflict = 1.0

@@ -5,13 +5,9 @@ TIES spends its time in three loops over every element of every task vector: |τ
 cut-off, the count of those magnitudes against the cut-off's bracket (`selection.kth_smallest`), and the
 merge step itself (trim, elect, disjoint sum). In torch each is several passes over memory (a bf16 → float32
 promotion, a subtraction, an abs, a clamp, a bincount, ...); here each is one loop that reads its inputs once
-(bench/RESULTS.md, "TIES's hot loops compiled with numba"). The merge diagnostics' counts (sign conflicts,
-TIES's kept, dropped and undecided entries) are one more such loop (`diagnostics`): a dozen torch passes
-over the task vectors become one; their float64 dot products stay in torch. Every kernel does the same IEEE
-float32 operations, in the same order, as the torch path it stands for, and counts the same integers;
-`tests/test_kernels.py`, `tests/test_fast_paths.py` and `tests/test_diagnostics_fused.py` hold each to that
-path or to an independent reference on adversarial inputs (heavy ties, signed zeros, infinities, NaN,
-subnormals), in both modes.
+(bench/RESULTS.md, "TIES kernels"). Every kernel does the same IEEE float32 operations, in the same order, as
+the torch path it stands for; `tests/test_kernels.py` holds each to that path on adversarial inputs (heavy
+ties, signed zeros, infinities, subnormals).
 
 The kernels take bf16 models only (Qwen2.5's dtype; a bf16 value is the top half of a float32, so widening
 is a shift) and a float32 base; anything else, and any machine without numba, takes the torch path. Set
@@ -22,14 +18,13 @@ even on the small pieces that `enabled` leaves to torch.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["bracket_counts", "diagnostics", "enabled", "magnitudes", "ties_sum"]
+__all__ = ["bracket_counts", "enabled", "magnitudes", "ties_sum"]
 
 
 # Smaller work stays in torch: loading the compiled kernels costs ~1-2 s once a process.
@@ -55,12 +50,7 @@ def _compiled() -> dict[str, Any] | None:
         from . import _numba
     except ImportError:  # pragma: no cover - numba is a dependency; a broken install still merges
         return None
-    return {
-        "magnitudes": _numba.magnitudes,
-        "counts": _numba.counts,
-        "ties_sum": _numba.ties_sum,
-        "diagnostics": _numba.diagnostics,
-    }
+    return {"magnitudes": _numba.magnitudes, "counts": _numba.counts, "ties_sum": _numba.ties_sum}
 
 
 def _bf16_bits(tensors: tuple[torch.Tensor, ...]) -> tuple[Any, ...] | None:
@@ -139,35 +129,3 @@ def ties_sum(
     if nan:
         return None
     return values.view(base.shape), undecided[:found].clone(), int(signs)
-
-
-def diagnostics(
-    base: torch.Tensor, models: tuple[torch.Tensor, ...], cuts: Sequence[float] | None, tau: torch.Tensor
-) -> tuple[int, torch.Tensor, int] | None:
-    """The counts of `diagnostics.MergeStats.measure` in one pass, with τᵢ written into `tau` ((n, numel)
-    float32) for the dot products: (sign conflicts, a (6, n) int64 tensor of per-model counts, Σ elected
-    signs), the rows as `_numba.diagnostics` lists them; `cuts` None without trimming. None where the kernel
-    does not apply."""
-    import numpy as np
-    import torch
-
-    if not (
-        enabled(base.numel()) and _float32_cpu(base) and tau.dtype == torch.float32 and tau.is_contiguous()
-    ):
-        return None
-    rows = _bf16_bits(models)
-    if rows is None:
-        return None
-    cut = torch.tensor(list(cuts) if cuts is not None else [0.0] * len(models), dtype=torch.float32)
-    below = torch.nextafter(cut, torch.tensor(-np.inf, dtype=torch.float32))
-    counts = torch.zeros((6, len(models)), dtype=torch.int64)
-    conflicts, signs = _compiled()["diagnostics"](  # type: ignore[index]
-        base.reshape(-1).contiguous().numpy(),
-        rows,
-        cuts is not None,
-        cut.numpy(),
-        below.numpy(),
-        tau.numpy(),
-        counts.numpy(),
-    )
-    return int(conflicts), counts, int(signs)

@@ -2,8 +2,7 @@
 merge) against the computation they replaced: a separate pass over the same pieces on one thread, with
 boolean masks (`reference_add` below, the package's code before the fusion, kept here as the reference).
 Counts are exact either way and the float64 dot products are taken by the same operations on the same
-pieces, so the documents are equal to the bit, NaN included. Each test runs on the torch path and on the
-compiled kernels (`hubmerge.kernels`, `HUBMERGE_KERNELS=numba`: every count in one loop over bf16 models)."""
+pieces, so the documents are equal to the bit, NaN included."""
 
 from __future__ import annotations
 
@@ -24,13 +23,6 @@ from hubmerge.engine import _open_inputs, _Passes
 from hubmerge.plan import OutputTensor
 
 MODELS = ("math", "coder", "instruct")
-
-
-@pytest.fixture(autouse=True, params=["torch", "numba"])
-def kernels_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test once on the torch path and once on the compiled kernels, even on the tiny pieces."""
-    monkeypatch.setenv("HUBMERGE_KERNELS", request.param)
-    return str(request.param)
 
 
 def _row_counts(rows: list[torch.Tensor]) -> torch.Tensor:
@@ -131,9 +123,8 @@ def test_fused_stats_of_merge_and_inspect_equal_the_separate_pass_to_the_bit(
     assert as_text(inspected) == as_text(expected)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_ties_counts_equal_the_separate_pass_where_sums_cancel_and_inputs_hold_nan(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Exact cancellations (the elected sign is 0: undecided entries, both signs), a zero task vector,
     and NaN and ±Inf in the sources of a recipe that allows them."""
@@ -146,7 +137,7 @@ def test_fused_ties_counts_equal_the_separate_pass_where_sums_cancel_and_inputs_
     a["model.layers.1.mlp.up_proj.weight"][0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
     c["model.layers.1.mlp.up_proj.weight"][0, 1] = -float("inf")  # +inf + -inf: a NaN sum
     for name, sd in (("base", base), ("a", a), ("b", b), ("c", c)):
-        write_checkpoint(tmp_path / name, sd, dtype=dtype)
+        write_checkpoint(tmp_path / name, sd, dtype=torch.float32)
     recipe = tmp_path / "r.toml"
     recipe.write_text(
         'method = "ties"\nbase = "base"\nmodels = ["a", "b", "c"]\nallow_non_finite = true\n'
