@@ -20,8 +20,6 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from . import kernels
-
 __all__ = ["bracket", "kth_smallest"]
 
 _BINS = 1 << 16
@@ -115,8 +113,6 @@ def kth_smallest(
         counts = {i: torch.zeros(hi - lo + 2, dtype=torch.int64) for i, (lo, hi) in bounds.items()}
         if bounds:
             for chunk in chunks():
-                if kernels.bracket_counts(chunk, bounds, counts):
-                    continue
                 bits = chunk.contiguous().view(torch.int32)
                 offset = torch.empty_like(bits[0])
                 for i, (lo, hi) in bounds.items():

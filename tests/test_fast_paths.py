@@ -4,8 +4,6 @@
   the exact radix passes when the bracket misses.
 - The methods take models in their stored dtype (bf16, f16) and compute what upcast copies would, bit
   for bit; TIES' fused "sum" equals the general disjoint merge bit for bit.
-- Each of those holds with the compiled kernels (`hubmerge.kernels`, numba) and with the torch path alike:
-  the tests that touch them run once per `HUBMERGE_KERNELS` mode.
 - The lock's source hashing gives each file's sha256, and `cancel()` stops it before the next file.
 """
 
@@ -25,13 +23,6 @@ from hubmerge.lock import SourceHashes
 from hubmerge.methods import METHODS, Slice
 from hubmerge.methods.ties import _disjoint_merge
 from hubmerge.selection import bracket, kth_smallest
-
-
-@pytest.fixture(params=["torch", "numba"])
-def kernels_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run the test on the torch path and on the compiled kernels (even on pieces `auto` leaves to torch)."""
-    monkeypatch.setenv("HUBMERGE_KERNELS", request.param)
-    return str(request.param)
 
 
 def _data(seed: int = 0) -> torch.Tensor:
@@ -55,7 +46,7 @@ def _kthvalue(x: torch.Tensor, ranks: list[int]) -> list[float]:
 
 
 @pytest.mark.parametrize("ranks", [[40_000] * 3, [30_000, 35_000, 45_000], [25_000, 40_000, 0]])
-def test_bracketed_selection_is_one_pass_and_bit_identical_to_kthvalue(ranks: list[int], kernels_mode: str) -> None:
+def test_bracketed_selection_is_one_pass_and_bit_identical_to_kthvalue(ranks: list[int]) -> None:
     x = _data()
     sample = x[:, ::5]
     calls: list[int] = []
@@ -66,7 +57,7 @@ def test_bracketed_selection_is_one_pass_and_bit_identical_to_kthvalue(ranks: li
 
 
 @pytest.mark.parametrize("where", ["below", "above", "empty"])
-def test_a_missed_bracket_falls_back_to_the_exact_passes(where: str, kernels_mode: str) -> None:
+def test_a_missed_bracket_falls_back_to_the_exact_passes(where: str) -> None:
     x = _data(1)
     ranks = [30_000, 41_000, 49_000]
     truth = _kthvalue(x, ranks)
@@ -82,7 +73,7 @@ def test_a_missed_bracket_falls_back_to_the_exact_passes(where: str, kernels_mod
 
 
 @pytest.mark.parametrize("edge", ["lo", "hi"])
-def test_an_answer_on_either_edge_of_the_bracket_is_found_in_one_pass(edge: str, kernels_mode: str) -> None:
+def test_an_answer_on_either_edge_of_the_bracket_is_found_in_one_pass(edge: str) -> None:
     """Quantised task vectors (Qwen2.5-1.5B-shaped bf16 fine-tunes) often put the k-th value exactly where
     the sample's margin ends: the bracket holds both of its ends (a half-open one cost two more reads)."""
     x = _data(3)
@@ -96,7 +87,7 @@ def test_an_answer_on_either_edge_of_the_bracket_is_found_in_one_pass(edge: str,
 
 
 @pytest.mark.parametrize("bracketed", [True, False])
-def test_extreme_and_tied_ranks_match_kthvalue(bracketed: bool, kernels_mode: str) -> None:
+def test_extreme_and_tied_ranks_match_kthvalue(bracketed: bool) -> None:
     x = _data(2)
     ranks = [1, 5000, 50_000]  # the smallest, the last of the tied zeros, the largest
     brackets = bracket(x[:, ::5], ranks, x.shape[1]) if bracketed else None
@@ -136,7 +127,7 @@ def _merge(
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_methods_on_stored_dtype_models_equal_upcast_copies_bit_for_bit(dtype: torch.dtype, kernels_mode: str) -> None:
+def test_methods_on_stored_dtype_models_equal_upcast_copies_bit_for_bit(dtype: torch.dtype) -> None:
     base, models = _inputs(dtype)
     b32, m32 = base.float(), [m.float() for m in models]
     mixed = [m32[0], *models[1:]]  # the engine upcasts only the first slice
@@ -162,7 +153,7 @@ def test_methods_on_stored_dtype_models_equal_upcast_copies_bit_for_bit(dtype: t
         assert torch.equal(fast.undecided, plain.undecided) and fast.undecided.numel() > 0
 
 
-def test_ties_fused_sum_equals_the_general_disjoint_merge_bit_for_bit(kernels_mode: str) -> None:
+def test_ties_fused_sum_equals_the_general_disjoint_merge_bit_for_bit() -> None:
     base, models = _inputs(torch.bfloat16)
     b32 = base.float()
     cuts = [float((m.float() - b32).abs().median()) for m in models]
@@ -187,7 +178,7 @@ def _fusionbench_ties(base: torch.Tensor, models: list[torch.Tensor], cuts: list
 
 
 @pytest.mark.parametrize("cut_at", ["median", "zero", "exact"])
-def test_ties_fast_trim_and_elected_sum_keep_every_bit_signed_zeros_included(cut_at: str, kernels_mode: str) -> None:
+def test_ties_fast_trim_and_elected_sum_keep_every_bit_signed_zeros_included(cut_at: str) -> None:
     # Signed zeros everywhere: a base of -0 and +0, models of -0 and +0, so τ = -0 (only from -0 - +0),
     # +0, exact cancellations; cut-offs at 0 (keep all) and at values the task vectors hold exactly.
     g = torch.Generator().manual_seed(3)

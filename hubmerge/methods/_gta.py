@@ -172,13 +172,8 @@ def magnitudes(s: Slice, stats: Stats) -> Tensor:
     """|τᵢ| of one slice, one flat float32 row per model, on the CPU (where the selection counts)."""
     import torch
 
-    from .. import kernels
-
     assert s.base is not None
     base = s.base.flatten()
-    fast = kernels.magnitudes(base, s.models)
-    if fast is not None:
-        return fast
     out = torch.empty((len(s.models), base.numel()), dtype=base.dtype, device=base.device)
     for row, model in zip(out, s.models, strict=True):
         torch.sub(model.flatten(), base, out=row).abs_()

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from .. import kernels
 from ._gta import TIES, magnitudes
 from .base import Contract, FusionBenchConfig, Method, Param, Reduce, Select, Slice, Stats, trim_
 from .task_arithmetic import SCALING
@@ -126,31 +125,24 @@ def merge(s: Slice, stats: Stats) -> TiesChunk | Tensor:
     assert s.base is not None
     base = s.base
     scaling_factor, merge_func = float(s.params["scaling_factor"]), str(s.params["merge_func"])
-    # The compiled loop (kernels.ties_sum) where it applies: the same values, positions and signs, bit for bit.
-    fast = kernels.ties_sum(base, s.models, stats["cut"], scaling_factor) if merge_func == "sum" else None
-    if fast is not None:
-        values, undecided, sign_sum = fast
+    task_vectors, total = _trimmed(s, stats)
+    if merge_func == "sum":
+        merged = _elected_sum(task_vectors, total)
+        # Undecided: Σ trimmed τ is exactly 0 while some τᵢ is not, so both signs occur. There the elected
+        # sign was +1 and `merged` is Σ max(τᵢ, 0), > 0 exactly then.
+        undecided = ((total == 0) & (merged > 0)).flatten().nonzero().flatten()
     else:
-        task_vectors, total = _trimmed(s, stats)
-        if merge_func == "sum":
-            merged = _elected_sum(task_vectors, total)
-            # Undecided: Σ trimmed τ is exactly 0 while some τᵢ is not, so both signs occur. There the
-            # elected sign was +1 and `merged` is Σ max(τᵢ, 0), > 0 exactly then.
-            undecided = ((total == 0) & (merged > 0)).flatten().nonzero().flatten()
-        else:
-            sign = torch.sign(total)
-            zero = sign == 0
-            undecided = (zero & (task_vectors != 0).any(dim=0)).flatten().nonzero().flatten()
-            merged = _disjoint_merge(task_vectors, torch.where(zero, 1.0, sign), merge_func)
-        values = merged.mul_(scaling_factor).add_(base)  # base + λ·merged, rounded as written
-        sign_sum = None
+        sign = torch.sign(total)
+        zero = sign == 0
+        undecided = (zero & (task_vectors != 0).any(dim=0)).flatten().nonzero().flatten()
+        merged = _disjoint_merge(task_vectors, torch.where(zero, 1.0, sign), merge_func)
+    values = merged.mul_(scaling_factor).add_(base)  # base + λ·merged, rounded as written
     settled = stats.get("majority")
     if settled is not None and (settled > 0 or not undecided.numel()):
         return values  # the +1 the merge assumed is the majority, or nothing waits for it
 
     if settled is None and not undecided.numel():
-        signs = sign_sum if sign_sum is not None else _sign_sum(total)
-        return TiesChunk(values, signs, undecided, base.new_empty(0), base.new_empty(0))
+        return TiesChunk(values, _sign_sum(total), undecided, base.new_empty(0), base.new_empty(0))
     b = base.flatten()[undecided]
     # Their trimmed τ again, by the same operations on the same values (the merge consumed the buffer).
     vectors = _trimmed(_at(s, undecided), stats)[0]
@@ -162,8 +154,7 @@ def merge(s: Slice, stats: Stats) -> TiesChunk | Tensor:
     if settled is not None:
         values.view(-1)[undecided] = under(-1.0 if settled < 0 else 0.0)
         return values
-    signs = sign_sum if sign_sum is not None else _sign_sum(total)
-    return TiesChunk(values, signs, undecided, under(-1.0), under(0.0))
+    return TiesChunk(values, _sign_sum(total), undecided, under(-1.0), under(0.0))
 
 
 def _ranks(numel: int, s: Slice) -> list[int]:
