@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY, random_state_dict, run_cli, write_checkpoint
+from conftest import TINY, random_state_dict, write_checkpoint
 from PIL import Image
 from safetensors.torch import load_file
+from support.cli import invoke_cli
 
 import hubmerge.plan
 from hubmerge import api
@@ -181,7 +182,7 @@ def test_inspect_writes_the_merges_numbers_and_plots_and_no_model_files(tmp_path
     merged = api.merge(recipe, push=False, quiet=True)
     assert merged.output_dir == tmp_path / "merged"
 
-    shown = run_cli("inspect", recipe)
+    shown = invoke_cli("inspect", recipe)
     assert shown.returncode == 0, shown.stderr
     inspected = tmp_path / "merged-inspect"  # the default folder: beside the output, never inside it
     assert sorted(p.name for p in inspected.iterdir()) == sorted([STATS_FILE, *PLOT_FILES])
@@ -249,7 +250,7 @@ def test_no_stats_flag_and_recipe_switch_turn_the_diagnostics_off(
     assert "Merge diagnostics" not in (result.output_dir / "README.md").read_text()
 
     on = write_recipe(recipe_text("simple_average"), "on.toml")
-    flagged = run_cli(on, "--output", tmp_path / "b", "--no-stats", "-q")
+    flagged = invoke_cli(on, "--output", tmp_path / "b", "--no-stats", "-q")
     assert flagged.returncode == 0, flagged.stderr
     assert (tmp_path / "b" / "model.safetensors").is_file()
     assert not any((tmp_path / "b" / file).exists() for file in [STATS_FILE, *PLOT_FILES])

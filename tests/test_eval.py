@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from conftest import REPO, TINY, run_cli
 from hubserver import LocalHub
+from support.cli import invoke_cli
 
 from hubmerge import api
 from hubmerge.errors import RecipeError
@@ -210,7 +211,7 @@ def test_results_agree_in_json_card_and_model_index_and_the_cache_reevaluates_on
 
 
 def test_eval_command_refuses_a_folder_without_a_merge(tmp_path: Path) -> None:
-    result = run_cli("eval", recipe(tmp_path), cwd=REPO)
+    result = invoke_cli("eval", recipe(tmp_path), cwd=REPO)
     assert result.returncode == 7
     assert result.stderr.strip() == (
         f"hubmerge: error: {tmp_path / 'out'} holds no hubmerge output to evaluate; run `hubmerge "
@@ -280,7 +281,7 @@ def test_gate_blocks_a_push_that_misses_require_and_lets_a_passing_one_through(
             eval_table=f"limit = 8\nbatch_size = 8\nsources = false\nrequire = {{ hubmerge_tiny = {rule} }}\n",
         )
         path.write_text(path.read_text().replace("[output]\n", '[output]\nrepo = "user/gated"\n'))
-        return run_cli(path, "--eval", "-q", "--summary", summary, cwd=REPO, env=env)
+        return invoke_cli(path, "--eval", "-q", "--summary", summary, cwd=REPO, env=env)
 
     missed = run("1.01")
     assert missed.returncode == 8, missed.stderr
@@ -343,7 +344,7 @@ def test_sanity_check_passes_the_shipped_demo(tmp_path: Path) -> None:
 
 
 def test_no_sanity_turns_the_check_off(tmp_path: Path) -> None:
-    result = run_cli(
+    result = invoke_cli(
         REPO / "recipes/examples/tiny-ties.toml", "--output", tmp_path / "o", "--no-sanity", "-q"
     )
     assert result.returncode == 0, result.stderr

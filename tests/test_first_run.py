@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, random_state_dict, run_cli, write_checkpoint
+from conftest import REPO, random_state_dict, write_checkpoint
+from support.cli import invoke_cli
 
 from hubmerge import api
 from hubmerge.errors import HubmergeError, RecipeError
@@ -297,7 +298,7 @@ def test_merge_with_eval_prints_the_score_table_and_keeps_library_output_off_std
         "HF_HUB_OFFLINE": "1",
         "GIT_DIR": str(tmp_path / "none"),  # as outside a repository: lm-eval's `git describe` fails loudly
     }
-    result = run_cli(recipe, "--eval", "--no-push", cwd=REPO, env=env)  # the task's data path is relative
+    result = invoke_cli(recipe, "--eval", "--no-push", cwd=REPO, env=env)  # the task's data path is relative
     assert result.returncode == 0, result.stderr
     assert "fatal" not in result.stderr and "it/s" not in result.stderr and "%|" not in result.stderr, (
         result.stderr

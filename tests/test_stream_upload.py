@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_state_dict, run_cli, write_checkpoint
+from conftest import random_state_dict, write_checkpoint
 from hubserver import LocalHub
+from support.cli import invoke_cli
 from test_faults import _start
 from test_hub import TOKEN, hub_env
 from test_slices import cancelling_pool
@@ -79,7 +80,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, seed in (("base", 0), ("a", 1), ("b", 2)):
         write_checkpoint(folder / name, random_state_dict(seed))
     recipe = _recipe(folder, "user/unused")
-    assert run_cli(recipe, "--no-push", "--output", folder / "reference", "-q").returncode == 0
+    assert invoke_cli(recipe, "--no-push", "--output", folder / "reference", "-q").returncode == 0
     return folder
 
 
@@ -216,7 +217,7 @@ def test_ties_deleting_uploaded_shards_settles_the_majority_sign_first_and_keeps
         '[parameters]\nscaling_factor = 1.0\nthreshold = 100\n[output]\nrepo = "user/ties"\nmax_shard_size = "8KB"\n'
     )
     recipe = _recipe(tmp_path, "user/ties", text)
-    assert run_cli(recipe, "--no-push", "--output", tmp_path / "reference", "-q").returncode == 0
+    assert invoke_cli(recipe, "--no-push", "--output", tmp_path / "reference", "-q").returncode == 0
     reference = _shards(tmp_path / "reference")
     assert len(reference) >= 4
     since = len(hub.requests)
@@ -264,7 +265,7 @@ def test_a_run_killed_while_streaming_leaves_no_commit_and_a_rerun_makes_exactly
     else:  # the local output was complete before the push began, as without streaming
         assert _shards(tmp_path / "out") == _shards(pool / "reference")
 
-    rerun = run_cli(recipe, "--output", tmp_path / "out", "-q", env=hub_env(hub, tmp_path))
+    rerun = invoke_cli(recipe, "--output", tmp_path / "out", "-q", env=hub_env(hub, tmp_path))
     assert rerun.returncode == 0, rerun.stderr
     commits = hub.commits(repo)
     assert len(commits) == before + 1 and commits[0].summary == SUMMARY
