@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +21,8 @@ import pytest
 from conftest import REPO, TINY, mounted_tmpfs, random_state_dict, write_checkpoint
 from hubserver import Hold, LocalHub
 from safetensors.torch import load_file
-from test_hub import POOL, TOKEN, _folder_files, hub_env
+from support.cli import start_cli
+from support.hub import POOL, TOKEN, folder_files, hub_env
 
 from hubmerge import output
 
@@ -37,7 +37,7 @@ def hub() -> Iterator[LocalHub]:
         server.add_user("Qwen", "hf_qwen_token")
         for repo, name in POOL.items():
             server.create_repo(repo)
-            server.commit(repo, _folder_files(TINY / name), "Upload model")
+            server.commit(repo, folder_files(TINY / name), "Upload model")
         yield server
 
 
@@ -47,21 +47,8 @@ def _hold_weights(hub: LocalHub) -> Hold:
     return hub.hold_next(f"{WEIGHTS}{sha}/model.safetensors", method="GET", whole=True)
 
 
-def _start(*args: str | Path, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen[str]:
-    full_env = {**os.environ, **env}
-    full_env.pop("HUBMERGE_DEBUG", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "hubmerge.cli", *map(str, args)],
-        env=full_env,
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def _run(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    process = _start(*args, env=env)
+    process = start_cli(*args, env=env)
     stdout, stderr = process.communicate(timeout=300)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
@@ -103,7 +90,7 @@ def test_disk_filling_up_mid_write_is_one_line_and_keeps_the_previous_output(
     # The second run has an empty cache, so it downloads; while the download is held, another process
     # fills the disk. The weights then hit ENOSPC in the writer thread.
     held = _hold_weights(hub)
-    process = _start(recipe, "--output", out, "-q", env=hub_env(hub, tmp_path / "second"))
+    process = start_cli(recipe, "--output", out, "-q", env=hub_env(hub, tmp_path / "second"))
     try:
         assert held.arrived.wait(120)
         free = shutil.disk_usage(small_disk).free
@@ -149,7 +136,7 @@ def test_signal_mid_merge_stops_within_two_seconds_and_removes_the_staging_folde
     tiny = REPO / "recipes" / "examples" / "tiny-task_arithmetic.toml"
     assert _run(tiny, "--output", out, "-q", env={}).returncode == 0
     previous = _snapshot(out)
-    process = _start(big_pool / "recipe.toml", "--output", out, "-q", env={})
+    process = start_cli(big_pool / "recipe.toml", "--output", out, "-q", env={})
     _wait_for(lambda: _staging(tmp_path), process)
     process.send_signal(signum)
     # No wall-clock bound (tests do not depend on timing): the unchanged output below shows the merge
@@ -166,7 +153,7 @@ def test_signal_while_a_download_is_stalled_exits_at_once(hub: LocalHub, tmp_pat
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(HUB_RECIPE)
     held = _hold_weights(hub)
-    process = _start(recipe, "--output", tmp_path / "out", "-q", env=hub_env(hub, tmp_path))
+    process = start_cli(recipe, "--output", tmp_path / "out", "-q", env=hub_env(hub, tmp_path))
     try:
         assert held.arrived.wait(120)
         process.send_signal(signum)
@@ -182,7 +169,7 @@ def test_kill_9_mid_merge_then_a_rerun_succeeds_and_takes_no_stale_folder_for_ou
     big_pool: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    process = _start(big_pool / "recipe.toml", "--output", out, "-q", env={})
+    process = start_cli(big_pool / "recipe.toml", "--output", out, "-q", env={})
     _wait_for(lambda: _staging(tmp_path), process)
     process.kill()
     process.communicate(timeout=60)
@@ -240,7 +227,7 @@ def test_a_slow_download_is_waited_for(hub: LocalHub, tmp_path: Path) -> None:
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(HUB_RECIPE)
     held = _hold_weights(hub)
-    process = _start(recipe, "--output", tmp_path / "out", "-q", env=hub_env(hub, tmp_path))
+    process = start_cli(recipe, "--output", tmp_path / "out", "-q", env=hub_env(hub, tmp_path))
     assert held.arrived.wait(120)
     assert process.poll() is None  # still waiting on the answer, not failed
     held.release.set()
@@ -275,7 +262,7 @@ def test_branch_moved_during_the_push_is_retried_on_the_new_tip(hub: LocalHub, t
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(HUB_RECIPE + '[output]\nrepo = "user/moving"\n')
     held = hub.hold_next("/api/models/user/moving/preupload/", method="POST")
-    process = _start(recipe, "--output", tmp_path / "out", env=hub_env(hub, tmp_path))
+    process = start_cli(recipe, "--output", tmp_path / "out", env=hub_env(hub, tmp_path))
     try:
         assert held.arrived.wait(120)
         hub.commit("user/moving", {"notes.md": b"pushed meanwhile"}, "someone else's commit")

@@ -14,18 +14,7 @@ from conftest import REPO, TINY
 from hubserver import LocalHub
 from safetensors.torch import load, save
 from support.cli import invoke_cli
-
-TOKEN, OTHER_TOKEN = "hf_test_user_token", "hf_test_other_token"
-POOL = {
-    "Qwen/Qwen2.5-1.5B": "base",
-    "Qwen/Qwen2.5-Math-1.5B": "math",
-    "Qwen/Qwen2.5-Coder-1.5B": "coder",
-    "Qwen/Qwen2.5-1.5B-Instruct": "instruct",
-}
-
-
-def _folder_files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+from support.hub import OTHER_TOKEN, POOL, TOKEN, folder_files, hub_env
 
 
 def _scaled(weights: bytes, factor: float) -> bytes:
@@ -43,27 +32,13 @@ def hub() -> Iterator[LocalHub]:
         server.add_user("Qwen", "hf_qwen_token")
         for repo, name in POOL.items():
             server.create_repo(repo)
-            files = _folder_files(TINY / name)
+            files = folder_files(TINY / name)
             old = dict(files, **{"model.safetensors": _scaled(files["model.safetensors"], 0.5)})
             server.commit(repo, old, "Upload model")
             server.create_tag(repo, "v1.0")
             server.commit(repo, files, "Update weights")
         server.create_branch("Qwen/Qwen2.5-1.5B-Instruct", "dev", "v1.0")
         yield server
-
-
-def hub_env(hub: LocalHub, tmp_path: Path, token: str | None = TOKEN, **extra: str) -> dict[str, str]:
-    env = {
-        "HF_ENDPOINT": hub.url,
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "HF_HUB_DISABLE_XET": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-        "NO_PROXY": "127.0.0.1,localhost",
-        "HF_HUB_OFFLINE": "0",
-        "HF_TOKEN": token or "",
-    }
-    return env | extra
 
 
 def test_merge_pins_branch_tag_and_sha_then_pushes_private_repo(hub: LocalHub, tmp_path: Path) -> None:
@@ -296,7 +271,7 @@ def test_missing_revision(hub: LocalHub, tmp_path: Path) -> None:
 def test_pickle_only_repo_is_refused_before_download(hub: LocalHub, tmp_path: Path) -> None:
     if "Qwen/pickled" not in hub._repos:
         hub.create_repo("Qwen/pickled")
-        files = _folder_files(TINY / "math")
+        files = folder_files(TINY / "math")
         del files["model.safetensors"]
         hub.commit("Qwen/pickled", files | {"pytorch_model.bin": b"\x80\x04 pickle"}, "pickle")
     _fails(
@@ -365,7 +340,7 @@ def test_online_and_offline_resolution_pick_the_same_weight_files(hub: LocalHub,
     `hf download` does): online and offline plans read model.safetensors alone, as transformers does."""
     if "Qwen/consolidated" not in hub._repos:
         hub.create_repo("Qwen/consolidated")
-        files = _folder_files(TINY / "math")
+        files = folder_files(TINY / "math")
         hub.commit(
             "Qwen/consolidated", files | {"consolidated.safetensors": files["model.safetensors"]}, "up"
         )

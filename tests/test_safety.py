@@ -18,7 +18,7 @@ import torch
 from conftest import REPO, TINY, random_state_dict, write_checkpoint
 from hubserver import LocalHub
 from support.cli import invoke_cli
-from test_hub import POOL, TOKEN, _folder_files, hub_env
+from support.hub import POOL, TOKEN, folder_files, hub_env
 
 from hubmerge import output
 
@@ -284,7 +284,7 @@ def hub() -> Iterator[LocalHub]:
         server.add_user("Qwen", "hf_qwen_token")
         for repo, name in POOL.items():
             server.create_repo(repo)
-            server.commit(repo, _folder_files(TINY / name), "Upload model")
+            server.commit(repo, folder_files(TINY / name), "Upload model")
         yield server
 
 

@@ -25,7 +25,7 @@ import torch
 from conftest import random_state_dict, write_checkpoint
 from hubserver import LocalHub
 from support.cli import invoke_cli
-from test_hub import TOKEN, hub_env
+from support.hub import TOKEN, hub_env
 
 from hubmerge import remote
 from hubmerge.errors import SourceError

@@ -22,10 +22,9 @@ import pytest
 import torch
 from conftest import random_state_dict, write_checkpoint
 from hubserver import LocalHub
-from support.cli import invoke_cli
-from test_faults import _start
-from test_hub import TOKEN, hub_env
-from test_slices import cancelling_pool
+from support.cli import invoke_cli, start_cli
+from support.hub import TOKEN, hub_env
+from support.reference import cancelling_pool
 
 SUMMARY = "hubmerge: recipe.toml (task_arithmetic)"
 RECIPE = (
@@ -251,7 +250,7 @@ def test_a_run_killed_while_streaming_leaves_no_commit_and_a_rerun_makes_exactly
     recipe = _recipe(tmp_path, repo, RECIPE.replace("./", f"{pool}/"))
     before = len(hub.commits(repo))
     held = hub.hold_next(hold[0], method=hold[1])
-    process = _start(recipe, "--output", tmp_path / "out", "-q", env=hub_env(hub, tmp_path))
+    process = start_cli(recipe, "--output", tmp_path / "out", "-q", env=hub_env(hub, tmp_path))
     try:
         assert held.arrived.wait(120), moment
         process.send_signal(signum)

@@ -29,7 +29,7 @@ from conftest import mounted_tmpfs, random_state_dict, write_checkpoint
 from hubserver import LocalHub, SparseFile
 from qwen_shapes import add_shaped_repos, recipe_text
 from support.cli import invoke_cli
-from test_hub import TOKEN, hub_env
+from support.hub import TOKEN, hub_env
 
 VOCAB = 32768  # float32: an embedding of 4 MiB, so a source is ~4.4 MB and the bf16 output ~2.2 MB
 SHARDS = 3
@@ -37,7 +37,7 @@ REPOS = {"Qwen/tiny-base": 1, "Qwen/tiny-math": 2, "Qwen/tiny-coder": 3, "Qwen/t
 BUDGET = 4_000_000
 
 
-def _folder_files(folder: Path) -> dict[str, bytes]:
+def folder_files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
@@ -56,7 +56,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalHub]:
                 vocab_size=VOCAB,
             )
             server.create_repo(repo)
-            server.commit(repo, _folder_files(folder), "Upload model")
+            server.commit(repo, folder_files(folder), "Upload model")
         yield server
 
 
@@ -180,7 +180,7 @@ def deep_repos(hub: LocalHub, tmp_path_factory: pytest.TempPathFactory) -> None:
             num_hidden_layers=40,
         )
         hub.create_repo(repo)
-        hub.commit(repo, _folder_files(written), "Upload model")
+        hub.commit(repo, folder_files(written), "Upload model")
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties"])

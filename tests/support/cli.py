@@ -71,3 +71,17 @@ def invoke_cli(
     return subprocess.CompletedProcess(
         [sys.executable, "-m", "hubmerge.cli", *argv], code, out.getvalue(), err.getvalue()
     )
+
+
+def start_cli(*args: str | Path, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen[str]:
+    """A real `hubmerge` process, for what only a process shows (signals, kill -9), its output piped."""
+    full_env = {**os.environ, **env}
+    full_env.pop("HUBMERGE_DEBUG", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "hubmerge.cli", *map(str, args)],
+        env=full_env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
