@@ -16,6 +16,8 @@ import pytest
 from conftest import REPO, TINY, run_cli
 from hubserver import LocalHub
 from support.cli import invoke_cli
+from support.evaluation import TASKS
+from support.evaluation import eval_recipe as recipe
 
 from hubmerge import api
 from hubmerge.errors import RecipeError
@@ -24,7 +26,6 @@ from hubmerge.lock import file_sha256
 from hubmerge.recipe import load_recipe
 from hubmerge.sanity import LOSS_RATIO
 
-TASKS = REPO / "tests" / "data" / "lm_eval"
 TOKEN = "hf_test_user_token"
 
 
@@ -52,25 +53,6 @@ def evaluate_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", counting)
     return calls
-
-
-def recipe(
-    folder: Path,
-    scaling_factor: float = 0.8,
-    eval_table: str = "limit = 8\nbatch_size = 8\n",
-    name: str = "recipe.toml",
-    output: str = "out",
-) -> Path:
-    path = folder / name
-    path.write_text(
-        'method = "task_arithmetic"\n'
-        f'base = "{TINY / "base"}"\n'
-        f'models = ["{TINY / "math"}", "{TINY / "coder"}", "{TINY / "instruct"}"]\n'
-        f"[parameters]\nscaling_factor = {scaling_factor}\n"
-        f'[output]\ndir = "{output}"\n'
-        f'[eval]\ntasks = ["hubmerge_tiny"]\ninclude_path = "{TASKS}"\n{eval_table}'
-    )
-    return path
 
 
 def metadata(card: str) -> dict[str, Any]:

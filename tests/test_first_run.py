@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, random_state_dict, write_checkpoint
-from support.cli import invoke_cli
+from conftest import REPO, random_state_dict, run_cli, write_checkpoint
+from support.evaluation import eval_recipe
 
 from hubmerge import api
 from hubmerge.errors import HubmergeError, RecipeError
@@ -289,8 +289,6 @@ def test_card_command_shows_the_diagnostics_the_merge_wrote(
 
 @pytest.mark.slow  # lm-eval in a process of its own (~40 s here): only a process shows what reaches fd 2
 def test_merge_with_eval_prints_the_score_table_and_keeps_library_output_off_stderr(tmp_path: Path) -> None:
-    from test_eval import recipe as eval_recipe
-
     recipe = eval_recipe(tmp_path, eval_table="limit = 4\nbatch_size = 4\nsources = false\n")
     env = {
         "HF_HOME": str(tmp_path / "hf_home"),
@@ -298,7 +296,7 @@ def test_merge_with_eval_prints_the_score_table_and_keeps_library_output_off_std
         "HF_HUB_OFFLINE": "1",
         "GIT_DIR": str(tmp_path / "none"),  # as outside a repository: lm-eval's `git describe` fails loudly
     }
-    result = invoke_cli(recipe, "--eval", "--no-push", cwd=REPO, env=env)  # the task's data path is relative
+    result = run_cli(recipe, "--eval", "--no-push", cwd=REPO, env=env)  # the task's data path is relative
     assert result.returncode == 0, result.stderr
     assert "fatal" not in result.stderr and "it/s" not in result.stderr and "%|" not in result.stderr, (
         result.stderr
