@@ -21,7 +21,7 @@ import pytest
 from conftest import REPO, TINY, mounted_tmpfs, random_state_dict, write_checkpoint
 from hubserver import Hold, LocalHub
 from safetensors.torch import load_file
-from support.cli import start_cli
+from support.cli import invoke_cli, start_cli
 from support.hub import POOL, TOKEN, folder_files, hub_env
 
 from hubmerge import output
@@ -45,12 +45,6 @@ def _hold_weights(hub: LocalHub) -> Hold:
     """Hold the download of the math model's weights (not the header probes the plan makes)."""
     sha = hub.head("Qwen/Qwen2.5-Math-1.5B")
     return hub.hold_next(f"{WEIGHTS}{sha}/model.safetensors", method="GET", whole=True)
-
-
-def _run(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    process = start_cli(*args, env=env)
-    stdout, stderr = process.communicate(timeout=300)
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def _leftovers(parent: Path) -> list[str]:
@@ -84,7 +78,7 @@ def test_disk_filling_up_mid_write_is_one_line_and_keeps_the_previous_output(
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(HUB_RECIPE)
     out = small_disk / "out"
-    assert _run(recipe, "--output", out, "-q", env=hub_env(hub, tmp_path / "first")).returncode == 0
+    assert invoke_cli(recipe, "--output", out, "-q", env=hub_env(hub, tmp_path / "first")).returncode == 0
     previous = _snapshot(out)
 
     # The second run has an empty cache, so it downloads; while the download is held, another process
@@ -125,6 +119,7 @@ def _staging(parent: Path) -> bool:
     return any(name.startswith(".out.hubmerge-") for name in os.listdir(parent))
 
 
+@pytest.mark.slow  # a real process, signalled or killed: only a process shows it
 @pytest.mark.parametrize(
     ("signum", "code", "said"),
     [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)")],
@@ -134,7 +129,7 @@ def test_signal_mid_merge_stops_within_two_seconds_and_removes_the_staging_folde
 ) -> None:
     out = tmp_path / "out"
     tiny = REPO / "recipes" / "examples" / "tiny-task_arithmetic.toml"
-    assert _run(tiny, "--output", out, "-q", env={}).returncode == 0
+    assert invoke_cli(tiny, "--output", out, "-q", env={}).returncode == 0
     previous = _snapshot(out)
     process = start_cli(big_pool / "recipe.toml", "--output", out, "-q", env={})
     _wait_for(lambda: _staging(tmp_path), process)
@@ -147,6 +142,7 @@ def test_signal_mid_merge_stops_within_two_seconds_and_removes_the_staging_folde
     assert _leftovers(tmp_path) == [] and _snapshot(out) == previous
 
 
+@pytest.mark.slow  # a real process, signalled or killed: only a process shows it
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_while_a_download_is_stalled_exits_at_once(hub: LocalHub, tmp_path: Path, signum: int) -> None:
     """The download thread is blocked on a Hub that does not answer: exiting must not wait for it."""
@@ -165,6 +161,7 @@ def test_signal_while_a_download_is_stalled_exits_at_once(hub: LocalHub, tmp_pat
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
 
+@pytest.mark.slow  # a real process, signalled or killed: only a process shows it
 def test_kill_9_mid_merge_then_a_rerun_succeeds_and_takes_no_stale_folder_for_output(
     big_pool: Path, tmp_path: Path
 ) -> None:
@@ -180,7 +177,7 @@ def test_kill_9_mid_merge_then_a_rerun_succeeds_and_takes_no_stale_folder_for_ou
     assert (tmp_path / stale[0] / output.MARKER).is_file() or not any((tmp_path / stale[0]).iterdir())
     assert not out.exists()  # the half-written staging folder was never moved into place
 
-    rerun = _run(big_pool / "recipe.toml", "--output", out, "-q", env={})
+    rerun = invoke_cli(big_pool / "recipe.toml", "--output", out, "-q", env={})
     assert rerun.returncode == 0, rerun.stderr
     assert _leftovers(tmp_path) == []
     lock = json.loads((out / "hubmerge.lock.json").read_text())
@@ -196,7 +193,7 @@ def test_bursts_of_5xx_and_a_download_cut_halfway_are_retried_to_the_same_result
 ) -> None:
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(HUB_RECIPE)
-    clean = _run(recipe, "--output", tmp_path / "a" / "out", "-q", env=hub_env(hub, tmp_path / "a"))
+    clean = invoke_cli(recipe, "--output", tmp_path / "a" / "out", "-q", env=hub_env(hub, tmp_path / "a"))
     assert clean.returncode == 0, clean.stderr
     start = len(hub.requests)
     hub.fail_next(3, status=503, path_contains="/api/models/Qwen/Qwen2.5-1.5B/revision")
@@ -209,7 +206,7 @@ def test_bursts_of_5xx_and_a_download_cut_halfway_are_retried_to_the_same_result
         method="GET",
         whole=True,
     )
-    faulty = _run(recipe, "--output", tmp_path / "b" / "out", "-q", env=hub_env(hub, tmp_path / "b"))
+    faulty = invoke_cli(recipe, "--output", tmp_path / "b" / "out", "-q", env=hub_env(hub, tmp_path / "b"))
     assert faulty.returncode == 0, faulty.stderr
     assert _snapshot(tmp_path / "b" / "out") == _snapshot(tmp_path / "a" / "out")
     # The cut download was fetched again (the result above is whole and identical).
@@ -243,7 +240,7 @@ def test_upload_cut_during_lfs_lands_no_commit_and_a_rerun_lands_exactly_one(
     recipe.write_text(HUB_RECIPE + '[output]\nrepo = "user/cut"\n')
     before = len(hub.commits("user/cut"))
     hub.drop_next(50, path_contains="/lfs-upload/", method="PUT")  # more than the client's retries
-    failed = _run(recipe, "--output", tmp_path / "out", env=hub_env(hub, tmp_path))
+    failed = invoke_cli(recipe, "--output", tmp_path / "out", env=hub_env(hub, tmp_path))
     hub._faults.clear()  # the client gave up before using them all
     assert failed.returncode == 6, failed.stderr
     assert failed.stderr.splitlines()[-1] == (
@@ -251,7 +248,7 @@ def test_upload_cut_during_lfs_lands_no_commit_and_a_rerun_lands_exactly_one(
         "to the Hub.); re-run to retry"
     )
     assert len(hub.commits("user/cut")) == before
-    rerun = _run(recipe, "--output", tmp_path / "out", env=hub_env(hub, tmp_path))
+    rerun = invoke_cli(recipe, "--output", tmp_path / "out", env=hub_env(hub, tmp_path))
     assert rerun.returncode == 0, rerun.stderr
     assert len(hub.commits("user/cut")) == before + 1
     assert hub.files("user/cut")["model.safetensors"] == (tmp_path / "out" / "model.safetensors").read_bytes()
@@ -286,7 +283,7 @@ def test_branch_that_keeps_moving_gets_a_clear_message(hub: LocalHub, tmp_path: 
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(HUB_RECIPE + '[output]\nrepo = "user/busy"\n')
     hub.fail_next(3, status=409, path_contains="/api/models/user/busy/commit/", method="POST")
-    result = _run(recipe, "--output", tmp_path / "out", env=hub_env(hub, tmp_path))
+    result = invoke_cli(recipe, "--output", tmp_path / "out", env=hub_env(hub, tmp_path))
     assert result.returncode == 6
     assert result.stderr.splitlines()[-1] == (
         "hubmerge: error: pushing to user/busy failed: its branch 'main' moved under every one of 3 attempts "

@@ -233,6 +233,7 @@ def test_ties_deleting_uploaded_shards_settles_the_majority_sign_first_and_keeps
     assert _shards(tmp_path / "out") == {}
 
 
+@pytest.mark.slow  # a real process, killed or signalled: only a process shows it
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
 @pytest.mark.parametrize(
     ("moment", "hold"),
