@@ -22,7 +22,7 @@ from conftest import REPO, TINY, mounted_tmpfs, random_state_dict, write_checkpo
 from hubserver import Hold, LocalHub
 from safetensors.torch import load_file
 from support.cli import invoke_cli, start_cli
-from support.hub import POOL, TOKEN, folder_files, hub_env
+from support.hub import POOL, hub_env, pool_hub
 
 from hubmerge import output
 
@@ -32,12 +32,7 @@ WEIGHTS = "Qwen2.5-Math-1.5B/resolve/"  # the math model's file downloads (at it
 
 @pytest.fixture(scope="module")
 def hub() -> Iterator[LocalHub]:
-    with LocalHub() as server:
-        server.add_user("user", TOKEN)
-        server.add_user("Qwen", "hf_qwen_token")
-        for repo, name in POOL.items():
-            server.create_repo(repo)
-            server.commit(repo, folder_files(TINY / name), "Upload model")
+    with pool_hub({repo: TINY / name for repo, name in POOL.items()}) as server:
         yield server
 
 

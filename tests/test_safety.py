@@ -18,7 +18,7 @@ import torch
 from conftest import REPO, TINY, random_state_dict, write_checkpoint
 from hubserver import LocalHub
 from support.cli import invoke_cli
-from support.hub import POOL, TOKEN, folder_files, hub_env
+from support.hub import POOL, hub_env, pool_hub
 
 from hubmerge import output
 
@@ -279,12 +279,7 @@ def test_hubmerge_never_unpickles_nor_trusts_remote_code() -> None:
 
 @pytest.fixture(scope="module")
 def hub() -> Iterator[LocalHub]:
-    with LocalHub() as server:
-        server.add_user("user", TOKEN, orgs=("user-org",))
-        server.add_user("Qwen", "hf_qwen_token")
-        for repo, name in POOL.items():
-            server.create_repo(repo)
-            server.commit(repo, folder_files(TINY / name), "Upload model")
+    with pool_hub({repo: TINY / name for repo, name in POOL.items()}, orgs=("user-org",)) as server:
         yield server
 
 

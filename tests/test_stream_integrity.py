@@ -25,7 +25,7 @@ import torch
 from conftest import random_state_dict, write_checkpoint
 from hubserver import LocalHub
 from support.cli import invoke_cli
-from support.hub import TOKEN, hub_env
+from support.hub import hub_env, pool_hub
 
 from hubmerge import remote
 from hubmerge.errors import SourceError
@@ -48,19 +48,17 @@ def _data_start(content: bytes) -> int:
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalHub]:
     models = tmp_path_factory.mktemp("deep12")
-    with LocalHub() as server:
-        server.add_user("user", TOKEN)
-        server.add_user("Qwen", "hf_qwen_token")
-        for repo, seed in REPOS.items():
-            folder = write_checkpoint(
-                models / repo.split("/")[1],
-                random_state_dict(seed, vocab=VOCAB, layers=LAYERS),
-                dtype=torch.float32,
-                vocab_size=VOCAB,
-                num_hidden_layers=LAYERS,
-            )
-            server.create_repo(repo)
-            server.commit(repo, {p.name: p.read_bytes() for p in folder.iterdir()}, "Upload model")
+    folders = {
+        repo: write_checkpoint(
+            models / repo.split("/")[1],
+            random_state_dict(seed, vocab=VOCAB, layers=LAYERS),
+            dtype=torch.float32,
+            vocab_size=VOCAB,
+            num_hidden_layers=LAYERS,
+        )
+        for repo, seed in REPOS.items()
+    }
+    with pool_hub(folders) as server:
         server.create_repo("user/deep12-merged")  # where the "settle first" runs push
         yield server
 

@@ -29,7 +29,7 @@ from conftest import mounted_tmpfs, random_state_dict, write_checkpoint
 from hubserver import LocalHub, SparseFile
 from qwen_shapes import add_shaped_repos, recipe_text
 from support.cli import invoke_cli
-from support.hub import TOKEN, hub_env
+from support.hub import TOKEN, folder_files, hub_env, pool_hub
 
 VOCAB = 32768  # float32: an embedding of 4 MiB, so a source is ~4.4 MB and the bf16 output ~2.2 MB
 SHARDS = 3
@@ -37,26 +37,20 @@ REPOS = {"Qwen/tiny-base": 1, "Qwen/tiny-math": 2, "Qwen/tiny-coder": 3, "Qwen/t
 BUDGET = 4_000_000
 
 
-def folder_files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalHub]:
     models = tmp_path_factory.mktemp("models")
-    with LocalHub() as server:
-        server.add_user("user", TOKEN)
-        server.add_user("Qwen", "hf_qwen_token")
-        for repo, seed in REPOS.items():
-            folder = write_checkpoint(
-                models / repo.split("/")[1],
-                random_state_dict(seed, vocab=VOCAB),
-                dtype=torch.float32,
-                shards=SHARDS,
-                vocab_size=VOCAB,
-            )
-            server.create_repo(repo)
-            server.commit(repo, folder_files(folder), "Upload model")
+    folders = {
+        repo: write_checkpoint(
+            models / repo.split("/")[1],
+            random_state_dict(seed, vocab=VOCAB),
+            dtype=torch.float32,
+            shards=SHARDS,
+            vocab_size=VOCAB,
+        )
+        for repo, seed in REPOS.items()
+    }
+    with pool_hub(folders) as server:
         yield server
 
 

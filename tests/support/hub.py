@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from hubserver import LocalHub
@@ -32,3 +34,17 @@ def hub_env(hub: LocalHub, tmp_path: Path, token: str | None = TOKEN, **extra: s
         "HF_TOKEN": token or "",
     }
     return env | extra
+
+
+@contextmanager
+def pool_hub(repos: Mapping[str, Path], orgs: tuple[str, ...] = ()) -> Iterator[LocalHub]:
+    """A local Hub where `user` (TOKEN, member of `orgs`) may push, and each repo holds one commit of the files
+    of a checkpoint folder; each other owner (`Qwen`) is a user too, with token `hf_<owner>_token`."""
+    with LocalHub() as server:
+        server.add_user("user", TOKEN, orgs=orgs)
+        for owner in sorted({repo.split("/")[0] for repo in repos} - {"user"}):
+            server.add_user(owner, f"hf_{owner.lower()}_token")
+        for repo, folder in repos.items():
+            server.create_repo(repo)
+            server.commit(repo, folder_files(folder), "Upload model")
+        yield server
