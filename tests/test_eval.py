@@ -201,6 +201,7 @@ def test_eval_command_refuses_a_folder_without_a_merge(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow  # a real process: the shim that hides lm_eval is on its PYTHONPATH
 def test_without_the_extra_eval_says_how_to_install_it(tmp_path: Path) -> None:
     shim = tmp_path / "shim" / "lm_eval"
     shim.mkdir(parents=True)

@@ -67,6 +67,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield disk
 
 
+@pytest.mark.slow  # a real process, held by the Hub while the test acts
 def test_disk_filling_up_mid_write_is_one_line_and_keeps_the_previous_output(
     hub: LocalHub, tmp_path: Path, small_disk: Path
 ) -> None:
@@ -215,6 +216,7 @@ def test_bursts_of_5xx_and_a_download_cut_halfway_are_retried_to_the_same_result
     assert statuses[:3] == [503, 503, 503] and 200 in statuses
 
 
+@pytest.mark.slow  # a real process, held by the Hub while the test acts
 def test_a_slow_download_is_waited_for(hub: LocalHub, tmp_path: Path) -> None:
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(HUB_RECIPE)
@@ -249,6 +251,7 @@ def test_upload_cut_during_lfs_lands_no_commit_and_a_rerun_lands_exactly_one(
     assert hub.files("user/cut")["model.safetensors"] == (tmp_path / "out" / "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow  # a real process, held by the Hub while the test acts
 def test_branch_moved_during_the_push_is_retried_on_the_new_tip(hub: LocalHub, tmp_path: Path) -> None:
     hub.create_repo("user/moving")
     recipe = tmp_path / "recipe.toml"

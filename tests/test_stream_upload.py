@@ -133,6 +133,7 @@ def _log(hub: LocalHub, since: int) -> list[tuple[str, str, int]]:
     return [(r.method, r.path, r.status) for r in hub.requests[since:]]
 
 
+@pytest.mark.slow  # a real process with the engine traced (TRACED_MERGE), tens of seconds
 def test_shards_go_up_while_merging_and_one_commit_equals_a_plain_push(pool: Path, tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, "user/merged", RECIPE.replace("./", f"{pool}/"))
     # The same recipe pushed the way it was before streaming, to another Hub: the reference commit.
@@ -173,6 +174,7 @@ def test_shards_go_up_while_merging_and_one_commit_equals_a_plain_push(pool: Pat
     assert _shards(tmp_path / "streamed" / "out") == _shards(pool / "reference")
 
 
+@pytest.mark.slow  # a real process with the engine traced (TRACED_MERGE), tens of seconds
 def test_delete_uploaded_keeps_two_shards_on_disk_and_commits_from_hashes_alone(
     hub: LocalHub, pool: Path, tmp_path: Path
 ) -> None:
@@ -204,6 +206,7 @@ def test_delete_uploaded_keeps_two_shards_on_disk_and_commits_from_hashes_alone(
     assert len(hub.commits("user/small-disk")) == commits
 
 
+@pytest.mark.slow  # a real process with the engine traced (TRACED_MERGE), tens of seconds
 def test_ties_deleting_uploaded_shards_settles_the_majority_sign_first_and_keeps_two_on_disk(
     hub: LocalHub, tmp_path: Path
 ) -> None:
@@ -273,6 +276,7 @@ def test_a_run_killed_while_streaming_leaves_no_commit_and_a_rerun_makes_exactly
     assert {name: data for name, data in hub.files(repo).items() if name != ".gitattributes"} == local
 
 
+@pytest.mark.slow  # a real process with the engine traced (TRACED_MERGE), tens of seconds
 def test_an_upload_cut_mid_way_stops_the_merge_with_one_line_and_no_commit(
     hub: LocalHub, tmp_path: Path
 ) -> None:

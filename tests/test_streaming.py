@@ -226,6 +226,7 @@ def test_pushed_under_a_budget_smaller_than_the_output_each_shard_is_uploaded_an
     assert len(puts) == len(shards)  # each shard once: none was rewritten after its upload
 
 
+@pytest.mark.slow  # a real process on a pseudo-terminal
 def test_the_progress_bar_shows_the_bytes_streamed_in_and_their_rate(hub: LocalHub, tmp_path: Path) -> None:
     """On a terminal, the merge's progress bar carries "in N MB at R MB/s" for the sources read by range."""
     recipe = _recipe(tmp_path, "task_arithmetic")
@@ -318,6 +319,7 @@ def test_a_hub_that_keeps_failing_mid_stream_ends_in_one_line_and_no_output(
     assert not (tmp_path / "streamed").exists()
 
 
+@pytest.mark.slow  # a real process, held mid-read by the Hub
 def test_a_slow_range_is_waited_for(hub: LocalHub, tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, "simple_average")
     held = hub.hold_next("tiny-chat/resolve/", method="GET", from_byte=DATA)
