@@ -62,44 +62,27 @@ def _runner_env(**values: str) -> dict[str, str]:
 
 def test_workflows_and_action_match_githubs_schemas() -> None:
     check = _tool("check-jsonschema")
-    for schema, files in (
-        ("vendor.github-workflows", _workflow_files()),
-        ("vendor.github-actions", [ACTION_YML]),
-    ):
-        result = subprocess.run(
-            [check, "--builtin-schema", schema, *map(str, files)], capture_output=True, text=True, timeout=60
-        )
+    for schema, files in (("vendor.github-workflows", _workflow_files()), ("vendor.github-actions", [ACTION_YML])):
+        result = subprocess.run([check, "--builtin-schema", schema, *map(str, files)],
+                                capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "ok -- validation done" in result.stdout
 
 
 def test_actionlint_reports_nothing() -> None:
     # actionlint also runs shellcheck on every `run:` when shellcheck is installed; it does not need it.
-    result = subprocess.run(
-        [_tool("actionlint"), "-no-color", *map(str, _workflow_files())],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = subprocess.run([_tool("actionlint"), "-no-color", *map(str, _workflow_files())],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stdout) == (0, ""), result.stdout + result.stderr
 
 
 def test_zizmor_offline_finds_nothing_above_low() -> None:
-    result = subprocess.run(
-        [_tool("zizmor"), "--offline", "--format", "json", *map(str, _workflow_files()), str(ACTION_YML)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = subprocess.run([_tool("zizmor"), "--offline", "--format", "json", *map(str, _workflow_files()),
+                             str(ACTION_YML)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode in (0, 11, 12), result.stderr  # 11, 12: informational or low findings only
     findings = json.loads(result.stdout)
-    above_low = [
-        (f["ident"], f["determinations"]["severity"])
-        for f in findings
-        if f["determinations"]["severity"] not in ("Informational", "Low")
-    ]
+    above_low = [(f["ident"], f["determinations"]["severity"]) for f in findings
+                 if f["determinations"]["severity"] not in ("Informational", "Low")]
     assert above_low == []
 
 
@@ -141,16 +124,11 @@ def test_merge_job_publishes_from_main_one_run_per_recipe_and_never_on_an_empty_
     auth = jobs["auth"]
     assert "github.ref == 'refs/heads/main'" in auth["if"]
     assert "needs.recipes.outputs.count != '0'" in auth["if"]  # fromJSON('[]') would fail the run
-    assert auth["permissions"] == {} and "uses" not in yaml.safe_dump(
-        auth["steps"]
-    )  # no checkout: no PR code
+    assert auth["permissions"] == {} and "uses" not in yaml.safe_dump(auth["steps"])  # no checkout: no PR code
     for name, kind in (("merge", "token"), ("merge-oidc", "oidc")):
         merge = jobs[name]
         assert merge["needs"] == ["recipes", "auth"] and merge["if"] == f"needs.auth.outputs.kind == '{kind}'"
-        assert merge["concurrency"] == {
-            "group": "hubmerge-merge-${{ matrix.recipe }}",
-            "cancel-in-progress": False,
-        }
+        assert merge["concurrency"] == {"group": "hubmerge-merge-${{ matrix.recipe }}", "cancel-in-progress": False}
         assert merge["strategy"]["matrix"] == {"recipe": "${{ fromJSON(needs.recipes.outputs.recipes) }}"}
     # Only the job that runs without a token secret may mint an OIDC token, and it never sees the secret.
     assert jobs["merge"]["permissions"] == {"contents": "read"}
@@ -160,9 +138,7 @@ def test_merge_job_publishes_from_main_one_run_per_recipe_and_never_on_an_empty_
 
 
 @pytest.mark.parametrize(("secret", "kind"), [(TOKEN, "token"), ("", "oidc")])
-def test_auth_job_picks_the_token_job_only_when_the_secret_is_set(
-    tmp_path: Path, secret: str, kind: str
-) -> None:
+def test_auth_job_picks_the_token_job_only_when_the_secret_is_set(tmp_path: Path, secret: str, kind: str) -> None:
     job = Job(MERGE_YML, "auth", tmp_path, {"secrets": {"HF_TOKEN": secret}}, _runner_env())
     assert job.run() == 0
     assert job.contexts["steps"]["kind"]["outputs"] == {"kind": kind}
@@ -187,7 +163,7 @@ _SCRIPT = re.compile(r"(?:\.github/scripts/|\$\(dirname \"\$0\"\)/)([\w-]+\.sh)"
 # PyTorch's CPU wheel, pinned, from PyTorch's index (PyPI has no CPU-only Linux wheel to compile a hash
 # from), and hubmerge itself as HUBMERGE_SPEC names it (the checked-out commit, or a pinned release).
 _UNHASHED = [
-    'python -m pip install --progress-bar off --no-deps "torch==$torch_version" --index-url https://download.pytorch.org/whl/cpu',
+    "python -m pip install --progress-bar off --no-deps \"torch==$torch_version\" --index-url https://download.pytorch.org/whl/cpu",
     'python -m pip install --progress-bar off --no-deps --no-build-isolation "$HUBMERGE_SPEC"',
 ]
 
@@ -212,29 +188,20 @@ def _jobs() -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     jobs = []
     for path in _workflow_files():
         doc = yaml.safe_load(path.read_text())
-        jobs += [
-            (f"{path.name}:{n}", job, {**doc.get("env", {}), **job.get("env", {})})
-            for n, job in doc["jobs"].items()
-        ]
+        jobs += [(f"{path.name}:{n}", job, {**doc.get("env", {}), **job.get("env", {})})
+                 for n, job in doc["jobs"].items()]
     return [*jobs, ("action.yml", yaml.safe_load(ACTION_YML.read_text())["runs"], {})]
 
 
 def _holds_token(job: dict[str, Any]) -> bool:
     text = yaml.safe_dump(job)
-    return (
-        "secrets." in text
-        or "inputs.hf-token" in text
-        or job.get("permissions", {}).get("id-token") == "write"
-    )
+    return "secrets." in text or "inputs.hf-token" in text or job.get("permissions", {}).get("id-token") == "write"
 
 
 def test_in_jobs_holding_a_token_every_install_is_hashed_and_no_install_step_sees_the_token() -> None:
     token_jobs = [(name, job, env) for name, job, env in _jobs() if _holds_token(job)]
     assert [name for name, _, _ in token_jobs] == [
-        "merge.yml:auth",
-        "merge.yml:merge",
-        "merge.yml:merge-oidc",
-        "action.yml",
+        "merge.yml:auth", "merge.yml:merge", "merge.yml:merge-oidc", "action.yml"
     ]
     install_steps = 0
     for name, job, shared in token_jobs:
@@ -248,9 +215,7 @@ def test_in_jobs_holding_a_token_every_install_is_hashed_and_no_install_step_see
             assert "HF_TOKEN" not in env and "secrets." not in env and "hf-token" not in env, (name, step)
             for line in installs:
                 assert "--require-hashes" in line or line in _UNHASHED, (name, line)
-            assert any(
-                "--require-hashes" in line and "requirements/hubmerge.txt" in line for line in installs
-            )
+            assert any("--require-hashes" in line and "requirements/hubmerge.txt" in line for line in installs)
     assert install_steps == 3  # merge, merge-oidc and action.yml each install in one step, without a token
     # The steps that push (the token's only users) install nothing, the eval extra included.
     merge = (SCRIPTS / "merge-recipe.sh").read_text() + (SCRIPTS / "lib.sh").read_text()
@@ -287,36 +252,21 @@ def _eval_recipe(tmp_path: Path, tasks: str) -> Path:
     return recipe
 
 
-def test_eval_detection_fails_the_step_where_tomllib_is_missing_instead_of_skipping_the_gate(
-    tmp_path: Path,
-) -> None:
+def test_eval_detection_fails_the_step_where_tomllib_is_missing_instead_of_skipping_the_gate(tmp_path: Path) -> None:
     detect = f'source {SCRIPTS / "lib.sh"}; has_eval=$(recipe_has_eval "$1"); echo "eval=$has_eval"'
     for tasks, expected in (('["arc_easy"]', "true"), ("[]", "false")):
-        result = subprocess.run(
-            [*BASH, "-c", detect, "-", _eval_recipe(tmp_path, tasks)],
-            capture_output=True,
-            text=True,
-            env=_runner_env(),
-        )
+        result = subprocess.run([*BASH, "-c", detect, "-", _eval_recipe(tmp_path, tasks)], capture_output=True,
+                                text=True, env=_runner_env())
         assert result.returncode == 0 and result.stdout == f"eval={expected}\n", result.stderr
     old_python = tmp_path / "py310"  # what Python 3.10 has: no tomllib
     old_python.mkdir()
     (old_python / "tomllib.py").write_text("raise ModuleNotFoundError(\"No module named 'tomllib'\")\n")
     recipe = _eval_recipe(tmp_path, '["arc_easy"]')
-    result = subprocess.run(
-        [*BASH, "-c", detect, "-", recipe],
-        capture_output=True,
-        text=True,
-        env=_runner_env(PYTHONPATH=str(old_python)),
-    )
+    result = subprocess.run([*BASH, "-c", detect, "-", recipe], capture_output=True, text=True,
+                            env=_runner_env(PYTHONPATH=str(old_python)))
     assert result.returncode != 0 and "eval=" not in result.stdout and "tomllib" in result.stderr
-    merge = subprocess.run(
-        [*BASH, str(SCRIPTS / "merge-recipe.sh")],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=_runner_env(PYTHONPATH=str(old_python), RECIPE=str(recipe), PUSH="false"),
-    )
+    merge = subprocess.run([*BASH, str(SCRIPTS / "merge-recipe.sh")], capture_output=True, text=True, cwd=tmp_path,
+                           env=_runner_env(PYTHONPATH=str(old_python), RECIPE=str(recipe), PUSH="false"))
     assert merge.returncode != 0 and not (tmp_path / "r").exists(), merge.stdout  # no merge without its gate
 
 
@@ -325,39 +275,28 @@ def test_a_merge_step_without_the_eval_extra_stops_instead_of_installing_it(tmp_
     missing.mkdir()
     (missing / "lm_eval.py").write_text("raise ModuleNotFoundError(\"No module named 'lm_eval'\")\n")
     recipe = _eval_recipe(tmp_path, '["arc_easy"]')
-    merge = subprocess.run(
-        [*BASH, str(SCRIPTS / "merge-recipe.sh")],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=_runner_env(PYTHONPATH=str(missing), RECIPE=str(recipe), PUSH="false"),
-    )
+    merge = subprocess.run([*BASH, str(SCRIPTS / "merge-recipe.sh")], capture_output=True, text=True, cwd=tmp_path,
+                           env=_runner_env(PYTHONPATH=str(missing), RECIPE=str(recipe), PUSH="false"))
     assert merge.returncode == 7, merge.stdout + merge.stderr
     assert f"::error file={recipe},title=hubmerge evaluation error (exit 7)::" in merge.stdout
     assert "pip" not in merge.stdout + merge.stderr
 
 
-@pytest.mark.parametrize(
-    ("tasks", "files"), [('["arc_easy"]', ["hubmerge.txt", "eval.txt"]), ("[]", ["hubmerge.txt"])]
-)
+@pytest.mark.parametrize(("tasks", "files"), [('["arc_easy"]', ["hubmerge.txt", "eval.txt"]), ("[]", ["hubmerge.txt"])])
 def test_install_step_installs_the_hashed_eval_requirements_when_the_recipe_has_an_eval_table(
     tmp_path: Path, tasks: str, files: list[str]
 ) -> None:
     shims = tmp_path / "bin"  # pip and hubmerge recorded, not run; every other python call is the real one
     shims.mkdir()
     log = tmp_path / "pip.log"
-    (shims / "python").write_text(
-        f'#!/bin/bash\nif [[ $1 == -m && $2 == pip ]]; then echo "$*" >>{log}; exit 0; fi\n'
-        f'exec {sys.executable} "$@"\n'
-    )
+    (shims / "python").write_text(f'#!/bin/bash\nif [[ $1 == -m && $2 == pip ]]; then echo "$*" >>{log}; exit 0; fi\n'
+                                  f'exec {sys.executable} "$@"\n')
     (shims / "hubmerge").write_text("#!/bin/bash\necho hubmerge 0.1.0\n")
     for shim in shims.iterdir():
         shim.chmod(0o755)
     env = _runner_env(RECIPE=str(_eval_recipe(tmp_path, tasks)), HUBMERGE_SPEC=".")
     env["PATH"] = f"{shims}{os.pathsep}{env['PATH']}"
-    result = subprocess.run(
-        [*BASH, str(SCRIPTS / "install-hubmerge.sh")], capture_output=True, text=True, env=env
-    )
+    result = subprocess.run([*BASH, str(SCRIPTS / "install-hubmerge.sh")], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     hashed = [line for line in log.read_text().splitlines() if "--require-hashes" in line]
     assert [Path(line.split(" -r ")[1]).name for line in hashed] == files
@@ -383,17 +322,10 @@ def test_the_docs_say_to_copy_every_folder_the_scripts_read_and_the_python_they_
 
 
 def _git(repo: Path, *args: str) -> str:
-    env = _runner_env(
-        GIT_CONFIG_GLOBAL=os.devnull,
-        GIT_CONFIG_NOSYSTEM="1",
-        GIT_AUTHOR_NAME="t",
-        GIT_AUTHOR_EMAIL="t@example.com",
-        GIT_COMMITTER_NAME="t",
-        GIT_COMMITTER_EMAIL="t@example.com",
-    )
-    return subprocess.run(
-        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True, env=env
-    ).stdout.strip()
+    env = _runner_env(GIT_CONFIG_GLOBAL=os.devnull, GIT_CONFIG_NOSYSTEM="1", GIT_AUTHOR_NAME="t",
+                      GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com")
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True,
+                          env=env).stdout.strip()
 
 
 def _write(repo: Path, files: Mapping[str, str | None]) -> None:
@@ -429,14 +361,8 @@ def _parse_github_output(path: Path) -> dict[str, str]:
 def _detect(repo: Path, **env: str) -> tuple[subprocess.CompletedProcess[str], dict[str, str]]:
     output = repo.parent / "detect-output"
     output.unlink(missing_ok=True)
-    result = subprocess.run(
-        [*BASH, str(DETECT)],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=_runner_env(GITHUB_OUTPUT=str(output), **env),
-    )
+    result = subprocess.run([*BASH, str(DETECT)], cwd=repo, capture_output=True, text=True, timeout=60,
+                            env=_runner_env(GITHUB_OUTPUT=str(output), **env))
     return result, _parse_github_output(output)
 
 
@@ -446,17 +372,8 @@ def recipes_repo(tmp_path: Path) -> Path:
     repo = tmp_path / "repo"
     repo.mkdir()
     _git(repo, "init", "-q", "-b", "main")
-    _write(
-        repo,
-        {
-            "recipes/a.toml": "a",
-            "recipes/b.toml": "b",
-            "recipes/c.toml": "c\n" * 20,
-            "recipes/sub/d.toml": "d",
-            "recipes/notes.md": "n",
-            "README.md": "r",
-        },
-    )
+    _write(repo, {"recipes/a.toml": "a", "recipes/b.toml": "b", "recipes/c.toml": "c\n" * 20,
+                  "recipes/sub/d.toml": "d", "recipes/notes.md": "n", "README.md": "r"})
     _commit(repo, "first")
     return repo
 
@@ -464,18 +381,9 @@ def recipes_repo(tmp_path: Path) -> Path:
 def test_changed_recipes_are_added_modified_and_renamed_ones_not_deleted(recipes_repo: Path) -> None:
     base = _git(recipes_repo, "rev-parse", "HEAD")
     _git(recipes_repo, "mv", "recipes/c.toml", "recipes/c-renamed.toml")
-    _write(
-        recipes_repo,
-        {
-            "recipes/a.toml": "a2",
-            "recipes/b.toml": None,
-            "recipes/sub/d.toml": "d2",
-            "recipes/new one.toml": "n",
-            "recipes/notes.md": "n2",
-            "other/x.toml": "x",
-            "README.md": "r2",
-        },
-    )
+    _write(recipes_repo, {"recipes/a.toml": "a2", "recipes/b.toml": None, "recipes/sub/d.toml": "d2",
+                          "recipes/new one.toml": "n", "recipes/notes.md": "n2", "other/x.toml": "x",
+                          "README.md": "r2"})
     head = _commit(recipes_repo, "change")
     result, outputs = _detect(recipes_repo, BASE_SHA=base, HEAD_SHA=head)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -496,21 +404,14 @@ def test_changed_recipes_of_a_pull_request_ignore_later_commits_on_its_base(reci
     assert outputs == {"recipes": '["recipes/b.toml"]', "count": "1"}
 
 
-@pytest.mark.parametrize(
-    "before", [ZERO_SHA, "", "1234567" * 5 + "89abc"], ids=["new-branch", "no-before", "gone"]
-)
+@pytest.mark.parametrize("before", [ZERO_SHA, "", "1234567" * 5 + "89abc"], ids=["new-branch", "no-before", "gone"])
 def test_without_a_usable_base_every_recipe_in_head_is_taken(recipes_repo: Path, before: str) -> None:
     _write(recipes_repo, {"recipes/e.toml": "e"})
     head = _commit(recipes_repo, "second")
     result, outputs = _detect(recipes_repo, BASE_SHA=before, HEAD_SHA=head)
     assert result.returncode == 0, result.stderr
-    assert json.loads(outputs["recipes"]) == [
-        "recipes/a.toml",
-        "recipes/b.toml",
-        "recipes/c.toml",
-        "recipes/e.toml",
-        "recipes/sub/d.toml",
-    ]
+    assert json.loads(outputs["recipes"]) == ["recipes/a.toml", "recipes/b.toml", "recipes/c.toml",
+                                               "recipes/e.toml", "recipes/sub/d.toml"]
     warned = f"::warning::{before} is not in the clone (force push?); taking every recipe in {head}"
     assert (warned in result.stdout) == (before not in ("", ZERO_SHA))
 
@@ -524,22 +425,17 @@ def test_a_change_without_recipes_gives_an_empty_list(recipes_repo: Path) -> Non
     assert outputs == {"recipes": "[]", "count": "0"}
 
 
-@pytest.mark.parametrize(
-    ("recipe", "expected"),
-    [
-        ("recipes/sub/d.toml", "recipes/sub/d.toml"),
-        ("./recipes/a.toml", "recipes/a.toml"),
-        ("recipes/missing.toml", None),
-        ("recipes/notes.md", None),
-        ("recipes/../recipes/a.toml", None),
-        ("recipes//a.toml", None),
-        ("recipes/sub", None),
-        ("recipes/*.toml", None),
-    ],
-)
-def test_manual_run_takes_exactly_one_tracked_recipe(
-    recipes_repo: Path, recipe: str, expected: str | None
-) -> None:
+@pytest.mark.parametrize(("recipe", "expected"), [
+    ("recipes/sub/d.toml", "recipes/sub/d.toml"),
+    ("./recipes/a.toml", "recipes/a.toml"),
+    ("recipes/missing.toml", None),
+    ("recipes/notes.md", None),
+    ("recipes/../recipes/a.toml", None),
+    ("recipes//a.toml", None),
+    ("recipes/sub", None),
+    ("recipes/*.toml", None),
+])
+def test_manual_run_takes_exactly_one_tracked_recipe(recipes_repo: Path, recipe: str, expected: str | None) -> None:
     result, outputs = _detect(recipes_repo, RECIPE=recipe, BASE_SHA="", HEAD_SHA="")
     if expected is None:
         assert result.returncode == 1
@@ -556,10 +452,8 @@ def test_a_recipe_name_that_could_break_the_json_or_the_log_is_refused(recipes_r
     head = _commit(recipes_repo, "odd name")
     result, outputs = _detect(recipes_repo, BASE_SHA=base, HEAD_SHA=head)
     assert result.returncode == 1
-    assert result.stdout == (
-        "::error::a recipe path has characters outside letters, digits, space and "
-        "_./+@-; rename it: recipes/x?? ?y.toml\n"
-    )
+    assert result.stdout == ("::error::a recipe path has characters outside letters, digits, space and "
+                             "_./+@-; rename it: recipes/x?? ?y.toml\n")
     assert outputs == {}
 
 
@@ -589,9 +483,8 @@ def _evaluate(text: Any, contexts: Mapping[str, Any]) -> str:
 class Job:
     """One job of a workflow run as the runner would: see the module docstring for what is skipped."""
 
-    def __init__(
-        self, workflow: Path, job_id: str, workspace: Path, contexts: dict[str, Any], env: dict[str, str]
-    ) -> None:
+    def __init__(self, workflow: Path, job_id: str, workspace: Path, contexts: dict[str, Any],
+                 env: dict[str, str]) -> None:
         self.doc = yaml.safe_load(workflow.read_text())
         self.job = self.doc["jobs"][job_id]
         self.workspace, self.env = workspace, env
@@ -615,18 +508,12 @@ class Job:
             script = self.runner_temp / f"step-{number}.sh"
             script.write_text(step["run"])
             output = self.runner_temp / f"output-{number}"
-            env = {
-                **self.env,
-                **self.contexts["env"],
-                "GITHUB_OUTPUT": str(output),
-                "GITHUB_STEP_SUMMARY": str(self.summary),
-                "GITHUB_WORKSPACE": str(self.workspace),
-                "RUNNER_TEMP": str(self.runner_temp),
-            }
+            env = {**self.env, **self.contexts["env"], "GITHUB_OUTPUT": str(output),
+                   "GITHUB_STEP_SUMMARY": str(self.summary), "GITHUB_WORKSPACE": str(self.workspace),
+                   "RUNNER_TEMP": str(self.runner_temp)}
             env |= {k: _evaluate(v, self.contexts) for k, v in step.get("env", {}).items()}
-            self.logs[name] = result = subprocess.run(
-                [*BASH, str(script)], cwd=self.workspace, env=env, capture_output=True, text=True, timeout=300
-            )
+            self.logs[name] = result = subprocess.run([*BASH, str(script)], cwd=self.workspace, env=env,
+                                                      capture_output=True, text=True, timeout=300)
             if "id" in step:
                 self.contexts["steps"][step["id"]] = {"outputs": _parse_github_output(output)}
             if result.returncode != 0:
@@ -682,9 +569,8 @@ def _find_recipes(ws: Path, env: dict[str, str], event: dict[str, Any]) -> dict[
     return job.outputs
 
 
-def test_push_to_main_merges_each_changed_recipe_and_pushes_it(
-    hub: LocalHub, workspace: Path, tmp_path: Path
-) -> None:
+def test_push_to_main_merges_each_changed_recipe_and_pushes_it(hub: LocalHub, workspace: Path,
+                                                                 tmp_path: Path) -> None:
     before = _git(workspace, "rev-parse", "HEAD")
     _write(workspace, {"recipes/tiny-ties.toml": _hub_recipe("tiny-ties.toml", "user/tiny-ties")})
     after = _commit(workspace, "add a recipe")
@@ -693,17 +579,8 @@ def test_push_to_main_merges_each_changed_recipe_and_pushes_it(
     assert found == {"recipes": '["recipes/tiny-ties.toml"]', "count": "1"}
 
     for recipe in json.loads(found["recipes"]):
-        job = Job(
-            MERGE_YML,
-            "merge",
-            workspace,
-            {
-                "matrix": {"recipe": recipe},
-                "secrets": {"HF_TOKEN": TOKEN},
-                "needs": {"recipes": {"outputs": found}},
-            },
-            env,
-        )
+        job = Job(MERGE_YML, "merge", workspace, {"matrix": {"recipe": recipe}, "secrets": {"HF_TOKEN": TOKEN},
+                                                  "needs": {"recipes": {"outputs": found}}}, env)
         assert job.run() == 0, {name: job.log(name) for name in job.logs}
         assert job.skipped == ["actions/checkout", "actions/setup-python", "install"]
 
@@ -714,12 +591,7 @@ def test_push_to_main_merges_each_changed_recipe_and_pushes_it(
     summary = job.summary.read_text()
     assert summary.startswith("### Merged `tiny-ties.toml` (ties)\n")
     assert f"Pushed: {commit_url}\n" in summary
-    for role, source in (
-        ("base", "base"),
-        ("models[0]", "math"),
-        ("models[1]", "coder"),
-        ("models[2]", "instruct"),
-    ):
+    for role, source in (("base", "base"), ("models[0]", "math"), ("models[1]", "coder"), ("models[2]", "instruct")):
         repo = SOURCE_OF[source]
         assert f"| {role} | `{repo}` |  | `{hub.head(repo)}` |" in summary
 
@@ -737,13 +609,8 @@ def test_push_to_main_merges_each_changed_recipe_and_pushes_it(
         "model = AutoModelForCausalLM.from_pretrained(snapshot_download('user/tiny-ties'))\n"
         "print(sum(p.numel() for p in model.parameters()))\n"
     )
-    loaded = subprocess.run(
-        [sys.executable, "-c", script],
-        env={**os.environ, **hub_env(hub, tmp_path / "user")},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    loaded = subprocess.run([sys.executable, "-c", script], env={**os.environ, **hub_env(hub, tmp_path / "user")},
+                            capture_output=True, text=True, timeout=300)
     assert loaded.returncode == 0, loaded.stderr
     assert int(loaded.stdout.split()[-1]) == 107072
 
@@ -765,9 +632,8 @@ def test_merge_job_passes_a_disk_budget_set_as_a_repository_variable(
     assert "user/budgeted" not in hub._repos  # refused before anything was downloaded or pushed
 
 
-def test_merge_without_hf_token_uses_trusted_publishing_for_the_output_repo(
-    hub: LocalHub, workspace: Path, tmp_path: Path
-) -> None:
+def test_merge_without_hf_token_uses_trusted_publishing_for_the_output_repo(hub: LocalHub, workspace: Path,
+                                                                             tmp_path: Path) -> None:
     recipe = "recipes/tiny-ties.toml"
     _write(workspace, {recipe: _hub_recipe("tiny-ties.toml", "user/oidc-target")})
     start = len(hub.requests)
@@ -783,34 +649,22 @@ def test_merge_without_hf_token_uses_trusted_publishing_for_the_output_repo(
 
 
 def test_pull_request_check_plans_changed_recipes_without_token_or_weight_downloads(
-    hub: LocalHub, workspace: Path, tmp_path: Path
-) -> None:
+        hub: LocalHub, workspace: Path, tmp_path: Path) -> None:
     base = _git(workspace, "rev-parse", "HEAD")
     typo = _hub_recipe("tiny-ties.toml", "user/typo").replace('method = "ties"', 'method = "tie"')
-    _write(
-        workspace,
-        {"recipes/tiny-ties.toml": _hub_recipe("tiny-ties.toml", "user/pr"), "recipes/typo.toml": typo},
-    )
+    _write(workspace, {"recipes/tiny-ties.toml": _hub_recipe("tiny-ties.toml", "user/pr"), "recipes/typo.toml": typo})
     head = _commit(workspace, "pull request")
     env = _step_env(hub, tmp_path)
-    found = _find_recipes(
-        workspace,
-        env,
-        {
-            "sha": "merge-commit",
-            "event": {"before": "", "pull_request": {"base": {"sha": base}, "head": {"sha": head}}},
-        },
-    )
+    found = _find_recipes(workspace, env, {"sha": "merge-commit", "event": {
+        "before": "", "pull_request": {"base": {"sha": base}, "head": {"sha": head}}}})
     assert found == {"recipes": '["recipes/tiny-ties.toml", "recipes/typo.toml"]', "count": "2"}
 
     start = len(hub.requests)
     job = Job(MERGE_YML, "check", workspace, {"needs": {"recipes": {"outputs": found}}}, env)
     assert job.run() == 1  # the typo fails the check, after the other recipe was planned
     assert job.skipped == ["actions/checkout", "actions/setup-python", "install"]
-    assert (
-        "::error file=recipes/typo.toml,title=hubmerge recipe error (exit 2)::hubmerge: error: recipes/typo.toml: "
-        "method: unknown method 'tie'; did you mean 'ties'?\n"
-    ) in job.log("Validate and plan")
+    assert ("::error file=recipes/typo.toml,title=hubmerge recipe error (exit 2)::hubmerge: error: recipes/typo.toml: "
+            "method: unknown method 'tie'; did you mean 'ties'?\n") in job.log("Validate and plan")
 
     summary = job.summary.read_text()
     assert summary.startswith("### Plan for `tiny-ties.toml` (ties)\n")
@@ -823,27 +677,20 @@ def test_pull_request_check_plans_changed_recipes_without_token_or_weight_downlo
     assert not (workspace / "outputs").exists()
 
 
-def test_a_recipe_with_an_eval_table_is_evaluated_and_a_missed_gate_blocks_the_push(
-    hub: LocalHub, workspace: Path, tmp_path: Path
-) -> None:
+def test_a_recipe_with_an_eval_table_is_evaluated_and_a_missed_gate_blocks_the_push(hub: LocalHub, workspace: Path,
+                                                                                      tmp_path: Path) -> None:
     recipe = "recipes/tiny-ties.toml"
     # lm-eval reads the custom task's data_files relative to the working directory, the workspace.
     shutil.copytree(REPO / "tests" / "data" / "lm_eval", workspace / "tests" / "data" / "lm_eval")
-    gate = (
-        '[eval]\ntasks = ["hubmerge_tiny"]\ninclude_path = "../tests/data/lm_eval"\nlimit = 4\n'
-        "sources = false\nrequire = { hubmerge_tiny = 1.01 }\n"
-    )
+    gate = ('[eval]\ntasks = ["hubmerge_tiny"]\ninclude_path = "../tests/data/lm_eval"\nlimit = 4\n'
+            "sources = false\nrequire = { hubmerge_tiny = 1.01 }\n")
     _write(workspace, {recipe: _hub_recipe("tiny-ties.toml", "user/eval-gated") + gate})
     env = _step_env(hub, tmp_path) | {"HF_DATASETS_OFFLINE": "1"}
-    job = Job(
-        MERGE_YML, "merge", workspace, {"matrix": {"recipe": recipe}, "secrets": {"HF_TOKEN": TOKEN}}, env
-    )
+    job = Job(MERGE_YML, "merge", workspace, {"matrix": {"recipe": recipe}, "secrets": {"HF_TOKEN": TOKEN}}, env)
     assert job.run() == 8, {name: job.log(name) for name in job.logs}
     log = job.log("Merge and push")
-    assert (
-        f"::error file={recipe},title=hubmerge evaluation gate missed (exit 8)::hubmerge: error: the merge "
-        "misses [eval] require (hubmerge_tiny acc,none = " in log
-    )
+    assert f"::error file={recipe},title=hubmerge evaluation gate missed (exit 8)::hubmerge: error: the merge " \
+           "misses [eval] require (hubmerge_tiny acc,none = " in log
     assert "sanity check passed" in log  # the runner has no HUBMERGE_NO_SANITY: the check ran
     summary = job.summary.read_text()
     assert "### Evaluation\n\n| Task | Metric | merged |\n" in summary
