@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import random_state_dict, run_cli, write_checkpoint
+from conftest import random_state_dict, write_checkpoint
+from support.cli import invoke_cli
 
 TIES = 'method = "ties"\nbase = "./base"\n'
 Setup = Callable[[Path], None]
@@ -429,7 +430,7 @@ def test_bad_input_gets_one_line_an_exit_code_and_leaves_nothing(
         write_checkpoint(tmp_path / name, random_state_dict(seed))
     setup(tmp_path)
     (tmp_path / file).write_text(text)
-    result = run_cli(
+    result = invoke_cli(
         tmp_path / file, "--output", tmp_path / "out", env={"HF_HOME": str(tmp_path / "hf"), **env}
     )
     assert result.returncode == code, result.stderr

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, random_state_dict, run_cli, write_checkpoint
+from conftest import REPO, random_state_dict, write_checkpoint
 from safetensors.torch import load_file, save_file
+from support.cli import invoke_cli
 
 
 def test_demo_recipe_merges_offline_and_transformers_generates(tmp_path: Path) -> None:
-    result = run_cli(REPO / "recipes" / "examples" / "tiny-ties.toml", "--output", tmp_path / "out", "-q")
+    result = invoke_cli(REPO / "recipes" / "examples" / "tiny-ties.toml", "--output", tmp_path / "out", "-q")
     assert result.returncode == 0, result.stderr
     out = tmp_path / "out"
     for name in (
@@ -46,11 +47,13 @@ def test_demo_recipe_merges_offline_and_transformers_generates(tmp_path: Path) -
 
 def test_lock_reproduces_byte_identical_weights(tmp_path: Path) -> None:
     recipe = REPO / "recipes" / "examples" / "tiny-task_arithmetic.toml"
-    assert run_cli(recipe, "--output", tmp_path / "a", "-q").returncode == 0
+    assert invoke_cli(recipe, "--output", tmp_path / "a", "-q").returncode == 0
     lock = json.loads((tmp_path / "a" / "hubmerge.lock.json").read_text())
     assert lock["recipe"]["sha256"] and len(lock["sources"]) == 4
     assert all(len(f["sha256"]) == 64 for s in lock["sources"] for f in s["files"].values())
-    again = run_cli(recipe, "--output", tmp_path / "b", "-q", "--lock", tmp_path / "a" / "hubmerge.lock.json")
+    again = invoke_cli(
+        recipe, "--output", tmp_path / "b", "-q", "--lock", tmp_path / "a" / "hubmerge.lock.json"
+    )
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
         tmp_path / "b" / "model.safetensors"
@@ -58,20 +61,22 @@ def test_lock_reproduces_byte_identical_weights(tmp_path: Path) -> None:
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path) -> None:
-    result = run_cli(
+    result = invoke_cli(
         REPO / "recipes" / "examples" / "tiny-ties.toml", "--output", tmp_path / "out", "--dry-run"
     )
     assert result.returncode == 0, result.stderr
     assert "26 tensors, 107,072 parameters, bfloat16" in result.stdout
     assert not (tmp_path / "out").exists()
-    as_json = json.loads(run_cli("plan", REPO / "recipes" / "examples" / "tiny-ties.toml", "--json").stdout)
+    as_json = json.loads(
+        invoke_cli("plan", REPO / "recipes" / "examples" / "tiny-ties.toml", "--json").stdout
+    )
     assert as_json["method"] == "ties" and as_json["parameters"]["threshold"] == 20.0
     assert as_json["output"]["tie_word_embeddings"] is True
 
 
 def test_validate_accepts_all_shipped_recipes() -> None:
     recipes = sorted((REPO / "recipes").rglob("*.toml"))
-    result = run_cli("validate", *recipes)
+    result = invoke_cli("validate", *recipes)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("ok ") == len(recipes)
 
@@ -134,7 +139,7 @@ BAD_RECIPES = [
 def test_bad_recipe_gets_one_line_and_exit_code(tmp_path: Path, text: str, code: int, message: str) -> None:
     _pool(tmp_path)
     (tmp_path / "recipe.toml").write_text(text)
-    result = run_cli(tmp_path / "recipe.toml", "--output", tmp_path / "out")
+    result = invoke_cli(tmp_path / "recipe.toml", "--output", tmp_path / "out")
     assert result.returncode == code, result.stderr
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
@@ -143,7 +148,7 @@ def test_bad_recipe_gets_one_line_and_exit_code(tmp_path: Path, text: str, code:
 
 def _merge_error(tmp_path: Path) -> tuple[int, str]:
     (tmp_path / "recipe.toml").write_text('method = "ties"\nbase = "./base"\nmodels = ["./a", "./b"]\n')
-    result = run_cli(tmp_path / "recipe.toml", "--output", tmp_path / "out")
+    result = invoke_cli(tmp_path / "recipe.toml", "--output", tmp_path / "out")
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out*")), "a partial folder was left behind"
@@ -188,11 +193,11 @@ def test_truncated_weights_fail_mid_merge_without_leaving_output(tmp_path: Path)
 def test_failed_rerun_keeps_the_previous_output(tmp_path: Path) -> None:
     _pool(tmp_path)
     (tmp_path / "recipe.toml").write_text('method = "ties"\nbase = "./base"\nmodels = ["./a", "./b"]\n')
-    assert run_cli(tmp_path / "recipe.toml", "--output", tmp_path / "out", "-q").returncode == 0
+    assert invoke_cli(tmp_path / "recipe.toml", "--output", tmp_path / "out", "-q").returncode == 0
     before = (tmp_path / "out" / "model.safetensors").read_bytes()
     weights = tmp_path / "b" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
-    assert run_cli(tmp_path / "recipe.toml", "--output", tmp_path / "out").returncode == 3
+    assert invoke_cli(tmp_path / "recipe.toml", "--output", tmp_path / "out").returncode == 3
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
 
 
@@ -201,7 +206,7 @@ def test_output_dir_that_is_not_ours_is_never_overwritten(tmp_path: Path) -> Non
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "precious.txt").write_text("keep me")
     (tmp_path / "recipe.toml").write_text('method = "ties"\nbase = "./base"\nmodels = ["./a"]\n')
-    result = run_cli(tmp_path / "recipe.toml", "--output", tmp_path / "out")
+    result = invoke_cli(tmp_path / "recipe.toml", "--output", tmp_path / "out")
     assert result.returncode == 1 and "is not a hubmerge output" in result.stderr
     assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"
 
@@ -210,7 +215,7 @@ def test_untied_source_with_head_loads_untied(tmp_path: Path) -> None:
     write_checkpoint(tmp_path / "base", random_state_dict(0))
     write_checkpoint(tmp_path / "a", random_state_dict(1, head=True))
     (tmp_path / "recipe.toml").write_text('method = "task_arithmetic"\nbase = "./base"\nmodels = ["./a"]\n')
-    assert run_cli(tmp_path / "recipe.toml", "--output", tmp_path / "out", "-q").returncode == 0
+    assert invoke_cli(tmp_path / "recipe.toml", "--output", tmp_path / "out", "-q").returncode == 0
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
@@ -230,20 +235,20 @@ def test_non_float_tensor_is_refused(tmp_path: Path) -> None:
 
 
 def test_help_and_version() -> None:
-    assert "hubmerge validate RECIPE" in run_cli("--help").stdout
-    assert run_cli("--version").stdout.startswith("hubmerge ")
+    assert "hubmerge validate RECIPE" in invoke_cli("--help").stdout
+    assert invoke_cli("--version").stdout.startswith("hubmerge ")
 
 
 def test_cuda_device_merges_like_cpu_or_says_it_is_missing(tmp_path: Path) -> None:
     recipe = REPO / "recipes" / "examples" / "tiny-ties.toml"
-    result = run_cli(recipe, "--output", tmp_path / "gpu", "--device", "cuda", "-q")
+    result = invoke_cli(recipe, "--output", tmp_path / "gpu", "--device", "cuda", "-q")
     if not torch.cuda.is_available():
         assert result.returncode == 1
         assert result.stderr.strip().endswith("no CUDA device is available to torch here; use --device cpu")
         assert not (tmp_path / "gpu").exists()
         return
     assert result.returncode == 0, result.stderr
-    assert run_cli(recipe, "--output", tmp_path / "cpu", "-q").returncode == 0
+    assert invoke_cli(recipe, "--output", tmp_path / "cpu", "-q").returncode == 0
     gpu, cpu = (
         load_file(tmp_path / "gpu" / "model.safetensors"),
         load_file(tmp_path / "cpu" / "model.safetensors"),
@@ -253,7 +258,7 @@ def test_cuda_device_merges_like_cpu_or_says_it_is_missing(tmp_path: Path) -> No
 
 def test_validate_reports_a_missing_local_folder_fast(tmp_path: Path) -> None:
     (tmp_path / "r.toml").write_text('method = "simple_average"\nmodels = ["./nowhere"]\n')
-    result = run_cli("validate", tmp_path / "r.toml")
+    result = invoke_cli("validate", tmp_path / "r.toml")
     assert result.returncode == 3 and "'./nowhere' is not a folder" in result.stderr
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, random_state_dict, run_cli, write_checkpoint
+from conftest import TINY, random_state_dict, write_checkpoint
 from safetensors.torch import load_file
+from support.cli import invoke_cli
 
 from hubmerge import api
 from hubmerge.checkpoint import TensorReader
@@ -28,13 +29,15 @@ def _recipe(folder: Path, text: str) -> Path:
     return path
 
 
-def test_tokenizer_source_gives_tokenizer_chat_template_generation_config_and_token_ids(tmp_path: Path) -> None:
+def test_tokenizer_source_gives_tokenizer_chat_template_generation_config_and_token_ids(
+    tmp_path: Path,
+) -> None:
     recipe = _recipe(
         tmp_path,
         f'method = "task_arithmetic"\nbase = "{TINY / "base"}"\nmodels = ["{TINY / "math"}", "{TINY / "instruct"}"]\n'
         f'[tokenizer]\nsource = "{TINY / "instruct"}"\n',
     )
-    result = run_cli(recipe, "--output", tmp_path / "out", "-q")
+    result = invoke_cli(recipe, "--output", tmp_path / "out", "-q")
     assert result.returncode == 0, result.stderr
     out = tmp_path / "out"
     for name in ("generation_config.json", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"):
@@ -59,7 +62,10 @@ def test_a_source_listed_twice_keeps_each_mentions_weight_and_is_read_once(
     )
     plan = api.load_plan(recipe, tmp_path / "out")
     assert plan.models[0] is plan.models[1] and len(plan.downloads) == 2
-    assert [(r.name, r.params["weight"]) for r in plan.model_roles] == [("models[0]", 0.25), ("models[1]", 0.5)]
+    assert [(r.name, r.params["weight"]) for r in plan.model_roles] == [
+        ("models[0]", 0.25),
+        ("models[1]", 0.5),
+    ]
 
     reads: list[str] = []
     original = TensorReader.read
@@ -74,7 +80,10 @@ def test_a_source_listed_twice_keeps_each_mentions_weight_and_is_read_once(
     assert reads.count(str(tmp_path / "a")) == reads.count(str(tmp_path / "base")) == len(plan.tensors)
 
     merged = load_file(tmp_path / "out" / "model.safetensors")
-    base, a = load_file(tmp_path / "base" / "model.safetensors"), load_file(tmp_path / "a" / "model.safetensors")
+    base, a = (
+        load_file(tmp_path / "base" / "model.safetensors"),
+        load_file(tmp_path / "a" / "model.safetensors"),
+    )
     for name, tensor in merged.items():
         b, m = base[name].float(), a[name].float()
         expected = b + 1.0 * ((m - b) * 0.25 + (m - b) * 0.5)
@@ -85,7 +94,8 @@ def test_a_stored_lm_head_under_a_tied_config_is_read_as_transformers_reads_it(t
     write_checkpoint(tmp_path / "base", random_state_dict(0))
     write_checkpoint(tmp_path / "a", random_state_dict(1, head=True), tie_word_embeddings=True)
     recipe = _recipe(
-        tmp_path, 'method = "task_arithmetic"\nbase = "./base"\nmodels = ["./a"]\n[parameters]\nscaling_factor = 1.0\n'
+        tmp_path,
+        'method = "task_arithmetic"\nbase = "./base"\nmodels = ["./a"]\n[parameters]\nscaling_factor = 1.0\n',
     )
     plan = api.load_plan(recipe, tmp_path / "out")
     assert any("stores lm_head.weight although its config.json ties it" in w for w in plan.warnings)
@@ -111,7 +121,7 @@ def test_a_stored_lm_head_of_integer_dtype_is_refused(tmp_path: Path) -> None:
     weights["lm_head.weight"] = torch.zeros(sd["lm_head.weight"].shape, dtype=torch.int16)
     save_file(weights, tmp_path / "a" / "model.safetensors", metadata={"format": "pt"})
     recipe = _recipe(tmp_path, 'method = "task_arithmetic"\nbase = "./base"\nmodels = ["./a"]\n')
-    result = run_cli(recipe, "--output", tmp_path / "out")
+    result = invoke_cli(recipe, "--output", tmp_path / "out")
     assert result.returncode == 4 and "tensor lm_head.weight has dtype I16" in result.stderr
 
 
@@ -120,8 +130,10 @@ def test_allow_non_finite_merges_a_source_holding_nan(tmp_path: Path) -> None:
     sd = random_state_dict(2)
     sd["model.norm.weight"][3] = float("nan")
     write_checkpoint(tmp_path / "b", sd)
-    recipe = _recipe(tmp_path, 'allow_non_finite = true\nmethod = "simple_average"\nmodels = ["./a", "./b"]\n')
-    result = run_cli(recipe, "--output", tmp_path / "out", "-q")
+    recipe = _recipe(
+        tmp_path, 'allow_non_finite = true\nmethod = "simple_average"\nmodels = ["./a", "./b"]\n'
+    )
+    result = invoke_cli(recipe, "--output", tmp_path / "out", "-q")
     assert result.returncode == 0, result.stderr
     norm = load_file(tmp_path / "out" / "model.safetensors")["model.norm.weight"]
     assert torch.isnan(norm[3]) and torch.isfinite(torch.cat([norm[:3], norm[4:]])).all()
@@ -143,10 +155,12 @@ def test_validate_checks_every_recipe_and_warns_on_threshold_one(
     tmp_path: Path, write_recipe: Callable[..., Path]
 ) -> None:
     _pool(tmp_path)
-    good = write_recipe('method = "ties"\nbase = "./base"\nmodels = ["./a"]\n[parameters]\nthreshold = 1\n', "good.toml")
+    good = write_recipe(
+        'method = "ties"\nbase = "./base"\nmodels = ["./a"]\n[parameters]\nthreshold = 1\n', "good.toml"
+    )
     bad = write_recipe('method = "ties"\nmodels = ["./a"]\n', "bad.toml")
     missing = write_recipe('method = "ties"\nbase = "./base"\nmodels = ["./gone"]\n', "missing.toml")
-    result = run_cli("validate", bad, good, missing)
+    result = invoke_cli("validate", bad, good, missing)
     assert result.returncode == 2  # the first failure's code
     assert result.stdout.splitlines() == [f"ok  {good}  (ties, 1 model)"]
     err = result.stderr.splitlines()
@@ -154,7 +168,7 @@ def test_validate_checks_every_recipe_and_warns_on_threshold_one(
     assert err[0].startswith("hubmerge: error: ") and "bad.toml: base: is required" in err[0]
     assert err[1].startswith("warning: ") and "threshold = 1 is read as the fraction 1.0" in err[1]
     assert "'./gone' is not a folder" in err[2]
-    single = run_cli("validate", good)
+    single = invoke_cli("validate", good)
     assert single.returncode == 0 and "threshold = 1 is read as the fraction 1.0" in single.stderr
 
 
@@ -171,7 +185,7 @@ def test_plan_text_says_local_for_local_folders_and_keeps_roles_apart(tmp_path: 
 
 @pytest.mark.parametrize("command", ["validate", "plan", "card"])
 def test_subcommand_help_describes_the_command(command: str) -> None:
-    result = run_cli(command, "--help")
+    result = invoke_cli(command, "--help")
     assert result.returncode == 0
     description = result.stdout.split("\n\n")[1]
     assert len(description.split()) > 8  # a sentence, not just the usage line
@@ -182,7 +196,7 @@ def test_subcommand_help_describes_the_command(command: str) -> None:
 def test_validate_warns_when_a_hub_id_looks_like_a_mistyped_local_folder(tmp_path: Path) -> None:
     write_checkpoint(tmp_path / "tiny" / "math", random_state_dict(3))
     recipe = _recipe(tmp_path, 'method = "simple_average"\nmodels = ["./tiny/math", "tiny/mathh"]\n')
-    result = run_cli("validate", recipe)  # validate reads no network: a warning, not an error
+    result = invoke_cli("validate", recipe)  # validate reads no network: a warning, not an error
     assert result.returncode == 0
     assert result.stderr.strip() == (
         f"warning: {recipe}: models[1]: 'tiny/mathh' is read as a Hub id although tiny/ is a folder next to the "
@@ -192,5 +206,5 @@ def test_validate_warns_when_a_hub_id_looks_like_a_mistyped_local_folder(tmp_pat
 
 def test_an_average_of_one_model_is_allowed_with_a_warning(tmp_path: Path) -> None:
     _pool(tmp_path)
-    result = run_cli("validate", _recipe(tmp_path, 'method = "linear"\nmodels = ["./a"]\n'))
+    result = invoke_cli("validate", _recipe(tmp_path, 'method = "linear"\nmodels = ["./a"]\n'))
     assert result.returncode == 0 and "models: linear of one model writes a copy of it" in result.stderr

@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY, random_state_dict, run_cli, write_checkpoint
+from conftest import TINY, random_state_dict, write_checkpoint
 from PIL import Image
 from safetensors.torch import load_file
+from support.cli import invoke_cli
 
 import hubmerge.plan
 from hubmerge import api
@@ -118,8 +119,14 @@ def test_ties_stats_match_direct_computations_on_the_full_tensors(tmp_path: Path
 
 
 def test_stats_are_the_same_whatever_the_slice_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A pool a fifth of the tiny demo's size (one layer, hidden 48, vocab 64): 37-element slices still cut
+    # every tensor, 1-D ones included, in ~500 slices per model rather than ~3,000.
+    small = {"hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": 1, "vocab_size": 64}
+    for seed, name in enumerate(("base", *MODELS)):
+        sd = random_state_dict(seed, vocab=64, layers=1, hidden=48, intermediate=64)
+        write_checkpoint(tmp_path / name, sd, **small)  # type: ignore[arg-type]
     recipe = tmp_path / "r.toml"
-    recipe.write_text(recipe_text("ties"))
+    recipe.write_text(recipe_text("ties").replace(str(TINY), str(tmp_path)))
     whole = api.inspect(recipe, output_dir=tmp_path / "a", quiet=True).stats
     monkeypatch.setattr(hubmerge.plan, "CHUNK_ELEMENTS", 37)  # a few rows, or part of one, per slice
     plan = api.load_plan(recipe)
@@ -181,7 +188,7 @@ def test_inspect_writes_the_merges_numbers_and_plots_and_no_model_files(tmp_path
     merged = api.merge(recipe, push=False, quiet=True)
     assert merged.output_dir == tmp_path / "merged"
 
-    shown = run_cli("inspect", recipe)
+    shown = invoke_cli("inspect", recipe)
     assert shown.returncode == 0, shown.stderr
     inspected = tmp_path / "merged-inspect"  # the default folder: beside the output, never inside it
     assert sorted(p.name for p in inspected.iterdir()) == sorted([STATS_FILE, *PLOT_FILES])
@@ -249,7 +256,7 @@ def test_no_stats_flag_and_recipe_switch_turn_the_diagnostics_off(
     assert "Merge diagnostics" not in (result.output_dir / "README.md").read_text()
 
     on = write_recipe(recipe_text("simple_average"), "on.toml")
-    flagged = run_cli(on, "--output", tmp_path / "b", "--no-stats", "-q")
+    flagged = invoke_cli(on, "--output", tmp_path / "b", "--no-stats", "-q")
     assert flagged.returncode == 0, flagged.stderr
     assert (tmp_path / "b" / "model.safetensors").is_file()
     assert not any((tmp_path / "b" / file).exists() for file in [STATS_FILE, *PLOT_FILES])

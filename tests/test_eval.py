@@ -15,6 +15,9 @@ from typing import Any
 import pytest
 from conftest import REPO, TINY, run_cli
 from hubserver import LocalHub
+from support.cli import invoke_cli
+from support.evaluation import TASKS
+from support.evaluation import eval_recipe as recipe
 
 from hubmerge import api
 from hubmerge.errors import RecipeError
@@ -23,7 +26,6 @@ from hubmerge.lock import file_sha256
 from hubmerge.recipe import load_recipe
 from hubmerge.sanity import LOSS_RATIO
 
-TASKS = REPO / "tests" / "data" / "lm_eval"
 TOKEN = "hf_test_user_token"
 
 
@@ -51,25 +53,6 @@ def evaluate_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", counting)
     return calls
-
-
-def recipe(
-    folder: Path,
-    scaling_factor: float = 0.8,
-    eval_table: str = "limit = 8\nbatch_size = 8\n",
-    name: str = "recipe.toml",
-    output: str = "out",
-) -> Path:
-    path = folder / name
-    path.write_text(
-        'method = "task_arithmetic"\n'
-        f'base = "{TINY / "base"}"\n'
-        f'models = ["{TINY / "math"}", "{TINY / "coder"}", "{TINY / "instruct"}"]\n'
-        f"[parameters]\nscaling_factor = {scaling_factor}\n"
-        f'[output]\ndir = "{output}"\n'
-        f'[eval]\ntasks = ["hubmerge_tiny"]\ninclude_path = "{TASKS}"\n{eval_table}'
-    )
-    return path
 
 
 def metadata(card: str) -> dict[str, Any]:
@@ -210,7 +193,7 @@ def test_results_agree_in_json_card_and_model_index_and_the_cache_reevaluates_on
 
 
 def test_eval_command_refuses_a_folder_without_a_merge(tmp_path: Path) -> None:
-    result = run_cli("eval", recipe(tmp_path), cwd=REPO)
+    result = invoke_cli("eval", recipe(tmp_path), cwd=REPO)
     assert result.returncode == 7
     assert result.stderr.strip() == (
         f"hubmerge: error: {tmp_path / 'out'} holds no hubmerge output to evaluate; run `hubmerge "
@@ -218,6 +201,7 @@ def test_eval_command_refuses_a_folder_without_a_merge(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow  # a real process: the shim that hides lm_eval is on its PYTHONPATH
 def test_without_the_extra_eval_says_how_to_install_it(tmp_path: Path) -> None:
     shim = tmp_path / "shim" / "lm_eval"
     shim.mkdir(parents=True)
@@ -280,7 +264,7 @@ def test_gate_blocks_a_push_that_misses_require_and_lets_a_passing_one_through(
             eval_table=f"limit = 8\nbatch_size = 8\nsources = false\nrequire = {{ hubmerge_tiny = {rule} }}\n",
         )
         path.write_text(path.read_text().replace("[output]\n", '[output]\nrepo = "user/gated"\n'))
-        return run_cli(path, "--eval", "-q", "--summary", summary, cwd=REPO, env=env)
+        return invoke_cli(path, "--eval", "-q", "--summary", summary, cwd=REPO, env=env)
 
     missed = run("1.01")
     assert missed.returncode == 8, missed.stderr
@@ -343,7 +327,7 @@ def test_sanity_check_passes_the_shipped_demo(tmp_path: Path) -> None:
 
 
 def test_no_sanity_turns_the_check_off(tmp_path: Path) -> None:
-    result = run_cli(
+    result = invoke_cli(
         REPO / "recipes/examples/tiny-ties.toml", "--output", tmp_path / "o", "--no-sanity", "-q"
     )
     assert result.returncode == 0, result.stderr

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +21,8 @@ import pytest
 from conftest import REPO, TINY, mounted_tmpfs, random_state_dict, write_checkpoint
 from hubserver import Hold, LocalHub
 from safetensors.torch import load_file
-from test_hub import POOL, TOKEN, _folder_files, hub_env
+from support.cli import invoke_cli, start_cli
+from support.hub import POOL, hub_env, pool_hub
 
 from hubmerge import output
 
@@ -32,12 +32,7 @@ WEIGHTS = "Qwen2.5-Math-1.5B/resolve/"  # the math model's file downloads (at it
 
 @pytest.fixture(scope="module")
 def hub() -> Iterator[LocalHub]:
-    with LocalHub() as server:
-        server.add_user("user", TOKEN)
-        server.add_user("Qwen", "hf_qwen_token")
-        for repo, name in POOL.items():
-            server.create_repo(repo)
-            server.commit(repo, _folder_files(TINY / name), "Upload model")
+    with pool_hub({repo: TINY / name for repo, name in POOL.items()}) as server:
         yield server
 
 
@@ -45,25 +40,6 @@ def _hold_weights(hub: LocalHub) -> Hold:
     """Hold the download of the math model's weights (not the header probes the plan makes)."""
     sha = hub.head("Qwen/Qwen2.5-Math-1.5B")
     return hub.hold_next(f"{WEIGHTS}{sha}/model.safetensors", method="GET", whole=True)
-
-
-def _start(*args: str | Path, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen[str]:
-    full_env = {**os.environ, **env}
-    full_env.pop("HUBMERGE_DEBUG", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "hubmerge.cli", *map(str, args)],
-        env=full_env,
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _run(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    process = _start(*args, env=env)
-    stdout, stderr = process.communicate(timeout=300)
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def _leftovers(parent: Path) -> list[str]:
@@ -91,19 +67,20 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield disk
 
 
+@pytest.mark.slow  # a real process, held by the Hub while the test acts
 def test_disk_filling_up_mid_write_is_one_line_and_keeps_the_previous_output(
     hub: LocalHub, tmp_path: Path, small_disk: Path
 ) -> None:
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(HUB_RECIPE)
     out = small_disk / "out"
-    assert _run(recipe, "--output", out, "-q", env=hub_env(hub, tmp_path / "first")).returncode == 0
+    assert invoke_cli(recipe, "--output", out, "-q", env=hub_env(hub, tmp_path / "first")).returncode == 0
     previous = _snapshot(out)
 
     # The second run has an empty cache, so it downloads; while the download is held, another process
     # fills the disk. The weights then hit ENOSPC in the writer thread.
     held = _hold_weights(hub)
-    process = _start(recipe, "--output", out, "-q", env=hub_env(hub, tmp_path / "second"))
+    process = start_cli(recipe, "--output", out, "-q", env=hub_env(hub, tmp_path / "second"))
     try:
         assert held.arrived.wait(120)
         free = shutil.disk_usage(small_disk).free
@@ -138,6 +115,7 @@ def _staging(parent: Path) -> bool:
     return any(name.startswith(".out.hubmerge-") for name in os.listdir(parent))
 
 
+@pytest.mark.slow  # a real process, signalled or killed: only a process shows it
 @pytest.mark.parametrize(
     ("signum", "code", "said"),
     [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)")],
@@ -147,9 +125,9 @@ def test_signal_mid_merge_stops_within_two_seconds_and_removes_the_staging_folde
 ) -> None:
     out = tmp_path / "out"
     tiny = REPO / "recipes" / "examples" / "tiny-task_arithmetic.toml"
-    assert _run(tiny, "--output", out, "-q", env={}).returncode == 0
+    assert invoke_cli(tiny, "--output", out, "-q", env={}).returncode == 0
     previous = _snapshot(out)
-    process = _start(big_pool / "recipe.toml", "--output", out, "-q", env={})
+    process = start_cli(big_pool / "recipe.toml", "--output", out, "-q", env={})
     _wait_for(lambda: _staging(tmp_path), process)
     process.send_signal(signum)
     # No wall-clock bound (tests do not depend on timing): the unchanged output below shows the merge
@@ -160,13 +138,14 @@ def test_signal_mid_merge_stops_within_two_seconds_and_removes_the_staging_folde
     assert _leftovers(tmp_path) == [] and _snapshot(out) == previous
 
 
+@pytest.mark.slow  # a real process, signalled or killed: only a process shows it
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_while_a_download_is_stalled_exits_at_once(hub: LocalHub, tmp_path: Path, signum: int) -> None:
     """The download thread is blocked on a Hub that does not answer: exiting must not wait for it."""
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(HUB_RECIPE)
     held = _hold_weights(hub)
-    process = _start(recipe, "--output", tmp_path / "out", "-q", env=hub_env(hub, tmp_path))
+    process = start_cli(recipe, "--output", tmp_path / "out", "-q", env=hub_env(hub, tmp_path))
     try:
         assert held.arrived.wait(120)
         process.send_signal(signum)
@@ -178,11 +157,12 @@ def test_signal_while_a_download_is_stalled_exits_at_once(hub: LocalHub, tmp_pat
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
 
+@pytest.mark.slow  # a real process, signalled or killed: only a process shows it
 def test_kill_9_mid_merge_then_a_rerun_succeeds_and_takes_no_stale_folder_for_output(
     big_pool: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    process = _start(big_pool / "recipe.toml", "--output", out, "-q", env={})
+    process = start_cli(big_pool / "recipe.toml", "--output", out, "-q", env={})
     _wait_for(lambda: _staging(tmp_path), process)
     process.kill()
     process.communicate(timeout=60)
@@ -193,7 +173,7 @@ def test_kill_9_mid_merge_then_a_rerun_succeeds_and_takes_no_stale_folder_for_ou
     assert (tmp_path / stale[0] / output.MARKER).is_file() or not any((tmp_path / stale[0]).iterdir())
     assert not out.exists()  # the half-written staging folder was never moved into place
 
-    rerun = _run(big_pool / "recipe.toml", "--output", out, "-q", env={})
+    rerun = invoke_cli(big_pool / "recipe.toml", "--output", out, "-q", env={})
     assert rerun.returncode == 0, rerun.stderr
     assert _leftovers(tmp_path) == []
     lock = json.loads((out / "hubmerge.lock.json").read_text())
@@ -209,7 +189,7 @@ def test_bursts_of_5xx_and_a_download_cut_halfway_are_retried_to_the_same_result
 ) -> None:
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(HUB_RECIPE)
-    clean = _run(recipe, "--output", tmp_path / "a" / "out", "-q", env=hub_env(hub, tmp_path / "a"))
+    clean = invoke_cli(recipe, "--output", tmp_path / "a" / "out", "-q", env=hub_env(hub, tmp_path / "a"))
     assert clean.returncode == 0, clean.stderr
     start = len(hub.requests)
     hub.fail_next(3, status=503, path_contains="/api/models/Qwen/Qwen2.5-1.5B/revision")
@@ -222,7 +202,7 @@ def test_bursts_of_5xx_and_a_download_cut_halfway_are_retried_to_the_same_result
         method="GET",
         whole=True,
     )
-    faulty = _run(recipe, "--output", tmp_path / "b" / "out", "-q", env=hub_env(hub, tmp_path / "b"))
+    faulty = invoke_cli(recipe, "--output", tmp_path / "b" / "out", "-q", env=hub_env(hub, tmp_path / "b"))
     assert faulty.returncode == 0, faulty.stderr
     assert _snapshot(tmp_path / "b" / "out") == _snapshot(tmp_path / "a" / "out")
     # The cut download was fetched again (the result above is whole and identical).
@@ -236,11 +216,12 @@ def test_bursts_of_5xx_and_a_download_cut_halfway_are_retried_to_the_same_result
     assert statuses[:3] == [503, 503, 503] and 200 in statuses
 
 
+@pytest.mark.slow  # a real process, held by the Hub while the test acts
 def test_a_slow_download_is_waited_for(hub: LocalHub, tmp_path: Path) -> None:
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(HUB_RECIPE)
     held = _hold_weights(hub)
-    process = _start(recipe, "--output", tmp_path / "out", "-q", env=hub_env(hub, tmp_path))
+    process = start_cli(recipe, "--output", tmp_path / "out", "-q", env=hub_env(hub, tmp_path))
     assert held.arrived.wait(120)
     assert process.poll() is None  # still waiting on the answer, not failed
     held.release.set()
@@ -256,7 +237,7 @@ def test_upload_cut_during_lfs_lands_no_commit_and_a_rerun_lands_exactly_one(
     recipe.write_text(HUB_RECIPE + '[output]\nrepo = "user/cut"\n')
     before = len(hub.commits("user/cut"))
     hub.drop_next(50, path_contains="/lfs-upload/", method="PUT")  # more than the client's retries
-    failed = _run(recipe, "--output", tmp_path / "out", env=hub_env(hub, tmp_path))
+    failed = invoke_cli(recipe, "--output", tmp_path / "out", env=hub_env(hub, tmp_path))
     hub._faults.clear()  # the client gave up before using them all
     assert failed.returncode == 6, failed.stderr
     assert failed.stderr.splitlines()[-1] == (
@@ -264,18 +245,19 @@ def test_upload_cut_during_lfs_lands_no_commit_and_a_rerun_lands_exactly_one(
         "to the Hub.); re-run to retry"
     )
     assert len(hub.commits("user/cut")) == before
-    rerun = _run(recipe, "--output", tmp_path / "out", env=hub_env(hub, tmp_path))
+    rerun = invoke_cli(recipe, "--output", tmp_path / "out", env=hub_env(hub, tmp_path))
     assert rerun.returncode == 0, rerun.stderr
     assert len(hub.commits("user/cut")) == before + 1
     assert hub.files("user/cut")["model.safetensors"] == (tmp_path / "out" / "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow  # a real process, held by the Hub while the test acts
 def test_branch_moved_during_the_push_is_retried_on_the_new_tip(hub: LocalHub, tmp_path: Path) -> None:
     hub.create_repo("user/moving")
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(HUB_RECIPE + '[output]\nrepo = "user/moving"\n')
     held = hub.hold_next("/api/models/user/moving/preupload/", method="POST")
-    process = _start(recipe, "--output", tmp_path / "out", env=hub_env(hub, tmp_path))
+    process = start_cli(recipe, "--output", tmp_path / "out", env=hub_env(hub, tmp_path))
     try:
         assert held.arrived.wait(120)
         hub.commit("user/moving", {"notes.md": b"pushed meanwhile"}, "someone else's commit")
@@ -299,7 +281,7 @@ def test_branch_that_keeps_moving_gets_a_clear_message(hub: LocalHub, tmp_path: 
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(HUB_RECIPE + '[output]\nrepo = "user/busy"\n')
     hub.fail_next(3, status=409, path_contains="/api/models/user/busy/commit/", method="POST")
-    result = _run(recipe, "--output", tmp_path / "out", env=hub_env(hub, tmp_path))
+    result = invoke_cli(recipe, "--output", tmp_path / "out", env=hub_env(hub, tmp_path))
     assert result.returncode == 6
     assert result.stderr.splitlines()[-1] == (
         "hubmerge: error: pushing to user/busy failed: its branch 'main' moved under every one of 3 attempts "

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, random_state_dict, run_cli, write_checkpoint
+from support.evaluation import eval_recipe
 
 from hubmerge import api
 from hubmerge.errors import HubmergeError, RecipeError
@@ -288,8 +289,6 @@ def test_card_command_shows_the_diagnostics_the_merge_wrote(
 
 @pytest.mark.slow  # lm-eval in a process of its own (~40 s here): only a process shows what reaches fd 2
 def test_merge_with_eval_prints_the_score_table_and_keeps_library_output_off_stderr(tmp_path: Path) -> None:
-    from test_eval import recipe as eval_recipe
-
     recipe = eval_recipe(tmp_path, eval_table="limit = 4\nbatch_size = 4\nsources = false\n")
     env = {
         "HF_HOME": str(tmp_path / "hf_home"),

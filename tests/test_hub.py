@@ -10,21 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY
 from hubserver import LocalHub
 from safetensors.torch import load, save
-
-TOKEN, OTHER_TOKEN = "hf_test_user_token", "hf_test_other_token"
-POOL = {
-    "Qwen/Qwen2.5-1.5B": "base",
-    "Qwen/Qwen2.5-Math-1.5B": "math",
-    "Qwen/Qwen2.5-Coder-1.5B": "coder",
-    "Qwen/Qwen2.5-1.5B-Instruct": "instruct",
-}
-
-
-def _folder_files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+from support.cli import invoke_cli
+from support.hub import OTHER_TOKEN, POOL, TOKEN, folder_files, hub_env
 
 
 def _scaled(weights: bytes, factor: float) -> bytes:
@@ -42,27 +32,13 @@ def hub() -> Iterator[LocalHub]:
         server.add_user("Qwen", "hf_qwen_token")
         for repo, name in POOL.items():
             server.create_repo(repo)
-            files = _folder_files(TINY / name)
+            files = folder_files(TINY / name)
             old = dict(files, **{"model.safetensors": _scaled(files["model.safetensors"], 0.5)})
             server.commit(repo, old, "Upload model")
             server.create_tag(repo, "v1.0")
             server.commit(repo, files, "Update weights")
         server.create_branch("Qwen/Qwen2.5-1.5B-Instruct", "dev", "v1.0")
         yield server
-
-
-def hub_env(hub: LocalHub, tmp_path: Path, token: str | None = TOKEN, **extra: str) -> dict[str, str]:
-    env = {
-        "HF_ENDPOINT": hub.url,
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "HF_HUB_DISABLE_XET": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-        "NO_PROXY": "127.0.0.1,localhost",
-        "HF_HUB_OFFLINE": "0",
-        "HF_TOKEN": token or "",
-    }
-    return env | extra
 
 
 def test_merge_pins_branch_tag_and_sha_then_pushes_private_repo(hub: LocalHub, tmp_path: Path) -> None:
@@ -76,7 +52,7 @@ def test_merge_pins_branch_tag_and_sha_then_pushes_private_repo(hub: LocalHub, t
         '[output]\ndir = "out"\nrepo = "user/merged"\nprivate = true\n'
     )
     commits_before = len(hub.commits("user/merged")) if "user/merged" in hub._repos else 0
-    result = run_cli(recipe, env=hub_env(hub, tmp_path))
+    result = invoke_cli(recipe, env=hub_env(hub, tmp_path))
     assert result.returncode == 0, result.stderr
     assert f"{hub.url}/user/merged/commit/" in result.stdout
     assert commits_before == 0
@@ -111,7 +87,7 @@ def test_merge_pins_branch_tag_and_sha_then_pushes_private_repo(hub: LocalHub, t
         'method = "ties"\nbase = "./local/base"\nmodels = ["./local/math", "./local/instruct", "./local/coder"]\n'
         "[parameters]\nscaling_factor = 0.8\n"
     )
-    assert run_cli(local, "--output", tmp_path / "local-out", "-q").returncode == 0
+    assert invoke_cli(local, "--output", tmp_path / "local-out", "-q").returncode == 0
     assert (tmp_path / "local-out" / "model.safetensors").read_bytes() == (
         tmp_path / "out" / "model.safetensors"
     ).read_bytes()
@@ -154,7 +130,7 @@ def test_merge_pins_branch_tag_and_sha_then_pushes_private_repo(hub: LocalHub, t
 
     # Same recipe, same sources: identical output, no new commit.
     n = len(hub.commits("user/merged"))
-    again = run_cli(recipe, env=hub_env(hub, tmp_path))
+    again = invoke_cli(recipe, env=hub_env(hub, tmp_path))
     assert again.returncode == 0, again.stderr
     assert "no new commit" in again.stderr
     assert len(hub.commits("user/merged")) == n
@@ -172,7 +148,7 @@ def _tiny_hub_recipe(tmp_path: Path, output: str) -> Path:
 def test_push_as_pull_request_leaves_main_alone(hub: LocalHub, tmp_path: Path) -> None:
     hub.create_repo("user-org/pr-target")
     main = hub.head("user-org/pr-target")
-    result = run_cli(
+    result = invoke_cli(
         _tiny_hub_recipe(tmp_path, 'repo = "user-org/pr-target"\ncreate_pr = true'),
         env=hub_env(hub, tmp_path),
     )
@@ -184,7 +160,7 @@ def test_push_as_pull_request_leaves_main_alone(hub: LocalHub, tmp_path: Path) -
 
 
 def test_push_to_a_new_branch(hub: LocalHub, tmp_path: Path) -> None:
-    result = run_cli(
+    result = invoke_cli(
         _tiny_hub_recipe(tmp_path, 'repo = "user/branched"\nbranch = "merge-v2"'), env=hub_env(hub, tmp_path)
     )
     assert result.returncode == 0, result.stderr
@@ -194,7 +170,7 @@ def test_push_to_a_new_branch(hub: LocalHub, tmp_path: Path) -> None:
 
 def test_plan_of_seed_recipe_reports_sizes_without_downloading_weights(hub: LocalHub, tmp_path: Path) -> None:
     start = len(hub.requests)
-    result = run_cli(
+    result = invoke_cli(
         "plan",
         REPO / "recipes" / "qwen2.5-1.5b" / "three_models" / "ties.toml",
         "--json",
@@ -220,9 +196,9 @@ def test_plan_of_seed_recipe_reports_sizes_without_downloading_weights(hub: Loca
 
 def test_offline_mode_works_from_the_cache(hub: LocalHub, tmp_path: Path) -> None:
     recipe = _tiny_hub_recipe(tmp_path, "")
-    assert run_cli(recipe, "-q", env=hub_env(hub, tmp_path)).returncode == 0
+    assert invoke_cli(recipe, "-q", env=hub_env(hub, tmp_path)).returncode == 0
     first = (tmp_path / "out" / "model.safetensors").read_bytes()
-    offline = run_cli(
+    offline = invoke_cli(
         recipe,
         "-q",
         "--output",
@@ -237,7 +213,7 @@ def _fails(hub: LocalHub, tmp_path: Path, recipe_text: str, code: int, message: 
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(recipe_text + '[output]\ndir = "out"\n' + env.pop("output", ""))
     start = len(hub.requests)
-    result = run_cli(recipe, env=hub_env(hub, tmp_path, **env))
+    result = invoke_cli(recipe, env=hub_env(hub, tmp_path, **env))
     assert result.returncode == code, result.stderr
     assert message in result.stderr, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -295,7 +271,7 @@ def test_missing_revision(hub: LocalHub, tmp_path: Path) -> None:
 def test_pickle_only_repo_is_refused_before_download(hub: LocalHub, tmp_path: Path) -> None:
     if "Qwen/pickled" not in hub._repos:
         hub.create_repo("Qwen/pickled")
-        files = _folder_files(TINY / "math")
+        files = folder_files(TINY / "math")
         del files["model.safetensors"]
         hub.commit("Qwen/pickled", files | {"pytorch_model.bin": b"\x80\x04 pickle"}, "pickle")
     _fails(
@@ -341,7 +317,7 @@ def test_push_to_foreign_namespace_fails_before_merging(hub: LocalHub, tmp_path:
 
 def test_token_never_appears_in_outputs(hub: LocalHub, tmp_path: Path) -> None:
     recipe = _tiny_hub_recipe(tmp_path, 'repo = "user/tokencheck"')
-    result = run_cli(recipe, env=hub_env(hub, tmp_path))
+    result = invoke_cli(recipe, env=hub_env(hub, tmp_path))
     assert result.returncode == 0, result.stderr
     assert TOKEN not in result.stdout + result.stderr
     for path in (tmp_path / "out").iterdir():
@@ -352,7 +328,7 @@ def test_transient_hub_faults_are_retried(hub: LocalHub, tmp_path: Path) -> None
     """A dropped weight download resumes, and a 5xx burst on metadata is retried by the client."""
     hub.drop_next(1, path_contains="Qwen2.5-Math-1.5B/resolve", method="GET")
     hub.fail_next(1, status=503, path_contains="/api/models/Qwen/Qwen2.5-1.5B/revision")
-    result = run_cli(_tiny_hub_recipe(tmp_path, ""), "-q", env=hub_env(hub, tmp_path))
+    result = invoke_cli(_tiny_hub_recipe(tmp_path, ""), "-q", env=hub_env(hub, tmp_path))
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "model.safetensors").is_file()
     statuses = [(r.method, r.status) for r in hub.requests if "Qwen/Qwen2.5-1.5B/revision" in r.path]
@@ -364,8 +340,10 @@ def test_online_and_offline_resolution_pick_the_same_weight_files(hub: LocalHub,
     `hf download` does): online and offline plans read model.safetensors alone, as transformers does."""
     if "Qwen/consolidated" not in hub._repos:
         hub.create_repo("Qwen/consolidated")
-        files = _folder_files(TINY / "math")
-        hub.commit("Qwen/consolidated", files | {"consolidated.safetensors": files["model.safetensors"]}, "up")
+        files = folder_files(TINY / "math")
+        hub.commit(
+            "Qwen/consolidated", files | {"consolidated.safetensors": files["model.safetensors"]}, "up"
+        )
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(TA + 'models = ["Qwen/consolidated"]\n')
     env = hub_env(hub, tmp_path)
@@ -374,11 +352,18 @@ def test_online_and_offline_resolution_pick_the_same_weight_files(hub: LocalHub,
         "for repo in ('Qwen/consolidated', 'Qwen/Qwen2.5-1.5B'): snapshot_download(repo)"
     )
     assert subprocess.run([sys.executable, "-c", download], env=env, check=False).returncode == 0
-    online = run_cli("plan", recipe, "--json", env=env)
+    online = invoke_cli("plan", recipe, "--json", env=env)
     assert online.returncode == 0, online.stderr
-    offline = run_cli(
-        "plan", recipe, "--json", env=hub_env(hub, tmp_path, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
+    offline = invoke_cli(
+        "plan",
+        recipe,
+        "--json",
+        env=hub_env(hub, tmp_path, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9"),
     )
     assert offline.returncode == 0, offline.stderr
     files = [json.loads(r.stdout)["downloads"][1]["files"] for r in (online, offline)]
-    assert files[0] == files[1] and "model.safetensors" in files[0] and "consolidated.safetensors" not in files[0]
+    assert (
+        files[0] == files[1]
+        and "model.safetensors" in files[0]
+        and "consolidated.safetensors" not in files[0]
+    )

@@ -14,109 +14,20 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_state_dict, write_checkpoint
-from safetensors.torch import load_file
+from support.reference import (
+    HEAD,
+    POOL,
+    assert_close,
+    load_f32,
+    ref_linear,
+    ref_simple_average,
+    ref_task_arithmetic,
+    ref_ties,
+    ref_ties_per_tensor,
+    with_head,
+)
 
 import hubmerge
-
-EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
-
-
-def load_f32(folder: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        tensors |= {k: v.float() for k, v in load_file(file).items()}
-    return tensors
-
-
-def with_head(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A tied model's head reads as its embedding."""
-    return sd if HEAD in sd else {**sd, HEAD: sd[EMBED]}
-
-
-# --- reference formulas ----------------------------------------------------------------------------------
-
-
-def ref_simple_average(models: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {k: torch.stack([m[k] for m in models]).sum(0) / len(models) for k in models[0]}
-
-
-def ref_linear(models: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-    """mergekit's linear: float32 weights, one fused multiply-add per model, divided by their float32 sum."""
-    w = torch.tensor(weights, dtype=torch.float32)
-    out = {}
-    for k in models[0]:
-        acc = torch.zeros_like(models[0][k], dtype=torch.float32)
-        for weight, m in zip(w, models):
-            acc.addcmul_(m[k].float(), weight)
-        out[k] = acc / w.sum()
-    return out
-
-
-def ref_task_arithmetic(
-    base: dict[str, torch.Tensor],
-    models: list[dict[str, torch.Tensor]],
-    lam: float,
-    weights: list[float] | None = None,
-) -> dict[str, torch.Tensor]:
-    weights = weights or [1.0] * len(models)
-    return {k: base[k] + lam * sum(w * (m[k] - base[k]) for w, m in zip(weights, models)) for k in base}
-
-
-def ref_ties(
-    base: dict[str, torch.Tensor],
-    models: list[dict[str, torch.Tensor]],
-    lam: float,
-    k_pct: float = 20,
-    merge_func: str = "sum",
-) -> dict[str, torch.Tensor]:
-    keys = sorted(base)
-    flat = lambda sd: torch.cat([sd[k].reshape(-1) for k in keys])  # noqa: E731
-    pt = flat(base)
-    tv = torch.vstack([flat(m) for m in models]) - pt
-    d = tv.shape[1]
-    frac = k_pct / 100 if k_pct > 1 else k_pct
-    k = d - int(d * frac)
-    if k >= 1:  # FusionBench crashes on k = 0 (threshold 100); keeping everything is what it means
-        tv = tv * (tv.abs() >= tv.abs().kthvalue(k, dim=1, keepdim=True).values)
-    sign = torch.sign(tv.sum(0))
-    sign[sign == 0] = torch.sign(sign.sum())
-    sel = tv * torch.where(sign > 0, tv > 0, tv < 0)
-    if merge_func == "sum":
-        agg = sel.sum(0)
-    elif merge_func == "mean":
-        agg = sel.sum(0) / (sel != 0).sum(0).float().clamp(min=1)
-    else:
-        agg = sel.abs().max(0)[0] * sign
-    out, res, i = pt + lam * agg, {}, 0
-    for k in keys:
-        n = base[k].numel()
-        res[k] = out[i : i + n].view_as(base[k])
-        i += n
-    return res
-
-
-def ref_ties_per_tensor(
-    base: dict[str, torch.Tensor], models: list[dict[str, torch.Tensor]], lam: float
-) -> dict[str, torch.Tensor]:
-    # Per-tensor trimming, still with the model-wide majority sign for exact zeros.
-    trimmed = {}
-    for k in base:
-        tv = torch.stack([m[k].reshape(-1) - base[k].reshape(-1) for m in models])
-        d = tv.shape[1]
-        kth = tv.abs().kthvalue(d - int(d * 0.2), dim=1, keepdim=True).values
-        trimmed[k] = tv * (tv.abs() >= kth)
-    signs = {k: torch.sign(tv.sum(0)) for k, tv in trimmed.items()}
-    majority = torch.sign(sum(s.sum() for s in signs.values()))
-    res = {}
-    for k, tv in trimmed.items():
-        sign = signs[k].clone()
-        sign[sign == 0] = majority
-        agg = (tv * torch.where(sign > 0, tv > 0, tv < 0)).sum(0)
-        res[k] = (base[k].reshape(-1) + lam * agg).view_as(base[k])
-    return res
-
-
-# --- helpers -----------------------------------------------------------------------------------------------
 
 
 def run(
@@ -125,18 +36,6 @@ def run(
     recipe = write_recipe(body + f'\n[output]\ndir = "{out}"\n')
     result = hubmerge.merge(recipe, push=False, quiet=True, log=lambda _: None)
     return load_f32(result.output_dir)
-
-
-def assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    assert sorted(got) == sorted(want)
-    for k in want:
-        expected = want[k].to(dtype).float()
-        assert got[k].shape == expected.shape, k
-        # One rounding of the same float32 value: bit-identical for bf16, within 1e-6 for float32.
-        assert torch.allclose(got[k], expected, rtol=0, atol=1e-6), (k, (got[k] - expected).abs().max())
-
-
-POOL = 'base = "models/base"\nmodels = ["models/math", "models/code", "models/instruct"]\n'
 
 
 @pytest.fixture

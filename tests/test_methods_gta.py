@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 from conftest import random_state_dict, write_checkpoint
-from test_merge import load_f32, with_head
+from support.reference import load_f32, with_head
 
 import hubmerge
 from hubmerge import plan as plan_module

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_state_dict, write_checkpoint
-from test_merge import assert_close, load_f32, with_head
+from support.reference import assert_close, load_f32, with_head
 
 import hubmerge
 from hubmerge import plan as plan_module

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, random_state_dict, run_cli, write_checkpoint
+from conftest import REPO, TINY, random_state_dict, write_checkpoint
 from hubserver import LocalHub
-from test_hub import POOL, TOKEN, _folder_files, hub_env
+from support.cli import invoke_cli
+from support.hub import POOL, hub_env, pool_hub
 
 from hubmerge import output
 
@@ -60,7 +61,7 @@ def test_output_dot_in_a_project_holding_hubmerge_toml_is_refused_and_nothing_mo
     recipe = _recipe(project, name="hubmerge.toml")  # the name every merged repo's clone holds
     before = sorted(p.relative_to(project).as_posix() for p in project.rglob("*"))
     for target in (".", "..", str(project)):
-        result = run_cli(recipe, "--output", target, cwd=project)
+        result = invoke_cli(recipe, "--output", target, cwd=project)
         assert result.returncode == 1, result.stderr
         assert "is the current directory, one of its parents" in _one_error_line(result.stderr)
     assert sorted(p.relative_to(project).as_posix() for p in project.rglob("*")) == before
@@ -76,7 +77,7 @@ def test_folder_with_hubmerge_toml_but_no_valid_lock_is_not_taken_for_an_output(
     for lock in (None, "{not json", json.dumps({"output": {"files": {}}})):  # missing, broken, not ours
         if lock is not None:
             (clone / "hubmerge.lock.json").write_text(lock)
-        result = run_cli(recipe, "--output", clone)
+        result = invoke_cli(recipe, "--output", clone)
         assert result.returncode == 1
         assert "is not a hubmerge output (no valid hubmerge.lock.json)" in _one_error_line(result.stderr)
         assert (clone / "notes.md").read_text() == "mine"
@@ -84,12 +85,12 @@ def test_folder_with_hubmerge_toml_but_no_valid_lock_is_not_taken_for_an_output(
 
 def test_output_path_that_is_a_file_gets_one_clear_line(pool: Path) -> None:
     (pool / "taken").write_text("a file")
-    result = run_cli(_recipe(pool), "--output", pool / "taken")
+    result = invoke_cli(_recipe(pool), "--output", pool / "taken")
     assert result.returncode == 1
     assert "taken is a file, not a folder" in _one_error_line(result.stderr)
     assert (pool / "taken").read_text() == "a file"
     (pool / "link").symlink_to(pool / "base")
-    linked = run_cli(_recipe(pool), "--output", pool / "link")
+    linked = invoke_cli(_recipe(pool), "--output", pool / "link")
     # The recipe resolves links: the guard judges the folder the link points to.
     assert linked.returncode == 1 and "base exists and is not a hubmerge output" in _one_error_line(
         linked.stderr
@@ -99,13 +100,13 @@ def test_output_path_that_is_a_file_gets_one_clear_line(pool: Path) -> None:
 
 def test_rerun_refuses_files_the_user_added_and_names_them(pool: Path) -> None:
     recipe = _recipe(pool)
-    assert run_cli(recipe, "--output", pool / "out", "-q").returncode == 0
+    assert invoke_cli(recipe, "--output", pool / "out", "-q").returncode == 0
     (pool / "out" / "eval").mkdir()
     (pool / "out" / "eval" / "scores.json").write_text("{}")
     (pool / "out" / "notes.md").write_text("mine")
     (pool / "out" / "empty").mkdir()
     (pool / "out" / "data").symlink_to(pool / "base")
-    result = run_cli(recipe, "--output", pool / "out")
+    result = invoke_cli(recipe, "--output", pool / "out")
     assert result.returncode == 1
     line = _one_error_line(result.stderr)
     assert "does not list as written by hubmerge (data, empty, eval/scores.json, notes.md)" in line
@@ -117,15 +118,15 @@ def test_rerun_refuses_files_the_user_added_and_names_them(pool: Path) -> None:
         shutil.rmtree(pool / "out" / folder)
     with open(pool / "out" / "config.json", "a") as f:
         f.write(" ")
-    assert "(config.json)" in _one_error_line(run_cli(recipe, "--output", pool / "out").stderr)
+    assert "(config.json)" in _one_error_line(invoke_cli(recipe, "--output", pool / "out").stderr)
 
 
 def test_rerun_replaces_its_own_output_and_leaves_no_temporary_folder(pool: Path) -> None:
     recipe = _recipe(pool)
-    assert run_cli(recipe, "--output", pool / "out", "-q").returncode == 0
+    assert invoke_cli(recipe, "--output", pool / "out", "-q").returncode == 0
     first = (pool / "out" / "model.safetensors").read_bytes()
     _recipe(pool, LOCAL + "[parameters]\nscaling_factor = 0.5\n")
-    assert run_cli(recipe, "--output", pool / "out", "-q").returncode == 0
+    assert invoke_cli(recipe, "--output", pool / "out", "-q").returncode == 0
     assert (pool / "out" / "model.safetensors").read_bytes() != first
     assert _leftovers(pool) == []
     assert output.MARKER not in os.listdir(pool / "out")
@@ -165,7 +166,7 @@ def test_recover_drops_dead_staging_and_leaves_what_it_cannot_prove_is_its_own(t
 
 def test_lock_records_torch_and_device_and_no_absolute_path_is_published(pool: Path) -> None:
     recipe = _recipe(pool)
-    assert run_cli(recipe, "--output", pool / "out", "-q").returncode == 0
+    assert invoke_cli(recipe, "--output", pool / "out", "-q").returncode == 0
     lock = json.loads((pool / "out" / "hubmerge.lock.json").read_text())
     assert (lock["torch_version"], lock["device"]) == (torch.__version__, "cpu")
     assert [s["path"] for s in lock["sources"]] == ["base", "a"]
@@ -175,18 +176,20 @@ def test_lock_records_torch_and_device_and_no_absolute_path_is_published(pool: P
 
 def test_lock_that_does_not_reproduce_fails_saying_what_differs(pool: Path) -> None:
     recipe = _recipe(pool)
-    assert run_cli(recipe, "--output", pool / "a-out", "-q").returncode == 0
+    assert invoke_cli(recipe, "--output", pool / "a-out", "-q").returncode == 0
     lock = json.loads((pool / "a-out" / "hubmerge.lock.json").read_text())
     lock["torch_version"] = "1.0.0"
     lock["output"]["files"]["model.safetensors"]["sha256"] = "0" * 64
     (pool / "edited.lock.json").write_text(json.dumps(lock))
-    result = run_cli(recipe, "--output", pool / "b-out", "--lock", pool / "edited.lock.json")
+    result = invoke_cli(recipe, "--output", pool / "b-out", "--lock", pool / "edited.lock.json")
     assert result.returncode == 1
     line = _one_error_line(result.stderr)
     assert "model.safetensors differ (torch 1.0.0 then, " + torch.__version__ + " now)" in line
     assert not (pool / "b-out").exists() and _leftovers(pool) == []
     # The unedited lock reproduces.
-    again = run_cli(recipe, "--output", pool / "b-out", "-q", "--lock", pool / "a-out" / "hubmerge.lock.json")
+    again = invoke_cli(
+        recipe, "--output", pool / "b-out", "-q", "--lock", pool / "a-out" / "hubmerge.lock.json"
+    )
     assert again.returncode == 0, again.stderr
 
 
@@ -202,10 +205,10 @@ def test_reproduce_command_from_the_output_folder_works_with_a_card_template(poo
     )
     recipe = _recipe(pool, text, name="my-merge.toml")
     out = pool / "out"
-    assert run_cli(recipe, "--output", out, "-q").returncode == 0
+    assert invoke_cli(recipe, "--output", out, "-q").returncode == 0
     assert (out / "cards" / "card.md.j2").read_text() == TEMPLATE
     # The command the default card prints, run where a user who cloned the repo would run it.
-    result = run_cli(
+    result = invoke_cli(
         "hubmerge.toml", "--lock", "hubmerge.lock.json", "--output", "reproduced", "--no-push", cwd=out
     )
     assert result.returncode == 0, result.stderr
@@ -223,7 +226,7 @@ def test_card_template_outside_the_recipe_folder_is_refused(pool: Path, command:
     for name in ("base", "a"):
         shutil.copytree(pool / name, pool / "recipes" / name)
     recipe = _recipe(pool / "recipes", LOCAL + '[card]\ntemplate = "../elsewhere.j2"\n')
-    result = run_cli(*command, recipe, "--output", pool / "out")
+    result = invoke_cli(*command, recipe, "--output", pool / "out")
     assert result.returncode == 2
     assert "card.template" in _one_error_line(result.stderr)
     assert "is outside the recipe's folder" in result.stderr
@@ -234,7 +237,7 @@ def test_remote_code_auto_map_is_dropped_from_the_output_config_with_a_warning(t
     auto_map = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
     write_checkpoint(tmp_path / "base", random_state_dict(0), auto_map=auto_map)
     write_checkpoint(tmp_path / "a", random_state_dict(1))
-    result = run_cli(_recipe(tmp_path), "--output", tmp_path / "out", "-q")
+    result = invoke_cli(_recipe(tmp_path), "--output", tmp_path / "out", "-q")
     assert result.returncode == 0, result.stderr
     assert "config.json has auto_map (remote code); left out of the output" in result.stderr
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -276,23 +279,18 @@ def test_hubmerge_never_unpickles_nor_trusts_remote_code() -> None:
 
 @pytest.fixture(scope="module")
 def hub() -> Iterator[LocalHub]:
-    with LocalHub() as server:
-        server.add_user("user", TOKEN, orgs=("user-org",))
-        server.add_user("Qwen", "hf_qwen_token")
-        for repo, name in POOL.items():
-            server.create_repo(repo)
-            server.commit(repo, _folder_files(TINY / name), "Upload model")
+    with pool_hub({repo: TINY / name for repo, name in POOL.items()}, orgs=("user-org",)) as server:
         yield server
 
 
 def test_push_deletes_files_an_older_output_wrote_and_keeps_the_users_own(hub: LocalHub, pool: Path) -> None:
     hub.create_repo("user/managed")
     recipe = _recipe(pool, LOCAL + '[output]\nrepo = "user/managed"\n')
-    assert run_cli(recipe, "--output", pool / "out", env=hub_env(hub, pool)).returncode == 0
+    assert invoke_cli(recipe, "--output", pool / "out", env=hub_env(hub, pool)).returncode == 0
     assert "chat_template.jinja" in hub.files("user/managed")
     hub.commit("user/managed", {"notes.md": b"mine", "eval/scores.json": b"{}"}, "user's own files")
     (pool / "base" / "chat_template.jinja").unlink()  # a new tokenizer without a chat template
-    result = run_cli(recipe, "--output", pool / "out", env=hub_env(hub, pool))
+    result = invoke_cli(recipe, "--output", pool / "out", env=hub_env(hub, pool))
     assert result.returncode == 0, result.stderr
     files = hub.files("user/managed")
     assert "chat_template.jinja" not in files
@@ -309,7 +307,7 @@ def test_push_deletes_files_an_older_output_wrote_and_keeps_the_users_own(hub: L
         timeout=300,
     )
     assert "No files have been modified since last commit" in debug.stderr
-    again = run_cli(recipe, "--output", pool / "out", "-q", env=hub_env(hub, pool))
+    again = invoke_cli(recipe, "--output", pool / "out", "-q", env=hub_env(hub, pool))
     assert again.returncode == 0
     assert again.stderr == "user/managed already holds exactly this output; no new commit was made\n"
     assert len(hub.commits("user/managed")) == commits
@@ -332,7 +330,7 @@ def test_fine_grained_token_scopes_are_checked_before_merging(
     if repo == "user/fg-repo":
         hub.create_repo(repo)
     recipe = _recipe(pool, LOCAL + f'[output]\nrepo = "{repo}"\n')
-    result = run_cli(recipe, "--output", pool / "out", env=hub_env(hub, pool, token=token))
+    result = invoke_cli(recipe, "--output", pool / "out", env=hub_env(hub, pool, token=token))
     if allowed:
         assert result.returncode == 0, result.stderr
         assert "model.safetensors" in hub.files(repo)
@@ -365,7 +363,7 @@ def test_a_sentinel_token_appears_in_no_output_of_any_command(hub: LocalHub, poo
         ((hub_recipe, "--output", pool / "out3"), 3),
     ]
     for args, code in runs:
-        result = run_cli(*args, env=env)
+        result = invoke_cli(*args, env=env)
         assert result.returncode == code, (args, result.stderr)
         assert sentinel not in result.stdout + result.stderr, args
     assert "user/sentinel" in summary.read_text() and sentinel not in summary.read_text()
@@ -385,7 +383,7 @@ def test_job_summary_escapes_markup_from_recipes_and_hub_metadata(tmp_path: Path
     )
     recipe = _recipe(tmp_path, f'method = "task_arithmetic"\nbase = "./base"\nmodels = ["./{hostile}"]\n')
     summary = tmp_path / "summary.md"
-    result = run_cli("plan", recipe, "--summary", summary)
+    result = invoke_cli("plan", recipe, "--summary", summary)
     assert result.returncode == 0, result.stderr
     text = summary.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| models[0] |"))
@@ -400,7 +398,7 @@ def test_home_folder_is_refused_as_output(pool: Path) -> None:
     home = pool / "home"
     home.mkdir()
     (home / ".bashrc").write_text("mine")
-    result = run_cli(_recipe(pool), "--output", home, env={"HOME": str(home)})
+    result = invoke_cli(_recipe(pool), "--output", home, env={"HOME": str(home)})
     assert result.returncode == 1
     assert "or your home folder" in _one_error_line(result.stderr)
     assert sorted(os.listdir(home)) == [".bashrc"]

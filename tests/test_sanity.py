@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, random_state_dict, run_cli, write_checkpoint
+from conftest import REPO, TINY, random_state_dict, write_checkpoint
 from hubserver import LocalHub
-from test_hub import TOKEN, hub_env
+from support.cli import invoke_cli
+from support.hub import TOKEN, hub_env
 
 from hubmerge import api, markdown
 from hubmerge.cli import main
@@ -215,7 +216,7 @@ def test_streamed_sources_are_read_by_range_and_compared(tmp_path: Path) -> None
             'dtype = "bfloat16"\n[parameters]\nscaling_factor = 0.7\n'
         )
         env = {k: v for k, v in os.environ.items() if k != "HUBMERGE_NO_SANITY"} | hub_env(hub, tmp_path)
-        run = run_cli(recipe, "--output", tmp_path / "out", "--max-disk", "4000000", env=env)
+        run = invoke_cli(recipe, "--output", tmp_path / "out", "--max-disk", "4000000", env=env)
     assert run.returncode == 0, run.stderr
     assert "sanity check: read the streamed sources again by range from the Hub (" in run.stderr
     recorded = json.loads((tmp_path / "out" / RESULTS_FILE).read_text())["sanity"]

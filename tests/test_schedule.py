@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import random_state_dict, write_checkpoint
 from safetensors.torch import load_file
+from support.cli import invoke_cli
 
 import hubmerge
 from hubmerge.errors import RecipeError
@@ -146,9 +147,7 @@ def test_a_merge_with_schedules_equals_the_formula_with_each_tensors_values(
 def test_plan_explain_prints_each_tensors_resolved_value(
     models: dict[str, Path], write_recipe: Callable[[str], Path], tmp_path: Path
 ) -> None:
-    from conftest import run_cli
-
-    result = run_cli(
+    result = invoke_cli(
         "plan", write_recipe(RECIPE.format(**models, out=tmp_path / "out")), "--explain", "weight"
     )
     assert result.returncode == 0, result.stderr
@@ -156,7 +155,9 @@ def test_plan_explain_prints_each_tensors_resolved_value(
     assert rows["model.layers.1.mlp.down_proj.weight"] == ["0.5", "0.25"]
     assert rows["model.layers.2.self_attn.q_proj.weight"] == ["1", "0"]
     assert rows["lm_head.weight"] == ["0", "2"]
-    bad = run_cli("plan", write_recipe(RECIPE.format(**models, out=tmp_path / "out")), "--explain", "wieght")
+    bad = invoke_cli(
+        "plan", write_recipe(RECIPE.format(**models, out=tmp_path / "out")), "--explain", "wieght"
+    )
     assert bad.returncode == 2
     assert "did you mean 'weight'?" in bad.stderr
 

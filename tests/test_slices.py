@@ -17,10 +17,10 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from conftest import random_state_dict, write_checkpoint
-from test_merge import (
+from support.reference import (
     POOL,
     assert_close,
+    cancelling_pool,
     load_f32,
     ref_linear,
     ref_simple_average,
@@ -171,35 +171,6 @@ def test_small_odd_slices_match_the_reference_and_the_default_slices(
         assert len(list((tmp_path / "out-default").glob("model-*.safetensors"))) >= 2
 
 
-def cancelling_pool(tmp_path: Path, majority: int, dtype: torch.dtype) -> tuple[StateDict, list[StateDict]]:
-    """Two task vectors that cancel exactly at every third position of the model, in every tensor.
-
-    Elsewhere both agree in sign, which decides the model-wide sign FusionBench gives the cancelled
-    positions: all negative (majority -1), all positive (+1), or as many of each (0).
-    """
-    g = torch.Generator().manual_seed(11)
-    base = {k: torch.zeros_like(v) for k, v in random_state_dict(0, vocab=VOCAB).items()}
-    names = sorted(base)
-    total = sum(base[k].numel() for k in names)
-    position = torch.arange(total)
-    cancel = position % 3 == 1
-    sign = torch.full((total,), float(majority)) if majority else torch.where(position % 3 == 0, 1.0, -1.0)
-    if majority == 0:  # balance the signs exactly: the surplus of positive positions cancels too
-        positive = (~cancel & (sign > 0)).nonzero().flatten()
-        surplus = len(positive) - int((~cancel & (sign < 0)).sum())
-        cancel[positive[len(positive) - surplus :]] = True
-    magnitude = (torch.rand(total, generator=g) + 0.5).to(dtype).float()  # exact in either dtype
-    flat_a, flat_b = magnitude * sign, torch.where(cancel, -magnitude * sign, magnitude * sign)
-    a, b, i = {}, {}, 0
-    for k in names:
-        n = base[k].numel()
-        a[k], b[k] = flat_a[i : i + n].view_as(base[k]), flat_b[i : i + n].view_as(base[k])
-        i += n
-    for name, sd in (("base", base), ("a", a), ("b", b)):
-        write_checkpoint(tmp_path / "models" / name, sd, dtype=dtype)
-    return base, [a, b]
-
-
 @pytest.mark.parametrize(
     ("majority", "dtype"),
     [(-1, torch.float32), (0, torch.bfloat16), (1, torch.bfloat16)],
@@ -235,7 +206,12 @@ def test_exact_zero_sign_sums_are_patched_across_slices_and_shards(tmp_path, mon
         (1, torch.bfloat16, "sum", "tensor"),
         (-1, torch.bfloat16, "max", "tensor"),
     ],
-    ids=["negative-f32-sum-global", "none-bf16-mean-global", "positive-bf16-sum-tensor", "negative-bf16-max-tensor"],
+    ids=[
+        "negative-f32-sum-global",
+        "none-bf16-mean-global",
+        "positive-bf16-sum-tensor",
+        "negative-bf16-max-tensor",
+    ],
 )
 def test_settling_the_majority_sign_first_writes_the_patched_bytes_and_rewrites_no_shard(
     tmp_path: Path, majority: int, dtype: torch.dtype, merge_func: str, trim: str

@@ -22,9 +22,10 @@ from types import SimpleNamespace
 import pytest
 import safetensors.torch
 import torch
-from conftest import random_state_dict, run_cli, write_checkpoint
+from conftest import random_state_dict, write_checkpoint
 from hubserver import LocalHub
-from test_hub import TOKEN, hub_env
+from support.cli import invoke_cli
+from support.hub import hub_env, pool_hub
 
 from hubmerge import remote
 from hubmerge.errors import SourceError
@@ -47,19 +48,17 @@ def _data_start(content: bytes) -> int:
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalHub]:
     models = tmp_path_factory.mktemp("deep12")
-    with LocalHub() as server:
-        server.add_user("user", TOKEN)
-        server.add_user("Qwen", "hf_qwen_token")
-        for repo, seed in REPOS.items():
-            folder = write_checkpoint(
-                models / repo.split("/")[1],
-                random_state_dict(seed, vocab=VOCAB, layers=LAYERS),
-                dtype=torch.float32,
-                vocab_size=VOCAB,
-                num_hidden_layers=LAYERS,
-            )
-            server.create_repo(repo)
-            server.commit(repo, {p.name: p.read_bytes() for p in folder.iterdir()}, "Upload model")
+    folders = {
+        repo: write_checkpoint(
+            models / repo.split("/")[1],
+            random_state_dict(seed, vocab=VOCAB, layers=LAYERS),
+            dtype=torch.float32,
+            vocab_size=VOCAB,
+            num_hidden_layers=LAYERS,
+        )
+        for repo, seed in REPOS.items()
+    }
+    with pool_hub(folders) as server:
         server.create_repo("user/deep12-merged")  # where the "settle first" runs push
         yield server
 
@@ -69,7 +68,9 @@ def test_the_sources_store_tensors_out_of_the_merges_layer_order(hub: LocalHub) 
     header = json.loads(content[8 : _data_start(content)])
     by_offset = sorted((v["data_offsets"][0], k) for k, v in header.items() if k != "__metadata__")
     order = [name for _, name in by_offset]
-    assert order.index("model.layers.10.mlp.down_proj.weight") < order.index("model.layers.2.mlp.down_proj.weight")
+    assert order.index("model.layers.10.mlp.down_proj.weight") < order.index(
+        "model.layers.2.mlp.down_proj.weight"
+    )
 
 
 def _multiplied(content: bytes) -> bytes:
@@ -114,7 +115,7 @@ def _run(
     args: tuple[str, ...] = ("--max-disk", str(BUDGET), "-q", "--no-sanity", "--no-stats", *extra)
     if pattern != "settle first":
         args += ("--no-push",)
-    return run_cli(recipe, "--output", tmp_path / out, *args, env=env)
+    return invoke_cli(recipe, "--output", tmp_path / out, *args, env=env)
 
 
 @pytest.fixture
@@ -131,12 +132,18 @@ def test_a_clean_streamed_merge_proves_every_file_and_equals_the_cached_merge(
     hub: LocalHub, tmp_path: Path, pattern: str
 ) -> None:
     recipe = _recipe(tmp_path, pattern)
-    cached = run_cli(
-        recipe, "--output", tmp_path / "cached", "-q", "--no-push", "--no-sanity", "--no-stats",
+    cached = invoke_cli(
+        recipe,
+        "--output",
+        tmp_path / "cached",
+        "-q",
+        "--no-push",
+        "--no-sanity",
+        "--no-stats",
         env=hub_env(hub, tmp_path / "big"),
     )
     assert cached.returncode == 0, cached.stderr
-    plan = run_cli("plan", recipe, "--json", "--max-disk", str(BUDGET), env=hub_env(hub, tmp_path / "p"))
+    plan = invoke_cli("plan", recipe, "--json", "--max-disk", str(BUDGET), env=hub_env(hub, tmp_path / "p"))
     assert plan.returncode == 0, plan.stderr
     costs = json.loads(plan.stdout)["disk"]
     assert [s["strategy"] for s in costs["sources"]] == ["streaming"] * (2 if pattern == "one pass" else 3)
@@ -150,7 +157,9 @@ def test_a_clean_streamed_merge_proves_every_file_and_equals_the_cached_merge(
     weights = sum(
         r.body_bytes
         for r in hub.requests[since:]
-        if r.method == "GET" and r.path.endswith(".safetensors") and "/resolve/" in r.path
+        if r.method == "GET"
+        and r.path.endswith(".safetensors")
+        and "/resolve/" in r.path
         and not (r.range and r.range.split("=")[1].split("-")[0] in ("0", "8") and r.body_bytes < size)
     )
     sources = len(costs["sources"])
@@ -193,7 +202,7 @@ def test_without_verification_the_lock_records_the_hubs_sha256_as_unchecked(
 ) -> None:
     recipe = _recipe(tmp_path, "one pass")
     recipe.write_text(recipe.read_text() + "[output]\nverify_streamed = false\n")
-    plan = run_cli("plan", recipe, "--max-disk", str(BUDGET), env=hub_env(hub, tmp_path / "p"))
+    plan = invoke_cli("plan", recipe, "--max-disk", str(BUDGET), env=hub_env(hub, tmp_path / "p"))
     assert plan.returncode == 0, plan.stderr
     assert "sha256 not checked (verify_streamed = false)" in plan.stdout
     untampered("multiplied")  # the choice is the user's: a lying Hub is then not caught
@@ -226,7 +235,9 @@ class _Bytes:
 
 
 def _check(data: bytes) -> remote._FileCheck:
-    folder = SimpleNamespace(repo_id="Qwen/x", sha="0" * 40, source=SimpleNamespace(label="models[0] (Qwen/x)"))
+    folder = SimpleNamespace(
+        repo_id="Qwen/x", sha="0" * 40, source=SimpleNamespace(label="models[0] (Qwen/x)")
+    )
     return remote._FileCheck(folder, FILE, hashlib.sha256(data).hexdigest())  # type: ignore[arg-type]
 
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_state_dict, run_cli, write_checkpoint
+from conftest import random_state_dict, write_checkpoint
 from hubserver import LocalHub
-from test_faults import _start
-from test_hub import TOKEN, hub_env
-from test_slices import cancelling_pool
+from support.cli import invoke_cli, start_cli
+from support.hub import TOKEN, hub_env
+from support.reference import cancelling_pool
 
 SUMMARY = "hubmerge: recipe.toml (task_arithmetic)"
 RECIPE = (
@@ -79,7 +79,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, seed in (("base", 0), ("a", 1), ("b", 2)):
         write_checkpoint(folder / name, random_state_dict(seed))
     recipe = _recipe(folder, "user/unused")
-    assert run_cli(recipe, "--no-push", "--output", folder / "reference", "-q").returncode == 0
+    assert invoke_cli(recipe, "--no-push", "--output", folder / "reference", "-q").returncode == 0
     return folder
 
 
@@ -133,6 +133,7 @@ def _log(hub: LocalHub, since: int) -> list[tuple[str, str, int]]:
     return [(r.method, r.path, r.status) for r in hub.requests[since:]]
 
 
+@pytest.mark.slow  # a real process with the engine traced (TRACED_MERGE), tens of seconds
 def test_shards_go_up_while_merging_and_one_commit_equals_a_plain_push(pool: Path, tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, "user/merged", RECIPE.replace("./", f"{pool}/"))
     # The same recipe pushed the way it was before streaming, to another Hub: the reference commit.
@@ -173,6 +174,7 @@ def test_shards_go_up_while_merging_and_one_commit_equals_a_plain_push(pool: Pat
     assert _shards(tmp_path / "streamed" / "out") == _shards(pool / "reference")
 
 
+@pytest.mark.slow  # a real process with the engine traced (TRACED_MERGE), tens of seconds
 def test_delete_uploaded_keeps_two_shards_on_disk_and_commits_from_hashes_alone(
     hub: LocalHub, pool: Path, tmp_path: Path
 ) -> None:
@@ -204,6 +206,7 @@ def test_delete_uploaded_keeps_two_shards_on_disk_and_commits_from_hashes_alone(
     assert len(hub.commits("user/small-disk")) == commits
 
 
+@pytest.mark.slow  # a real process with the engine traced (TRACED_MERGE), tens of seconds
 def test_ties_deleting_uploaded_shards_settles_the_majority_sign_first_and_keeps_two_on_disk(
     hub: LocalHub, tmp_path: Path
 ) -> None:
@@ -216,7 +219,7 @@ def test_ties_deleting_uploaded_shards_settles_the_majority_sign_first_and_keeps
         '[parameters]\nscaling_factor = 1.0\nthreshold = 100\n[output]\nrepo = "user/ties"\nmax_shard_size = "8KB"\n'
     )
     recipe = _recipe(tmp_path, "user/ties", text)
-    assert run_cli(recipe, "--no-push", "--output", tmp_path / "reference", "-q").returncode == 0
+    assert invoke_cli(recipe, "--no-push", "--output", tmp_path / "reference", "-q").returncode == 0
     reference = _shards(tmp_path / "reference")
     assert len(reference) >= 4
     since = len(hub.requests)
@@ -233,6 +236,7 @@ def test_ties_deleting_uploaded_shards_settles_the_majority_sign_first_and_keeps
     assert _shards(tmp_path / "out") == {}
 
 
+@pytest.mark.slow  # a real process, killed or signalled: only a process shows it
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
 @pytest.mark.parametrize(
     ("moment", "hold"),
@@ -250,7 +254,7 @@ def test_a_run_killed_while_streaming_leaves_no_commit_and_a_rerun_makes_exactly
     recipe = _recipe(tmp_path, repo, RECIPE.replace("./", f"{pool}/"))
     before = len(hub.commits(repo))
     held = hub.hold_next(hold[0], method=hold[1])
-    process = _start(recipe, "--output", tmp_path / "out", "-q", env=hub_env(hub, tmp_path))
+    process = start_cli(recipe, "--output", tmp_path / "out", "-q", env=hub_env(hub, tmp_path))
     try:
         assert held.arrived.wait(120), moment
         process.send_signal(signum)
@@ -264,7 +268,7 @@ def test_a_run_killed_while_streaming_leaves_no_commit_and_a_rerun_makes_exactly
     else:  # the local output was complete before the push began, as without streaming
         assert _shards(tmp_path / "out") == _shards(pool / "reference")
 
-    rerun = run_cli(recipe, "--output", tmp_path / "out", "-q", env=hub_env(hub, tmp_path))
+    rerun = invoke_cli(recipe, "--output", tmp_path / "out", "-q", env=hub_env(hub, tmp_path))
     assert rerun.returncode == 0, rerun.stderr
     commits = hub.commits(repo)
     assert len(commits) == before + 1 and commits[0].summary == SUMMARY
@@ -272,6 +276,7 @@ def test_a_run_killed_while_streaming_leaves_no_commit_and_a_rerun_makes_exactly
     assert {name: data for name, data in hub.files(repo).items() if name != ".gitattributes"} == local
 
 
+@pytest.mark.slow  # a real process with the engine traced (TRACED_MERGE), tens of seconds
 def test_an_upload_cut_mid_way_stops_the_merge_with_one_line_and_no_commit(
     hub: LocalHub, tmp_path: Path
 ) -> None:

@@ -25,10 +25,11 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import mounted_tmpfs, random_state_dict, run_cli, write_checkpoint
+from conftest import mounted_tmpfs, random_state_dict, write_checkpoint
 from hubserver import LocalHub, SparseFile
 from qwen_shapes import add_shaped_repos, recipe_text
-from test_hub import TOKEN, hub_env
+from support.cli import invoke_cli
+from support.hub import TOKEN, folder_files, hub_env, pool_hub
 
 VOCAB = 32768  # float32: an embedding of 4 MiB, so a source is ~4.4 MB and the bf16 output ~2.2 MB
 SHARDS = 3
@@ -36,26 +37,20 @@ REPOS = {"Qwen/tiny-base": 1, "Qwen/tiny-math": 2, "Qwen/tiny-coder": 3, "Qwen/t
 BUDGET = 4_000_000
 
 
-def _folder_files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalHub]:
     models = tmp_path_factory.mktemp("models")
-    with LocalHub() as server:
-        server.add_user("user", TOKEN)
-        server.add_user("Qwen", "hf_qwen_token")
-        for repo, seed in REPOS.items():
-            folder = write_checkpoint(
-                models / repo.split("/")[1],
-                random_state_dict(seed, vocab=VOCAB),
-                dtype=torch.float32,
-                shards=SHARDS,
-                vocab_size=VOCAB,
-            )
-            server.create_repo(repo)
-            server.commit(repo, _folder_files(folder), "Upload model")
+    folders = {
+        repo: write_checkpoint(
+            models / repo.split("/")[1],
+            random_state_dict(seed, vocab=VOCAB),
+            dtype=torch.float32,
+            shards=SHARDS,
+            vocab_size=VOCAB,
+        )
+        for repo, seed in REPOS.items()
+    }
+    with pool_hub(folders) as server:
         yield server
 
 
@@ -117,11 +112,11 @@ def test_streamed_merge_under_a_budget_smaller_than_one_source_equals_the_cached
     hub: LocalHub, tmp_path: Path, small_disk: Path, method: str
 ) -> None:
     recipe = _recipe(tmp_path, method)
-    cached = run_cli(recipe, "--output", tmp_path / "cached", "-q", env=hub_env(hub, tmp_path / "big"))
+    cached = invoke_cli(recipe, "--output", tmp_path / "cached", "-q", env=hub_env(hub, tmp_path / "big"))
     assert cached.returncode == 0, cached.stderr
 
     env = hub_env(hub, tmp_path, HF_HOME=str(small_disk / "hf_home"))
-    plan = run_cli(
+    plan = invoke_cli(
         "plan", recipe, "--json", "--max-disk", str(BUDGET), "--output", small_disk / "out", env=env
     )
     assert plan.returncode == 0, plan.stderr
@@ -137,7 +132,7 @@ def test_streamed_merge_under_a_budget_smaller_than_one_source_equals_the_cached
 
     since = len(hub.requests)
     watcher = _Watcher(small_disk)
-    streamed = run_cli(recipe, "--output", small_disk / "out", "-q", "--max-disk", str(BUDGET), env=env)
+    streamed = invoke_cli(recipe, "--output", small_disk / "out", "-q", "--max-disk", str(BUDGET), env=env)
     peak = watcher.stop()
     assert streamed.returncode == 0, streamed.stderr
     assert peak <= BUDGET
@@ -179,7 +174,7 @@ def deep_repos(hub: LocalHub, tmp_path_factory: pytest.TempPathFactory) -> None:
             num_hidden_layers=40,
         )
         hub.create_repo(repo)
-        hub.commit(repo, _folder_files(written), "Upload model")
+        hub.commit(repo, folder_files(written), "Upload model")
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
@@ -196,24 +191,26 @@ def test_pushed_under_a_budget_smaller_than_the_output_each_shard_is_uploaded_an
         f'dtype = "float32"\n[parameters]\nscaling_factor = 0.8\n{"threshold = 30" if ties else ""}\n'
         f'[output]\nrepo = "user/deep-{method}"\n'
     )
-    cached = run_cli(recipe, "--output", tmp_path / "cached", "-q", "--no-push", env=hub_env(hub, tmp_path / "big"))
+    cached = invoke_cli(
+        recipe, "--output", tmp_path / "cached", "-q", "--no-push", env=hub_env(hub, tmp_path / "big")
+    )
     assert cached.returncode == 0, cached.stderr
 
     env = hub_env(hub, tmp_path, HF_HOME=str(smaller_disk / "hf_home"))
     args = ("--output", smaller_disk / "out", "--max-disk", str(DEEP_BUDGET))
-    plan = run_cli("plan", recipe, "--json", *args, env=env)
+    plan = invoke_cli("plan", recipe, "--json", *args, env=env)
     assert plan.returncode == 0, plan.stderr
     disk = json.loads(plan.stdout)["disk"]
     assert disk["output_disk_bytes"] < DEEP_BUDGET < json.loads(plan.stdout)["output"]["bytes"]
     assert (disk["strategy"], disk["upload_while_merging"], disk["settle_first"]) == ("streaming", True, ties)
     assert disk["reads"] == (4 if ties else 1) and disk["peak_disk_bytes"] <= DEEP_BUDGET
-    text = run_cli("plan", recipe, *args, env=env).stdout
+    text = invoke_cli("plan", recipe, *args, env=env).stdout
     said = "the majority pass settles first what would otherwise rewrite uploaded shards"
     assert (said in text) is ties
 
     since = len(hub.requests)
     watcher = _Watcher(smaller_disk)
-    streamed = run_cli(recipe, *args, "-q", env=env)
+    streamed = invoke_cli(recipe, *args, "-q", env=env)
     peak = watcher.stop()
     assert streamed.returncode == 0, streamed.stderr
     assert peak <= DEEP_BUDGET
@@ -229,6 +226,7 @@ def test_pushed_under_a_budget_smaller_than_the_output_each_shard_is_uploaded_an
     assert len(puts) == len(shards)  # each shard once: none was rewritten after its upload
 
 
+@pytest.mark.slow  # a real process on a pseudo-terminal
 def test_the_progress_bar_shows_the_bytes_streamed_in_and_their_rate(hub: LocalHub, tmp_path: Path) -> None:
     """On a terminal, the merge's progress bar carries "in N MB at R MB/s" for the sources read by range."""
     recipe = _recipe(tmp_path, "task_arithmetic")
@@ -236,7 +234,16 @@ def test_the_progress_bar_shows_the_bytes_streamed_in_and_their_rate(hub: LocalH
     # A fresh pty is 0 columns wide, and tqdm draws a bar of its terminal's width: give it 200.
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
     process = subprocess.Popen(
-        [sys.executable, "-m", "hubmerge.cli", recipe, "--output", tmp_path / "out", "--max-disk", str(BUDGET)],
+        [
+            sys.executable,
+            "-m",
+            "hubmerge.cli",
+            recipe,
+            "--output",
+            tmp_path / "out",
+            "--max-disk",
+            str(BUDGET),
+        ],
         env={**os.environ, **hub_env(hub, tmp_path)},
         stdout=subprocess.DEVNULL,
         stderr=terminal,
@@ -253,7 +260,9 @@ def test_the_progress_bar_shows_the_bytes_streamed_in_and_their_rate(hub: LocalH
         shown += block
     os.close(main)
     assert process.wait(timeout=300) == 0, shown.decode(errors="replace")
-    bars = [line for line in re.split(r"[\r\n]", shown.decode(errors="replace")) if line.startswith("merging")]
+    bars = [
+        line for line in re.split(r"[\r\n]", shown.decode(errors="replace")) if line.startswith("merging")
+    ]
     assert bars, shown.decode(errors="replace")
     final = re.search(r"in ([\d,.]+) MB at [\d,.]+ MB/s", bars[-1])
     assert final is not None, bars[-1]
@@ -269,14 +278,14 @@ DATA = 64  # a range starting here or later reads tensor data: headers and the p
 
 def _stream(hub: LocalHub, tmp_path: Path, recipe: Path, out: str) -> subprocess.CompletedProcess[str]:
     env = hub_env(hub, tmp_path / f"{out}-cache")  # a fresh, empty cache
-    return run_cli(recipe, "--output", tmp_path / out, "-q", "--max-disk", str(BUDGET), env=env)
+    return invoke_cli(recipe, "--output", tmp_path / out, "-q", "--max-disk", str(BUDGET), env=env)
 
 
 def test_dropped_connections_and_5xx_bursts_mid_range_are_retried_and_the_merge_is_exact(
     hub: LocalHub, tmp_path: Path
 ) -> None:
     recipe = _recipe(tmp_path, "task_arithmetic")
-    cached = run_cli(recipe, "--output", tmp_path / "cached", "-q", env=hub_env(hub, tmp_path / "big"))
+    cached = invoke_cli(recipe, "--output", tmp_path / "cached", "-q", env=hub_env(hub, tmp_path / "big"))
     assert cached.returncode == 0, cached.stderr
 
     since = len(hub.requests)
@@ -310,6 +319,7 @@ def test_a_hub_that_keeps_failing_mid_stream_ends_in_one_line_and_no_output(
     assert not (tmp_path / "streamed").exists()
 
 
+@pytest.mark.slow  # a real process, held mid-read by the Hub
 def test_a_slow_range_is_waited_for(hub: LocalHub, tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, "simple_average")
     held = hub.hold_next("tiny-chat/resolve/", method="GET", from_byte=DATA)
@@ -367,7 +377,7 @@ def _plan(
     hub, ids = shaped_hub
     recipe = tmp_path / f"{size}.toml"
     recipe.write_text(recipe_text(ids[size], method, "user/merged" if push else None) + extra)
-    return run_cli("plan", recipe, "--json", "--max-disk", max_disk, env=hub_env(hub, tmp_path))
+    return invoke_cli("plan", recipe, "--json", "--max-disk", max_disk, env=hub_env(hub, tmp_path))
 
 
 @pytest.mark.parametrize(("size", "method"), [("7B", "task_arithmetic"), ("14B", "ties"), ("72B", "ties")])
@@ -482,7 +492,7 @@ def test_a_streamed_file_whose_bytes_differ_from_the_hubs_sha256_is_an_error_nam
 def test_a_damaged_file_in_the_cache_is_an_error_naming_it(hub: LocalHub, tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, "simple_average")
     env = hub_env(hub, tmp_path / "cache")
-    assert run_cli(recipe, "--output", tmp_path / "first", "-q", env=env).returncode == 0
+    assert invoke_cli(recipe, "--output", tmp_path / "first", "-q", env=env).returncode == 0
     blob = next(
         (tmp_path / "cache" / "hf_home" / "hub" / "models--Qwen--tiny-coder" / "blobs").glob("?" * 64)
     )
@@ -490,7 +500,7 @@ def test_a_damaged_file_in_the_cache_is_an_error_naming_it(hub: LocalHub, tmp_pa
     data[-1] ^= 0xFF  # one bit of the last tensor: same size, same header
     blob.chmod(0o644)
     blob.write_bytes(bytes(data))
-    result = run_cli(recipe, "--output", tmp_path / "second", "-q", env=env)
+    result = invoke_cli(recipe, "--output", tmp_path / "second", "-q", env=env)
     assert result.returncode == 3, result.stderr
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("hubmerge: error: models[1] (Qwen/tiny-coder): ")
@@ -503,12 +513,12 @@ def test_a_disk_budget_that_is_not_a_size_is_a_one_line_error(tmp_path: Path) ->
     recipe.write_text(
         'method = "simple_average"\nmodels = ["Qwen/a", "Qwen/b"]\n[output]\nmax_disk = "lots"\n'
     )
-    result = run_cli("validate", recipe)
+    result = invoke_cli("validate", recipe)
     assert result.returncode == 2
     assert result.stderr.strip() == (
         f'hubmerge: error: {recipe}: output.max_disk: must be a size such as "5GB", "500MB" or a number of '
         "bytes, got 'lots'"
     )
-    flag = run_cli("plan", recipe, "--max-disk", "lots")
+    flag = invoke_cli("plan", recipe, "--max-disk", "lots")
     assert flag.returncode == 2
     assert "argument --max-disk: must be a size such as" in flag.stderr

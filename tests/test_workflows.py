@@ -25,7 +25,7 @@ import pytest
 import yaml
 from conftest import REPO, TINY
 from hubserver import LocalHub
-from test_hub import POOL, TOKEN, hub_env
+from support.hub import POOL, TOKEN, hub_env, pool_hub
 
 BIN = Path(sys.executable).parent
 WORKFLOWS = REPO / ".github" / "workflows"
@@ -531,11 +531,7 @@ class Job:
 @pytest.fixture(scope="module")
 def hub() -> Iterator[LocalHub]:
     """The tiny checkpoints as Qwen/... repos, and a user who may push."""
-    with LocalHub() as server:
-        server.add_user("user", TOKEN)
-        for repo, name in POOL.items():
-            server.create_repo(repo)
-            server.commit(repo, {p.name: p.read_bytes() for p in (TINY / name).iterdir() if p.is_file()}, "Upload")
+    with pool_hub({repo: TINY / name for repo, name in POOL.items()}) as server:
         yield server
 
 

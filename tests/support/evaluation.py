@@ -1,0 +1,28 @@
+"""The recipe the evaluation tests merge and evaluate: the tiny pool with the offline task in tests/data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import REPO, TINY
+
+TASKS = REPO / "tests" / "data" / "lm_eval"
+
+
+def eval_recipe(
+    folder: Path,
+    scaling_factor: float = 0.8,
+    eval_table: str = "limit = 8\nbatch_size = 8\n",
+    name: str = "recipe.toml",
+    output: str = "out",
+) -> Path:
+    path = folder / name
+    path.write_text(
+        'method = "task_arithmetic"\n'
+        f'base = "{TINY / "base"}"\n'
+        f'models = ["{TINY / "math"}", "{TINY / "coder"}", "{TINY / "instruct"}"]\n'
+        f"[parameters]\nscaling_factor = {scaling_factor}\n"
+        f'[output]\ndir = "{output}"\n'
+        f'[eval]\ntasks = ["hubmerge_tiny"]\ninclude_path = "{TASKS}"\n{eval_table}'
+    )
+    return path
