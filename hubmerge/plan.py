@@ -470,8 +470,8 @@ def _disk_plan(
 
 def _scratch_bytes(deferral: Deferral | None, tensors: tuple[OutputTensor, ...], item: int) -> int:
     """The estimate of the engine's scratch file of open positions (`engine._Patches`): 8 bytes of position
-    and one value per alternative each, for the method's expected share of the positions (`Deferral.open_percent`;
-    bench/RESULTS.md has what was measured on bf16 fine-tunes of the 1.5B shape)."""
+    and one value per alternative each, for the method's expected share of the positions
+    (`Deferral.open_percent`)."""
     if deferral is None:
         return 0
     return sum(t.numel for t in tensors) * (8 + deferral.alternatives * item) * deferral.open_percent // 100
@@ -481,7 +481,8 @@ def _reads(recipe: Recipe) -> int:
     """How many times the merge reads every input byte, as the disk plan counts network bytes: once per
     active pass and once to merge, and one more per selection for its sample (a whole small model; on a
     big one a sliver, which leaves room for the two reads more where a sampled bracket misses,
-    `selection.py`). A model-wide selection and the merge: 3, as measured on streamed tiny repos (bench/RESULTS.md)."""
+    `selection.py`). A model-wide selection pass, its sample and the merge: 3, as measured on streamed tiny
+    repos (bench/RESULTS.md)."""
     settings = [m.params for m in recipe.models]
     passes = recipe.method.active_passes(recipe.parameters, settings)
     return recipe.method.reads(recipe.parameters, settings) + sum(isinstance(p, Select) for p in passes)
