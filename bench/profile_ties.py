@@ -67,7 +67,7 @@ def timed(name, fn):
 
 def install() -> None:
     from hubmerge import api, checkpoint, diagnostics, engine
-    from hubmerge.methods import ties
+    from hubmerge.methods import Deferred, ties
 
     engine._Passes.before_merge = timed(PHASES[0], engine._Passes.before_merge)
     engine._Passes._sample = timed("sample (bracket the cut-off)", engine._Passes._sample)
@@ -82,7 +82,7 @@ def install() -> None:
 
     def apply(self, plan, files):
         print(f"before patches: {memory()}", flush=True)
-        print(f"patches: sign_sum={self.sign_sum}, {self.count:,} positions spilled", flush=True)
+        print(f"patches: tally={self.tally}, {self.count:,} positions spilled", flush=True)
         return original_apply(self, plan, files)
 
     engine._Patches.apply = timed("patches: apply", apply)
@@ -96,9 +96,9 @@ def install() -> None:
         add("methods.ties merge step (summed over the merge threads)", time.perf_counter() - start)
         with _lock:
             TIES_STATS["pieces"] += 1
-            if isinstance(result, ties.TiesChunk):
-                TIES_STATS["undecided"] += int(result.undecided.numel())
-                TIES_STATS["sign_sum"] += result.sign_sum
+            if isinstance(result, Deferred):
+                TIES_STATS["undecided"] += int(result.positions.numel())
+                TIES_STATS["sign_sum"] += result.tally
             if TIES_STATS["pieces"] % 1000 == 0:
                 print(f"merge piece {TIES_STATS['pieces']}: {dict(TIES_STATS)}, {memory()}", flush=True)
         return result

@@ -25,7 +25,7 @@ import torch
 
 from .card import license_file, render_card
 from .checkpoint import Folder, numel
-from .diagnostics import STATS_FILE, MergeStats, stats_files, write_stats
+from .diagnostics import MergeStats, stats_files, write_stats
 from .engine import collect_stats, write_weights
 from .errors import Cancelled, EvalError, GateError, HubmergeError, RecipeError
 from .evaluate import (
@@ -37,11 +37,10 @@ from .evaluate import (
     require_lm_eval,
     summary_markdown,
 )
+from .files import CARD_FILE, CONFIG_FILE, LOCK_FILE, RECIPE_COPY, STATS_FILE
 from .gguf import card_license, companion_staging, open_stream, write_companion, write_companion_files
 from .gguf import write_files as write_gguf_files
 from .lock import (
-    LOCK_FILE,
-    RECIPE_COPY,
     SourceHashes,
     Verification,
     apply_lock,
@@ -146,35 +145,35 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _streamed(plan: MergePlan) -> dict[int, Source]:
-    """The sources whose weights the disk plan reads by range from the Hub, by id."""
-    return {id(r.source): r.source for r in plan.roles if r.name in plan.disk.streamed}
+def _streamed(plan: MergePlan) -> dict[str, Source]:
+    """The sources whose weights the disk plan reads by range from the Hub, by `Source.key`."""
+    return {r.source.key: r.source for r in plan.roles if r.name in plan.disk.streamed}
 
 
 def _fetch_all(
     plan: MergePlan, quiet: bool, stream: bool = True, cancel: threading.Event | None = None
-) -> dict[int, Path]:
+) -> dict[str, Path]:
     """Each source's folder; with `stream`, the streamed sources' folders hold everything but the weights.
     A `cancel` set while one source downloads stops before the next one."""
     streamed = _streamed(plan) if stream else {}
-    folders: dict[int, Path] = {}
+    folders: dict[str, Path] = {}
     for source in (*plan.weight_sources, plan.tokenizer):
         _check_cancel(cancel)
-        if id(source) not in folders:
-            folders[id(source)] = fetch(
+        if source.key not in folders:
+            folders[source.key] = fetch(
                 source,
                 weights=bool(source.tensors),
                 tokenizer=source is plan.tokenizer,
                 quiet=quiet,
-                stream=id(source) in streamed,
+                stream=source.key in streamed,
             )
     return folders
 
 
 @contextlib.contextmanager
 def _weights(
-    plan: MergePlan, folders: dict[int, Path]
-) -> Iterator[tuple[dict[int, Folder], dict[int, RemoteFolder]]]:
+    plan: MergePlan, folders: dict[str, Path]
+) -> Iterator[tuple[dict[str, Folder], dict[str, RemoteFolder]]]:
     """Where the engine reads each source's weights: its folder, or the Hub by range (streamed sources)."""
     verify = plan.recipe.output.verify_streamed
     remote = {key: RemoteFolder(source, verify=verify) for key, source in _streamed(plan).items()}
@@ -185,7 +184,7 @@ def _weights(
             folder.close()
 
 
-def _copy_side_files(plan: MergePlan, folders: dict[int, Path], directory: Path, log: Log) -> list[str]:
+def _copy_side_files(plan: MergePlan, folders: dict[str, Path], directory: Path, log: Log) -> list[str]:
     config = dict(plan.config)
     if config.pop("auto_map", None) is not None:
         # auto_map makes transformers import Python files from the repo (trust_remote_code); hubmerge writes
@@ -193,9 +192,9 @@ def _copy_side_files(plan: MergePlan, folders: dict[int, Path], directory: Path,
         log(
             f"warning: {plan.config_source.label}: config.json has auto_map (remote code); left out of the output"
         )
-    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    written = ["config.json"]
-    tokenizer_folder = folders[id(plan.tokenizer)]
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    written = [CONFIG_FILE]
+    tokenizer_folder = folders[plan.tokenizer.key]
     # Tokenizer, chat template and generation_config.json all come from the tokenizer source and nowhere
     # else: mixing a base's generation config with an instruct chat template generates past <|im_end|>.
     for name in TOKENIZER_FILES:
@@ -216,8 +215,8 @@ def _copy_side_files(plan: MergePlan, folders: dict[int, Path], directory: Path,
     return written
 
 
-def _side_bytes(plan: MergePlan, folders: dict[int, Path]) -> int:
-    folder = folders[id(plan.tokenizer)]
+def _side_bytes(plan: MergePlan, folders: dict[str, Path]) -> int:
+    folder = folders[plan.tokenizer.key]
     return sum((folder / n).stat().st_size for n in TOKENIZER_FILES if (folder / n).is_file())
 
 
@@ -262,8 +261,8 @@ def merge(
     When pushing (without `evaluate`, whose gate comes first), `upload_while_merging` uploads each shard as
     soon as it is written, while the merge goes on; the one commit is made once the whole output is uploaded
     (`publish.ShardUploader`). `delete_uploaded` then deletes each shard from the output folder once it is on
-    the Hub, so that at most two shards are on the disk at a time (TIES then reads its inputs once more
-    before the merge to settle the majority sign, `Method.settle`, instead of patching shards at the end);
+    the Hub, so that at most two shards are on the disk at a time (a method that would rewrite closed shards
+    at the end then reads its inputs once more before the merge to settle that up front, `Deferral.settle`);
     the folder keeps the side files and the lock, and no sanity check runs (it reads the whole model).
 
     `progress(MergeProgress)` is called after each merged slice is written (bytes and tensors written, bytes
@@ -373,7 +372,7 @@ def merge(
             elif out.gguf and gguf_beside:  # in the same commit as the weights
                 files |= {f.path.name: None for f in write_gguf_files(merge_plan, staging, staging)}
             if uploader is not None and delete_uploaded:
-                uploader.wait()  # a shard TIES rewrote may be going up again, to be deleted after
+                uploader.wait()  # a shard rewritten after the last one may be going up again, to be deleted after
             gone = uploader.deleted() if uploader is not None else {}
             files |= {name: sha for name, (_, sha) in gone.items()}
             uploaded = {name: size for name, (size, _) in gone.items()}
@@ -430,7 +429,7 @@ def merge(
     return MergeResult(merge_plan, directory, result.files, pushed.url, document, evaluation, report)
 
 
-def _verified(plan: MergePlan, remote: dict[int, RemoteFolder]) -> dict[str, Verification]:
+def _verified(plan: MergePlan, remote: dict[str, RemoteFolder]) -> dict[str, Verification]:
     """How each Hub source's weights were checked, by first mention: the cached ones by their sha256 (see
     `verify_cached`), the streamed ones as `remote.verification` says."""
     result: dict[str, Verification] = {}
@@ -438,7 +437,7 @@ def _verified(plan: MergePlan, remote: dict[int, RemoteFolder]) -> dict[str, Ver
         source = role.source
         if source.ref.is_local or not source.tensors:
             continue
-        folder = remote.get(id(source))
+        folder = remote.get(source.key)
         result[role.name] = folder.verification() if folder is not None else "sha256"
     return result
 
@@ -468,8 +467,8 @@ class _Written:
 
 def _write_output(
     plan: MergePlan,
-    folders: dict[int, Path],
-    weights: dict[int, Folder],
+    folders: dict[str, Path],
+    weights: dict[str, Folder],
     staging: Path,
     compute: torch.device,
     quiet: bool,
@@ -534,7 +533,7 @@ def _write_output(
         on_shard = None
         rewrites = plan.rewrites_shards
         if uploader is not None:
-            on_shard = _ties_upload(plan, uploader) if rewrites else uploader.submit
+            on_shard = _rewriting_upload(plan, uploader) if rewrites else uploader.submit
         if gguf is not None:  # only where the shards are deleted once uploaded: never rewritten
             assert not rewrites
             on_shard = _gguf_then(gguf, on_shard)
@@ -561,12 +560,12 @@ def _write_output(
         files |= dict.fromkeys(_write_results(staging, evaluation, report))
     # Rendered again now that the tokenizer files are local: the chat template may live in them.
     card = render_card(plan, stats=document, evaluation=evaluation, sanity=report)
-    (staging / "README.md").write_text(card, encoding="utf-8")
-    files["README.md"] = None
+    (staging / CARD_FILE).write_text(card, encoding="utf-8")
+    files[CARD_FILE] = None
     governing = license_file(plan)
     if governing is not None:
         source, name = governing
-        shutil.copyfile(folders[id(source)] / name, staging / name)
+        shutil.copyfile(folders[source.key] / name, staging / name)
         files[name] = None
     return _Written(files, document, evaluation, report)
 
@@ -589,12 +588,13 @@ def _gguf_then(gguf: GgufStream, on_shard: Callable[[Path], None] | None) -> Cal
     return hook
 
 
-def _ties_upload(plan: MergePlan, uploader: ShardUploader) -> Callable[[Path], None]:
-    """The shard hook for TIES when it may rewrite closed shards once the whole model's majority sign is known
-    (`engine._Patches`, right after the last shard; `MergePlan.rewrites_shards`): each shard but the last is
-    uploaded as soon as it is closed and kept; the last one waits until no upload reads a shard while the
-    patch may write it. What the patch rewrites goes up again afterwards (`_write_output`). A plan that
-    deletes uploaded shards settles the sign first instead, and uploads with the plain hook."""
+def _rewriting_upload(plan: MergePlan, uploader: ShardUploader) -> Callable[[Path], None]:
+    """The shard hook for a method that may rewrite closed shards once the whole model is merged (the
+    positions it left open, `methods.Deferred`, patched right after the last shard by `engine._Patches`;
+    `MergePlan.rewrites_shards`): each shard but the last is uploaded as soon as it is closed and kept; the
+    last one waits until no upload reads a shard while the patch may write it. What the patch rewrites goes
+    up again afterwards (`_write_output`). A plan that deletes uploaded shards settles them first instead
+    (`Deferral.settle`), and uploads with the plain hook."""
     last = plan.shards[-1].file
 
     def on_shard(path: Path) -> None:
@@ -623,7 +623,7 @@ def inspect(
     quiet: bool = False,
 ) -> InspectResult:
     """Compute a recipe's merge diagnostics without merging: the same reads and statistics as `merge`, in
-    one streaming pass (two for TIES, as the merge), writing only merge_stats.json and its plots.
+    one streaming pass (more for a method with passes, as the merge), writing only merge_stats.json and its plots.
 
     The folder defaults to the recipe's output folder with "-inspect" appended, beside it, so a later
     merge into the output folder finds nothing there that it did not write.
@@ -654,7 +654,7 @@ def _eval_spec(plan: MergePlan) -> EvalSpec:
     return plan.recipe.eval
 
 
-def _source_candidates(plan: MergePlan, folders: dict[int, Path]) -> list[Candidate]:
+def _source_candidates(plan: MergePlan, folders: dict[str, Path]) -> list[Candidate]:
     """The base (when the recipe has one) and every model, in recipe order, as the recipe names them; a
     source mentioned twice is one candidate (its first mention), evaluated once. Streamed sources have no
     weights on disk to load: they are left out."""
@@ -665,30 +665,30 @@ def _source_candidates(plan: MergePlan, folders: dict[int, Path]) -> list[Candid
     }
     candidates = []
     for role in plan.roles:
-        if role.kind == "tokenizer" or id(role.source) in seen:
+        if role.kind == "tokenizer" or role.source.key in seen:
             continue
-        seen.add(id(role.source))
+        seen.add(role.source.key)
         source = role.source
         candidates.append(
-            Candidate(role.kind, role.ref.text, folders[id(source)], source.ref.repo_id, source.sha)
+            Candidate(role.kind, role.ref.text, folders[source.key], source.ref.repo_id, source.sha)
         )
     return candidates
 
 
 def _sanity_check(
-    plan: MergePlan, folder: Path, weights: dict[int, Folder], device: torch.device, log: Log
+    plan: MergePlan, folder: Path, weights: dict[str, Folder], device: torch.device, log: Log
 ) -> SanityReport:
     """The quick sanity check of the merge in `folder` against the base and every model (each source once, by
     its first mention), read where the merge read them: streamed sources by range from the Hub again."""
     from .forward import Checkpoint
     from .sanity import check
 
-    sources: dict[int, Checkpoint] = {}
+    sources: dict[str, Checkpoint] = {}
     for role in plan.roles:
         source = role.source
-        if role.kind != "tokenizer" and id(source) not in sources:
-            read_from = weights[id(source)]
-            sources[id(source)] = Checkpoint(
+        if role.kind != "tokenizer" and source.key not in sources:
+            read_from = weights[source.key]
+            sources[source.key] = Checkpoint(
                 role.ref.text, read_from, source.config, source.tensors, _identity(source, read_from)
             )
     streamed = [w for w in weights.values() if isinstance(w, RemoteFolder)]
@@ -808,8 +808,8 @@ def evaluate(
     stats_path = directory / STATS_FILE
     stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else None
     card = render_card(merge_plan, stats=stats, evaluation=evaluation, sanity=report)
-    (directory / "README.md").write_text(card, encoding="utf-8")
-    _record_outputs(directory, [*written, "README.md"])
+    (directory / CARD_FILE).write_text(card, encoding="utf-8")
+    _record_outputs(directory, [*written, CARD_FILE])
     _gate(evaluation, f"the results are in {directory / RESULTS_FILE}")
     return EvalResult(merge_plan, directory, evaluation)
 

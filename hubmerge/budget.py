@@ -5,13 +5,13 @@ Each Hub source is read one of two ways:
 * *cached*: its files are downloaded whole into the Hugging Face cache and read from there (today's path;
   the only one offline, and always the one for files already in the cache: those are never fetched again);
 * *streaming*: its weights are never written to disk; the engine reads each slice by HTTP range through
-  `huggingface_hub`'s `HfFileSystem` (remote.py), so a method that reads the inputs several times (TIES's
-  global cut-off) fetches them several times.
+  `huggingface_hub`'s `HfFileSystem` (remote.py), so a method that reads the inputs several times (a
+  model-wide magnitude cut-off) fetches them several times.
 
 Local folders are read in place. The output folder holds the whole output unless it is pushed and cannot
 fit: then each shard is uploaded as soon as it is written and deleted (`upload_while_merging`), and the
 folder holds about two shards at a time. A method that would rewrite closed shards after the last one
-(TIES's majority sign, `Method.settle`) then settles that in one more read before the merge
+(`methods.Deferred`) then settles them with its `Deferral.settle` pass in one more read before the merge
 (`settle_first`), so that no deleted shard is ever needed again. Sources are cached while the budget
 allows (fastest, one fetch), streamed otherwise; when even streaming everything cannot fit, `plan_disk`
 refuses with the numbers.
@@ -106,7 +106,7 @@ class DiskPlan:
     reads: int  # passes of the engine over every input
     output_bytes: int  # the merged weights
     output_disk: int  # what the output folder holds at most at once
-    scratch_bytes: int  # the engine's scratch file (TIES's undecided positions), an estimate
+    scratch_bytes: int  # the engine's scratch file (the positions a method leaves open), an estimate
     max_shard_size: int  # as chosen (the recipe's, or one that fits the budget)
     upload_while_merging: bool  # each shard is uploaded once written and deleted when the budget needs it
     # The method's `settle` pass runs before the merge (one read more) instead of patching closed shards.

@@ -84,8 +84,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import CardError
+from .files import CHART_FILE, LOCK_FILE, RECIPE_COPY, STATS_PLOTS
 from .gguf.card import gguf_links
-from .lock import LOCK_FILE, RECIPE_COPY
 from .markdown import Markdown, code, finalize, literal, safe_url, text, visible
 from .methods import Method
 from .methods.base import Citation, resolve_defaults
@@ -176,15 +176,16 @@ def combine_licenses(licenses: Sequence[License]) -> License | None:
 @dataclass(frozen=True)
 class _Entry:
     role: str
+    name: str  # the mention's recipe key (`Role.name`): "base", "models[1]", "tokenizer"
     source: Source
     ref: ModelRef  # as the recipe wrote it, with this entry's per-model parameters
 
 
 def _entries(plan: MergePlan) -> list[_Entry]:
     """One entry per mention of a source; a tokenizer that is also a base or a model is listed as that."""
-    entries = [_Entry(r.kind, r.source, r.ref) for r in plan.roles if r.kind != "tokenizer"]
+    entries = [_Entry(r.kind, r.name, r.source, r.ref) for r in plan.roles if r.kind != "tokenizer"]
     entries += [
-        _Entry(r.kind, r.source, r.ref)
+        _Entry(r.kind, r.name, r.source, r.ref)
         for r in plan.roles
         if r.kind == "tokenizer" and all(e.source is not r.source for e in entries)
     ]
@@ -520,7 +521,7 @@ def _context(plan: MergePlan) -> dict[str, Any]:
         _source_context(e, r.path.parent, _model_settings(r, e.ref) if e.role == "model" else {})
         for e in entries
     ]
-    by_entry = {id(e): s for e, s in zip(entries, sources, strict=True)}
+    by_entry = {e.name: s for e, s in zip(entries, sources, strict=True)}
     base = next((s for s in sources if s["role"] == "base"), None)
     title = r.card.title or (r.output.repo.split("/")[-1] if r.output.repo else r.path.stem)
     with_base = f", with {base['markdown']} as the base" if base and r.method.uses_base else ""
@@ -538,7 +539,7 @@ def _context(plan: MergePlan) -> dict[str, Any]:
     if fusionbench is not None:
         citations.append(_FUSIONBENCH.bibtex(_FUSIONBENCH_ID))
 
-    config_from = next(by_entry[id(e)] for e in entries if e.source is plan.config_source)
+    config_from = next(by_entry[e.name] for e in entries if e.source is plan.config_source)
     if base is not None and not r.method.uses_base:
         notes = [
             Markdown(
@@ -548,7 +549,7 @@ def _context(plan: MergePlan) -> dict[str, Any]:
         ]
     else:
         notes = [Markdown(f"config.json comes from the {config_from['role']} ({config_from['markdown']}).")]
-    tokenizer_from = next(by_entry[id(e)] for e in entries if e.source is plan.tokenizer)
+    tokenizer_from = next(by_entry[e.name] for e in entries if e.source is plan.tokenizer)
     notes.append(
         Markdown(
             f"The tokenizer files, chat template, generation_config.json and the special token ids in config.json "
@@ -581,11 +582,15 @@ def _context(plan: MergePlan) -> dict[str, Any]:
             "text": str(lic),
             "from_recipe": licensing.from_recipe,
             "file": file[1] if file else None,
-            "file_source": Markdown(f"{by_entry[id(file[0])]['role']} ({by_entry[id(file[0])]['markdown']})")
+            "file_source": Markdown(
+                f"{by_entry[file[0].name]['role']} ({by_entry[file[0].name]['markdown']})"
+            )
             if file
             else None,
             "aliased": [
-                by_entry[id(e)]["markdown"] for e in entries if _declared_name(e.source.card_data) in _ALIASES
+                by_entry[e.name]["markdown"]
+                for e in entries
+                if _declared_name(e.source.card_data) in _ALIASES
             ],
         },
         "fusionbench": fusionbench,
@@ -715,13 +720,13 @@ def _diagnostics(
     stats: Mapping[str, Any] | None, sources: Sequence[Mapping[str, Any]]
 ) -> dict[str, Any] | None:
     """The template's view of merge_stats.json, models named as in the sources table."""
-    from .diagnostics import PLOTS, model_summary, number_text
+    from .diagnostics import model_summary, number_text
 
     if stats is None:
         return None
     names = [s["markdown"] for s in sources if s["role"] == "model"]
     rows = model_summary(stats)
-    titles = dict(PLOTS.values())
+    titles = dict(STATS_PLOTS.values())
     return {
         "applicable": bool(rows),
         "note": stats.get("note"),
@@ -746,7 +751,6 @@ def _diagnostics(
 
 def _evaluation(evaluation: Evaluation | None, sources: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     """The template's view of the lm-eval results: the merge, then base and models named as in the sources."""
-    from .evaluate import CHART_FILE
 
     if evaluation is None:
         return None

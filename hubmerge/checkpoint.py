@@ -22,6 +22,7 @@ from typing import Any, Protocol, Union
 import torch
 
 from .errors import SourceError
+from .files import INDEX_FILE, SINGLE_FILE
 
 __all__ = [
     "DTYPES",
@@ -48,8 +49,6 @@ DTYPES: dict[str, torch.dtype] = {
 }
 SAFETENSORS_NAME = {v: k for k, v in DTYPES.items()}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 _MAX_HEADER = 100 * 2**20  # the safetensors format's own limit
 # Bytes per element of every dtype the safetensors format knows (its `Dtype` enum).
 _DTYPE_SIZES = {

@@ -11,9 +11,10 @@ numbers, to the bit, as `hubmerge inspect`, which streams the same pieces withou
 - cosine           τᵢ·τⱼ / (‖τᵢ‖ ‖τⱼ‖) for every pair (null where a norm is 0)
 - sign_conflict    share of positions where some τᵢ > 0 and some τⱼ < 0
 - model_conflict   per model: share of positions where τᵢ ≠ 0 and another τⱼ has the opposite sign
-- kept (TIES)      per model: share of positions that survive trimming (|τᵢ| >= its cut-off, τᵢ ≠ 0)
-- dropped (TIES)   per model: share of positions kept by trimming but dropped by the elected sign; where
-                   the elected sign is 0 the model-wide majority decides, as in `methods.ties`
+- kept             for a method that trims (`Method.cuts`), per model: share of positions that survive
+                   trimming (|τᵢ| >= its cut-off, τᵢ ≠ 0)
+- dropped          for a method that trims, per model: share of positions kept by trimming but dropped by
+                   the elected sign; where the elected sign is 0 the model-wide majority decides
 
 The reference is the base for every method: simple_average and linear ignore the base, but the engine
 reads it for the diagnostics when the recipe names one (it is downloaded for config.json anyway). Without
@@ -24,7 +25,7 @@ always show a cosine of −1).
 Not free arithmetic: per piece, the task vectors again, their Gram matrix in float64 (so the numbers do not
 depend on the piece size), and every count as a matrix product of sign vectors (`_counts`) instead of
 boolean masks; about a dozen elementwise passes over the task vectors (on one CPU thread, 256 Ki elements
-and 3 models: ~3.5 ms per piece, ~7.5 ms with TIES's counts; the separate pass this replaced took ~4 and
+and 3 models: ~3.5 ms per piece, ~7.5 ms with a trimming method's counts; the separate pass this replaced took ~4 and
 ~15-24 ms, on the main thread, before the piece could be merged). bench/RESULTS.md has the end-to-end cost.
 `--no-stats` or `[output] stats = false` turns them off.
 
@@ -45,6 +46,7 @@ from typing import Any
 import torch
 
 from . import __version__, plots
+from .files import STATS_FILE, STATS_PLOTS
 from .methods import trim_
 from .plan import MergePlan, OutputTensor
 
@@ -60,12 +62,7 @@ __all__ = [
     "write_stats",
 ]
 
-STATS_FILE = "merge_stats.json"
-PLOTS = {  # (file, title)
-    "norms": ("merge_stats_norms.png", "Task-vector norm per layer"),
-    "cosine": ("merge_stats_cosine.png", "Cosine similarity between task vectors per layer"),
-    "signs": ("merge_stats_signs.png", "Sign conflicts per layer"),
-}
+PLOTS = STATS_PLOTS  # chart -> (file, title)
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _BLOCK = 1 << 20  # elements per model converted to float64 at once for the dot products
 
@@ -112,7 +109,7 @@ class Measured:
 
     name: str  # the output tensor's
     sums: _Sums
-    sign_sum: float  # TIES: Σ elected signs over the piece
+    sign_sum: float  # a trimming method's: Σ elected signs over the piece
 
 
 _EXACT = 1 << 24  # a float32 sum of integers is exact while every partial sum stays below 2**24
@@ -143,7 +140,7 @@ class MergeStats:
         self.trims = plan.recipe.method.trims
         self.reference = "base" if plan.base is not None else None
         self._sums: dict[str, _Sums] = {}
-        self._sign_sum = 0.0  # TIES: Σ elected signs over the model, whose sign breaks ties at 0
+        self._sign_sum = 0.0  # trimming: Σ elected signs over the model, whose sign breaks ties at 0
         # Only a recipe that accepts non-finite inputs can bring a NaN here (the engine refuses them otherwise).
         self._nan = plan.recipe.allow_non_finite
         self._local = threading.local()  # each merge thread's scratch buffers (`_scratch`)
@@ -158,7 +155,7 @@ class MergeStats:
         self, tensor: OutputTensor, slices: Sequence[torch.Tensor], cuts: Sequence[float] | None
     ) -> Measured | None:
         """One piece's statistics: `slices` as the engine reads them (the plan's math inputs, then
-        `tensor.stats_base` when it has one); `cuts` are TIES's per-model magnitude cut-offs. None without
+        `tensor.stats_base` when it has one); `cuts` are the per-model magnitude cut-offs of a method that trims (`Method.cuts`). None without
         a base (nothing to measure). Reads the slices, changes nothing; safe to call from several threads."""
         if self.reference is None:
             return None
@@ -205,11 +202,11 @@ class MergeStats:
     def _measure_trims(
         self, task_vectors: torch.Tensor, rows: torch.Tensor, cuts: Sequence[float], sums: _Sums
     ) -> float:
-        """Fill the TIES counts of `sums` (trimming `task_vectors` in place, `rows` as scratch); return
+        """Fill the trimming counts of `sums` (trimming `task_vectors` in place, `rows` as scratch); return
         Σ elected signs."""
         n, numel = task_vectors.shape
         for row, cut in zip(task_vectors, cuts, strict=True):
-            trim_(row, cut)  # the trimming rule of `methods.ties`
+            trim_(row, cut)  # the trimming rule of the methods that trim
         # Columns: the elected sign e, |e| (1 where e ≠ 0), 1 − |e| (1 where e = 0), 1. torch's sign of NaN
         # is 0: where the sum is NaN, no sign is elected.
         columns = self._scratch("columns", (4, numel), task_vectors.dtype, task_vectors.device)
@@ -303,7 +300,7 @@ class MergeStats:
             "model_conflict": [int(c) / numel for c in sums.model_conflict.tolist()],
         }
         if self.trims:
-            # Where the elected sign is 0, `methods.ties` uses the model-wide majority: +1 keeps the
+            # Where the elected sign is 0, the model-wide majority decides: +1 keeps the
             # positive entries; -1 and 0 keep the negative ones (FusionBench's `torch.where(sign > 0, ...)`).
             late = sums.undecided_neg if self._sign_sum > 0 else sums.undecided_pos
             group["kept"] = [int(k) / numel for k in sums.kept.tolist()]
@@ -317,7 +314,7 @@ def _mean(values: Sequence[float]) -> float | None:
 
 def model_summary(document: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row per model: whole-model norm, mean per-layer norm, mean cosine to the other models, sign
-    conflict share, and for TIES the kept and dropped shares; [] when the statistics do not apply."""
+    conflict share, and for a method that trims the kept and dropped shares; [] when the statistics do not apply."""
     if document.get("reference") is None:
         return []
     total = document["total"]

@@ -258,7 +258,10 @@ def recipe_reference() -> str:
 
     schema = json_schema()
     defs = schema["$defs"]
-    top = defs["TiesRecipe"]  # every method's recipe has the same keys; only base, models and parameters vary
+    # Every method's recipe has the same keys; only base, models and parameters vary: any method's with a
+    # required base (its row then says "required by some methods") stands for all.
+    with_base = next(m.name for m in METHODS.values() if m.needs_base)
+    top = defs[schema["discriminator"]["mapping"][with_base].removeprefix("#/$defs/")]
     top_text = {
         "method": "the merge method: "
         + ", ".join(f"[`{m.name}`](../methods/{m.name}.md)" for m in METHODS.values()),

@@ -33,7 +33,8 @@ from . import __version__
 from .checkpoint import Folder, ShardWriter, TensorInfo, TensorReader
 from .diagnostics import Measured, MergeStats
 from .errors import HubmergeError, SourceError
-from .methods import Reduce, Select, Slice, TiesChunk
+from .files import INDEX_FILE, SCRATCH_FILE
+from .methods import Deferral, Deferred, Reduce, Select, Slice
 from .methods.base import Pass
 from .plan import MergePlan, OutputTensor
 from .selection import bracket, kth_smallest
@@ -46,40 +47,40 @@ _Piece = tuple[OutputTensor, int, list[torch.Tensor], dict[str, Any]]
 
 
 class _Patches:
-    """TIES positions whose value depends on the global majority sign (see `methods.TiesChunk`).
+    """The positions a method left open (`methods.Deferred`), settled after the last shard (`Deferral`).
 
-    With quantised (bf16) task vectors, exact cancellations can number in the millions, so they are
+    They can number in the millions (exact cancellations of quantised task vectors), so they are
     spilled to a scratch file as they appear instead of being held in memory: RAM stays one slice.
     """
 
     _HEADER = struct.Struct("<iq")  # output tensor index, number of positions
 
-    def __init__(self, scratch: Path, dtype: torch.dtype) -> None:
+    def __init__(self, scratch: Path, dtype: torch.dtype, deferral: Deferral) -> None:
         self.path = scratch
         self.dtype = dtype
-        self.sign_sum = 0
+        self.deferral = deferral
+        self.tally: Any = None
         self.count = 0
+        self.alternatives = 0
         self._file = open(scratch, "wb")  # noqa: SIM115 - closed in close()
 
-    def add(self, index: int, tensor: OutputTensor, first_row: int, chunk: TiesChunk) -> None:
-        self.sign_sum += chunk.sign_sum
-        n = chunk.undecided.numel()
+    def add(self, index: int, tensor: OutputTensor, first_row: int, deferred: Deferred) -> None:
+        self.tally = deferred.tally if self.tally is None else self.tally + deferred.tally
+        n = deferred.positions.numel()
         if not n:
             return
+        self.alternatives = len(deferred.alternatives)
         offset = first_row * (tensor.numel // tensor.shape[0] if tensor.shape and tensor.shape[0] else 1)
         self._file.write(self._HEADER.pack(index, n))
-        for data in (
-            (chunk.undecided + offset).cpu(),
-            chunk.if_negative.to(self.dtype),
-            chunk.if_zero.to(self.dtype),
-        ):
+        for data in ((deferred.positions + offset).cpu(), *(a.to(self.dtype) for a in deferred.alternatives)):
             self._file.write(data.cpu().contiguous().view(torch.uint8).numpy().tobytes())
         self.count += n
 
     def apply(self, plan: MergePlan, files: Mapping[str, ShardWriter]) -> set[str]:
-        """Rewrite the positions written under a +1 majority that turned out -1 (or 0); return the files."""
+        """Rewrite the open positions with the alternative the method decides on; return the files."""
         self._file.close()
-        if not self.count or self.sign_sum > 0:
+        choice = self.deferral.decide(self.tally) if self.count else None
+        if choice is None:
             return set()
         where = {name: (w.path, w.data_start + w.offsets[name]) for w in files.values() for name in w.offsets}
         item = torch.empty(0, dtype=self.dtype).element_size()
@@ -88,16 +89,17 @@ class _Patches:
             while header := spill.read(self._HEADER.size):
                 index, n = self._HEADER.unpack(header)
                 positions = torch.frombuffer(bytearray(spill.read(8 * n)), dtype=torch.int64)
-                if_negative, if_zero = (
-                    torch.frombuffer(bytearray(spill.read(item * n)), dtype=self.dtype) for _ in range(2)
-                )
+                alternatives = [
+                    torch.frombuffer(bytearray(spill.read(item * n)), dtype=self.dtype)
+                    for _ in range(self.alternatives)
+                ]
                 path, start = where[plan.tensors[index].name]
                 touched.add(path.name)
                 first, last = int(positions[0]), int(positions[-1])  # ascending within one slice
                 with open(path, "r+b") as out:
                     out.seek(start + first * item)
                     span = torch.frombuffer(bytearray(out.read((last - first + 1) * item)), dtype=self.dtype)
-                    span[positions - first] = if_negative if self.sign_sum < 0 else if_zero
+                    span[positions - first] = alternatives[choice]
                     out.seek(start + first * item)
                     out.write(span.view(torch.uint8).numpy().tobytes())
         return touched
@@ -124,13 +126,14 @@ class _Inputs:
     def __init__(
         self,
         plan: MergePlan,
-        folders: Mapping[int, Folder],
+        folders: Mapping[str, Folder],
         device: torch.device,
         stats_base: Folder | None = None,
     ) -> None:
         # A source listed twice is one reader, and each of its slices is read once (`rows`).
-        readers = {id(s): TensorReader(folders[id(s)]) for s in plan.inputs}
-        self.readers = [readers[id(s)] for s in plan.inputs]
+        readers = {s.key: TensorReader(folders[s.key]) for s in plan.inputs}
+        self.readers = [readers[s.key] for s in plan.inputs]
+        self.keys = [s.key for s in plan.inputs]
         self.labels = [s.label for s in plan.inputs]
         self.allow_non_finite = plan.recipe.allow_non_finite
         # The base, read after the math inputs only for the diagnostics (`OutputTensor.stats_base`).
@@ -149,10 +152,12 @@ class _Inputs:
         A source named twice in the recipe is read once: both mentions share the slice.
         """
         span = (start, min(tensor.shape[0], stop)) if tensor.shape else None
-        read: dict[tuple[int, TensorInfo], torch.Tensor] = {}
+        read: dict[tuple[str, TensorInfo], torch.Tensor] = {}
         slices = []
-        for reader, info, label in zip(self.readers, tensor.inputs, self.labels, strict=True):
-            key = (id(reader), info)
+        for reader, source, info, label in zip(
+            self.readers, self.keys, tensor.inputs, self.labels, strict=True
+        ):
+            key = (source, info)
             if key not in read:
                 read[key] = reader.read(info, span)
                 # A NaN or Inf in a source would spread through the merge unnoticed; refuse it by name.
@@ -206,11 +211,11 @@ class _Inputs:
 
 
 def _open_inputs(
-    plan: MergePlan, folders: Mapping[int, Folder], device: torch.device, stats: MergeStats | None
+    plan: MergePlan, folders: Mapping[str, Folder], device: torch.device, stats: MergeStats | None
 ) -> _Inputs:
     # The base is read for the diagnostics only when they are collected and the method's math skips it.
     reads_base = stats is not None and any(t.stats_base for t in plan.tensors)
-    return _Inputs(plan, folders, device, folders[id(plan.base)] if reads_base and plan.base else None)
+    return _Inputs(plan, folders, device, folders[plan.base.key] if reads_base and plan.base else None)
 
 
 def _slice(plan: MergePlan, tensor: OutputTensor, start: int, slices: Sequence[torch.Tensor]) -> Slice:
@@ -331,6 +336,12 @@ class _Passes:
         return torch.cat(parts, dim=1)
 
 
+def _cuts(plan: MergePlan, stats: Mapping[str, Any]) -> Any:
+    """The per-model magnitude cut-offs the diagnostics need, for a method that trims (`Method.cuts`)."""
+    cuts = plan.recipe.method.cuts
+    return stats.get(cuts) if cuts is not None else None
+
+
 def _finite(tensor: torch.Tensor) -> bool:
     """No NaN and no ±Inf. min and max carry both (NaN propagates), and `aminmax` is one pass that is
     several times cheaper than `isfinite(...).all()` on a CPU slice."""
@@ -423,11 +434,10 @@ def _merge_workers(device: torch.device) -> Iterator[_Workers]:
         torch.set_num_threads(threads)
 
 
-def collect_stats(plan: MergePlan, folders: Mapping[int, Folder], device: torch.device) -> MergeStats:
+def collect_stats(plan: MergePlan, folders: Mapping[str, Folder], device: torch.device) -> MergeStats:
     """The diagnostics of the merge `plan` describes, from the same reads and pieces as `write_weights` and
     measured the same way (so the numbers are the merge's, to the bit), writing nothing."""
     stats = MergeStats(plan)
-    trims = plan.recipe.method.trims
     inputs = _open_inputs(plan, folders, device, stats)
     try:
         with _merge_workers(device) as workers:
@@ -436,7 +446,7 @@ def collect_stats(plan: MergePlan, folders: Mapping[int, Folder], device: torch.
 
             def measure(piece: _Piece) -> Measured | None:
                 tensor, _, slices, current = piece
-                return stats.measure(tensor, slices, current.get("cut") if trims else None)
+                return stats.measure(tensor, slices, _cuts(plan, current))
 
             for measured in _ordered(workers, measure, passes.with_stats(plan.tensors)):
                 if measured is not None:
@@ -448,7 +458,7 @@ def collect_stats(plan: MergePlan, folders: Mapping[int, Folder], device: torch.
 
 def write_weights(
     plan: MergePlan,
-    folders: Mapping[int, Folder],
+    folders: Mapping[str, Folder],
     directory: Path,
     device: torch.device,
     progress: Progress,
@@ -458,16 +468,21 @@ def write_weights(
     """Write the merged safetensors shards (and index) into `directory`; measure the diagnostics of every
     piece into `stats` on the way (`MergeStats.measure`, on the merge threads beside the piece's merge).
 
-    `on_shard` is called with each shard's path once it is complete (a method with deferred patches, see
-    `methods.ties.TiesChunk`, may rewrite some after the last one: those come back in the result without
-    a hash). Returns each written file name with the sha256 of its bytes where it is already known.
+    `on_shard` is called with each shard's path once it is complete (a method that leaves positions open,
+    `methods.Deferred`, may rewrite some after the last one: those come back in the result without a
+    hash; `MergePlan.rewrites_shards`). Returns each written file name with the sha256 of its bytes where
+    it is already known.
     """
     method = plan.recipe.method
     inputs = _open_inputs(plan, folders, device, stats)
-    patches = _Patches(directory / ".ties-undecided.tmp", plan.out_dtype)
+    # A scratch file only where the method may leave positions open: not when its settle pass runs first.
+    patches = (
+        _Patches(directory / SCRATCH_FILE, plan.out_dtype, method.deferral)
+        if plan.rewrites_shards and method.deferral is not None
+        else None
+    )
     index = {t.name: i for i, t in enumerate(plan.tensors)}
     files: dict[str, ShardWriter] = {}
-    trims = method.trims
     try:
         with _merge_workers(device) as workers:
             passes = _Passes(plan, inputs, workers)
@@ -476,31 +491,34 @@ def write_weights(
 
             def compute(
                 piece: _Piece,
-            ) -> tuple[OutputTensor, int, torch.Tensor, TiesChunk | None, Measured | None]:
+            ) -> tuple[OutputTensor, int, torch.Tensor, Deferred | None, Measured | None]:
                 tensor, start, slices, current = piece
                 # The diagnostics of the piece first, on the same thread while its inputs are in cache; they
                 # read the slices and change nothing, so the merge sees the same inputs as without them.
                 measured = None
                 if stats is not None:
-                    measured = stats.measure(tensor, slices, current.get("cut") if trims else None)
+                    measured = stats.measure(tensor, slices, _cuts(plan, current))
                 result = method.merge(_slice(plan, tensor, start, slices), current)
-                chunk = result if isinstance(result, TiesChunk) else None
-                out = (chunk.values if chunk is not None else result).to(plan.out_dtype).cpu()
+                deferred = result if isinstance(result, Deferred) else None
+                out = (deferred.values if deferred is not None else result).to(plan.out_dtype).cpu()
                 _check_finite(plan, tensor, slices, out)
-                return tensor, start, out, chunk, measured
+                return tensor, start, out, deferred, measured
 
             for layout in plan.shards:
                 writer = ShardWriter(directory / layout.file, layout, {"format": "pt"})
                 files[layout.file] = writer
                 try:
                     shard = [by_name[name] for name, _ in layout.tensors]
-                    for tensor, start, out, chunk, measured in _ordered(
+                    for tensor, start, out, deferred, measured in _ordered(
                         workers, compute, passes.with_stats(shard)
                     ):
                         if stats is not None and measured is not None:
                             stats.record(measured)  # in the pieces' order: the same sums as `collect_stats`
-                        if chunk is not None:
-                            patches.add(index[tensor.name], tensor, start, chunk)
+                        if deferred is not None:
+                            assert patches is not None, (
+                                f"{method.name} left positions open without a deferral"
+                            )
+                            patches.add(index[tensor.name], tensor, start, deferred)
                         writer.write(out)
                         progress(out.numel() * out.element_size())
                 except BaseException:
@@ -510,13 +528,15 @@ def write_weights(
                 if on_shard is not None:
                     on_shard(writer.path)
             written: dict[str, str | None] = {file: w.digest.hexdigest() for file, w in files.items()}
-            written |= dict.fromkeys(patches.apply(plan, files))  # rewritten: hash them again
+            if patches is not None:
+                written |= dict.fromkeys(patches.apply(plan, files))  # rewritten: hash them again
     finally:
         inputs.close()
-        patches.close()
+        if patches is not None:
+            patches.close()
     if len(plan.shards) > 1:
         _write_index(plan, directory)
-        written["model.safetensors.index.json"] = None
+        written[INDEX_FILE] = None
     return written
 
 
@@ -532,4 +552,4 @@ def _write_index(plan: MergePlan, directory: Path) -> None:
         },
         "weight_map": dict(sorted(weight_map.items())),
     }
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

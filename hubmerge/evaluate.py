@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EvalError, RecipeError
+from .files import CHART_FILE, CONFIG_FILE, RESULTS_FILE
 from .lock import file_sha256
 from .recipe import EvalSpec, Requirement
 from .sources import TOKENIZER_FILES
@@ -47,8 +48,6 @@ __all__ = [
     "summary_markdown",
 ]
 
-RESULTS_FILE = "eval_results.json"
-CHART_FILE = "eval_results.png"
 INSTALL = 'pip install "hubmerge[eval]"'
 # lm-eval's default is 100000 resamples, minutes for corpus metrics; 1000 gives stderr to two digits.
 _BOOTSTRAP_ITERS = 1000
@@ -189,7 +188,7 @@ def model_identity(folder: Path, repo_id: str | None = None, sha: str | None = N
     """`repo@sha` for a Hub source, else the sha256 of the folder's config.json and weight files."""
     if repo_id is not None and sha is not None:
         return f"{repo_id}@{sha}"
-    names = [p.name for p in folder.iterdir() if p.name == "config.json" or p.name.endswith(_WEIGHT_SUFFIXES)]
+    names = [p.name for p in folder.iterdir() if p.name == CONFIG_FILE or p.name.endswith(_WEIGHT_SUFFIXES)]
     return f"sha256:{_files_digest(folder, names)}"
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import Folder, TensorInfo, TensorReader, index_folder
+from .files import CONFIG_FILE
 
 __all__ = ["CHUNK_BYTES", "Checkpoint", "Losses", "Qwen2Shape", "Unrunnable", "token_losses"]
 
@@ -55,7 +56,7 @@ class Checkpoint:
     @classmethod
     def local(cls, label: str, folder: Path) -> Checkpoint:
         """A checkpoint folder on disk (config.json and safetensors weights); raises `SourceError`."""
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
         return cls(label, folder, config, index_folder(folder, label))
 
 

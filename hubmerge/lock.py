@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from . import __version__
 from .errors import HubmergeError, RecipeError, SourceError
+from .files import CARD_FILE, CHART_FILE, LOCK_FILE, RECIPE_COPY, RESULTS_FILE, STATS_FILE, STATS_PLOTS
 from .plan import MergePlan, Role
 from .recipe import Recipe
 from .schedule import to_json
@@ -39,9 +40,6 @@ __all__ = [
     "verify_cached",
 ]
 
-LOCK_FILE = "hubmerge.lock.json"
-RECIPE_COPY = "hubmerge.toml"  # the recipe, as written, beside the weights
-CARD_FILE = "README.md"
 # How a Hub source's weights were checked against the Hub's metadata: the sha256 of every file, or (a
 # streamed file not read whole in order) its size and safetensors header.
 Verification = Literal["sha256", "size+header"]
@@ -61,12 +59,12 @@ def _labels(recipe: Recipe) -> list[tuple[str, Any]]:
     return pairs
 
 
-def _source_files(plan: MergePlan, folders: Mapping[int, Path]) -> Iterator[tuple[Role, Path, str]]:
+def _source_files(plan: MergePlan, folders: Mapping[str, Path]) -> Iterator[tuple[Role, Path, str]]:
     """(role, folder, file) for every file each mention of a source contributes: on disk, or (the weights of
     a streamed source) known by the Hub's sha256."""
     for role in plan.roles:
         source = role.source
-        folder = folders[id(source)]
+        folder = folders[source.key]
         for f in source.needed_files(weights=bool(source.tensors), tokenizer=source is plan.tokenizer):
             if (folder / f).is_file() or f in source.lfs_sha256:
                 yield role, folder, f
@@ -219,7 +217,7 @@ def _sha256(path: Path, stop: threading.Event) -> str | None:
     return digest.hexdigest()
 
 
-def hash_sources(plan: MergePlan, folders: Mapping[int, Path]) -> SourceHashes:
+def hash_sources(plan: MergePlan, folders: Mapping[str, Path]) -> SourceHashes:
     """Start hashing the source files on disk: the ones whose sha256 the Hub did not give us (local sources:
     gigabytes), and the downloaded ones it did, to check them (`verify_cached`)."""
     return SourceHashes(
@@ -227,7 +225,7 @@ def hash_sources(plan: MergePlan, folders: Mapping[int, Path]) -> SourceHashes:
     )
 
 
-def verify_cached(plan: MergePlan, folders: Mapping[int, Path], hashes: Mapping[Path, str]) -> None:
+def verify_cached(plan: MergePlan, folders: Mapping[str, Path], hashes: Mapping[Path, str]) -> None:
     """Every Hub file read from the cache has the sha256 the Hub lists for it; raises `SourceError` naming
     the first that does not (huggingface_hub checks the size of a download, not its content)."""
     for role, folder, f in _source_files(plan, folders):
@@ -242,7 +240,7 @@ def verify_cached(plan: MergePlan, folders: Mapping[int, Path], hashes: Mapping[
 
 def lock_data(
     plan: MergePlan,
-    folders: Mapping[int, Path],
+    folders: Mapping[str, Path],
     output: Path,
     output_files: Mapping[str, str | None],
     source_hashes: Mapping[Path, str],
@@ -319,7 +317,7 @@ def apply_lock(recipe: Recipe, lock_path: Path) -> Recipe:
     if recipe_sha != recipe.sha256:
         raise RecipeError(
             f"{lock_path} was written for another version of {recipe.path.name} (recipe sha256 differs); "
-            "use the recipe stored beside it as hubmerge.toml"
+            f"use the recipe stored beside it as {RECIPE_COPY}"
         )
     pinned: dict[str, Any] = {}
     for label, ref in _labels(recipe):
@@ -348,10 +346,8 @@ def apply_lock(recipe: Recipe, lock_path: Path) -> Recipe:
 def _reports() -> set[str]:
     """The files that report on a merge rather than make up the model: the diagnostics and their plots, the
     evaluation and sanity results and their chart."""
-    from .diagnostics import PLOTS, STATS_FILE
-    from .evaluate import CHART_FILE, RESULTS_FILE
 
-    return {STATS_FILE, *(file for file, _ in PLOTS.values()), RESULTS_FILE, CHART_FILE}
+    return {STATS_FILE, *(file for file, _ in STATS_PLOTS.values()), RESULTS_FILE, CHART_FILE}
 
 
 def check_reproduced(lock_path: Path, record: Mapping[str, Any]) -> None:

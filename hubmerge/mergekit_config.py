@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigImportError, RecipeError
+from .files import CONFIG_FILE
 from .methods import METHODS, Method, Param
 from .recipe import load_recipe
 from .schedule import Filter, Gradient, Scalar, Setting, to_json
@@ -495,7 +496,7 @@ def _mapping(c: _Converter, value: Any, key: str) -> Mapping[str, Any]:
 
 def _layer_count(folder: Path) -> int | None:
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
         layers = config.get("num_hidden_layers", config.get("text_config", {}).get("num_hidden_layers"))
     except (OSError, ValueError, AttributeError):
         return None

@@ -34,7 +34,7 @@ from typing import IO
 
 from .budget import format_size
 from .errors import HubmergeError
-from .lock import LOCK_FILE
+from .files import LOCK_FILE
 
 __all__ = ["abandon", "check_target", "disk_full", "recover", "staged", "swap_in"]
 

@@ -24,9 +24,10 @@ else:
     import tomli as tomllib
 
 from .budget import Budget, DiskPlan, SourceNeeds, default_budget, plan_disk
-from .checkpoint import DTYPES, INDEX_FILE, ShardLayout, TensorInfo, numel
+from .checkpoint import DTYPES, ShardLayout, TensorInfo, numel
 from .errors import IncompatibleSourcesError, RecipeError
-from .methods import Select
+from .files import INDEX_FILE, SINGLE_FILE, shard_file
+from .methods import Deferral, Select
 from .methods.base import Pass
 from .qwen import Qwen25Size, qwen25_size
 from .recipe import ModelRef, Recipe
@@ -148,7 +149,7 @@ class MergePlan:
     @property
     def weight_sources(self) -> tuple[Source, ...]:
         """Every source whose weights are read, each once, base first."""
-        unique = {id(s): s for s in ((self.base,) if self.base is not None else ()) + self.models}
+        unique = {s.key: s for s in ((self.base,) if self.base is not None else ()) + self.models}
         return tuple(unique.values())
 
     @property
@@ -169,8 +170,8 @@ class MergePlan:
 
     @property
     def rewrites_shards(self) -> bool:
-        """Whether the engine may rewrite closed shards after the last one (`methods.ties.TiesChunk`)."""
-        return self.recipe.method.settle is not None and not self.disk.settle_first
+        """Whether the engine may rewrite closed shards after the last one (`methods.Deferred`)."""
+        return self.recipe.method.deferral is not None and not self.disk.settle_first
 
     @property
     def parameter_count(self) -> int:
@@ -314,9 +315,9 @@ def _input(source: Source, name: str) -> TensorInfo:
 
 def _first_mentions(roles: tuple[Role, ...]) -> tuple[Role, ...]:
     """Each source once, named by its first mention."""
-    first: dict[int, Role] = {}
+    first: dict[str, Role] = {}
     for role in roles:
-        first.setdefault(id(role.source), role)
+        first.setdefault(role.source.key, role)
     return tuple(first.values())
 
 
@@ -350,9 +351,9 @@ def _shards(tensors: tuple[OutputTensor, ...], dtype: torch.dtype, max_bytes: in
         groups[-1].append(t)
         size += nbytes
     if len(groups) == 1:
-        names = ["model.safetensors"]
+        names = [SINGLE_FILE]
     else:
-        names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+        names = [shard_file(i + 1, len(groups)) for i in range(len(groups))]
     return tuple(
         ShardLayout(name, tuple((t.name, t.shape) for t in group), dtype)
         for name, group in zip(names, groups, strict=True)
@@ -361,12 +362,12 @@ def _shards(tensors: tuple[OutputTensor, ...], dtype: torch.dtype, max_bytes: in
 
 def _downloads(roles: tuple[Role, ...], tokenizer: Source) -> tuple[Download, ...]:
     result = []
-    seen: set[int] = set()
+    seen: set[str] = set()
     for role in roles:
         source = role.source
-        if id(source) in seen:  # listed twice, fetched once
+        if source.key in seen:  # listed twice, fetched once
             continue
-        seen.add(id(source))
+        seen.add(source.key)
         files = source.needed_files(weights=bool(source.tensors), tokenizer=source is tokenizer)
         cached = cached_files(source, files)
         result.append(
@@ -461,19 +462,27 @@ def _disk_plan(
         verify=out.verify_streamed,
         memory=_peak_memory(tensors, compute_dtype, inputs, models, out.stats),
         slice_bytes=_largest_slice(tensors) * stored,
-        # TIES's undecided positions (engine._Patches): 8 bytes of position and two values each, for 1 % of
-        # the positions (0.6 % measured on bf16 fine-tunes of the 1.5B shape, bench/RESULTS.md).
-        scratch_bytes=sum(t.numel for t in tensors) * (8 + 2 * item) // 100 if recipe.method.settle else 0,
+        scratch_bytes=_scratch_bytes(recipe.method.deferral, tensors, item),
         settle=recipe.method.settle is not None,
         delete_uploaded=delete_uploaded,
     )
+
+
+def _scratch_bytes(deferral: Deferral | None, tensors: tuple[OutputTensor, ...], item: int) -> int:
+    """The estimate of the engine's scratch file of open positions (`engine._Patches`): 8 bytes of position
+    and one value per alternative each, for the method's expected share of the positions
+    (`Deferral.open_percent`)."""
+    if deferral is None:
+        return 0
+    return sum(t.numel for t in tensors) * (8 + deferral.alternatives * item) * deferral.open_percent // 100
 
 
 def _reads(recipe: Recipe) -> int:
     """How many times the merge reads every input byte, as the disk plan counts network bytes: once per
     active pass and once to merge, and one more per selection for its sample (a whole small model; on a
     big one a sliver, which leaves room for the two reads more where a sampled bracket misses,
-    `selection.py`). FusionBench TIES: 3, as measured on streamed tiny repos (bench/RESULTS.md)."""
+    `selection.py`). A model-wide selection pass, its sample and the merge: 3, as measured on streamed tiny
+    repos (bench/RESULTS.md)."""
     settings = [m.params for m in recipe.models]
     passes = recipe.method.active_passes(recipe.parameters, settings)
     return recipe.method.reads(recipe.parameters, settings) + sum(isinstance(p, Select) for p in passes)
@@ -549,7 +558,7 @@ def build_plan(recipe: Recipe, *, delete_uploaded: bool = False) -> MergePlan:
     models = tuple(r.source for r in roles if r.kind == "model")
     tokenizer = next((r.source for r in roles if r.kind == "tokenizer"), base or models[0])
     weight_roles = tuple(r for r in roles if r.kind != "tokenizer")
-    weight_sources = tuple({id(r.source): r.source for r in weight_roles}.values())
+    weight_sources = tuple({r.source.key: r.source for r in weight_roles}.values())
     _check_compatible(weight_sources)
     with_base = recipe.method.uses_base and base is not None
     inputs = ((base,) if with_base and base is not None else ()) + models

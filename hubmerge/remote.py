@@ -211,7 +211,7 @@ class _FileCheck:
     once more. A recorded read is checked against the stream when the stream passes over it; the stream's
     digest must equal the Hub's. Every byte the merge used is then proven to be the Hub's; the price is a
     second read of the part that did not arrive in order (all of it when a read landed behind the stream
-    with another range than the one that fed it, as TIES's samples may: the stream then starts again).
+    with another range than the one that fed it, as a selection's samples may: the stream then starts again).
 
     Called from the engine's read threads (`record`), then from one prove thread (`finish`).
     """

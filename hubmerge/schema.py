@@ -661,12 +661,8 @@ def _mergekit_habit(method: Method, key: str) -> str | None:
     names = {p.name for p in method.params + method.model_params}
     if key == "lambda" and "scaling_factor" in names:
         return "unknown key; did you mean 'scaling_factor'? (mergekit calls it lambda)"
-    if method.name == "ties" and key in ("density", "weight"):
-        return (
-            f"unknown key; hubmerge's ties is FusionBench's (scaling_factor, threshold), without {key}: for "
-            'mergekit\'s TIES, with density and a weight per model, write method = "mergekit_ties"'
-        )
-    return None
+    hint = method.key_hints.get(key)
+    return f"unknown key; {hint}" if hint is not None else None
 
 
 def _method_problem(data: Mapping[str, Any]) -> tuple[str, str]:

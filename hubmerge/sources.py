@@ -14,13 +14,11 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .checkpoint import (
-    INDEX_FILE,
-    SINGLE_FILE,
     TensorInfo,
     add_tensors,
     header_tensors,
@@ -28,6 +26,7 @@ from .checkpoint import (
     select_weights,
 )
 from .errors import SourceError
+from .files import CARD_FILE, CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from .recipe import ModelRef
 
 __all__ = ["LICENSE_FILES", "TOKENIZER_FILES", "Source", "fetch", "resolve"]
@@ -48,7 +47,7 @@ TOKENIZER_FILES = (
 )
 # What every source contributes besides weights: its config and what the card needs (license, metadata).
 LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md")
-_ALWAYS = ("config.json", "README.md", *LICENSE_FILES)
+_ALWAYS = (CONFIG_FILE, CARD_FILE, *LICENSE_FILES)
 
 
 @dataclass(frozen=True)
@@ -64,6 +63,9 @@ class Source:
     sha: str | None = None  # resolved commit, for Hub sources
     lfs_sha256: Mapping[str, str] = field(default_factory=dict)  # Hub-side sha256 of LFS files
     gated: bool = False
+    # The recipe key of the mention it was resolved for ("base", "models[1]", "tokenizer"): a source named
+    # twice is resolved once, so this keys it, stably, wherever a run keeps something per source.
+    key: str = ""
 
     @property
     def weight_files(self) -> tuple[str, ...]:
@@ -82,11 +84,11 @@ class Source:
 
 def resolve(ref: ModelRef, label: str, weights: bool = True) -> Source:
     """Resolve a reference without downloading weights. `weights=False` for a tokenizer-only source."""
-    label = f"{label} ({ref.text})"
-    if ref.path is not None:
-        return _resolve_local(ref, label, weights)
+    key, label = label, f"{label} ({ref.text})"
     try:
-        return _resolve_hub(ref, label, weights)
+        source = (
+            _resolve_local(ref, label, weights) if ref.path is not None else _resolve_hub(ref, label, weights)
+        )
     except _Unreachable:
         if ref.near is None:
             raise
@@ -95,6 +97,7 @@ def resolve(ref: ModelRef, label: str, weights: bool = True) -> Source:
             f"{label}: no such folder {ref.near} (relative to the recipe's folder), and no Hub repo {ref.repo_id} "
             "either; prefix local folders with ./"
         ) from None
+    return replace(source, key=key)
 
 
 def _read_json(path: Path, label: str) -> dict[str, Any]:
@@ -131,10 +134,10 @@ def _resolve_local(ref: ModelRef, label: str, weights: bool) -> Source:
     return Source(
         ref=ref,
         label=label,
-        config=_read_json(folder / "config.json", label),
+        config=_read_json(folder / CONFIG_FILE, label),
         tensors=index_folder(folder, label) if weights else {},
         files=files,
-        card_data=_front_matter(folder / "README.md"),
+        card_data=_front_matter(folder / CARD_FILE),
     )
 
 
@@ -251,7 +254,7 @@ def _resolve_hub(ref: ModelRef, label: str, weights: bool) -> Source:
         with hub_errors(label, repo_id, revision):
             folder = Path(
                 snapshot_download(
-                    repo_id, revision=revision, allow_patterns=["config.json"], local_files_only=True
+                    repo_id, revision=revision, allow_patterns=[CONFIG_FILE], local_files_only=True
                 )
             )
         local = _resolve_local(ModelRef(ref.text, path=folder), f"{label} (offline, from the cache)", weights)
@@ -266,13 +269,13 @@ def _resolve_hub(ref: ModelRef, label: str, weights: bool) -> Source:
         lfs = {s.rfilename: s.lfs.sha256 for s in info.siblings or [] if s.lfs is not None}
         if weights:  # the rule the offline path and transformers apply to the same listing
             select_weights(files, f"{label}: {repo_id}@{sha[:12]}")
-        if "config.json" not in files:
+        if CONFIG_FILE not in files:
             raise SourceError(
                 f"{label}: {repo_id}@{sha[:12]} has no config.json; is it a transformers model?"
             )
         # Downloading by the revision's name (not the sha) records the name -> sha ref in the cache,
         # which is what lets a later HF_HUB_OFFLINE=1 run resolve the same recipe.
-        config_path = Path(hf_hub_download(repo_id, "config.json", revision=revision))
+        config_path = Path(hf_hub_download(repo_id, CONFIG_FILE, revision=revision))
         if config_path.parent.name != sha:
             raise SourceError(f"{label}: {repo_id}@{revision} moved while it was being resolved; run again")
         config = _read_json(config_path, label)

@@ -19,7 +19,7 @@ from conftest import TINY, random_state_dict, write_checkpoint
 import hubmerge.engine
 from hubmerge import api
 from hubmerge.diagnostics import _BLOCK, MergeStats, _Sums
-from hubmerge.engine import _open_inputs, _Passes
+from hubmerge.engine import _cuts, _open_inputs, _Passes
 from hubmerge.plan import OutputTensor
 
 MODELS = ("math", "coder", "instruct")
@@ -80,7 +80,7 @@ def reference_stats(recipe: Path) -> dict[str, Any]:
             passes = _Passes(plan, inputs)
             passes.before_merge()
             for tensor in plan.tensors:
-                cuts = passes.for_tensor(tensor).get("cut") if plan.recipe.method.trims else None
+                cuts = _cuts(plan, passes.for_tensor(tensor))
                 for _, _, slices in inputs.stream([tensor]):
                     reference_add(stats, tensor, slices, cuts)
         finally:

@@ -149,8 +149,8 @@ def test_methods_on_stored_dtype_models_equal_upcast_copies_bit_for_bit(dtype: t
             _merge("ties", b32, models, ties, stats={"cut": cuts}),
             _merge("ties", b32, m32, ties, stats={"cut": cuts}),
         )
-        assert _same_bits(fast.values, plain.values) and fast.sign_sum == plain.sign_sum
-        assert torch.equal(fast.undecided, plain.undecided) and fast.undecided.numel() > 0
+        assert _same_bits(fast.values, plain.values) and fast.tally == plain.tally
+        assert torch.equal(fast.positions, plain.positions) and fast.positions.numel() > 0
 
 
 def test_ties_fused_sum_equals_the_general_disjoint_merge_bit_for_bit() -> None:
@@ -163,8 +163,8 @@ def test_ties_fused_sum_equals_the_general_disjoint_merge_bit_for_bit() -> None:
     sign = torch.sign(tv.sum(0))
     merged = _disjoint_merge(tv, torch.where(sign == 0, 1.0, sign), "sum")
     assert _same_bits(chunk.values, b32 + 0.8 * merged)
-    assert chunk.sign_sum == int(sign.sum())
-    assert torch.equal(chunk.undecided, ((sign == 0) & (tv != 0).any(0)).nonzero().flatten())
+    assert chunk.tally == int(sign.sum())
+    assert torch.equal(chunk.positions, ((sign == 0) & (tv != 0).any(0)).nonzero().flatten())
 
 
 def _fusionbench_ties(base: torch.Tensor, models: list[torch.Tensor], cuts: list[float], merge_func: str):  # type: ignore[no-untyped-def]
@@ -202,10 +202,10 @@ def test_ties_fast_trim_and_elected_sum_keep_every_bit_signed_zeros_included(cut
     chunk = _merge("ties", base, models, {"scaling_factor": 0.8, "merge_func": "sum"}, stats={"cut": cuts})
     want, trimmed, sign = _fusionbench_ties(base, models, cuts, "sum")
     assert _same_bits(chunk.values, want)
-    assert torch.equal(chunk.undecided, ((sign == 0) & (trimmed != 0).any(0)).nonzero().flatten())
-    for majority, values in ((-1.0, chunk.if_negative), (0.0, chunk.if_zero)):
+    assert torch.equal(chunk.positions, ((sign == 0) & (trimmed != 0).any(0)).nonzero().flatten())
+    for majority, values in ((-1.0, chunk.alternatives[0]), (0.0, chunk.alternatives[1])):
         under = base + 0.8 * _disjoint_merge(trimmed, torch.full_like(sign, majority), "sum")
-        assert _same_bits(values, under[chunk.undecided])
+        assert _same_bits(values, under[chunk.positions])
     assert bool((base.view(torch.int32) == torch.tensor(-0.0).view(torch.int32)).any())  # -0 was there
 
 

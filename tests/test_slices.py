@@ -255,3 +255,36 @@ def test_settling_the_majority_sign_first_writes_the_patched_bytes_and_rewrites_
     assert written["settled"] == written["patched"]
     if trim == "global":  # the patched output against FusionBench's formula (per tensor: `CASES` above)
         assert_close(load_f32(tmp_path / "settled"), ref_ties(base, models, 1.0, 100, merge_func), dtype)
+
+
+def test_only_a_method_that_leaves_positions_open_opens_a_scratch_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's scratch file of open positions (`methods.Deferred`) exists for TIES merging into a folder
+    it may patch, and for no other run: not for a method without a `deferral`, not when the majority sign
+    is settled first. The patch still makes the output right (the case above)."""
+    from hubmerge.api import _fetch_all, load_plan
+    from hubmerge.files import SCRATCH_FILE
+
+    opened: list[str] = []
+    original = engine._Patches.__init__
+
+    def spy(self: engine._Patches, scratch: Path, *args: object) -> None:
+        opened.append(scratch.name)
+        original(self, scratch, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine._Patches, "__init__", spy)
+    cancelling_pool(tmp_path, -1, torch.float32)
+    runs = [("task_arithmetic", False), ("ties", True), ("ties", False)]
+    for method, delete_uploaded in runs:
+        recipe = tmp_path / f"{method}.toml"
+        recipe.write_text(
+            f'method = "{method}"\nbase = "models/base"\nmodels = ["models/a", "models/b"]\n'
+            '[output]\nrepo = "user/never-pushed"\n'
+        )
+        out = tmp_path / f"{method}-{delete_uploaded}"
+        out.mkdir()
+        plan = load_plan(recipe, out, delete_uploaded=delete_uploaded)
+        engine.write_weights(plan, _fetch_all(plan, quiet=True), out, torch.device("cpu"), lambda _: None)
+        assert not (out / SCRATCH_FILE).exists()
+    assert opened == [SCRATCH_FILE]  # the last run only

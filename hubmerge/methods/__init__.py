@@ -31,21 +31,35 @@ from . import (
     task_arithmetic,
     ties,
 )
-from .base import Contract, Method, Param, Reduce, Select, Slice, Stats, resolve_defaults, trim_, uniform
-from .ties import TiesChunk, ties_keep_count
+from .base import (
+    Contract,
+    Deferral,
+    Deferred,
+    Method,
+    Param,
+    Reduce,
+    Select,
+    Slice,
+    Stats,
+    resolve_defaults,
+    trim_,
+    uniform,
+)
+from .ties import ties_keep_count
 
 __all__ = [
     "METHODS",
     "TABLE_END",
     "TABLE_START",
     "Contract",
+    "Deferral",
+    "Deferred",
     "Method",
     "Param",
     "Reduce",
     "Select",
     "Slice",
     "Stats",
-    "TiesChunk",
     "get_method",
     "methods_table",
     "ties_keep_count",

@@ -33,6 +33,8 @@ __all__ = [
     "SYMBOLS",
     "Citation",
     "Contract",
+    "Deferral",
+    "Deferred",
     "FusionBenchConfig",
     "Method",
     "Param",
@@ -211,6 +213,43 @@ class Select:
 
 Pass = Reduce | Select
 
+
+@dataclass(frozen=True)
+class Deferred:
+    """A merge step's result that leaves some positions open until the whole model is merged.
+
+    `values` are written now, each open position holding its value under the outcome the method assumes;
+    `positions` are those flat positions within the slice (ascending), `alternatives` the values they take
+    under each other outcome (one tensor per outcome, one value per position), and `tally` this slice's
+    share of what decides the outcome (a number: the engine adds the tallies of every slice and hands the
+    total to `Deferral.decide`). The engine spills the open positions to a scratch file as they come and
+    rewrites them in the closed shards after the last one when the outcome is not the assumed one.
+    """
+
+    values: Tensor
+    tally: Any
+    positions: Tensor
+    alternatives: tuple[Tensor, ...]
+
+
+@dataclass(frozen=True)
+class Deferral:
+    """How a method whose `merge` may return `Deferred` settles the open positions after the last shard."""
+
+    # From the sum of every slice's tally: the index of the alternative the open positions take, or None
+    # when the outcome is the one `values` assumed (nothing to rewrite).
+    decide: Callable[[Any], int | None]
+    # A model-scope pass whose result, in the merge step's stats, settles the outcome up front, so that
+    # `merge` returns no `Deferred` and no closed shard is rewritten; the plan runs it (one read more) when
+    # closed shards may not be rewritten: they are uploaded and deleted as the merge goes
+    # (`DiskPlan.settle_first`). Its step sees each tensor's stats.
+    settle: Reduce
+    # For the disk estimate of the scratch file: the outcomes besides the assumed one (values per open
+    # position), and the percentage of positions expected open.
+    alternatives: int = 1
+    open_percent: int = 1
+
+
 # Symbols every formula may use without declaring them; a method adds its own with `Param.symbol` and
 # `Method.symbols`. The card's legend lists those that occur in the formula, in this order.
 SYMBOLS: tuple[tuple[str, str], ...] = (
@@ -263,7 +302,7 @@ class Method:
     title: str
     formula: str  # one line, with the symbols of `SYMBOLS` and those the method declares (`legend`)
     contract: Contract
-    merge: Callable[[Slice, Stats], Any]  # a Tensor in the compute dtype, or a `ties.TiesChunk`
+    merge: Callable[[Slice, Stats], Any]  # a Tensor in the compute dtype, or a `Deferred` (see `deferral`)
     params: tuple[Param, ...] = ()  # global: `[parameters]`
     model_params: tuple[Param, ...] = ()  # per model: `[[models]]` (a value in `[parameters]` is the default)
     passes: tuple[Pass, ...] = ()
@@ -274,18 +313,29 @@ class Method:
     # Why one model's parameters, resolved for one tensor, do not go together (della's d ± ε), or None.
     # The plan reports it as a recipe error before anything is downloaded.
     check: Callable[[Mapping[str, Scalar]], str | None] | None = None
-    # Keeps the entries with |τᵢ| >= a per-model cut-off (the pass named "cut") and elects a sign: the
-    # diagnostics then report kept and dropped shares (FusionBench TIES).
-    trims: bool = field(default=False)
-    # A model-scope pass that settles up front what `merge` otherwise leaves open until the last tensor
-    # (TIES's majority sign: its merge returns a `TiesChunk`, and the engine patches closed shards after
-    # the last one). The plan runs it, one read more, when closed shards may not be rewritten: they are
-    # uploaded and deleted as the merge goes (`DiskPlan.settle_first`). Its step sees each tensor's stats.
-    settle: Reduce | None = None
+    # The name of the pass whose result is, per model, a magnitude cut-off: a method that keeps the entries
+    # with |τᵢ| >= it (`trim_`) and elects a sign (sign(Σ trimmed τ), the model-wide majority where that is
+    # 0). The diagnostics then report kept and dropped shares from that pass's result (`trims`).
+    cuts: str | None = None
+    # Set when `merge` may leave positions open until the whole model is merged (`Deferred`).
+    deferral: Deferral | None = None
     citation: Citation | None = None  # how the card cites `paper` (None: by its arXiv id, no BibTeX)
     fusionbench_config: FusionBenchConfig | None = None
     description: str = ""  # a paragraph the card prints under the formula: what its operations do
     symbols: tuple[tuple[str, str], ...] = ()  # (symbol, meaning) the formula uses beyond params' symbols
+    # Keys a user brings from another tool's method of the same name -> what to write instead: the recipe
+    # error for such a key says "unknown key; " and this.
+    key_hints: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def trims(self) -> bool:
+        """Whether the diagnostics report kept and dropped shares (`cuts`)."""
+        return self.cuts is not None
+
+    @property
+    def settle(self) -> Reduce | None:
+        """The pass that settles up front what `merge` would otherwise leave open (`Deferral.settle`)."""
+        return self.deferral.settle if self.deferral is not None else None
 
     @property
     def needs_base(self) -> bool:

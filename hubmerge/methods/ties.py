@@ -4,17 +4,30 @@
 above the k-th smallest magnitude of the whole model (`trim = "global"`, FusionBench's `topk_values_mask`
 over one flattened vector) or of each tensor (`trim = "tensor"`); the elected sign is sign(Σ trimmed τ);
 the agreeing entries are summed (`merge_func = "sum"`, FusionBench's default), averaged or maxed. Where
-the elected sign is exactly 0, FusionBench uses the majority sign of the whole model: `TiesChunk`.
+the elected sign is exactly 0, FusionBench uses the majority sign of the whole model: `merge` leaves those
+positions open (`Deferred`) and `_decide` settles them after the last shard, or the `majority` pass first.
 mergekit's TIES (per-tensor density, weights, normalize) is `mergekit_ties`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ._gta import TIES, magnitudes
-from .base import Contract, FusionBenchConfig, Method, Param, Reduce, Select, Slice, Stats, trim_
+from .base import (
+    Contract,
+    Deferral,
+    Deferred,
+    FusionBenchConfig,
+    Method,
+    Param,
+    Reduce,
+    Select,
+    Slice,
+    Stats,
+    trim_,
+)
 from .task_arithmetic import SCALING
 
 if TYPE_CHECKING:
@@ -29,23 +42,6 @@ def ties_keep_count(numel: int, threshold: float) -> int:
     """
     fraction = threshold / 100 if threshold > 1 else threshold
     return numel - int(numel * fraction)
-
-
-@dataclass(frozen=True)
-class TiesChunk:
-    """A TIES result for one chunk, assuming the global majority sign is +1.
-
-    Where the elected sign is exactly 0 but some trimmed τ is not, FusionBench falls back to the majority
-    sign of the whole model, known only after the last chunk. `undecided` holds those flat positions and
-    `if_negative` / `if_zero` the values they take when the majority turns out -1 or 0; the engine patches
-    them at the end. `sign_sum` is this chunk's contribution to the majority.
-    """
-
-    values: Tensor
-    sign_sum: int
-    undecided: Tensor
-    if_negative: Tensor
-    if_zero: Tensor
 
 
 def _disjoint_merge(task_vectors: Tensor, sign: Tensor, merge_func: str) -> Tensor:
@@ -113,11 +109,18 @@ def majority(s: Slice, stats: Stats, accumulator: int | None) -> int:
     return (accumulator or 0) + _sign_sum(_trimmed(s, stats)[1])
 
 
-def merge(s: Slice, stats: Stats) -> TiesChunk | Tensor:
+def _decide(sign_sum: int) -> int | None:
+    """The open positions' outcome from Σ sign(Σ trimmed τ) over the model (the tallies of `merge`'s
+    `Deferred` results): None under a +1 majority (as written), else the alternative of -1 (0) or of 0 (1)."""
+    return None if sign_sum > 0 else 0 if sign_sum < 0 else 1
+
+
+def merge(s: Slice, stats: Stats) -> Deferred | Tensor:
     """Trim each τᵢ to |τᵢ| >= its cut-off, elect sign(Σ trimmed τ), merge the agreeing entries.
 
     With the `majority` pass's result in `stats`, the positions that need the majority sign get their
-    value here (a tensor); without it, a `TiesChunk` leaves them to the engine's patch. Both write the
+    value here (a tensor); without it, a `Deferred` leaves them open: `values` as under a +1 majority,
+    the alternatives under -1 and 0, and this slice's Σ sign as the tally (`_decide`). Both write the
     same values: each position's candidates are computed by the same operations either way.
     """
     import torch
@@ -142,7 +145,7 @@ def merge(s: Slice, stats: Stats) -> TiesChunk | Tensor:
         return values  # the +1 the merge assumed is the majority, or nothing waits for it
 
     if settled is None and not undecided.numel():
-        return TiesChunk(values, _sign_sum(total), undecided, base.new_empty(0), base.new_empty(0))
+        return Deferred(values, _sign_sum(total), undecided, (base.new_empty(0), base.new_empty(0)))
     b = base.flatten()[undecided]
     # Their trimmed τ again, by the same operations on the same values (the merge consumed the buffer).
     vectors = _trimmed(_at(s, undecided), stats)[0]
@@ -154,7 +157,7 @@ def merge(s: Slice, stats: Stats) -> TiesChunk | Tensor:
     if settled is not None:
         values.view(-1)[undecided] = under(-1.0 if settled < 0 else 0.0)
         return values
-    return TiesChunk(values, _sign_sum(total), undecided, under(-1.0), under(0.0))
+    return Deferred(values, _sign_sum(total), undecided, (under(-1.0), under(0.0)))
 
 
 def _ranks(numel: int, s: Slice) -> list[int]:
@@ -209,14 +212,24 @@ METHOD = Method(
     "mergekit's TIES is `mergekit_ties`. Where the elected sign is exactly 0, the model-wide majority sign "
     "decides, patched into the written shards at the end; when shards are deleted as soon as they are "
     "uploaded (a disk budget smaller than the output), one more read settles that sign before the merge.",
-    trims=True,
-    settle=Reduce("majority", majority, scope="model"),
+    cuts="cut",
+    # The majority sign settles the undecided positions: their values under -1 and under 0 wait in the
+    # scratch file, estimated at 1 % of the positions (0.6 % measured on bf16 fine-tunes of the 1.5B shape,
+    # bench/RESULTS.md).
+    deferral=Deferral(
+        _decide, settle=Reduce("majority", majority, scope="model"), alternatives=2, open_percent=1
+    ),
     citation=TIES,
     fusionbench_config=FusionBenchConfig(
         "linear/ties_merging_for_causallm",
         {"scaling_factor": 0.8, "threshold": 20.0, "merge_func": "sum", "trim": "global"},
         overrides=("scaling_factor",),
     ),
+    key_hints={
+        key: f"hubmerge's ties is FusionBench's (scaling_factor, threshold), without {key}: for mergekit's "
+        'TIES, with density and a weight per model, write method = "mergekit_ties"'
+        for key in ("density", "weight")
+    },
     description="`trim` keeps the entries of each task vector θᵢ − θ_base whose magnitude is in its top "
     '`threshold` percent (ranked over the whole model when `trim` is "global", within each tensor when '
     '"tensor"), `elect_sign` takes the sign of the sum of the trimmed task vectors, and `disjoint_merge` '
