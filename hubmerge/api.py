@@ -338,7 +338,7 @@ def merge(
         ):
             if stream_gguf:
                 gguf_folder = staging if gguf_staging is None else gguf_staging
-                gguf_stream = open_stream(merge_plan, folders[id(merge_plan.tokenizer)], gguf_folder)
+                gguf_stream = open_stream(merge_plan, folders[merge_plan.tokenizer.key], gguf_folder)
             written = _write_output(
                 merge_plan,
                 folders,
