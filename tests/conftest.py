@@ -147,10 +147,20 @@ def private_known_hashes(monkeypatch: pytest.MonkeyPatch, known_hashes_store: Pa
 
 @pytest.fixture(autouse=True)
 def no_sanity_check(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Merges skip the quick sanity check (`HUBMERGE_NO_SANITY`, inherited by CLI subprocesses): it imports
-    transformers' tokenizer and runs a forward pass per model, and only tests/test_eval.py and
-    tests/test_sanity.py test it (their own fixtures turn it back on)."""
+    """Merges skip the quick sanity check: it imports transformers' tokenizer and runs a forward pass per model
+    (seconds of CPU per tiny merge), and only tests/test_eval.py and tests/test_sanity.py test it (their own
+    fixtures turn it back on by removing `HUBMERGE_NO_SANITY`). The CLI (in process or a subprocess, which
+    inherits the variable) and the web app read the variable; `hubmerge.merge` called as a library does not,
+    so its check is gated on the variable here, at call time."""
+    from hubmerge import api
+
     monkeypatch.setenv("HUBMERGE_NO_SANITY", "1")
+    check = api._sanity_check
+
+    def gated(*args: Any, **kwargs: Any) -> Any:
+        return None if os.environ.get("HUBMERGE_NO_SANITY") else check(*args, **kwargs)
+
+    monkeypatch.setattr(api, "_sanity_check", gated)
 
 
 @pytest.fixture
