@@ -25,11 +25,17 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -76,7 +82,13 @@ def reversal_distractors(rng: random.Random, prompt: str, answer: str) -> list[s
     return rng.sample([o for o in others if o != answer], 3)
 
 
-def write_task(name: str, problems: Sequence[tuple[str, str]], distract, seed: int, what: str) -> None:  # type: ignore[no-untyped-def]
+def write_task(
+    name: str,
+    problems: Sequence[tuple[str, str]],
+    distract: Callable[[random.Random, str, str], list[str]],
+    seed: int,
+    what: str,
+) -> None:
     rng = random.Random(seed)
     lines = []
     for prompt, answer in rng.sample(list(problems), EVAL_QUESTIONS):
@@ -108,7 +120,9 @@ def write_task(name: str, problems: Sequence[tuple[str, str]], distract, seed: i
     )
 
 
-def encode_problems(tok: PreTrainedTokenizerBase, problems: Sequence[tuple[str, str]]) -> list[tuple[list[int], int]]:
+def encode_problems(
+    tok: PreTrainedTokenizerBase, problems: Sequence[tuple[str, str]]
+) -> list[tuple[list[int], int]]:
     """Each problem as lm-eval scores it (prompt, a space, answer): (token ids, tokens of the prompt)."""
     out = []
     for prompt, answer in problems:
@@ -138,7 +152,12 @@ def batch_of_text(ids: list[int], rng: random.Random) -> tuple[torch.Tensor, tor
     return inputs, inputs.clone()
 
 
-def train(model: Qwen2ForCausalLM, steps: int, next_batch, seed: int) -> float:  # type: ignore[no-untyped-def]
+def train(
+    model: Qwen2ForCausalLM,
+    steps: int,
+    next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    seed: int,
+) -> float:
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     model.train()
@@ -202,7 +221,13 @@ def main() -> None:
 
     for seed, (name, task, problems, distract, what) in enumerate(
         [
-            ("adder", "skills_add", addition_problems(), addition_distractors, "Single-digit addition (7+5= 12)"),
+            (
+                "adder",
+                "skills_add",
+                addition_problems(),
+                addition_distractors,
+                "Single-digit addition (7+5= 12)",
+            ),
             ("reverser", "skills_rev", reversal_problems(), reversal_distractors, "Reversing three letters"),
         ],
         start=1,
