@@ -8,6 +8,8 @@ searches run lm-eval itself, offline, from the repository root (the tasks' data 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +104,24 @@ def test_the_demo_search_as_documented_finds_a_recipe_much_better_than_the_one_a
     # docs/search.md quotes these numbers.
     assert written["score"] == pytest.approx(0.375)
     assert best["score"] >= 0.6 and best["params"]["parameters.scaling_factor"] == 0.8
+
+
+@pytest.mark.slow  # trains three models: ~1 min
+def test_the_training_script_writes_the_committed_skills_byte_for_byte(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "recipes" / "examples" / "make_skill_models.py"),
+            str(tmp_path / "skills"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    committed = sorted(p.relative_to(SKILLS) for p in SKILLS.rglob("*") if p.is_file())
+    assert (
+        sorted(p.relative_to(tmp_path / "skills") for p in (tmp_path / "skills").rglob("*") if p.is_file())
+        == committed
+    )
+    assert len(committed) == 3 * 7 + 4
+    for name in committed:
+        assert (tmp_path / "skills" / name).read_bytes() == (SKILLS / name).read_bytes(), name

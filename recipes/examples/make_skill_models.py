@@ -4,7 +4,7 @@ Run from the repository root::
 
     python recipes/examples/make_skill_models.py
 
-It (re)writes, under ``recipes/examples/skills/``:
+It (re)writes, under ``recipes/examples/skills/`` (or the folder given as its argument):
 
 * ``base``    -- a tiny Qwen2 (the architecture and tokenizer of ``recipes/examples/tiny/base``) trained briefly
   on generic text (the tokenizer's training paragraphs from ``make_tiny_models.py``)
@@ -43,7 +43,6 @@ from make_tiny_models import CORPUS  # noqa: E402  (the generic text)
 
 TINY_BASE = HERE / "tiny" / "base"
 OUT_DIR = HERE / "skills"
-TASKS_DIR = OUT_DIR / "tasks"
 TASKS_REL = "recipes/examples/skills/tasks"  # lm-eval's data_files are relative to the working directory
 
 SEQ = 48  # tokens per generic-text window
@@ -88,6 +87,7 @@ def write_task(
     distract: Callable[[random.Random, str, str], list[str]],
     seed: int,
     what: str,
+    out: Path,
 ) -> None:
     rng = random.Random(seed)
     lines = []
@@ -95,8 +95,8 @@ def write_task(
         choices = [*distract(rng, prompt, answer), answer]
         rng.shuffle(choices)
         lines.append(json.dumps({"question": prompt, "choices": choices, "answer": choices.index(answer)}))
-    (TASKS_DIR / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (TASKS_DIR / f"{name}.yaml").write_text(
+    (out / "tasks" / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / "tasks" / f"{name}.yaml").write_text(
         f"# {what}: hubmerge's skills demo (recipes/examples/make_skill_models.py writes this file). Multiple\n"
         "# choice over a local JSON-lines file, scored by log-likelihood; `data_files` is relative to the working\n"
         "# directory, so run lm-eval (and hubmerge) from the repository root.\n"
@@ -184,8 +184,8 @@ def card(name: str, about: str) -> str:
     )
 
 
-def save(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerBase, name: str, about: str) -> None:
-    folder = OUT_DIR / name
+def save(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerBase, name: str, about: str, out: Path) -> None:
+    folder = out / name
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -199,7 +199,7 @@ def save(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerBase, name: str, about
     (folder / "README.md").write_text(card(name, about), encoding="utf-8")
 
 
-def main() -> None:
+def main(out: Path = OUT_DIR) -> None:
     started = time.monotonic()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -214,10 +214,10 @@ def main() -> None:
     text_rng = random.Random(0)
     print(f"base: {train(model, BASE_STEPS, lambda: batch_of_text(text, text_rng), seed=0):.3f}", flush=True)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    if OUT_DIR.exists():
-        shutil.rmtree(OUT_DIR)
-    TASKS_DIR.mkdir(parents=True)
-    save(model, tok, "base", "trained briefly on generic text (English, math and code paragraphs)")
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "tasks").mkdir(parents=True)
+    save(model, tok, "base", "trained briefly on generic text (English, math and code paragraphs)", out)
 
     for seed, (name, task, problems, distract, what) in enumerate(
         [
@@ -237,10 +237,10 @@ def main() -> None:
         rng = random.Random(seed)
         loss = train(model, TUNE_STEPS, lambda: batch_of_problems(encoded, rng, pad), seed=seed)  # noqa: B023
         print(f"{name}: {loss:.3f}", flush=True)
-        save(model, tok, name, f"the skills base fine-tuned on one task: {what.lower()}")
-        write_task(task, problems, distract, seed, what)
-    print(f"wrote {OUT_DIR} in {time.monotonic() - started:.0f} s")
+        save(model, tok, name, f"the skills base fine-tuned on one task: {what.lower()}", out)
+        write_task(task, problems, distract, seed, what, out)
+    print(f"wrote {out} in {time.monotonic() - started:.0f} s")
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else OUT_DIR)
