@@ -54,6 +54,8 @@ NOT_RUN = {
     "hubmerge search recipes/examples/tiny-search.toml --output outputs/search": "eight merges, tens of "
     "seconds: tests/test_search.py runs searches of the tiny models",
     "hubmerge outputs/search/best.toml": "needs the search above",
+    "hubmerge search recipes/examples/skills-search.toml --output outputs/skills-search": "eight merges and "
+    "lm-eval runs, ~2 min: tests/test_search_demo.py runs it",
     "hubmerge ui": "a server that runs until stopped (tests/test_ui_api.py starts one)",
     "hubmerge ui --host 0.0.0.0 --port 8080 --work-dir /srv/merges": "a server that runs until stopped",
     "hf upload your-name/hubmerge space/ --repo-type space": "uploads to the Hub",
