@@ -194,9 +194,12 @@ def _merge(recipe: Path, out: Path, **options: object) -> api.MergeResult:
     return api.merge(recipe, output_dir=out, **settings)  # type: ignore[arg-type]
 
 
-def test_lock_reproduces_the_model_whatever_reports_either_run_wrote(pool: Path) -> None:
+def test_lock_reproduces_the_model_whatever_reports_either_run_wrote(
+    pool: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     recipe = pool / "r.toml"
     recipe.write_text('method = "task_arithmetic"\nbase = "./base"\nmodels = ["./a", "./b"]\n')
+    monkeypatch.delenv("HUBMERGE_NO_SANITY")  # this run writes the sanity report (conftest turns it off)
     first = _merge(recipe, pool / "first", stats=True, sanity=True)
     lock = first.output_dir / "hubmerge.lock.json"
     recorded = json.loads(lock.read_text())["output"]["files"]
