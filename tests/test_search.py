@@ -245,7 +245,9 @@ seed = 3
 
 
 def _wait_for_running_trial(db: Path, process: subprocess.Popen[str]) -> None:
-    """Until the study holds a finished trial and a running one: the process is provably mid-trial."""
+    """Until the study holds a finished trial and a running one whose values are drawn and stored: the process
+    is provably mid-trial. (A trial is RUNNING in the study a moment before the sampler stores its values; one
+    stopped in that moment has nothing to retry, and the resume rightly draws afresh.)"""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()
@@ -253,9 +255,13 @@ def _wait_for_running_trial(db: Path, process: subprocess.Popen[str]) -> None:
             try:
                 with sqlite3.connect(db) as c:
                     states = [s for (s,) in c.execute("select state from trials")]
+                    drawn = c.execute(
+                        "select count(*) from trials t join trial_params p on p.trial_id = t.trial_id"
+                        " where t.state = 'RUNNING'"
+                    ).fetchone()[0]
             except sqlite3.OperationalError:  # the tables are being created
-                states = []
-            if "COMPLETE" in states and "RUNNING" in states:
+                states, drawn = [], 0
+            if "COMPLETE" in states and drawn:
                 return
         time.sleep(0.2)
     raise AssertionError("no trial was running in time")
