@@ -148,23 +148,48 @@ def _timed(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> dict
     }
 
 
-def run_hubmerge(work: Path) -> dict[str, object]:
-    out = work / "hubmerge"
+def _genome_recipe(work: Path, sampler: str) -> Path:
+    """hubmerge's recipe for mergekit-evolve's genome: scaling_factor 1, one free weight per task vector."""
+    recipe = work / f"genome-{sampler}.toml"
+    recipe.write_text(
+        f'method = "task_arithmetic"\nbase = "{SKILLS / "base"}"\n'
+        f'models = ["{SKILLS / "adder"}", "{SKILLS / "reverser"}"]\n'
+        "[parameters]\nscaling_factor = 1.0\n"
+        f'[eval]\ntasks = ["skills_add", "skills_rev"]\ninclude_path = "{SKILLS / "tasks"}"\n'
+        "batch_size = 64\nsources = false\n"
+        f'[search]\ntrials = 8\nsampler = "{sampler}"\nseed = 0\n'
+        '[search.space]\n"models[0].weight" = { low = 0.0, high = 1.5 }\n'
+        '"models[1].weight" = { low = 0.0, high = 1.5 }\n'
+        "[search.objective]\nskills_add = 0.5\nskills_rev = 0.5\n"
+    )
+    return recipe
+
+
+def run_hubmerge(work: Path, trials: int | None = None, sampler: str | None = None) -> dict[str, object]:
+    name = f"hubmerge-genome-{sampler}" if sampler else f"hubmerge-{trials}" if trials else "hubmerge"
+    recipe = str(_genome_recipe(work, sampler)) if sampler else "recipes/examples/skills-search.toml"
+    out = work / name
     shutil.rmtree(out, ignore_errors=True)
     cmd = [
         sys.executable,
         "-m",
         "hubmerge",
         "search",
-        "recipes/examples/skills-search.toml",
+        recipe,
         "--output",
         str(out),
+        *(["--trials", str(trials)] if trials else []),
     ]
-    row = _timed(cmd, work / "hubmerge.log")
+    # a fresh HF_HOME: hubmerge caches eval results per (model, task) under $HF_HOME/hubmerge/eval, and a warm
+    # cache from an earlier run would skip every evaluation (the models are local, nothing is downloaded)
+    hf_home = work / "hf-home"
+    shutil.rmtree(hf_home, ignore_errors=True)
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    row = _timed(cmd, work / f"{out.name}.log", env=env)
     results = json.loads((out / "search_results.json").read_text())
     scores = [t["score"] for t in results["trials"] if t["state"] == "complete"]
     row.update(
-        run="hubmerge search (TPE, seed 0)",
+        run=f"hubmerge search ({recipe}, seed 0{f', --trials {trials}' if trials else ''})",
         evaluations=len(results["trials"]),
         scores=scores,
         best=results["best"]["score"],
@@ -311,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--runs",
         default="hubmerge,evolve-pool",
-        help="hubmerge, evolve-serial, evolve-pool, evolve-pool-in-memory",
+        help="hubmerge, hubmerge-N (N trials), hubmerge-genome-tpe|cmaes|random, evolve-serial, evolve-pool, evolve-pool-in-memory",
     )
     p.add_argument("--venv", type=Path, default=HERE / "work" / "venv-evolve")
     args = p.parse_args(argv)
@@ -319,14 +344,18 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0]
     rows = []
     for run in args.runs.split(","):
-        if run == "hubmerge":
-            row = run_hubmerge(WORK)
+        if run.startswith("hubmerge-genome-"):
+            row = run_hubmerge(WORK, sampler=run.removeprefix("hubmerge-genome-"))
+        elif run.startswith("hubmerge"):
+            row = run_hubmerge(WORK, int(run.split("-")[1]) if "-" in run else None)
         else:
             strategy = run.removeprefix("evolve-").removesuffix("-in-memory")
             row = run_evolve(WORK, args.venv.resolve(), strategy, run.endswith("-in-memory"))
         print(json.dumps(row, indent=1), flush=True)
         rows.append(row)
-    (WORK / "results.json").write_text(json.dumps({"load_1min_before": load, "rows": rows}, indent=1))
+    (WORK / f"results-{args.runs}.json").write_text(
+        json.dumps({"load_1min_before": load, "rows": rows}, indent=1)
+    )
     print(f"1-minute load before the runs: {load:.1f}")
     print(
         "| run | rc | evaluations | best score | best of first 8 | wall s | time -v max RSS GB "
