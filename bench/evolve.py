@@ -200,12 +200,14 @@ def run_hubmerge(work: Path, trials: int | None = None, sampler: str | None = No
 
 
 # Two CPU-only blockers in mergekit 0.1.5 that this script works around, in the driver and in every Ray worker
-# (a sitecustomize.py on PYTHONPATH that acts just before `mergekit.evo.actors` is first imported):
+# (a sitecustomize.py on PYTHONPATH that acts just before the `mergekit.evo` package is first imported):
 # 1. mergekit/evo/actors.py line 137 annotates a class attribute with `lm_eval.models.vllm_causallms.VLLM`,
 #    evaluated when the module is imported; lm_eval 0.4.13 (what pip resolves) imports its model modules
 #    lazily and vllm_causallms needs vllm, so without vllm `import mergekit.evo.actors` fails:
 #    AttributeError: module 'lm_eval.models' has no attribute 'vllm_causallms'. vllm is not installed for this
-#    CPU-only run, so the shim registers an empty stand-in module; no code path uses it (`--no-vllm`).
+#    CPU-only run, so the shim registers an empty stand-in module; no code path uses it (`--no-vllm`). The same
+#    import is also made by helpers.py `evaluate_model` (line 62, `monkeypatch_lmeval_vllm()`), in the
+#    serial strategy's evaluation workers: ModuleNotFoundError: No module named 'vllm'.
 # 2. OnDiskMergeEvaluator.evaluate_genotype (actors.py line 97) calls
 #    `get_torch_accelerator_module("cpu").empty_cache()`, i.e. torch.cpu.empty_cache, which torch 2.13 does
 #    not have: AttributeError: module 'torch.cpu' has no attribute 'empty_cache', on every evaluation. The
@@ -222,7 +224,7 @@ import types
 
 class _BeforeMergekitActors:
     def find_spec(self, name, path=None, target=None):
-        if name != "mergekit.evo.actors":
+        if name != "mergekit.evo":
             return None
         sys.meta_path.remove(self)
         import torch
