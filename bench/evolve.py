@@ -6,8 +6,10 @@ a budget of 8 evaluations. hubmerge searches `scaling_factor` and the adder's we
 mergekit-evolve searches its genome for the same merge, one weight per task vector (layer_granularity 0,
 no filters: w_adder * tau_adder + w_reverser * tau_reverser, which spans hubmerge's
 scaling_factor * (w0 * tau_adder + tau_reverser)), with CMA-ES from its default x0 = (0.5, 0.5), sigma0 1/6,
-population 4 (so `--max-fevals 8` is exactly two generations; its default population for 2 genes is 6, which
-would make it run 12), random seed 0.
+population 4 (whole generations), CMA-ES seed 1 (mergekit passes `--random-seed` to the merge only). Note that
+cma stops only once `countevals - 1 >= maxfevals` and then evaluates the final mean, so `--max-fevals 8`
+runs 3 generations + 1 = 13 evaluations; the table reports the best of the first 8 too. `hubmerge-genome-*`
+runs search hubmerge in the genome's own space (scaling_factor 1, both weights free in [0, 1.5]).
 
 mergekit-evolve only runs where Ray offers GPUs: every strategy asks Ray for `num_gpus=1` per merge and per
 evaluation (mergekit/evo/actors.py `@ray.remote(num_cpus=1, num_gpus=1.0)`, helpers.py
@@ -15,15 +17,18 @@ evaluation (mergekit/evo/actors.py `@ray.remote(num_cpus=1, num_gpus=1.0)`, help
 `{"CPU": 1, "GPU": 1}`), and the pool strategy sizes its pool by `torch.cuda.device_count()` unless
 `--num-gpus` is given. On a CPU-only machine those requests never schedule. So this script starts Ray
 itself with one *declared* GPU (`ray.init(num_gpus=1)`; Ray only counts it, nothing uses CUDA: torch is
-the CPU build, `--no-merge-cuda` merges on the CPU and lm-eval's HF model falls back to the CPU) and then
-calls mergekit-evolve's own click entry point in the same process: `--strategy pool --num-gpus 1`, on disk
-(merge to a folder, evaluate it, delete it), no vLLM.
+the CPU build, `--no-merge-cuda` merges on the CPU and lm-eval's HF model is put on the CPU by the shim below) and
+then calls mergekit-evolve's own click entry point in the same process: `--num-gpus 1`, on disk (merge to a
+folder, evaluate it, delete it), no vLLM; `--strategy pool` (one evaluator actor) or `serial`. Four CPU-only
+failures in mergekit 0.1.5 are worked around by a shim described at SHIM below.
 
-Both runs are timed by `/usr/bin/time -v` (wall, the driver's and its waited-for children's max RSS) and
+Every run is timed by `/usr/bin/time -v` (wall, the driver's and its waited-for children's max RSS) and
 by a sampler here that reads /proc every 0.2 s for the run's whole process tree (Ray's raylet, GCS and
 workers are descendants of the driver here): the largest single process and the largest sum over the tree.
 
-    python bench/evolve.py [--runs hubmerge,evolve] [--venv bench/work/venv-evolve]
+    python bench/evolve.py [--runs hubmerge,evolve-pool,hubmerge-13] [--venv bench/work/venv-evolve]
+    python bench/evolve.py --runs hubmerge-genome-tpe,hubmerge-genome-cmaes
+    python bench/evolve.py --runs evolve-serial        # evolve-pool-in-memory: fails, see bench/RESULTS.md
 
 Run from the repository root with /work/venv (hubmerge) active; mergekit-evolve runs in its own venv
 (`python -m venv bench/work/venv-evolve; pip install torch==2.13.0 "mergekit[evolve]==0.1.5"`).
@@ -199,7 +204,7 @@ def run_hubmerge(work: Path, trials: int | None = None, sampler: str | None = No
     return row
 
 
-# Two CPU-only blockers in mergekit 0.1.5 that this script works around, in the driver and in every Ray worker
+# CPU-only blockers in mergekit 0.1.5 (besides the GPU requests, see the module docstring) that this script works around, in the driver and in every Ray worker
 # (a sitecustomize.py on PYTHONPATH that acts just before the `mergekit.evo` package is first imported):
 # 1. mergekit/evo/actors.py line 137 annotates a class attribute with `lm_eval.models.vllm_causallms.VLLM`,
 #    evaluated when the module is imported; lm_eval 0.4.13 (what pip resolves) imports its model modules
