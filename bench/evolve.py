@@ -330,7 +330,7 @@ def _inner_evolve(argv: list[str]) -> None:
             print(f"EVAL score {r['score']}", flush=True)
         return res
 
-    cls.evaluate_genotypes = logged  # type: ignore[method-assign]
+    cls.evaluate_genotypes = logged
     main(argv, standalone_mode=True)
 
 
