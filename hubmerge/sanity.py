@@ -188,7 +188,7 @@ class _LossCache:
 
     The key is the sha256 of everything the numbers depend on: the source's `Checkpoint.identity` (the Hub's
     sha256 of each weight file, or each local file's device, inode, size, mtime and ctime, which every write
-    moves), the token ids, the device type and the hubmerge and torch versions. A source without an identity
+    moves), its config, the token ids, the device type and the hubmerge and torch versions. A source without an identity
     is never cached; an unreadable or unwritable cache is ignored; `HUBMERGE_CACHE=off` turns it off.
     """
 
@@ -209,7 +209,7 @@ class _LossCache:
 
         from . import __version__
 
-        facts = [source.identity, ids, device.type, __version__, torch.__version__]
+        facts = [source.identity, dict(source.config), ids, device.type, __version__, torch.__version__]
         return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
 
     def get(self, key: str | None) -> dict[str, float] | None:
