@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO, TINY, run_cli
 from hubserver import LocalHub
 from support.cli import invoke_cli
-from support.evaluation import TASKS
+from support.evaluation import TASKS, lm_eval_offline
 from support.evaluation import eval_recipe as recipe
 
 from hubmerge import api
@@ -32,10 +32,7 @@ TOKEN = "hf_test_user_token"
 @pytest.fixture(autouse=True)
 def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """lm-eval and datasets never reach the network; results are cached under this test's HF_HOME."""
-    monkeypatch.chdir(REPO)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    lm_eval_offline(monkeypatch, tmp_path / "hf_home")
     monkeypatch.delenv("HUBMERGE_NO_SANITY", raising=False)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import REPO
+from support.evaluation import lm_eval_offline
 
 from hubmerge.search.run import search
 
@@ -25,10 +26,7 @@ RECIPE = REPO / "recipes" / "examples" / "skills-search.toml"
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.chdir(REPO)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    lm_eval_offline(monkeypatch, tmp_path / "hf_home")
 
 
 def accuracy(model_name: str, task: str) -> float:

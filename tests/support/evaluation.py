@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conftest import REPO, TINY
 
 TASKS = REPO / "tests" / "data" / "lm_eval"
+
+
+def lm_eval_offline(monkeypatch: pytest.MonkeyPatch, hf_home: Path) -> None:
+    """lm-eval and datasets never reach the network, run from the repository (tasks name their data files
+    relative to it), and cache their results under `hf_home`, a folder of the test."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def eval_recipe(
