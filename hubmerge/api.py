@@ -41,6 +41,7 @@ from .files import CARD_FILE, CONFIG_FILE, LOCK_FILE, RECIPE_COPY, STATS_FILE
 from .gguf import card_license, companion_staging, open_stream, write_companion, write_companion_files
 from .gguf import write_files as write_gguf_files
 from .lock import (
+    KnownHashes,
     SourceHashes,
     Verification,
     apply_lock,
@@ -712,13 +713,10 @@ def _identity(source: Source, folder: Folder) -> str | None:
         return json.dumps(["hub", source.ref.repo_id, {f: source.lfs_sha256[f] for f in files}])
     if isinstance(folder, Path):
         try:
-            stats = {f: (folder / f).resolve().stat() for f in files}
+            paths = {f: (folder / f).resolve() for f in files}
+            stamps = {f: [str(path), *KnownHashes.stamp(path.stat())] for f, path in paths.items()}
         except OSError:
             return None
-        stamps = {
-            f: [str((folder / f).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-            for f, st in stats.items()
-        }
         return json.dumps(["local", stamps])
     return None
 

@@ -172,20 +172,21 @@ class KnownHashes:
         return data if isinstance(data, dict) else {}
 
     @staticmethod
-    def _stamp(st: os.stat_result) -> list[int]:
+    def stamp(st: os.stat_result) -> list[int]:
+        """What identifies a file's content without reading it: device, inode, size, mtime and ctime."""
         return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
     def get(self, path: Path, st: os.stat_result) -> str | None:
         entry = self.entries.get(str(path.resolve()))
-        if isinstance(entry, list) and len(entry) == 2 and entry[0] == self._stamp(st):
+        if isinstance(entry, list) and len(entry) == 2 and entry[0] == self.stamp(st):
             return str(entry[1])
         return None
 
     def put(self, path: Path, before: os.stat_result, after: os.stat_result, digest: str) -> None:
         """Remember `digest` if the file did not change while hashed, nor shortly before."""
-        stamp = self._stamp(before)
+        stamp = self.stamp(before)
         if (
-            stamp == self._stamp(after)
+            stamp == self.stamp(after)
             and _now_ns() - max(before.st_mtime_ns, before.st_ctime_ns) > _SETTLED_NS
         ):
             self._added[str(path.resolve())] = [stamp, digest]
