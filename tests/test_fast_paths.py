@@ -86,6 +86,28 @@ def test_an_answer_on_either_edge_of_the_bracket_is_found_in_one_pass(edge: str)
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("width", [0, 1, 4, 5, 1000])
+def test_narrow_and_wide_brackets_count_alike_and_match_kthvalue(width: int) -> None:
+    """A bracket of up to four bit patterns is counted with one compare per pattern, a wider one by binning
+    the values inside it: both find the k-th value in one pass, on a tie of thousands at the cut-off."""
+    x = _data(4)
+    value = x[:, 40_000].clone()  # each row's value there is held by other entries too (bf16)
+    # Ranks on both edges of a tie and inside the tied zeros: a count off by one moves off the edges.
+    ranks = [int((x[0] < value[0]).sum()) + 1, int((x[1] <= value[1]).sum()), 2_500]
+    assert ranks[1] - int((x[1] < value[1]).sum()) > 1  # a tie indeed
+    truth = _kthvalue(x, ranks)
+    bits = torch.tensor(truth).view(torch.int32)
+    lo = (bits - width // 2).clamp(min=0)
+    edges = [
+        (float(a), float(b))
+        for a, b in zip(lo.view(torch.float32).tolist(), (lo + width).view(torch.float32).tolist())
+    ]
+    calls: list[int] = []
+    got = kth_smallest(_counted(x, calls), ranks, edges)
+    assert torch.equal(torch.tensor(got).view(torch.int32), bits)
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("bracketed", [True, False])
 def test_extreme_and_tied_ranks_match_kthvalue(bracketed: bool) -> None:
     x = _data(2)
