@@ -18,6 +18,7 @@ the thread that merges it, just before (`diagnostics.MergeStats.measure`), and r
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from collections import deque
@@ -136,6 +137,9 @@ class _Inputs:
         self.keys = [s.key for s in plan.inputs]
         self.labels = [s.label for s in plan.inputs]
         self.allow_non_finite = plan.recipe.allow_non_finite
+        # The slices whose values were proven finite: a method that reads the sources twice or three times
+        # (a selection pass, a settle pass, then the merge) reads the same bytes, and checks them once.
+        self._finite: set[tuple[str, str, tuple[int, int] | None]] = set()
         # The base, read after the math inputs only for the diagnostics (`OutputTensor.stats_base`).
         self.stats_base = TensorReader(stats_base) if stats_base is not None else None
         self.dtype = plan.compute_dtype
@@ -161,11 +165,13 @@ class _Inputs:
             if key not in read:
                 read[key] = reader.read(info, span)
                 # A NaN or Inf in a source would spread through the merge unnoticed; refuse it by name.
-                if not self.allow_non_finite and not _finite(read[key]):
-                    raise SourceError(
-                        f"{label}: tensor {info.name} holds NaN or Inf values; fix or replace the source, or set "
-                        "allow_non_finite = true in the recipe to merge it anyway"
-                    )
+                if not self.allow_non_finite and (source, info.name, span) not in self._finite:
+                    if not _finite(read[key]):
+                        raise SourceError(
+                            f"{label}: tensor {info.name} holds NaN or Inf values; fix or replace the source, "
+                            "or set allow_non_finite = true in the recipe to merge it anyway"
+                        )
+                    self._finite.add((source, info.name, span))
             slices.append(read[key])
         if self.stats_base is not None and tensor.stats_base is not None:
             slices.append(self.stats_base.read(tensor.stats_base, span))
@@ -348,7 +354,7 @@ def _finite(tensor: torch.Tensor) -> bool:
     if not tensor.numel():
         return True
     low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
+    return math.isfinite(low.item()) and math.isfinite(high.item())
 
 
 def _check_finite(

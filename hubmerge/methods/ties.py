@@ -26,6 +26,7 @@ from .base import (
     Select,
     Slice,
     Stats,
+    cpu_array,
     trim_,
 )
 from .task_arithmetic import SCALING
@@ -98,10 +99,25 @@ def _at(s: Slice, positions: Tensor) -> Slice:
 
 
 def _sign_sum(total: Tensor) -> int:
-    """Σ sign(total), summed in float64: exact for any realistic slice (below 2⁵³ elements)."""
+    """Σ sign(total): the positive entries less the negative ones, counted exactly (a NaN counts as neither)."""
+    import numpy as np
     import torch
 
-    return int(torch.sign(total).sum(dtype=torch.float64))
+    values = cpu_array(total)
+    if values is not None:
+        return int(np.count_nonzero(values > 0)) - int(np.count_nonzero(values < 0))
+    return int(torch.count_nonzero(total > 0)) - int(torch.count_nonzero(total < 0))
+
+
+def _open_positions(total: Tensor, merged: Tensor) -> Tensor:
+    """The flat positions where Σ trimmed τ is exactly 0 and the merge under a +1 sign is > 0."""
+    import numpy as np
+    import torch
+
+    a, b = cpu_array(total), cpu_array(merged)
+    if a is not None and b is not None:
+        return torch.from_numpy(np.flatnonzero((a == 0) & (b > 0)))
+    return ((total == 0) & (merged > 0)).flatten().nonzero().flatten()
 
 
 def majority(s: Slice, stats: Stats, accumulator: int | None) -> int:
@@ -133,7 +149,7 @@ def merge(s: Slice, stats: Stats) -> Deferred | Tensor:
         merged = _elected_sum(task_vectors, total)
         # Undecided: Σ trimmed τ is exactly 0 while some τᵢ is not, so both signs occur. There the elected
         # sign was +1 and `merged` is Σ max(τᵢ, 0), > 0 exactly then.
-        undecided = ((total == 0) & (merged > 0)).flatten().nonzero().flatten()
+        undecided = _open_positions(total, merged)
     else:
         sign = torch.sign(total)
         zero = sign == 0
