@@ -16,6 +16,7 @@ vocabulary) at 123,426,304 parameters (~0.25 GB in bf16), small enough for Fusio
 every model flattened in RAM several times over (bench/run.py's `--with-fusionbench` runs only on it).
 
     python bench/make_checkpoints.py [--shape 0.1b|0.5b|1.5b] [--out bench/work/models] [--only base,math]
+                                     [--deltas bench|small]
 """
 
 from __future__ import annotations
@@ -163,10 +164,18 @@ def base_tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
     return x.mul_(0.02)
 
 
+# --deltas: how large the fine-tunes' deltas are next to the base. "bench": 1-4 % of each tensor's spread.
+# "small": ten times smaller, below half a bf16 step of most weights, so that in bf16 most task vector
+# entries are exactly 0 and the rest a step or two: millions of entries share each magnitude, the cut-off
+# of TIES included (the held-out checkpoints of issue 22 behaved so).
+DELTAS = {"bench": 1.0, "small": 0.1}
+DELTA = DELTAS["bench"]
+
+
 def noise_scale(model: str, name: str, base_std: float) -> float:
-    """Per-tensor delta size: 1-4 % of the tensor's spread, varying by tensor and model."""
+    """Per-tensor delta size: 1-4 % of the tensor's spread (times `DELTA`), varying by tensor and model."""
     factor = torch.rand((), generator=torch.Generator().manual_seed(_seed("scale", model, name))).item()
-    return base_std * (0.01 + 0.03 * factor)
+    return base_std * (0.01 + 0.03 * factor) * DELTA
 
 
 def model_tensor(model: str, name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -251,9 +260,14 @@ def main(argv: list[str] | None = None) -> int:
         default="1.5b",
         help="Qwen2.5 size to imitate (0.1b: ~123M, not published)",
     )
+    p.add_argument(
+        "--deltas", choices=sorted(DELTAS), default="bench", help="the fine-tunes' delta size (see DELTAS)"
+    )
     p.add_argument("--force", action="store_true", help="rewrite models that already exist")
     args = p.parse_args(argv)
     set_shape(args.shape)
+    global DELTA
+    DELTA = DELTAS[args.deltas]
     total = 0
     for _, shape in tensor_specs():
         k = 1

@@ -113,21 +113,17 @@ def measure(tool: str, command: list[str], cwd: Path, log: Path, env: dict[str, 
 
 
 def make_models(shape: str, count: int) -> Path:
+    """The checkpoints of a `--shape` entry: "1.5b" (the bench's deltas) or "1.5b-small" (small deltas,
+    `make_checkpoints.DELTAS`), whose base is the same file, linked rather than made twice."""
+    size, _, deltas = shape.partition("-")
     folder = WORK / f"models-{shape}"
+    if deltas and not (folder / "base").exists() and (WORK / f"models-{size}" / "base").exists():
+        (folder / "base").mkdir(parents=True)
+        for f in (WORK / f"models-{size}" / "base").iterdir():
+            os.link(f, folder / "base" / f.name)
     names = ",".join(("base", *FINE_TUNES[:count]))
-    subprocess.run(
-        [
-            sys.executable,
-            str(HERE / "make_checkpoints.py"),
-            "--shape",
-            shape,
-            "--out",
-            str(folder),
-            "--only",
-            names,
-        ],
-        check=True,
-    )
+    command = [sys.executable, str(HERE / "make_checkpoints.py"), "--shape", size, "--out", str(folder)]
+    subprocess.run([*command, "--only", names, "--deltas", deltas or "bench"], check=True)
     return folder
 
 
@@ -311,7 +307,11 @@ def compare_outputs(*command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="0.5b", help="comma-separated: 0.1b, 0.5b, 1.5b")
+    p.add_argument(
+        "--shape",
+        default="0.5b",
+        help="comma-separated: 0.1b, 0.5b, 1.5b; with -small (1.5b-small) the fine-tunes' deltas are small",
+    )
     p.add_argument("--models", default="3", help="comma-separated numbers of fine-tunes (at most 5)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--repeats", type=int, default=3)
