@@ -27,6 +27,7 @@ _BINS = 1 << 16
 _MAX_BRACKET_BINS = 1 << 22  # a wider bracket (a flat, heavily quantised sample) goes to the radix passes
 _INFINITY_BITS = 0x7F800000
 _NARROW_BINS = 4  # up to this many bit patterns in a bracket, one compare-and-count pass each
+_BINNED_AT_ONCE = 1 << 22  # values inside a wide bracket held (16 MiB) before they are binned
 
 
 def _locate(histogram: torch.Tensor, rank: int) -> tuple[int, int]:
@@ -90,22 +91,44 @@ def _radix(chunks: Callable[[], Iterable[torch.Tensor]], wanted: dict[int, int],
         result[i] = _as_float((high << 16) | low)
 
 
-def _count_bracket(row: np.ndarray, lo: int, hi: int, inside: np.ndarray) -> int:
-    """The values of `row` (bit patterns) below `lo`, returned; those in [lo, hi) added to `inside`'s bins.
+class _Bracket:
+    """One row's exact counts against its bracket [lo, hi) of bit patterns: the values below lo, and a
+    histogram of those inside.
 
     numpy's compare-and-count is one vectorised pass at a fraction of a nanosecond a value, 5-10× cheaper
     than torch's clamp + bincount over every value (bench/RESULTS.md). A bracket of a few bit patterns
     (TIES on bf16 task vectors: the cut-off is one value held by millions of entries) needs one count per
-    pattern; a wider one counts below it and bins only the values inside it (a few percent of them).
+    pattern. A wider one counts below it and keeps the values inside it (a few percent of them), binned a
+    few million at a time: a bracket can span millions of bit patterns (quantised data puts its ends on
+    two values far apart in bits), and a histogram that size per chunk costs more than the chunk itself.
     """
-    if hi - lo <= _NARROW_BINS:
-        counts = [int(np.count_nonzero(row < edge)) for edge in range(lo, hi + 1)]
-        inside += np.diff(counts)
-        return counts[0]
-    offset = row - np.int32(lo)  # [lo, hi) becomes [0, hi - lo), the rest negative or larger
-    chosen = offset.view(np.uint32) < np.uint32(hi - lo)  # one unsigned compare for both ends
-    inside += np.bincount(offset[chosen], minlength=hi - lo)
-    return int(np.count_nonzero(offset < 0))
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo, self.hi = lo, hi
+        self.below = 0
+        self.inside = np.zeros(hi - lo, dtype=np.int64)
+        self._pending: list[np.ndarray] = []
+        self._held = 0
+
+    def count(self, row: np.ndarray) -> None:
+        lo, hi = self.lo, self.hi
+        if hi - lo <= _NARROW_BINS:
+            counts = [int(np.count_nonzero(row < edge)) for edge in range(lo, hi + 1)]
+            self.inside += np.diff(counts)
+            self.below += counts[0]
+            return
+        offset = row - np.int32(lo)  # [lo, hi) becomes [0, hi - lo), the rest negative or larger
+        chosen = offset[offset.view(np.uint32) < np.uint32(hi - lo)]  # one unsigned compare for both ends
+        self.below += int(np.count_nonzero(offset < 0))
+        self._pending.append(chosen)
+        self._held += chosen.size
+        if self._held >= _BINNED_AT_ONCE:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            self.inside += np.bincount(np.concatenate(self._pending), minlength=self.hi - self.lo)
+            self._pending, self._held = [], 0
 
 
 def kth_smallest(
@@ -131,17 +154,17 @@ def kth_smallest(
             hi = _bits(brackets[i][1]) + 1 if brackets[i][1] < math.inf else _INFINITY_BITS + 1
             if hi - lo <= _MAX_BRACKET_BINS:
                 bounds[i] = (lo, hi)
-        below = dict.fromkeys(bounds, 0)
-        inside = {i: np.zeros(hi - lo, dtype=np.int64) for i, (lo, hi) in bounds.items()}
-        if bounds:
+        counted = {i: _Bracket(lo, hi) for i, (lo, hi) in bounds.items()}
+        if counted:
             for chunk in chunks():
                 bits = chunk.contiguous().view(torch.int32).numpy()
-                for i, (lo, hi) in bounds.items():
-                    below[i] += _count_bracket(bits[i], lo, hi, inside[i])
-        for i, (lo, _) in bounds.items():
-            rank_in = wanted[i] - below[i]
-            if 1 <= rank_in <= int(inside[i].sum()):
-                result[i] = _as_float(lo + _locate(torch.from_numpy(inside[i]), rank_in)[0])
+                for i, row in counted.items():
+                    row.count(bits[i])
+        for i, row in counted.items():
+            row.flush()
+            rank_in = wanted[i] - row.below
+            if 1 <= rank_in <= int(row.inside.sum()):
+                result[i] = _as_float(row.lo + _locate(torch.from_numpy(row.inside), rank_in)[0])
                 del wanted[i]
     if wanted:
         _radix(chunks, wanted, result)

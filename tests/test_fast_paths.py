@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 
+from hubmerge import selection
 from hubmerge.lock import SourceHashes
 from hubmerge.methods import METHODS, Slice
 from hubmerge.methods.ties import _disjoint_merge
@@ -86,10 +87,14 @@ def test_an_answer_on_either_edge_of_the_bracket_is_found_in_one_pass(edge: str)
     assert len(calls) == 1
 
 
-@pytest.mark.parametrize("width", [0, 1, 4, 5, 1000])
-def test_narrow_and_wide_brackets_count_alike_and_match_kthvalue(width: int) -> None:
+@pytest.mark.parametrize("width", [0, 1, 4, 5, 1000, 1 << 21])
+def test_narrow_and_wide_brackets_count_alike_and_match_kthvalue(
+    width: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A bracket of up to four bit patterns is counted with one compare per pattern, a wider one by binning
-    the values inside it: both find the k-th value in one pass, on a tie of thousands at the cut-off."""
+    the values inside it, a batch at a time (here a few hundred, so that batches end inside and between
+    chunks): all find the k-th value in one pass, on a tie of thousands at the cut-off."""
+    monkeypatch.setattr(selection, "_BINNED_AT_ONCE", 300)
     x = _data(4)
     value = x[:, 40_000].clone()  # each row's value there is held by other entries too (bf16)
     # Ranks on both edges of a tie and inside the tied zeros: a count off by one moves off the edges.
