@@ -17,6 +17,7 @@ resolves every parameter for every tensor (gradients and filters, `schedule.py`)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -28,6 +29,7 @@ from ..schedule import Scalar, Setting, is_schedule, scalars
 
 if TYPE_CHECKING:
     import numpy as np
+    import torch
     from torch import Tensor
 
 __all__ = [
@@ -409,10 +411,16 @@ def trim_(task_vector: Tensor, cut: float) -> Tensor:
     import torch
 
     if cut > 0:
-        dtype = task_vector.dtype
-        below = torch.nextafter(torch.tensor(cut, dtype=dtype), torch.tensor(-math.inf, dtype=dtype))
-        torch.hardshrink(task_vector, float(below), out=task_vector)
+        torch.hardshrink(task_vector, _below(cut, task_vector.dtype), out=task_vector)
     return task_vector
+
+
+@functools.lru_cache(maxsize=256)
+def _below(cut: float, dtype: torch.dtype) -> float:
+    """The largest value of `dtype` below `cut`: one per cut-off and dtype, not two tensors per piece."""
+    import torch
+
+    return float(torch.nextafter(torch.tensor(cut, dtype=dtype), torch.tensor(-math.inf, dtype=dtype)))
 
 
 # --- counter-based random numbers -----------------------------------------------------------------------

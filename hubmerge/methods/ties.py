@@ -173,7 +173,12 @@ def merge(s: Slice, stats: Stats) -> Deferred | Tensor:
     if settled is not None:
         values.view(-1)[undecided] = under(-1.0 if settled < 0 else 0.0)
         return values
-    return Deferred(values, _sign_sum(total), undecided, (under(-1.0), under(0.0)))
+    negative = under(-1.0)
+    # A majority of 0 keeps the entries below 0 as -1 does (`_disjoint_merge`), except for "max", whose
+    # result it multiplies by 0.
+    return Deferred(
+        values, _sign_sum(total), undecided, (negative, under(0.0) if merge_func == "max" else negative)
+    )
 
 
 def _ranks(numel: int, s: Slice) -> list[int]:
