@@ -77,8 +77,14 @@ VARIANTS = {
     "alone": ("--no-stats", "--no-sanity"),
     "stats": ("--no-sanity",),
     "default": (),
+    "first": (),  # the default command on sources it has never seen: an empty $HUBMERGE_CACHE
 }
-TOOLS = {"alone": "hubmerge", "stats": "hubmerge +stats", "default": "hubmerge default"}
+TOOLS = {
+    "alone": "hubmerge",
+    "stats": "hubmerge +stats",
+    "default": "hubmerge default",
+    "first": "hubmerge default, first run",
+}
 
 
 @dataclass(frozen=True)
@@ -416,7 +422,14 @@ def main(argv: list[str] | None = None) -> int:
                                 "-q",
                                 *VARIANTS[variant],
                             ]
-                            runs[TOOLS[variant]].append(measure(TOOLS[variant], command, ROOT, log, env))
+                            run_env = env
+                            if variant == "first":  # no source hash and no source loss remembered
+                                cache = WORK / "first-run-cache"
+                                shutil.rmtree(cache, ignore_errors=True)
+                                run_env = dict(env, HUBMERGE_CACHE=str(cache))
+                            runs[TOOLS[variant]].append(
+                                measure(TOOLS[variant], command, ROOT, log, run_env)
+                            )
                         if mergekit is not None:
                             shutil.rmtree(mk_out, ignore_errors=True)
                             warm(inputs)
