@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..mergekit_config import _toml_key, toml_value
-from ..recipe import ModelRef, Recipe
+from ..interop.mergekit import _toml_key, toml_value
+from ..recipe.load import ModelRef, Recipe
 
 if sys.version_info >= (3, 11):
     import tomllib

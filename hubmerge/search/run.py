@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import HubmergeError, RecipeError
-from ..lock import LOCK_FILE
-from ..recipe import EvalSpec, Recipe, load_recipe
+from ..publish.lock import LOCK_FILE
+from ..recipe.load import EvalSpec, Recipe, load_recipe
 from .document import local_paths, recipe_text
 from .objective import TrialPruned, direction, score
 from .space import SearchSpec, Value, apply
@@ -738,7 +738,7 @@ def _importance(study: Any, optuna: Any, spec: SearchSpec) -> dict[str, float]:
 def _plots(result: SearchResult, directory: Path, log: Log) -> None:
     """PLOT_FILE: each complete trial's score and the best so far, in trial order; PARAMS_PLOT_FILE: each
     searched value against the score; IMPORTANCE_PLOT_FILE: the values' importances."""
-    from ..plots import MISSING, Panel, available, bar_chart, line_chart, scatter_chart
+    from ..quality.plots import MISSING, Panel, available, bar_chart, line_chart, scatter_chart
 
     complete = [t for t in result.trials if t["state"] == "complete"]
     if not complete:

@@ -12,8 +12,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..mergekit_config import toml_value
-from ..methods import METHODS, Method, Param
+from ..interop.mergekit import toml_value
+from ..merging.methods import METHODS, Method, Param
 
 if sys.version_info >= (3, 11):
     import tomllib

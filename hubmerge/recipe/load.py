@@ -16,16 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import RecipeError, SourceError
+from ..merging.methods import METHODS, Method
+from ..merging.schedule import Setting, evaluate, is_schedule
+from ..search.space import SearchSpec, search_spec
+from ..sources.qwen import ALWAYS_PRESENT
 from . import schema
-from .errors import RecipeError, SourceError
-from .methods import METHODS, Method
-from .qwen import ALWAYS_PRESENT
-from .schedule import Setting, evaluate, is_schedule
 from .schema import RELATIVE_SCORE, REPO_ID, parse_size
-from .search.space import SearchSpec, search_spec
 
 if TYPE_CHECKING:
-    from .search.publish import SearchCard
+    from ..search.publish import SearchCard
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -469,7 +469,7 @@ def _build(r: _Reader, tables: Any, text: str, output_dir: str | Path | None) ->
 def _search(r: _Reader, tables: Any, method: Method, models: int, spec: EvalSpec | None) -> SearchSpec | None:
     if tables.search is None:
         return None
-    from .sanity import sanity_texts
+    from ..quality.sanity import sanity_texts
 
     try:
         written = {f"parameters.{k}": v for k, v in schema.given(tables.parameters).items()}

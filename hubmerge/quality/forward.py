@@ -27,8 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import Folder, TensorInfo, TensorReader, index_folder
-from .files import CONFIG_FILE
+from ..publish.files import CONFIG_FILE
+from ..sources.checkpoint import Folder, TensorInfo, TensorReader, index_folder
 
 __all__ = ["CHUNK_BYTES", "Checkpoint", "Losses", "Qwen2Shape", "Unrunnable", "token_losses"]
 

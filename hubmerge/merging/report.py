@@ -5,10 +5,10 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from . import __version__
-from .budget import format_size
-from .errors import RecipeError
-from .markdown import code, text
+from .. import __version__
+from ..errors import RecipeError
+from ..publish.markdown import code, text
+from ..sources.budget import format_size
 from .methods.base import Pass, Reduce
 from .plan import MergePlan
 from .schedule import to_json

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..errors import HubmergeError
+from ...errors import HubmergeError
 from .base import Contract, Method, Param, Slice, Stats
 from .nuslerp import WEIGHT
 from .sphere import gram_pass, task_vectors

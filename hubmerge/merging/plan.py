@@ -23,16 +23,16 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-from .budget import Budget, DiskPlan, SourceNeeds, default_budget, plan_disk
-from .checkpoint import DTYPES, ShardLayout, TensorInfo, numel
-from .errors import IncompatibleSourcesError, RecipeError
-from .files import INDEX_FILE, SINGLE_FILE, shard_file
+from ..errors import IncompatibleSourcesError, RecipeError
+from ..publish.files import INDEX_FILE, SINGLE_FILE, shard_file
+from ..recipe.load import ModelRef, Recipe
+from ..sources.budget import Budget, DiskPlan, SourceNeeds, default_budget, plan_disk
+from ..sources.checkpoint import DTYPES, ShardLayout, TensorInfo, numel
+from ..sources.qwen import Qwen25Size, qwen25_size
+from ..sources.resolve import TOKENIZER_FILES, Source, cached_files, resolve
 from .methods import Deferral, Select
 from .methods.base import Pass
-from .qwen import Qwen25Size, qwen25_size
-from .recipe import ModelRef, Recipe
 from .schedule import Scalar, Setting, evaluate, layer_position
-from .sources import TOKENIZER_FILES, Source, cached_files, resolve
 
 __all__ = ["CHUNK_ELEMENTS", "MergePlan", "OutputTensor", "Role", "build_plan"]
 
@@ -443,7 +443,7 @@ def _disk_plan(
     stored = max(DTYPES[i.dtype].itemsize for t in tensors for i in t.inputs)
     side = sum(tokenizer.files.get(f, 0) for f in TOKENIZER_FILES) + len(recipe.text) + _CARD_RESERVE
     if out.gguf:  # written after the weights, from them: beside them or in the companion folder
-        from .gguf.writer import estimate_size
+        from ..gguf.writer import estimate_size
 
         shapes = {t.name: t.shape for t in tensors}
         side += sum(estimate_size(shapes, t, tokenizer.files.get("tokenizer.json", 0)) for t in out.gguf)

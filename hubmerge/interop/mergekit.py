@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigImportError, RecipeError
-from .files import CONFIG_FILE
-from .methods import METHODS, Method, Param
-from .recipe import load_recipe
-from .schedule import Filter, Gradient, Scalar, Setting, to_json
-from .schema import REPO_ID as _REPO_ID
+from ..errors import ConfigImportError, RecipeError
+from ..merging.methods import METHODS, Method, Param
+from ..merging.schedule import Filter, Gradient, Scalar, Setting, to_json
+from ..publish.files import CONFIG_FILE
+from ..recipe.load import load_recipe
+from ..recipe.schema import REPO_ID as _REPO_ID
 
 __all__ = ["MERGEKIT_METHODS", "Imported", "MergekitSpec", "import_mergekit"]
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import PublishError
+from ..errors import PublishError
+from ..merging.plan import MergePlan
+from ..sources.resolve import LICENSE_FILES, TOKENIZER_FILES
 from .lock import LOCK_FILE, RECIPE_COPY
-from .plan import MergePlan
-from .sources import LICENSE_FILES, TOKENIZER_FILES
 
 __all__ = ["PushResult", "ShardUploader", "check_push_access", "push", "push_companion"]
 

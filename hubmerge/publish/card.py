@@ -82,24 +82,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .errors import CardError
+from .. import __version__
+from ..errors import CardError
+from ..gguf.card import gguf_links
+from ..merging.methods import Method
+from ..merging.methods.base import Citation, resolve_defaults
+from ..merging.plan import MergePlan
+from ..merging.schedule import Setting, describe, to_json
+from ..recipe.load import ModelRef, Recipe
+from ..sources.resolve import LICENSE_FILES, Source
 from .files import CHART_FILE, LOCK_FILE, RECIPE_COPY, STATS_PLOTS
-from .gguf.card import gguf_links
 from .markdown import Markdown, code, finalize, literal, safe_url, text, visible
-from .methods import Method
-from .methods.base import Citation, resolve_defaults
-from .plan import MergePlan
-from .recipe import ModelRef, Recipe
-from .schedule import Setting, describe, to_json
-from .sources import LICENSE_FILES, Source
 
 if TYPE_CHECKING:
     from huggingface_hub import CardData, ModelCardData
 
-    from .evaluate import Evaluation
-    from .sanity import SanityReport
-    from .search.publish import SearchCard
+    from ..quality.evaluate import Evaluation
+    from ..quality.sanity import SanityReport
+    from ..search.publish import SearchCard
 
 __all__ = ["LICENSE_FILES", "License", "combine_licenses", "license_file", "render_card", "source_license"]
 
@@ -685,7 +685,7 @@ def _render(template_path: Path, context: Mapping[str, Any]) -> str:
         at = f"{filename}:{_template_line(exc, filename) or '?'}"
         raise CardError(
             f"{at}: refused by the sandbox: {exc}. Card templates may use only the documented variables "
-            "(see hubmerge/card.py)"
+            "(see hubmerge/publish/card.py)"
         ) from None
     except UndefinedError as exc:
         at = f"{filename}:{_template_line(exc, filename) or '?'}"
@@ -720,7 +720,7 @@ def _diagnostics(
     stats: Mapping[str, Any] | None, sources: Sequence[Mapping[str, Any]]
 ) -> dict[str, Any] | None:
     """The template's view of merge_stats.json, models named as in the sources table."""
-    from .diagnostics import model_summary, number_text
+    from ..quality.diagnostics import model_summary, number_text
 
     if stats is None:
         return None
@@ -787,7 +787,7 @@ def _evaluation(evaluation: Evaluation | None, sources: Sequence[Mapping[str, An
 
 
 def _sanity(report: SanityReport | None) -> dict[str, Any] | None:
-    from .sanity import LOSS_RATIO
+    from ..quality.sanity import LOSS_RATIO
 
     if report is None:
         return None

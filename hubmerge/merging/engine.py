@@ -29,11 +29,11 @@ from typing import Any, TypeVar
 
 import torch
 
-from . import __version__
-from .checkpoint import Folder, ShardWriter, TensorInfo, TensorReader
-from .diagnostics import Measured, MergeStats
-from .errors import HubmergeError, SourceError
-from .files import INDEX_FILE, SCRATCH_FILE
+from .. import __version__
+from ..errors import HubmergeError, SourceError
+from ..publish.files import INDEX_FILE, SCRATCH_FILE
+from ..quality.diagnostics import Measured, MergeStats
+from ..sources.checkpoint import Folder, ShardWriter, TensorInfo, TensorReader
 from .methods import Deferral, Deferred, Reduce, Select, Slice
 from .methods.base import Pass
 from .plan import MergePlan, OutputTensor

@@ -18,6 +18,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..errors import SourceError
+from ..publish.files import CARD_FILE, CONFIG_FILE, INDEX_FILE, SINGLE_FILE
+from ..recipe.load import ModelRef
 from .checkpoint import (
     TensorInfo,
     add_tensors,
@@ -25,9 +28,6 @@ from .checkpoint import (
     index_folder,
     select_weights,
 )
-from .errors import SourceError
-from .files import CARD_FILE, CONFIG_FILE, INDEX_FILE, SINGLE_FILE
-from .recipe import ModelRef
 
 __all__ = ["LICENSE_FILES", "TOKENIZER_FILES", "Source", "fetch", "resolve"]
 

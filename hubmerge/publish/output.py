@@ -32,8 +32,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from .budget import format_size
-from .errors import HubmergeError
+from ..errors import HubmergeError
+from ..sources.budget import format_size
 from .files import LOCK_FILE
 
 __all__ = ["abandon", "check_target", "disk_full", "recover", "staged", "swap_in"]

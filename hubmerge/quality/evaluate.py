@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import EvalError, RecipeError
-from .files import CHART_FILE, CONFIG_FILE, RESULTS_FILE
-from .lock import file_sha256
-from .recipe import EvalSpec, Requirement
-from .sources import TOKENIZER_FILES
+from ..errors import EvalError, RecipeError
+from ..publish.files import CHART_FILE, CONFIG_FILE, RESULTS_FILE
+from ..publish.lock import file_sha256
+from ..recipe.load import EvalSpec, Requirement
+from ..sources.resolve import TOKENIZER_FILES
 
 __all__ = [
     "CHART_FILE",
@@ -442,7 +442,7 @@ def _checks(evaluation: Evaluation, require: Sequence[Requirement]) -> tuple[Che
 def results_table(evaluation: Evaluation) -> str:
     """The results table in Markdown: the merge, then each source with the merge's difference to it. Task,
     metric and model names come from the recipe and lm-eval: each is a code span, inert in a job summary."""
-    from .markdown import code, text
+    from ..publish.markdown import code, text
 
     header = ["Task", "Metric", text(evaluation.merged.name)]
     for m in evaluation.models[1:]:
@@ -459,7 +459,7 @@ def results_table(evaluation: Evaluation) -> str:
 
 def summary_markdown(evaluation: Evaluation) -> str:
     """The job summary section: the results table and the `[eval] require` checks."""
-    from .markdown import text
+    from ..publish.markdown import text
 
     checks = "".join(f"- {'✅' if c.passed else '❌'} {text(c.describe())}\n" for c in evaluation.checks)
     return f"\n### Evaluation\n\n{results_table(evaluation)}" + (f"\n{checks}" if checks else "")

@@ -21,8 +21,8 @@ from typing import Any, Protocol, Union
 
 import torch
 
-from .errors import SourceError
-from .files import INDEX_FILE, SINGLE_FILE
+from ..errors import SourceError
+from ..publish.files import INDEX_FILE, SINGLE_FILE
 
 __all__ = [
     "DTYPES",

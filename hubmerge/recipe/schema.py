@@ -36,8 +36,8 @@ from pydantic import (
 from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import PydanticCustomError
 
-from .methods import METHODS, Method, Param
-from .schedule import Filter, Gradient, Setting
+from ..merging.methods import METHODS, Method, Param
+from ..merging.schedule import Filter, Gradient, Setting
 
 if TYPE_CHECKING:
     from pydantic_core import ErrorDetails

@@ -45,10 +45,11 @@ from typing import Any
 
 import torch
 
-from . import __version__, plots
-from .files import STATS_FILE, STATS_PLOTS
-from .methods import trim_
-from .plan import MergePlan, OutputTensor
+from .. import __version__
+from ..merging.methods import trim_
+from ..merging.plan import MergePlan, OutputTensor
+from ..publish.files import STATS_FILE, STATS_PLOTS
+from . import plots
 
 __all__ = [
     "PLOTS",

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["LOSS_RATIO", "SanityReport", "check", "sanity_texts"]
 
 LOSS_RATIO = 1.5
-TEXTS = Path(__file__).parent / "data" / "sanity_texts.json"
+TEXTS = Path(__file__).parents[1] / "data" / "sanity_texts.json"
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def sanity_texts() -> dict[str, list[str]]:
 def _tokenize(folder: Path, texts: Mapping[str, Sequence[str]]) -> dict[str, list[list[int]]] | str:
     """Each domain's texts as token ids with the tokenizer in `folder`, leaving out texts of fewer than two
     tokens (nothing to predict); or why that cannot be done."""
-    from .sources import TOKENIZER_FILES
+    from ..sources.resolve import TOKENIZER_FILES
 
     if not any((folder / name).is_file() for name in TOKENIZER_FILES if name != "chat_template.jinja"):
         return (
@@ -135,7 +135,7 @@ def check(output: Path, sources: Sequence[Checkpoint], device: torch.device | No
     the reason."""
     import torch
 
-    from .errors import HubmergeError
+    from ..errors import HubmergeError
 
     try:
         return _check(output, sources, device or torch.device("cpu"))
@@ -197,7 +197,7 @@ class _LossCache:
 
     @classmethod
     def open(cls) -> _LossCache:
-        from .lock import KnownHashes  # one setting and place for everything hubmerge remembers
+        from ..publish.lock import KnownHashes  # one setting and place for everything hubmerge remembers
 
         store = KnownHashes.location()
         return cls(store.parent / "sanity" if store is not None else None)
@@ -207,7 +207,7 @@ class _LossCache:
             return None
         import torch
 
-        from . import __version__
+        from .. import __version__
 
         facts = [source.identity, dict(source.config), ids, device.type, __version__, torch.__version__]
         return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()

@@ -22,9 +22,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
+from ..errors import SourceError
 from .checkpoint import LocalFile, RangeSource, header_of, header_tensors
-from .errors import SourceError
-from .sources import Source, hub_errors
+from .resolve import Source, hub_errors
 
 __all__ = ["RemoteFolder", "Verified", "prove_all"]
 

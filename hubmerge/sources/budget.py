@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .errors import HubmergeError
+from ..errors import HubmergeError
 
 __all__ = [
     "Budget",

@@ -19,12 +19,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from . import __version__
-from .errors import HubmergeError, RecipeError, SourceError
+from .. import __version__
+from ..errors import HubmergeError, RecipeError, SourceError
+from ..merging.plan import MergePlan, Role
+from ..merging.schedule import to_json
+from ..recipe.load import Recipe
 from .files import CARD_FILE, CHART_FILE, LOCK_FILE, RECIPE_COPY, RESULTS_FILE, STATS_FILE, STATS_PLOTS
-from .plan import MergePlan, Role
-from .recipe import Recipe
-from .schedule import to_json
 
 __all__ = [
     "LOCK_FILE",

@@ -1,0 +1,1 @@
+"""The recipe: the TOML file's schema, and its loading into a frozen `Recipe`."""
