@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 import os
-import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ from ..merging.schedule import Filter, Gradient, Scalar, Setting, to_json
 from ..publish.files import CONFIG_FILE
 from ..recipe.load import load_recipe
 from ..recipe.schema import REPO_ID as _REPO_ID
+from ..recipe.write import toml_key, toml_value
 
 __all__ = ["MERGEKIT_METHODS", "Imported", "MergekitSpec", "import_mergekit"]
 
@@ -108,8 +107,6 @@ _KEYS = (
 # mergekit's floating-point dtype names (common.dtype_from_name) that a recipe's `dtype` can write.
 _OUTPUT_DTYPES = ("bfloat16", "float16", "float32")
 _MOE_KEYS = ("experts", "gate_mode", "experts_per_token", "shared_experts", "architecture")
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
 
 
 @dataclass(frozen=True)
@@ -141,47 +138,6 @@ class _Model:
     key: str  # the YAML key it came from
     params: dict[str, Setting] = field(default_factory=dict)
     comments: dict[str, str] = field(default_factory=dict)  # hubmerge parameter -> where it came from
-
-
-# --- TOML text ----------------------------------------------------------------------------------------
-
-
-def toml_string(text: str) -> str:
-    """`text` as a TOML basic string: quotes, backslashes and every control character escaped."""
-    out = []
-    for char in text:
-        if char in _ESCAPES:
-            out.append(_ESCAPES[char])
-        elif ord(char) < 0x20 or ord(char) == 0x7F:
-            out.append(f"\\u{ord(char):04X}")
-        else:
-            out.append(char)
-    return '"' + "".join(out) + '"'
-
-
-def toml_value(value: Any) -> str:
-    """A scalar, list or (inline) table as TOML."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"{value!r} has no place in a recipe")  # refused earlier by Param.check
-        text = repr(value)
-        return text if any(c in text for c in ".en") else text + ".0"
-    if isinstance(value, str):
-        return toml_string(value)
-    if isinstance(value, Mapping):
-        items = (f"{_toml_key(k)} = {toml_value(v)}" for k, v in value.items())
-        return "{ " + ", ".join(items) + " }"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def _toml_key(key: str) -> str:
-    return key if _BARE_KEY.match(key) else toml_string(key)
 
 
 def _comment(text: str) -> str:
@@ -887,13 +843,13 @@ def _chat_template(c: _Converter, data: Mapping[str, Any]) -> None:
 
 
 def _line(key: str, value: Any, comment: str) -> str:
-    return f"{_toml_key(key)} = {toml_value(value)}  # {_comment(comment)}"
+    return f"{toml_key(key)} = {toml_value(value)}  # {_comment(comment)}"
 
 
 def _reference_lines(ref: _Ref) -> list[str]:
-    lines = [f"source = {toml_string(ref.source)}"]
+    lines = [f"source = {toml_value(ref.source)}"]
     if ref.revision is not None:
-        lines.append(f"revision = {toml_string(ref.revision)}")
+        lines.append(f"revision = {toml_value(ref.revision)}")
     return lines
 
 

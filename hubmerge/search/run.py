@@ -46,7 +46,8 @@ from typing import IO, Any
 from ..errors import HubmergeError, RecipeError
 from ..publish.lock import LOCK_FILE
 from ..recipe.load import EvalSpec, Recipe, load_recipe
-from .document import local_paths, recipe_text
+from ..recipe.write import toml_document
+from .document import local_paths
 from .objective import TrialPruned, direction, score
 from .space import SearchSpec, Value, apply
 
@@ -176,7 +177,7 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
         folder.mkdir(parents=True)
         recipe = folder / "recipe.toml"
         recipe.write_text(
-            recipe_text(apply(job.document, job.spec, job.values, job.layers)), encoding="utf-8"
+            toml_document(apply(job.document, job.spec, job.values, job.layers)), encoding="utf-8"
         )
         merged = api.merge(
             recipe, output_dir=folder / "merged", quiet=True, stats=False, sanity=False, log=lambda _: None
@@ -818,6 +819,6 @@ def _best_writer(
 
     def write(best: Any, finished: int, written: Any) -> str:
         header = _best_header(recipe.path, spec, best, finished, written)
-        return recipe_text(apply(document, spec, best.params, layers), header)
+        return toml_document(apply(document, spec, best.params, layers), header)
 
     return write

@@ -12,8 +12,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..interop.mergekit import toml_value
 from ..merging.methods import METHODS, Method, Param
+from ..recipe.write import toml_value
 
 if sys.version_info >= (3, 11):
     import tomllib
