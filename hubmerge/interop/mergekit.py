@@ -29,65 +29,18 @@ from typing import Any
 
 from ..errors import ConfigImportError, RecipeError
 from ..merging.methods import METHODS, Method, Param
+from ..merging.methods.base import MergekitParams
 from ..merging.schedule import Filter, Gradient, Scalar, Setting, to_json
 from ..publish.files import CONFIG_FILE
 from ..recipe.load import load_recipe
 from ..recipe.schema import REPO_ID as _REPO_ID
 from ..recipe.write import toml_key, toml_value
 
-__all__ = ["MERGEKIT_METHODS", "Imported", "MergekitSpec", "import_mergekit"]
+__all__ = ["Imported", "import_mergekit"]
 
 
-@dataclass(frozen=True)
-class MergekitSpec:
-    """A mergekit 0.1.5 method's parameters as its `MergeMethodSpec` declares them: name -> default.
-
-    None is a required parameter. `shared` ones mergekit reads only from the top-level (or slice)
-    `parameters`; `per_model` ones from a model's own `parameters` first.
-    """
-
-    shared: Mapping[str, Scalar | None] = field(default_factory=dict)
-    per_model: Mapping[str, Scalar | None] = field(default_factory=dict)
-
-
-def _gta(normalize: bool, rescale: bool, **extra: float) -> MergekitSpec:
-    """mergekit's `GeneralizedTaskArithmeticMerge` family (generalized_task_arithmetic.py)."""
-    return MergekitSpec(
-        shared={"int8_mask": False, "normalize": normalize, "rescale": rescale, "lambda": 1.0},
-        per_model={"weight": None, "density": 1.0, **extra},
-    )
-
-
-# Read from mergekit 0.1.5's merge_methods/*.py (registry.py for the task-arithmetic family's defaults).
-MERGEKIT_METHODS: Mapping[str, MergekitSpec] = {
-    "linear": MergekitSpec(shared={"normalize": True}, per_model={"weight": None}),
-    "task_arithmetic": _gta(False, False),
-    "ties": _gta(True, False),
-    "dare_ties": _gta(False, True),
-    "dare_linear": _gta(False, True),
-    "breadcrumbs": _gta(False, False, gamma=0.01),
-    "breadcrumbs_ties": _gta(False, False, gamma=0.01),
-    "della": _gta(True, True, epsilon=0.15),
-    "della_linear": _gta(False, True, epsilon=0.15),
-    "slerp": MergekitSpec(shared={"t": None}),
-    "nuslerp": MergekitSpec(
-        shared={"nuslerp_row_wise": False, "nuslerp_flatten": True}, per_model={"weight": None}
-    ),
-    "multislerp": MergekitSpec(shared={"normalize_weights": True, "eps": 1e-8}, per_model={"weight": None}),
-    "karcher": MergekitSpec(shared={"max_iter": 10, "tol": 1e-5}),
-    "model_stock": MergekitSpec(shared={"filter_wise": False}),
-    "sce": MergekitSpec(shared={"int8_mask": False, "select_topk": 1.0}),
-    "nearswap": MergekitSpec(shared={"t": None}),
-    # mergekit's default is None, "the tensor as it is", which is what a scale of 1.0 writes.
-    "passthrough": MergekitSpec(per_model={"scale": 1.0}),
-    "arcee_fusion": MergekitSpec(),
-    "ram": MergekitSpec(shared={"epsilon": 1e-5}),
-    "ramplus_tl": MergekitSpec(shared={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}),
-}
-
-# mergekit parameters hubmerge names otherwise (mergekit name -> hubmerge name), applied when the
-# hubmerge method has no parameter of the mergekit name.
-_RENAMED = {"lambda": "scaling_factor"}
+# mergekit 0.1.5's merge methods without a hubmerge one (each hubmerge method names its own: `Method.mergekit`).
+_WITHOUT_HUBMERGE = ("arcee_fusion", "ram", "ramplus_tl")
 # Read by mergekit, but without effect on the merged numbers: dropped with a note.
 _NO_EFFECT = {"int8_mask": "it only sets the dtype of mergekit's masks (memory), not the result"}
 
@@ -301,6 +254,11 @@ def _method_for(name: str) -> Method | None:
     return next((m for m in METHODS.values() if m.mergekit == name), None)
 
 
+def _mergekit_names() -> list[str]:
+    """mergekit 0.1.5's merge methods."""
+    return [*(m.mergekit for m in METHODS.values() if m.mergekit), *_WITHOUT_HUBMERGE]
+
+
 def _load_yaml(config: Path) -> Any:
     import yaml
 
@@ -360,16 +318,16 @@ def import_mergekit(config: str | Path, recipe: str | Path | None = None) -> Imp
 
     method_name = data.get("merge_method")
     method: Method | None = None
-    spec: MergekitSpec | None = None
+    spec: MergekitParams | None = None
     if not isinstance(method_name, str):
         c.problem("merge_method", "is required: the mergekit method, e.g. dare_ties")
-    elif method_name not in MERGEKIT_METHODS:
-        close = difflib.get_close_matches(method_name.replace("-", "_"), MERGEKIT_METHODS, n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"mergekit's are {', '.join(MERGEKIT_METHODS)}"
+    elif method_name not in (mergekit_names := _mergekit_names()):
+        close = difflib.get_close_matches(method_name.replace("-", "_"), mergekit_names, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"mergekit's are {', '.join(mergekit_names)}"
         c.problem("merge_method", f"{method_name!r} is not a mergekit 0.1.5 method; {hint}")
     else:
-        spec = MERGEKIT_METHODS[method_name]
         method = _method_for(method_name)
+        spec = method.mergekit_params if method is not None else None
         if method is None:
             known = ", ".join(m.mergekit for m in METHODS.values() if m.mergekit)
             c.problem(
@@ -543,7 +501,7 @@ def _whole_model_slice(
 
 
 def _models(
-    c: _Converter, method: Method | None, spec: MergekitSpec | None, base: _Ref | None, sources: list[_Source]
+    c: _Converter, method: Method | None, spec: MergekitParams | None, base: _Ref | None, sources: list[_Source]
 ) -> list[_Model]:
     """hubmerge's models from mergekit's inputs: a base mergekit lists among the models is our
     `base`; for a method that ignores the base, the base is one more model (mergekit appends it)."""
@@ -604,10 +562,10 @@ def _models(
 
 def _hub_name(method: Method, name: str) -> str:
     declared = {p.name for p in method.params + method.model_params}
-    return _RENAMED.get(name, name) if name not in declared else name
+    return method.mergekit_params.renamed.get(name, name) if name not in declared else name
 
 
-def _model_params(c: _Converter, method: Method, spec: MergekitSpec, s: _Source, model: _Model) -> None:
+def _model_params(c: _Converter, method: Method, spec: MergekitParams, s: _Source, model: _Model) -> None:
     per_model = {p.name: p for p in method.model_params}
     for name, value in s.params.items():
         key = f"{s.key}.parameters.{name}"
@@ -635,7 +593,7 @@ def _model_params(c: _Converter, method: Method, spec: MergekitSpec, s: _Source,
             model.comments[hub] = f"mergekit {key}"
 
 
-def _known(c: _Converter, method: Method, spec: MergekitSpec, name: str, key: str) -> bool:
+def _known(c: _Converter, method: Method, spec: MergekitParams, name: str, key: str) -> bool:
     """Whether mergekit parameter `name` has a hubmerge counterpart; a problem line when not."""
     mergekit_names = (*spec.shared, *spec.per_model)
     hub = _hub_name(method, name)
@@ -661,7 +619,7 @@ def _known(c: _Converter, method: Method, spec: MergekitSpec, name: str, key: st
 def _parameters(
     c: _Converter,
     method: Method | None,
-    spec: MergekitSpec | None,
+    spec: MergekitParams | None,
     top: Any,
     slice_params: Mapping[str, Any],
     models: list[_Model],
@@ -899,7 +857,7 @@ def _render(
 
 def _check(c: _Converter, text: str) -> None:
     """The recipe as `hubmerge validate` reads it; a refusal here is a conversion this module got wrong or
-    a value only hubmerge refuses (weights summing to 0 in linear)."""
+    a value only hubmerge refuses (a method's `check_models`)."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "imported.toml"
         path.write_text(text, encoding="utf-8")

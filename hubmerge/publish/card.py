@@ -458,8 +458,8 @@ def _card_data(plan: MergePlan, entries: list[_Entry], lic: License) -> ModelCar
     from huggingface_hub import ModelCardData
 
     spec = plan.recipe.card
-    # Only the models whose weights went into the merge: for simple_average and linear the base gives
-    # config.json alone, and a tokenizer source gives no weights.
+    # Only the models whose weights went into the merge: for a method that ignores the base (`uses_base`) the
+    # base gives config.json alone, and a tokenizer source gives no weights.
     merged = ("model", "base") if plan.recipe.method.uses_base else ("model",)
     base_model = list(dict.fromkeys(e.ref.repo_id for e in entries if e.role in merged and e.ref.repo_id))
     languages: list[str] = []

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import RecipeError, SourceError
 from ..merging.methods import METHODS, Method
-from ..merging.schedule import Setting, evaluate, is_schedule
+from ..merging.schedule import Setting, evaluate
 from ..search.space import SearchSpec, search_spec
 from ..sources.qwen import ALWAYS_PRESENT
 from . import schema
@@ -350,33 +350,19 @@ def _build(r: _Reader, tables: Any, text: str, output_dir: str | Path | None) ->
             if p.default is None and p.name not in m.params and p.name not in model_defaults:
                 raise r.fail(f"models[{i}].{p.name}", f"is required by {method.name}: {p.help}")
     _check_coverage(r, method, given, model_defaults, models)
-    weights = [
-        float(w)
-        for w in (m.params.get("weight", model_defaults.get("weight", 1.0)) for m in models)
-        if not is_schedule(w)
-    ]
-    if (
-        method.name == "linear"
-        and given.get("normalize", True)
-        and len(weights) == len(models)
-        and sum(weights) == 0
-    ):
-        # linear divides by Σ wᵢ: a zero sum would write a model of NaN and Inf.
-        raise r.fail(
-            "models", f"the weights sum to 0 ({' + '.join(map(str, weights))}); linear divides by their sum"
-        )
+    if method.check_models is not None:
+        problem = method.check_models(given, [{**model_defaults, **m.params} for m in models])
+        if problem is not None:
+            raise r.fail("models", problem)
     warnings = r.warnings
     if not method.needs_base and len(models) == 1 and method.contract.max_models != 1:
         # Allowed (a re-save of one model in another dtype or with another card), but rarely what is meant;
-        # a method made for one model (passthrough) is not warned about.
+        # a method made for one model (`max_models == 1`) is not warned about.
         warnings.append(f"{r.path}: models: {method.name} of one model writes a copy of it")
-    if given.get("threshold") == 1:
-        warnings.append(
-            f"{r.path}: parameters.threshold = 1 is read as the fraction 1.0, keeping 100 % of each task vector "
-            "(as FusionBench reads it); for 1 percent write 0.01"
-        )
+    if method.advise is not None:
+        warnings += [f"{r.path}: {advice}" for advice in method.advise(given)]
     # density is the fraction of a task vector kept: 0 keeps none of it, and with every model at 0 the merge
-    # is the base unchanged. Valid, but like threshold = 1 more likely a misreading than the intent.
+    # is the base unchanged. Valid, but more likely a misreading than the intent.
     dropped = [
         f"models[{i}]"
         for i, m in enumerate(models)

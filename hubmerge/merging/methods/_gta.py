@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..schedule import Setting, scalars
-from .base import Citation, Contract, Method, Param, Reduce, Select, Slice, Stats, uniform
+from .base import Citation, Contract, MergekitParams, Method, Param, Reduce, Select, Slice, Stats, uniform
 from .base import Pass as _Pass
 from .linear import WEIGHT
 
@@ -365,6 +365,21 @@ def _check_della(p: Mapping[str, Any]) -> str | None:
     return None
 
 
+def mergekit_params(
+    normalize: bool,
+    rescale: bool,
+    per_model: Mapping[str, float] | None = None,
+    renamed: Mapping[str, str] | None = None,
+) -> MergekitParams:
+    """mergekit's `GeneralizedTaskArithmeticMerge` parameters (generalized_task_arithmetic.py, registry.py):
+    its defaults of `normalize` and `rescale`, and the per-model parameters beyond weight and density."""
+    return MergekitParams(
+        shared={"int8_mask": False, "normalize": normalize, "rescale": rescale, "lambda": 1.0},
+        per_model={"weight": None, "density": 1.0, **(per_model or {})},
+        renamed=renamed or {},
+    )
+
+
 def method(
     name: str,
     title: str,
@@ -398,6 +413,11 @@ def method(
         paper=paper,
         citation=citation,
         mergekit=name.removeprefix("mergekit_"),
+        mergekit_params=mergekit_params(
+            normalize_default,
+            rescale_default,
+            {p.name: float(p.default) for p in model_params if p in (GAMMA, EPSILON) and p.default is not None},
+        ),
         notes=f"{notes} {reads_note(sparsifier)}",
         check=_check_della if sparsifier == "della_magprune" else None,
     )

@@ -36,6 +36,7 @@ __all__ = [
     "Deferral",
     "Deferred",
     "FusionBenchConfig",
+    "MergekitParams",
     "Method",
     "Param",
     "Reduce",
@@ -294,6 +295,21 @@ class FusionBenchConfig:
     config_json: str | None = None  # the model FusionBench takes config.json from, when not the base
 
 
+@dataclass(frozen=True)
+class MergekitParams:
+    """The parameters of the mergekit 0.1.5 method of the same math (`Method.mergekit`), as its
+    `MergeMethodSpec` declares them: name -> mergekit's default (None: required). `hubmerge import-mergekit`
+    converts a config with them.
+
+    mergekit reads `shared` ones only from the top-level (or slice) `parameters`, `per_model` ones from a
+    model's own `parameters` first. `renamed` maps a mergekit parameter to this method's name for it.
+    """
+
+    shared: Mapping[str, Scalar | None] = field(default_factory=dict)
+    per_model: Mapping[str, Scalar | None] = field(default_factory=dict)
+    renamed: Mapping[str, str] = field(default_factory=dict)
+
+
 @dataclass(frozen=True, eq=False)  # one value per method in the registry: compared and hashed by identity
 class Method:
     """One merge method: everything the recipe, plan, engine, card and documentation know of it."""
@@ -308,11 +324,18 @@ class Method:
     passes: tuple[Pass, ...] = ()
     paper: str | None = None  # "arXiv:2306.01708"
     mergekit: str | None = None  # the mergekit 0.1.5 `merge_method` with the same math, if any
+    mergekit_params: MergekitParams = field(default_factory=MergekitParams)  # with `mergekit`
     fusionbench: str | None = None  # the FusionBench algorithm with the same math, if any
     notes: str = ""  # what a user must know: differences from the tool of the same name, caveats
     # Why one model's parameters, resolved for one tensor, do not go together (della's d ± ε), or None.
     # The plan reports it as a recipe error before anything is downloaded.
     check: Callable[[Mapping[str, Scalar]], str | None] | None = None
+    # Why the recipe's settings together make no merge (linear's weights summing to 0), or None: given
+    # `[parameters]` and each model's settings with the `[parameters]` defaults applied. A recipe error.
+    check_models: Callable[[Mapping[str, Setting], Sequence[Mapping[str, Setting]]], str | None] | None = None
+    # Warnings on the given `[parameters]` that are valid but more likely a misreading than the intent
+    # (ties's `threshold = 1`): "key ...: message" lines, printed with the recipe's path.
+    advise: Callable[[Mapping[str, Setting]], tuple[str, ...]] | None = None
     # The name of the pass whose result is, per model, a magnitude cut-off: a method that keeps the entries
     # with |τᵢ| >= it (`trim_`) and elects a sign (sign(Σ trimmed τ), the model-wide majority where that is
     # 0). The diagnostics then report kept and dropped shares from that pass's result (`trims`).

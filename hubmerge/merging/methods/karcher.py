@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from .base import Contract, Method, Param, Slice, Stats
+from .base import Contract, MergekitParams, Method, Param, Slice, Stats
 from .sphere import gram_pass, task_vectors
 
 if TYPE_CHECKING:
@@ -102,6 +102,7 @@ METHOD = Method(
     passes=(gram_pass("gram", task_vectors),),
     paper="arXiv:2603.04972",
     mergekit="karcher",
+    mergekit_params=MergekitParams(shared={"max_iter": 10, "tol": 1e-5}),
     notes="Equal weights; the base is not an input (mergekit adds a `base_model` to the inputs: list it among "
     "the models to get the same merge). The iteration runs in float64 on the n×n Gram matrix of the models, "
     "summed slice by slice; mergekit iterates on float32 tensors, rounding every iterate. Measured at most 5 "

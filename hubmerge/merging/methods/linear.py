@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from .base import Citation, Contract, Method, Param, Slice, Stats
+from ..schedule import Setting, is_schedule
+from .base import Citation, Contract, MergekitParams, Method, Param, Slice, Stats
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -27,6 +29,17 @@ def merge(s: Slice, stats: Stats) -> Tensor:
     return total
 
 
+def _weights_sum_to_zero(params: Mapping[str, Setting], models: Sequence[Mapping[str, Setting]]) -> str | None:
+    """Dividing by Σ wᵢ = 0 would write a model of NaN and Inf (weights given per layer are not summed)."""
+    weights = [m.get("weight", 1.0) for m in models]  # WEIGHT.default
+    if not params.get("normalize", True) or any(is_schedule(w) for w in weights):
+        return None
+    values = [float(w) for w in weights]  # type: ignore[arg-type]
+    if sum(values) != 0:
+        return None
+    return f"the weights sum to 0 ({' + '.join(map(str, values))}); linear divides by their sum"
+
+
 METHOD = Method(
     name="linear",
     title="Linear (weighted average)",
@@ -37,6 +50,8 @@ METHOD = Method(
     model_params=(WEIGHT,),
     paper="arXiv:2203.05482",
     mergekit="linear",
+    check_models=_weights_sum_to_zero,
+    mergekit_params=MergekitParams(shared={"normalize": True}, per_model={"weight": None}),
     citation=Citation(
         "Wortsman et al. 2022",
         "Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing "

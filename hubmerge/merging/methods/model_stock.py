@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .base import Contract, Method, Param, Slice, Stats
+from .base import Contract, MergekitParams, Method, Param, Slice, Stats
 from .sphere import gram_pass, local_gram, one_vector, task_vectors
 
 if TYPE_CHECKING:
@@ -87,6 +87,7 @@ METHOD = Method(
     ),
     paper="arXiv:2403.19522",
     mergekit="model_stock",
+    mergekit_params=MergekitParams(shared={"filter_wise": False}),
     notes="Needs at least two fine-tunes of the base (mergekit: three inputs with the base). The pairwise inner "
     "products are summed in float64 slice by slice instead of float32 over the whole tensor, so t can differ "
     "from mergekit's in its last bits: measured at most 3 ulp of a tensor's largest value from mergekit's "

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...errors import HubmergeError
-from .base import Contract, Method, Param, Slice, Stats
+from .base import Contract, MergekitParams, Method, Param, Slice, Stats
 from .nuslerp import WEIGHT
 from .sphere import gram_pass, task_vectors
 
@@ -95,6 +95,7 @@ METHOD = Method(
     model_params=(WEIGHT,),
     passes=(gram_pass("gram", task_vectors),),
     mergekit="multislerp",
+    mergekit_params=MergekitParams(shared={"normalize_weights": True, "eps": 1e-8}, per_model={"weight": None}),
     notes="Without a base it interpolates the models themselves, with one the task vectors. The n×n arithmetic "
     "runs on the Gram matrix of the inputs, summed in float64 slice by slice, and writes Σ kᵢ τᵢ in one pass; "
     "mergekit computes each intermediate tensor in float32 (in bf16 with `dtype: bfloat16`). Measured at most "

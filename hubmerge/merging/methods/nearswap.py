@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Contract, Method, Param, Slice, Stats
+from .base import Contract, MergekitParams, Method, Param, Slice, Stats
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -39,6 +39,7 @@ METHOD = Method(
         ),
     ),
     mergekit="nearswap",
+    mergekit_params=MergekitParams(shared={"t": None}),
     symbols=(("θ₁", "the parameters of the model"), ("w", "the model's per-element weight")),
     notes="No paper: the method comes from Alchemonaut's model card "
     "(https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001), as mergekit cites it.",

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .base import Contract, Method, Param, Slice, Stats
+from .base import Contract, MergekitParams, Method, Param, Slice, Stats
 from .sphere import gram, gram_pass, one_vector, task_vectors
 
 if TYPE_CHECKING:
@@ -118,6 +118,9 @@ METHOD = Method(
         gram_pass("gram", task_vectors, when=_rows, shapes=one_vector),
     ),
     mergekit="nuslerp",
+    mergekit_params=MergekitParams(
+        shared={"nuslerp_row_wise": False, "nuslerp_flatten": True}, per_model={"weight": None}
+    ),
     notes="Without a base it interpolates the models themselves, with one the task vectors. mergekit names the "
     "per-column mode `nuslerp_row_wise`. Inner products are summed in float64 slice by slice, not in float32 "
     "over the whole tensor as mergekit does: measured at most 1.5 ulp of a tensor's largest value from "

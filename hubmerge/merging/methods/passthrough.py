@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Contract, Method, Param, Slice, Stats
+from .base import Contract, MergekitParams, Method, Param, Slice, Stats
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -32,5 +32,6 @@ METHOD = Method(
         ),
     ),
     mergekit="passthrough",
+    mergekit_params=MergekitParams(per_model={"scale": 1.0}),  # mergekit: None, the tensor as it is
     notes="mergekit's `scale` is unset by default (no multiplication); 1.0 here gives the same tensors.",
 )

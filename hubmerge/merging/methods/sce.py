@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..schedule import scalars
-from .base import Citation, Contract, Method, Param, Reduce, Select, Slice, Stats
+from .base import Citation, Contract, MergekitParams, Method, Param, Reduce, Select, Slice, Stats
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -137,6 +137,7 @@ METHOD = Method(
     ),
     paper="arXiv:2408.07990",
     mergekit="sce",
+    mergekit_params=MergekitParams(shared={"int8_mask": False, "select_topk": 1.0}),
     citation=Citation(
         "Wan et al. 2024",
         "FuseChat: Knowledge Fusion of Chat Models",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .base import Contract, Method, Param, Slice, Stats
+from .base import Contract, MergekitParams, Method, Param, Slice, Stats
 from .sphere import gram_pass
 
 if TYPE_CHECKING:
@@ -65,6 +65,7 @@ METHOD = Method(
     params=(Param("t", float, None, "interpolation weight: 0 gives the base, 1 the model"),),
     passes=(gram_pass("gram", _inputs),),
     mergekit="slerp",
+    mergekit_params=MergekitParams(shared={"t": None}),
     notes="Interpolates between `base` and the one model (mergekit: `base_model` and the other input). The "
     "angle is taken over the whole tensor; |cos Ω| > 0.9995 falls back to the lerp, as in mergekit. The dot "
     "product is summed in float64 slice by slice, not in float32 over the whole tensor as mergekit does, so "

@@ -55,6 +55,7 @@ METHOD = Method(
     passes=_gta.passes("magnitude"),
     paper="arXiv:2212.04089",
     mergekit="task_arithmetic",
+    mergekit_params=_gta.mergekit_params(normalize=False, rescale=False, renamed={"lambda": "scaling_factor"}),
     fusionbench="TaskArithmeticAlgorithm",
     citation=Citation(
         "Ilharco et al. 2023",

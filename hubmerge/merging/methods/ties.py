@@ -31,7 +31,11 @@ from .base import (
 from .task_arithmetic import SCALING
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from torch import Tensor
+
+    from ..schedule import Setting
 
 
 def ties_keep_count(numel: int, threshold: float) -> int:
@@ -168,6 +172,15 @@ def _trim(mode: str) -> Any:
     return lambda params, models: params["trim"] == mode
 
 
+def _advise(params: Mapping[str, Setting]) -> tuple[str, ...]:
+    if params.get("threshold") == 1:
+        return (
+            "parameters.threshold = 1 is read as the fraction 1.0, keeping 100 % of each task vector (as "
+            "FusionBench reads it); for 1 percent write 0.01",
+        )
+    return ()
+
+
 METHOD = Method(
     name="ties",
     title="TIES merging",
@@ -219,6 +232,7 @@ METHOD = Method(
     deferral=Deferral(
         _decide, settle=Reduce("majority", majority, scope="model"), alternatives=2, open_percent=1
     ),
+    advise=_advise,
     citation=TIES,
     fusionbench_config=FusionBenchConfig(
         "linear/ties_merging_for_causallm",
