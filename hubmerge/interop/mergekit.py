@@ -21,7 +21,6 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from ..merging.methods import METHODS, Method, Param
 from ..merging.methods.base import MergekitParams
 from ..merging.schedule import Filter, Gradient, Scalar, Setting, to_json
 from ..publish.files import CONFIG_FILE
-from ..recipe.load import load_recipe
+from ..recipe.load import loads_recipe
 from ..recipe.schema import REPO_ID as _REPO_ID
 from ..recipe.write import toml_key, toml_value
 
@@ -856,13 +855,11 @@ def _render(
 
 
 def _check(c: _Converter, text: str) -> None:
-    """The recipe as `hubmerge validate` reads it; a refusal here is a conversion this module got wrong or
-    a value only hubmerge refuses (a method's `check_models`)."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "imported.toml"
-        path.write_text(text, encoding="utf-8")
-        try:
-            load_recipe(path)
-        except RecipeError as exc:
-            message = str(exc).replace(f"{path}: ", "")
-            raise ConfigImportError([f"{c.config}: the converted recipe is not valid: {message}"]) from None
+    """The recipe as `hubmerge validate` will read it beside its folder; a refusal here is a conversion this
+    module got wrong or a value only hubmerge refuses (a method's `check_models`)."""
+    path = c.recipe_dir / "imported.toml"  # read as if there: it need not exist, and nothing is written
+    try:
+        loads_recipe(text, path)
+    except RecipeError as exc:
+        message = str(exc).replace(f"{path}: ", "")
+        raise ConfigImportError([f"{c.config}: the converted recipe is not valid: {message}"]) from None
