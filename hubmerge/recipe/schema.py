@@ -1,7 +1,7 @@
 """The recipe's schema: pydantic models of its tables, one recipe model per registered method, and the
 JSON Schema editors read (`hubmerge schema`).
 
-A method's `Param`s (`methods/base.py`) become its `[parameters]` keys and the keys of its `[[models]]`
+A method's `Param`s (`merging/methods/base.py`) become its `[parameters]` keys and the keys of its `[[models]]`
 tables, with their types, ranges, choices, defaults and help; a `per_tensor` parameter also takes a
 gradient or filter rules (`schedule.py`), converted here to `Gradient` and `Filter` values. The recipe is a
 union tagged by `method`, so a method added to the registry is validated, and described to editors,
