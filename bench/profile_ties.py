@@ -66,8 +66,11 @@ def timed(name, fn):
 
 
 def install() -> None:
-    from hubmerge import api, checkpoint, diagnostics, engine
-    from hubmerge.methods import Deferred, ties
+    from hubmerge import api
+    from hubmerge.merging import engine
+    from hubmerge.merging.methods import Deferred, ties
+    from hubmerge.quality import diagnostics
+    from hubmerge.sources import checkpoint
 
     engine._Passes.before_merge = timed(PHASES[0], engine._Passes.before_merge)
     engine._Passes._sample = timed("sample (bracket the cut-off)", engine._Passes._sample)
@@ -138,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("recipe", nargs="?", type=Path, default=HERE / "work" / "configs" / "ties-0.5b-3.toml")
     p.add_argument("--output", type=Path, default=HERE / "work" / "out" / "profile-ties")
     p.add_argument("--no-cprofile", action="store_true")
-    p.add_argument("--chunk-elements", type=int, help="override hubmerge.plan.CHUNK_ELEMENTS for this run")
+    p.add_argument("--chunk-elements", type=int, help="override hubmerge.merging.plan.CHUNK_ELEMENTS for this run")
     p.add_argument(
         "--pstats", type=Path, default=HERE / "work" / "ties.pstats", help="where the profile goes"
     )
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     install()
     if args.chunk_elements:
-        from hubmerge import plan
+        from hubmerge.merging import plan
 
         plan.CHUNK_ELEMENTS = args.chunk_elements
         print(f"CHUNK_ELEMENTS = {args.chunk_elements}", flush=True)

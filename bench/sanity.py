@@ -23,8 +23,8 @@ from run import FINE_TUNES, ROOT, WORK, make_models, measure, warm
 CHECK = """
 import json, sys, time
 from pathlib import Path
-from hubmerge.forward import Checkpoint, Qwen2Shape
-from hubmerge.sanity import _tokenize, check, sanity_texts
+from hubmerge.quality.forward import Checkpoint, Qwen2Shape
+from hubmerge.quality.sanity import _tokenize, check, sanity_texts
 facts, out, sources = Path(sys.argv[1]), Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]]
 start = time.perf_counter()
 report = check(out, [Checkpoint.local(p.name, p) for p in sources])

@@ -22,8 +22,8 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .api import InspectResult, MergeResult, inspect, load_plan, merge
-    from .mergekit_config import import_mergekit
-    from .recipe import Recipe, load_recipe
+    from .interop.mergekit import import_mergekit
+    from .recipe.load import Recipe, load_recipe
 
 # Loaded on first use (PEP 562): the merge API imports torch, the recipe model pydantic, and the mergekit
 # importer both, so `import hubmerge` and `hubmerge --version` stay fast without them.
@@ -33,9 +33,9 @@ _LAZY = {
     "inspect": "api",
     "load_plan": "api",
     "merge": "api",
-    "import_mergekit": "mergekit_config",
-    "Recipe": "recipe",
-    "load_recipe": "recipe",
+    "import_mergekit": "interop.mergekit",
+    "Recipe": "recipe.load",
+    "load_recipe": "recipe.load",
 }
 
 

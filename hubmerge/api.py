@@ -23,24 +23,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .card import license_file, render_card
-from .checkpoint import Folder, numel
-from .diagnostics import MergeStats, stats_files, write_stats
-from .engine import collect_stats, write_weights
 from .errors import Cancelled, EvalError, GateError, HubmergeError, RecipeError
-from .evaluate import (
-    CHART_FILE,
-    RESULTS_FILE,
-    Candidate,
-    Evaluation,
-    evaluate_models,
-    require_lm_eval,
-    summary_markdown,
-)
-from .files import CARD_FILE, CONFIG_FILE, LOCK_FILE, RECIPE_COPY, STATS_FILE
 from .gguf import card_license, companion_staging, open_stream, write_companion, write_companion_files
 from .gguf import write_files as write_gguf_files
-from .lock import (
+from .merging.engine import collect_stats, write_weights
+from .merging.plan import MergePlan, build_plan
+from .publish.card import license_file, render_card
+from .publish.files import CARD_FILE, CONFIG_FILE, LOCK_FILE, RECIPE_COPY, STATS_FILE
+from .publish.hub import ShardUploader, check_push_access, push_companion
+from .publish.hub import push as publish
+from .publish.lock import (
     KnownHashes,
     SourceHashes,
     Verification,
@@ -51,14 +43,22 @@ from .lock import (
     lock_data,
     verify_cached,
 )
-from .output import check_target, disk_full, recover, staged, swap_in
-from .plan import MergePlan, build_plan
-from .publish import ShardUploader, check_push_access, push_companion
-from .publish import push as publish
-from .recipe import EvalSpec, Recipe, load_recipe, loads_recipe
-from .remote import RemoteFolder, prove_all
-from .sanity import SanityReport
-from .sources import TOKENIZER_FILES, Source, fetch
+from .publish.output import check_target, disk_full, recover, staged, swap_in
+from .quality.diagnostics import MergeStats, stats_files, write_stats
+from .quality.evaluate import (
+    CHART_FILE,
+    RESULTS_FILE,
+    Candidate,
+    Evaluation,
+    evaluate_models,
+    require_lm_eval,
+    summary_markdown,
+)
+from .quality.sanity import SanityReport
+from .recipe.load import EvalSpec, Recipe, load_recipe, loads_recipe
+from .sources.checkpoint import Folder, numel
+from .sources.remote import RemoteFolder, prove_all
+from .sources.resolve import TOKENIZER_FILES, Source, fetch
 
 if TYPE_CHECKING:
     from .gguf.writer import GgufStream
@@ -681,8 +681,8 @@ def _sanity_check(
 ) -> SanityReport:
     """The quick sanity check of the merge in `folder` against the base and every model (each source once, by
     its first mention), read where the merge read them: streamed sources by range from the Hub again."""
-    from .forward import Checkpoint
-    from .sanity import check
+    from .quality.forward import Checkpoint
+    from .quality.sanity import check
 
     sources: dict[str, Checkpoint] = {}
     for role in plan.roles:
@@ -732,7 +732,7 @@ def _evaluate(
     evaluation = evaluate_models(
         [Candidate("merged", "merged", folder), *sources], folder, spec, plan.recipe.path, log
     )
-    from .plots import bar_chart
+    from .quality.plots import bar_chart
 
     names = [m.name for m in evaluation.models]
     rows = evaluation.rows()

@@ -97,7 +97,7 @@ def _run_parser() -> argparse.ArgumentParser:
 
 
 def _size(value: str) -> int:
-    from .recipe import parse_size
+    from .recipe.load import parse_size
 
     try:
         return parse_size(value)
@@ -228,7 +228,7 @@ def _append(path: Path | None, text: str) -> None:
 
 
 def _validate_one(path: Path) -> None:
-    from .recipe import load_recipe, missing_folder
+    from .recipe.load import load_recipe, missing_folder
 
     recipe = load_recipe(path)
     missing_folder(recipe, path)
@@ -253,7 +253,7 @@ def _validate(paths: Sequence[Path]) -> int:
 
 
 def _import_mergekit(args: argparse.Namespace) -> int:
-    from .mergekit_config import import_mergekit
+    from .interop.mergekit import import_mergekit
 
     imported = import_mergekit(args.config, args.output)
     for note in imported.notes:
@@ -289,7 +289,7 @@ def _dispatch(argv: Sequence[str]) -> int:
     if argv and argv[0] == "validate":  # before importing the merge API: validating needs no torch
         return _validate(_command_parser("validate").parse_args(argv[1:]).recipes)
     if argv and argv[0] == "schema":  # the same: no torch
-        from .schema import json_schema
+        from .recipe.schema import json_schema
 
         _command_parser("schema").parse_args(argv[1:])
         print(json.dumps(json_schema(), indent=2, ensure_ascii=False))
@@ -309,7 +309,7 @@ def _dispatch(argv: Sequence[str]) -> int:
     args = _command_parser(command).parse_args(argv[1:]) if command else _run_parser().parse_args(argv)
 
     from . import api
-    from .report import explain, plan_json, plan_text, summary_markdown
+    from .merging.report import explain, plan_json, plan_text, summary_markdown
 
     if command == "inspect":
         return _inspect(args)
@@ -328,7 +328,7 @@ def _dispatch(argv: Sequence[str]) -> int:
             print(json.dumps(plan_json(merge_plan), indent=2) if args.json else plan_text(merge_plan))
             _append(args.summary, summary_markdown(merge_plan))
             return 0
-        from .card import render_card
+        from .publish.card import render_card
 
         stats, sanity = api.recorded_results(merge_plan)  # the diagnostics an earlier merge wrote there
         card = render_card(merge_plan, stats=stats, sanity=sanity)
@@ -362,14 +362,14 @@ def _dispatch(argv: Sequence[str]) -> int:
     if not args.quiet:
         print(f"wrote {result.output_dir}")
     if result.evaluation is not None:  # as `hubmerge eval` prints it
-        from .evaluate import results_table
+        from .quality.evaluate import results_table
 
         print(results_table(result.evaluation), end="")
     if result.commit_url:
         print(result.commit_url)
     _append(args.summary, summary_markdown(result.plan, result.commit_url, merged=True))
     if result.evaluation is not None:
-        from .evaluate import summary_markdown as eval_summary
+        from .quality.evaluate import summary_markdown as eval_summary
 
         _append(args.summary, eval_summary(result.evaluation))
     return 0
@@ -377,7 +377,7 @@ def _dispatch(argv: Sequence[str]) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from . import api
-    from .evaluate import results_table, summary_markdown
+    from .quality.evaluate import results_table, summary_markdown
 
     try:
         result = api.evaluate(args.recipe, output_dir=args.output, sources=args.sources, quiet=args.quiet)
@@ -414,7 +414,7 @@ def _search(args: argparse.Namespace) -> int:
     print(f"best: trial {best['number']}, score {best['score']:.6g} ({result.direction}d), {best['params']}")
     print(f"wrote {result.output_dir / BEST_FILE} and {result.output_dir / RESULTS_JSON}")
     if args.publish:
-        from .recipe import load_recipe
+        from .recipe.load import load_recipe
         from .search.publish import publish_best
 
         spec = load_recipe(args.recipe).search
@@ -426,7 +426,7 @@ def _search(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from . import api
-    from .diagnostics import summary_text
+    from .quality.diagnostics import summary_text
 
     result = api.inspect(
         args.recipe, output_dir=args.output, device=args.device, lock=args.lock, quiet=args.quiet
@@ -453,7 +453,7 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
         sys.stdout.flush()
         os._exit(128 + signum)
 
-    output = sys.modules.get("hubmerge.output")  # not imported yet: no staging folder exists
+    output = sys.modules.get("hubmerge.publish.output")  # not imported yet: no staging folder exists
     if output is None:
         finish()
     else:

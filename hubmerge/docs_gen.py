@@ -3,7 +3,7 @@
 What the code knows is written out, never retyped: each merge method's page (`docs/methods/NAME.md`)
 from its registry entry, the methods table in `docs/methods/index.md` and the method links in
 `README.md` and the site's menu in `mkdocs.yml` between their markers, the card template's variables
-(`docs/card-template.md`) from the contract in `hubmerge/card.py`'s docstring, and the recipe reference
+(`docs/card-template.md`) from the contract in `hubmerge/publish/card.py`'s docstring, and the recipe reference
 (`docs/reference/recipe.md`) from the recipe's JSON Schema (`hubmerge schema`). With `--check` nothing is
 written and the exit code is 1 when a page is out of date (tests/test_docs.py runs it).
 """
@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .methods import METHODS, TABLE_END, TABLE_START, Method, Param, _paper, _reads, methods_table
+from .merging.methods import METHODS, TABLE_END, TABLE_START, Method, Param, _paper, _reads, methods_table
 
 __all__ = ["LINKS_END", "LINKS_START", "generated", "main", "method_links"]
 
@@ -122,7 +122,7 @@ def _params_table(params: Sequence[Param]) -> list[str]:
 
 def method_page(m: Method) -> str:
     """The page of one method, from its registry entry."""
-    out = [_NOTICE.format(source=f"`hubmerge/methods/{m.name}.py`"), f"# `{m.name}`: {m.title}", ""]
+    out = [_NOTICE.format(source=f"`hubmerge/merging/methods/{m.name}.py`"), f"# `{m.name}`: {m.title}", ""]
     out += [f"**Formula.** {m.formula}", ""]
     legend = m.legend()
     if legend:
@@ -195,7 +195,7 @@ _TABLES = {
 
 def _type(node: Mapping[str, Any]) -> str:
     """A JSON Schema node as a short phrase: `string`, `integer ≥ 1`, `"a" or "b"`, a table's link."""
-    from .schema import _SIZE
+    from .recipe.schema import _SIZE
 
     if "$ref" in node:
         name = node["$ref"].rsplit("/", 1)[1]
@@ -254,7 +254,7 @@ def _by_base(kind: str) -> str:
 
 def recipe_reference() -> str:
     """Every key of a recipe, table by table, from `hubmerge schema`'s JSON Schema."""
-    from .schema import json_schema
+    from .recipe.schema import json_schema
 
     schema = json_schema()
     defs = schema["$defs"]
@@ -279,7 +279,7 @@ def recipe_reference() -> str:
         "parameters": "[table](#parameters)",
     }
     out = [
-        _NOTICE.format(source="the recipe's schema (`hubmerge/schema.py`, `hubmerge schema`)"),
+        _NOTICE.format(source="the recipe's schema (`hubmerge/recipe/schema.py`, `hubmerge schema`)"),
         "# Recipe reference",
         "",
         "Every key a recipe may hold, with its type and default. The [recipe guide](../recipe.md) explains "
@@ -333,9 +333,9 @@ CARD_PAGE = "docs/card-template.md"
 
 
 def card_context() -> list[tuple[str, str, str]]:
-    """(variable, type, what it holds) from the "Template context" list of `hubmerge/card.py`'s docstring, the
+    """(variable, type, what it holds) from the "Template context" list of `hubmerge/publish/card.py`'s docstring, the
     contract the card renderer keeps."""
-    from . import card
+    from .publish import card
 
     text = (card.__doc__ or "").split("Template context", 1)[1]
     entries: list[list[str]] = []

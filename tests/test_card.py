@@ -27,11 +27,11 @@ from huggingface_hub import ModelCard
 
 import hubmerge
 from hubmerge import api
-from hubmerge.card import License, combine_licenses, license_file, render_card, source_license
 from hubmerge.cli import main
 from hubmerge.errors import CardError
-from hubmerge.plan import MergePlan
-from hubmerge.qwen import QWEN25_SIZES
+from hubmerge.merging.plan import MergePlan
+from hubmerge.publish.card import License, combine_licenses, license_file, render_card, source_license
+from hubmerge.sources.qwen import QWEN25_SIZES
 
 GOLDEN = Path(__file__).parent / "golden"
 EXAMPLES = REPO / "recipes" / "examples"
@@ -661,9 +661,9 @@ def test_citation_section_has_the_qwen25_report_verbatim_then_the_method_paper()
 def test_card_code_and_template_name_no_method() -> None:
     """What the card says of a method comes from its `Method` definition: card.py and the default template
     hold no method name, so a new method's card needs nothing outside its own file."""
-    from hubmerge.methods import METHODS
+    from hubmerge.merging.methods import METHODS
 
-    sources = [REPO / "hubmerge" / "card.py", REPO / "hubmerge" / "templates" / "model_card.md.j2"]
+    sources = [REPO / "hubmerge" / "publish" / "card.py", REPO / "hubmerge" / "publish" / "templates" / "model_card.md.j2"]
     for path in sources:
         text = path.read_text()
         for name in METHODS:

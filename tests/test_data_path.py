@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from support.cli import invoke_cli
 
 from hubmerge import api
-from hubmerge.checkpoint import TensorReader
-from hubmerge.report import plan_text
+from hubmerge.merging.report import plan_text
+from hubmerge.sources.checkpoint import TensorReader
 
 
 def _pool(folder: Path) -> None:

@@ -17,10 +17,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from support.cli import invoke_cli
 
-import hubmerge.plan
+import hubmerge.merging.plan
 from hubmerge import api
-from hubmerge.diagnostics import PLOTS, STATS_FILE
 from hubmerge.errors import RecipeError
+from hubmerge.quality.diagnostics import PLOTS, STATS_FILE
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOT_FILES = [file for file, _ in PLOTS.values()]
@@ -128,7 +128,7 @@ def test_stats_are_the_same_whatever_the_slice_size(tmp_path: Path, monkeypatch:
     recipe = tmp_path / "r.toml"
     recipe.write_text(recipe_text("ties").replace(str(TINY), str(tmp_path)))
     whole = api.inspect(recipe, output_dir=tmp_path / "a", quiet=True).stats
-    monkeypatch.setattr(hubmerge.plan, "CHUNK_ELEMENTS", 37)  # a few rows, or part of one, per slice
+    monkeypatch.setattr(hubmerge.merging.plan, "CHUNK_ELEMENTS", 37)  # a few rows, or part of one, per slice
     plan = api.load_plan(recipe)
     assert max(t.chunk_rows for t in plan.tensors) == 37  # the 1-D tensors split too
     assert any(t.numel > t.chunk_rows * (t.numel // t.shape[0]) for t in plan.tensors)

@@ -16,11 +16,11 @@ import pytest
 import torch
 from conftest import TINY, random_state_dict, write_checkpoint
 
-import hubmerge.engine
+import hubmerge.merging.engine
 from hubmerge import api
-from hubmerge.diagnostics import _BLOCK, MergeStats, _Sums
-from hubmerge.engine import _cuts, _open_inputs, _Passes
-from hubmerge.plan import OutputTensor
+from hubmerge.merging.engine import _cuts, _open_inputs, _Passes
+from hubmerge.merging.plan import OutputTensor
+from hubmerge.quality.diagnostics import _BLOCK, MergeStats, _Sums
 
 MODELS = ("math", "coder", "instruct")
 
@@ -106,8 +106,8 @@ def test_fused_stats_of_merge_and_inspect_equal_the_separate_pass_to_the_bit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
     # Small pieces: the larger tensors are several pieces, merged by two threads and recorded in order.
-    monkeypatch.setattr(hubmerge.engine, "_PIECE_ELEMENTS", 4096)
-    monkeypatch.setattr(hubmerge.engine, "_merge_threads", lambda device: 2)
+    monkeypatch.setattr(hubmerge.merging.engine, "_PIECE_ELEMENTS", 4096)
+    monkeypatch.setattr(hubmerge.merging.engine, "_merge_threads", lambda device: 2)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # no plots: they are not what is compared
     recipe = tmp_path / "r.toml"
     recipe.write_text(tiny_recipe(method))

@@ -24,7 +24,7 @@ import yaml
 from conftest import REPO
 
 from hubmerge import cli, docs_gen
-from hubmerge.methods import METHODS
+from hubmerge.merging.methods import METHODS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -160,7 +160,7 @@ def test_a_method_page_holds_its_formula_parameters_defaults_and_citation() -> N
 
 
 def test_the_recipe_reference_lists_every_key_of_every_table_with_its_default() -> None:
-    from hubmerge.schema import json_schema
+    from hubmerge.recipe.schema import json_schema
 
     reference = (DOCS / "reference" / "recipe.md").read_text()
     defs = json_schema()["$defs"]
@@ -249,7 +249,7 @@ def _recipe_text(body: str) -> str:
 
 @pytest.mark.parametrize(("where", "body"), blocks("toml"), ids=[w for w, _ in blocks("toml")])
 def test_every_toml_example_is_a_valid_recipe(workdir: Path, where: str, body: str) -> None:
-    from hubmerge.recipe import load_recipe
+    from hubmerge.recipe.load import load_recipe
 
     folder = workdir / "recipes" / "examples"  # where "./tiny/..." models are
     for name, text in NAMED_FILES.items():

@@ -21,10 +21,10 @@ from support.evaluation import eval_recipe as recipe
 
 from hubmerge import api
 from hubmerge.errors import RecipeError
-from hubmerge.evaluate import CHART_FILE, RESULTS_FILE
-from hubmerge.lock import file_sha256
-from hubmerge.recipe import load_recipe
-from hubmerge.sanity import LOSS_RATIO
+from hubmerge.publish.lock import file_sha256
+from hubmerge.quality.evaluate import CHART_FILE, RESULTS_FILE
+from hubmerge.quality.sanity import LOSS_RATIO
+from hubmerge.recipe.load import load_recipe
 
 TOKEN = "hf_test_user_token"
 

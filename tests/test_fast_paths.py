@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 import torch
 
-from hubmerge import selection
-from hubmerge.lock import SourceHashes
-from hubmerge.methods import METHODS, Slice
-from hubmerge.methods.ties import _disjoint_merge
-from hubmerge.selection import bracket, kth_smallest
+from hubmerge.merging import selection
+from hubmerge.merging.methods import METHODS, Slice
+from hubmerge.merging.methods.ties import _disjoint_merge
+from hubmerge.merging.selection import bracket, kth_smallest
+from hubmerge.publish.lock import SourceHashes
 
 
 def _data(seed: int = 0) -> torch.Tensor:

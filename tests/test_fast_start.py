@@ -20,7 +20,7 @@ def loaded_after(code: str) -> tuple[list[str], str]:
     script = (
         "import json, sys\n"
         f"{code}\n"
-        "names = ('torch', 'transformers', 'safetensors', 'pydantic', 'yaml', 'hubmerge.mergekit_config')\n"
+        "names = ('torch', 'transformers', 'safetensors', 'pydantic', 'yaml', 'hubmerge.interop.mergekit')\n"
         "print('\\nloaded:', json.dumps(sorted(m for m in names if m in sys.modules)))\n"
     )
     result = subprocess.run(

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from support.cli import invoke_cli, start_cli
 from support.hub import POOL, hub_env, pool_hub
 
-from hubmerge import output
+from hubmerge.publish import output
 
 HUB_RECIPE = 'method = "task_arithmetic"\nbase = "Qwen/Qwen2.5-1.5B"\nmodels = ["Qwen/Qwen2.5-Math-1.5B"]\n'
 WEIGHTS = "Qwen2.5-Math-1.5B/resolve/"  # the math model's file downloads (at its commit sha)

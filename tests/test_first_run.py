@@ -19,7 +19,7 @@ from support.evaluation import eval_recipe
 
 from hubmerge import api
 from hubmerge.errors import HubmergeError, RecipeError
-from hubmerge.recipe import load_recipe
+from hubmerge.recipe.load import load_recipe
 
 
 @pytest.fixture
@@ -245,7 +245,7 @@ def test_output_recipe_copy_drops_a_local_schema_line_and_card_and_lock_hash_wha
 
 
 def load_plan_with_lock(recipe: Path, lock: Path) -> bool:
-    from hubmerge.lock import apply_lock
+    from hubmerge.publish.lock import apply_lock
 
     return apply_lock(load_recipe(recipe), lock) is not None
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from conftest import HIDDEN, random_state_dict, write_checkpoint
 
-from hubmerge import forward
-from hubmerge.checkpoint import TensorReader
-from hubmerge.forward import Checkpoint, Unrunnable, token_losses
+from hubmerge.quality import forward
+from hubmerge.quality.forward import Checkpoint, Unrunnable, token_losses
+from hubmerge.sources.checkpoint import TensorReader
 
 TOLERANCE = 1e-5
 # Three sequences of 7, 2 and 40 tokens (a two-token one predicts a single token).

@@ -23,14 +23,14 @@ from huggingface_hub import ModelCard
 from markdown_it import MarkdownIt
 
 from hubmerge import api
-from hubmerge.card import render_card
 from hubmerge.errors import CardError
-from hubmerge.evaluate import Check, Evaluation, ModelResult, Score
-from hubmerge.evaluate import summary_markdown as eval_summary
-from hubmerge.markdown import code, literal, safe_url, text
-from hubmerge.recipe import Requirement
-from hubmerge.report import summary_markdown
-from hubmerge.sanity import SanityReport
+from hubmerge.merging.report import summary_markdown
+from hubmerge.publish.card import render_card
+from hubmerge.publish.markdown import code, literal, safe_url, text
+from hubmerge.quality.evaluate import Check, Evaluation, ModelResult, Score
+from hubmerge.quality.evaluate import summary_markdown as eval_summary
+from hubmerge.quality.sanity import SanityReport
+from hubmerge.recipe.load import Requirement
 
 RTL = "\u202e"
 HOSTILE = [

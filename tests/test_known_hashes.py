@@ -12,7 +12,7 @@ import pytest
 from conftest import random_state_dict, write_checkpoint
 
 import hubmerge
-from hubmerge import lock
+from hubmerge.publish import lock
 
 RECIPE = 'method = "task_arithmetic"\nbase = "./base"\nmodels = ["./a", "./b"]\n'
 

@@ -28,8 +28,8 @@ from conftest import REPO
 from safetensors.torch import load_file
 
 import hubmerge
-from hubmerge.mergekit_config import import_mergekit
-from hubmerge.methods import METHODS
+from hubmerge.interop.mergekit import import_mergekit
+from hubmerge.merging.methods import METHODS
 
 MANIFEST = REPO / "tests" / "mergekit" / "manifest.json"
 RUNS = [r for r in json.loads(MANIFEST.read_text())["runs"] if r["deterministic"] and r["returncode"] == 0]

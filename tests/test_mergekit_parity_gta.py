@@ -29,7 +29,7 @@ from conftest import toml_value
 from safetensors.torch import load_file
 
 import hubmerge
-from hubmerge.schedule import evaluate, layer_position
+from hubmerge.merging.schedule import evaluate, layer_position
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "tests" / "mergekit" / "manifest.json"
@@ -109,7 +109,7 @@ def tied_at_cut(
 
 def _setting(value: Any) -> Any:
     """A YAML setting as hubmerge's schedule types, for `evaluate`."""
-    from hubmerge.schedule import Filter, Gradient
+    from hubmerge.merging.schedule import Filter, Gradient
 
     if isinstance(value, list) and value and isinstance(value[0], dict):
         return tuple(Filter(_setting(r["value"]), r.get("filter")) for r in value)

@@ -27,10 +27,10 @@ from conftest import random_state_dict, write_checkpoint
 from support.reference import load_f32, with_head
 
 import hubmerge
-from hubmerge import plan as plan_module
 from hubmerge.errors import HubmergeError, RecipeError
-from hubmerge.methods import sphere
-from hubmerge.report import plan_json, plan_text
+from hubmerge.merging import plan as plan_module
+from hubmerge.merging.methods import sphere
+from hubmerge.merging.report import plan_json, plan_text
 
 StateDict = dict[str, torch.Tensor]
 VOCAB = 64  # short embeddings keep the 7-element slice runs fast; they still span 64 slices

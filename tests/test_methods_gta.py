@@ -4,7 +4,7 @@
 sparsify each τᵢ (magnitude top-k, random, breadcrumbs band, DELLA's per-row ranks), rescale by L1
 norms, weight, elect signs or not, normalize, scale, add the base. The engine streams slices; agreeing
 with the reference, bit for bit without rescale, is the proof that streaming changed nothing. Random
-masks draw from `hubmerge.methods.uniform` (u < p keeps), the documented source of every random method.
+masks draw from `hubmerge.merging.methods.uniform` (u < p keeps), the documented source of every random method.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from conftest import random_state_dict, write_checkpoint
 from support.reference import load_f32, with_head
 
 import hubmerge
-from hubmerge import plan as plan_module
 from hubmerge.errors import RecipeError
-from hubmerge.methods import METHODS, uniform
-from hubmerge.schedule import Gradient
+from hubmerge.merging import plan as plan_module
+from hubmerge.merging.methods import METHODS, uniform
+from hubmerge.merging.schedule import Gradient
 
 StateDict = dict[str, torch.Tensor]
 PerModel = list[Any]  # one value per model: a number, or a function of the tensor name

@@ -15,9 +15,9 @@ from conftest import random_state_dict, write_checkpoint
 from support.reference import assert_close, load_f32, with_head
 
 import hubmerge
-from hubmerge import plan as plan_module
 from hubmerge.errors import RecipeError
-from hubmerge.methods import get_method
+from hubmerge.merging import plan as plan_module
+from hubmerge.merging.methods import get_method
 
 StateDict = dict[str, torch.Tensor]
 VOCAB = 64
@@ -267,7 +267,7 @@ def test_passthrough_takes_exactly_one_model(tmp_path):
 
 def test_sce_card_cites_its_paper_and_explains_its_symbols(tmp_path):
     from hubmerge.api import load_plan
-    from hubmerge.card import render_card
+    from hubmerge.publish.card import render_card
 
     pool(tmp_path, "f32-tied")
     recipe = tmp_path / "recipe.toml"
@@ -284,7 +284,7 @@ def test_sce_card_cites_its_paper_and_explains_its_symbols(tmp_path):
 
 def test_nearswap_and_passthrough_cards_name_their_parameters_and_no_paper(tmp_path):
     from hubmerge.api import load_plan
-    from hubmerge.card import render_card
+    from hubmerge.publish.card import render_card
 
     pool(tmp_path, "f32-tied", count=2)
     recipe = tmp_path / "nearswap.toml"
@@ -306,7 +306,7 @@ def test_nearswap_and_passthrough_cards_name_their_parameters_and_no_paper(tmp_p
 
 
 def test_passthrough_of_its_one_model_is_not_warned_about_as_a_copy(tmp_path):
-    from hubmerge.recipe import load_recipe
+    from hubmerge.recipe.load import load_recipe
 
     pool(tmp_path, "f32-tied", count=2)
     recipe = tmp_path / "recipe.toml"

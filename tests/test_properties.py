@@ -28,10 +28,10 @@ from hypothesis import strategies as st
 
 import hubmerge
 from hubmerge import cli
-from hubmerge.checkpoint import TensorReader, index_folder, read_header
 from hubmerge.errors import HubmergeError
-from hubmerge.methods import METHODS
-from hubmerge.recipe import Recipe, load_recipe
+from hubmerge.merging.methods import METHODS
+from hubmerge.recipe.load import Recipe, load_recipe
+from hubmerge.sources.checkpoint import TensorReader, index_folder, read_header
 
 FUZZ = settings(
     max_examples=150,

@@ -158,7 +158,7 @@ def test_the_errors_page_examples_are_what_the_cli_prints(demo, capsys, code, ar
 def test_the_recipe_guide_parameter_example_resolves_as_its_text_says(tmp_path: Path) -> None:
     """The recipe guide's gradient and filter example resolves as its text says."""
     from hubmerge.api import load_plan
-    from hubmerge.recipe import load_recipe
+    from hubmerge.recipe.load import load_recipe
 
     text = (REPO / "docs" / "recipe.md").read_text()
     section = text.split("## Parameter values", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]

@@ -20,7 +20,7 @@ from hubserver import LocalHub
 from support.cli import invoke_cli
 from support.hub import POOL, hub_env, pool_hub
 
-from hubmerge import output
+from hubmerge.publish import output
 
 LOCAL = 'method = "task_arithmetic"\nbase = "./base"\nmodels = ["./a"]\n'
 

@@ -18,11 +18,12 @@ from hubserver import LocalHub
 from support.cli import invoke_cli
 from support.hub import TOKEN, hub_env
 
-from hubmerge import api, markdown
+from hubmerge import api
 from hubmerge.cli import main
-from hubmerge.evaluate import RESULTS_FILE
-from hubmerge.forward import Checkpoint
-from hubmerge.sanity import check, sanity_texts
+from hubmerge.publish import markdown
+from hubmerge.quality.evaluate import RESULTS_FILE
+from hubmerge.quality.forward import Checkpoint
+from hubmerge.quality.sanity import check, sanity_texts
 
 
 @pytest.fixture(autouse=True)
@@ -109,7 +110,7 @@ def test_an_unexpected_error_in_the_check_is_a_skip_with_the_error_not_a_failed_
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from hubmerge import forward
+    from hubmerge.quality import forward
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("cannot reshape tensor of 0 elements")
@@ -131,7 +132,7 @@ def test_a_rerun_remembers_the_sources_losses_until_a_source_is_rewritten(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from hubmerge import forward
+    from hubmerge.quality import forward
 
     measured: list[str] = []
     real = forward.token_losses

@@ -18,9 +18,9 @@ from support.cli import invoke_cli
 
 import hubmerge
 from hubmerge.errors import RecipeError
-from hubmerge.plan import build_plan
-from hubmerge.recipe import load_recipe
-from hubmerge.schedule import Filter, Gradient, evaluate, layer_position
+from hubmerge.merging.plan import build_plan
+from hubmerge.merging.schedule import Filter, Gradient, evaluate, layer_position
+from hubmerge.recipe.load import load_recipe
 
 LAYERS = 3
 # One tensor of every kind, in the first, middle and last layers.

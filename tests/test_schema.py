@@ -17,9 +17,9 @@ from conftest import REPO
 
 from hubmerge import cli
 from hubmerge.errors import RecipeError
-from hubmerge.methods import METHODS
-from hubmerge.recipe import load_recipe
-from hubmerge.schema import json_schema
+from hubmerge.merging.methods import METHODS
+from hubmerge.recipe.load import load_recipe
+from hubmerge.recipe.schema import json_schema
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -205,7 +205,7 @@ def test_per_tensor_and_new_key_mistakes_name_the_exact_key(tmp_path: Path, text
 
 
 def test_gradients_and_filters_become_schedule_values_with_integers_read_as_floats(tmp_path: Path) -> None:
-    from hubmerge.schedule import Filter, Gradient
+    from hubmerge.merging.schedule import Filter, Gradient
 
     (tmp_path / "a").mkdir()
     (tmp_path / "recipe.toml").write_text(

@@ -24,9 +24,9 @@ from conftest import REPO
 from hubmerge import api
 from hubmerge.cli import main
 from hubmerge.errors import RecipeError
-from hubmerge.lock import LOCK_FILE
-from hubmerge.recipe import load_recipe
-from hubmerge.sanity import sanity_texts
+from hubmerge.publish.lock import LOCK_FILE
+from hubmerge.quality.sanity import sanity_texts
+from hubmerge.recipe.load import load_recipe
 from hubmerge.search.run import BEST_FILE, RESULTS_CSV, RESULTS_JSON, progress_line, search, side_by_side
 
 pytest.importorskip("optuna")
@@ -496,7 +496,7 @@ def test_the_search_command_refuses_a_recipe_without_a_search_table_in_one_line(
 
 
 def test_the_search_table_is_in_the_json_schema() -> None:
-    from hubmerge.schema import json_schema
+    from hubmerge.recipe.schema import json_schema
 
     text = json.dumps(json_schema())
     assert "SearchTable" in text and '"grid"' in text

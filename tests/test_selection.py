@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hubmerge.selection import kth_smallest
+from hubmerge.merging.selection import kth_smallest
 
 SMALLEST_DENORMAL = struct.unpack("<f", struct.pack("<I", 1))[0]
 LARGEST_DENORMAL = struct.unpack("<f", struct.pack("<I", 0x007FFFFF))[0]

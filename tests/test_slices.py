@@ -31,8 +31,8 @@ from support.reference import (
 )
 
 import hubmerge
-from hubmerge import engine
-from hubmerge import plan as plan_module
+from hubmerge.merging import engine
+from hubmerge.merging import plan as plan_module
 
 SMALL_SLICES = (7, 101)
 StateDict = dict[str, torch.Tensor]
@@ -219,7 +219,7 @@ def test_settling_the_majority_sign_first_writes_the_patched_bytes_and_rewrites_
     """A plan that deletes uploaded shards runs TIES's `majority` pass before the merge (`Method.settle`):
     every shard is final when it closes, and holds the bytes the end-of-merge patch writes otherwise."""
     from hubmerge.api import _fetch_all, load_plan
-    from hubmerge.engine import write_weights
+    from hubmerge.merging.engine import write_weights
 
     base, models = cancelling_pool(tmp_path, majority, dtype)
     recipe = tmp_path / "recipe.toml"
@@ -264,7 +264,7 @@ def test_only_a_method_that_leaves_positions_open_opens_a_scratch_file(
     it may patch, and for no other run: not for a method without a `deferral`, not when the majority sign
     is settled first. The patch still makes the output right (the case above)."""
     from hubmerge.api import _fetch_all, load_plan
-    from hubmerge.files import SCRATCH_FILE
+    from hubmerge.publish.files import SCRATCH_FILE
 
     opened: list[str] = []
     original = engine._Patches.__init__

@@ -27,8 +27,8 @@ from hubserver import LocalHub
 from support.cli import invoke_cli
 from support.hub import hub_env, pool_hub
 
-from hubmerge import remote
 from hubmerge.errors import SourceError
+from hubmerge.sources import remote
 
 LAYERS = 12
 VOCAB = 1024

@@ -19,7 +19,7 @@ from gradio_client.exceptions import AppError
 from uiapp import Served, serve
 
 from hubmerge.cli import main
-from hubmerge.recipe import loads_recipe
+from hubmerge.recipe.load import loads_recipe
 from hubmerge.ui.service import Service, Settings, key_line
 
 RECIPE = f"""method = "ties"
@@ -179,7 +179,7 @@ def test_public_mode_reads_local_folders_only_under_the_allowed_root(tmp_path: P
 def test_cancel_midway_leaves_no_output_and_no_staging_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from hubmerge import engine
+    from hubmerge.merging import engine
 
     write = engine.ShardWriter.write
     midway = threading.Event()
@@ -268,7 +268,7 @@ def test_form_adds_parameters_and_leaves_tables_and_schedules_alone() -> None:
 
 
 def test_form_fields_are_the_registrys() -> None:
-    from hubmerge.methods import METHODS
+    from hubmerge.merging.methods import METHODS
     from hubmerge.ui.form import FIELDS, fields_of
 
     for method in METHODS.values():
@@ -297,7 +297,7 @@ def test_merge_cancelled_before_it_starts_writes_nothing(tmp_path: Path) -> None
 def test_one_merge_at_a_time_the_next_one_waits_in_the_queue(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from hubmerge import engine
+    from hubmerge.merging import engine
 
     write = engine.ShardWriter.write
     midway = threading.Event()
@@ -379,7 +379,7 @@ def lm_eval_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def test_a_merge_from_the_app_runs_the_recipes_eval_and_its_card_shows_the_table(
     tmp_path: Path, lm_eval_offline: None
 ) -> None:
-    from hubmerge.evaluate import RESULTS_FILE
+    from hubmerge.quality.evaluate import RESULTS_FILE
     from hubmerge.ui.app import page_card
     from hubmerge.ui.service import card_markdown
 

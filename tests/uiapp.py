@@ -84,7 +84,8 @@ def serve(folder: Path, *args: str, env: dict[str, str] | None = None) -> Iterat
 def _install_pause(pause: Path) -> None:
     import threading
 
-    from hubmerge import api, engine
+    from hubmerge import api
+    from hubmerge.merging import engine
 
     cancelled: list[threading.Event] = []
     writes = [0]

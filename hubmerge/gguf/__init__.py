@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..plan import MergePlan
+    from ..merging.plan import MergePlan
     from .writer import GgufFile, GgufStream
 
 __all__ = [
@@ -51,7 +51,7 @@ def open_stream(plan: MergePlan, tokenizer: Path, folder: Path) -> GgufStream:
 def companion_staging(plan: MergePlan) -> Iterator[Path]:
     """A staging folder for the companion folder `{dir}-GGUF`, which is replaced as a whole, like the output
     folder (`output.swap_in`); removed unless swapped in."""
-    from ..output import check_target, recover, staged
+    from ..publish.output import check_target, recover, staged
 
     folder = plan.recipe.output.gguf_dir
     recover(folder)
@@ -70,7 +70,7 @@ def write_companion_files(
     """The companion folder's card and lock, beside the GGUF files `written`; `uploaded` gives the size and
     sha256 of those already pushed and deleted to save disk (as the output's lock lists deleted shards)."""
     from .. import __version__
-    from ..lock import LOCK_FILE, file_sha256
+    from ..publish.lock import LOCK_FILE, file_sha256
     from .card import write_companion_card
 
     gone = uploaded or {}
@@ -97,7 +97,7 @@ def card_license(weights: Path) -> str | None:
 def write_companion(plan: MergePlan, weights: Path) -> list[GgufFile]:
     """The companion folder `{dir}-GGUF`: the GGUF files of the merged model in `weights`, their card, and a
     lock listing them (so that a later run may replace it)."""
-    from ..output import swap_in
+    from ..publish.output import swap_in
 
     folder = plan.recipe.output.gguf_dir
     with companion_staging(plan) as staging:

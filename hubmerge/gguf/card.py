@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..plan import MergePlan
+    from ..merging.plan import MergePlan
     from .writer import GgufFile
 
 __all__ = ["companion_card", "file_name", "gguf_links"]

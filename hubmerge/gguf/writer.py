@@ -34,8 +34,8 @@ from gguf import (
     get_tensor_name_map,
 )
 
-from ..checkpoint import TensorInfo, TensorReader, index_folder
 from ..errors import SourceError
+from ..sources.checkpoint import TensorInfo, TensorReader, index_folder
 from .card import file_name
 from .quants import quantize
 

@@ -1,4 +1,5 @@
-"""A recipe as a TOML document that can be written elsewhere: a trial's recipe in scratch, `best.toml`.
+"""A recipe as a TOML document that can be written elsewhere (a trial's recipe in scratch, `best.toml`), by
+`recipe.write.toml_document`.
 
 The document is the recipe file parsed, without `[search]` and `output.dir`; local folders and files are
 renamed for the folder the new file lives in, so that it works from there.
@@ -8,19 +9,17 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..mergekit_config import _toml_key, toml_value
-from ..recipe import ModelRef, Recipe
+from ..recipe.load import ModelRef, Recipe
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-__all__ = ["local_paths", "recipe_text"]
+__all__ = ["local_paths"]
 
 
 def _renamed(path: Path, where: Path | None) -> str:
@@ -55,14 +54,3 @@ def local_paths(recipe: Recipe, where: Path | None) -> dict[str, Any]:
     if recipe.eval is not None and recipe.eval.include_path is not None:
         document["eval"]["include_path"] = _renamed(recipe.eval.include_path, where)
     return document
-
-
-def recipe_text(document: Mapping[str, Any], header: str = "") -> str:
-    """`document` as TOML: top-level values first, then one [table] per table (inner tables inline)."""
-    lines = [f"# {line}".rstrip() for line in header.splitlines()]
-    lines += [f"{_toml_key(k)} = {toml_value(v)}" for k, v in document.items() if not isinstance(v, dict)]
-    for name, table in document.items():
-        if isinstance(table, dict):
-            lines += ["", f"[{_toml_key(name)}]"]
-            lines += [f"{_toml_key(k)} = {toml_value(v)}" for k, v in table.items()]
-    return "\n".join(lines) + "\n"

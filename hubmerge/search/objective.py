@@ -45,7 +45,7 @@ def direction(spec: SearchSpec) -> str:
 def read_texts(path: Path | None) -> dict[str, list[str]]:
     """The texts the loss is measured on, by domain."""
     if path is None:
-        from ..sanity import sanity_texts
+        from ..quality.sanity import sanity_texts
 
         return sanity_texts()
     paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
@@ -76,8 +76,8 @@ def staged_losses(
     tokens, a config it cannot run)."""
     import torch
 
-    from ..forward import Checkpoint, Unrunnable, token_losses
-    from ..sanity import _tokenize
+    from ..quality.forward import Checkpoint, Unrunnable, token_losses
+    from ..quality.sanity import _tokenize
 
     ids = _tokenize(folder, texts)
     if isinstance(ids, str):
@@ -142,7 +142,7 @@ def score(
             ):
                 raise TrialPruned(step)
     if spec.tasks:
-        from ..evaluate import Candidate, evaluate_models
+        from ..quality.evaluate import Candidate, evaluate_models
 
         evaluation = evaluate_models(
             [Candidate("merged", "merged", folder)], folder, eval_spec, recipe, log or (lambda _: None)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import HubmergeError, RecipeError
-from ..recipe import load_recipe
+from ..recipe.load import load_recipe
 from .space import Dimension, SearchSpec
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def search_card(result: SearchResult, spec: SearchSpec) -> SearchCard:
 def check_publishable(recipe_path: str | Path) -> None:
     """Before any trial: `--publish best` needs `[output] repo` and a token that can write there."""
     from .. import api
-    from ..publish import check_push_access
+    from ..publish.hub import check_push_access
 
     recipe = load_recipe(recipe_path)
     if recipe.output.repo is None:

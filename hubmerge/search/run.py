@@ -44,9 +44,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import HubmergeError, RecipeError
-from ..lock import LOCK_FILE
-from ..recipe import EvalSpec, Recipe, load_recipe
-from .document import local_paths, recipe_text
+from ..publish.lock import LOCK_FILE
+from ..recipe.load import EvalSpec, Recipe, load_recipe
+from ..recipe.write import toml_document
+from .document import local_paths
 from .objective import TrialPruned, direction, score
 from .space import SearchSpec, Value, apply
 
@@ -176,7 +177,7 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
         folder.mkdir(parents=True)
         recipe = folder / "recipe.toml"
         recipe.write_text(
-            recipe_text(apply(job.document, job.spec, job.values, job.layers)), encoding="utf-8"
+            toml_document(apply(job.document, job.spec, job.values, job.layers)), encoding="utf-8"
         )
         merged = api.merge(
             recipe, output_dir=folder / "merged", quiet=True, stats=False, sanity=False, log=lambda _: None
@@ -738,7 +739,7 @@ def _importance(study: Any, optuna: Any, spec: SearchSpec) -> dict[str, float]:
 def _plots(result: SearchResult, directory: Path, log: Log) -> None:
     """PLOT_FILE: each complete trial's score and the best so far, in trial order; PARAMS_PLOT_FILE: each
     searched value against the score; IMPORTANCE_PLOT_FILE: the values' importances."""
-    from ..plots import MISSING, Panel, available, bar_chart, line_chart, scatter_chart
+    from ..quality.plots import MISSING, Panel, available, bar_chart, line_chart, scatter_chart
 
     complete = [t for t in result.trials if t["state"] == "complete"]
     if not complete:
@@ -818,6 +819,6 @@ def _best_writer(
 
     def write(best: Any, finished: int, written: Any) -> str:
         header = _best_header(recipe.path, spec, best, finished, written)
-        return recipe_text(apply(document, spec, best.params, layers), header)
+        return toml_document(apply(document, spec, best.params, layers), header)
 
     return write

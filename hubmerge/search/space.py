@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..methods import Method, Param
-from ..schedule import is_schedule
-from ..schema import Problem
+from ..merging.methods import Method, Param
+from ..merging.schedule import is_schedule
+from ..recipe.schema import Problem
 
 if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution

@@ -10,7 +10,7 @@ import gradio as gr
 from gradio.events import api
 
 from ..errors import HubmergeError
-from ..methods import METHODS, Param
+from ..merging.methods import METHODS, Param
 from ..search.run import BEST_FILE
 from .form import FIELDS, fields_of, read_form, write_form
 from .service import Job, Problem, Service, card_markdown, cli_line, examples, lines_around, read_lock

@@ -12,8 +12,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..mergekit_config import toml_value
-from ..methods import METHODS, Method, Param
+from ..merging.methods import METHODS, Method, Param
+from ..recipe.write import toml_value
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigImportError, HubmergeError, PublishError, RecipeError
-from ..recipe import Recipe, loads_recipe, missing_folder
+from ..recipe.load import Recipe, loads_recipe, missing_folder
 
 if TYPE_CHECKING:
     from ..api import MergeProgress, MergeResult
-    from ..plan import MergePlan
-    from ..publish import PushResult
+    from ..merging.plan import MergePlan
+    from ..publish.hub import PushResult
     from ..search.run import SearchResult
 
 __all__ = ["Job", "Problem", "Service", "Settings", "cli_line", "examples"]
@@ -244,13 +244,13 @@ class Service:
 
     def plan_json(self, text: str, path: str | None = None) -> str:
         """The plan as `hubmerge plan --json` prints it."""
-        from ..report import plan_json
+        from ..merging.report import plan_json
 
         return json.dumps(plan_json(self._plan(text, path)), indent=2)
 
     def plan_text(self, text: str, path: str | None = None) -> str:
         """The plan as `hubmerge plan` prints it."""
-        from ..report import plan_text
+        from ..merging.report import plan_text
 
         return plan_text(self._plan(text, path))
 
@@ -368,7 +368,7 @@ class Service:
     def push(self, owner: str, token: str, repo: str, private: bool) -> PushResult:
         """Publish `owner`'s last finished merge to `repo` with `token` (typed, or the visitor's OAuth token on a
         Space; never kept, never logged)."""
-        from ..publish import check_push_access, push
+        from ..publish.hub import check_push_access, push
 
         result = self.results.get(owner)
         if result is None:
@@ -388,7 +388,7 @@ class Service:
 
 
 def read_lock(result: MergeResult) -> str:
-    from ..lock import LOCK_FILE
+    from ..publish.lock import LOCK_FILE
 
     return (result.output_dir / LOCK_FILE).read_text(encoding="utf-8")
 

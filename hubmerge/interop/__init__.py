@@ -1,0 +1,1 @@
+"""Other tools' formats: mergekit's YAML configs."""

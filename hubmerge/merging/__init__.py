@@ -1,0 +1,1 @@
+"""The merge: the plan computed before any download, the engine that streams it, and the methods."""
