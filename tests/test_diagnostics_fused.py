@@ -17,6 +17,7 @@ import torch
 from conftest import TINY, random_state_dict, write_checkpoint
 
 import hubmerge.merging.engine
+import hubmerge.quality.diagnostics
 from hubmerge import api
 from hubmerge.merging.engine import _cuts, _open_inputs, _Passes
 from hubmerge.merging.plan import OutputTensor
@@ -101,10 +102,13 @@ def tiny_recipe(method: str, extra: str = "") -> str:
     return text
 
 
+@pytest.mark.parametrize("counts", ["numpy", "arithmetic"])
 @pytest.mark.parametrize("method", ["ties", "task_arithmetic", "simple_average"])
 def test_fused_stats_of_merge_and_inspect_equal_the_separate_pass_to_the_bit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, counts: str
 ) -> None:
+    # numpy's compares count on a CPU; the arithmetic (sign vectors, matrix products) on an accelerator.
+    monkeypatch.setattr(hubmerge.quality.diagnostics, "_NUMPY_COUNTS", counts == "numpy")
     # Small pieces: the larger tensors are several pieces, merged by two threads and recorded in order.
     monkeypatch.setattr(hubmerge.merging.engine, "_PIECE_ELEMENTS", 4096)
     monkeypatch.setattr(hubmerge.merging.engine, "_merge_threads", lambda device: 2)
@@ -123,11 +127,13 @@ def test_fused_stats_of_merge_and_inspect_equal_the_separate_pass_to_the_bit(
     assert as_text(inspected) == as_text(expected)
 
 
+@pytest.mark.parametrize("counts", ["numpy", "arithmetic"])
 def test_fused_ties_counts_equal_the_separate_pass_where_sums_cancel_and_inputs_hold_nan(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counts: str
 ) -> None:
     """Exact cancellations (the elected sign is 0: undecided entries, both signs), a zero task vector,
-    and NaN and ±Inf in the sources of a recipe that allows them."""
+    and NaN and ±Inf in the sources of a recipe that allows them; counted either way."""
+    monkeypatch.setattr(hubmerge.quality.diagnostics, "_NUMPY_COUNTS", counts == "numpy")
     base = {k: torch.zeros_like(v) for k, v in random_state_dict(0).items()}
     a = {k: v.clone() for k, v in random_state_dict(1).items()}
     b = {k: -v for k, v in a.items()}  # cancels a everywhere

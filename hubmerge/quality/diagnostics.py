@@ -43,10 +43,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .. import __version__
 from ..merging.methods import trim_
+from ..merging.methods.base import cpu_array
 from ..merging.plan import MergePlan, OutputTensor
 from ..publish.files import STATS_FILE, STATS_PLOTS
 from . import plots
@@ -113,6 +115,7 @@ class Measured:
     sign_sum: float  # a trimming method's: Σ elected signs over the piece
 
 
+_NUMPY_COUNTS = True  # tests switch it off to hold both ways of counting to the same numbers
 _EXACT = 1 << 24  # a float32 sum of integers is exact while every partial sum stays below 2**24
 
 
@@ -181,17 +184,28 @@ class MergeStats:
         # A position has a sign conflict when the largest τ is > 0 and the smallest < 0 (conflict = 1.0
         # there, else 0): there, and only there, every nonzero τᵢ is opposed by another model's. (A NaN
         # makes the largest and the smallest NaN, whose sign torch takes as 0: no conflict there.)
-        high, low = self._scratch("extremes", (2, numel), base.dtype, device)
-        torch.amax(task_vectors, dim=0, out=high)
-        torch.amin(task_vectors, dim=0, out=low)
-        conflict = high.sign_().clamp_(min=0).mul_(low.sign_().clamp_(max=0)).neg_()
         rows = self._scratch("rows", (2 * n, numel), base.dtype, device)
-        nonzero = torch.sign(task_vectors, out=rows[:n]).abs_()  # 1 where τᵢ ≠ 0 (NaN: see above)
+        array = cpu_array(task_vectors) if _NUMPY_COUNTS else None
+        if array is not None:
+            # On a CPU numpy counts the same positions with compares on booleans, 2-3× faster than the
+            # arithmetic below (which an accelerator, and a bfloat16 computation, keep).
+            conflict_at = array.max(axis=0) > 0  # NaN > 0 is false: no conflict at a NaN, as below
+            conflict_at &= array.min(axis=0) < 0
+            conflict = torch.tensor(np.count_nonzero(conflict_at))
+            model_conflict = torch.tensor([np.count_nonzero((row != 0) & conflict_at) for row in array])
+        else:
+            high, low = self._scratch("extremes", (2, numel), base.dtype, device)
+            torch.amax(task_vectors, dim=0, out=high)
+            torch.amin(task_vectors, dim=0, out=low)
+            conflict_row = high.sign_().clamp_(min=0).mul_(low.sign_().clamp_(max=0)).neg_()
+            nonzero = torch.sign(task_vectors, out=rows[:n]).abs_()  # 1 where τᵢ ≠ 0 (NaN: see above)
+            conflict = conflict_row.sum(dtype=torch.float64).to(torch.int64)
+            model_conflict = _counts(nonzero, conflict_row[None])[:, 0]
         sums = _Sums(
             numel,
             gram,
-            conflict.sum(dtype=torch.float64).to(torch.int64),
-            _counts(nonzero, conflict[None])[:, 0],
+            conflict.to(device),
+            model_conflict.to(device),
             *(torch.zeros(n, dtype=torch.int64, device=device) for _ in range(4)),
         )
         sign_sum = 0.0
@@ -208,6 +222,9 @@ class MergeStats:
         n, numel = task_vectors.shape
         for row, cut in zip(task_vectors, cuts, strict=True):
             trim_(row, cut)  # the trimming rule of the methods that trim
+        array = cpu_array(task_vectors) if _NUMPY_COUNTS else None
+        if array is not None:
+            return self._count_trims(task_vectors, array, sums)
         # Columns: the elected sign e, |e| (1 where e ≠ 0), 1 − |e| (1 where e = 0), 1. torch's sign of NaN
         # is 0: where the sum is NaN, no sign is elected.
         columns = self._scratch("columns", (4, numel), task_vectors.dtype, task_vectors.device)
@@ -230,6 +247,30 @@ class MergeStats:
         sums.undecided_pos = (unsigned[:, 2] + signed[:, 2]) // 2
         sums.undecided_neg = (unsigned[:, 2] - signed[:, 2]) // 2
         return sign_sum
+
+    def _count_trims(self, task_vectors: torch.Tensor, array: np.ndarray, sums: _Sums) -> float:
+        """`_measure_trims`'s counts by numpy's compares on the CPU: the same numbers (a NaN has no sign in
+        both), in a third of the time."""
+        elected = torch.sum(task_vectors, dim=0).numpy()  # the same sum as the arithmetic path's
+        positive, negative = elected > 0, elected < 0
+        undecided = ~(positive | negative)  # the elected sign is 0 (or the sum is NaN)
+        counts = []
+        for row in array:
+            above, below = row > 0, row < 0
+            counts.append(
+                (
+                    np.count_nonzero(above) + np.count_nonzero(below),  # kept
+                    np.count_nonzero(above & negative) + np.count_nonzero(below & positive),  # dropped
+                    np.count_nonzero(above & undecided),
+                    np.count_nonzero(below & undecided),
+                )
+            )
+        kept, dropped, undecided_pos, undecided_neg = torch.tensor(counts, dtype=torch.int64).T
+        sums.kept = kept
+        if self._nan:  # a NaN τᵢ is kept (it is not below the cut-off) and not 0, but has no sign
+            sums.kept = sums.kept + torch.isnan(task_vectors).sum(dim=1)
+        sums.dropped, sums.undecided_pos, sums.undecided_neg = dropped, undecided_pos, undecided_neg
+        return float(np.count_nonzero(positive) - np.count_nonzero(negative))
 
     def _scratch(
         self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device
