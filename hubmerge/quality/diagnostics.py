@@ -462,7 +462,7 @@ def _plot(document: Mapping[str, Any], directory: Path) -> list[str]:
     conflicts = per_model("model_conflict") | {"all models": [layer["sign_conflict"] for layer in layers]}
     panels = [plots.Panel("share of positions with a sign conflict", conflicts)]
     if "kept" in layers[0]:
-        panels.append(plots.Panel("share kept by trimming (TIES)", per_model("kept")))
-        panels.append(plots.Panel("share dropped by the elected sign (TIES)", per_model("dropped")))
+        panels.append(plots.Panel("share kept by trimming", per_model("kept")))
+        panels.append(plots.Panel("share dropped by the elected sign", per_model("dropped")))
     chart("signs", panels)
     return written
