@@ -14,7 +14,7 @@ import torch
 from conftest import REPO, TINY, random_state_dict, run_cli, write_checkpoint
 from gguf import GGMLQuantizationType, GGUFReader
 from hubserver import LocalHub
-from test_hub import hub_env
+from support.hub import hub_env
 
 from hubmerge.cli import main
 from hubmerge.gguf import writer

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 from hubserver import LocalHub
-from test_hub import TOKEN, hub_env
-from test_search import one_thread  # noqa: F401 - autouse here too
+from support.hub import TOKEN, hub_env
+from support.search import one_thread  # noqa: F401 - autouse
 
 from hubmerge import api
 from hubmerge.cli import main

@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 from hubserver import LocalHub
 from playwright.sync_api import Browser, Page, expect, sync_playwright
-from test_hub import hub_env
+from support.hub import hub_env
 from uiapp import Served, serve
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

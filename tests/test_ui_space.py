@@ -21,7 +21,7 @@ import yaml
 from conftest import REPO, TINY
 from hubserver import LocalHub
 from packaging.requirements import Requirement
-from test_hub import hub_env
+from support.hub import hub_env
 
 from hubmerge.cli import main
 from hubmerge.ui.space import OAUTH_SCOPES
