@@ -603,6 +603,7 @@ def usage_snippet(card: str) -> str:
     return match.group(1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chat", [True, False])
 def test_usage_snippet_runs_with_transformers(
     tmp_path: Path, chat: bool, monkeypatch: pytest.MonkeyPatch

@@ -123,6 +123,7 @@ def test_a_base_rule_needs_a_base(tmp_path: Path) -> None:
 # --- evaluation -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_results_agree_in_json_card_and_model_index_and_the_cache_reevaluates_only_the_new_merge(
     tmp_path: Path, evaluate_calls: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -240,6 +241,7 @@ def hub() -> Iterator[LocalHub]:
         yield server
 
 
+@pytest.mark.slow
 def test_gate_blocks_a_push_that_misses_require_and_lets_a_passing_one_through(
     hub: LocalHub, tmp_path: Path
 ) -> None:

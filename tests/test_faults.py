@@ -184,6 +184,7 @@ def test_kill_9_mid_merge_then_a_rerun_succeeds_and_takes_no_stale_folder_for_ou
 # --- the Hub misbehaving -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bursts_of_5xx_and_a_download_cut_halfway_are_retried_to_the_same_result(
     hub: LocalHub, tmp_path: Path
 ) -> None:
@@ -229,6 +230,7 @@ def test_a_slow_download_is_waited_for(hub: LocalHub, tmp_path: Path) -> None:
     assert process.returncode == 0, stderr
 
 
+@pytest.mark.slow
 def test_upload_cut_during_lfs_lands_no_commit_and_a_rerun_lands_exactly_one(
     hub: LocalHub, tmp_path: Path
 ) -> None:

@@ -242,6 +242,7 @@ def _gguf_recipe(tmp_path: Path, output: str) -> Path:
     return recipe
 
 
+@pytest.mark.slow
 def test_merge_pushes_gguf_files_to_a_companion_repo_with_its_card_in_one_commit(
     hub: LocalHub, tmp_path: Path
 ) -> None:
@@ -267,6 +268,7 @@ def test_merge_pushes_gguf_files_to_a_companion_repo_with_its_card_in_one_commit
     assert "[user/merged-GGUF](https://huggingface.co/user/merged-GGUF)" in merged["README.md"].decode()
 
 
+@pytest.mark.slow
 def test_gguf_repo_same_puts_the_files_beside_the_weights_in_their_commit(
     hub: LocalHub, tmp_path: Path
 ) -> None:
@@ -291,6 +293,7 @@ def test_plan_counts_the_gguf_files_in_the_disk_estimate(tmp_path: Path) -> None
     assert sum(written) <= extra <= sum(written) + 2 * (2**20 + 2 * 10**6)
 
 
+@pytest.mark.slow
 def test_companion_repo_takes_the_branch_of_the_weights(hub: LocalHub, tmp_path: Path) -> None:
     recipe = _gguf_recipe(tmp_path, 'repo = "user/branchy"\nbranch = "v2"\ngguf = ["q8_0"]')
     result = run_cli(recipe, "-q", env=_hub_env(hub, tmp_path))
@@ -302,6 +305,7 @@ def test_companion_repo_takes_the_branch_of_the_weights(hub: LocalHub, tmp_path:
     assert "model.safetensors" in hub.files("user/branchy", "v2")
 
 
+@pytest.mark.slow
 def test_companion_repo_gets_a_pull_request_when_the_weights_do(hub: LocalHub, tmp_path: Path) -> None:
     for repo in ("user/reviewed", "user/reviewed-GGUF"):
         hub.create_repo(repo)
@@ -330,6 +334,7 @@ def _small_disk(recipe: Path) -> str:
     return str(plan.disk.output_disk - plan.output_bytes // 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("beside", [False, True])
 def test_with_shards_deleted_as_uploaded_gguf_files_are_written_while_merging_then_uploaded_and_deleted(
     hub: LocalHub, tmp_path: Path, beside: bool

@@ -41,6 +41,7 @@ def hub() -> Iterator[LocalHub]:
         yield server
 
 
+@pytest.mark.slow
 def test_merge_pins_branch_tag_and_sha_then_pushes_private_repo(hub: LocalHub, tmp_path: Path) -> None:
     coder_v1 = hub.head("Qwen/Qwen2.5-Coder-1.5B", "v1.0")
     recipe = tmp_path / "recipe.toml"

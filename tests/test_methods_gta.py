@@ -328,6 +328,7 @@ SMALL = {  # each case once with small odd slices, the layouts spread over them
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", SMALL)
 def test_small_slices_give_the_reference_and_the_same_bytes(tmp_path, monkeypatch, case):
     """Multi-slice Select and Reduce passes, 1-D DELLA rows over several slices, and random masks that

@@ -175,6 +175,7 @@ def test_nearswap_takes_one_model_and_requires_t(tmp_path):
 # --- sce -----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("layout", "topk"), [("f32-tied", 0.5), ("bf16-untied", 0.3), ("bf16-untied", 1.0)])
 def test_sce_matches_mergekits_formula_in_any_slices(tmp_path, monkeypatch, layout, topk):
     base, models = pool(tmp_path, layout)

@@ -283,6 +283,7 @@ def hub() -> Iterator[LocalHub]:
         yield server
 
 
+@pytest.mark.slow
 def test_push_deletes_files_an_older_output_wrote_and_keeps_the_users_own(hub: LocalHub, pool: Path) -> None:
     hub.create_repo("user/managed")
     recipe = _recipe(pool, LOCAL + '[output]\nrepo = "user/managed"\n')

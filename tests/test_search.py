@@ -70,6 +70,7 @@ def _results(directory: Path) -> dict[str, Any]:
     return json.loads((directory / RESULTS_JSON).read_text())
 
 
+@pytest.mark.slow
 def test_grid_search_finds_the_best_of_every_grid_point_merged_and_scored_by_hand(
     models: Path, tmp_path: Path
 ) -> None:
@@ -131,6 +132,7 @@ def test_trials_side_by_side_give_the_same_grid_results_as_one_at_a_time(
         assert two[value][0] == pytest.approx(loss, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_the_same_seed_and_sampler_draw_the_same_trials(models: Path, tmp_path: Path) -> None:
     table = """trials = 3
 sampler = "tpe"
@@ -482,6 +484,7 @@ seed = 2
 """
 
 
+@pytest.mark.slow
 def test_the_median_pruner_stops_trials_worse_than_the_median_so_far_and_a_resume_keeps_them_pruned(
     models: Path, tmp_path: Path
 ) -> None:

@@ -82,6 +82,7 @@ def _check(result_dir: Path, trials: int) -> dict[str, Any]:
     return saved
 
 
+@pytest.mark.slow
 def test_two_trials_of_the_demo_search_beat_the_recipe_as_written(tmp_path: Path) -> None:
     pytest.importorskip("lm_eval")
     result = search(RECIPE, output_dir=tmp_path / "s", trials=2, log=lambda _: None)

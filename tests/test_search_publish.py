@@ -41,6 +41,7 @@ def _recipe(tmp_path: Path, make_model: Callable[..., Path], output: str) -> Pat
     return recipe
 
 
+@pytest.mark.slow
 def test_publish_best_pushes_the_merge_of_best_toml_with_a_card_section_on_the_search(
     hub: LocalHub, tmp_path: Path, make_model: Callable[..., Path]
 ) -> None:

@@ -135,6 +135,7 @@ def test_a_rank_below_one_keeps_everything_with_a_zero_cut_off():
     assert got[0] == 0.0 and got[2] == 0.0 and got[1] == float(torch.kthvalue(rows[1], 5).values)
 
 
+@pytest.mark.slow
 def test_chunking_never_changes_the_answer():
     g = torch.Generator().manual_seed(5)
     rows = torch.randn(2, 2000, generator=g).abs() * 2.0 ** torch.randint(-60, 60, (2, 2000), generator=g)
@@ -163,6 +164,7 @@ def selections(draw: st.DrawFn) -> tuple[torch.Tensor, list[int], list[int]]:
     return rows, ranks, sizes
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None, derandomize=True)
 @given(selections())
 def test_kth_smallest_equals_torch_kthvalue_on_generated_rows(case):

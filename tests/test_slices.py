@@ -148,6 +148,7 @@ CASES = [
 VOCAB = 64  # a short embedding keeps the slice count (and the run time) small; it still spans many slices
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "layout"),
     [(METHODS[m], LAYOUTS[layout]) for m, layout in CASES],
@@ -171,6 +172,7 @@ def test_small_odd_slices_match_the_reference_and_the_default_slices(
         assert len(list((tmp_path / "out-default").glob("model-*.safetensors"))) >= 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("majority", "dtype"),
     [(-1, torch.float32), (0, torch.bfloat16), (1, torch.bfloat16)],

@@ -127,6 +127,7 @@ def untampered(hub: LocalHub) -> Iterator[Callable[[str], None]]:
 PATTERNS = ["one pass", "several passes", "settle first"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_a_clean_streamed_merge_proves_every_file_and_equals_the_cached_merge(
     hub: LocalHub, tmp_path: Path, pattern: str
@@ -179,6 +180,7 @@ def test_a_clean_streamed_merge_proves_every_file_and_equals_the_cached_merge(
     assert all(torch.equal(merged[k].view(torch.uint8), reference[k].view(torch.uint8)) for k in reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("kind", ["multiplied", "shifted", "changed"])
 def test_tampered_range_bytes_are_refused_in_one_line_naming_the_file_and_nothing_is_kept(

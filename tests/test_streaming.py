@@ -105,6 +105,7 @@ def _weights(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.name.endswith(".safetensors")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "method", ["simple_average", "task_arithmetic", "ties", "dare_ties", "model_stock", "breadcrumbs_ties"]
 )
@@ -177,6 +178,7 @@ def deep_repos(hub: LocalHub, tmp_path_factory: pytest.TempPathFactory) -> None:
         hub.commit(repo, folder_files(written), "Upload model")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
 def test_pushed_under_a_budget_smaller_than_the_output_each_shard_is_uploaded_and_deleted(
     hub: LocalHub, deep_repos: None, tmp_path: Path, smaller_disk: Path, method: str
@@ -281,6 +283,7 @@ def _stream(hub: LocalHub, tmp_path: Path, recipe: Path, out: str) -> subprocess
     return invoke_cli(recipe, "--output", tmp_path / out, "-q", "--max-disk", str(BUDGET), env=env)
 
 
+@pytest.mark.slow
 def test_dropped_connections_and_5xx_bursts_mid_range_are_retried_and_the_merge_is_exact(
     hub: LocalHub, tmp_path: Path
 ) -> None:
@@ -302,6 +305,7 @@ def test_dropped_connections_and_5xx_bursts_mid_range_are_retried_and_the_merge_
     assert hub.server_errors == []
 
 
+@pytest.mark.slow
 def test_a_hub_that_keeps_failing_mid_stream_ends_in_one_line_and_no_output(
     hub: LocalHub, tmp_path: Path
 ) -> None:

@@ -63,6 +63,7 @@ def _cli_lines(path: Path, *args: str) -> str:
     return lines[0].removeprefix("hubmerge: error: ")
 
 
+@pytest.mark.slow
 def test_validate_says_ok_for_a_valid_recipe(client: Client) -> None:
     assert client.predict(RECIPE, api_name="/validate") == "ok"
 
@@ -335,6 +336,7 @@ def test_run_folders_carry_an_unguessable_part_since_gradio_serves_the_work_fold
 # --- progress, [eval] and search through the app's service -------------------------------------------------
 
 
+@pytest.mark.slow
 def test_progress_reports_bytes_and_tensors_in_the_order_they_are_written(tmp_path: Path) -> None:
     from hubmerge.api import MergeProgress, merge
     from hubmerge.ui.app import progress_text

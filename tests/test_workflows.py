@@ -569,6 +569,7 @@ def _find_recipes(ws: Path, env: dict[str, str], event: dict[str, Any]) -> dict[
     return job.outputs
 
 
+@pytest.mark.slow
 def test_push_to_main_merges_each_changed_recipe_and_pushes_it(hub: LocalHub, workspace: Path,
                                                                  tmp_path: Path) -> None:
     before = _git(workspace, "rev-parse", "HEAD")
@@ -632,6 +633,7 @@ def test_merge_job_passes_a_disk_budget_set_as_a_repository_variable(
     assert "user/budgeted" not in hub._repos  # refused before anything was downloaded or pushed
 
 
+@pytest.mark.slow
 def test_merge_without_hf_token_uses_trusted_publishing_for_the_output_repo(hub: LocalHub, workspace: Path,
                                                                              tmp_path: Path) -> None:
     recipe = "recipes/tiny-ties.toml"
@@ -648,6 +650,7 @@ def test_merge_without_hf_token_uses_trusted_publishing_for_the_output_repo(hub:
     assert not any("oidc-target" in r.path for r in hub.requests[start:])  # nothing created, nothing pushed
 
 
+@pytest.mark.slow
 def test_pull_request_check_plans_changed_recipes_without_token_or_weight_downloads(
         hub: LocalHub, workspace: Path, tmp_path: Path) -> None:
     base = _git(workspace, "rev-parse", "HEAD")
@@ -677,6 +680,7 @@ def test_pull_request_check_plans_changed_recipes_without_token_or_weight_downlo
     assert not (workspace / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_a_recipe_with_an_eval_table_is_evaluated_and_a_missed_gate_blocks_the_push(hub: LocalHub, workspace: Path,
                                                                                       tmp_path: Path) -> None:
     recipe = "recipes/tiny-ties.toml"
@@ -727,6 +731,7 @@ def test_search_yml_is_started_by_hand_and_only_the_pull_request_job_may_write()
     assert download[0]["with"]["path"] == "${{ needs.search.outputs.results }}"
 
 
+@pytest.mark.slow
 def test_search_job_searches_the_recipe_and_the_pull_request_job_proposes_best_toml(
     hub: LocalHub, workspace: Path, tmp_path: Path
 ) -> None:
