@@ -124,7 +124,7 @@ def test_matches_mergekit(tmp_path, run):
     models = REPO / run["cwd"]
     path = tmp_path / "recipe.toml"
     path.write_text(recipe(config, models) + '[output]\ndir = "out"\n[card]\nlicense = "apache-2.0"\n')
-    result = hubmerge.merge(path, push=False, quiet=True, sanity=False, log=lambda _: None)
+    result = hubmerge.merge(path, push=False, quiet=True, stats=False, sanity=False, log=lambda _: None)
     got = load_file(result.output_dir / "model.safetensors")
     want = load_file(REPO / run["output"] / "model.safetensors")
     assert sorted(got) == sorted(want)
@@ -158,7 +158,7 @@ def test_random_masks_match_mergekits_statistics(tmp_path, run):
     models = REPO / run["cwd"]
     path = tmp_path / "recipe.toml"
     path.write_text(recipe(config, models) + '[output]\ndir = "out"\n[card]\nlicense = "apache-2.0"\n')
-    result = hubmerge.merge(path, push=False, quiet=True, sanity=False, log=lambda _: None)
+    result = hubmerge.merge(path, push=False, quiet=True, stats=False, sanity=False, log=lambda _: None)
     got = load_file(result.output_dir / "model.safetensors")
     want = load_file(REPO / run["output"] / "model.safetensors")
     base = load_file(models / config["base_model"] / "model.safetensors")

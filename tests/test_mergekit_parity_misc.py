@@ -126,7 +126,7 @@ def test_matches_mergekit(run: dict[str, Any], tmp_path: Path) -> None:
     path = tmp_path / "recipe.toml"
     card = '[card]\nlicense = "apache-2.0"\n'
     path.write_text(recipe(config, models) + f'[output]\ndir = "{tmp_path / "out"}"\n' + card)
-    result = hubmerge.merge(path, push=False, quiet=True, log=lambda _: None, sanity=False)
+    result = hubmerge.merge(path, push=False, quiet=True, log=lambda _: None, stats=False, sanity=False)
     got = load_file(result.output_dir / "model.safetensors")
     want = load_file(REPO / run["output"] / "model.safetensors")
     assert sorted(got) == sorted(want)

@@ -141,7 +141,8 @@ def make_pool(tmp_path: Path, layout: Layout) -> tuple[StateDict, list[StateDict
 def merge(tmp_path: Path, body: str, out: str = "out") -> StateDict:
     recipe = tmp_path / f"{out}.toml"
     recipe.write_text(body + f'\n[output]\ndir = "{out}"\n')
-    result = hubmerge.merge(recipe, push=False, quiet=True, sanity=False, log=lambda _: None)
+    # Only the weights are compared: no diagnostics (their plots cost seconds per merge).
+    result = hubmerge.merge(recipe, push=False, quiet=True, stats=False, sanity=False, log=lambda _: None)
     return load_f32(result.output_dir)
 
 
