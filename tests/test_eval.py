@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 from conftest import REPO, TINY, run_cli
-from hubserver import LocalHub
 from support.cli import invoke_cli
 from support.evaluation import TASKS, lm_eval_offline
 from support.evaluation import eval_recipe as recipe
+from support.hubserver import LocalHub
 
 from hubmerge import api
 from hubmerge.errors import RecipeError

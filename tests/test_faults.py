@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, TINY, mounted_tmpfs, random_state_dict, write_checkpoint
-from hubserver import Hold, LocalHub
 from safetensors.torch import load_file
 from support.cli import invoke_cli, start_cli
 from support.hub import POOL, hub_env, pool_hub
+from support.hubserver import Hold, LocalHub
 
 from hubmerge import output
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import REPO, TINY, random_state_dict, run_cli, write_checkpoint
 from gguf import GGMLQuantizationType, GGUFReader
-from hubserver import LocalHub
 from support.hub import hub_env
+from support.hubserver import LocalHub
 
 from hubmerge.cli import main
 from hubmerge.gguf import writer

@@ -1,5 +1,5 @@
 """Hub sources and publishing, end to end: the real `huggingface_hub` client (in a `hubmerge` subprocess,
-since the client fixes its endpoint at import) against the local Hub server in `hubserver.py`."""
+since the client fixes its endpoint at import) against the local Hub server in `support/hubserver/`."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, TINY
-from hubserver import LocalHub
 from safetensors.torch import load, save
 from support.cli import invoke_cli
 from support.hub import OTHER_TOKEN, POOL, TOKEN, folder_files, hub_env
+from support.hubserver import LocalHub
 
 
 def _scaled(weights: bytes, factor: float) -> bytes:

@@ -1,4 +1,4 @@
-"""Tests for the local Hub (`tests/hubserver.py`), driven by the real `huggingface_hub` client.
+"""Tests for the local Hub (`tests/support/hubserver/`), driven by the real `huggingface_hub` client.
 
 The client reads `HF_ENDPOINT` once, at import time, so every client call runs in a fresh interpreter
 (`run_client`) whose environment points at the server, disables Xet (see the hubserver docstring) and routes
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hubserver import LocalHub, git_blob_sha1
 from safetensors.numpy import save, save_file
+from support.hubserver import LocalHub, git_blob_sha1
 
 ALICE = "hf_alice_token"
 BOB = "hf_bob_token"

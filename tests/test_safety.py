@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, TINY, random_state_dict, write_checkpoint
-from hubserver import LocalHub
 from support.cli import invoke_cli
 from support.hub import POOL, hub_env, pool_hub
+from support.hubserver import LocalHub
 
 from hubmerge import output
 

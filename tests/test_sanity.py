@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, TINY, random_state_dict, write_checkpoint
-from hubserver import LocalHub
 from support.cli import invoke_cli
 from support.hub import TOKEN, hub_env
+from support.hubserver import LocalHub
 
 from hubmerge import api, markdown
 from hubmerge.cli import main

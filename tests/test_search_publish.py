@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from hubserver import LocalHub
 from support.hub import TOKEN, hub_env
+from support.hubserver import LocalHub
 from support.search import one_thread  # noqa: F401 - autouse
 
 from hubmerge import api

@@ -23,9 +23,9 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import random_state_dict, write_checkpoint
-from hubserver import LocalHub
 from support.cli import invoke_cli
 from support.hub import hub_env, pool_hub
+from support.hubserver import LocalHub
 
 from hubmerge import remote
 from hubmerge.errors import SourceError

@@ -1,6 +1,6 @@
 """Streaming output to the Hub (`publish.ShardUploader`): each shard goes up as soon as it is closed, while
 the merge writes the next, and one commit is made once everything is uploaded. Real processes against the
-local Hub in `hubserver.py`.
+local Hub in `support/hubserver/`.
 
 The order of events is read from the Hub's request log, never from timing: a helper process wraps the
 engine's `on_shard` hook so that each shard closing also sends a marker request (`/hook/closed/NAME`) to
@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_state_dict, write_checkpoint
-from hubserver import LocalHub
 from support.cli import invoke_cli, start_cli
 from support.hub import TOKEN, hub_env
+from support.hubserver import LocalHub
 from support.reference import cancelling_pool
 
 SUMMARY = "hubmerge: recipe.toml (task_arithmetic)"

@@ -26,10 +26,10 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import mounted_tmpfs, random_state_dict, write_checkpoint
-from hubserver import LocalHub, SparseFile
-from qwen_shapes import add_shaped_repos, recipe_text
 from support.cli import invoke_cli
 from support.hub import TOKEN, folder_files, hub_env, pool_hub
+from support.hubserver import LocalHub, SparseFile
+from support.qwen_shapes import add_shaped_repos, recipe_text
 
 VOCAB = 32768  # float32: an embedding of 4 MiB, so a source is ~4.4 MB and the bf16 output ~2.2 MB
 SHARDS = 3

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
-from hubserver import LocalHub
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from support.hub import hub_env
+from support.hubserver import LocalHub
 from uiapp import Served, serve
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

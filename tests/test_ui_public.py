@@ -10,8 +10,8 @@ import pytest
 from conftest import TINY
 from gradio_client import Client
 from gradio_client.exceptions import AppError
-from hubserver import LocalHub
 from support.hub import hub_env
+from support.hubserver import LocalHub
 from uiapp import Served, serve
 
 OWNER_TOKEN = "hf_space_owner_secret"

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, TINY
-from hubserver import LocalHub
 from packaging.requirements import Requirement
 from support.hub import hub_env
+from support.hubserver import LocalHub
 
 from hubmerge.cli import main
 from hubmerge.ui.space import OAUTH_SCOPES

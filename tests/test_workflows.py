@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 import yaml
 from conftest import REPO, TINY
-from hubserver import LocalHub
 from support.hub import POOL, TOKEN, hub_env, pool_hub
+from support.hubserver import LocalHub
 
 BIN = Path(sys.executable).parent
 WORKFLOWS = REPO / ".github" / "workflows"

@@ -1,5 +1,5 @@
 """The local Hub as the tests use it: users' tokens, the pool of Qwen repos, and the environment that points
-`huggingface_hub` (in a `hubmerge` process or `support.cli.invoke_cli`) at a `hubserver.LocalHub`."""
+`huggingface_hub` (in a `hubmerge` process or `support.cli.invoke_cli`) at a `support.hubserver.LocalHub`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from hubserver import LocalHub
+from support.hubserver import LocalHub
 
 TOKEN, OTHER_TOKEN = "hf_test_user_token", "hf_test_other_token"
 POOL = {
