@@ -17,6 +17,7 @@ from conftest import REPO, TINY, run_cli
 from support.cli import invoke_cli
 from support.evaluation import TASKS, lm_eval_offline
 from support.evaluation import eval_recipe as recipe
+from support.hub import local_hub
 from support.hubserver import LocalHub
 
 from hubmerge import api
@@ -236,8 +237,7 @@ def test_code_execution_tasks_need_explicit_permission(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def hub() -> Iterator[LocalHub]:
-    with LocalHub() as server:
-        server.add_user("user", TOKEN)
+    with local_hub() as server:
         yield server
 
 

@@ -21,7 +21,7 @@ import pytest
 from conftest import REPO, TINY, mounted_tmpfs, random_state_dict, write_checkpoint
 from safetensors.torch import load_file
 from support.cli import invoke_cli, start_cli
-from support.hub import POOL, hub_env, pool_hub
+from support.hub import POOL, hub_env, local_hub
 from support.hubserver import Hold, LocalHub
 
 from hubmerge import output
@@ -32,7 +32,7 @@ WEIGHTS = "Qwen2.5-Math-1.5B/resolve/"  # the math model's file downloads (at it
 
 @pytest.fixture(scope="module")
 def hub() -> Iterator[LocalHub]:
-    with pool_hub({repo: TINY / name for repo, name in POOL.items()}) as server:
+    with local_hub({repo: TINY / name for repo, name in POOL.items()}) as server:
         yield server
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import REPO, TINY, random_state_dict, run_cli, write_checkpoint
 from gguf import GGMLQuantizationType, GGUFReader
-from support.hub import hub_env
+from support.hub import hub_env, local_hub
 from support.hubserver import LocalHub
 
 from hubmerge.cli import main
@@ -224,8 +224,7 @@ def test_cli_writes_the_file_and_refuses_to_overwrite(
 
 @pytest.fixture(scope="module")
 def hub() -> Iterator[LocalHub]:
-    with LocalHub() as server:
-        server.add_user("user", "hf_test_user_token")
+    with local_hub() as server:
         yield server
 
 

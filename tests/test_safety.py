@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import REPO, TINY, random_state_dict, write_checkpoint
 from support.cli import invoke_cli
-from support.hub import POOL, hub_env, pool_hub
+from support.hub import POOL, hub_env, local_hub
 from support.hubserver import LocalHub
 
 from hubmerge import output
@@ -279,7 +279,7 @@ def test_hubmerge_never_unpickles_nor_trusts_remote_code() -> None:
 
 @pytest.fixture(scope="module")
 def hub() -> Iterator[LocalHub]:
-    with pool_hub({repo: TINY / name for repo, name in POOL.items()}, orgs=("user-org",)) as server:
+    with local_hub({repo: TINY / name for repo, name in POOL.items()}, orgs=("user-org",)) as server:
         yield server
 
 

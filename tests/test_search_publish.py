@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from support.hub import TOKEN, hub_env
+from support.hub import hub_env, local_hub
 from support.hubserver import LocalHub
 from support.search import one_thread  # noqa: F401 - autouse
 
@@ -23,8 +23,7 @@ pytest.importorskip("optuna")
 
 @pytest.fixture(scope="module")
 def hub() -> Iterator[LocalHub]:
-    with LocalHub() as server:
-        server.add_user("user", TOKEN)
+    with local_hub() as server:
         yield server
 
 

@@ -24,7 +24,7 @@ import safetensors.torch
 import torch
 from conftest import random_state_dict, write_checkpoint
 from support.cli import invoke_cli
-from support.hub import hub_env, pool_hub
+from support.hub import hub_env, local_hub
 from support.hubserver import LocalHub
 
 from hubmerge import remote
@@ -58,7 +58,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalHub]:
         )
         for repo, seed in REPOS.items()
     }
-    with pool_hub(folders) as server:
+    with local_hub(folders) as server:
         server.create_repo("user/deep12-merged")  # where the "settle first" runs push
         yield server
 

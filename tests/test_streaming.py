@@ -27,7 +27,7 @@ import safetensors.torch
 import torch
 from conftest import mounted_tmpfs, random_state_dict, write_checkpoint
 from support.cli import invoke_cli
-from support.hub import TOKEN, folder_files, hub_env, pool_hub
+from support.hub import TOKEN, folder_files, hub_env, local_hub
 from support.hubserver import LocalHub, SparseFile
 from support.qwen_shapes import add_shaped_repos, recipe_text
 
@@ -50,7 +50,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalHub]:
         )
         for repo, seed in REPOS.items()
     }
-    with pool_hub(folders) as server:
+    with local_hub(folders) as server:
         yield server
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 from playwright.sync_api import Browser, Page, expect, sync_playwright
-from support.hub import hub_env
+from support.hub import hub_env, local_hub
 from support.hubserver import LocalHub
 from uiapp import Served, serve
 
@@ -25,8 +25,7 @@ WAIT = 120_000  # ms: an upper bound for a state to appear on a busy machine, no
 
 @pytest.fixture(scope="module")
 def hub() -> Iterator[LocalHub]:
-    with LocalHub() as server:
-        server.add_user("user", TOKEN)
+    with local_hub() as server:
         yield server
 
 

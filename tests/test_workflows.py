@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import REPO, TINY
-from support.hub import POOL, TOKEN, hub_env, pool_hub
+from support.hub import POOL, TOKEN, hub_env, local_hub
 from support.hubserver import LocalHub
 
 BIN = Path(sys.executable).parent
@@ -531,7 +531,7 @@ class Job:
 @pytest.fixture(scope="module")
 def hub() -> Iterator[LocalHub]:
     """The tiny checkpoints as Qwen/... repos, and a user who may push."""
-    with pool_hub({repo: TINY / name for repo, name in POOL.items()}) as server:
+    with local_hub({repo: TINY / name for repo, name in POOL.items()}) as server:
         yield server
 
 
