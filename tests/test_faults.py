@@ -18,9 +18,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, mounted_tmpfs, random_state_dict, write_checkpoint
 from safetensors.torch import load_file
+from support.checkpoints import REPO, TINY, random_state_dict, write_checkpoint
 from support.cli import invoke_cli, start_cli
+from support.disk import mounted_tmpfs
 from support.hub import POOL, hub_env, local_hub
 from support.hubserver import Hold, LocalHub
 
@@ -278,6 +279,7 @@ def test_branch_moved_during_the_push_is_retried_on_the_new_tip(hub: LocalHub, t
     )
 
 
+@pytest.mark.slow
 def test_branch_that_keeps_moving_gets_a_clear_message(hub: LocalHub, tmp_path: Path) -> None:
     hub.create_repo("user/busy")
     recipe = tmp_path / "recipe.toml"

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY, random_state_dict, run_cli, write_checkpoint
 from gguf import GGMLQuantizationType, GGUFReader
+from support.checkpoints import REPO, TINY, random_state_dict, write_checkpoint
+from support.cli import run_cli
 from support.hub import hub_env, local_hub
 from support.hubserver import LocalHub
 
@@ -57,6 +58,7 @@ def tensor_types(path: Path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["tied", "untied"])
 def test_f32_file_gives_exactly_the_safetensors_logits(models: dict[str, Path], kind: str) -> None:
     folder = models[kind]
@@ -65,6 +67,7 @@ def test_f32_file_gives_exactly_the_safetensors_logits(models: dict[str, Path], 
     assert ("output.weight" in tensor_types(folder / "m-F32.gguf")) == (kind == "untied")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("gguf_type", "dtype"), [("f16", torch.float16), ("bf16", torch.bfloat16)])
 def test_f16_and_bf16_files_give_the_logits_of_the_model_rounded_to_that_dtype(
     models: dict[str, Path], gguf_type: str, dtype: torch.dtype
@@ -79,6 +82,7 @@ def test_f16_and_bf16_files_give_the_logits_of_the_model_rounded_to_that_dtype(
 BOUNDS = {"q8_0": 0.02, "q6_k": 0.07, "q5_k_m": 0.12, "q4_k_m": 0.2}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "gguf_type"),
     [("tied", "q8_0"), ("wide", "q8_0"), ("wide", "q6_k"), ("wide", "q5_k_m"), ("wide-untied", "q4_k_m")],
@@ -93,6 +97,7 @@ def test_quantized_file_logits_stay_within_the_stated_bound(
     assert 0 < error < BOUNDS[gguf_type]
 
 
+@pytest.mark.slow
 def test_q4_k_m_gives_each_tensor_the_type_llama_quantize_chooses(models: dict[str, Path]) -> None:
     tied = write_gguf(models["wide"], models["wide"] / "t-Q4_K_M.gguf", "q4_k_m")
     untied = write_gguf(models["wide-untied"], models["wide-untied"] / "u-Q4_K_M.gguf", "q4_k_m")
@@ -127,6 +132,7 @@ def test_q4_k_m_mix_over_28_layers_and_fallbacks_for_rows_of_32(tmp_path: Path) 
     assert types["token_embd.weight"][1] == GGMLQuantizationType.Q8_0
 
 
+@pytest.mark.slow
 def test_metadata_and_tokenizer_are_those_llama_cpp_reads_for_qwen2(models: dict[str, Path]) -> None:
     folder = models["tied"]
     path = write_gguf(folder, folder / "meta-Q8_0.gguf", "q8_0").path
@@ -187,6 +193,7 @@ def test_tokenizer_built_from_the_file_encodes_like_the_folders(models: dict[str
     assert ours.eos_token == theirs.eos_token == "<|endoftext|>"
 
 
+@pytest.mark.slow
 def test_reading_a_few_rows_at_a_time_writes_the_same_file(
     models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

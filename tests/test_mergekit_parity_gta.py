@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import toml_value
 from safetensors.torch import load_file
+from support.toml_text import toml_value
 
 import hubmerge
 from hubmerge.schedule import evaluate, layer_position
@@ -118,6 +118,7 @@ def _setting(value: Any) -> Any:
     return value
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", runs(), ids=lambda r: r["name"])
 def test_matches_mergekit(tmp_path, run):
     config = yaml.safe_load((REPO / run["config"]).read_text())
@@ -148,6 +149,7 @@ def random_runs() -> list[dict[str, Any]]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", random_runs(), ids=lambda r: r["name"])
 def test_random_masks_match_mergekits_statistics(tmp_path, run):
     """mergekit draws its masks from torch's global RNG, hubmerge from `uniform`: the values differ, the

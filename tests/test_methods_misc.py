@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_state_dict, write_checkpoint
+from support.checkpoints import random_state_dict, write_checkpoint
 from support.reference import assert_close, load_f32, with_head
 
 import hubmerge
@@ -140,6 +140,7 @@ POOL = 'base = "models/base"\nmodels = ["models/math", "models/code", "models/in
 # --- nearswap ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_nearswap_matches_mergekits_formula_in_any_slices(tmp_path, monkeypatch, layout):
     base, (model,) = pool(tmp_path, layout, count=2)
@@ -189,6 +190,7 @@ def test_sce_matches_mergekits_formula_in_any_slices(tmp_path, monkeypatch, layo
     check(monkeypatch, tmp_path, body, want, layout, ulp=True, sizes=(7, 101) if topk == 0.5 else (101,))
 
 
+@pytest.mark.slow
 def test_sce_counts_only_positions_whose_task_vectors_differ(tmp_path, monkeypatch):
     """k = int(nz · select_topk) with nz the positions of nonzero variance, as mergekit counts: here the
     models agree on every other position of every tensor, so nz is half of each tensor, and a cut taken

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, random_state_dict, write_checkpoint
+from support.checkpoints import REPO, TINY, random_state_dict, write_checkpoint
 from support.cli import invoke_cli
 from support.hub import POOL, hub_env, local_hub
 from support.hubserver import LocalHub
@@ -174,6 +174,7 @@ def test_lock_records_torch_and_device_and_no_absolute_path_is_published(pool: P
         assert str(pool).encode() not in path.read_bytes(), path.name
 
 
+@pytest.mark.slow
 def test_lock_that_does_not_reproduce_fails_saying_what_differs(pool: Path) -> None:
     recipe = _recipe(pool)
     assert invoke_cli(recipe, "--output", pool / "a-out", "-q").returncode == 0

@@ -1,6 +1,6 @@
 """`hubmerge search`: the [search] table, the local search, its study, its results and best.toml.
 
-Trials merge the tiny checkpoints of conftest.py; the loss they are scored by is recomputed here with
+Trials merge the tiny checkpoints of support.checkpoints; the loss they are scored by is recomputed here with
 transformers directly, so that the grid test does not check the search's objective against itself.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO
+from support.checkpoints import REPO
 from support.search import GRID, one_thread, search_recipe  # noqa: F401 - one_thread: autouse
 
 from hubmerge import api
@@ -178,6 +178,7 @@ seed = 7
     assert third.trials[1]["params"] != first.trials[1]["params"]
 
 
+@pytest.mark.slow
 def test_a_failing_trial_is_recorded_with_its_reason_and_the_search_completes(
     models: Path, tmp_path: Path
 ) -> None:
@@ -199,6 +200,7 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_the_search_completes(
     assert _results(tmp_path / "search")["best"]["number"] == states[0.5]["number"]
 
 
+@pytest.mark.slow
 def test_a_rerun_resumes_the_study_and_runs_only_the_missing_trials(models: Path, tmp_path: Path) -> None:
     table = """trials = 2
 sampler = "random"
@@ -295,6 +297,7 @@ pruner = "none"
     assert len({t["params"]["parameters.scaling_factor"] for t in complete}) == budget
 
 
+@pytest.mark.slow
 def test_values_per_group_of_layers_and_filter_become_filter_rules_that_best_toml_reproduces(
     models: Path, tmp_path: Path
 ) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from support.cli import run_cli
 from support.hub import hub_env, local_hub
 from support.hubserver import LocalHub
 from support.search import one_thread  # noqa: F401 - autouse

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO
+from support.checkpoints import REPO
 from support.search import GRID, one_thread, search_recipe  # noqa: F401 - one_thread: autouse
 
 from hubmerge.search.run import search

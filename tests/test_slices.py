@@ -203,6 +203,7 @@ def test_exact_zero_sign_sums_are_patched_across_slices_and_shards(tmp_path, mon
     assert len(list((tmp_path / "out-7").glob("model-*.safetensors"))) >= 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("majority", "dtype", "merge_func", "trim"),
     [

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 import safetensors.torch
 import torch
-from conftest import random_state_dict, write_checkpoint
+from support.checkpoints import random_state_dict, write_checkpoint
 from support.cli import invoke_cli
 from support.hub import hub_env, local_hub
 from support.hubserver import LocalHub
@@ -199,6 +199,7 @@ def test_tampered_range_bytes_are_refused_in_one_line_naming_the_file_and_nothin
         assert len(hub.commits("user/deep12-merged")) == commits
 
 
+@pytest.mark.slow
 def test_without_verification_the_lock_records_the_hubs_sha256_as_unchecked(
     hub: LocalHub, tmp_path: Path, untampered: Callable[[str], None]
 ) -> None:

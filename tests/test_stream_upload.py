@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_state_dict, write_checkpoint
+from support.checkpoints import random_state_dict, write_checkpoint
 from support.cli import invoke_cli, start_cli
 from support.hub import hub_env, local_hub
 from support.hubserver import LocalHub

@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import mounted_tmpfs, random_state_dict, write_checkpoint
+from support.checkpoints import random_state_dict, write_checkpoint
 from support.cli import invoke_cli
+from support.disk import mounted_tmpfs
 from support.hub import TOKEN, folder_files, hub_env, local_hub
 from support.hubserver import LocalHub, SparseFile
 from support.qwen_shapes import add_shaped_repos, recipe_text
@@ -457,6 +458,7 @@ def test_the_shard_size_is_chosen_to_fit_unless_the_recipe_sets_one_that_cannot(
 # --- integrity -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_streamed_files_read_whole_in_order_are_checked_against_their_lfs_sha256(
     hub: LocalHub, tmp_path: Path
 ) -> None:

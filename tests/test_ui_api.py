@@ -13,14 +13,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY
 from gradio_client import Client
 from gradio_client.exceptions import AppError
+from support.checkpoints import REPO, TINY
 from uiapp import Served, serve
 
 from hubmerge.cli import main
 from hubmerge.recipe import loads_recipe
 from hubmerge.ui.service import Service, Settings, key_line
+
+pytestmark = pytest.mark.slow  # the app is a real `hubmerge ui` process, started once for the module
 
 RECIPE = f"""method = "ties"
 base = "{TINY / "base"}"
@@ -63,7 +65,6 @@ def _cli_lines(path: Path, *args: str) -> str:
     return lines[0].removeprefix("hubmerge: error: ")
 
 
-@pytest.mark.slow
 def test_validate_says_ok_for_a_valid_recipe(client: Client) -> None:
     assert client.predict(RECIPE, api_name="/validate") == "ok"
 
@@ -336,7 +337,6 @@ def test_run_folders_carry_an_unguessable_part_since_gradio_serves_the_work_fold
 # --- progress, [eval] and search through the app's service -------------------------------------------------
 
 
-@pytest.mark.slow
 def test_progress_reports_bytes_and_tensors_in_the_order_they_are_written(tmp_path: Path) -> None:
     from hubmerge.api import MergeProgress, merge
     from hubmerge.ui.app import progress_text

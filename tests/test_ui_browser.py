@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from support.checkpoints import REPO
 from support.hub import hub_env, local_hub
 from support.hubserver import LocalHub
 from uiapp import Served, serve

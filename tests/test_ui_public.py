@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import TINY
 from gradio_client import Client
 from gradio_client.exceptions import AppError
+from support.checkpoints import TINY
 from support.hub import hub_env
 from support.hubserver import LocalHub
 from uiapp import Served, serve

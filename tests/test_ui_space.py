@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, TINY
 from packaging.requirements import Requirement
+from support.checkpoints import REPO, TINY
 from support.hub import hub_env
 from support.hubserver import LocalHub
 

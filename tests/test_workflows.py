@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, TINY
+from support.checkpoints import REPO, TINY
 from support.hub import POOL, TOKEN, hub_env, local_hub
 from support.hubserver import LocalHub
 
@@ -60,6 +60,7 @@ def _runner_env(**values: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------- linters
 
 
+@pytest.mark.slow
 def test_workflows_and_action_match_githubs_schemas() -> None:
     check = _tool("check-jsonschema")
     for schema, files in (("vendor.github-workflows", _workflow_files()), ("vendor.github-actions", [ACTION_YML])):
@@ -616,6 +617,7 @@ def test_push_to_main_merges_each_changed_recipe_and_pushes_it(hub: LocalHub, wo
     assert int(loaded.stdout.split()[-1]) == 107072
 
 
+@pytest.mark.slow
 def test_merge_job_passes_a_disk_budget_set_as_a_repository_variable(
     hub: LocalHub, workspace: Path, tmp_path: Path
 ) -> None:

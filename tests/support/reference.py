@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from conftest import random_state_dict, write_checkpoint
 from safetensors.torch import load_file
+
+from support.checkpoints import random_state_dict, write_checkpoint
 
 StateDict = dict[str, torch.Tensor]
 
