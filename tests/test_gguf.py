@@ -13,7 +13,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from support.checkpoints import REPO, TINY, random_state_dict, write_checkpoint
-from support.cli import run_cli
+from support.cli import invoke_cli
 from support.hub import hub_env, local_hub
 from support.hubserver import LocalHub
 
@@ -248,12 +248,11 @@ def _gguf_recipe(tmp_path: Path, output: str) -> Path:
     return recipe
 
 
-@pytest.mark.slow
 def test_merge_pushes_gguf_files_to_a_companion_repo_with_its_card_in_one_commit(
     hub: LocalHub, tmp_path: Path
 ) -> None:
     recipe = _gguf_recipe(tmp_path, 'repo = "user/merged"\ngguf = ["q4_k_m", "q8_0"]')
-    result = run_cli(recipe, "-q", env=_hub_env(hub, tmp_path))
+    result = invoke_cli(recipe, "-q", env=_hub_env(hub, tmp_path))
     assert result.returncode == 0, result.stderr
     companion = hub.files("user/merged-GGUF")
     names = {"merged-Q4_K_M.gguf", "merged-Q8_0.gguf"}
@@ -274,12 +273,11 @@ def test_merge_pushes_gguf_files_to_a_companion_repo_with_its_card_in_one_commit
     assert "[user/merged-GGUF](https://huggingface.co/user/merged-GGUF)" in merged["README.md"].decode()
 
 
-@pytest.mark.slow
 def test_gguf_repo_same_puts_the_files_beside_the_weights_in_their_commit(
     hub: LocalHub, tmp_path: Path
 ) -> None:
     recipe = _gguf_recipe(tmp_path, 'repo = "user/beside"\ngguf = ["q8_0"]\ngguf_repo = "same"')
-    result = run_cli(recipe, "-q", env=_hub_env(hub, tmp_path))
+    result = invoke_cli(recipe, "-q", env=_hub_env(hub, tmp_path))
     assert result.returncode == 0, result.stderr
     files = hub.files("user/beside")
     assert {"beside-Q8_0.gguf", "model.safetensors"} <= files.keys()
@@ -299,10 +297,9 @@ def test_plan_counts_the_gguf_files_in_the_disk_estimate(tmp_path: Path) -> None
     assert sum(written) <= extra <= sum(written) + 2 * (2**20 + 2 * 10**6)
 
 
-@pytest.mark.slow
 def test_companion_repo_takes_the_branch_of_the_weights(hub: LocalHub, tmp_path: Path) -> None:
     recipe = _gguf_recipe(tmp_path, 'repo = "user/branchy"\nbranch = "v2"\ngguf = ["q8_0"]')
-    result = run_cli(recipe, "-q", env=_hub_env(hub, tmp_path))
+    result = invoke_cli(recipe, "-q", env=_hub_env(hub, tmp_path))
     assert result.returncode == 0, result.stderr
     on_branch = hub.files("user/branchy-GGUF", "v2")
     assert {"branchy-Q8_0.gguf", "README.md", "hubmerge.lock.json"} <= on_branch.keys()
@@ -311,13 +308,12 @@ def test_companion_repo_takes_the_branch_of_the_weights(hub: LocalHub, tmp_path:
     assert "model.safetensors" in hub.files("user/branchy", "v2")
 
 
-@pytest.mark.slow
 def test_companion_repo_gets_a_pull_request_when_the_weights_do(hub: LocalHub, tmp_path: Path) -> None:
     for repo in ("user/reviewed", "user/reviewed-GGUF"):
         hub.create_repo(repo)
     main = hub.head("user/reviewed-GGUF")
     recipe = _gguf_recipe(tmp_path, 'repo = "user/reviewed"\ncreate_pr = true\ngguf = ["q8_0"]')
-    result = run_cli(recipe, env=_hub_env(hub, tmp_path))
+    result = invoke_cli(recipe, env=_hub_env(hub, tmp_path))
     assert result.returncode == 0, result.stderr
     assert f"GGUF files: {hub.url}/user/reviewed-GGUF/discussions/1" in result.stderr
     assert hub.head("user/reviewed-GGUF") == main
@@ -349,7 +345,7 @@ def test_with_shards_deleted_as_uploaded_gguf_files_are_written_while_merging_th
     same = '\ngguf_repo = "same"' if beside else ""
     recipe = _gguf_recipe(tmp_path, f'repo = "{repo}"\nmax_shard_size = "16KB"\ngguf = ["q8_0", "f16"]{same}')
     args = (recipe, "-q", "--no-stats", "--max-disk", _small_disk(recipe))
-    result = run_cli(*args, env=_hub_env(hub, tmp_path))
+    result = invoke_cli(*args, env=_hub_env(hub, tmp_path))
     assert result.returncode == 0, result.stderr
     gguf_repo = repo if beside else f"{repo}-GGUF"
     pushed, weights = hub.files(gguf_repo), hub.files(repo)
@@ -380,6 +376,6 @@ def test_with_shards_deleted_as_uploaded_gguf_files_are_written_while_merging_th
         assert "| Q8_0 |" in pushed["README.md"].decode()
         assert pushed["hubmerge.lock.json"] == (local / "hubmerge.lock.json").read_bytes()
     # A rerun takes both folders for its own output, and identical files make no new commit.
-    again = run_cli(*args, env=_hub_env(hub, tmp_path))
+    again = invoke_cli(*args, env=_hub_env(hub, tmp_path))
     assert again.returncode == 0, again.stderr
     assert len(hub.commits(gguf_repo)) == 2 and len(hub.commits(repo)) == 2

@@ -1,6 +1,5 @@
 """`hubmerge search --publish best` against the local Hub: the best trial's recipe merged and pushed as a plain
-merge pushes it, the card with a section on the search (in a subprocess: the Hub client fixes its endpoint at
-import)."""
+merge pushes it, the card with a section on the search (the CLI in process, `support.cli.invoke_cli`)."""
 
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support.cli import run_cli
+from support.cli import invoke_cli
 from support.hub import hub_env, local_hub
 from support.hubserver import LocalHub
 from support.search import one_thread  # noqa: F401 - autouse
@@ -46,7 +45,7 @@ def test_publish_best_pushes_the_merge_of_best_toml_with_a_card_section_on_the_s
 ) -> None:
     recipe = _recipe(tmp_path, make_model, '[output]\ndir = "out"\nrepo = "user/searched"\n')
     out = tmp_path / "search"
-    done = run_cli("search", recipe, "--output", out, "--publish", "best", "-q", env=hub_env(hub, tmp_path))
+    done = invoke_cli("search", recipe, "--output", out, "--publish", "best", "-q", env=hub_env(hub, tmp_path))
     assert done.returncode == 0, done.stderr
     results = json.loads((out / RESULTS_JSON).read_text())
     best, trials = results["best"], results["trials"]
