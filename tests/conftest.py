@@ -64,3 +64,26 @@ def write_recipe(tmp_path: Path) -> Callable[[str], Path]:
     return write
 
 
+
+
+class _TimeWithoutSleep:
+    """The `time` module as `huggingface_hub.utils._http` sees it under `no_retry_waits`: sleeps return at once."""
+
+    def __getattr__(self, name: str) -> Any:
+        import time
+
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        pass
+
+
+@pytest.fixture
+def no_retry_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub retries a failed request after waiting 1, 2, 4, 8, 8 s (`http_backoff`). For the tests that
+    make the local Hub fail on purpose, in this process: the same retries and the same outcome, without the
+    waits (tens of seconds per test)."""
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(_http, "time", _TimeWithoutSleep())

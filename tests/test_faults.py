@@ -186,6 +186,7 @@ def test_kill_9_mid_merge_then_a_rerun_succeeds_and_takes_no_stale_folder_for_ou
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("no_retry_waits")
 def test_bursts_of_5xx_and_a_download_cut_halfway_are_retried_to_the_same_result(
     hub: LocalHub, tmp_path: Path
 ) -> None:
@@ -232,6 +233,7 @@ def test_a_slow_download_is_waited_for(hub: LocalHub, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("no_retry_waits")
 def test_upload_cut_during_lfs_lands_no_commit_and_a_rerun_lands_exactly_one(
     hub: LocalHub, tmp_path: Path
 ) -> None:
@@ -280,6 +282,7 @@ def test_branch_moved_during_the_push_is_retried_on_the_new_tip(hub: LocalHub, t
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("no_retry_waits")
 def test_branch_that_keeps_moving_gets_a_clear_message(hub: LocalHub, tmp_path: Path) -> None:
     hub.create_repo("user/busy")
     recipe = tmp_path / "recipe.toml"

@@ -330,6 +330,7 @@ def test_token_never_appears_in_outputs(hub: LocalHub, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("no_retry_waits")
 def test_transient_hub_faults_are_retried(hub: LocalHub, tmp_path: Path) -> None:
     """A dropped weight download resumes, and a 5xx burst on metadata is retried by the client."""
     hub.drop_next(1, path_contains="Qwen2.5-Math-1.5B/resolve", method="GET")

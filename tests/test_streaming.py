@@ -285,6 +285,7 @@ def _stream(hub: LocalHub, tmp_path: Path, recipe: Path, out: str) -> subprocess
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("no_retry_waits")
 def test_dropped_connections_and_5xx_bursts_mid_range_are_retried_and_the_merge_is_exact(
     hub: LocalHub, tmp_path: Path
 ) -> None:
@@ -307,6 +308,7 @@ def test_dropped_connections_and_5xx_bursts_mid_range_are_retried_and_the_merge_
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("no_retry_waits")
 def test_a_hub_that_keeps_failing_mid_stream_ends_in_one_line_and_no_output(
     hub: LocalHub, tmp_path: Path
 ) -> None:
