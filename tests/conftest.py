@@ -64,8 +64,6 @@ def write_recipe(tmp_path: Path) -> Callable[[str], Path]:
     return write
 
 
-
-
 class _TimeWithoutSleep:
     """The `time` module as `huggingface_hub.utils._http` sees it under `no_retry_waits`: sleeps return at once."""
 
