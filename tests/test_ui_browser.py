@@ -25,7 +25,7 @@ WAIT = 120_000  # ms: an upper bound for a state to appear on a busy machine, no
 
 @pytest.fixture(scope="module")
 def hub() -> Iterator[LocalHub]:
-    with local_hub() as server:
+    with local_hub(token=TOKEN) as server:
         yield server
 
 

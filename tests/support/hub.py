@@ -37,13 +37,15 @@ def hub_env(hub: LocalHub, tmp_path: Path, token: str | None = TOKEN, **extra: s
 
 
 @contextmanager
-def local_hub(repos: Mapping[str, Path] | None = None, orgs: tuple[str, ...] = ()) -> Iterator[LocalHub]:
-    """The tests' one Hub factory: a local Hub where `user` (TOKEN, member of `orgs`) may push, and each of
+def local_hub(
+    repos: Mapping[str, Path] | None = None, orgs: tuple[str, ...] = (), token: str = TOKEN
+) -> Iterator[LocalHub]:
+    """The tests' one Hub factory: a local Hub where `user` (`token`, member of `orgs`) may push, and each of
     `repos` holds one commit of the files of a checkpoint folder; each other owner (`Qwen`) is a user too, with
     token `hf_<owner>_token`. A test module's `hub` fixture enters it once (scope="module")."""
     repos = repos or {}
     with LocalHub() as server:
-        server.add_user("user", TOKEN, orgs=orgs)
+        server.add_user("user", token, orgs=orgs)
         for owner in sorted({repo.split("/")[0] for repo in repos} - {"user"}):
             server.add_user(owner, f"hf_{owner.lower()}_token")
         for repo, folder in repos.items():
