@@ -1,6 +1,6 @@
 """docs/big-models.md's table: `hubmerge plan --json` for a base + 3 merge of every Qwen2.5 size.
 
-The sources are Qwen2.5-shaped repos on the local test Hub (tests/qwen_shapes.py: real tensor names, shapes,
+The sources are Qwen2.5-shaped repos on the local test Hub (tests/support/qwen_shapes.py: real tensor names, shapes,
 bf16 and shard counts; sparse shards, since a plan reads only headers). Each size is planned three times:
 with disk to spare (every source cached), and within a GitHub runner's 14 GB with a push, for
 task_arithmetic (one read of every input) and TIES with its global cut-off (three reads; four
@@ -22,8 +22,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from hubserver import LocalHub  # noqa: E402
-from qwen_shapes import SHAPES, add_shaped_repos, recipe_text  # noqa: E402
+from support.hubserver import LocalHub  # noqa: E402
+from support.qwen_shapes import SHAPES, add_shaped_repos, recipe_text  # noqa: E402
 
 TOKEN = "hf_bench_token"
 

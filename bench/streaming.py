@@ -7,7 +7,7 @@ For each method it runs the same recipe twice, each time with an empty Hugging F
     Hub's sha256, which reads what did not arrive in file order once more (the default);
   * **unverified**: the same with `[output] verify_streamed = false` (sizes and headers only): what the proof
     costs is the difference between these two rows.
-The Hub is tests/hubserver.py in this process, serving the checkpoints of `make_checkpoints.py` from disk
+The Hub is tests/support/hubserver/ in this process, serving the checkpoints of `make_checkpoints.py` from disk
 (`hubserver.DiskFile`, real sha256), so the sources cost no memory here. Measured per run: wall time, the
 child's peak RSS (`os.wait4`), peak disk (bytes under the run's folder: HF_HOME, output and staging, polled
 every 20 ms) and
@@ -35,8 +35,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(HERE))
 
-from hubserver import DiskFile, LocalHub  # noqa: E402
 from run import WORK, make_models, measure  # noqa: E402
+from support.hubserver import DiskFile, LocalHub  # noqa: E402
 
 TOKEN = "hf_bench_token"
 FINE_TUNES = ("math", "coder", "instruct")

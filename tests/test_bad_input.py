@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import random_state_dict, write_checkpoint
+from support.checkpoints import random_state_dict, write_checkpoint
 from support.cli import invoke_cli
 
 TIES = 'method = "ties"\nbase = "./base"\n'

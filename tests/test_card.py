@@ -22,8 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY
 from huggingface_hub import ModelCard
+from support.checkpoints import REPO, TINY
 
 import hubmerge
 from hubmerge import api
@@ -250,6 +250,7 @@ def test_base_model_lists_hub_ids_and_leaves_local_folders_out(
     assert "| model | `my-math` | local folder | apache-2.0 |" in card
 
 
+@pytest.mark.slow
 def test_base_model_lists_only_the_models_whose_weights_were_merged(
     tmp_path: Path, hub_cache: Path, write_recipe: Callable[[str], Path]
 ) -> None:
@@ -603,6 +604,7 @@ def usage_snippet(card: str) -> str:
     return match.group(1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chat", [True, False])
 def test_usage_snippet_runs_with_transformers(
     tmp_path: Path, chat: bool, monkeypatch: pytest.MonkeyPatch

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, random_state_dict, write_checkpoint
 from safetensors.torch import load_file, save_file
+from support.checkpoints import REPO, random_state_dict, write_checkpoint
 from support.cli import invoke_cli
 
 
+@pytest.mark.slow
 def test_demo_recipe_merges_offline_and_transformers_generates(tmp_path: Path) -> None:
     result = invoke_cli(REPO / "recipes" / "examples" / "tiny-ties.toml", "--output", tmp_path / "out", "-q")
     assert result.returncode == 0, result.stderr
@@ -45,6 +46,7 @@ def test_demo_recipe_merges_offline_and_transformers_generates(tmp_path: Path) -
     assert generated.shape[1] == prompt["input_ids"].shape[1] + 4
 
 
+@pytest.mark.slow
 def test_lock_reproduces_byte_identical_weights(tmp_path: Path) -> None:
     recipe = REPO / "recipes" / "examples" / "tiny-task_arithmetic.toml"
     assert invoke_cli(recipe, "--output", tmp_path / "a", "-q").returncode == 0
@@ -190,6 +192,7 @@ def test_truncated_weights_fail_mid_merge_without_leaving_output(tmp_path: Path)
     assert code == 3 and "truncated" in err
 
 
+@pytest.mark.slow
 def test_failed_rerun_keeps_the_previous_output(tmp_path: Path) -> None:
     _pool(tmp_path)
     (tmp_path / "recipe.toml").write_text('method = "ties"\nbase = "./base"\nmodels = ["./a", "./b"]\n')

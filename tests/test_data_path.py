@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, random_state_dict, write_checkpoint
 from safetensors.torch import load_file
+from support.checkpoints import TINY, random_state_dict, write_checkpoint
 from support.cli import invoke_cli
 
 from hubmerge import api

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY, random_state_dict, write_checkpoint
 from PIL import Image
 from safetensors.torch import load_file
+from support.checkpoints import TINY, random_state_dict, write_checkpoint
 from support.cli import invoke_cli
 
 import hubmerge.merging.plan
@@ -90,6 +90,7 @@ def assert_group(found: dict[str, Any], expected: dict[str, Any], numel: int) ->
     assert found["model_conflict"] == pytest.approx(expected["model_conflict"].tolist(), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_ties_stats_match_direct_computations_on_the_full_tensors(tmp_path: Path) -> None:
     recipe = tmp_path / "r.toml"
     recipe.write_text(recipe_text("ties"))
@@ -118,6 +119,7 @@ def test_ties_stats_match_direct_computations_on_the_full_tensors(tmp_path: Path
     assert stats["total"]["kept"] == pytest.approx((kept / everything.shape[1]).tolist(), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_stats_are_the_same_whatever_the_slice_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A pool a fifth of the tiny demo's size (one layer, hidden 48, vocab 64): 37-element slices still cut
     # every tensor, 1-D ones included, in ~500 slices per model rather than ~3,000.
@@ -153,6 +155,7 @@ def assert_same(a: Any, b: Any, where: str = "") -> None:
         assert a == b, where
 
 
+@pytest.mark.slow
 def test_merge_writes_png_plots_that_the_card_shows_and_the_lock_records(tmp_path: Path) -> None:
     recipe = tmp_path / "r.toml"
     recipe.write_text(recipe_text("ties"))
@@ -182,6 +185,7 @@ def test_merge_writes_png_plots_that_the_card_shows_and_the_lock_records(tmp_pat
         assert cells[6] == f"{100 * total['dropped'][i]:.2f}%"
 
 
+@pytest.mark.slow
 def test_inspect_writes_the_merges_numbers_and_plots_and_no_model_files(tmp_path: Path) -> None:
     recipe = tmp_path / "r.toml"
     recipe.write_text(recipe_text("ties", extra='[output]\ndir = "merged"\n'))
@@ -203,6 +207,7 @@ def test_inspect_writes_the_merges_numbers_and_plots_and_no_model_files(tmp_path
     assert str(inspected) in shown.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["simple_average", "linear"])
 def test_methods_without_a_base_in_their_math_measure_against_the_recipes_base(
     tmp_path: Path, method: str
@@ -247,6 +252,7 @@ def test_without_matplotlib_the_json_and_the_terminal_say_why_there_are_no_plots
     assert math.isfinite(stats["total"]["norm"][0]) and stats["total"]["norm"][0] > 0
 
 
+@pytest.mark.slow
 def test_no_stats_flag_and_recipe_switch_turn_the_diagnostics_off(
     tmp_path: Path, write_recipe: Callable[[str], Path]
 ) -> None:
@@ -266,6 +272,7 @@ def test_no_stats_flag_and_recipe_switch_turn_the_diagnostics_off(
         api.load_plan(wrong)
 
 
+@pytest.mark.slow
 def test_ties_dropped_share_follows_the_majority_sign_where_trimmed_vectors_cancel(tmp_path: Path) -> None:
     # Where the trimmed task vectors sum to exactly 0, the model-wide majority sign (here -1) decides.
     base = {k: torch.zeros_like(v) for k, v in random_state_dict(0).items()}

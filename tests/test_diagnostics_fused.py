@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY, random_state_dict, write_checkpoint
+from support.checkpoints import TINY, random_state_dict, write_checkpoint
 
 import hubmerge.merging.engine
 import hubmerge.quality.diagnostics
@@ -102,6 +102,7 @@ def tiny_recipe(method: str, extra: str = "") -> str:
     return text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("counts", ["numpy", "arithmetic"])
 @pytest.mark.parametrize("method", ["ties", "task_arithmetic", "simple_average"])
 def test_fused_stats_of_merge_and_inspect_equal_the_separate_pass_to_the_bit(
@@ -127,6 +128,7 @@ def test_fused_stats_of_merge_and_inspect_equal_the_separate_pass_to_the_bit(
     assert as_text(inspected) == as_text(expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("counts", ["numpy", "arithmetic"])
 def test_fused_ties_counts_equal_the_separate_pass_where_sums_cancel_and_inputs_hold_nan(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counts: str

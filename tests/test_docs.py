@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from support.checkpoints import REPO
 
 from hubmerge import cli, docs_gen
 from hubmerge.merging.methods import METHODS
@@ -42,6 +42,7 @@ NOT_RUN = {
     'pip install -e ".[test]"': "installs packages (needs a package index)",
     'pip install -e ".[docs]"': "installs packages (needs a package index)",
     "pytest": "the whole test suite, of which this is a part",
+    'pytest -m "not slow"': "the fast part of the test suite, of which this is a part",
     "ruff check .": "the linter: CI runs it",
     "mypy": "the type checker: CI runs it",
     "bash .ci/run": "CI itself",
@@ -119,6 +120,7 @@ def test_the_generated_pages_are_up_to_date(capsys: pytest.CaptureFixture[str]) 
     assert docs_gen.main(["--check"]) == 0, capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_docs_gen_check_reports_a_stale_page_and_a_removed_method_and_rewrites_the_stale_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -177,6 +179,7 @@ def test_the_recipe_reference_lists_every_key_of_every_table_with_its_default() 
 # --- the site and the front page ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_site_builds_strictly(tmp_path: Path) -> None:
     """Every page in the menu, every link and anchor resolves (mkdocs.yml's `validation`), the API page's
     docstrings load."""

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, TINY, run_cli
-from hubserver import LocalHub
-from support.cli import invoke_cli
+from support.checkpoints import REPO, TINY
+from support.cli import invoke_cli, run_cli
 from support.evaluation import TASKS, lm_eval_offline
 from support.evaluation import eval_recipe as recipe
+from support.hub import local_hub
+from support.hubserver import LocalHub
 
 from hubmerge import api
 from hubmerge.errors import RecipeError
@@ -123,6 +124,7 @@ def test_a_base_rule_needs_a_base(tmp_path: Path) -> None:
 # --- evaluation -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_results_agree_in_json_card_and_model_index_and_the_cache_reevaluates_only_the_new_merge(
     tmp_path: Path, evaluate_calls: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -212,6 +214,7 @@ def test_without_the_extra_eval_says_how_to_install_it(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()  # it stopped before downloading or merging
 
 
+@pytest.mark.slow
 def test_code_execution_tasks_need_explicit_permission(tmp_path: Path) -> None:
     unsafe = tmp_path / "tasks"
     unsafe.mkdir()
@@ -235,11 +238,11 @@ def test_code_execution_tasks_need_explicit_permission(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def hub() -> Iterator[LocalHub]:
-    with LocalHub() as server:
-        server.add_user("user", TOKEN)
+    with local_hub() as server:
         yield server
 
 
+@pytest.mark.slow
 def test_gate_blocks_a_push_that_misses_require_and_lets_a_passing_one_through(
     hub: LocalHub, tmp_path: Path
 ) -> None:
@@ -286,6 +289,7 @@ def test_gate_blocks_a_push_that_misses_require_and_lets_a_passing_one_through(
 # --- the sanity check -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sanity_check_catches_a_broken_merge(tmp_path: Path) -> None:
     messages: list[str] = []
     path = recipe(tmp_path, scaling_factor=50.0)
@@ -303,6 +307,7 @@ def test_sanity_check_catches_a_broken_merge(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out" / RESULTS_FILE).read_text())["sanity"]["passed"] is False
 
 
+@pytest.mark.slow
 def test_sanity_check_passes_the_shipped_demo(tmp_path: Path) -> None:
     messages: list[str] = []
     result = api.merge(
@@ -323,6 +328,7 @@ def test_sanity_check_passes_the_shipped_demo(tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.slow
 def test_no_sanity_turns_the_check_off(tmp_path: Path) -> None:
     result = invoke_cli(
         REPO / "recipes/examples/tiny-ties.toml", "--output", tmp_path / "o", "--no-sanity", "-q"

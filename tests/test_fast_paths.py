@@ -46,6 +46,7 @@ def _kthvalue(x: torch.Tensor, ranks: list[int]) -> list[float]:
     return [float(row.kthvalue(k).values) if k >= 1 else 0.0 for row, k in zip(x, ranks)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", [[40_000] * 3, [30_000, 35_000, 45_000], [25_000, 40_000, 0]])
 def test_bracketed_selection_is_one_pass_and_bit_identical_to_kthvalue(ranks: list[int]) -> None:
     x = _data()
@@ -153,6 +154,7 @@ def _merge(
     return METHODS[method].merge(s, stats or {})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_methods_on_stored_dtype_models_equal_upcast_copies_bit_for_bit(dtype: torch.dtype) -> None:
     base, models = _inputs(dtype)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, TINY
+from support.checkpoints import REPO, TINY
 
 HEAVY = ("torch", "transformers", "safetensors")
 RECIPE = REPO / "recipes" / "examples" / "tiny-ties.toml"
@@ -52,6 +52,7 @@ def test_commands_that_read_no_weights_import_neither_torch_nor_transformers(arg
     assert output.startswith(expected.get(argv[0], f"ok  {RECIPE}"))
 
 
+@pytest.mark.slow
 def test_import_hubmerge_loads_no_recipe_model_and_no_mergekit_importer_until_used() -> None:
     loaded, _ = loaded_after("import hubmerge")
     assert loaded == []

@@ -18,11 +18,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, mounted_tmpfs, random_state_dict, write_checkpoint
-from hubserver import Hold, LocalHub
 from safetensors.torch import load_file
+from support.checkpoints import REPO, TINY, random_state_dict, write_checkpoint
 from support.cli import invoke_cli, start_cli
-from support.hub import POOL, hub_env, pool_hub
+from support.disk import mounted_tmpfs
+from support.hub import POOL, hub_env, local_hub
+from support.hubserver import Hold, LocalHub
 
 from hubmerge.publish import output
 
@@ -32,7 +33,7 @@ WEIGHTS = "Qwen2.5-Math-1.5B/resolve/"  # the math model's file downloads (at it
 
 @pytest.fixture(scope="module")
 def hub() -> Iterator[LocalHub]:
-    with pool_hub({repo: TINY / name for repo, name in POOL.items()}) as server:
+    with local_hub({repo: TINY / name for repo, name in POOL.items()}) as server:
         yield server
 
 
@@ -184,6 +185,8 @@ def test_kill_9_mid_merge_then_a_rerun_succeeds_and_takes_no_stale_folder_for_ou
 # --- the Hub misbehaving -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_retry_waits")
 def test_bursts_of_5xx_and_a_download_cut_halfway_are_retried_to_the_same_result(
     hub: LocalHub, tmp_path: Path
 ) -> None:
@@ -229,6 +232,8 @@ def test_a_slow_download_is_waited_for(hub: LocalHub, tmp_path: Path) -> None:
     assert process.returncode == 0, stderr
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_retry_waits")
 def test_upload_cut_during_lfs_lands_no_commit_and_a_rerun_lands_exactly_one(
     hub: LocalHub, tmp_path: Path
 ) -> None:
@@ -276,6 +281,8 @@ def test_branch_moved_during_the_push_is_retried_on_the_new_tip(hub: LocalHub, t
     )
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_retry_waits")
 def test_branch_that_keeps_moving_gets_a_clear_message(hub: LocalHub, tmp_path: Path) -> None:
     hub.create_repo("user/busy")
     recipe = tmp_path / "recipe.toml"

@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, random_state_dict, run_cli, write_checkpoint
+from support.checkpoints import REPO, random_state_dict, write_checkpoint
+from support.cli import run_cli
 from support.evaluation import eval_recipe
 
 from hubmerge import api
@@ -194,6 +195,7 @@ def _merge(recipe: Path, out: Path, **options: object) -> api.MergeResult:
     return api.merge(recipe, output_dir=out, **settings)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_lock_reproduces_the_model_whatever_reports_either_run_wrote(
     pool: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -272,6 +274,7 @@ def test_local_output_below_the_working_directory_is_named_from_there(
     assert usage["model_id"] == f"./{pool.name}/merged" and Path(usage["model_id"]).resolve() == out
 
 
+@pytest.mark.slow
 def test_card_command_shows_the_diagnostics_the_merge_wrote(
     pool: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

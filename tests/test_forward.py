@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import HIDDEN, random_state_dict, write_checkpoint
+from support.checkpoints import HIDDEN, random_state_dict, write_checkpoint
 
 from hubmerge.quality import forward
 from hubmerge.quality.forward import Checkpoint, Unrunnable, token_losses
@@ -119,6 +119,7 @@ def _release(stats: dict[str, Any], size: int) -> None:
     stats["live"] -= size
 
 
+@pytest.mark.slow
 def test_weights_are_held_a_chunk_at_a_time_never_a_layer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, live_reads: dict[str, Any]
 ) -> None:

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY, random_state_dict, run_cli, write_checkpoint
 from gguf import GGMLQuantizationType, GGUFReader
-from hubserver import LocalHub
-from test_hub import hub_env
+from support.checkpoints import REPO, TINY, random_state_dict, write_checkpoint
+from support.cli import invoke_cli
+from support.hub import hub_env, local_hub
+from support.hubserver import LocalHub
 
 from hubmerge.cli import main
 from hubmerge.gguf import writer
@@ -57,6 +58,7 @@ def tensor_types(path: Path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["tied", "untied"])
 def test_f32_file_gives_exactly_the_safetensors_logits(models: dict[str, Path], kind: str) -> None:
     folder = models[kind]
@@ -65,6 +67,7 @@ def test_f32_file_gives_exactly_the_safetensors_logits(models: dict[str, Path], 
     assert ("output.weight" in tensor_types(folder / "m-F32.gguf")) == (kind == "untied")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("gguf_type", "dtype"), [("f16", torch.float16), ("bf16", torch.bfloat16)])
 def test_f16_and_bf16_files_give_the_logits_of_the_model_rounded_to_that_dtype(
     models: dict[str, Path], gguf_type: str, dtype: torch.dtype
@@ -79,6 +82,7 @@ def test_f16_and_bf16_files_give_the_logits_of_the_model_rounded_to_that_dtype(
 BOUNDS = {"q8_0": 0.02, "q6_k": 0.07, "q5_k_m": 0.12, "q4_k_m": 0.2}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "gguf_type"),
     [("tied", "q8_0"), ("wide", "q8_0"), ("wide", "q6_k"), ("wide", "q5_k_m"), ("wide-untied", "q4_k_m")],
@@ -93,6 +97,7 @@ def test_quantized_file_logits_stay_within_the_stated_bound(
     assert 0 < error < BOUNDS[gguf_type]
 
 
+@pytest.mark.slow
 def test_q4_k_m_gives_each_tensor_the_type_llama_quantize_chooses(models: dict[str, Path]) -> None:
     tied = write_gguf(models["wide"], models["wide"] / "t-Q4_K_M.gguf", "q4_k_m")
     untied = write_gguf(models["wide-untied"], models["wide-untied"] / "u-Q4_K_M.gguf", "q4_k_m")
@@ -127,6 +132,7 @@ def test_q4_k_m_mix_over_28_layers_and_fallbacks_for_rows_of_32(tmp_path: Path) 
     assert types["token_embd.weight"][1] == GGMLQuantizationType.Q8_0
 
 
+@pytest.mark.slow
 def test_metadata_and_tokenizer_are_those_llama_cpp_reads_for_qwen2(models: dict[str, Path]) -> None:
     folder = models["tied"]
     path = write_gguf(folder, folder / "meta-Q8_0.gguf", "q8_0").path
@@ -187,6 +193,7 @@ def test_tokenizer_built_from_the_file_encodes_like_the_folders(models: dict[str
     assert ours.eos_token == theirs.eos_token == "<|endoftext|>"
 
 
+@pytest.mark.slow
 def test_reading_a_few_rows_at_a_time_writes_the_same_file(
     models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -224,8 +231,7 @@ def test_cli_writes_the_file_and_refuses_to_overwrite(
 
 @pytest.fixture(scope="module")
 def hub() -> Iterator[LocalHub]:
-    with LocalHub() as server:
-        server.add_user("user", "hf_test_user_token")
+    with local_hub() as server:
         yield server
 
 
@@ -246,7 +252,7 @@ def test_merge_pushes_gguf_files_to_a_companion_repo_with_its_card_in_one_commit
     hub: LocalHub, tmp_path: Path
 ) -> None:
     recipe = _gguf_recipe(tmp_path, 'repo = "user/merged"\ngguf = ["q4_k_m", "q8_0"]')
-    result = run_cli(recipe, "-q", env=_hub_env(hub, tmp_path))
+    result = invoke_cli(recipe, "-q", env=_hub_env(hub, tmp_path))
     assert result.returncode == 0, result.stderr
     companion = hub.files("user/merged-GGUF")
     names = {"merged-Q4_K_M.gguf", "merged-Q8_0.gguf"}
@@ -271,7 +277,7 @@ def test_gguf_repo_same_puts_the_files_beside_the_weights_in_their_commit(
     hub: LocalHub, tmp_path: Path
 ) -> None:
     recipe = _gguf_recipe(tmp_path, 'repo = "user/beside"\ngguf = ["q8_0"]\ngguf_repo = "same"')
-    result = run_cli(recipe, "-q", env=_hub_env(hub, tmp_path))
+    result = invoke_cli(recipe, "-q", env=_hub_env(hub, tmp_path))
     assert result.returncode == 0, result.stderr
     files = hub.files("user/beside")
     assert {"beside-Q8_0.gguf", "model.safetensors"} <= files.keys()
@@ -293,7 +299,7 @@ def test_plan_counts_the_gguf_files_in_the_disk_estimate(tmp_path: Path) -> None
 
 def test_companion_repo_takes_the_branch_of_the_weights(hub: LocalHub, tmp_path: Path) -> None:
     recipe = _gguf_recipe(tmp_path, 'repo = "user/branchy"\nbranch = "v2"\ngguf = ["q8_0"]')
-    result = run_cli(recipe, "-q", env=_hub_env(hub, tmp_path))
+    result = invoke_cli(recipe, "-q", env=_hub_env(hub, tmp_path))
     assert result.returncode == 0, result.stderr
     on_branch = hub.files("user/branchy-GGUF", "v2")
     assert {"branchy-Q8_0.gguf", "README.md", "hubmerge.lock.json"} <= on_branch.keys()
@@ -307,7 +313,7 @@ def test_companion_repo_gets_a_pull_request_when_the_weights_do(hub: LocalHub, t
         hub.create_repo(repo)
     main = hub.head("user/reviewed-GGUF")
     recipe = _gguf_recipe(tmp_path, 'repo = "user/reviewed"\ncreate_pr = true\ngguf = ["q8_0"]')
-    result = run_cli(recipe, env=_hub_env(hub, tmp_path))
+    result = invoke_cli(recipe, env=_hub_env(hub, tmp_path))
     assert result.returncode == 0, result.stderr
     assert f"GGUF files: {hub.url}/user/reviewed-GGUF/discussions/1" in result.stderr
     assert hub.head("user/reviewed-GGUF") == main
@@ -330,6 +336,7 @@ def _small_disk(recipe: Path) -> str:
     return str(plan.disk.output_disk - plan.output_bytes // 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("beside", [False, True])
 def test_with_shards_deleted_as_uploaded_gguf_files_are_written_while_merging_then_uploaded_and_deleted(
     hub: LocalHub, tmp_path: Path, beside: bool
@@ -338,7 +345,7 @@ def test_with_shards_deleted_as_uploaded_gguf_files_are_written_while_merging_th
     same = '\ngguf_repo = "same"' if beside else ""
     recipe = _gguf_recipe(tmp_path, f'repo = "{repo}"\nmax_shard_size = "16KB"\ngguf = ["q8_0", "f16"]{same}')
     args = (recipe, "-q", "--no-stats", "--max-disk", _small_disk(recipe))
-    result = run_cli(*args, env=_hub_env(hub, tmp_path))
+    result = invoke_cli(*args, env=_hub_env(hub, tmp_path))
     assert result.returncode == 0, result.stderr
     gguf_repo = repo if beside else f"{repo}-GGUF"
     pushed, weights = hub.files(gguf_repo), hub.files(repo)
@@ -369,6 +376,6 @@ def test_with_shards_deleted_as_uploaded_gguf_files_are_written_while_merging_th
         assert "| Q8_0 |" in pushed["README.md"].decode()
         assert pushed["hubmerge.lock.json"] == (local / "hubmerge.lock.json").read_bytes()
     # A rerun takes both folders for its own output, and identical files make no new commit.
-    again = run_cli(*args, env=_hub_env(hub, tmp_path))
+    again = invoke_cli(*args, env=_hub_env(hub, tmp_path))
     assert again.returncode == 0, again.stderr
     assert len(hub.commits(gguf_repo)) == 2 and len(hub.commits(repo)) == 2

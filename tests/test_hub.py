@@ -1,5 +1,5 @@
 """Hub sources and publishing, end to end: the real `huggingface_hub` client (in a `hubmerge` subprocess,
-since the client fixes its endpoint at import) against the local Hub server in `hubserver.py`."""
+since the client fixes its endpoint at import) against the local Hub server in `support/hubserver/`."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY
-from hubserver import LocalHub
 from safetensors.torch import load, save
+from support.checkpoints import REPO, TINY
 from support.cli import invoke_cli
 from support.hub import OTHER_TOKEN, POOL, TOKEN, folder_files, hub_env
+from support.hubserver import LocalHub
 
 
 def _scaled(weights: bytes, factor: float) -> bytes:
@@ -41,6 +41,7 @@ def hub() -> Iterator[LocalHub]:
         yield server
 
 
+@pytest.mark.slow
 def test_merge_pins_branch_tag_and_sha_then_pushes_private_repo(hub: LocalHub, tmp_path: Path) -> None:
     coder_v1 = hub.head("Qwen/Qwen2.5-Coder-1.5B", "v1.0")
     recipe = tmp_path / "recipe.toml"
@@ -145,6 +146,7 @@ def _tiny_hub_recipe(tmp_path: Path, output: str) -> Path:
     return recipe
 
 
+@pytest.mark.slow
 def test_push_as_pull_request_leaves_main_alone(hub: LocalHub, tmp_path: Path) -> None:
     hub.create_repo("user-org/pr-target")
     main = hub.head("user-org/pr-target")
@@ -159,6 +161,7 @@ def test_push_as_pull_request_leaves_main_alone(hub: LocalHub, tmp_path: Path) -
     assert [pr.num for pr in hub.pull_requests("user-org/pr-target")] == [1]
 
 
+@pytest.mark.slow
 def test_push_to_a_new_branch(hub: LocalHub, tmp_path: Path) -> None:
     result = invoke_cli(
         _tiny_hub_recipe(tmp_path, 'repo = "user/branched"\nbranch = "merge-v2"'), env=hub_env(hub, tmp_path)
@@ -194,6 +197,7 @@ def test_plan_of_seed_recipe_reports_sizes_without_downloading_weights(hub: Loca
     assert hub.bytes_served(lambda p: p.endswith(".safetensors"), include_ranges=False, since=start) == 0
 
 
+@pytest.mark.slow
 def test_offline_mode_works_from_the_cache(hub: LocalHub, tmp_path: Path) -> None:
     recipe = _tiny_hub_recipe(tmp_path, "")
     assert invoke_cli(recipe, "-q", env=hub_env(hub, tmp_path)).returncode == 0
@@ -315,6 +319,7 @@ def test_push_to_foreign_namespace_fails_before_merging(hub: LocalHub, tmp_path:
     )
 
 
+@pytest.mark.slow
 def test_token_never_appears_in_outputs(hub: LocalHub, tmp_path: Path) -> None:
     recipe = _tiny_hub_recipe(tmp_path, 'repo = "user/tokencheck"')
     result = invoke_cli(recipe, env=hub_env(hub, tmp_path))
@@ -324,6 +329,8 @@ def test_token_never_appears_in_outputs(hub: LocalHub, tmp_path: Path) -> None:
         assert TOKEN.encode() not in path.read_bytes(), path.name
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_retry_waits")
 def test_transient_hub_faults_are_retried(hub: LocalHub, tmp_path: Path) -> None:
     """A dropped weight download resumes, and a 5xx burst on metadata is retried by the client."""
     hub.drop_next(1, path_contains="Qwen2.5-Math-1.5B/resolve", method="GET")
@@ -335,6 +342,7 @@ def test_transient_hub_faults_are_retried(hub: LocalHub, tmp_path: Path) -> None
     assert (("GET", 503) in statuses) and (("GET", 200) in statuses)
 
 
+@pytest.mark.slow
 def test_online_and_offline_resolution_pick_the_same_weight_files(hub: LocalHub, tmp_path: Path) -> None:
     """A repo with a stray extra *.safetensors beside model.safetensors, fully downloaded to the cache (as
     `hf download` does): online and offline plans read model.safetensors alone, as transformers does."""

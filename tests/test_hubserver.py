@@ -1,4 +1,4 @@
-"""Tests for the local Hub (`tests/hubserver.py`), driven by the real `huggingface_hub` client.
+"""Tests for the local Hub (`tests/support/hubserver/`), driven by the real `huggingface_hub` client.
 
 The client reads `HF_ENDPOINT` once, at import time, so every client call runs in a fresh interpreter
 (`run_client`) whose environment points at the server, disables Xet (see the hubserver docstring) and routes
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hubserver import LocalHub, git_blob_sha1
 from safetensors.numpy import save, save_file
+from support.hubserver import LocalHub, git_blob_sha1
 
 ALICE = "hf_alice_token"
 BOB = "hf_bob_token"
@@ -133,6 +133,7 @@ def requests_since(hub: LocalHub, start: int) -> list[tuple[str, str, int]]:
 # ---------------------------------------------------------------------- accounts and repos
 
 
+@pytest.mark.slow
 def test_whoami_reports_user_and_orgs_and_rejects_unknown_tokens(hub: LocalHub, tmp_path: Path) -> None:
     result = run_client(
         hub,
@@ -150,6 +151,7 @@ def test_whoami_reports_user_and_orgs_and_rejects_unknown_tokens(hub: LocalHub, 
     assert result == {"name": "alice", "orgs": ["lab"], "bad": 401}
 
 
+@pytest.mark.slow
 def test_create_repo_private_with_exist_ok_twice(hub: LocalHub, tmp_path: Path) -> None:
     result = run_client(
         hub,
@@ -185,6 +187,7 @@ def test_create_repo_private_with_exist_ok_twice(hub: LocalHub, tmp_path: Path) 
 # ---------------------------------------------------------------------- uploads
 
 
+@pytest.mark.slow
 def test_upload_folder_then_snapshot_download_roundtrip(hub: LocalHub, tmp_path: Path) -> None:
     local = write_model_folder(tmp_path / "model", seed=1)
     start = len(hub.requests)
@@ -226,6 +229,7 @@ def test_upload_folder_then_snapshot_download_roundtrip(hub: LocalHub, tmp_path:
     assert not [c for c in calls if "xet" in c[1]]
 
 
+@pytest.mark.slow
 def test_upload_folder_create_pr_leaves_branch_untouched(hub: LocalHub, tmp_path: Path) -> None:
     hub.create_repo("alice/pr-target")
     main_before = hub.commit("alice/pr-target", {"config.json": b'{"v": 1}'}, "base")
@@ -259,6 +263,7 @@ def test_upload_folder_create_pr_leaves_branch_untouched(hub: LocalHub, tmp_path
     assert (pull.num, pull.title, pull.base_branch, pull.ref) == (1, "Add merge", "main", "refs/pr/1")
 
 
+@pytest.mark.slow
 def test_create_pull_request_then_commit_to_its_ref(hub: LocalHub, tmp_path: Path) -> None:
     hub.create_repo("alice/discussion")
     main = hub.head("alice/discussion")
@@ -286,6 +291,7 @@ def test_create_pull_request_then_commit_to_its_ref(hub: LocalHub, tmp_path: Pat
     assert hub.head("alice/discussion") == main
 
 
+@pytest.mark.slow
 def test_upload_to_a_new_branch(hub: LocalHub, tmp_path: Path) -> None:
     hub.create_repo("alice/branchy")
     main = hub.head("alice/branchy")
@@ -316,6 +322,7 @@ def test_upload_to_a_new_branch(hub: LocalHub, tmp_path: Path) -> None:
     } == local
 
 
+@pytest.mark.slow
 def test_reuploading_identical_content_creates_no_commit(hub: LocalHub, tmp_path: Path) -> None:
     write_model_folder(tmp_path / "model", seed=4)
     script = """
@@ -337,6 +344,7 @@ def test_reuploading_identical_content_creates_no_commit(hub: LocalHub, tmp_path
 # ---------------------------------------------------------------------- downloads
 
 
+@pytest.mark.slow
 def test_hf_hub_download_at_branch_tag_and_sha(hub: LocalHub, seeded: dict[str, str], tmp_path: Path) -> None:
     revisions = ["main", "dev", "v1.0", seeded["v1"], seeded["dev"][:7]]
     result = run_client(
@@ -473,6 +481,7 @@ def test_errors_map_to_client_exceptions(hub: LocalHub, seeded: dict[str, str], 
     assert list(hub.files("bob/own")) == [".gitattributes"]
 
 
+@pytest.mark.slow
 def test_transient_500s_on_download_are_retried(
     hub: LocalHub, seeded: dict[str, str], tmp_path: Path
 ) -> None:
@@ -491,6 +500,7 @@ def test_transient_500s_on_download_are_retried(
     ]
 
 
+@pytest.mark.slow
 def test_dropped_download_connection_is_resumed(
     hub: LocalHub, seeded: dict[str, str], tmp_path: Path
 ) -> None:
@@ -507,6 +517,7 @@ def test_dropped_download_connection_is_resumed(
     ]
 
 
+@pytest.mark.slow
 def test_offline_mode_serves_from_cache(hub: LocalHub, seeded: dict[str, str], tmp_path: Path) -> None:
     script = """
     path = snapshot_download(ARGS)

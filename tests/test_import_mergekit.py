@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import qwen2_config
+from support.checkpoints import qwen2_config
 
 from hubmerge import cli
 from hubmerge.errors import ConfigImportError
@@ -886,6 +886,7 @@ def test_toml_strings_round_trip_through_tomllib(text, quoted):
     assert tomllib.loads(f"x = {quoted}")["x"] == text
 
 
+@pytest.mark.slow
 def test_importing_loads_no_torch(tmp_path):
     """Like `validate`, the importer reads no weights: it must not pay for importing torch."""
     config = write(tmp_path, "ta.yml", CONFIGS["task_arithmetic"][0])

@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import random_state_dict, toml_value, write_checkpoint
 from huggingface_hub import ModelCard
 from markdown_it import MarkdownIt
+from support.checkpoints import random_state_dict, write_checkpoint
+from support.toml_text import toml_value
 
 from hubmerge import api
 from hubmerge.errors import CardError

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import random_state_dict, write_checkpoint
+from support.checkpoints import random_state_dict, write_checkpoint
 
 import hubmerge
 from hubmerge.publish import lock
@@ -47,6 +47,7 @@ def _settled(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lock, "_now_ns", lambda: real() + 10 * 10**9)
 
 
+@pytest.mark.slow
 def test_a_second_merge_of_unchanged_sources_hashes_nothing_again(
     pool: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -60,6 +61,7 @@ def test_a_second_merge_of_unchanged_sources_hashes_nothing_again(
     assert (pool / "cache" / "sha256.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_source_rewritten_in_place_with_its_old_mtime_is_hashed_again(
     pool: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -78,6 +80,7 @@ def test_a_source_rewritten_in_place_with_its_old_mtime_is_hashed_again(
     assert old != new and new["sha256"] == lock.file_sha256(weights)
 
 
+@pytest.mark.slow
 def test_files_changed_just_before_they_were_hashed_are_not_remembered(
     pool: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -92,6 +95,7 @@ def test_files_changed_just_before_they_were_hashed_are_not_remembered(
     assert sorted(again) == sorted(first)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", ["off", "damaged"])
 def test_a_damaged_store_is_ignored_and_off_stores_nothing(
     pool: Path, monkeypatch: pytest.MonkeyPatch, setting: str

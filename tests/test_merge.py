@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_state_dict, write_checkpoint
+from support.checkpoints import random_state_dict, write_checkpoint
 from support.reference import (
     HEAD,
     POOL,
@@ -56,6 +56,7 @@ def pool(
 # --- tests -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shards", [1, 3])
 def test_simple_average_matches_reference_and_excludes_base(pool, write_recipe, tmp_path, dtype, shards):
@@ -78,6 +79,7 @@ def test_linear_matches_weighted_mean(pool, write_recipe, tmp_path, dtype):
     assert_close(got, ref_linear(models, [0.5, 0.3, 0.2]), dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shards", [1, 2])
 def test_task_arithmetic_matches_reference(pool, write_recipe, tmp_path, dtype, shards):
@@ -88,6 +90,7 @@ def test_task_arithmetic_matches_reference(pool, write_recipe, tmp_path, dtype, 
     assert_close(got, ref_task_arithmetic(base, models, 0.8), dtype)
 
 
+@pytest.mark.slow
 def test_task_arithmetic_per_model_weights(pool, write_recipe, tmp_path):
     base, models = pool(torch.float32)
     got = run(
@@ -102,6 +105,7 @@ def test_task_arithmetic_per_model_weights(pool, write_recipe, tmp_path):
     assert_close(got, ref_task_arithmetic(base, models, 0.3, [2.0, 1.0, -0.5]), torch.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shards", [1, 3])
 def test_ties_matches_fusionbench_global_trim(pool, write_recipe, tmp_path, dtype, shards):
@@ -114,6 +118,7 @@ def test_ties_matches_fusionbench_global_trim(pool, write_recipe, tmp_path, dtyp
     assert_close(got, ref_ties(base, models, 0.8), dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("merge_func", ["mean", "max"])
 def test_ties_merge_funcs(pool, write_recipe, tmp_path, merge_func):
     base, models = pool(torch.float32)
@@ -127,6 +132,7 @@ def test_ties_merge_funcs(pool, write_recipe, tmp_path, merge_func):
     assert_close(got, ref_ties(base, models, 0.5, 35, merge_func), torch.float32)
 
 
+@pytest.mark.slow
 def test_ties_per_tensor_trim_differs_from_global(pool, write_recipe, tmp_path):
     base, models = pool(torch.float32)
     got = run(
@@ -139,6 +145,7 @@ def test_ties_per_tensor_trim_differs_from_global(pool, write_recipe, tmp_path):
     assert max((got[k] - global_[k]).abs().max().item() for k in got) > 1e-3
 
 
+@pytest.mark.slow
 def test_ties_exact_zero_sum_takes_the_negative_majority(make_model, write_recipe, tmp_path):
     """Where trimmed task vectors cancel exactly, FusionBench uses the model-wide majority sign."""
     base = {k: torch.zeros_like(v) for k, v in random_state_dict(0).items()}
@@ -171,6 +178,7 @@ def test_mixed_tied_and_untied_sources_write_a_real_untied_head(pool, write_reci
     assert config["tie_word_embeddings"] is False
 
 
+@pytest.mark.slow
 def test_all_tied_sources_stay_tied_without_a_head(pool, write_recipe, tmp_path):
     pool(torch.bfloat16)
     got = run(write_recipe, tmp_path, 'method = "ties"\n' + POOL)
@@ -179,6 +187,7 @@ def test_all_tied_sources_stay_tied_without_a_head(pool, write_recipe, tmp_path)
     assert config["tie_word_embeddings"] is True and config["torch_dtype"] == "bfloat16"
 
 
+@pytest.mark.slow
 def test_output_dtype_override_and_sharded_output(pool, write_recipe, tmp_path):
     base, models = pool(torch.bfloat16)
     recipe = write_recipe(

@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO
 from safetensors.torch import load_file
+from support.checkpoints import REPO
 
 import hubmerge
 from hubmerge.interop.mergekit import import_mergekit

@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import toml_value
 from safetensors.torch import load_file
+from support.toml_text import toml_value
 
 import hubmerge
 from hubmerge.merging.schedule import evaluate, layer_position
@@ -118,13 +118,14 @@ def _setting(value: Any) -> Any:
     return value
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", runs(), ids=lambda r: r["name"])
 def test_matches_mergekit(tmp_path, run):
     config = yaml.safe_load((REPO / run["config"]).read_text())
     models = REPO / run["cwd"]
     path = tmp_path / "recipe.toml"
     path.write_text(recipe(config, models) + '[output]\ndir = "out"\n[card]\nlicense = "apache-2.0"\n')
-    result = hubmerge.merge(path, push=False, quiet=True, sanity=False, log=lambda _: None)
+    result = hubmerge.merge(path, push=False, quiet=True, stats=False, sanity=False, log=lambda _: None)
     got = load_file(result.output_dir / "model.safetensors")
     want = load_file(REPO / run["output"] / "model.safetensors")
     assert sorted(got) == sorted(want)
@@ -148,6 +149,7 @@ def random_runs() -> list[dict[str, Any]]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", random_runs(), ids=lambda r: r["name"])
 def test_random_masks_match_mergekits_statistics(tmp_path, run):
     """mergekit draws its masks from torch's global RNG, hubmerge from `uniform`: the values differ, the
@@ -158,7 +160,7 @@ def test_random_masks_match_mergekits_statistics(tmp_path, run):
     models = REPO / run["cwd"]
     path = tmp_path / "recipe.toml"
     path.write_text(recipe(config, models) + '[output]\ndir = "out"\n[card]\nlicense = "apache-2.0"\n')
-    result = hubmerge.merge(path, push=False, quiet=True, sanity=False, log=lambda _: None)
+    result = hubmerge.merge(path, push=False, quiet=True, stats=False, sanity=False, log=lambda _: None)
     got = load_file(result.output_dir / "model.safetensors")
     want = load_file(REPO / run["output"] / "model.safetensors")
     base = load_file(models / config["base_model"] / "model.safetensors")

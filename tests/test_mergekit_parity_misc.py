@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import toml_value
 from safetensors.torch import load_file, save_file
+from support.toml_text import toml_value
 
 import hubmerge
 
@@ -119,6 +119,7 @@ def formula_in_float32(config: dict[str, Any], name: str, models: Path) -> torch
     return method(config, name, base, inputs, torch.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", runs(), ids=lambda r: r["name"])
 def test_matches_mergekit(run: dict[str, Any], tmp_path: Path) -> None:
     config = yaml.safe_load((REPO / run["config"]).read_text())
@@ -126,7 +127,7 @@ def test_matches_mergekit(run: dict[str, Any], tmp_path: Path) -> None:
     path = tmp_path / "recipe.toml"
     card = '[card]\nlicense = "apache-2.0"\n'
     path.write_text(recipe(config, models) + f'[output]\ndir = "{tmp_path / "out"}"\n' + card)
-    result = hubmerge.merge(path, push=False, quiet=True, log=lambda _: None, sanity=False)
+    result = hubmerge.merge(path, push=False, quiet=True, log=lambda _: None, stats=False, sanity=False)
     got = load_file(result.output_dir / "model.safetensors")
     want = load_file(REPO / run["output"] / "model.safetensors")
     assert sorted(got) == sorted(want)

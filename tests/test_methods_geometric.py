@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_state_dict, write_checkpoint
+from support.checkpoints import random_state_dict, write_checkpoint
 from support.reference import load_f32, with_head
 
 import hubmerge
@@ -283,6 +283,7 @@ def test_gram_in_blocks_is_the_float64_inner_products_per_tensor_row_and_column(
 # --- slerp -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @layouts(small="bf16-untied")
 def test_slerp_with_gradient_filters_matches_whole_tensor_reference(
     tmp_path, monkeypatch, dtype, head, small
@@ -293,6 +294,7 @@ def test_slerp_with_gradient_filters_matches_whole_tensor_reference(
     assert_matches(got, want, dtype)
 
 
+@pytest.mark.slow
 def test_slerp_gradient_t_0_half_1_spreads_over_layers(tmp_path):
     base, models = family(tmp_path, torch.float32, False)
     got = merge(tmp_path, recipe("slerp", True, [("m0", None)], "t = [0, 0.5, 1]"))
@@ -331,6 +333,7 @@ NUSLERP_MODES = {
 }
 
 
+@pytest.mark.slow
 @layouts(small="f32-tied")
 @pytest.mark.parametrize("mode", list(NUSLERP_MODES))
 def test_nuslerp_with_base_matches_whole_tensor_reference(tmp_path, monkeypatch, dtype, head, small, mode):
@@ -405,6 +408,7 @@ def test_the_plan_says_which_tensors_a_per_row_pass_reads(tmp_path):
 # --- multislerp ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @layouts(small="bf16-untied")
 @pytest.mark.parametrize("with_base", [True, False], ids=["base", "nobase"])
 def test_multislerp_matches_whole_tensor_reference(tmp_path, monkeypatch, dtype, head, small, with_base):
@@ -458,6 +462,7 @@ def test_multislerp_all_zero_task_vectors_fall_back_for_two_and_fail_for_three(t
 # --- karcher ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @layouts(small="f32-tied")
 def test_karcher_gram_iteration_matches_whole_tensor_iteration(tmp_path, monkeypatch, dtype, head, small):
     _, models = family(tmp_path, dtype, head)
@@ -492,6 +497,7 @@ def test_karcher_of_identical_models_returns_the_model(tmp_path):
 # --- model_stock -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @layouts(small="bf16-untied")
 @pytest.mark.parametrize("filter_wise", [False, True], ids=["tensor", "filter_wise"])
 def test_model_stock_matches_whole_tensor_reference(tmp_path, monkeypatch, dtype, head, small, filter_wise):

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import pytest
 import torch
-from conftest import random_state_dict, write_checkpoint
+from support.checkpoints import random_state_dict, write_checkpoint
 from support.reference import load_f32, with_head
 
 import hubmerge
@@ -141,7 +141,8 @@ def make_pool(tmp_path: Path, layout: Layout) -> tuple[StateDict, list[StateDict
 def merge(tmp_path: Path, body: str, out: str = "out") -> StateDict:
     recipe = tmp_path / f"{out}.toml"
     recipe.write_text(body + f'\n[output]\ndir = "{out}"\n')
-    result = hubmerge.merge(recipe, push=False, quiet=True, sanity=False, log=lambda _: None)
+    # Only the weights are compared: no diagnostics (their plots cost seconds per merge).
+    result = hubmerge.merge(recipe, push=False, quiet=True, stats=False, sanity=False, log=lambda _: None)
     return load_f32(result.output_dir)
 
 
@@ -307,6 +308,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [F32_TIED, BF16_UNTIED], ids=["f32-tied", "bf16-untied"])
 @pytest.mark.parametrize("case", CASES)
 def test_method_matches_the_whole_tensor_reference(tmp_path, case, layout):
@@ -328,6 +330,7 @@ SMALL = {  # each case once with small odd slices, the layouts spread over them
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", SMALL)
 def test_small_slices_give_the_reference_and_the_same_bytes(tmp_path, monkeypatch, case):
     """Multi-slice Select and Reduce passes, 1-D DELLA rows over several slices, and random masks that
@@ -368,6 +371,7 @@ def binomial_bound(p: float, n: int) -> float:
     return 5 * math.sqrt(p * (1 - p) / n)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
 def test_keep_fraction_is_density_and_the_seed_changes_the_mask(tmp_path, method):
     density, epsilon = 0.3, 0.0 if method == "dare_linear" else 0.2
@@ -408,6 +412,7 @@ def test_della_keeps_larger_magnitudes_more_often(tmp_path):
     assert high / len(base) > 0.75 and low / len(base) < 0.25
 
 
+@pytest.mark.slow
 def test_rescale_matches_each_tensors_l1_norm(tmp_path):
     """mergekit's rescale: ‖kept τ‖₁ scaled up to ‖τ‖₁ per tensor, not the paper's 1/d."""
     base, model, merged = one_model(tmp_path, "dare_linear", "density = 0.3\nseed = 5\n", "rescaled")
@@ -440,6 +445,7 @@ def tiered_pool(tmp_path: Path, dtype: torch.dtype) -> StateDict:
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_equal_magnitudes_at_the_cut_are_all_kept(tmp_path, dtype):
     """mergekit keeps exactly k = int(d·N) entries, an unspecified k of those tied at the cut; hubmerge
@@ -462,6 +468,7 @@ def test_equal_magnitudes_at_the_cut_are_all_kept(tmp_path, dtype):
         assert int((crumbs[k] != 0).sum()) > int(0.4 * n)
 
 
+@pytest.mark.slow
 def test_distinct_magnitudes_keep_exactly_mergekits_count(tmp_path):
     """With distinct magnitudes (random float32), the cut-offs keep exactly what mergekit's argsort
     keeps: the k = max(1, int(d·N)) largest for TIES, ascending ranks [n_bot, n_bot + int(dN)) for
@@ -489,6 +496,7 @@ def layer_t(name: str) -> float:
     return float(name.split(".")[2]) if name.startswith("model.layers.") else 0.0  # 2 layers: t = layer
 
 
+@pytest.mark.slow
 def test_gradient_and_filter_values_reach_the_right_tensors(tmp_path):
     base, models = make_pool(tmp_path, BF16_UNTIED)
     recipe = (
@@ -584,6 +592,7 @@ def test_each_ties_says_which_one_it_is():
     assert METHODS["ties"].mergekit is None
 
 
+@pytest.mark.slow
 def test_task_arithmetic_without_the_extras_is_fusionbenchs_bit_for_bit(tmp_path):
     """density 1 and normalize false (set or not) take FusionBench's path: the same bytes as before."""
     make_pool(tmp_path, BF16_UNTIED)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_state_dict, write_checkpoint
+from support.checkpoints import random_state_dict, write_checkpoint
 from support.reference import assert_close, load_f32, with_head
 
 import hubmerge
@@ -46,8 +46,8 @@ def merge(tmp_path: Path, body: str, out: str = "out") -> StateDict:
 def merge_folder(recipe: Path, out: str) -> Path:
     log = lambda _: None  # noqa: E731
     return hubmerge.merge(
-        recipe, output_dir=recipe.parent / out, push=False, quiet=True, log=log, sanity=False
-    ).output_dir
+        recipe, output_dir=recipe.parent / out, push=False, quiet=True, log=log, stats=False, sanity=False
+    ).output_dir  # only the weights are compared: no diagnostics (their plots cost seconds per merge)
 
 
 def assert_within_one_ulp(got: StateDict, want: StateDict, dtype: torch.dtype) -> None:
@@ -140,6 +140,7 @@ POOL = 'base = "models/base"\nmodels = ["models/math", "models/code", "models/in
 # --- nearswap ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_nearswap_matches_mergekits_formula_in_any_slices(tmp_path, monkeypatch, layout):
     base, (model,) = pool(tmp_path, layout, count=2)
@@ -175,6 +176,7 @@ def test_nearswap_takes_one_model_and_requires_t(tmp_path):
 # --- sce -----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("layout", "topk"), [("f32-tied", 0.5), ("bf16-untied", 0.3), ("bf16-untied", 1.0)])
 def test_sce_matches_mergekits_formula_in_any_slices(tmp_path, monkeypatch, layout, topk):
     base, models = pool(tmp_path, layout)
@@ -188,6 +190,7 @@ def test_sce_matches_mergekits_formula_in_any_slices(tmp_path, monkeypatch, layo
     check(monkeypatch, tmp_path, body, want, layout, ulp=True, sizes=(7, 101) if topk == 0.5 else (101,))
 
 
+@pytest.mark.slow
 def test_sce_counts_only_positions_whose_task_vectors_differ(tmp_path, monkeypatch):
     """k = int(nz · select_topk) with nz the positions of nonzero variance, as mergekit counts: here the
     models agree on every other position of every tensor, so nz is half of each tensor, and a cut taken

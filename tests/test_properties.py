@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import random_state_dict, toml_key, toml_value, write_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.checkpoints import random_state_dict, write_checkpoint
+from support.toml_text import toml_key, toml_value
 
 import hubmerge
 from hubmerge import cli
@@ -356,6 +357,7 @@ def load_or_error(path: Path) -> Recipe | None:
         return None
 
 
+@pytest.mark.slow
 @FUZZ
 @given(text=recipe_texts(hub=True))
 def test_generated_recipes_parse_and_validate_to_a_recipe_or_one_clean_line(workspace, text):
@@ -376,6 +378,7 @@ def is_local(recipe: Recipe) -> bool:
     )
 
 
+@pytest.mark.slow
 @FUZZ
 @given(text=recipe_texts(hub=False))
 def test_generated_recipes_plan_to_a_valid_plan_or_one_clean_line(workspace, text):
@@ -395,6 +398,7 @@ def test_generated_recipes_plan_to_a_valid_plan_or_one_clean_line(workspace, tex
     assert check_cli(["plan", str(path), "--json"]) == 0
 
 
+@pytest.mark.slow
 def test_the_recipe_generator_reaches_valid_plans_and_each_kind_of_error(workspace):
     """The fuzzers above are only as good as their inputs: they must produce both outcomes, often."""
     outcomes: dict[str, int] = {}
@@ -548,6 +552,7 @@ def fuzzed_folder(workspace: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.data())
 def test_generated_safetensors_headers_plan_to_a_valid_plan_or_one_clean_line(workspace, fuzzed_folder, data):
@@ -573,6 +578,7 @@ def test_generated_safetensors_headers_plan_to_a_valid_plan_or_one_clean_line(wo
     assert check_cli(["plan", str(recipe)]) == 0
 
 
+@pytest.mark.slow
 def test_the_header_generator_reaches_valid_plans_and_errors(workspace, fuzzed_folder):
     header, tensor_bytes = original(workspace)
     outcomes: dict[str, int] = {}
@@ -627,6 +633,7 @@ def index_texts(draw: st.DrawFn, index: dict[str, Any]) -> bytes:
     return draw(st.sampled_from([raw] * 6 + [raw[: len(raw) // 2], b"[" * 100_000, b"\xff\xfe"]))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.data())
 def test_generated_shard_indexes_plan_to_a_valid_plan_or_one_clean_line(workspace, data):

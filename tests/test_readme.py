@@ -15,7 +15,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import REPO, random_state_dict, write_checkpoint
+from support.checkpoints import REPO, random_state_dict, write_checkpoint
 
 from hubmerge import cli
 

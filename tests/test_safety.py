@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, random_state_dict, write_checkpoint
-from hubserver import LocalHub
+from support.checkpoints import REPO, TINY, random_state_dict, write_checkpoint
 from support.cli import invoke_cli
-from support.hub import POOL, hub_env, pool_hub
+from support.hub import POOL, hub_env, local_hub
+from support.hubserver import LocalHub
 
 from hubmerge.publish import output
 
@@ -174,6 +174,7 @@ def test_lock_records_torch_and_device_and_no_absolute_path_is_published(pool: P
         assert str(pool).encode() not in path.read_bytes(), path.name
 
 
+@pytest.mark.slow
 def test_lock_that_does_not_reproduce_fails_saying_what_differs(pool: Path) -> None:
     recipe = _recipe(pool)
     assert invoke_cli(recipe, "--output", pool / "a-out", "-q").returncode == 0
@@ -279,10 +280,11 @@ def test_hubmerge_never_unpickles_nor_trusts_remote_code() -> None:
 
 @pytest.fixture(scope="module")
 def hub() -> Iterator[LocalHub]:
-    with pool_hub({repo: TINY / name for repo, name in POOL.items()}, orgs=("user-org",)) as server:
+    with local_hub({repo: TINY / name for repo, name in POOL.items()}, orgs=("user-org",)) as server:
         yield server
 
 
+@pytest.mark.slow
 def test_push_deletes_files_an_older_output_wrote_and_keeps_the_users_own(hub: LocalHub, pool: Path) -> None:
     hub.create_repo("user/managed")
     recipe = _recipe(pool, LOCAL + '[output]\nrepo = "user/managed"\n')

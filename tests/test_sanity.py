@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, random_state_dict, write_checkpoint
-from hubserver import LocalHub
+from support.checkpoints import REPO, TINY, random_state_dict, write_checkpoint
 from support.cli import invoke_cli
 from support.hub import TOKEN, hub_env
+from support.hubserver import LocalHub
 
 from hubmerge import api
 from hubmerge.cli import main
@@ -68,6 +68,7 @@ def _assert_skipped(stderr: str, card: str, record: dict[str, object], reason: s
     assert record["skipped"] == reason and record["passed"] is False and record["losses"] == {}
 
 
+@pytest.mark.slow
 def test_sources_without_tokenizer_files_merge_and_the_check_says_why_it_was_skipped(
     tmp_path: Path, make_model: Callable[..., Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -82,6 +83,7 @@ def test_sources_without_tokenizer_files_merge_and_the_check_says_why_it_was_ski
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("predicts_nothing", ["zero tokens", "one token"])
 def test_texts_that_tokenize_to_fewer_than_two_tokens_skip_the_check_and_the_merge_succeeds(
     tmp_path: Path, make_model: Callable[..., Path], capsys: pytest.CaptureFixture[str], predicts_nothing: str
@@ -126,6 +128,7 @@ def test_an_unexpected_error_in_the_check_is_a_skip_with_the_error_not_a_failed_
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_a_rerun_remembers_the_sources_losses_until_a_source_is_rewritten(
     tmp_path: Path,
     make_model: Callable[..., Path],
@@ -165,6 +168,7 @@ def test_a_rerun_remembers_the_sources_losses_until_a_source_is_rewritten(
     assert len(merge()[0]) == 4
 
 
+@pytest.mark.slow
 def test_domain_losses_equal_transformers_float32_loss_as_the_check_always_measured_it(
     tmp_path: Path,
 ) -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_state_dict, write_checkpoint
 from safetensors.torch import load_file
+from support.checkpoints import random_state_dict, write_checkpoint
 from support.cli import invoke_cli
 
 import hubmerge
@@ -130,6 +130,7 @@ def test_the_plan_resolves_gradients_and_filters_for_every_kind_of_tensor(
         assert tensor.params["scaling_factor"] == lam, name
 
 
+@pytest.mark.slow
 def test_a_merge_with_schedules_equals_the_formula_with_each_tensors_values(
     models: dict[str, Path], write_recipe: Callable[[str], Path], tmp_path: Path
 ) -> None:

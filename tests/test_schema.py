@@ -13,7 +13,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from conftest import REPO
+from support.checkpoints import REPO
 
 from hubmerge import cli
 from hubmerge.errors import RecipeError
@@ -48,6 +48,7 @@ def test_the_committed_schema_is_what_hubmerge_schema_prints() -> None:
     )
 
 
+@pytest.mark.slow
 def test_the_schema_is_a_valid_draft_2020_12_schema() -> None:
     schema = json.loads(COMMITTED.read_text())
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
@@ -60,6 +61,7 @@ def test_every_shipped_recipe_is_valid_against_the_schema(recipe: Path) -> None:
     assert not errors, [e.message for e in errors]
 
 
+@pytest.mark.slow
 def test_check_jsonschema_accepts_the_shipped_recipes_as_the_readme_says() -> None:
     tool = Path(sys.executable).parent / "check-jsonschema"
     result = subprocess.run(
@@ -147,6 +149,7 @@ def test_example_recipes_name_the_committed_schema_on_their_first_line() -> None
         assert (recipe.parent / first.removeprefix("#:schema ")).resolve() == COMMITTED.resolve()
 
 
+@pytest.mark.slow
 def test_validate_and_schema_do_not_import_torch() -> None:
     code = (
         "import sys\n"

@@ -1,6 +1,6 @@
 """`hubmerge search`: the [search] table, the local search, its study, its results and best.toml.
 
-Trials merge the tiny checkpoints of conftest.py; the loss they are scored by is recomputed here with
+Trials merge the tiny checkpoints of support.checkpoints; the loss they are scored by is recomputed here with
 transformers directly, so that the grid test does not check the search's objective against itself.
 """
 
@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO
+from support.checkpoints import REPO
+from support.search import GRID, one_thread, search_recipe  # noqa: F401 - one_thread: autouse
 
 from hubmerge import api
 from hubmerge.cli import main
@@ -32,16 +33,6 @@ from hubmerge.search.run import BEST_FILE, RESULTS_CSV, RESULTS_JSON, progress_l
 pytest.importorskip("optuna")
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Tiny models on one torch thread: on a busy two-core machine, a second thread's waits cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the subprocesses'
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def models(make_model: Callable[..., Path]) -> Path:
     """base, math and code tiny checkpoints; returns their folder."""
@@ -49,18 +40,6 @@ def models(make_model: Callable[..., Path]) -> Path:
     make_model("math", 2)
     make_model("code", 3)
     return make_model("base", 1).parent
-
-
-def _recipe(folder: Path, search_table: str, method: str = "task_arithmetic") -> Path:
-    path = folder / "recipe.toml"
-    models = '["./models/math", "./models/code"]'
-    base = 'base = "./models/base"\n'
-    if method == "linear":
-        base, models = "", '["./models/math", { source = "./models/code", weight = 1.0 }]'
-    path.write_text(
-        f'method = "{method}"\n{base}models = {models}\n[search]\n{search_table}', encoding="utf-8"
-    )
-    return path
 
 
 def _loss(folder: Path) -> float:
@@ -91,16 +70,11 @@ def _results(directory: Path) -> dict[str, Any]:
     return json.loads((directory / RESULTS_JSON).read_text())
 
 
-GRID = """sampler = "grid"
-[search.space]
-"parameters.scaling_factor" = { low = 0.25, high = 1.25, step = 0.5 }
-"""
-
-
+@pytest.mark.slow
 def test_grid_search_finds_the_best_of_every_grid_point_merged_and_scored_by_hand(
     models: Path, tmp_path: Path
 ) -> None:
-    recipe = _recipe(tmp_path, "trials = 10\n" + GRID)
+    recipe = search_recipe(tmp_path, "trials = 10\n" + GRID)
     result = search(recipe, output_dir=tmp_path / "search", log=lambda _: None)
     trials = result.trials
     assert sorted(t["params"]["parameters.scaling_factor"] for t in trials) == [0.25, 0.75, 1.25]
@@ -143,7 +117,7 @@ def test_grid_search_finds_the_best_of_every_grid_point_merged_and_scored_by_han
 def test_trials_side_by_side_give_the_same_grid_results_as_one_at_a_time(
     models: Path, tmp_path: Path
 ) -> None:
-    recipe = _recipe(tmp_path, "concurrency = 2\n" + GRID)
+    recipe = search_recipe(tmp_path, "concurrency = 2\n" + GRID)
     side_by_side = search(recipe, output_dir=tmp_path / "two", log=lambda _: None)
     recipe.write_text(recipe.read_text().replace("concurrency = 2\n", ""))
     alone = search(recipe, output_dir=tmp_path / "one", log=lambda _: None)
@@ -158,6 +132,7 @@ def test_trials_side_by_side_give_the_same_grid_results_as_one_at_a_time(
         assert two[value][0] == pytest.approx(loss, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_the_same_seed_and_sampler_draw_the_same_trials(models: Path, tmp_path: Path) -> None:
     table = """trials = 3
 sampler = "tpe"
@@ -166,7 +141,7 @@ seed = 7
 "parameters.scaling_factor" = { low = 0.1, high = 1.5 }
 "models[1].weight" = { choices = [0.5, 1.0] }
 """
-    recipe = _recipe(tmp_path, table)
+    recipe = search_recipe(tmp_path, table)
     first = search(recipe, output_dir=tmp_path / "a", log=lambda _: None)
     second = search(recipe, output_dir=tmp_path / "b", log=lambda _: None)
     assert [t["params"] for t in first.trials] == [t["params"] for t in second.trials]
@@ -198,11 +173,12 @@ seed = 7
     assert _results(tmp_path / "a")["importance"] == first.importance
     assert second.importance == first.importance
     assert (tmp_path / "a" / "search_importance.png").read_bytes().startswith(b"\x89PNG")
-    other = _recipe(tmp_path, table.replace("seed = 7", "seed = 8"))
+    other = search_recipe(tmp_path, table.replace("seed = 7", "seed = 8"))
     third = search(other, output_dir=tmp_path / "c", trials=2, log=lambda _: None)
     assert third.trials[1]["params"] != first.trials[1]["params"]
 
 
+@pytest.mark.slow
 def test_a_failing_trial_is_recorded_with_its_reason_and_the_search_completes(
     models: Path, tmp_path: Path
 ) -> None:
@@ -211,7 +187,7 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_the_search_completes(
 [search.space]
 "models[0].weight" = { choices = [-1.0, 0.5] }
 """
-    recipe = _recipe(tmp_path, table, method="linear")
+    recipe = search_recipe(tmp_path, table, method="linear")
     lines: list[str] = []
     result = search(recipe, output_dir=tmp_path / "search", log=lines.append)
     states = {t["params"]["models[0].weight"]: t for t in result.trials}
@@ -224,6 +200,7 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_the_search_completes(
     assert _results(tmp_path / "search")["best"]["number"] == states[0.5]["number"]
 
 
+@pytest.mark.slow
 def test_a_rerun_resumes_the_study_and_runs_only_the_missing_trials(models: Path, tmp_path: Path) -> None:
     table = """trials = 2
 sampler = "random"
@@ -231,7 +208,7 @@ seed = 3
 [search.space]
 "parameters.scaling_factor" = { low = 0.1, high = 1.5 }
 """
-    recipe = _recipe(tmp_path, table)
+    recipe = search_recipe(tmp_path, table)
     first = search(recipe, output_dir=tmp_path / "s", log=lambda _: None)
     again = search(recipe, output_dir=tmp_path / "s", log=lambda _: None)
     assert again.trials == first.trials  # nothing re-run
@@ -239,7 +216,7 @@ seed = 3
     assert more.trials[:2] == first.trials and len(more.trials) == 3
     # The resumed sampler does not draw the first trials' values again.
     assert len({t["params"]["parameters.scaling_factor"] for t in more.trials}) == 3
-    changed = _recipe(tmp_path, table.replace("high = 1.5", "high = 1.4"))
+    changed = search_recipe(tmp_path, table.replace("high = 1.5", "high = 1.4"))
     with pytest.raises(Exception, match="holds a search of another recipe"):
         search(changed, output_dir=tmp_path / "s", log=lambda _: None)
 
@@ -281,7 +258,7 @@ pruner = "none"
 [search.space]
 "parameters.scaling_factor" = { low = 0.1, high = 1.5 }
 """
-    recipe = _recipe(tmp_path, table)
+    recipe = search_recipe(tmp_path, table)
     out = tmp_path / "s"
     process = subprocess.Popen(
         [sys.executable, "-m", "hubmerge.cli", "search", str(recipe), "--output", str(out)],
@@ -320,6 +297,7 @@ pruner = "none"
     assert len({t["params"]["parameters.scaling_factor"] for t in complete}) == budget
 
 
+@pytest.mark.slow
 def test_values_per_group_of_layers_and_filter_become_filter_rules_that_best_toml_reproduces(
     models: Path, tmp_path: Path
 ) -> None:
@@ -329,7 +307,7 @@ seed = 1
 [search.space]
 "parameters.scaling_factor" = { low = 0.1, high = 1.5, layers_per_group = 1, filters = ["self_attn", "mlp"] }
 """
-    recipe = _recipe(tmp_path, table)
+    recipe = search_recipe(tmp_path, table)
     recipe.write_text(recipe.read_text().replace("[search]", "[parameters]\nscaling_factor = 0.8\n[search]"))
     result = search(recipe, output_dir=tmp_path / "s", log=lambda _: None)
     names = [f"parameters.scaling_factor@layers.{i}-{i}.{f}" for i in (0, 1) for f in ("self_attn", "mlp")]
@@ -365,7 +343,7 @@ def test_an_eval_task_in_the_objective_is_maximised_with_the_loss_negated(
 hubmerge_tiny = 1.0
 loss = 0.5
 """
-    recipe = _recipe(tmp_path, table)
+    recipe = search_recipe(tmp_path, table)
     tasks = REPO / "tests" / "data" / "lm_eval"
     recipe.write_text(
         recipe.read_text().replace(
@@ -455,7 +433,7 @@ BAD_TABLES = [
 def test_a_bad_search_table_is_refused_with_one_line(
     models: Path, tmp_path: Path, table: str, message: str
 ) -> None:
-    recipe = _recipe(tmp_path, table)
+    recipe = search_recipe(tmp_path, table)
     with pytest.raises(RecipeError) as raised:
         load_recipe(recipe)
     text = str(raised.value)
@@ -509,10 +487,11 @@ seed = 2
 """
 
 
+@pytest.mark.slow
 def test_the_median_pruner_stops_trials_worse_than_the_median_so_far_and_a_resume_keeps_them_pruned(
     models: Path, tmp_path: Path
 ) -> None:
-    recipe = _recipe(tmp_path, PRUNED)  # the default pruner: median, after 5 complete trials
+    recipe = search_recipe(tmp_path, PRUNED)  # the default pruner: median, after 5 complete trials
     out = tmp_path / "s"
     lines: list[str] = []
     first = search(recipe, output_dir=out, trials=6, log=lines.append)
@@ -541,7 +520,7 @@ def test_the_median_pruner_stops_trials_worse_than_the_median_so_far_and_a_resum
 def test_the_hyperband_pruner_stops_trials_at_its_rung_and_its_bookkeeping_reaches_the_study(
     models: Path, tmp_path: Path
 ) -> None:
-    recipe = _recipe(tmp_path, PRUNED.replace("seed = 2", 'seed = 2\npruner = "hyperband"'))
+    recipe = search_recipe(tmp_path, PRUNED.replace("seed = 2", 'seed = 2\npruner = "hyperband"'))
     result = search(recipe, output_dir=tmp_path / "s", log=lambda _: None)
     assert [t["state"] for t in result.trials] == ["complete"] * 5 + ["pruned"] * 3
     assert all(len(t["intermediate"]) == 2 for t in result.trials[5:])  # stopped after the second domain
@@ -572,6 +551,6 @@ def test_side_by_side_sizing_takes_the_scarcest_of_memory_disk_and_cores() -> No
 
 
 def test_concurrency_auto_is_accepted_and_kept_in_the_spec(models: Path, tmp_path: Path) -> None:
-    recipe = _recipe(tmp_path, 'concurrency = "auto"\n' + GRID)
+    recipe = search_recipe(tmp_path, 'concurrency = "auto"\n' + GRID)
     spec = load_recipe(recipe).search
     assert spec is not None and spec.concurrency == "auto"

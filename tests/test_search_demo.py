@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO
+from support.checkpoints import REPO
 from support.evaluation import lm_eval_offline
 
 from hubmerge.search.run import search
@@ -58,6 +58,7 @@ def accuracy(model_name: str, task: str) -> float:
     return right / len(docs)
 
 
+@pytest.mark.slow
 def test_each_fine_tune_has_its_own_skill_and_the_base_has_neither() -> None:
     scores = {
         (m, t): accuracy(m, t) for m in ("base", "adder", "reverser") for t in ("skills_add", "skills_rev")
@@ -82,6 +83,7 @@ def _check(result_dir: Path, trials: int) -> dict[str, Any]:
     return saved
 
 
+@pytest.mark.slow
 def test_two_trials_of_the_demo_search_beat_the_recipe_as_written(tmp_path: Path) -> None:
     pytest.importorskip("lm_eval")
     result = search(RECIPE, output_dir=tmp_path / "s", trials=2, log=lambda _: None)

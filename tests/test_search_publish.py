@@ -1,6 +1,5 @@
 """`hubmerge search --publish best` against the local Hub: the best trial's recipe merged and pushed as a plain
-merge pushes it, the card with a section on the search (in a subprocess: the Hub client fixes its endpoint at
-import)."""
+merge pushes it, the card with a section on the search (the CLI in process, `support.cli.invoke_cli`)."""
 
 from __future__ import annotations
 
@@ -9,10 +8,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
-from hubserver import LocalHub
-from test_hub import TOKEN, hub_env
-from test_search import one_thread  # noqa: F401 - autouse here too
+from support.cli import invoke_cli
+from support.hub import hub_env, local_hub
+from support.hubserver import LocalHub
+from support.search import one_thread  # noqa: F401 - autouse
 
 from hubmerge import api
 from hubmerge.cli import main
@@ -23,8 +22,7 @@ pytest.importorskip("optuna")
 
 @pytest.fixture(scope="module")
 def hub() -> Iterator[LocalHub]:
-    with LocalHub() as server:
-        server.add_user("user", TOKEN)
+    with local_hub() as server:
         yield server
 
 
@@ -41,12 +39,13 @@ def _recipe(tmp_path: Path, make_model: Callable[..., Path], output: str) -> Pat
     return recipe
 
 
+@pytest.mark.slow
 def test_publish_best_pushes_the_merge_of_best_toml_with_a_card_section_on_the_search(
     hub: LocalHub, tmp_path: Path, make_model: Callable[..., Path]
 ) -> None:
     recipe = _recipe(tmp_path, make_model, '[output]\ndir = "out"\nrepo = "user/searched"\n')
     out = tmp_path / "search"
-    done = run_cli("search", recipe, "--output", out, "--publish", "best", "-q", env=hub_env(hub, tmp_path))
+    done = invoke_cli("search", recipe, "--output", out, "--publish", "best", "-q", env=hub_env(hub, tmp_path))
     assert done.returncode == 0, done.stderr
     results = json.loads((out / RESULTS_JSON).read_text())
     best, trials = results["best"], results["trials"]

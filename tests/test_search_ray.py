@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO
-from test_search import GRID, _recipe, one_thread  # noqa: F401 - one_thread: autouse here too
+from support.checkpoints import REPO
+from support.search import GRID, one_thread, search_recipe  # noqa: F401 - one_thread: autouse
 
 from hubmerge.search.run import search
 
@@ -64,7 +64,7 @@ def test_a_ray_grid_search_runs_on_both_nodes_and_equals_the_local_run(
     for name, seed in (("base", 1), ("math", 2), ("code", 3)):
         make_model(name, seed)
     grid = GRID.replace("high = 1.25", "high = 1.75")  # 4 points: 0.25, 0.75, 1.25, 1.75
-    recipe = _recipe(tmp_path, "trials = 10\n" + grid)
+    recipe = search_recipe(tmp_path, "trials = 10\n" + grid)
     on_ray = search(
         recipe, output_dir=tmp_path / "ray", ray=True, ray_address=cluster.address, log=lambda _: None
     )
@@ -86,7 +86,7 @@ def test_losing_the_worker_node_mid_search_retries_its_trial_and_completes_the_s
 ) -> None:
     for name, seed in (("base", 1), ("math", 2), ("code", 3)):
         make_model(name, seed)
-    recipe = _recipe(tmp_path, "trials = 10\n" + GRID.replace("high = 1.25", "high = 1.75"))
+    recipe = search_recipe(tmp_path, "trials = 10\n" + GRID.replace("high = 1.25", "high = 1.75"))
     head, worker = _nodes(cluster)
     removed: list[str] = []
 

@@ -62,6 +62,7 @@ def uneven(n: int) -> list[int]:
     return sizes
 
 
+@pytest.mark.slow
 def test_ranks_one_and_n_are_the_minimum_and_maximum():
     g = torch.Generator().manual_seed(0)
     rows = torch.rand(3, 1000, generator=g)
@@ -77,6 +78,7 @@ def test_a_single_value_is_its_own_kth_value():
     assert check(torch.tensor([[0.375]]), [1], [0, 1, 0]) == [0.375]
 
 
+@pytest.mark.slow
 def test_all_zeros_give_zero_at_every_rank():
     rows = torch.zeros(2, 50)
     for k in (1, 25, 50):
@@ -93,6 +95,7 @@ def test_many_ties_pick_the_tied_value_at_every_rank_inside_the_run():
     assert check(rows, [91], uneven(100)) == [1.0]
 
 
+@pytest.mark.slow
 def test_values_sharing_the_top_16_bits_are_told_apart_by_the_low_bits():
     # Neighbouring float32 values above 1.0: one coarse bucket, resolved only by the second pass.
     ones = [struct.unpack("<f", struct.pack("<I", 0x3F800000 + i))[0] for i in range(0, 4000, 7)]
@@ -108,6 +111,7 @@ def test_denormals_zero_and_the_smallest_normal_are_ordered_exactly():
     assert got == [0.0, 0.0, SMALLEST_DENORMAL, 2 * SMALLEST_DENORMAL, LARGEST_DENORMAL, SMALLEST_NORMAL]
 
 
+@pytest.mark.slow
 def test_values_spanning_the_whole_float32_exponent_range_and_infinity():
     exponents = torch.arange(-149, 128, dtype=torch.float64)
     values = torch.cat([(2.0**exponents).float(), torch.tensor([LARGEST_FINITE, float("inf"), 0.0])])
@@ -135,6 +139,7 @@ def test_a_rank_below_one_keeps_everything_with_a_zero_cut_off():
     assert got[0] == 0.0 and got[2] == 0.0 and got[1] == float(torch.kthvalue(rows[1], 5).values)
 
 
+@pytest.mark.slow
 def test_chunking_never_changes_the_answer():
     g = torch.Generator().manual_seed(5)
     rows = torch.randn(2, 2000, generator=g).abs() * 2.0 ** torch.randint(-60, 60, (2, 2000), generator=g)
@@ -163,6 +168,7 @@ def selections(draw: st.DrawFn) -> tuple[torch.Tensor, list[int], list[int]]:
     return rows, ranks, sizes
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None, derandomize=True)
 @given(selections())
 def test_kth_smallest_equals_torch_kthvalue_on_generated_rows(case):

@@ -1,8 +1,9 @@
 """The merge reference tests again, with the engine's slice size forced small and odd.
 
 `plan.CHUNK_ELEMENTS` is read at call time, so patching it makes every tensor of the tiny checkpoints
-span many slices: with 7 elements a 2-D tensor is read one row at a time and the 32-element norms and
-biases in slices of 7, 7, 7, 7, 4; with 101 a (64, 32) embedding is read 3 rows at a time. The TIES
+(`support.reference.NARROW`: hidden 16, since every slice is a read and a write) span many slices: with 7
+elements a 2-D tensor is read one row at a time and the 16-element norms and biases in slices of 7, 7, 2;
+with 101 a (64, 16) embedding is read 6 rows at a time. The TIES
 magnitude selection then sees hundreds of uneven chunks and the majority-sign patch rewrites positions
 scattered over many slices and shards. Each merge must still equal the reference formula, and its
 output files must be byte for byte those of the same merge with the default slice size, and of the merge
@@ -22,6 +23,7 @@ from support.reference import (
     assert_close,
     cancelling_pool,
     load_f32,
+    narrow_model,
     ref_linear,
     ref_simple_average,
     ref_task_arithmetic,
@@ -101,8 +103,9 @@ LAYOUTS = {
 
 
 def merge_files(recipe: Path, out: str) -> dict[str, bytes]:
+    # Only the weights are compared: no diagnostics (their plots cost seconds per merge).
     result = hubmerge.merge(
-        recipe, output_dir=recipe.parent / out, push=False, quiet=True, log=lambda _: None
+        recipe, output_dir=recipe.parent / out, push=False, quiet=True, stats=False, log=lambda _: None
     )
     assert result.output_dir == recipe.parent / out
     assert not list(recipe.parent.glob(f"{out}/.*")), "a scratch file was left behind"
@@ -122,7 +125,7 @@ def check_small_slices_match(
         assert sorted(small) == sorted(default)
         for name in default:
             assert small[name] == default[name], f"{name} differs with {elements}-element slices"
-    # Whole slices computed in pieces of a few rows (a 32-element row each), on one merge thread and on
+    # Whole slices computed in pieces of a few rows (a 16-element row each), on one merge thread and on
     # two: the same bytes again.
     monkeypatch.setattr(plan_module, "CHUNK_ELEMENTS", 1 << 22)
     monkeypatch.setattr(engine, "_PIECE_ELEMENTS", 40)
@@ -148,22 +151,23 @@ CASES = [
 VOCAB = 64  # a short embedding keeps the slice count (and the run time) small; it still spans many slices
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "layout"),
     [(METHODS[m], LAYOUTS[layout]) for m, layout in CASES],
     ids=[f"{m}-{layout}" for m, layout in CASES],
 )
-def test_small_odd_slices_match_the_reference_and_the_default_slices(
-    tmp_path, monkeypatch, make_model, method, layout
-):
+def test_small_odd_slices_match_the_reference_and_the_default_slices(tmp_path, monkeypatch, method, layout):
     folders = [
-        make_model(name, seed, head=head, vocab=VOCAB, dtype=layout.dtype, shards=layout.shards)
+        narrow_model(
+            tmp_path / "models" / name, seed, VOCAB, head=head, dtype=layout.dtype, shards=layout.shards
+        )
         for name, seed, head in zip(("base", "math", "code", "instruct"), range(4), layout.heads)
     ]
     base, *models = [load_f32(f) for f in folders]
     if any(layout.heads):  # the output gets a real head: a tied source's head is its embedding
         base, models = with_head(base), [with_head(m) for m in models]
-    output = '\n[output]\ndir = "out"\n' + ('max_shard_size = "20KB"\n' if layout.shards > 1 else "")
+    output = '\n[output]\ndir = "out"\n' + ('max_shard_size = "4KB"\n' if layout.shards > 1 else "")
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(method.recipe + output)
     check_small_slices_match(monkeypatch, recipe, method.reference(base, models), layout.dtype)
@@ -171,17 +175,18 @@ def test_small_odd_slices_match_the_reference_and_the_default_slices(
         assert len(list((tmp_path / "out-default").glob("model-*.safetensors"))) >= 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("majority", "dtype"),
     [(-1, torch.float32), (0, torch.bfloat16), (1, torch.bfloat16)],
     ids=["negative-f32", "none-bf16", "positive-bf16"],
 )
 def test_exact_zero_sign_sums_are_patched_across_slices_and_shards(tmp_path, monkeypatch, dtype, majority):
-    base, models = cancelling_pool(tmp_path, majority, dtype)
+    base, models = cancelling_pool(tmp_path, majority, dtype, narrow=True)
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(
         'method = "ties"\nbase = "models/base"\nmodels = ["models/a", "models/b"]\n'
-        '[parameters]\nscaling_factor = 1.0\nthreshold = 100\n[output]\ndir = "out"\nmax_shard_size = "20KB"\n'
+        '[parameters]\nscaling_factor = 1.0\nthreshold = 100\n[output]\ndir = "out"\nmax_shard_size = "4KB"\n'
     )
     want = ref_ties(base, models, 1.0, 100)
     check_small_slices_match(monkeypatch, recipe, want, dtype)
@@ -198,6 +203,7 @@ def test_exact_zero_sign_sums_are_patched_across_slices_and_shards(tmp_path, mon
     assert len(list((tmp_path / "out-7").glob("model-*.safetensors"))) >= 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("majority", "dtype", "merge_func", "trim"),
     [
@@ -221,13 +227,13 @@ def test_settling_the_majority_sign_first_writes_the_patched_bytes_and_rewrites_
     from hubmerge.api import _fetch_all, load_plan
     from hubmerge.merging.engine import write_weights
 
-    base, models = cancelling_pool(tmp_path, majority, dtype)
+    base, models = cancelling_pool(tmp_path, majority, dtype, narrow=True)
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(
         'method = "ties"\nbase = "models/base"\nmodels = ["models/a", "models/b"]\n[parameters]\n'
         f'scaling_factor = 1.0\nthreshold = {100 if trim == "global" else 50}\nmerge_func = "{merge_func}"\n'
         f'trim = "{trim}"\n'
-        '[output]\nrepo = "user/never-pushed"\nmax_shard_size = "20KB"\n'
+        '[output]\nrepo = "user/never-pushed"\nmax_shard_size = "4KB"\n'
     )
     written: dict[str, dict[str, bytes]] = {}
     for kind, delete_uploaded in (("patched", False), ("settled", True)):
@@ -274,7 +280,7 @@ def test_only_a_method_that_leaves_positions_open_opens_a_scratch_file(
         original(self, scratch, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(engine._Patches, "__init__", spy)
-    cancelling_pool(tmp_path, -1, torch.float32)
+    cancelling_pool(tmp_path, -1, torch.float32, narrow=True)
     runs = [("task_arithmetic", False), ("ties", True), ("ties", False)]
     for method, delete_uploaded in runs:
         recipe = tmp_path / f"{method}.toml"

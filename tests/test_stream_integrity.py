@@ -22,10 +22,10 @@ from types import SimpleNamespace
 import pytest
 import safetensors.torch
 import torch
-from conftest import random_state_dict, write_checkpoint
-from hubserver import LocalHub
+from support.checkpoints import random_state_dict, write_checkpoint
 from support.cli import invoke_cli
-from support.hub import hub_env, pool_hub
+from support.hub import hub_env, local_hub
+from support.hubserver import LocalHub
 
 from hubmerge.errors import SourceError
 from hubmerge.sources import remote
@@ -58,7 +58,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalHub]:
         )
         for repo, seed in REPOS.items()
     }
-    with pool_hub(folders) as server:
+    with local_hub(folders) as server:
         server.create_repo("user/deep12-merged")  # where the "settle first" runs push
         yield server
 
@@ -127,6 +127,7 @@ def untampered(hub: LocalHub) -> Iterator[Callable[[str], None]]:
 PATTERNS = ["one pass", "several passes", "settle first"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_a_clean_streamed_merge_proves_every_file_and_equals_the_cached_merge(
     hub: LocalHub, tmp_path: Path, pattern: str
@@ -179,6 +180,7 @@ def test_a_clean_streamed_merge_proves_every_file_and_equals_the_cached_merge(
     assert all(torch.equal(merged[k].view(torch.uint8), reference[k].view(torch.uint8)) for k in reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("kind", ["multiplied", "shifted", "changed"])
 def test_tampered_range_bytes_are_refused_in_one_line_naming_the_file_and_nothing_is_kept(
@@ -197,6 +199,7 @@ def test_tampered_range_bytes_are_refused_in_one_line_naming_the_file_and_nothin
         assert len(hub.commits("user/deep12-merged")) == commits
 
 
+@pytest.mark.slow
 def test_without_verification_the_lock_records_the_hubs_sha256_as_unchecked(
     hub: LocalHub, tmp_path: Path, untampered: Callable[[str], None]
 ) -> None:

@@ -1,6 +1,6 @@
 """Streaming output to the Hub (`publish.ShardUploader`): each shard goes up as soon as it is closed, while
 the merge writes the next, and one commit is made once everything is uploaded. Real processes against the
-local Hub in `hubserver.py`.
+local Hub in `support/hubserver/`.
 
 The order of events is read from the Hub's request log, never from timing: a helper process wraps the
 engine's `on_shard` hook so that each shard closing also sends a marker request (`/hook/closed/NAME`) to
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_state_dict, write_checkpoint
-from hubserver import LocalHub
+from support.checkpoints import random_state_dict, write_checkpoint
 from support.cli import invoke_cli, start_cli
-from support.hub import TOKEN, hub_env
+from support.hub import hub_env, local_hub
+from support.hubserver import LocalHub
 from support.reference import cancelling_pool
 
 SUMMARY = "hubmerge: recipe.toml (task_arithmetic)"
@@ -67,8 +67,7 @@ print(json.dumps({"events": events, "url": result.commit_url}))
 
 @pytest.fixture(scope="module")
 def hub() -> Iterator[LocalHub]:
-    with LocalHub() as server:
-        server.add_user("user", TOKEN)
+    with local_hub() as server:
         yield server
 
 
@@ -137,15 +136,13 @@ def _log(hub: LocalHub, since: int) -> list[tuple[str, str, int]]:
 def test_shards_go_up_while_merging_and_one_commit_equals_a_plain_push(pool: Path, tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, "user/merged", RECIPE.replace("./", f"{pool}/"))
     # The same recipe pushed the way it was before streaming, to another Hub: the reference commit.
-    with LocalHub() as plain_hub:
-        plain_hub.add_user("user", TOKEN)
+    with local_hub() as plain_hub:
         code, plain = _traced(plain_hub, recipe, tmp_path / "plain" / "out", upload_while_merging=False)
         assert code == 0, plain
         assert all(e["before"] == e["after"] for e in plain["events"])  # nothing left during the merge
         plain_files, plain_commits = plain_hub.files("user/merged"), plain_hub.commits("user/merged")
 
-    with LocalHub() as hub:
-        hub.add_user("user", TOKEN)
+    with local_hub() as hub:
         code, streamed = _traced(hub, recipe, tmp_path / "streamed" / "out")
         assert code == 0, streamed
         log = _log(hub, 0)

@@ -25,11 +25,12 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import mounted_tmpfs, random_state_dict, write_checkpoint
-from hubserver import LocalHub, SparseFile
-from qwen_shapes import add_shaped_repos, recipe_text
+from support.checkpoints import random_state_dict, write_checkpoint
 from support.cli import invoke_cli
-from support.hub import TOKEN, folder_files, hub_env, pool_hub
+from support.disk import mounted_tmpfs
+from support.hub import TOKEN, folder_files, hub_env, local_hub
+from support.hubserver import LocalHub, SparseFile
+from support.qwen_shapes import add_shaped_repos, recipe_text
 
 VOCAB = 32768  # float32: an embedding of 4 MiB, so a source is ~4.4 MB and the bf16 output ~2.2 MB
 SHARDS = 3
@@ -50,7 +51,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalHub]:
         )
         for repo, seed in REPOS.items()
     }
-    with pool_hub(folders) as server:
+    with local_hub(folders) as server:
         yield server
 
 
@@ -105,6 +106,7 @@ def _weights(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.name.endswith(".safetensors")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "method", ["simple_average", "task_arithmetic", "ties", "dare_ties", "model_stock", "breadcrumbs_ties"]
 )
@@ -177,6 +179,7 @@ def deep_repos(hub: LocalHub, tmp_path_factory: pytest.TempPathFactory) -> None:
         hub.commit(repo, folder_files(written), "Upload model")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
 def test_pushed_under_a_budget_smaller_than_the_output_each_shard_is_uploaded_and_deleted(
     hub: LocalHub, deep_repos: None, tmp_path: Path, smaller_disk: Path, method: str
@@ -281,6 +284,8 @@ def _stream(hub: LocalHub, tmp_path: Path, recipe: Path, out: str) -> subprocess
     return invoke_cli(recipe, "--output", tmp_path / out, "-q", "--max-disk", str(BUDGET), env=env)
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_retry_waits")
 def test_dropped_connections_and_5xx_bursts_mid_range_are_retried_and_the_merge_is_exact(
     hub: LocalHub, tmp_path: Path
 ) -> None:
@@ -302,6 +307,8 @@ def test_dropped_connections_and_5xx_bursts_mid_range_are_retried_and_the_merge_
     assert hub.server_errors == []
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_retry_waits")
 def test_a_hub_that_keeps_failing_mid_stream_ends_in_one_line_and_no_output(
     hub: LocalHub, tmp_path: Path
 ) -> None:
@@ -453,6 +460,7 @@ def test_the_shard_size_is_chosen_to_fit_unless_the_recipe_sets_one_that_cannot(
 # --- integrity -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_streamed_files_read_whole_in_order_are_checked_against_their_lfs_sha256(
     hub: LocalHub, tmp_path: Path
 ) -> None:

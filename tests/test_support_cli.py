@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from conftest import REPO
+from support.checkpoints import REPO
 from support.cli import invoke_cli
 
 

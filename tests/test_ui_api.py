@@ -13,14 +13,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY
 from gradio_client import Client
 from gradio_client.exceptions import AppError
+from support.checkpoints import REPO, TINY
 from uiapp import Served, serve
 
 from hubmerge.cli import main
 from hubmerge.recipe.load import loads_recipe
 from hubmerge.ui.service import Service, Settings, key_line
+
+pytestmark = pytest.mark.slow  # the app is a real `hubmerge ui` process, started once for the module
 
 RECIPE = f"""method = "ties"
 base = "{TINY / "base"}"

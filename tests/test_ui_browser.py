@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO
-from hubserver import LocalHub
 from playwright.sync_api import Browser, Page, expect, sync_playwright
-from test_hub import hub_env
+from support.checkpoints import REPO
+from support.hub import hub_env, local_hub
+from support.hubserver import LocalHub
 from uiapp import Served, serve
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -25,8 +25,7 @@ WAIT = 120_000  # ms: an upper bound for a state to appear on a busy machine, no
 
 @pytest.fixture(scope="module")
 def hub() -> Iterator[LocalHub]:
-    with LocalHub() as server:
-        server.add_user("user", TOKEN)
+    with local_hub(token=TOKEN) as server:
         yield server
 
 

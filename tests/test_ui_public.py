@@ -7,11 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import TINY
 from gradio_client import Client
 from gradio_client.exceptions import AppError
-from hubserver import LocalHub
-from test_hub import hub_env
+from support.checkpoints import TINY
+from support.hub import hub_env
+from support.hubserver import LocalHub
 from uiapp import Served, serve
 
 OWNER_TOKEN = "hf_space_owner_secret"

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, TINY
-from hubserver import LocalHub
 from packaging.requirements import Requirement
-from test_hub import hub_env
+from support.checkpoints import REPO, TINY
+from support.hub import hub_env
+from support.hubserver import LocalHub
 
 from hubmerge.cli import main
 from hubmerge.ui.space import OAUTH_SCOPES

@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, TINY
-from hubserver import LocalHub
-from support.hub import POOL, TOKEN, hub_env, pool_hub
+from support.checkpoints import REPO, TINY
+from support.hub import POOL, TOKEN, hub_env, local_hub
+from support.hubserver import LocalHub
 
 BIN = Path(sys.executable).parent
 WORKFLOWS = REPO / ".github" / "workflows"
@@ -60,6 +60,7 @@ def _runner_env(**values: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------- linters
 
 
+@pytest.mark.slow
 def test_workflows_and_action_match_githubs_schemas() -> None:
     check = _tool("check-jsonschema")
     for schema, files in (("vendor.github-workflows", _workflow_files()), ("vendor.github-actions", [ACTION_YML])):
@@ -531,7 +532,7 @@ class Job:
 @pytest.fixture(scope="module")
 def hub() -> Iterator[LocalHub]:
     """The tiny checkpoints as Qwen/... repos, and a user who may push."""
-    with pool_hub({repo: TINY / name for repo, name in POOL.items()}) as server:
+    with local_hub({repo: TINY / name for repo, name in POOL.items()}) as server:
         yield server
 
 
@@ -569,6 +570,7 @@ def _find_recipes(ws: Path, env: dict[str, str], event: dict[str, Any]) -> dict[
     return job.outputs
 
 
+@pytest.mark.slow
 def test_push_to_main_merges_each_changed_recipe_and_pushes_it(hub: LocalHub, workspace: Path,
                                                                  tmp_path: Path) -> None:
     before = _git(workspace, "rev-parse", "HEAD")
@@ -615,6 +617,7 @@ def test_push_to_main_merges_each_changed_recipe_and_pushes_it(hub: LocalHub, wo
     assert int(loaded.stdout.split()[-1]) == 107072
 
 
+@pytest.mark.slow
 def test_merge_job_passes_a_disk_budget_set_as_a_repository_variable(
     hub: LocalHub, workspace: Path, tmp_path: Path
 ) -> None:
@@ -632,6 +635,7 @@ def test_merge_job_passes_a_disk_budget_set_as_a_repository_variable(
     assert "user/budgeted" not in hub._repos  # refused before anything was downloaded or pushed
 
 
+@pytest.mark.slow
 def test_merge_without_hf_token_uses_trusted_publishing_for_the_output_repo(hub: LocalHub, workspace: Path,
                                                                              tmp_path: Path) -> None:
     recipe = "recipes/tiny-ties.toml"
@@ -648,6 +652,7 @@ def test_merge_without_hf_token_uses_trusted_publishing_for_the_output_repo(hub:
     assert not any("oidc-target" in r.path for r in hub.requests[start:])  # nothing created, nothing pushed
 
 
+@pytest.mark.slow
 def test_pull_request_check_plans_changed_recipes_without_token_or_weight_downloads(
         hub: LocalHub, workspace: Path, tmp_path: Path) -> None:
     base = _git(workspace, "rev-parse", "HEAD")
@@ -677,6 +682,7 @@ def test_pull_request_check_plans_changed_recipes_without_token_or_weight_downlo
     assert not (workspace / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_a_recipe_with_an_eval_table_is_evaluated_and_a_missed_gate_blocks_the_push(hub: LocalHub, workspace: Path,
                                                                                       tmp_path: Path) -> None:
     recipe = "recipes/tiny-ties.toml"
@@ -727,6 +733,7 @@ def test_search_yml_is_started_by_hand_and_only_the_pull_request_job_may_write()
     assert download[0]["with"]["path"] == "${{ needs.search.outputs.results }}"
 
 
+@pytest.mark.slow
 def test_search_job_searches_the_recipe_and_the_pull_request_job_proposes_best_toml(
     hub: LocalHub, workspace: Path, tmp_path: Path
 ) -> None:

@@ -2,7 +2,7 @@
 
 A new Python process per call costs seconds (torch's import); tests that are not about the process itself
 (signals, kill -9, start-up imports, the interpreter's own stderr) call the CLI here instead, with what
-`conftest.run_cli` returns. The environment and working directory a test passes hold for the call only.
+`run_cli` returns. The environment and working directory a test passes hold for the call only.
 `huggingface_hub` reads its settings (endpoint, HF_HOME, offline, progress bars) once at import, so they
 are read again from the environment around each call, and its per-process caches (the shared HTTP client,
 `HfFileSystem` instances) are dropped, as a new process would start without them.
@@ -56,7 +56,7 @@ def _process_like(cwd: Path | str | None, env: dict[str, str] | None) -> Iterato
 def invoke_cli(
     *args: str | Path, cwd: Path | str | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """`hubmerge ARGS` in this process: exit code, stdout and stderr as `conftest.run_cli` returns them."""
+    """`hubmerge ARGS` in this process: exit code, stdout and stderr as `run_cli` returns them."""
     from hubmerge import cli
 
     argv = [str(a) for a in args]
@@ -84,4 +84,20 @@ def start_cli(*args: str | Path, env: dict[str, str], cwd: Path | None = None) -
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+    )
+
+
+def run_cli(
+    *args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the real `hubmerge` entry point in a subprocess (what a user's shell does)."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("HUBMERGE_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "hubmerge.cli", *map(str, args)],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY
+
+from support.checkpoints import REPO, TINY
 
 TASKS = REPO / "tests" / "data" / "lm_eval"
 

@@ -1,5 +1,5 @@
 """The local Hub as the tests use it: users' tokens, the pool of Qwen repos, and the environment that points
-`huggingface_hub` (in a `hubmerge` process or `support.cli.invoke_cli`) at a `hubserver.LocalHub`."""
+`huggingface_hub` (in a `hubmerge` process or `support.cli.invoke_cli`) at a `support.hubserver.LocalHub`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from hubserver import LocalHub
+from support.hubserver import LocalHub
 
 TOKEN, OTHER_TOKEN = "hf_test_user_token", "hf_test_other_token"
 POOL = {
@@ -37,11 +37,15 @@ def hub_env(hub: LocalHub, tmp_path: Path, token: str | None = TOKEN, **extra: s
 
 
 @contextmanager
-def pool_hub(repos: Mapping[str, Path], orgs: tuple[str, ...] = ()) -> Iterator[LocalHub]:
-    """A local Hub where `user` (TOKEN, member of `orgs`) may push, and each repo holds one commit of the files
-    of a checkpoint folder; each other owner (`Qwen`) is a user too, with token `hf_<owner>_token`."""
+def local_hub(
+    repos: Mapping[str, Path] | None = None, orgs: tuple[str, ...] = (), token: str = TOKEN
+) -> Iterator[LocalHub]:
+    """The tests' one Hub factory: a local Hub where `user` (`token`, member of `orgs`) may push, and each of
+    `repos` holds one commit of the files of a checkpoint folder; each other owner (`Qwen`) is a user too, with
+    token `hf_<owner>_token`. A test module's `hub` fixture enters it once (scope="module")."""
+    repos = repos or {}
     with LocalHub() as server:
-        server.add_user("user", TOKEN, orgs=orgs)
+        server.add_user("user", token, orgs=orgs)
         for owner in sorted({repo.split("/")[0] for repo in repos} - {"user"}):
             server.add_user(owner, f"hf_{owner.lower()}_token")
         for repo, folder in repos.items():

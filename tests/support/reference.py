@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from conftest import random_state_dict, write_checkpoint
 from safetensors.torch import load_file
+
+from support.checkpoints import random_state_dict, write_checkpoint
 
 StateDict = dict[str, torch.Tensor]
 
@@ -121,19 +122,34 @@ def assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], dt
         assert torch.allclose(got[k], expected, rtol=0, atol=1e-6), (k, (got[k] - expected).abs().max())
 
 
+# Narrower tiny models for the tests that merge in slices of a few elements, where every slice is a read and
+# a write: hidden 16 and intermediate 32 instead of 32 and 64 (random_state_dict's arguments, and the config
+# keys that go with them).
+NARROW = {"hidden": 16, "intermediate": 32}
+NARROW_CONFIG = {"hidden_size": 16, "intermediate_size": 32}
+
+
+def narrow_model(folder: Path, seed: int, vocab: int, head: bool = False, **options: object) -> Path:
+    """A NARROW checkpoint written as `write_checkpoint` writes one (`options`: dtype, shards)."""
+    state_dict = random_state_dict(seed, vocab=vocab, head=head, **NARROW)
+    return write_checkpoint(folder, state_dict, **options, **NARROW_CONFIG)  # type: ignore[arg-type]
+
+
 POOL = 'base = "models/base"\nmodels = ["models/math", "models/code", "models/instruct"]\n'
 
 
 def cancelling_pool(
-    tmp_path: Path, majority: int, dtype: torch.dtype, vocab: int = 64
+    tmp_path: Path, majority: int, dtype: torch.dtype, vocab: int = 64, narrow: bool = False
 ) -> tuple[StateDict, list[StateDict]]:
     """Two task vectors that cancel exactly at every third position of the model, in every tensor.
 
     Elsewhere both agree in sign, which decides the model-wide sign FusionBench gives the cancelled
-    positions: all negative (majority -1), all positive (+1), or as many of each (0).
+    positions: all negative (majority -1), all positive (+1), or as many of each (0). `narrow`: the
+    `NARROW` widths (a quarter of the elements).
     """
     g = torch.Generator().manual_seed(11)
-    base = {k: torch.zeros_like(v) for k, v in random_state_dict(0, vocab=vocab).items()}
+    shape = NARROW if narrow else {}
+    base = {k: torch.zeros_like(v) for k, v in random_state_dict(0, vocab=vocab, **shape).items()}
     names = sorted(base)
     total = sum(base[k].numel() for k in names)
     position = torch.arange(total)
@@ -151,5 +167,5 @@ def cancelling_pool(
         a[k], b[k] = flat_a[i : i + n].view_as(base[k]), flat_b[i : i + n].view_as(base[k])
         i += n
     for name, sd in (("base", base), ("a", a), ("b", b)):
-        write_checkpoint(tmp_path / "models" / name, sd, dtype=dtype)
+        write_checkpoint(tmp_path / "models" / name, sd, dtype=dtype, **(NARROW_CONFIG if narrow else {}))
     return base, [a, b]

@@ -1,5 +1,5 @@
 """Qwen2.5-shaped repos for the local test Hub: real tensor names, shapes, dtype (bf16) and shard counts, with
-sparse shards (`hubserver.SparseFile`) whose header alone is stored, since a plan reads only headers.
+sparse shards (`support.hubserver.SparseFile`) whose header alone is stored, since a plan reads only headers.
 
 Used by tests/test_streaming.py and by bench/shaped_plans.py (the "Big models" table in docs/big-models.md).
 """
@@ -10,7 +10,7 @@ import json
 import struct
 from dataclasses import dataclass
 
-from hubserver import LocalHub, SparseFile
+from support.hubserver import LocalHub, SparseFile
 
 VOCAB = 151936
 
