@@ -184,7 +184,6 @@ class MergeStats:
         # A position has a sign conflict when the largest τ is > 0 and the smallest < 0 (conflict = 1.0
         # there, else 0): there, and only there, every nonzero τᵢ is opposed by another model's. (A NaN
         # makes the largest and the smallest NaN, whose sign torch takes as 0: no conflict there.)
-        rows = self._scratch("rows", (2 * n, numel), base.dtype, device)
         array = cpu_array(task_vectors) if _NUMPY_COUNTS else None
         if array is not None:
             # On a CPU numpy counts the same positions with compares on booleans, 2-3× faster than the
@@ -198,7 +197,8 @@ class MergeStats:
             torch.amax(task_vectors, dim=0, out=high)
             torch.amin(task_vectors, dim=0, out=low)
             conflict_row = high.sign_().clamp_(min=0).mul_(low.sign_().clamp_(max=0)).neg_()
-            nonzero = torch.sign(task_vectors, out=rows[:n]).abs_()  # 1 where τᵢ ≠ 0 (NaN: see above)
+            rows = self._scratch("rows", (n, numel), base.dtype, device)
+            nonzero = torch.sign(task_vectors, out=rows).abs_()  # 1 where τᵢ ≠ 0 (NaN: see above)
             conflict = conflict_row.sum(dtype=torch.float64).to(torch.int64)
             model_conflict = _counts(nonzero, conflict_row[None])[:, 0]
         sums = _Sums(
@@ -211,14 +211,13 @@ class MergeStats:
         sign_sum = 0.0
         if self.trims:
             assert cuts is not None
-            sign_sum = self._measure_trims(task_vectors, rows, cuts, sums)
+            sign_sum = self._measure_trims(task_vectors, cuts, sums)
         return Measured(tensor.name, sums, sign_sum)
 
     def _measure_trims(
-        self, task_vectors: torch.Tensor, rows: torch.Tensor, cuts: Sequence[float], sums: _Sums
+        self, task_vectors: torch.Tensor, cuts: Sequence[float], sums: _Sums
     ) -> float:
-        """Fill the trimming counts of `sums` (trimming `task_vectors` in place, `rows` as scratch); return
-        Σ elected signs."""
+        """Fill the trimming counts of `sums` (trimming `task_vectors` in place); return Σ elected signs."""
         n, numel = task_vectors.shape
         for row, cut in zip(task_vectors, cuts, strict=True):
             trim_(row, cut)  # the trimming rule of the methods that trim
@@ -236,6 +235,7 @@ class MergeStats:
         torch.sub(1.0, decided, out=undecided)
         ones.fill_(1.0)
         # Rows: sign τᵢ (±1, or 0 where trimmed away; 0 for NaN too), then |sign τᵢ|.
+        rows = self._scratch("rows", (2 * n, numel), task_vectors.dtype, task_vectors.device)
         torch.sign(task_vectors, out=rows[:n])
         torch.abs(rows[:n], out=rows[n:])
         c = _counts(rows, columns)
