@@ -56,7 +56,8 @@ from .quality.evaluate import (
     summary_markdown,
 )
 from .quality.sanity import SanityReport
-from .recipe.load import EvalSpec, Recipe, load_recipe, loads_recipe
+from .recipe.load import Recipe, load_recipe, loads_recipe
+from .recipe.schema import EvalTable
 from .sources.checkpoint import Folder, numel
 from .sources.remote import RemoteFolder, prove_all
 from .sources.resolve import TOKENIZER_FILES, Source, fetch
@@ -476,7 +477,7 @@ def _write_output(
     quiet: bool,
     log: Log,
     collector: MergeStats | None,
-    spec: EvalSpec | None,
+    spec: EvalTable | None,
     sanity: bool,
     uploader: ShardUploader | None = None,
     streamed: Sequence[RemoteFolder] = (),
@@ -650,7 +651,7 @@ def inspect(
 # --- evaluation ----------------------------------------------------------------------------------------------
 
 
-def _eval_spec(plan: MergePlan) -> EvalSpec:
+def _eval_spec(plan: MergePlan) -> EvalTable:
     if plan.recipe.eval is None:
         raise RecipeError(
             f'{plan.recipe.path}: evaluating needs an [eval] table with tasks, e.g. tasks = ["gsm8k"], limit = 100'
@@ -738,7 +739,7 @@ def _identity(source: Source, folder: Folder) -> str | None:
 
 
 def _evaluate(
-    plan: MergePlan, spec: EvalSpec, folder: Path, sources: list[Candidate], log: Log
+    plan: MergePlan, spec: EvalTable, folder: Path, sources: list[Candidate], log: Log
 ) -> Evaluation:
     """Evaluate the model in `folder` and `sources`; a relative `require` rule always brings the sources in."""
     if not sources and any(r.reference is not None for r in spec.require):

@@ -31,7 +31,7 @@ from hubmerge.publish.markdown import code, literal, safe_url, text
 from hubmerge.quality.evaluate import Check, Evaluation, ModelResult, Score
 from hubmerge.quality.evaluate import summary_markdown as eval_summary
 from hubmerge.quality.sanity import SanityReport
-from hubmerge.recipe.load import Requirement
+from hubmerge.recipe.schema import Requirement
 
 RTL = "\u202e"
 HOSTILE = [

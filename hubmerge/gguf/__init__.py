@@ -43,7 +43,7 @@ def open_stream(plan: MergePlan, tokenizer: Path, folder: Path) -> GgufStream:
     name = model_name(plan)
     shapes = {t.name: t.shape for t in plan.tensors}
     shards = [(s.file, [(n, shapes[n]) for n, _ in s.tensors]) for s in plan.shards]
-    files = {t: folder / file_name(name, t) for t in plan.recipe.output.gguf}
+    files: dict[str, Path] = {t: folder / file_name(name, t) for t in plan.recipe.output.gguf}
     return GgufStream(plan.config, tokenizer, shards, files, name)
 
 

@@ -875,7 +875,7 @@ def render_card(
     context["evaluation"] = _evaluation(evaluation, context["sources"])
     context["sanity"] = _sanity(sanity)
     context["gguf"] = gguf_links(plan)
-    context["search"] = _search(plan.recipe.card.search)
+    context["search"] = _search(plan.recipe.search_card)
     if evaluation is not None:
         _with_model_index(context, evaluation)
     template = plan.recipe.card.template or _DEFAULT_TEMPLATE

@@ -30,7 +30,7 @@ from typing import Any
 from ..errors import EvalError, RecipeError
 from ..publish.files import CHART_FILE, CONFIG_FILE, RESULTS_FILE
 from ..publish.lock import file_sha256
-from ..recipe.load import EvalSpec, Requirement
+from ..recipe.schema import EvalTable, Requirement
 from ..sources.resolve import TOKENIZER_FILES
 
 __all__ = [
@@ -196,14 +196,14 @@ def _tokenizer_identity(folder: Path) -> str:
     return _files_digest(folder, [n for n in TOKENIZER_FILES if (folder / n).is_file()])
 
 
-def _include_identity(spec: EvalSpec) -> str | None:
+def _include_identity(spec: EvalTable) -> str | None:
     if spec.include_path is None:
         return None
     root = spec.include_path
     return _files_digest(root, [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()])
 
 
-def settings_json(spec: EvalSpec) -> dict[str, Any]:
+def settings_json(spec: EvalTable) -> dict[str, Any]:
     return {
         "tasks": list(spec.tasks),
         "limit": spec.limit,
@@ -214,7 +214,7 @@ def settings_json(spec: EvalSpec) -> dict[str, Any]:
     }
 
 
-def _cache_key(identity: str, tokenizer: str, task: str, spec: EvalSpec, version: str) -> str:
+def _cache_key(identity: str, tokenizer: str, task: str, spec: EvalTable, version: str) -> str:
     settings = settings_json(spec)
     del settings["tasks"]
     fields = [identity, tokenizer, task, settings, _include_identity(spec), version]
@@ -242,7 +242,7 @@ def _write_cache(key: str, scores: Mapping[str, Score]) -> None:
     partial.replace(directory / f"{key}.json")  # atomic: a reader never sees half an entry
 
 
-def _task_manager(spec: EvalSpec, recipe: Path) -> Any:
+def _task_manager(spec: EvalTable, recipe: Path) -> Any:
     from lm_eval.tasks import TaskManager
 
     if spec.include_path is not None:
@@ -322,14 +322,14 @@ def _scores(results: Mapping[str, Any], higher: Mapping[str, bool]) -> dict[str,
 
 
 def _run(
-    folder: Path, tokenizer: Path, tasks: Sequence[str], spec: EvalSpec, manager: Any, recipe: Path
+    folder: Path, tokenizer: Path, tasks: Sequence[str], spec: EvalTable, manager: Any, recipe: Path
 ) -> dict[str, dict[str, Score]]:
     with _library_output_captured():
         return _evaluate_folder(folder, tokenizer, tasks, spec, manager, recipe)
 
 
 def _evaluate_folder(
-    folder: Path, tokenizer: Path, tasks: Sequence[str], spec: EvalSpec, manager: Any, recipe: Path
+    folder: Path, tokenizer: Path, tasks: Sequence[str], spec: EvalTable, manager: Any, recipe: Path
 ) -> dict[str, dict[str, Score]]:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -392,7 +392,7 @@ class Candidate:
 
 
 def evaluate_models(
-    candidates: Sequence[Candidate], tokenizer: Path, spec: EvalSpec, recipe: Path, log: Any
+    candidates: Sequence[Candidate], tokenizer: Path, spec: EvalTable, recipe: Path, log: Any
 ) -> Evaluation:
     """Evaluate every candidate on `spec.tasks` (cached results reused), then check `spec.require`."""
     version = require_lm_eval()

@@ -22,7 +22,7 @@ from ..merging.schedule import Setting, evaluate
 from ..search.space import SearchSpec, search_spec
 from ..sources.qwen import ALWAYS_PRESENT
 from . import schema
-from .schema import RELATIVE_SCORE, REPO_ID, parse_size
+from .schema import REPO_ID, CardTable, EvalTable, OutputTable, parse_size, resolve_path
 
 if TYPE_CHECKING:
     from ..search.publish import SearchCard
@@ -33,12 +33,8 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 __all__ = [
-    "CardSpec",
-    "EvalSpec",
     "ModelRef",
-    "OutputSpec",
     "Recipe",
-    "Requirement",
     "load_recipe",
     "loads_recipe",
     "missing_folder",
@@ -71,73 +67,6 @@ class ModelRef:
 
 
 @dataclass(frozen=True)
-class OutputSpec:
-    dir: Path
-    repo: str | None = None
-    private: bool | None = None
-    branch: str | None = None
-    create_pr: bool = False
-    max_shard_size: int = 5 * 10**9
-    max_disk: int | None = None  # bytes of disk the run may use; None: the free space (budget.py)
-    stats: bool = True  # merge diagnostics (diagnostics.py): merge_stats.json and plots in the output
-    # Prove every streamed byte against the Hub's sha256 (remote.py); False: sizes and headers only.
-    verify_streamed: bool = True
-    gguf: tuple[str, ...] = ()  # GGUF file types (gguf/writer.py GGUF_TYPES), written after the weights
-    gguf_repo: str | None = None  # the repo they are pushed to, when `repo` is set and `gguf` is not empty
-
-    @property
-    def gguf_dir(self) -> Path:
-        """Where the GGUF files are written: the output folder when they go beside the weights, else a
-        companion folder `{dir}-GGUF` with its own card."""
-        return self.dir if self.gguf_repo == self.repo else self.dir.with_name(self.dir.name + "-GGUF")
-
-
-@dataclass(frozen=True)
-class CardSpec:
-    template: Path | None = None
-    title: str | None = None
-    description: str | None = None
-    tags: tuple[str, ...] = ()
-    language: tuple[str, ...] = ()
-    license: str | None = None
-    license_name: str | None = None
-    license_link: str | None = None
-    search: SearchCard | None = None  # the search that found the values (`hubmerge search --publish best`)
-
-
-@dataclass(frozen=True)
-class Requirement:
-    """One `[eval] require` entry: the merge's primary score on `task` must reach a threshold.
-
-    Either an absolute `threshold` (`gsm8k = 0.40`), or a `reference` model's score moved by `offset` in the
-    metric's better direction (`"best_source - 0.02"`: at most 0.02 worse than the best source; `"base"`: at
-    least as good as the base). For a lower-is-better metric, better means lower.
-    """
-
-    task: str
-    text: str  # as written, for messages and the card
-    threshold: float | None = None
-    reference: str | None = None  # "base" or "best_source"
-    offset: float = 0.0
-
-
-@dataclass(frozen=True)
-class EvalSpec:
-    """The `[eval] table`: which lm-evaluation-harness tasks to run, how, and what the merge must reach."""
-
-    tasks: tuple[str, ...]
-    limit: int | float | None = None  # lm-eval's: examples per task, or a fraction of them when below 1
-    num_fewshot: int | None = None
-    batch_size: int = 1
-    include_path: Path | None = None  # a folder of custom task YAMLs, absolute
-    device: str = "cpu"
-    dtype: str = "auto"  # "auto": the checkpoint's own dtype
-    sources: bool = True  # also evaluate the base and every model (`hubmerge RECIPE --eval`)
-    allow_code_execution: bool = False
-    require: tuple[Requirement, ...] = ()
-
-
-@dataclass(frozen=True)
 class Recipe:
     path: Path
     text: str
@@ -147,15 +76,16 @@ class Recipe:
     base: ModelRef | None
     tokenizer: ModelRef | None  # None: the base's (or the first model's) tokenizer
     dtype: str | None
-    output: OutputSpec
-    card: CardSpec
-    allow_non_finite: bool = False  # merge sources holding NaN or Inf (refused by default)
-    warnings: tuple[str, ...] = ()  # valid, but probably not what the author meant
-    eval: EvalSpec | None = None  # the [eval] table; None when the recipe has none
-    sanity: bool = (
-        True  # the quick sanity check after every merge (sanity.py); `[eval] sanity = false` skips it
+    output: OutputTable
+    card: CardTable
+    allow_non_finite: bool  # merge sources holding NaN or Inf (refused by default)
+    warnings: tuple[str, ...]  # valid, but probably not what the author meant
+    eval: EvalTable | None  # the [eval] table; None when it has no tasks (or the recipe has none)
+    sanity: bool  # the quick sanity check after every merge (sanity.py); `[eval] sanity = false` skips it
+    search: SearchSpec | None  # the [search] table (`hubmerge search`)
+    search_card: SearchCard | None = (
+        None  # the search that found the values (`hubmerge search --publish best`)
     )
-    search: SearchSpec | None = None  # the [search] table (`hubmerge search`)
 
     @property
     def published_text(self) -> str:
@@ -232,16 +162,14 @@ class _Reader:
     def path_of(self, text: str, key: str, root: Path | None = None) -> Path:
         """`text` as an absolute path, relative to `root` (the recipe's folder by default)."""
         try:
-            path = ((root or self.root) / Path(text).expanduser()).resolve()
-            path.exists()  # raises for a name the system refuses (too long), which later checks would not expect
-            return path
-        except (OSError, RuntimeError, ValueError) as exc:  # a NUL byte, an unknown ~user, a name too long
-            raise self.fail(key, f"{text!r} is not a usable path ({exc})") from None
+            return resolve_path(text, root or self.root)
+        except ValueError as exc:
+            raise self.fail(key, str(exc)) from None
 
 
 _NOT_YAML = (
     "this looks like a YAML file (a mergekit config?); hubmerge recipes are TOML: convert a mergekit config "
-    'with `hubmerge import-mergekit CONFIG.yml -o recipe.toml`, or see docs/recipe.md'
+    "with `hubmerge import-mergekit CONFIG.yml -o recipe.toml`, or see docs/recipe.md"
 )
 # A YAML mapping line (`key: value`, `- item`) is never valid TOML at the start of a line.
 _YAML_LINE = re.compile(r"^(?:[A-Za-z_][\w.-]*:(?:\s|$)|-\s)")
@@ -292,11 +220,12 @@ def loads_recipe(text: str, path: str | Path, output_dir: str | Path | None = No
             f"{path}:{line}:{column}: TOML syntax error: {message[: where.start()].strip()}{_syntax_hint(message, text)}"
         ) from None
     reader = _Reader(path)
+    override = reader.path_of(str(output_dir), "--output", Path.cwd()) if output_dir is not None else None
     try:
-        tables = schema.validate(data)
+        tables = schema.validate(data, path, override)
     except schema.Problem as problem:
         raise reader.fail(problem.key, problem.message) from None
-    return _build(reader, tables, text, output_dir)
+    return _build(reader, tables, text)
 
 
 def missing_folder(recipe: Recipe, name: str | Path | None = None) -> None:
@@ -339,7 +268,7 @@ def _check_coverage(
                 )
 
 
-def _build(r: _Reader, tables: Any, text: str, output_dir: str | Path | None) -> Recipe:
+def _build(r: _Reader, tables: Any, text: str) -> Recipe:
     method: Method = METHODS[tables.method]
     parameters = schema.given(tables.parameters)
     given = {p.name: parameters[p.name] for p in method.params if p.name in parameters}
@@ -389,46 +318,7 @@ def _build(r: _Reader, tables: Any, text: str, output_dir: str | Path | None) ->
     else:
         tokenizer = None
 
-    out = tables.output
-    if output_dir is not None:
-        out_dir = r.path_of(str(output_dir), "--output", Path.cwd())
-    elif out.dir is not None:
-        out_dir = r.path_of(out.dir, "output.dir")
-    else:
-        out_dir = (Path.cwd() / "outputs" / r.path.stem).resolve()
-    if out.create_pr and out.branch not in (None, "main"):
-        raise r.fail("output.create_pr", "a pull request targets main; drop 'branch' or 'create_pr'")
-    output = OutputSpec(
-        dir=out_dir,
-        repo=out.repo,
-        private=out.private,
-        branch=out.branch,
-        create_pr=out.create_pr,
-        max_shard_size=out.max_shard_size,
-        stats=out.stats,
-        verify_streamed=out.verify_streamed,
-        max_disk=out.max_disk,
-        gguf=tuple(dict.fromkeys(out.gguf)),
-        gguf_repo=(out.repo if out.gguf_repo == "same" else out.gguf_repo or f"{out.repo}-GGUF")
-        if out.repo and out.gguf
-        else None,
-    )
-
-    c = tables.card
-    card = CardSpec(
-        template=r.path_of(c.template, "card.template") if c.template else None,
-        title=c.title,
-        description=c.description,
-        tags=tuple(c.tags),
-        language=tuple(c.language),
-        license=c.license,
-        license_name=c.license_name,
-        license_link=c.license_link,
-    )
-    if card.template is not None and not card.template.is_file():
-        raise r.fail("card.template", f"no such template file {card.template}")
-
-    fields = _eval_fields(r, tables.eval, base is not None)
+    spec: EvalTable | None = tables.eval if tables.eval is not None and tables.eval.tasks else None
     return Recipe(
         path=r.path.resolve(),
         text=text,
@@ -443,16 +333,19 @@ def _build(r: _Reader, tables: Any, text: str, output_dir: str | Path | None) ->
         base=base,
         tokenizer=tokenizer,
         dtype=tables.dtype,
-        output=output,
-        card=card,
+        output=tables.output,
+        card=tables.card,
         allow_non_finite=tables.allow_non_finite,
         warnings=tuple(warnings),
-        search=_search(r, tables, method, len(models), fields.get("eval")),
-        **fields,
+        eval=spec,
+        sanity=(tables.eval.sanity if tables.eval else EvalTable.model_fields["sanity"].default),
+        search=_search(r, tables, method, len(models), spec),
     )
 
 
-def _search(r: _Reader, tables: Any, method: Method, models: int, spec: EvalSpec | None) -> SearchSpec | None:
+def _search(
+    r: _Reader, tables: Any, method: Method, models: int, spec: EvalTable | None
+) -> SearchSpec | None:
     if tables.search is None:
         return None
     from ..quality.sanity import sanity_texts
@@ -469,44 +362,3 @@ def _search(r: _Reader, tables: Any, method: Method, models: int, spec: EvalSpec
         return search_spec(tables.search, method, written, models, tasks, r.root, tuple(sanity_texts()))
     except schema.Problem as problem:
         raise r.fail(problem.key, problem.message) from None
-
-
-def _eval_fields(r: _Reader, table: Any, has_base: bool) -> dict[str, Any]:
-    """`Recipe.eval` and `Recipe.sanity` from the `[eval]` table."""
-    if table is None:
-        return {}
-    if table.model_fields_set <= {"sanity"}:
-        return {"sanity": table.sanity}
-    if table.tasks is None:
-        raise r.fail("eval.tasks", 'is required: a non-empty list of lm-eval task names, e.g. ["gsm8k"]')
-    include_path = (r.root / Path(table.include_path).expanduser()).resolve() if table.include_path else None
-    if include_path is not None and not include_path.is_dir():
-        raise r.fail("eval.include_path", f"no such folder {include_path} (relative to the recipe)")
-    require = []
-    for task, value in table.require.items():
-        key = f"eval.require.{task}"
-        if task not in table.tasks:
-            raise r.fail(key, f"is not one of eval.tasks ({', '.join(table.tasks)})")
-        if isinstance(value, float):
-            require.append(Requirement(task, str(value), threshold=value))
-            continue
-        reference, sign, amount = RELATIVE_SCORE.match(value).groups()  # type: ignore[union-attr]
-        if reference == "base" and not has_base:
-            raise r.fail(
-                key, 'compares with the base, but the recipe has none; use "best_source" or a number'
-            )
-        offset = float(amount or 0) * (-1 if sign == "-" else 1)
-        require.append(Requirement(task, value, reference=reference, offset=offset))
-    spec = EvalSpec(
-        tasks=tuple(dict.fromkeys(t.strip() for t in table.tasks)),
-        limit=table.limit,
-        num_fewshot=table.num_fewshot,
-        batch_size=table.batch_size,
-        include_path=include_path,
-        device=table.device,
-        dtype=table.dtype,
-        sources=table.sources,
-        allow_code_execution=table.allow_code_execution,
-        require=tuple(require),
-    )
-    return {"eval": spec, "sanity": table.sanity}

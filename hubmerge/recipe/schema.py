@@ -16,6 +16,8 @@ import functools
 import operator
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
@@ -26,9 +28,11 @@ from pydantic import (
     Discriminator,
     Field,
     PlainValidator,
+    Strict,
     Tag,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     create_model,
     field_validator,
     model_validator,
@@ -42,7 +46,20 @@ from ..merging.schedule import Filter, Gradient, Setting
 if TYPE_CHECKING:
     from pydantic_core import ErrorDetails
 
-__all__ = ["DTYPES", "RELATIVE_SCORE", "REPO_ID", "Problem", "given", "json_schema", "parse_size", "validate"]
+__all__ = [
+    "DTYPES",
+    "REPO_ID",
+    "CardTable",
+    "EvalTable",
+    "OutputTable",
+    "Problem",
+    "Requirement",
+    "given",
+    "json_schema",
+    "parse_size",
+    "resolve_path",
+    "validate",
+]
 
 DTYPES = ("bfloat16", "float16", "float32")
 # Hub repo ids: `name` or `namespace/name`, as huggingface_hub validates them.
@@ -77,12 +94,63 @@ def parse_size(value: int | str) -> int:
     return size
 
 
+def resolve_path(text: str, root: Path) -> Path:
+    """`text` as an absolute path, relative to `root`; ValueError for a name the system refuses."""
+    try:
+        path = (root / Path(text).expanduser()).resolve()
+        path.exists()  # raises for a name the system refuses (too long), which later checks would not expect
+        return path
+    except (OSError, RuntimeError, ValueError) as exc:  # a NUL byte, an unknown ~user, a name too long
+        raise ValueError(f"{text!r} is not a usable path ({exc})") from None
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One `[eval] require` entry: the merge's primary score on `task` must reach a threshold.
+
+    Either an absolute `threshold` (`gsm8k = 0.40`), or a `reference` model's score moved by `offset` in the
+    metric's better direction (`"best_source - 0.02"`: at most 0.02 worse than the best source; `"base"`: at
+    least as good as the base). For a lower-is-better metric, better means lower.
+    """
+
+    task: str
+    text: str  # as written, for messages and the card
+    threshold: float | None = None
+    reference: str | None = None  # "base" or "best_source"
+    offset: float = 0.0
+
+
 # --- the schema ---------------------------------------------------------------------------------------------
 
 
-def _problem(message: str) -> PydanticCustomError:
-    """A validator's error, kept word for word as the message after the key path."""
-    return PydanticCustomError("recipe", "{message}", {"message": message})
+def _problem(message: str, at: tuple[str | int, ...] = ()) -> PydanticCustomError:
+    """A validator's error, kept word for word as the message after the key path; `at`: the keys below the
+    validated value that the message is about (`output` + `("create_pr",)`)."""
+    return PydanticCustomError("recipe", "{message}", {"message": message, "at": at})
+
+
+def _recipe_file(info: ValidationInfo) -> Path:
+    """The recipe file being validated (`validate`'s context): relative paths are read from its folder."""
+    context = info.context or {}
+    if "recipe" not in context:
+        raise TypeError("validate the recipe with schema.validate, which gives its file")  # a bug, not input
+    return Path(context["recipe"])
+
+
+def _local_path(value: Any, info: ValidationInfo, what: str) -> Path | None:
+    """A path key (`card.template`, `eval.include_path`): relative to the recipe's folder; "" is absent."""
+    if not isinstance(value, str):
+        raise _problem(f"must be a string, got {value!r}")
+    if not value:
+        return None
+    try:
+        path = resolve_path(value, _recipe_file(info).parent)
+    except ValueError as exc:
+        raise _problem(str(exc)) from None
+    if not (path.is_dir() if what == "folder" else path.is_file()):
+        where = " (relative to the recipe)" if what == "folder" else ""
+        raise _problem(f"no such {what} {path}{where}")
+    return path
 
 
 class _Table(BaseModel):
@@ -157,13 +225,77 @@ def _languages(value: Any) -> Any:
     return value
 
 
-def _tasks(value: list[str]) -> list[str]:
+def _tasks(value: Any) -> tuple[str, ...]:
+    """`eval.tasks`, each once, stripped; () when absent (required beside other keys: `EvalTable`)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise _problem(f"must be a list, got {value!r}")
+    for i, task in enumerate(value):
+        if not isinstance(task, str):
+            raise _problem(f"must be a string, got {task!r}", (i,))
     if not value or not all(t.strip() for t in value):
-        raise ValueError('must be a non-empty list of lm-eval task names, e.g. ["gsm8k"]')
-    return value
+        raise _problem('must be a non-empty list of lm-eval task names, e.g. ["gsm8k"]')
+    return tuple(dict.fromkeys(t.strip() for t in value))
+
+
+def _requirements(value: Any, info: ValidationInfo) -> tuple[Requirement, ...]:
+    """`eval.require`: one `Requirement` per task, each task one of `eval.tasks`."""
+    if not isinstance(value, dict):
+        raise _problem(f"must be a table, got {value!r}")
+    tasks = info.data.get("tasks")
+    require = []
+    for task, written in value.items():
+        try:
+            score = _score(written)
+        except ValueError as exc:
+            raise _problem(str(exc), (task,)) from None
+        if tasks and task not in tasks:  # () when absent: EvalTable says tasks is required
+            raise _problem(f"is not one of eval.tasks ({', '.join(tasks)})", (task,))
+        if isinstance(score, float):
+            require.append(Requirement(task, str(score), threshold=score))
+            continue
+        reference, sign, amount = RELATIVE_SCORE.match(score).groups()  # type: ignore[union-attr]
+        offset = float(amount or 0) * (-1 if sign == "-" else 1)
+        require.append(Requirement(task, score, reference=reference, offset=offset))
+    return tuple(require)
 
 
 _NonEmpty = Annotated[str, Field(min_length=1)]
+# A TOML list read into a tuple: strict pydantic takes only a tuple for a tuple, so the tuple is lax and its
+# items strict.
+_NonEmptyTuple = Annotated[tuple[Annotated[_NonEmpty, Strict()], ...], Strict(False)]
+_GGUFTuple = Annotated[
+    tuple[Literal["q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16", "bf16", "f32"], ...],
+    Strict(False),
+]
+
+
+def _output_dir(value: Any, info: ValidationInfo) -> Path:
+    """`output.dir` resolved: `--output` (`validate`'s context, already resolved) over `dir`, relative to the
+    recipe's folder, over outputs/<recipe file stem> in the working directory."""
+    if value is not None and not isinstance(value, str):
+        raise _problem(f"must be a string, got {value!r}")
+    recipe = _recipe_file(info)
+    override = (info.context or {}).get("output_dir")
+    if override is not None:
+        return Path(override)
+    if value is None:
+        return (Path.cwd() / "outputs" / recipe.stem).resolve()
+    try:
+        return resolve_path(value, recipe.parent)
+    except ValueError as exc:
+        raise _problem(str(exc)) from None
+
+
+def _card_template(value: Any, info: ValidationInfo) -> Path | None:
+    return _local_path(value, info, "template file")
+
+
+def _include_path(value: Any, info: ValidationInfo) -> Path | None:
+    return _local_path(value, info, "folder")
+
+
 _Size = Annotated[
     int,
     PlainValidator(
@@ -196,8 +328,9 @@ class TokenizerTable(_Table):
 class OutputTable(_Table):
     """[output]: where the merge is written and pushed."""
 
-    dir: str | None = Field(
+    dir: Annotated[Path, PlainValidator(_output_dir, json_schema_input_type=str | None)] = Field(
         None,
+        validate_default=True,
         description="the output folder, relative to the recipe file; default: outputs/<recipe file stem> "
         "relative to the working directory",
     )
@@ -214,6 +347,14 @@ class OutputTable(_Table):
     private: bool | None = Field(None, description="create the Hub repo private")
     branch: str | None = Field(None, description="the pushed branch (created from main if missing)")
     create_pr: bool = Field(False, description="open a pull request instead of committing to the branch")
+
+    @field_validator("create_pr")
+    @classmethod
+    def _pr_targets_main(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("branch") not in (None, "main"):
+            raise _problem("a pull request targets main; drop 'branch' or 'create_pr'")
+        return value
+
     max_shard_size: _Size = Field(
         "5GB",
         validate_default=True,
@@ -227,8 +368,11 @@ class OutputTable(_Table):
         description="prove every byte read from a streamed source against the Hub's sha256 (costs up to one "
         "more read of each streamed file); false: sizes and headers only, recorded in the lock",
     )
-    gguf: list[Literal["q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16", "bf16", "f32"]] = Field(
-        [], description='GGUF files (llama.cpp, Ollama, LM Studio) written after the weights, e.g. ["q4_k_m"]'
+    gguf: Annotated[
+        _GGUFTuple,
+        AfterValidator(lambda types: tuple(dict.fromkeys(types))),  # each type once, in the order written
+    ] = Field(
+        (), description='GGUF files (llama.cpp, Ollama, LM Studio) written after the weights, e.g. ["q4_k_m"]'
     )
     gguf_repo: (
         Annotated[
@@ -237,23 +381,39 @@ class OutputTable(_Table):
         | None
     ) = Field(
         None,
+        validate_default=True,
         description='push the GGUF files to this repo, or "same" (beside the weights); default: {repo}-GGUF',
     )
+
+    @field_validator("gguf_repo")
+    @classmethod
+    def _gguf_repo(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """The repo the GGUF files are pushed to: None unless `repo` is set and `gguf` is not empty."""
+        repo, gguf = info.data.get("repo"), info.data.get("gguf")
+        if not (repo and gguf):
+            return None
+        return repo if value == "same" else value or f"{repo}-GGUF"
+
+    @property
+    def gguf_dir(self) -> Path:
+        """Where the GGUF files are written: the output folder when they go beside the weights, else a
+        companion folder `{dir}-GGUF` with its own card."""
+        return self.dir if self.gguf_repo == self.repo else self.dir.with_name(self.dir.name + "-GGUF")
 
 
 class CardTable(_Table):
     """[card]: model card (README.md) options."""
 
-    template: str | None = Field(
-        None, description="a Jinja template replacing the default; in the recipe's folder or below"
+    template: Annotated[Path | None, PlainValidator(_card_template, json_schema_input_type=str | None)] = (
+        Field(None, description="a Jinja template replacing the default; in the recipe's folder or below")
     )
     title: str | None = Field(None, description="the card's title")
     description: str | None = Field(None, description="a paragraph under the title")
-    tags: list[_NonEmpty] = Field([], description="Hub tags added to the card's metadata")
+    tags: _NonEmptyTuple = Field((), description="Hub tags added to the card's metadata")
     language: Annotated[
-        list[_NonEmpty],
+        _NonEmptyTuple,
         BeforeValidator(_languages, json_schema_input_type=_NonEmpty | list[_NonEmpty]),
-    ] = Field([], description='languages of the model, e.g. "en" or ["en", "zh"]')
+    ] = Field((), description='languages of the model, e.g. "en" or ["en", "zh"]')
     license: str | None = Field(None, description="required only when a source's license is unknown")
     license_name: str | None = Field(None, description='the license\'s name when license = "other"')
     license_link: str | None = Field(None, description='a link to the license when license = "other"')
@@ -262,8 +422,12 @@ class CardTable(_Table):
 class EvalTable(_Table):
     """[eval]: evaluation with lm-evaluation-harness (pip install "hubmerge[eval]")."""
 
-    tasks: Annotated[list[str], AfterValidator(_checked(_tasks))] | None = Field(
-        None, description="lm-eval task names; required in an [eval] table with other keys than sanity"
+    tasks: Annotated[tuple[str, ...], PlainValidator(_tasks, json_schema_input_type=list[str] | None)] = (
+        Field(
+            None,
+            validate_default=True,
+            description="lm-eval task names; required in an [eval] table with other keys than sanity",
+        )
     )
     limit: Annotated[float, AfterValidator(_checked(_limit))] | None = Field(
         None,
@@ -274,8 +438,8 @@ class EvalTable(_Table):
         None, description="few-shot examples; default: each task's own"
     )
     batch_size: int = Field(1, ge=1)
-    include_path: str | None = Field(
-        None, description="a folder of custom task YAMLs, relative to the recipe"
+    include_path: Annotated[Path | None, PlainValidator(_include_path, json_schema_input_type=str | None)] = (
+        Field(None, description="a folder of custom task YAMLs, relative to the recipe")
     )
     device: Annotated[str, AfterValidator(_checked(_device))] = Field(
         "cpu", json_schema_extra={"pattern": _DEVICE.pattern}, description="cpu, cuda, cuda:N or mps"
@@ -287,21 +451,25 @@ class EvalTable(_Table):
     allow_code_execution: bool = Field(
         False, description="tasks that run model-written code (humaneval, mbpp) need true"
     )
-    require: dict[
-        str,
-        Annotated[
-            float | str,
-            PlainValidator(
-                _checked(_score),
-                json_schema_input_type=float | Annotated[str, Field(pattern=RELATIVE_SCORE.pattern)],
-            ),
-        ],
+    require: Annotated[
+        tuple[Requirement, ...],
+        PlainValidator(
+            _requirements,
+            json_schema_input_type=dict[str, float | Annotated[str, Field(pattern=RELATIVE_SCORE.pattern)]],
+        ),
     ] = Field(
         {},
+        validate_default=True,
         description='the gate, per task: a score (0.40), or "base" / "best_source" with an optional '
         '"+ points" or "- points"',
     )
     sanity: bool = Field(True, description="the quick sanity check after every merge (false: off)")
+
+    @model_validator(mode="after")
+    def _tasks_given(self) -> EvalTable:
+        if not self.tasks and self.model_fields_set - {"sanity"}:
+            raise _problem('is required: a non-empty list of lm-eval task names, e.g. ["gsm8k"]', ("tasks",))
+        return self
 
 
 class _PerLayerGroup(_Table):
@@ -539,6 +707,24 @@ def _params(
     }
 
 
+class _Recipe(_Table):
+    """What every method's recipe model checks across its tables."""
+
+    if TYPE_CHECKING:  # fields of every method's model (`_method_model`)
+        base: Any
+        eval: EvalTable | None
+
+    @model_validator(mode="after")
+    def _base_for_require(self) -> _Recipe:
+        for requirement in self.eval.require if self.eval is not None else ():
+            if requirement.reference == "base" and self.base is None:
+                raise _problem(
+                    'compares with the base, but the recipe has none; use "best_source" or a number',
+                    ("eval", "require", requirement.task),
+                )
+        return self
+
+
 @functools.cache
 def _method_model(m: Method) -> type[_Table]:
     """The recipe of one method: its `method` tag, its [parameters] and its [[models]] keys."""
@@ -596,7 +782,7 @@ def _method_model(m: Method) -> type[_Table]:
             Field(False, description="merge sources holding NaN or Inf (refused by default)"),
         ),
     }
-    return create_model(f"{name}Recipe", __base__=_Table, __doc__=f"{m.title}: {m.formula}", **fields)
+    return create_model(f"{name}Recipe", __base__=_Recipe, __doc__=f"{m.title}: {m.formula}", **fields)
 
 
 @functools.cache
@@ -645,6 +831,7 @@ _KINDS = {
     "float_type": "a number",
     "list_type": "a list",
     "dict_type": "a table",
+    "tuple_type": "a list",  # a TOML list read into a tuple
     "model_type": "a table",
 }
 _BOUNDS = {"greater_than_equal": "ge", "less_than_equal": "le", "greater_than": "gt", "less_than": "lt"}
@@ -747,11 +934,12 @@ class Problem(Exception):
         self.message = message
 
 
-def validate(data: Mapping[str, Any]) -> Any:
-    """The parsed TOML `data` as the validated tables of its method's recipe model (attributes named as the
-    TOML keys, parameters read with `given`); raises `Problem` for the first mistake."""
+def validate(data: Mapping[str, Any], recipe: Path, output_dir: Path | None = None) -> Any:
+    """The parsed TOML `data` of the file `recipe` as the validated tables of its method's recipe model
+    (attributes named as the TOML keys, parameters read with `given`, paths resolved from `recipe`'s folder;
+    `output_dir`, absolute, replaces `output.dir`); raises `Problem` for the first mistake."""
     try:
-        return _schema().validate_python(data)
+        return _schema().validate_python(data, context={"recipe": recipe, "output_dir": output_dir})
     except ValidationError as exc:
         raise Problem(*_first_problem(data, exc)) from None
 
@@ -769,6 +957,8 @@ def _first_problem(data: Mapping[str, Any], exc: ValidationError) -> tuple[str, 
         else:
             path.append(part)
     method = METHODS[data["method"]]
+    if error["type"] == "recipe":
+        path += error["ctx"]["at"]
     if error["type"] == "unknown_key":
         return _key_path([*path, error["ctx"]["key"]]), _message(error, path, form, method)
     return _key_path(path), _message(error, path, form, method)

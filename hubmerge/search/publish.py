@@ -92,5 +92,5 @@ def publish_best(result: SearchResult, spec: SearchSpec, log: Any) -> MergeResul
     card = search_card(result, spec)
     assert result.best_recipe is not None  # search_card: a trial completed
     recipe = load_recipe(result.best_recipe)
-    recipe = dataclasses.replace(recipe, card=dataclasses.replace(recipe.card, search=card))
+    recipe = dataclasses.replace(recipe, search_card=card)
     return api.merge(recipe, push=True, log=log)

@@ -45,7 +45,8 @@ from typing import IO, Any
 
 from ..errors import HubmergeError, RecipeError
 from ..publish.lock import LOCK_FILE
-from ..recipe.load import EvalSpec, Recipe, load_recipe
+from ..recipe.load import Recipe, load_recipe
+from ..recipe.schema import EvalTable
 from ..recipe.write import toml_document
 from .document import local_paths
 from .objective import TrialPruned, direction, score
@@ -93,7 +94,7 @@ class TrialJob:
     document: Mapping[str, Any]  # the recipe without [search], local paths absolute
     recipe: Path  # the recipe file: [eval]'s cache and include_path are relative to it
     spec: SearchSpec
-    eval: EvalSpec | None
+    eval: EvalTable | None
     scratch: Path | None  # where the trial's folder is made, then removed; None: the machine's temp folder
     layers: int  # decoder layers of the model: where values per group of layers go
     study: str  # the study's fingerprint: trials of two searches on one machine never share a folder

@@ -381,7 +381,7 @@ class Service:
             way = "sign in with Hugging Face or paste" if self.settings.oauth else "paste"
             raise PublishError(f"{way} a Hugging Face write token to push (it is used for this push only)")
         plan = result.plan
-        output = dataclasses.replace(plan.recipe.output, repo=repo, private=private)
+        output = plan.recipe.output.model_copy(update={"repo": repo, "private": private})
         plan = dataclasses.replace(plan, recipe=dataclasses.replace(plan.recipe, output=output))
         check_push_access(plan, token or None)
         return push(plan, result.output_dir, token or None)
