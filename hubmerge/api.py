@@ -129,7 +129,7 @@ def load_plan(
     else:
         recipe = load_recipe(recipe_path, output_dir)
     if max_disk is not None:
-        recipe = dataclasses.replace(recipe, output=dataclasses.replace(recipe.output, max_disk=max_disk))
+        recipe = dataclasses.replace(recipe, output=recipe.output.model_copy(update={"max_disk": max_disk}))
     template = recipe.card.template
     if template is not None and not template.is_relative_to(recipe.path.parent):
         # Rendered in pull-request checks and copied into the published output: it must be the recipe's own.

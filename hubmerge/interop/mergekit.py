@@ -32,7 +32,7 @@ from ..merging.methods.base import MergekitParams
 from ..merging.schedule import Filter, Gradient, Scalar, Setting, to_json
 from ..publish.files import CONFIG_FILE
 from ..recipe.load import loads_recipe
-from ..recipe.schema import REPO_ID as _REPO_ID
+from ..recipe.reference import BadReference, parse_reference
 from ..recipe.write import toml_key, toml_value
 
 __all__ = ["Imported", "import_mergekit"]
@@ -135,35 +135,21 @@ class _Converter:
         if not name:
             self.problem(key, f"{text!r} names no model before '@'")
             return None
-        folder = self.folder(name)
-        if folder is not None:
-            if revision:
-                self.problem(
-                    key,
-                    f"{text!r} is a local folder; a revision applies to Hub models only: drop '@{revision}'",
-                )
-                return None
-            return _Ref(text, self.relative(folder), None, folder)
-        if not _REPO_ID.match(name) or "--" in name or ".." in name:
+        try:
+            # mergekit splits the revision off first, and reads a folder relative to the config's folder, else
+            # to the working directory (where mergekit-yaml resolves it).
+            ref = parse_reference(name, (self.config_dir, Path.cwd()))
+        except BadReference as exc:
+            self.problem(key, str(exc))
+            return None
+        if ref.path is None:
+            return _Ref(text, name, revision or None)
+        if revision:
             self.problem(
-                key,
-                f"{name!r} is neither an existing folder (relative to {self.config_dir}) nor a Hub id like "
-                '"org/name[@revision]"',
+                key, f"{text!r} is a local folder; a revision applies to Hub models only: drop '@{revision}'"
             )
             return None
-        return _Ref(text, name, revision or None)
-
-    def folder(self, name: str) -> Path | None:
-        """The local folder `name` is for mergekit: relative to the config's folder, else to the working
-        directory (where mergekit-yaml resolves it); a path written as one (./, ../, /, ~) even if missing."""
-        written = Path(name).expanduser()
-        for root in (self.config_dir, Path.cwd()):
-            candidate = (root / written).resolve()
-            if candidate.is_dir():
-                return candidate
-        if name.startswith((".", "/", "~")):
-            return (self.config_dir / written).resolve()
-        return None
+        return _Ref(text, self.relative(ref.path), None, ref.path)
 
     def relative(self, folder: Path) -> str:
         """`folder` as the recipe names it: relative to the recipe's folder, prefixed ./."""
@@ -500,7 +486,11 @@ def _whole_model_slice(
 
 
 def _models(
-    c: _Converter, method: Method | None, spec: MergekitParams | None, base: _Ref | None, sources: list[_Source]
+    c: _Converter,
+    method: Method | None,
+    spec: MergekitParams | None,
+    base: _Ref | None,
+    sources: list[_Source],
 ) -> list[_Model]:
     """hubmerge's models from mergekit's inputs: a base mergekit lists among the models is our
     `base`; for a method that ignores the base, the base is one more model (mergekit appends it)."""

@@ -8,11 +8,12 @@ typo. The schema is a contract: extend it, never rename keys.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,8 @@ from ..merging.schedule import Setting, evaluate
 from ..search.space import SearchSpec, search_spec
 from ..sources.qwen import ALWAYS_PRESENT
 from . import schema
-from .schema import REPO_ID, CardTable, EvalTable, OutputTable, parse_size, resolve_path
+from .reference import BadReference, ModelRef, parse_reference
+from .schema import CardTable, EvalTable, OutputTable, parse_size, resolve_path
 
 if TYPE_CHECKING:
     from ..search.publish import SearchCard
@@ -40,30 +42,6 @@ __all__ = [
     "missing_folder",
     "parse_size",
 ]
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A source model as the recipe names it: a local folder, or a Hub repo at a revision."""
-
-    text: str  # as written, for messages and the card
-    path: Path | None = None  # absolute, for local folders
-    repo_id: str | None = None
-    revision: str | None = None  # as written; resolved to a commit sha by the source stage
-    params: Mapping[str, Setting] = field(default_factory=dict)  # this mention's own per-model settings
-    # For a Hub id that is also a path under an existing folder next to the recipe (`tiny/mathh`): the
-    # folder it would be, so that a failed Hub lookup can say "no such folder" instead of "cannot reach".
-    near: Path | None = None
-
-    @property
-    def is_local(self) -> bool:
-        return self.path is not None
-
-    @property
-    def display(self) -> str:
-        if self.repo_id:
-            return f"{self.repo_id}@{self.revision}" if self.revision else self.repo_id
-        return str(self.path)
 
 
 @dataclass(frozen=True)
@@ -131,33 +109,21 @@ class _Reader:
         return self.reference(value.source, value.revision, key, params)
 
     def reference(self, text: str, revision: str | None, key: str, params: Mapping[str, Setting]) -> ModelRef:
-        text = text.strip()
-        if not text:
-            raise self.fail(key, 'is empty; give a Hub id such as "Qwen/Qwen2.5-1.5B" or a folder path')
-        local = text.startswith((".", "/", "~")) or self.path_of(text, key).is_dir()
-        if local:
-            if revision is not None:
-                raise self.fail(key, f"{text!r} is a local folder; a revision applies to Hub models only")
-            return ModelRef(text, path=self.path_of(text, key), params=params)
-        repo_id, _, at_revision = text.partition("@")
-        if at_revision and revision is not None:
-            raise self.fail(
-                key, f"{text!r} already pins a revision; drop either '@{at_revision}' or 'revision'"
-            )
-        if not REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id:
-            raise self.fail(
-                key,
-                f"{text!r} is neither an existing folder (relative to {self.root}) nor a Hub id like "
-                '"org/name[@revision]"',
-            )
-        near = (self.root / repo_id).resolve()
-        if "/" not in repo_id or not near.parent.is_dir():
-            return ModelRef(text, repo_id=repo_id, revision=at_revision or revision, params=params)
+        try:
+            ref = parse_reference(text, (self.root,), revision)
+        except BadReference as exc:
+            raise self.fail(key, str(exc)) from None
+        ref = dataclasses.replace(ref, params=params)
+        if ref.repo_id is None or "/" not in ref.repo_id:
+            return ref
+        near = (self.root / ref.repo_id).resolve()
+        if not near.parent.is_dir():
+            return ref
         self.warnings.append(
-            f"{self.path}: {key}: {text!r} is read as a Hub id although {near.parent.name}/ is a folder next to "
-            "the recipe; prefix local folders with ./"
+            f"{self.path}: {key}: {ref.text!r} is read as a Hub id although {near.parent.name}/ is a folder next "
+            "to the recipe; prefix local folders with ./"
         )
-        return ModelRef(text, repo_id=repo_id, revision=at_revision or revision, params=params, near=near)
+        return dataclasses.replace(ref, near=near)
 
     def path_of(self, text: str, key: str, root: Path | None = None) -> Path:
         """`text` as an absolute path, relative to `root` (the recipe's folder by default)."""
