@@ -842,6 +842,34 @@ def test_what_cannot_be_converted_is_refused_one_line_per_key_and_nothing_is_wri
     assert caught.value.problems == tuple(f"{config}: {line}" for line in lines)
 
 
+def test_references_are_read_by_the_recipe_s_parser_a_refused_path_is_one_line_not_an_internal_error(
+    tmp_path, capsys
+):
+    config = write(
+        tmp_path,
+        "config.yml",
+        """
+        merge_method: linear
+        models:
+          - model: "~no-such-user-hubmerge/x"
+            parameters: {weight: 1.0}
+          - model: "./a\\0b"
+            parameters: {weight: 1.0}
+          - model: "not a hub id!"
+            parameters: {weight: 1.0}
+        """,
+    )
+    assert cli.main(["import-mergekit", str(config), "-o", str(tmp_path / "out.toml")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(" (", 1)[0] for line in err] == [
+        f"hubmerge: error: {config}: models[0].model: '~no-such-user-hubmerge/x' is not a usable path",
+        f"hubmerge: error: {config}: models[1].model: './a\\x00b' is not a usable path",
+        f"hubmerge: error: {config}: models[2].model: 'not a hub id!' is neither an existing folder",
+    ]
+    assert err[2].endswith(f'(relative to {tmp_path.resolve()}) nor a Hub id like "org/name[@revision]"')
+    assert not (tmp_path / "out.toml").exists()
+
+
 def test_bad_yaml_is_one_line_with_line_and_column(tmp_path, capsys):
     config = write(tmp_path, "bad.yml", "merge_method: linear\nmodels:\n  - model: a/b\n   parameters: [\n")
     assert cli.main(["import-mergekit", str(config)]) == 2

@@ -226,3 +226,45 @@ def test_gradients_and_filters_become_schedule_values_with_integers_read_as_floa
     assert isinstance(recipe.parameters["scaling_factor"].values[0], float)  # type: ignore[union-attr]
     assert dict(recipe.models[0].params) == {"weight": 2.0}
     assert recipe.output.max_disk == 20 * 10**9
+
+
+def test_output_card_and_eval_are_the_validated_tables_with_paths_and_defaults_resolved_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hubmerge.recipe.schema import CardTable, EvalTable, OutputTable, Requirement
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "card.md.j2").write_text("{{ title }}")
+    (tmp_path / "recipe.toml").write_text(
+        'method = "task_arithmetic"\nbase = "./a"\nmodels = ["./a"]\n'
+        '[output]\ndir = "out"\nrepo = "me/merged"\ngguf = ["q8_0", "f16", "q8_0"]\n'
+        '[card]\ntemplate = "card.md.j2"\ntags = ["merge"]\nlanguage = "en"\n'
+        '[eval]\ntasks = [" gsm8k", "arc_easy", "gsm8k"]\ninclude_path = "tasks"\n'
+        'require = { gsm8k = 0.4, arc_easy = "base - 0.02" }\n'
+    )
+    monkeypatch.chdir(tmp_path / "tasks")
+    recipe = load_recipe(tmp_path / "recipe.toml")
+    out, card, spec = recipe.output, recipe.card, recipe.eval
+    assert isinstance(out, OutputTable) and isinstance(card, CardTable) and isinstance(spec, EvalTable)
+    assert out.dir == tmp_path.resolve() / "out"  # relative to the recipe, not the working directory
+    assert (out.max_shard_size, out.gguf, out.gguf_repo) == (5 * 10**9, ("q8_0", "f16"), "me/merged-GGUF")
+    assert out.gguf_dir == tmp_path.resolve() / "out-GGUF"
+    assert (card.template, card.tags, card.language) == (
+        tmp_path.resolve() / "card.md.j2",
+        ("merge",),
+        ("en",),
+    )
+    assert (spec.tasks, spec.include_path) == (("gsm8k", "arc_easy"), tmp_path.resolve() / "tasks")
+    assert spec.require == (
+        Requirement("gsm8k", "0.4", threshold=0.4),
+        Requirement("arc_easy", "base - 0.02", reference="base", offset=-0.02),
+    )
+    assert (
+        load_recipe(tmp_path / "recipe.toml", "elsewhere").output.dir
+        == tmp_path.resolve() / "tasks" / "elsewhere"
+    )
+    (tmp_path / "recipe.toml").write_text('method = "task_arithmetic"\nbase = "./a"\nmodels = ["./a"]\n')
+    bare = load_recipe(tmp_path / "recipe.toml")
+    assert bare.output.dir == tmp_path.resolve() / "tasks" / "outputs" / "recipe"  # the working directory's
+    assert (bare.output.gguf_repo, bare.card.template, bare.eval, bare.sanity) == (None, None, None, True)

@@ -25,7 +25,8 @@ else:
 
 from ..errors import IncompatibleSourcesError, RecipeError
 from ..publish.files import INDEX_FILE, SINGLE_FILE, shard_file
-from ..recipe.load import ModelRef, Recipe
+from ..recipe.load import Recipe
+from ..recipe.reference import ModelRef
 from ..sources.budget import Budget, DiskPlan, SourceNeeds, default_budget, plan_disk
 from ..sources.checkpoint import DTYPES, ShardLayout, TensorInfo, numel
 from ..sources.qwen import Qwen25Size, qwen25_size

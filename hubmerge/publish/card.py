@@ -89,7 +89,8 @@ from ..merging.methods import Method
 from ..merging.methods.base import Citation, resolve_defaults
 from ..merging.plan import MergePlan
 from ..merging.schedule import Setting, describe, to_json
-from ..recipe.load import ModelRef, Recipe
+from ..recipe.load import Recipe
+from ..recipe.reference import ModelRef
 from ..sources.resolve import LICENSE_FILES, Source
 from .files import CHART_FILE, LOCK_FILE, RECIPE_COPY, STATS_PLOTS
 from .markdown import Markdown, code, finalize, literal, safe_url, text, visible

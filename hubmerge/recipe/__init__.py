@@ -1,2 +1,2 @@
-"""The recipe: the TOML file's schema (schema.py), its loading into a frozen `Recipe` (load.py), and the recipe
-TOML that hubmerge writes (write.py)."""
+"""The recipe: the TOML file's schema (schema.py), model references (reference.py), its loading into a frozen
+`Recipe` (load.py), and the recipe TOML that hubmerge writes (write.py)."""

@@ -1,7 +1,9 @@
 """The recipe: a TOML file parsed and validated into a frozen `Recipe`, before anything touches a model.
 
-The schema (`schema.py`) checks every key and value; this module reads the file, resolves model references
-and paths relative to it, and checks what joins several keys. Every error names the key path
+The schema (`schema.py`) checks every key and value and resolves the paths of [output], [card] and [eval]
+relative to the file; its validated tables are the recipe's `output`, `card` and `eval`. This module reads
+the file, reads model references (`reference.py`) and checks what joins the models to the method's
+parameters. Every error names the key path
 (`models[1].weight: ...`) and, for TOML syntax, line and column, and suggests the closest known key for a
 typo. The schema is a contract: extend it, never rename keys.
 """
@@ -35,7 +37,6 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 __all__ = [
-    "ModelRef",
     "Recipe",
     "load_recipe",
     "loads_recipe",

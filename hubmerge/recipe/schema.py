@@ -5,8 +5,10 @@ A method's `Param`s (`merging/methods/base.py`) become its `[parameters]` keys a
 tables, with their types, ranges, choices, defaults and help; a `per_tensor` parameter also takes a
 gradient or filter rules (`schedule.py`), converted here to `Gradient` and `Filter` values. The recipe is a
 union tagged by `method`, so a method added to the registry is validated, and described to editors,
-without a change here. `validate` turns pydantic's first error into a key path (`models[1].weight`) and
-one message a recipe author can act on, with "did you mean" for typos. It imports no torch.
+without a change here. The [output], [card] and [eval] tables are the recipe's own values: their validators
+resolve paths from the recipe file (`validate`'s context) and check what joins their keys. `validate` turns
+pydantic's first error into a key path (`models[1].weight`) and one message a recipe author can act on, with
+"did you mean" for typos. It imports no torch.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..recipe.load import ModelRef, Recipe
+from ..recipe.load import Recipe
+from ..recipe.reference import ModelRef
 
 if sys.version_info >= (3, 11):
     import tomllib

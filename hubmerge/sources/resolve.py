@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from ..errors import SourceError
 from ..publish.files import CARD_FILE, CONFIG_FILE, INDEX_FILE, SINGLE_FILE
-from ..recipe.load import ModelRef
+from ..recipe.reference import ModelRef
 from .checkpoint import (
     TensorInfo,
     add_tensors,
