@@ -21,9 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import RecipeError, SourceError
 from ..merging.methods import METHODS, Method
-from ..merging.schedule import Setting, evaluate
+from ..merging.schedule import Setting
 from ..search.space import SearchSpec, search_spec
-from ..sources.qwen import ALWAYS_PRESENT
 from . import schema
 from .reference import BadReference, ModelRef, parse_reference
 from .schema import CardTable, EvalTable, OutputTable, parse_size, resolve_path
@@ -106,8 +105,7 @@ class _Reader:
         """A `models` entry, `base` or `[tokenizer]`: a reference string or a table."""
         if isinstance(value, str):
             return self.reference(value, None, key, {})
-        params = {k: v for k, v in schema.given(value).items() if k not in ("source", "revision")}
-        return self.reference(value.source, value.revision, key, params)
+        return self.reference(value.source, value.revision, key, schema.model_settings(value))
 
     def reference(self, text: str, revision: str | None, key: str, params: Mapping[str, Setting]) -> ModelRef:
         try:
@@ -203,53 +201,12 @@ def missing_folder(recipe: Recipe, name: str | Path | None = None) -> None:
             raise SourceError(f"{name or recipe.path}: {ref.text!r} is not a folder ({ref.path})")
 
 
-def _check_coverage(
-    r: _Reader,
-    method: Method,
-    given: Mapping[str, Setting],
-    model_defaults: Mapping[str, Setting],
-    models: tuple[ModelRef, ...],
-) -> None:
-    """Refuse a parameter without a default whose filter rules give no value to a tensor every checkpoint
-    has: `plan` would refuse it after reading the headers (plan._tensor_params), `validate` says it first."""
-
-    def uncovered(settings: list[Setting]) -> str | None:
-        return next((n for n in ALWAYS_PRESENT if all(evaluate(s, n, 0.0) is None for s in settings)), None)
-
-    for p in method.params:
-        name = uncovered([given[p.name]]) if p.default is None and p.name in given else None
-        if name is not None:
-            raise r.fail(
-                f"parameters.{p.name}",
-                f"no value for tensor {name} (no filter matches it); add a rule without a filter",
-            )
-    for i, model in enumerate(models):
-        for p in method.model_params:
-            settings = [s for s in (model.params.get(p.name), model_defaults.get(p.name)) if s is not None]
-            name = uncovered(settings) if p.default is None and settings else None
-            if name is not None:
-                raise r.fail(
-                    f"models[{i}].{p.name}",
-                    f"no value for tensor {name} (no filter matches it); add a rule without a filter, or a default "
-                    "in [parameters]",
-                )
-
-
 def _build(r: _Reader, tables: Any, text: str) -> Recipe:
     method: Method = METHODS[tables.method]
     parameters = schema.given(tables.parameters)
     given = {p.name: parameters[p.name] for p in method.params if p.name in parameters}
     model_defaults = {p.name: parameters[p.name] for p in method.model_params if p.name in parameters}
     models = tuple(r.model(m, f"models[{i}]") for i, m in enumerate(tables.models))
-    for i, m in enumerate(models):
-        for p in method.model_params:
-            if p.default is None and p.name not in m.params and p.name not in model_defaults:
-                raise r.fail(f"models[{i}].{p.name}", f"is required by {method.name}: {p.help}")
-    _check_coverage(r, method, given, model_defaults, models)
-    if method.check_models is not None:
-        problem = method.check_models(given, [{**model_defaults, **m.params} for m in models])
-        if problem is not None:
-            raise r.fail("models", problem)
     warnings = r.warnings
     if not method.needs_base and len(models) == 1 and method.contract.max_models != 1:
         # Allowed (a re-save of one model in another dtype or with another card), but rarely what is meant;
@@ -320,11 +277,7 @@ def _search(
     try:
         written = {f"parameters.{k}": v for k, v in schema.given(tables.parameters).items()}
         for i, m in enumerate(tables.models):
-            if not isinstance(m, str):
-                given = schema.given(m)
-                written |= {
-                    f"models[{i}].{k}": v for k, v in given.items() if k not in ("source", "revision")
-                }
+            written |= {f"models[{i}].{k}": v for k, v in schema.model_settings(m).items()}
         tasks = spec.tasks if spec else ()
         return search_spec(tables.search, method, written, models, tasks, r.root, tuple(sanity_texts()))
     except schema.Problem as problem:

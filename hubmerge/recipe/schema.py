@@ -43,7 +43,8 @@ from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import PydanticCustomError
 
 from ..merging.methods import METHODS, Method, Param
-from ..merging.schedule import Filter, Gradient, Setting
+from ..merging.schedule import Filter, Gradient, Setting, evaluate
+from ..sources.qwen import ALWAYS_PRESENT
 
 if TYPE_CHECKING:
     from pydantic_core import ErrorDetails
@@ -58,6 +59,7 @@ __all__ = [
     "Requirement",
     "given",
     "json_schema",
+    "model_settings",
     "parse_size",
     "resolve_path",
     "validate",
@@ -175,6 +177,13 @@ def given(table: BaseModel) -> dict[str, Any]:
     """The keys a table sets, by their TOML names, with their validated values."""
     fields = type(table).model_fields
     return {fields[name].alias or name: getattr(table, name) for name in table.model_fields_set}
+
+
+def model_settings(entry: str | BaseModel) -> dict[str, Setting]:
+    """The per-model parameters a `models` entry (a reference string or a [[models]] table) sets."""
+    if isinstance(entry, str):
+        return {}
+    return {k: v for k, v in given(entry).items() if k not in ("source", "revision")}
 
 
 def _checked(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -709,12 +718,57 @@ def _params(
     }
 
 
+def _uncovered(settings: list[Setting]) -> str | None:
+    """A tensor every checkpoint has that none of `settings` gives a value (their filter rules miss it)."""
+    return next((n for n in ALWAYS_PRESENT if all(evaluate(s, n, 0.0) is None for s in settings)), None)
+
+
 class _Recipe(_Table):
     """What every method's recipe model checks across its tables."""
 
     if TYPE_CHECKING:  # fields of every method's model (`_method_model`)
+        method: str
         base: Any
+        models: list[Any]
+        parameters: BaseModel
         eval: EvalTable | None
+
+    @model_validator(mode="after")
+    def _models_have_their_parameters(self) -> _Recipe:
+        """Every model has a value of each per-model parameter without a default, for every tensor (`plan`
+        would refuse a filter list that misses one after reading the headers, plan._tensor_params), and the
+        method accepts the models' values together (`Method.check_models`)."""
+        method = METHODS[self.method]
+        parameters = given(self.parameters)
+        own = {p.name: parameters[p.name] for p in method.params if p.name in parameters}
+        defaults = {p.name: parameters[p.name] for p in method.model_params if p.name in parameters}
+        models = [model_settings(m) for m in self.models]
+        for i, settings in enumerate(models):
+            for p in method.model_params:
+                if p.default is None and p.name not in settings and p.name not in defaults:
+                    raise _problem(f"is required by {method.name}: {p.help}", ("models", i, p.name))
+        for p in method.params:
+            tensor = _uncovered([own[p.name]]) if p.default is None and p.name in own else None
+            if tensor is not None:
+                raise _problem(
+                    f"no value for tensor {tensor} (no filter matches it); add a rule without a filter",
+                    ("parameters", p.name),
+                )
+        for i, settings in enumerate(models):
+            for p in method.model_params:
+                chain = [s for s in (settings.get(p.name), defaults.get(p.name)) if s is not None]
+                tensor = _uncovered(chain) if p.default is None and chain else None
+                if tensor is not None:
+                    raise _problem(
+                        f"no value for tensor {tensor} (no filter matches it); add a rule without a filter, or a "
+                        "default in [parameters]",
+                        ("models", i, p.name),
+                    )
+        if method.check_models is not None:
+            problem = method.check_models(own, [{**defaults, **m} for m in models])
+            if problem is not None:
+                raise _problem(problem, ("models",))
+        return self
 
     @model_validator(mode="after")
     def _base_for_require(self) -> _Recipe:
