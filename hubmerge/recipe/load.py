@@ -61,9 +61,8 @@ class Recipe:
     eval: EvalTable | None  # the [eval] table; None when it has no tasks (or the recipe has none)
     sanity: bool  # the quick sanity check after every merge (sanity.py); `[eval] sanity = false` skips it
     search: SearchSpec | None  # the [search] table (`hubmerge search`)
-    search_card: SearchCard | None = (
-        None  # the search that found the values (`hubmerge search --publish best`)
-    )
+    # The search that found the values (`hubmerge search --publish best` sets it); None for a recipe as loaded.
+    search_card: SearchCard | None = None
 
     @property
     def published_text(self) -> str:
@@ -89,8 +88,8 @@ class Recipe:
 
 
 class _Reader:
-    """What the schema cannot know: paths relative to the recipe, local folders or Hub ids, and the checks
-    that join several keys; every mistake is `file: key.path: message`."""
+    """Model references (local folders or Hub ids, `reference.py`) and the warnings about a valid recipe;
+    every mistake is `file: key.path: message`."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -123,13 +122,6 @@ class _Reader:
             "to the recipe; prefix local folders with ./"
         )
         return dataclasses.replace(ref, near=near)
-
-    def path_of(self, text: str, key: str, root: Path | None = None) -> Path:
-        """`text` as an absolute path, relative to `root` (the recipe's folder by default)."""
-        try:
-            return resolve_path(text, root or self.root)
-        except ValueError as exc:
-            raise self.fail(key, str(exc)) from None
 
 
 _NOT_YAML = (
@@ -185,7 +177,10 @@ def loads_recipe(text: str, path: str | Path, output_dir: str | Path | None = No
             f"{path}:{line}:{column}: TOML syntax error: {message[: where.start()].strip()}{_syntax_hint(message, text)}"
         ) from None
     reader = _Reader(path)
-    override = reader.path_of(str(output_dir), "--output", Path.cwd()) if output_dir is not None else None
+    try:
+        override = resolve_path(str(output_dir), Path.cwd()) if output_dir is not None else None
+    except ValueError as exc:
+        raise reader.fail("--output", str(exc)) from None
     try:
         tables = schema.validate(data, path, override)
     except schema.Problem as problem:
