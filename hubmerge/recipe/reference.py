@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..merging.schedule import Setting
-from .schema import REPO_ID, resolve_path
+from .schema import is_repo_id, resolve_path
 
 __all__ = ["BadReference", "ModelRef", "parse_reference"]
 
@@ -66,7 +66,7 @@ def parse_reference(text: str, roots: Sequence[Path], revision: str | None = Non
     repo_id, _, at_revision = text.partition("@")
     if at_revision and revision is not None:
         raise BadReference(f"{text!r} already pins a revision; drop either '@{at_revision}' or 'revision'")
-    if not REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id:
+    if not is_repo_id(repo_id):
         raise BadReference(
             f"{text!r} is neither an existing folder (relative to {roots[0]}) nor a Hub id like "
             '"org/name[@revision]"'

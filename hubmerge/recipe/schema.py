@@ -51,13 +51,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DTYPES",
-    "REPO_ID",
     "CardTable",
     "EvalTable",
     "OutputTable",
     "Problem",
     "Requirement",
     "given",
+    "is_repo_id",
     "json_schema",
     "model_settings",
     "parse_size",
@@ -66,8 +66,8 @@ __all__ = [
 ]
 
 DTYPES = ("bfloat16", "float16", "float32")
-# Hub repo ids: `name` or `namespace/name`, as huggingface_hub validates them.
-REPO_ID = re.compile(r"^(?:[A-Za-z0-9_.\-]{1,96}/)?[A-Za-z0-9_.\-]{1,96}$")
+# Hub repo ids: `name` or `namespace/name`, as huggingface_hub validates them (with `is_repo_id`).
+_REPO_ID = re.compile(r"^(?:[A-Za-z0-9_.\-]{1,96}/)?[A-Za-z0-9_.\-]{1,96}$")
 # Written without flags, so that the JSON Schema (ECMA-262) pattern means the same.
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KkMmGgTt][Ii]?[Bb]|[Bb])?\s*$")
 _UNITS = {
@@ -96,6 +96,11 @@ def parse_size(value: int | str) -> int:
     if size <= 0:
         raise ValueError(f"must be positive, got {value!r}")
     return size
+
+
+def is_repo_id(name: str) -> bool:
+    """Whether `name` is a Hub repo id (`name` or `namespace/name`) that huggingface_hub accepts."""
+    return _REPO_ID.match(name) is not None and "--" not in name and ".." not in name
 
 
 def resolve_path(text: str, root: Path) -> Path:
@@ -199,7 +204,7 @@ def _checked(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 def _repo(value: str) -> str:
-    if not REPO_ID.match(value) or "/" not in value or "--" in value or ".." in value:
+    if "/" not in value or not is_repo_id(value):
         raise ValueError(f'{value!r} is not a Hub repo id like "your-name/Qwen2.5-1.5B-TIES"')
     return value
 
