@@ -13,6 +13,34 @@ from typing import Any
 import pytest
 from support.checkpoints import VOCAB, random_state_dict, write_checkpoint
 
+# Modules whose module-scoped fixture is a process or a cluster, seconds to start: their tests run on one
+# pytest-xdist worker, so that it starts once. (xdist's own `xdist_group` mark does not group under pytest 9.2,
+# which no longer reads the node id xdist rewrites.)
+_ONE_WORKER = {"test_search_ray.py", "test_ui_api.py", "test_ui_browser.py", "test_ui_public.py"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (pyproject's addopts), the `slow` tests are handed out first and the quick ones fill
+    in behind them, so that no long test starts last and runs alone while the other workers idle. Each worker
+    collects, and sorts, the same list; a run without workers keeps the files' order."""
+    if hasattr(config, "workerinput"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """xdist's `load` distribution (a test at a time to whichever worker is free), except that the tests of a
+    module in `_ONE_WORKER` go together to one worker; groups are handed out first, largest first."""
+    if config.getvalue("dist") != "load":
+        return None  # `--dist` chosen on the command line: xdist's own
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneWorkerModules(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if Path(module).name in _ONE_WORKER else nodeid
+
+    return OneWorkerModules(config, log)
+
 
 @pytest.fixture(scope="session")
 def known_hashes_store(tmp_path_factory: pytest.TempPathFactory) -> Path:

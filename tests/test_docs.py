@@ -43,6 +43,7 @@ NOT_RUN = {
     'pip install -e ".[docs]"': "installs packages (needs a package index)",
     "pytest": "the whole test suite, of which this is a part",
     'pytest -m "not slow"': "the fast part of the test suite, of which this is a part",
+    "pytest -n0 tests/test_x.py": "a placeholder file name, in the test suite of which this is a part",
     "ruff check .": "the linter: CI runs it",
     "mypy": "the type checker: CI runs it",
     "bash .ci/run": "CI itself",

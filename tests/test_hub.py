@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load, save
 from support.checkpoints import REPO, TINY
 from support.cli import invoke_cli
-from support.hub import OTHER_TOKEN, POOL, TOKEN, folder_files, hub_env
+from support.hub import OTHER_TOKEN, POOL, TOKEN, folder_files, hub_env, local_hub
 from support.hubserver import LocalHub
 
 
@@ -26,8 +26,7 @@ def _scaled(weights: bytes, factor: float) -> bytes:
 @pytest.fixture(scope="module")
 def hub() -> Iterator[LocalHub]:
     """Qwen/... repos holding the tiny checkpoints: commit 1 (tag v1.0) has halved weights, main the real ones."""
-    with LocalHub() as server:
-        server.add_user("user", TOKEN, orgs=("user-org",))
+    with local_hub(orgs=("user-org",)) as server:
         server.add_user("other", OTHER_TOKEN)
         server.add_user("Qwen", "hf_qwen_token")
         for repo, name in POOL.items():

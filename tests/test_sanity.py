@@ -15,8 +15,7 @@ import pytest
 import torch
 from support.checkpoints import REPO, TINY, random_state_dict, write_checkpoint
 from support.cli import invoke_cli
-from support.hub import TOKEN, hub_env
-from support.hubserver import LocalHub
+from support.hub import hub_env, local_hub
 
 from hubmerge import api
 from hubmerge.cli import main
@@ -198,23 +197,18 @@ def test_domain_losses_equal_transformers_float32_loss_as_the_check_always_measu
 def test_streamed_sources_are_read_by_range_and_compared(tmp_path: Path) -> None:
     """A merge whose sources are all streamed (a disk budget smaller than one source) compares the merge with
     each of them, with the losses the same sources give from a local folder."""
-    vocab, folders = 32768, {}
-    with LocalHub() as hub:
-        hub.add_user("user", TOKEN)
-        hub.add_user("Qwen", "hf_qwen_token")
-        for seed, name in enumerate(("base", "math", "coder"), start=1):
-            folder = write_checkpoint(
-                tmp_path / "models" / name,
-                random_state_dict(seed, vocab=vocab),
-                dtype=torch.float32,
-                shards=2,
-                vocab_size=vocab,
-            )
-            folders[f"Qwen/tiny-{name}"] = folder
-            hub.create_repo(f"Qwen/tiny-{name}")
-            hub.commit(
-                f"Qwen/tiny-{name}", {p.name: p.read_bytes() for p in folder.iterdir()}, "Upload model"
-            )
+    vocab = 32768
+    folders = {
+        f"Qwen/tiny-{name}": write_checkpoint(
+            tmp_path / "models" / name,
+            random_state_dict(seed, vocab=vocab),
+            dtype=torch.float32,
+            shards=2,
+            vocab_size=vocab,
+        )
+        for seed, name in enumerate(("base", "math", "coder"), start=1)
+    }
+    with local_hub(folders) as hub:
         recipe = tmp_path / "recipe.toml"
         recipe.write_text(
             'method = "task_arithmetic"\nbase = "Qwen/tiny-base"\nmodels = ["Qwen/tiny-math", "Qwen/tiny-coder"]\n'

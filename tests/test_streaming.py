@@ -28,7 +28,7 @@ import torch
 from support.checkpoints import random_state_dict, write_checkpoint
 from support.cli import invoke_cli
 from support.disk import mounted_tmpfs
-from support.hub import TOKEN, folder_files, hub_env, local_hub
+from support.hub import folder_files, hub_env, local_hub
 from support.hubserver import LocalHub, SparseFile
 from support.qwen_shapes import add_shaped_repos, recipe_text
 
@@ -366,8 +366,7 @@ RUNNER_DISK = "14GB"  # what a GitHub-hosted runner has free
 
 @pytest.fixture(scope="module")
 def shaped_hub() -> Iterator[tuple[LocalHub, dict[str, list[str]]]]:
-    with LocalHub() as server:
-        server.add_user("user", TOKEN)
+    with local_hub() as server:
         server.add_user("shaped", "hf_shaped_token")
         yield server, {size: add_shaped_repos(server, size) for size in ("7B", "14B", "72B")}
 

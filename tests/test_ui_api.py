@@ -16,7 +16,7 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from support.checkpoints import REPO, TINY
-from uiapp import Served, serve
+from support.uiapp import Served, serve
 
 from hubmerge.cli import main
 from hubmerge.recipe.load import loads_recipe

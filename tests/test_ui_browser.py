@@ -14,7 +14,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from support.checkpoints import REPO
 from support.hub import hub_env, local_hub
 from support.hubserver import LocalHub
-from uiapp import Served, serve
+from support.uiapp import Served, serve
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 TOKEN = "hf_ui_test_token_5c1f0e"  # a token no other test uses, searched for everywhere afterwards
@@ -141,7 +141,7 @@ def test_edit_plan_run_cancel_and_push_in_the_browser(
     assert len(runs) == 1 and (runs[0] / "tiny-ties" / "model.safetensors").is_file()
     shot("06-card")
 
-    # A second run, cancelled midway: held after its first slice until the cancel arrives (uiapp.py).
+    # A second run, cancelled midway: held after its first slice until the cancel arrives (support/uiapp.py).
     app.pause.touch()
     page.click("#run")
     running = page.locator("#progress [data-state=running]")

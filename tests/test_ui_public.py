@@ -10,9 +10,9 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from support.checkpoints import TINY
-from support.hub import hub_env
+from support.hub import hub_env, local_hub
 from support.hubserver import LocalHub
-from uiapp import Served, serve
+from support.uiapp import Served, serve
 
 OWNER_TOKEN = "hf_space_owner_secret"
 FILES = {p.name: p.read_bytes() for p in (TINY / "base").iterdir() if p.is_file()}
@@ -20,7 +20,7 @@ FILES = {p.name: p.read_bytes() for p in (TINY / "base").iterdir() if p.is_file(
 
 @pytest.fixture(scope="module")
 def hub() -> Iterator[LocalHub]:
-    with LocalHub() as server:
+    with local_hub() as server:
         server.add_user("owner", OWNER_TOKEN)
         server.create_repo("owner/open")
         server.commit("owner/open", FILES, "Upload model")

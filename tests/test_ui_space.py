@@ -20,7 +20,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from support.checkpoints import REPO, TINY
-from support.hub import hub_env
+from support.hub import hub_env, local_hub
 from support.hubserver import LocalHub
 
 from hubmerge.cli import main
@@ -73,7 +73,7 @@ print(json.dumps(shown))
 
 @pytest.fixture(scope="module")
 def hub() -> Iterator[LocalHub]:
-    with LocalHub() as server:
+    with local_hub() as server:
         server.add_user("visitor", VISITOR_TOKEN)
         yield server
 
