@@ -130,13 +130,6 @@ def load_plan(
         recipe = load_recipe(recipe_path, output_dir)
     if max_disk is not None:
         recipe = dataclasses.replace(recipe, output=recipe.output.model_copy(update={"max_disk": max_disk}))
-    template = recipe.card.template
-    if template is not None and not template.is_relative_to(recipe.path.parent):
-        # Rendered in pull-request checks and copied into the published output: it must be the recipe's own.
-        raise RecipeError(
-            f"{recipe.path}: card.template: {template} is outside the recipe's folder; keep the template "
-            "beside the recipe or below it"
-        )
     if lock is not None:
         recipe = apply_lock(recipe, Path(lock))
     return build_plan(recipe, delete_uploaded=delete_uploaded)

@@ -234,6 +234,21 @@ def test_card_template_outside_the_recipe_folder_is_refused(pool: Path, command:
     assert not (pool / "out").exists()
 
 
+def test_validate_refuses_a_card_template_outside_the_recipe_folder(pool: Path) -> None:
+    """The pull-request check (`hubmerge validate`) says it before any merge would."""
+    (pool / "elsewhere.j2").write_text(TEMPLATE)
+    (pool / "recipes").mkdir()
+    for name in ("base", "a"):
+        shutil.copytree(pool / name, pool / "recipes" / name)
+    recipe = _recipe(pool / "recipes", LOCAL + '[card]\ntemplate = "../elsewhere.j2"\n')
+    result = invoke_cli("validate", recipe)
+    assert result.returncode == 2
+    assert _one_error_line(result.stderr).endswith(
+        f"card.template: {pool / 'elsewhere.j2'} is outside the recipe's folder; keep the template beside the "
+        "recipe or below it"
+    )
+
+
 def test_remote_code_auto_map_is_dropped_from_the_output_config_with_a_warning(tmp_path: Path) -> None:
     auto_map = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
     write_checkpoint(tmp_path / "base", random_state_dict(0), auto_map=auto_map)

@@ -305,7 +305,13 @@ def _output_dir(value: Any, info: ValidationInfo) -> Path:
 
 
 def _card_template(value: Any, info: ValidationInfo) -> Path | None:
-    return _local_path(value, info, "template file")
+    template = _local_path(value, info, "template file")
+    if template is not None and not template.is_relative_to(_recipe_file(info).parent.resolve()):
+        # Rendered in pull-request checks and copied into the published output: it must be the recipe's own.
+        raise _problem(
+            f"{template} is outside the recipe's folder; keep the template beside the recipe or below it"
+        )
+    return template
 
 
 def _include_path(value: Any, info: ValidationInfo) -> Path | None:
