@@ -152,6 +152,43 @@ def test_streamed_merge_under_a_budget_smaller_than_one_source_equals_the_cached
     assert {s["verified"] for s in cached_lock["sources"]} == {"sha256"}
 
 
+def test_the_small_tensors_of_a_layer_are_fetched_in_one_request(hub: LocalHub, tmp_path: Path) -> None:
+    """A streamed read of a whole small tensor takes the small tensors after it in the file, of the same decoder
+    layer, in the same request (`remote._HubFile`): one range request per layer and file, one per tensor
+    outside the layers, instead of one per tensor. The merge equals the cached one (bytes, to the bit)."""
+    recipe = _recipe(tmp_path, "task_arithmetic", "[output]\nverify_streamed = false\n")
+    cached = invoke_cli(
+        recipe, "--output", tmp_path / "cached", "-q", "--no-stats", env=hub_env(hub, tmp_path / "big")
+    )
+    assert cached.returncode == 0, cached.stderr
+    since = len(hub.requests)
+    args = ("--output", tmp_path / "streamed", "-q", "--no-stats", "--max-disk", str(BUDGET))
+    streamed = invoke_cli(recipe, *args, env=hub_env(hub, tmp_path / "small"))
+    assert streamed.returncode == 0, streamed.stderr
+    assert _weights(tmp_path / "streamed") == _weights(tmp_path / "cached")
+
+    # Where each file's decoder-layer tensors start: (file, absolute offset) -> layer (all small here).
+    layer_at: dict[tuple[str, int], str] = {}
+    for name, content in hub.files("Qwen/tiny-math").items():
+        if name.endswith(".safetensors"):
+            data = 8 + int.from_bytes(content[:8], "little")
+            header = json.loads(bytes(content[8:data]))
+            for tensor, info in header.items():
+                if tensor.startswith("model.layers."):
+                    first, last = info["data_offsets"]
+                    assert last - first <= 2**20
+                    layer_at[(name, data + first)] = tensor.split(".")[2]
+    reads = [
+        (r.path.rsplit("/", 1)[1], int(r.range.split("=")[1].split("-")[0]))
+        for r in hub.requests[since:]
+        if r.method == "GET" and "/Qwen/tiny-math/" in r.path and r.path.endswith(".safetensors") and r.range
+    ]
+    layer_reads = [read for read in reads if read in layer_at]
+    # One request per layer and file (a layer's 12 tensors, split between shards here), none twice.
+    assert len(layer_reads) == len(set(layer_reads)) == len({(f, layer_at[f, o]) for (f, o) in layer_at})
+    assert len(layer_reads) * 4 <= len(layer_at)
+
+
 DEEP = {"Qwen/deep-base": 21, "Qwen/deep-math": 22, "Qwen/deep-coder": 23}
 DEEP_BUDGET = 1_450_000  # a source and the float32 output are ~1.6 MB each: neither fits
 

@@ -2,7 +2,8 @@
 
 Ranges go through `huggingface_hub`'s `HfFileSystem` (tokens, endpoint, its retries with backoff on 5xx,
 timeouts and dropped connections), a part of at most `_PART` bytes per request, so a failure costs one
-part, not a file. Files already in the local Hugging Face cache are read from it, never fetched again.
+part, not a file; the small tensors of a decoder layer, contiguous in the file, are fetched in one request
+(`_HubFile._run_end`). Files already in the local Hugging Face cache are read from it, never fetched again.
 
 Every file is checked against the Hub's metadata before its first tensor is used: its safetensors header
 (dtypes, shapes, offsets) must describe exactly the file size the Hub reports and the tensors the plan
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import re
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +32,12 @@ __all__ = ["RemoteFolder", "Verified", "prove_all"]
 
 Verified = Literal["sha256", "size+header"]
 _PART = 16 * 2**20  # bytes per range request
+# A whole tensor of at most _SMALL bytes is fetched with the small tensors after it in the file, of the same
+# decoder layer, up to _RUN bytes in one request: the merge reads a layer's tensors one after the other, and
+# a request per norm or bias is a round trip each (hundreds per pass over a model).
+_SMALL = 2**20
+_RUN = 4 * 2**20
+_LAYER = re.compile(r"^(.*?\blayers\.\d+\.)")
 _ATTEMPTS = 3  # a part whose answer came back short is asked for again this many times in all
 
 
@@ -76,7 +84,8 @@ class RemoteFolder:
         check = None
         if self._verify and lfs is not None:
             check = self._checks.setdefault(file, _FileCheck(self, file, lfs))
-        handle: RangeSource = _Checked(self._raw(file), check)
+        raw = self._raw(file)
+        handle: RangeSource = _Checked(raw, check)
         fix = (
             f"the Hub's copy of {self.repo_id}@{self.sha[:12]} is damaged or changed; report it to its owners"
         )
@@ -90,6 +99,8 @@ class RemoteFolder:
         if handle.size != size:
             raise SourceError(f"{where} holds {handle.size} bytes but the Hub lists {size}; {fix}")
         self.verified.setdefault(file, "size+header")
+        if isinstance(raw, _HubFile):
+            raw.group_reads({(start + t.offsets[0], start + t.offsets[1]): n for n, t in found.items()})
         self._open.append(handle)
         return handle, start
 
@@ -143,13 +154,17 @@ class _HubFile:
         self.name = f"{folder.repo_id}@{folder.sha[:12]}/{file}"
         self._lock = threading.Lock()
         self._ahead: tuple[int, int, Future[bytes]] | None = None
+        # Tensor start -> (end, its layer's prefix, or its name outside the layers) (`group_reads`); a run of
+        # small tensors fetched at once, (offset, bytes), until the reads have taken it or moved past it.
+        self._tensors: dict[int, tuple[int, str]] = {}
+        self._run: tuple[int, bytes] | None = None
         with self._errors():
             self._handle: Any = folder.fs.open(
                 f"{folder.repo_id}/{file}",
                 "rb",
                 revision=folder.sha,
                 block_size=_PART,
-                cache_type="none",  # we fetch exactly what the engine asks for, and one range ahead
+                cache_type="none",  # we fetch what the engine asks for (or a run of it), and one range ahead
                 size=size,
             )
 
@@ -179,16 +194,46 @@ class _HubFile:
             f"{_ATTEMPTS} times; check your network and run again"
         )
 
+    def group_reads(self, tensors: dict[tuple[int, int], str]) -> None:
+        """The file's tensors, by absolute (start, end): small ones of one layer are fetched as one run."""
+        for (start, end), name in tensors.items():
+            if end > start:  # an empty tensor is no read
+                layer = _LAYER.match(name)
+                self._tensors[start] = (end, layer.group(1) if layer else name)
+
+    def _run_end(self, offset: int, n: int) -> int:
+        """Where the request for the read [offset, offset + n) ends: past it when the read is a whole small
+        tensor followed in the file by small tensors of the same layer (contiguous, as safetensors writes)."""
+        tensor = self._tensors.get(offset)
+        if tensor is None or tensor[0] != offset + n or n > _SMALL:
+            return offset + n
+        end, group = offset + n, tensor[1]
+        while (after := self._tensors.get(end)) is not None and after[1] == group:
+            if after[0] - end > _SMALL or after[0] - offset > _RUN:
+                break
+            end = after[0]
+        return end
+
     def readinto(self, offset: int, view: memoryview) -> None:
         n = len(view)
+        run = self._run
+        if run is not None and run[0] <= offset and offset + n <= run[0] + len(run[1]):
+            at = offset - run[0]
+            view[:] = run[1][at : at + n]
+            if at + n == len(run[1]):
+                self._run = None  # taken to its end
+            return
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[:2] == (offset, n):
             data = ahead[2].result()
         else:
             if ahead is not None:
                 ahead[2].cancel()
-            data = self._fetch(offset, n)
-        view[:] = data
+            self._run = None  # a read outside the run: the merge, layer by layer, has moved past it
+            end = self._run_end(offset, n)
+            data = self._fetch(offset, end - offset)
+            self._run = (offset, data) if end > offset + n else None
+        view[:] = memoryview(data)[:n]
 
     def prefetch(self, offset: int, n: int) -> None:
         if self._ahead is None:
