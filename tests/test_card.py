@@ -618,9 +618,11 @@ def test_usage_snippet_runs_with_transformers(
     # A local output's snippet loads the folder it was written to, as it stands (here: the model itself).
     code = usage_snippet(render_card(api.load_plan(recipe, model)))
     assert 'model_id = "./model"\n' in code and ("apply_chat_template" in code) is chat
+    # A tiny random model never says its end token: 256 new tokens are 256 steps of `generate` for nothing.
+    assert "max_new_tokens=256" in code
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(code, "usage", "exec"), {})
+        exec(compile(code.replace("max_new_tokens=256", "max_new_tokens=8"), "usage", "exec"), {})
     assert out.getvalue().strip()
 
 

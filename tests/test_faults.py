@@ -1,7 +1,8 @@
-"""Faults a long merge meets, with real processes: a full disk, Ctrl-C, SIGTERM and kill -9 mid-run, and a
-Hub that errs, stalls, cuts connections, or moves the branch under a push.
+"""Faults a long merge meets: a full disk, Ctrl-C, SIGTERM and kill -9 mid-run (real processes), and a
+Hub that errs, stalls, cuts connections, or moves the branch under a push (the command on a thread of its
+own where the test acts while it waits).
 
-Synchronisation is on what the process provably does (a request reaching the local Hub, a staging folder
+Synchronisation is on what the command provably does (a request reaching the local Hub, a staging folder
 appearing), never on sleeps. The one timing assertion is the promise under test: a signal ends the run
 within two seconds.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 from support.checkpoints import REPO, TINY, random_state_dict, write_checkpoint
-from support.cli import invoke_cli, start_cli
+from support.cli import invoke_cli, invoke_cli_on_a_thread, start_cli
 from support.disk import mounted_tmpfs
 from support.hub import POOL, hub_env, local_hub
 from support.hubserver import Hold, LocalHub
@@ -68,7 +69,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield disk
 
 
-@pytest.mark.slow  # a real process, held by the Hub while the test acts
+@pytest.mark.slow
 def test_disk_filling_up_mid_write_is_one_line_and_keeps_the_previous_output(
     hub: LocalHub, tmp_path: Path, small_disk: Path
 ) -> None:
@@ -78,19 +79,19 @@ def test_disk_filling_up_mid_write_is_one_line_and_keeps_the_previous_output(
     assert invoke_cli(recipe, "--output", out, "-q", env=hub_env(hub, tmp_path / "first")).returncode == 0
     previous = _snapshot(out)
 
-    # The second run has an empty cache, so it downloads; while the download is held, another process
-    # fills the disk. The weights then hit ENOSPC in the writer thread.
+    # The second run has an empty cache, so it downloads; while the download is held, the test fills the
+    # disk. The weights then hit ENOSPC in the writer thread.
     held = _hold_weights(hub)
-    process = start_cli(recipe, "--output", out, "-q", env=hub_env(hub, tmp_path / "second"))
+    run = invoke_cli_on_a_thread(recipe, "--output", out, "-q", env=hub_env(hub, tmp_path / "second"))
     try:
         assert held.arrived.wait(120)
         free = shutil.disk_usage(small_disk).free
         (small_disk / "filler").write_bytes(b"\0" * (free - 64 * 1024))
     finally:
         held.release.set()
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 1, stderr
-    *warnings, line = stderr.splitlines()
+    result = run.result(timeout=300)
+    assert result.returncode == 1, result.stderr
+    *warnings, line = result.stderr.splitlines()
     assert all(w.startswith("warning: ") for w in warnings)
     assert line.startswith(f"hubmerge: error: no space left on the disk of {small_disk}")
     assert line.endswith(f"free some space or choose another --output; {out} was left as it was")
@@ -219,17 +220,17 @@ def test_bursts_of_5xx_and_a_download_cut_halfway_are_retried_to_the_same_result
     assert statuses[:3] == [503, 503, 503] and 200 in statuses
 
 
-@pytest.mark.slow  # a real process, held by the Hub while the test acts
+@pytest.mark.slow
 def test_a_slow_download_is_waited_for(hub: LocalHub, tmp_path: Path) -> None:
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(HUB_RECIPE)
     held = _hold_weights(hub)
-    process = start_cli(recipe, "--output", tmp_path / "out", "-q", env=hub_env(hub, tmp_path))
+    run = invoke_cli_on_a_thread(recipe, "--output", tmp_path / "out", "-q", env=hub_env(hub, tmp_path))
     assert held.arrived.wait(120)
-    assert process.poll() is None  # still waiting on the answer, not failed
+    assert not run.done()  # still waiting on the answer, not failed
     held.release.set()
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr
+    result = run.result(timeout=300)
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.slow
@@ -256,20 +257,20 @@ def test_upload_cut_during_lfs_lands_no_commit_and_a_rerun_lands_exactly_one(
     assert hub.files("user/cut")["model.safetensors"] == (tmp_path / "out" / "model.safetensors").read_bytes()
 
 
-@pytest.mark.slow  # a real process, held by the Hub while the test acts
+@pytest.mark.slow
 def test_branch_moved_during_the_push_is_retried_on_the_new_tip(hub: LocalHub, tmp_path: Path) -> None:
     hub.create_repo("user/moving")
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(HUB_RECIPE + '[output]\nrepo = "user/moving"\n')
     held = hub.hold_next("/api/models/user/moving/preupload/", method="POST")
-    process = start_cli(recipe, "--output", tmp_path / "out", env=hub_env(hub, tmp_path))
+    run = invoke_cli_on_a_thread(recipe, "--output", tmp_path / "out", env=hub_env(hub, tmp_path))
     try:
         assert held.arrived.wait(120)
         hub.commit("user/moving", {"notes.md": b"pushed meanwhile"}, "someone else's commit")
     finally:
         held.release.set()
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr
+    result = run.result(timeout=300)
+    assert result.returncode == 0, result.stderr
     commits = hub.commits("user/moving")
     assert [c.summary for c in commits[:2]] == [
         "hubmerge: recipe.toml (task_arithmetic)",

@@ -1,18 +1,17 @@
-"""Hub sources and publishing, end to end: the real `huggingface_hub` client (in a `hubmerge` subprocess,
-since the client fixes its endpoint at import) against the local Hub server in `support/hubserver/`."""
+"""Hub sources and publishing, end to end: the real `huggingface_hub` client (its settings read again from
+the environment around each in-process call, `support.cli.process_like`) against the local Hub server in
+`support/hubserver/`."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load, save
 from support.checkpoints import REPO, TINY
-from support.cli import invoke_cli
+from support.cli import invoke_cli, process_like
 from support.hub import OTHER_TOKEN, POOL, TOKEN, folder_files, hub_env, local_hub
 from support.hubserver import LocalHub
 
@@ -110,23 +109,12 @@ def test_merge_pins_branch_tag_and_sha_then_pushes_private_repo(hub: LocalHub, t
     assert hub.commits("user/merged")[0].summary == "hubmerge: recipe.toml (ties)"
 
     # A user downloads the pushed repo with the Hub client and loads it with transformers.
-    script = (
-        "import sys; from huggingface_hub import snapshot_download\n"
-        "from transformers import AutoModelForCausalLM\n"
-        "path = snapshot_download('user/merged')\n"
-        "model = AutoModelForCausalLM.from_pretrained(path)\n"
-        "print(sum(p.numel() for p in model.parameters()))\n"
-    )
-    env = hub_env(hub, tmp_path / "user")
-    loaded = subprocess.run(
-        [sys.executable, "-c", script],
-        env={**__import__("os").environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert loaded.returncode == 0, loaded.stderr
-    assert int(loaded.stdout.split()[-1]) == 107072
+    with process_like(None, hub_env(hub, tmp_path / "user")):
+        from huggingface_hub import snapshot_download
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(snapshot_download("user/merged"))
+    assert sum(p.numel() for p in model.parameters()) == 107072
 
     # Same recipe, same sources: identical output, no new commit.
     n = len(hub.commits("user/merged"))
@@ -354,11 +342,11 @@ def test_online_and_offline_resolution_pick_the_same_weight_files(hub: LocalHub,
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(TA + 'models = ["Qwen/consolidated"]\n')
     env = hub_env(hub, tmp_path)
-    download = (
-        "from huggingface_hub import snapshot_download\n"
-        "for repo in ('Qwen/consolidated', 'Qwen/Qwen2.5-1.5B'): snapshot_download(repo)"
-    )
-    assert subprocess.run([sys.executable, "-c", download], env=env, check=False).returncode == 0
+    with process_like(None, env):
+        from huggingface_hub import snapshot_download
+
+        for repo in ("Qwen/consolidated", "Qwen/Qwen2.5-1.5B"):
+            snapshot_download(repo)
     online = invoke_cli("plan", recipe, "--json", env=env)
     assert online.returncode == 0, online.stderr
     offline = invoke_cli(

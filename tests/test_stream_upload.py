@@ -1,27 +1,29 @@
 """Streaming output to the Hub (`publish.ShardUploader`): each shard goes up as soon as it is closed, while
-the merge writes the next, and one commit is made once everything is uploaded. Real processes against the
-local Hub in `support/hubserver/`.
+the merge writes the next, and one commit is made once everything is uploaded, against the local Hub in
+`support/hubserver/`: merges in this process on a thread of their own (`_traced`), and real processes where
+a kill or a signal is the subject.
 
-The order of events is read from the Hub's request log, never from timing: a helper process wraps the
+The order of events is read from the Hub's request log, never from timing: `_traced` wraps the
 engine's `on_shard` hook so that each shard closing also sends a marker request (`/hook/closed/NAME`) to
 the Hub, which the log places among the upload requests, and records which shards were on the disk then.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from support.checkpoints import random_state_dict, write_checkpoint
-from support.cli import invoke_cli, start_cli
+from support.cli import invoke_cli, process_like, start_cli
 from support.hub import hub_env, local_hub
 from support.hubserver import LocalHub
 from support.reference import cancelling_pool
@@ -31,39 +33,6 @@ RECIPE = (
     'method = "task_arithmetic"\nbase = "./base"\nmodels = ["./a", "./b"]\n'
     '[output]\nrepo = "{repo}"\nmax_shard_size = "8KB"\n'
 )
-
-# Runs `hubmerge.merge` with a push, the engine's shard hook traced (see the module docstring); prints the
-# shards closed (with the shards on the disk at that moment) and the commit URL, or the error line.
-TRACED_MERGE = """
-import json, sys, urllib.error, urllib.request
-import hubmerge.api as api
-from hubmerge.errors import HubmergeError
-
-recipe, out, hub, options = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-write_weights, events = api.write_weights, []
-
-def traced(plan, folders, directory, device, progress, stats=None, on_shard=None):
-    def hook(path):
-        before = sorted(p.name for p in directory.glob("*.safetensors"))
-        try:
-            urllib.request.urlopen(f"{hub}/hook/closed/{path.name}")
-        except urllib.error.HTTPError:
-            pass  # a 404: the request is in the Hub's log, which is all it is for
-        if on_shard is not None:
-            on_shard(path)
-        after = sorted(p.name for p in directory.glob("*.safetensors"))
-        events.append({"closed": path.name, "before": before, "after": after})
-    return write_weights(plan, folders, directory, device, progress, stats, hook)
-
-api.write_weights = traced
-try:
-    result = api.merge(recipe, output_dir=out, push=True, quiet=True, log=lambda _: None, **options)
-except HubmergeError as exc:
-    print(json.dumps({"events": events, "error": str(exc)}))
-    sys.exit(exc.exit_code)
-print(json.dumps({"events": events, "url": result.commit_url}))
-"""
-
 
 @pytest.fixture(scope="module")
 def hub() -> Iterator[LocalHub]:
@@ -87,33 +56,66 @@ def _recipe(folder: Path, repo: str, text: str = RECIPE) -> Path:
     return folder / "recipe.toml"
 
 
+
+
 def _traced(
     hub: LocalHub, recipe: Path, out: Path, *, hold_first_upload: bool = False, **options: bool
 ) -> tuple[int, dict]:
-    """Run TRACED_MERGE. With `hold_first_upload`, the Hub answers the first LFS upload only once the next
-    shard's close marker has arrived: the upload provably overlaps the merge, however fast either side is."""
+    """`hubmerge.merge` with a push, in this process on a thread of its own, the engine's shard hook traced
+    (see the module docstring): (exit code, {"events": the shards closed, each with the shards on the disk
+    just before and after, and "url", the commit's, or "error", the one line}).
+
+    With `hold_first_upload`, the Hub answers the first LFS upload only once the next shard's close marker
+    has arrived: the upload provably overlaps the merge, however fast either side is."""
+    import hubmerge.api as api
+    from hubmerge.errors import HubmergeError
+
+    write_weights, events = api.write_weights, []
+
+    def traced(plan, folders, directory, device, progress, stats=None, on_shard=None):
+        def hook(path: Path) -> None:
+            before = sorted(p.name for p in directory.glob("*.safetensors"))
+            # A 404: the request is in the Hub's log, which is all it is for.
+            with contextlib.suppress(urllib.error.HTTPError):
+                urllib.request.urlopen(f"{hub.url}/hook/closed/{path.name}")
+            if on_shard is not None:
+                on_shard(path)
+            after = sorted(p.name for p in directory.glob("*.safetensors"))
+            events.append({"closed": path.name, "before": before, "after": after})
+
+        return write_weights(plan, folders, directory, device, progress, stats, hook)
+
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            merged = api.merge(recipe, output_dir=out, push=True, quiet=True, log=lambda _: None, **options)
+            result.update(code=0, url=merged.commit_url)
+        except HubmergeError as exc:
+            result.update(code=exc.exit_code, error=str(exc))
+
     held = hub.hold_next("/lfs-upload/", method="PUT") if hold_first_upload else None
     since = len(hub.requests)
-    process = subprocess.Popen(
-        [sys.executable, "-c", TRACED_MERGE, recipe, out, hub.url, json.dumps(options)],
-        env={**os.environ, **hub_env(hub, out.parent / "home")},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    api.write_weights = traced
     try:
-        if held is not None:
-            assert held.arrived.wait(120), "the first shard was never uploaded"
-            # The first shard's marker came before its upload; the second one's comes while it is held.
-            _wait_for(lambda: sum(r.path.startswith("/hook/closed/") for r in hub.requests[since:]) >= 2)
-            held.release.set()
-        stdout, stderr = process.communicate(timeout=300)
+        with process_like(None, hub_env(hub, out.parent / "home")):
+            thread = threading.Thread(target=run, name="traced-merge")
+            thread.start()
+            try:
+                if held is not None:
+                    assert held.arrived.wait(120), "the first shard was never uploaded"
+                    # The first shard's marker came before its upload; the second one's comes while it is held.
+                    _wait_for(lambda: sum(r.path.startswith("/hook/closed/") for r in hub.requests[since:]) >= 2)
+                    held.release.set()
+            finally:
+                if held is not None:
+                    held.release.set()
+                thread.join(300)
+            assert not thread.is_alive(), "the merge did not finish"
     finally:
-        if held is not None:
-            held.release.set()
-        process.kill()
-    assert stdout, stderr
-    return process.returncode, json.loads(stdout.splitlines()[-1])
+        api.write_weights = write_weights
+    assert "code" in result, "the merge raised something other than a HubmergeError"
+    return result.pop("code"), {"events": events, **result}
 
 
 def _wait_for(condition: Callable[[], bool], limit: float = 120.0) -> None:
@@ -132,7 +134,7 @@ def _log(hub: LocalHub, since: int) -> list[tuple[str, str, int]]:
     return [(r.method, r.path, r.status) for r in hub.requests[since:]]
 
 
-@pytest.mark.slow  # a real process with the engine traced (TRACED_MERGE), tens of seconds
+@pytest.mark.slow  # merges with the engine traced (`_traced`)
 def test_shards_go_up_while_merging_and_one_commit_equals_a_plain_push(pool: Path, tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, "user/merged", RECIPE.replace("./", f"{pool}/"))
     # The same recipe pushed the way it was before streaming, to another Hub: the reference commit.
@@ -171,7 +173,7 @@ def test_shards_go_up_while_merging_and_one_commit_equals_a_plain_push(pool: Pat
     assert _shards(tmp_path / "streamed" / "out") == _shards(pool / "reference")
 
 
-@pytest.mark.slow  # a real process with the engine traced (TRACED_MERGE), tens of seconds
+@pytest.mark.slow  # merges with the engine traced (`_traced`)
 def test_delete_uploaded_keeps_two_shards_on_disk_and_commits_from_hashes_alone(
     hub: LocalHub, pool: Path, tmp_path: Path
 ) -> None:
@@ -203,7 +205,7 @@ def test_delete_uploaded_keeps_two_shards_on_disk_and_commits_from_hashes_alone(
     assert len(hub.commits("user/small-disk")) == commits
 
 
-@pytest.mark.slow  # a real process with the engine traced (TRACED_MERGE), tens of seconds
+@pytest.mark.slow  # merges with the engine traced (`_traced`)
 def test_ties_deleting_uploaded_shards_settles_the_majority_sign_first_and_keeps_two_on_disk(
     hub: LocalHub, tmp_path: Path
 ) -> None:
@@ -273,7 +275,7 @@ def test_a_run_killed_while_streaming_leaves_no_commit_and_a_rerun_makes_exactly
     assert {name: data for name, data in hub.files(repo).items() if name != ".gitattributes"} == local
 
 
-@pytest.mark.slow  # a real process with the engine traced (TRACED_MERGE), tens of seconds
+@pytest.mark.slow  # merges with the engine traced (`_traced`)
 def test_an_upload_cut_mid_way_stops_the_merge_with_one_line_and_no_commit(
     hub: LocalHub, tmp_path: Path
 ) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import yaml
 from support.checkpoints import REPO, TINY
+from support.cli import process_like
 from support.hub import POOL, TOKEN, hub_env, local_hub
 from support.hubserver import LocalHub
 
@@ -605,16 +606,12 @@ def test_push_to_main_merges_each_changed_recipe_and_pushes_it(hub: LocalHub, wo
     # The Hugging Face cache went to the workspace, not to /tmp or the home folder.
     assert (workspace / ".cache" / "huggingface" / "hub" / "models--Qwen--Qwen2.5-1.5B").is_dir()
 
-    script = (
-        "from huggingface_hub import snapshot_download\n"
-        "from transformers import AutoModelForCausalLM\n"
-        "model = AutoModelForCausalLM.from_pretrained(snapshot_download('user/tiny-ties'))\n"
-        "print(sum(p.numel() for p in model.parameters()))\n"
-    )
-    loaded = subprocess.run([sys.executable, "-c", script], env={**os.environ, **hub_env(hub, tmp_path / "user")},
-                            capture_output=True, text=True, timeout=300)
-    assert loaded.returncode == 0, loaded.stderr
-    assert int(loaded.stdout.split()[-1]) == 107072
+    with process_like(None, hub_env(hub, tmp_path / "user")):  # a user loads what the job pushed
+        from huggingface_hub import snapshot_download
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(snapshot_download("user/tiny-ties"))
+    assert sum(p.numel() for p in model.parameters()) == 107072
 
 
 @pytest.mark.slow

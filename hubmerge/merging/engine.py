@@ -334,7 +334,8 @@ class _Passes:
         for tensor in tensors:
             rows = tensor.shape[0] if tensor.shape else 1
             take = max(1, round(rows * fraction))
-            blocks = min(_SAMPLE_BLOCKS, take)
+            # A tensor sampled whole is one read per source (one request for a streamed one), not blocks.
+            blocks = 1 if take >= rows else min(_SAMPLE_BLOCKS, take)
             length = -(-take // blocks)
             for j in range(blocks):
                 start = j * rows // blocks

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def _hub_settings_from_environment() -> None:
 
 
 @contextmanager
-def _process_like(cwd: Path | str | None, env: dict[str, str] | None) -> Iterator[None]:
+def process_like(cwd: Path | str | None, env: dict[str, str] | None) -> Iterator[None]:
     saved_env, saved_cwd = dict(os.environ), os.getcwd()
     os.environ.update(env or {})
     os.environ.pop("HUBMERGE_DEBUG", None)  # as run_cli: the one-line errors, not tracebacks
@@ -61,7 +62,7 @@ def invoke_cli(
 
     argv = [str(a) for a in args]
     out, err = io.StringIO(), io.StringIO()
-    with _process_like(cwd, env), redirect_stdout(out), redirect_stderr(err):
+    with process_like(cwd, env), redirect_stdout(out), redirect_stderr(err):
         try:
             code = cli.main(argv)
         except SystemExit as exc:  # argparse: --help, --version, usage errors
@@ -71,6 +72,17 @@ def invoke_cli(
     return subprocess.CompletedProcess(
         [sys.executable, "-m", "hubmerge.cli", *argv], code, out.getvalue(), err.getvalue()
     )
+
+
+def invoke_cli_on_a_thread(
+    *args: str | Path, cwd: Path | str | None = None, env: dict[str, str] | None = None
+) -> Future[subprocess.CompletedProcess[str]]:
+    """`invoke_cli` on a thread of its own, for a test that acts (on the Hub, on the disk) while the command
+    waits: the future's result is what `invoke_cli` returns."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubmerge-cli")
+    future = pool.submit(invoke_cli, *args, cwd=cwd, env=env)
+    pool.shutdown(wait=False)
+    return future
 
 
 def start_cli(*args: str | Path, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen[str]:
