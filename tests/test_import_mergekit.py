@@ -20,11 +20,11 @@ import pytest
 from support.checkpoints import qwen2_config
 
 from hubmerge import cli
-from hubmerge.errors import ConfigImportError
+from hubmerge.errors import ConfigImportError, RecipeError
 from hubmerge.interop.mergekit import import_mergekit
 from hubmerge.merging.methods import METHODS
-from hubmerge.merging.schedule import to_json
-from hubmerge.recipe.load import load_recipe
+from hubmerge.merging.schedule import Filter, Gradient, to_json
+from hubmerge.recipe.load import load_recipe, loads_recipe
 from hubmerge.recipe.write import toml_value
 
 # mergekit's method -> hubmerge's (the same name but for TIES: hubmerge's `ties` is FusionBench's).
@@ -945,3 +945,131 @@ def test_toml_values_read_back_as_written(value, written):
 
     assert toml_value(value) == written
     assert tomllib.loads(f"x = {written}")["x"] == value
+
+
+# --- settings: the importer reads them with the recipe's parser ------------------------------------------
+
+# mergekit method -> (YAML before `parameters:`, the recipe's TOML before `[parameters]`, after it).
+SETTING_CONFIGS = {
+    "dare_ties": (
+        "merge_method: dare_ties\nbase_model: a/base\nmodels:\n"
+        "  - {model: a/x, parameters: {weight: 1.0, density: 0.5}}\n",
+        'method = "dare_ties"\nbase = "a/base"\n',
+        '[[models]]\nsource = "a/x"\nweight = 1.0\ndensity = 0.5\n',
+    ),
+    "nuslerp": (
+        "merge_method: nuslerp\nbase_model: a/base\nmodels:\n"
+        "  - {model: a/x, parameters: {weight: 0.5}}\n  - {model: a/y, parameters: {weight: 0.5}}\n",
+        'method = "nuslerp"\nbase = "a/base"\n',
+        '[[models]]\nsource = "a/x"\nweight = 0.5\n[[models]]\nsource = "a/y"\nweight = 0.5\n',
+    ),
+}
+
+
+def import_and_load(tmp_path: Path, method: str, name: str, value: Any) -> tuple[Any, Any]:
+    """The same setting of `name` given to the importer (in YAML) and to a recipe (in TOML): what each makes
+    of it, a setting or the one-line refusal after the file name (`parameters.density: ...`)."""
+    yaml_head, toml_head, toml_tail = SETTING_CONFIGS[method]
+    config = write(tmp_path, "config.yml", f"{yaml_head}parameters:\n  {name}: {json.dumps(value)}\n")
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f"{toml_head}[parameters]\n{name} = {toml_value(value)}\n{toml_tail}")
+    try:
+        imported: Any = import_mergekit(config, recipe)
+    except ConfigImportError as exc:
+        assert len(exc.problems) == 1, exc.problems
+        imported = exc.problems[0].removeprefix(f"{config}: ")
+    try:
+        loaded: Any = load_recipe(recipe).parameters[name]
+    except RecipeError as exc:
+        loaded = str(exc).removeprefix(f"{recipe}: ")
+    return imported, loaded
+
+
+@pytest.mark.parametrize(
+    ("method", "name", "value", "reason"),
+    [
+        ("dare_ties", "density", 1.5, "parameters.density: must be <= 1.0, got 1.5"),
+        ("dare_ties", "density", [0.5, 2], "parameters.density[1]: must be <= 1.0, got 2"),
+        ("dare_ties", "density", [], "parameters.density: is an empty list; give a value, a gradient"),
+        (
+            "dare_ties",
+            "density",
+            [0.5, [1]],
+            "parameters.density: must be a value, a gradient [a, b, ...] or",
+        ),
+        ("dare_ties", "density", "dense", "parameters.density: must be a number, got 'dense'"),
+        ("dare_ties", "density", True, "parameters.density: must be a number, got True"),
+        (
+            "dare_ties",
+            "density",
+            [{"filter": "mlp", "value": [[0.5]]}],
+            "parameters.density[0].value: must be a value or a gradient [a, b, ...], got [[0.5]]",
+        ),
+        ("dare_ties", "density", [{"filter": "mlp"}], "parameters.density[0].value: is required"),
+        (
+            "dare_ties",
+            "density",
+            [{"fliter": "mlp", "value": 0.5}],
+            "parameters.density[0].fliter: unknown key; did you mean 'filter'?",
+        ),
+        (
+            "dare_ties",
+            "density",
+            [{"filter": 3, "value": 0.5}],
+            "parameters.density[0].filter: must be a string",
+        ),
+        (
+            "nuslerp",
+            "nuslerp_flatten",
+            [True, False],
+            "parameters.nuslerp_flatten: is one value for the whole model: a gradient or a filter list is not "
+            "allowed here",
+        ),
+    ],
+)
+def test_a_setting_the_recipe_refuses_the_importer_refuses_with_the_same_key_and_reason(
+    tmp_path, method, name, value, reason
+):
+    imported, loaded = import_and_load(tmp_path, method, name, value)
+    assert imported == loaded
+    assert imported.startswith(reason)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        0.5,
+        1,
+        [0, 0.5, 1],
+        [{"filter": "mlp", "value": [0, 1]}, {"filter": "*", "value": 0.25}],
+        [{"value": 1}],
+    ],
+)
+def test_a_setting_the_recipe_accepts_the_importer_reads_as_the_same_value_and_writes_it_as_read(
+    tmp_path, value
+):
+    imported, loaded = import_and_load(tmp_path, "dare_ties", "density", value)
+    line = f"density = {toml_value(to_json(loaded))}  # mergekit parameters.density"
+    # The importer's own reading, written out: numbers as the recipe reads them (floats for density).
+    assert line in imported.text.splitlines()
+    assert loads_recipe(imported.text, tmp_path / "recipe.toml").parameters["density"] == loaded
+
+
+def test_yaml_s_own_readings_are_taken_as_mergekit_takes_them_before_the_recipe_s_parser(tmp_path):
+    """A number PyYAML reads as a string (1e-1) is a number, `filter: null` is no filter, and a single
+    {filter, value} mapping is a list of one; a refusal inside that mapping names the key as the YAML wrote it
+    (no [0])."""
+    config = write(
+        tmp_path,
+        "config.yml",
+        f"{SETTING_CONFIGS['dare_ties'][0]}parameters:\n  density: {{filter: mlp, value: [1e-1, '2.5e-1']}}\n"
+        "  lambda: {filter: null, value: 1e-1}\n",
+    )
+    imported = import_mergekit(config, tmp_path / "recipe.toml")
+    recipe = loads_recipe(imported.text, tmp_path / "recipe.toml")
+    assert recipe.parameters["density"] == (Filter(Gradient((0.1, 0.25)), "mlp"),)
+    assert recipe.parameters["lambda"] == (Filter(0.1),)
+    config.write_text(config.read_text().replace("'2.5e-1'", "'2.5e+1'"))
+    with pytest.raises(ConfigImportError) as caught:
+        import_mergekit(config, tmp_path / "recipe.toml")
+    assert caught.value.problems == (f"{config}: parameters.density.value[1]: must be <= 1.0, got 25.0",)

@@ -29,10 +29,11 @@ from typing import Any
 from ..errors import ConfigImportError, RecipeError
 from ..merging.methods import METHODS, Method, Param
 from ..merging.methods.base import MergekitParams
-from ..merging.schedule import Filter, Gradient, Scalar, Setting, to_json
+from ..merging.schedule import Filter, Setting, to_json
 from ..publish.files import CONFIG_FILE
 from ..recipe.load import loads_recipe
 from ..recipe.reference import BadReference, parse_reference
+from ..recipe.schema import Problem, parse_setting
 from ..recipe.write import toml_key, toml_value
 
 __all__ = ["Imported", "import_mergekit"]
@@ -158,67 +159,35 @@ class _Converter:
 
     # Parameters ---------------------------------------------------------------------------------------
 
-    def setting(self, value: Any, key: str, param: Param) -> Setting | None:
-        """A mergekit `ParameterSetting` (scalar, gradient, one conditional or a list of them) as ours."""
-        if isinstance(value, Mapping):
-            value = [value]
-        if isinstance(value, list):
-            if not value:
-                self.problem(key, "is an empty list; give a value, a gradient [a, b, ...] or filter rules")
-                return None
-            if all(isinstance(v, Mapping) for v in value):
-                rules = []
-                for i, rule in enumerate(value):
-                    extra = set(rule) - {"filter", "value"}
-                    if extra or "value" not in rule:
-                        self.problem(
-                            f"{key}[{i}]",
-                            "a filter rule holds `value` and an optional `filter`, nothing else",
-                        )
-                        return None
-                    if rule.get("filter") is not None and not isinstance(rule["filter"], str):
-                        self.problem(f"{key}[{i}].filter", f"must be a string, got {rule['filter']!r}")
-                        return None
-                    inner = self.setting(rule["value"], f"{key}[{i}].value", param)
-                    if inner is None:
-                        return None
-                    if isinstance(inner, tuple):
-                        self.problem(f"{key}[{i}].value", "must be a value or a gradient [a, b, ...]")
-                        return None
-                    rules.append(Filter(inner, rule.get("filter")))
-                return tuple(rules)
-            if any(isinstance(v, (list, Mapping)) for v in value):
-                self.problem(
-                    key, "must be a value, a gradient [a, b, ...] or a list of {filter, value} rules"
-                )
-                return None
-            return Gradient(tuple(_coerce(param, v) for v in value))
-        if not isinstance(value, (bool, int, float, str)):
-            self.problem(key, f"must be a value, a gradient [a, b, ...] or filter rules, got {value!r}")
+    def setting(self, method: Method, name: str, value: Any, key: str) -> Setting | None:
+        """A mergekit `ParameterSetting` (scalar, gradient, one conditional or a list of them) of `method`'s
+        parameter `name`, read by the recipe's parser; None, with a problem line, where it refuses it."""
+        try:
+            return parse_setting(method, name, _as_mergekit_reads(method.param(name), value))
+        except Problem as exc:
+            # Named as the YAML wrote it: a single {filter, value} mapping is read as a list of one.
+            below = exc.key.removeprefix("[0]") if isinstance(value, Mapping) else exc.key
+            self.problem(key + below, exc.message)
             return None
-        return _coerce(param, value)
-
-    def checked(self, param: Param, value: Any, key: str) -> Setting | None:
-        setting = self.setting(value, key, param)
-        if setting is None:
-            return None
-        problem = param.check(setting)
-        if problem:
-            self.problem(key, problem)
-            return None
-        return setting
 
 
-def _coerce(param: Param, value: Scalar) -> Scalar:
-    """What mergekit's pydantic validation makes of a YAML scalar: PyYAML reads `1e-5` as a string."""
+def _as_mergekit_reads(param: Param, value: Any, top: bool = True) -> Any:
+    """What mergekit's (lax) pydantic makes of YAML that the recipe's (strict) parser reads otherwise: a single
+    {filter, value} mapping is a list of one, `filter: null` is no filter, and a number PyYAML reads as a
+    string (`1e-5`) is a number."""
+    if isinstance(value, Mapping):
+        rule = {k: v for k, v in value.items() if not (k == "filter" and v is None)}
+        if "value" in rule:
+            rule["value"] = _as_mergekit_reads(param, rule["value"], False)
+        return [rule] if top else rule
+    if isinstance(value, list):
+        return [_as_mergekit_reads(param, v, False) for v in value]
     if isinstance(value, str) and param.type in (int, float):
         try:
             number = float(value)
         except ValueError:
             return value
-        if param.type is int and number.is_integer():
-            return int(number)
-        return number
+        return int(number) if param.type is int and number.is_integer() else number
     return value
 
 
@@ -576,7 +545,7 @@ def _model_params(c: _Converter, method: Method, spec: MergekitParams, s: _Sourc
                 f"hubmerge's {method.name} takes {hub} for all models, not per model: move it to parameters",
             )
             continue
-        setting = c.checked(per_model[hub], value, key)
+        setting = c.setting(method, hub, value, key)
         if setting is not None:
             model.params[hub] = setting
             model.comments[hub] = f"mergekit {key}"
@@ -630,7 +599,7 @@ def _parameters(
             if not _known(c, method, spec, str(name), key):
                 continue
             hub = _hub_name(method, str(name))
-            setting = c.checked(declared[hub], value, key)
+            setting = c.setting(method, hub, value, key)
             if setting is None:
                 continue
             if hub in settings:  # the slice's value first; the top-level one where its filters match nothing

@@ -8,7 +8,8 @@ union tagged by `method`, so a method added to the registry is validated, and de
 without a change here. The [output], [card] and [eval] tables are the recipe's own values: their validators
 resolve paths from the recipe file (`validate`'s context) and check what joins their keys. `validate` turns
 pydantic's first error into a key path (`models[1].weight`) and one message a recipe author can act on, with
-"did you mean" for typos. It imports no torch.
+"did you mean" for typos; `parse_setting` reads and words one parameter's setting alone the same way (the
+mergekit importer's parser). It imports no torch.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ __all__ = [
     "is_repo_id",
     "json_schema",
     "model_settings",
+    "parse_setting",
     "parse_size",
     "resolve_path",
     "validate",
@@ -793,10 +795,17 @@ class _Recipe(_Table):
 
 
 @functools.cache
+def _setting_types(m: Method) -> dict[str, Any]:
+    """The type of each of a method's parameters, as its [parameters] and [[models]] keys read it."""
+    name = _camel(m.name)
+    return {p.name: _setting(p, f"{name}{_camel(p.name)}Rule") for p in m.params + m.model_params}
+
+
+@functools.cache
 def _method_model(m: Method) -> type[_Table]:
     """The recipe of one method: its `method` tag, its [parameters] and its [[models]] keys."""
     name = _camel(m.name)
-    types = {p.name: _setting(p, f"{name}{_camel(p.name)}Rule") for p in m.params + m.model_params}
+    types = _setting_types(m)
     parameters = create_model(
         f"{name}Parameters",
         __base__=_Table,
@@ -1016,16 +1025,39 @@ def _first_problem(data: Mapping[str, Any], exc: ValidationError) -> tuple[str, 
     error = exc.errors(include_url=False)[0]
     if error["type"] in ("union_tag_not_found", "union_tag_invalid") and not error["loc"]:
         return _method_problem(data)
+    return _located(error, error["loc"][1:], METHODS[data["method"]])  # loc[0] is the method's tag
+
+
+def _located(error: ErrorDetails, loc: tuple[str | int, ...], method: Method) -> tuple[str, str]:
+    """(key path, message) of a pydantic error at `loc`, the union tags taken out of it."""
     path: list[str | int] = []
     form = None
-    for part in error["loc"][1:]:  # [0] is the method's tag
+    for part in loc:
         if part in _TAGS:
             form = part
         else:
             path.append(part)
-    method = METHODS[data["method"]]
     if error["type"] == "recipe":
         path += error["ctx"]["at"]
     if error["type"] == "unknown_key":
         return _key_path([*path, error["ctx"]["key"]]), _message(error, path, form, method)
     return _key_path(path), _message(error, path, form, method)
+
+
+@functools.cache
+def _setting_adapter(method: Method, name: str) -> TypeAdapter[Any]:
+    # Strict as the recipe's tables are: no "1" for 1, no true for 1.
+    return TypeAdapter(_setting_types(method)[name], config=ConfigDict(strict=True))
+
+
+def parse_setting(method: Method, name: str, value: Any) -> Setting:
+    """`value` (as TOML or JSON reads it) as the setting of `method`'s parameter `name`, read and checked as
+    the recipe reads it: a scalar, or where the parameter is per-tensor a `Gradient` or `Filter` rules.
+
+    Raises `Problem` for the first mistake, its key the path below the setting (`[0].value`, "" for the
+    setting itself) and its message the one the recipe gives."""
+    try:
+        return _setting_adapter(method, name).validate_python(value)  # type: ignore[no-any-return]
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        raise Problem(*_located(error, error["loc"], method)) from None

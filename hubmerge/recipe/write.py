@@ -29,7 +29,7 @@ def toml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{value!r} has no place in a recipe")  # refused earlier by Param.check
+        raise ValueError(f"{value!r} has no place in a recipe")  # the schema refuses it earlier
     return tomli_w.dumps({"v": value}).removeprefix("v = ").removesuffix("\n")
 
 

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..schedule import Scalar, Setting, is_schedule, scalars
+from ..schedule import Scalar, Setting
 
 if TYPE_CHECKING:
     import numpy as np
@@ -89,16 +89,6 @@ class Param:
             return f"must be >= {self.minimum}, got {value!r}"
         if self.maximum is not None and number is not None and number > self.maximum:
             return f"must be <= {self.maximum}, got {value!r}"
-        return None
-
-    def check(self, setting: Setting) -> str | None:
-        """Why `setting` (a scalar, or a gradient / filter list where `per_tensor`) is not acceptable."""
-        if not self.per_tensor and is_schedule(setting):
-            return "is one value for the whole model: a gradient or a filter list is not allowed here"
-        for value in scalars(setting):
-            problem = self.check_scalar(value)
-            if problem:
-                return problem
         return None
 
     def cast(self, value: Scalar) -> Scalar:
