@@ -152,11 +152,15 @@ def test_streamed_merge_under_a_budget_smaller_than_one_source_equals_the_cached
     assert {s["verified"] for s in cached_lock["sources"]} == {"sha256"}
 
 
-def test_the_small_tensors_of_a_layer_are_fetched_in_one_request(hub: LocalHub, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_the_small_tensors_of_a_layer_are_fetched_in_one_request(
+    hub: LocalHub, tmp_path: Path, method: str
+) -> None:
     """A streamed read of a whole small tensor takes the small tensors after it in the file, of the same decoder
     layer, in the same request (`remote._HubFile`): one range request per layer and file, one per tensor
-    outside the layers, instead of one per tensor. The merge equals the cached one (bytes, to the bit)."""
-    recipe = _recipe(tmp_path, "task_arithmetic", "[output]\nverify_streamed = false\n")
+    outside the layers, instead of one per tensor. The merge equals the cached one (bytes, to the bit).
+    TIES's selection samples a tensor that fits its sample whole, in one read, not in row blocks."""
+    recipe = _recipe(tmp_path, method, "[output]\nverify_streamed = false\n")
     cached = invoke_cli(
         recipe, "--output", tmp_path / "cached", "-q", "--no-stats", env=hub_env(hub, tmp_path / "big")
     )
@@ -169,6 +173,7 @@ def test_the_small_tensors_of_a_layer_are_fetched_in_one_request(hub: LocalHub, 
 
     # Where each file's decoder-layer tensors start: (file, absolute offset) -> layer (all small here).
     layer_at: dict[tuple[str, int], str] = {}
+    spans = []  # (file, absolute start, end) of each decoder-layer tensor
     for name, content in hub.files("Qwen/tiny-math").items():
         if name.endswith(".safetensors"):
             data = 8 + int.from_bytes(content[:8], "little")
@@ -176,6 +181,7 @@ def test_the_small_tensors_of_a_layer_are_fetched_in_one_request(hub: LocalHub, 
             for tensor, info in header.items():
                 if tensor.startswith("model.layers."):
                     first, last = info["data_offsets"]
+                    spans.append((name, data + first, data + last))
                     assert last - first <= 2**20
                     layer_at[(name, data + first)] = tensor.split(".")[2]
     reads = [
@@ -184,8 +190,15 @@ def test_the_small_tensors_of_a_layer_are_fetched_in_one_request(hub: LocalHub, 
         if r.method == "GET" and "/Qwen/tiny-math/" in r.path and r.path.endswith(".safetensors") and r.range
     ]
     layer_reads = [read for read in reads if read in layer_at]
+    layers = {(f, layer_at[f, o]) for (f, o) in layer_at}
+    if method == "ties":  # several passes (sample, cut-off, merge), each reading whole tensors only
+        # Inside the decoder layers, whose tensors fit the selection's sample whole, no read starts mid-tensor.
+        inside = [r for r in reads if any(f == r[0] and a < r[1] < b for f, a, b in spans)]
+        assert inside == []
+        assert len(layers) * 3 <= len(layer_reads) <= len(layer_at)
+        return
     # One request per layer and file (a layer's 12 tensors, split between shards here), none twice.
-    assert len(layer_reads) == len(set(layer_reads)) == len({(f, layer_at[f, o]) for (f, o) in layer_at})
+    assert len(layer_reads) == len(set(layer_reads)) == len(layers)
     assert len(layer_reads) * 4 <= len(layer_at)
 
 
