@@ -93,7 +93,7 @@ def write_recipe(tmp_path: Path) -> Callable[[str], Path]:
 
 
 class _TimeWithoutSleep:
-    """The `time` module as `huggingface_hub.utils._http` sees it under `no_retry_waits`: sleeps return at once."""
+    """The `time` module as the retrying modules see it under `no_retry_waits`: sleeps return at once."""
 
     def __getattr__(self, name: str) -> Any:
         import time
@@ -107,9 +107,12 @@ class _TimeWithoutSleep:
 
 @pytest.fixture
 def no_retry_waits(monkeypatch: pytest.MonkeyPatch) -> None:
-    """huggingface_hub retries a failed request after waiting 1, 2, 4, 8, 8 s (`http_backoff`). For the tests that
-    make the local Hub fail on purpose, in this process: the same retries and the same outcome, without the
-    waits (tens of seconds per test)."""
+    """huggingface_hub retries a failed request after waiting 1, 2, 4, 8, 8 s (`http_backoff`), and hubmerge a
+    metadata call after 1, 2, 4 s (`resolve._retrying`). For the tests that make the local Hub fail on purpose,
+    in this process: the same retries and the same outcome, without the waits (tens of seconds per test)."""
     from huggingface_hub.utils import _http
 
+    from hubmerge.sources import resolve
+
     monkeypatch.setattr(_http, "time", _TimeWithoutSleep())
+    monkeypatch.setattr(resolve, "time", _TimeWithoutSleep())

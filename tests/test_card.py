@@ -500,6 +500,18 @@ def test_custom_template_relative_to_the_recipe_replaces_the_default(
     )
 
 
+def test_a_template_edited_between_two_cards_renders_as_edited(
+    template_plan: Callable[[str], MergePlan], tmp_path: Path
+) -> None:
+    """The compiled templates are kept between cards (`card._environment`); an edited file is compiled again."""
+    head = "---\n{{ front_matter }}\n---\n"
+    assert render_card(template_plan(head + "first {{ title }}\n")).endswith("first recipe\n")
+    edited = template_plan(head + "second {{ title }}\n")
+    template = tmp_path / "my_card.md.j2"  # its modification time moves on, on a coarse clock too
+    os.utime(template, ns=(template.stat().st_atime_ns, template.stat().st_mtime_ns + 10**9))
+    assert render_card(edited).endswith("second recipe\n")
+
+
 def test_undefined_template_variable_is_a_card_error_naming_it_and_its_line(
     template_plan: Callable[[str], MergePlan],
 ) -> None:

@@ -276,6 +276,7 @@ def test_a_run_killed_while_streaming_leaves_no_commit_and_a_rerun_makes_exactly
 
 
 @pytest.mark.slow  # merges with the engine traced (`_traced`)
+@pytest.mark.usefixtures("no_retry_waits")
 def test_an_upload_cut_mid_way_stops_the_merge_with_one_line_and_no_commit(
     hub: LocalHub, tmp_path: Path
 ) -> None:

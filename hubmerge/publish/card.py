@@ -75,6 +75,7 @@ Template context (every variable is always defined):
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -658,13 +659,15 @@ def _template_line(exc: BaseException, filename: str) -> int | None:
     return line
 
 
-def _render(template_path: Path, context: Mapping[str, Any]) -> str:
-    from jinja2 import FileSystemLoader, StrictUndefined, TemplateError, TemplateNotFound, TemplateSyntaxError
-    from jinja2.exceptions import SecurityError, UndefinedError
+@functools.lru_cache(maxsize=8)
+def _environment(folder: Path) -> Any:
+    """The sandbox that renders the templates of `folder`. Kept, with the templates it compiled (a card's
+    template takes longer to compile than to render): Jinja compiles a template again when its file changes."""
+    from jinja2 import FileSystemLoader, StrictUndefined
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(
-        loader=FileSystemLoader(template_path.parent),
+        loader=FileSystemLoader(folder),
         finalize=finalize,  # strings from sources and recipes print inert, unless hubmerge built them (Markdown)
         undefined=StrictUndefined,
         autoescape=False,
@@ -673,6 +676,14 @@ def _render(template_path: Path, context: Mapping[str, Any]) -> str:
         keep_trailing_newline=True,
     )
     env.filters.update(code=code, literal=literal)
+    return env
+
+
+def _render(template_path: Path, context: Mapping[str, Any]) -> str:
+    from jinja2 import TemplateError, TemplateNotFound, TemplateSyntaxError
+    from jinja2.exceptions import SecurityError, UndefinedError
+
+    env = _environment(template_path.parent)
     filename = str(template_path)
     try:
         return env.get_template(template_path.name).render(context)
