@@ -686,7 +686,7 @@ def _render(template_path: Path, context: Mapping[str, Any]) -> str:
     env = _environment(template_path.parent)
     filename = str(template_path)
     try:
-        return env.get_template(template_path.name).render(context)
+        return str(env.get_template(template_path.name).render(context))
     except TemplateSyntaxError as exc:
         raise CardError(
             f"{exc.filename or filename}:{exc.lineno}: template syntax error: {exc.message}"
