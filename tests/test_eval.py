@@ -201,7 +201,9 @@ def test_eval_command_refuses_a_folder_without_a_merge(tmp_path: Path) -> None:
     )
 
 
-def test_without_the_extra_eval_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_the_extra_eval_says_how_to_install_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` fails as without the extra
     result = invoke_cli(recipe(tmp_path), "--eval", cwd=REPO)
     assert result.returncode == 7

@@ -34,6 +34,7 @@ RECIPE = (
     '[output]\nrepo = "{repo}"\nmax_shard_size = "8KB"\n'
 )
 
+
 @pytest.fixture(scope="module")
 def hub() -> Iterator[LocalHub]:
     with local_hub() as server:
@@ -54,8 +55,6 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _recipe(folder: Path, repo: str, text: str = RECIPE) -> Path:
     (folder / "recipe.toml").write_text(text.format(repo=repo))
     return folder / "recipe.toml"
-
-
 
 
 def _traced(
@@ -105,7 +104,9 @@ def _traced(
                 if held is not None:
                     assert held.arrived.wait(120), "the first shard was never uploaded"
                     # The first shard's marker came before its upload; the second one's comes while it is held.
-                    _wait_for(lambda: sum(r.path.startswith("/hook/closed/") for r in hub.requests[since:]) >= 2)
+                    _wait_for(
+                        lambda: sum(r.path.startswith("/hook/closed/") for r in hub.requests[since:]) >= 2
+                    )
                     held.release.set()
             finally:
                 if held is not None:
