@@ -39,6 +39,8 @@ def _hub_settings_from_environment() -> None:
 
 @contextmanager
 def process_like(cwd: Path | str | None, env: dict[str, str] | None) -> Iterator[None]:
+    """Inside the block, this process sees `env` and `cwd` as a new process started with them would, the Hub
+    client's settings included; both are put back after it."""
     saved_env, saved_cwd = dict(os.environ), os.getcwd()
     os.environ.update(env or {})
     os.environ.pop("HUBMERGE_DEBUG", None)  # as run_cli: the one-line errors, not tracebacks
