@@ -45,6 +45,7 @@ from .publish.lock import (
     verify_cached,
 )
 from .publish.output import check_target, disk_full, recover, staged, swap_in
+from .quality import kernel
 from .quality.diagnostics import MergeStats, stats_files, write_stats
 from .quality.evaluate import (
     CHART_FILE,
@@ -547,6 +548,8 @@ def _write_output(
         files |= dict.fromkeys(stats_files(document))
         if document.get("plots_note"):  # a local install's missing extra: said here, never in the card
             log(document["plots_note"])
+        if compute.type == "cpu" and not kernel.available():
+            log(kernel.MISSING)
     candidates = _source_candidates(plan, folders)
     if sanity:
         _return_freed_memory()

@@ -1,12 +1,17 @@
 """The diagnostics measured inside the merge (`MergeStats.measure` on the merge threads, beside each piece's
 merge) against the computation they replaced: a separate pass over the same pieces on one thread, with
 boolean masks (`reference_add` below, the package's code before the fusion, kept here as the reference).
-Counts are exact either way and the float64 dot products are taken by the same operations on the same
-pieces, so the documents are equal to the bit, NaN included."""
+
+Three ways to measure: the compiled kernel (`quality.kernel`, the default on a CPU), and the torch path's
+numpy counts (a CPU without the kernel) and arithmetic counts (an accelerator). Counts are exact every way.
+The torch paths take the float64 dot products by the same operations on the same pieces as the reference,
+so their documents equal it to the bit, NaN included; the kernel adds the same exact products in another
+order, so its norms and cosines equal the reference's to 1e-12, relative."""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +23,7 @@ from support.checkpoints import TINY, random_state_dict, write_checkpoint
 
 import hubmerge.merging.engine
 import hubmerge.quality.diagnostics
+import hubmerge.quality.kernel
 from hubmerge import api
 from hubmerge.merging.engine import _cuts, _open_inputs, _Passes
 from hubmerge.merging.plan import OutputTensor
@@ -94,6 +100,42 @@ def as_text(document: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in document.items() if k not in ("plots", "plots_note")}, sort_keys=True)
 
 
+def assert_same(document: dict[str, Any], expected: dict[str, Any], counts: str) -> None:
+    """To the bit for the torch paths; for the kernel, every count to the bit and the norms and cosines
+    (the Gram matrix's) to 1e-12."""
+    if counts != "kernel":
+        assert as_text(document) == as_text(expected)
+        return
+
+    def close(a: Any, b: Any, gram: bool) -> bool:
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(close(a[k], b[k], gram or k in ("norm", "cosine")) for k in a)
+        if isinstance(a, list):
+            return len(a) == len(b) and all(close(x, y, gram) for x, y in zip(a, b, strict=True))
+        if gram and isinstance(a, float) and isinstance(b, float):
+            return (math.isnan(a) and math.isnan(b)) or a == b or math.isclose(a, b, rel_tol=1e-12)
+        return json.dumps(a) == json.dumps(b)
+
+    plain = {k: v for k, v in document.items() if k not in ("plots", "plots_note")}
+    assert close(plain, {k: v for k, v in expected.items() if k not in ("plots", "plots_note")}, False)
+
+
+def measuring(monkeypatch: pytest.MonkeyPatch, counts: str) -> list[int]:
+    """Measure `counts`'s way; returns a list that holds the number of pieces the kernel measured."""
+    monkeypatch.setattr(hubmerge.quality.kernel, "ENABLED", counts == "kernel")
+    monkeypatch.setattr(hubmerge.quality.diagnostics, "_NUMPY_COUNTS", counts == "numpy")
+    measured = [0]
+    compiled = hubmerge.quality.kernel.measure
+
+    def counted(*args: Any) -> Any:
+        result = compiled(*args)
+        measured[0] += result is not None
+        return result
+
+    monkeypatch.setattr(hubmerge.quality.kernel, "measure", counted)
+    return measured
+
+
 def tiny_recipe(method: str, extra: str = "") -> str:
     models = ", ".join(f'"{TINY / m}"' for m in MODELS)
     text = f'method = "{method}"\nbase = "{TINY / "base"}"\nmodels = [{models}]\n{extra}'
@@ -103,13 +145,14 @@ def tiny_recipe(method: str, extra: str = "") -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("counts", ["numpy", "arithmetic"])
+@pytest.mark.parametrize("counts", ["kernel", "numpy", "arithmetic"])
 @pytest.mark.parametrize("method", ["ties", "task_arithmetic", "simple_average"])
-def test_fused_stats_of_merge_and_inspect_equal_the_separate_pass_to_the_bit(
+def test_fused_stats_of_merge_and_inspect_equal_the_separate_pass(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, counts: str
 ) -> None:
-    # numpy's compares count on a CPU; the arithmetic (sign vectors, matrix products) on an accelerator.
-    monkeypatch.setattr(hubmerge.quality.diagnostics, "_NUMPY_COUNTS", counts == "numpy")
+    # The kernel on a CPU; without it numpy's compares count, and the arithmetic (sign vectors, matrix
+    # products) on an accelerator.
+    kernel_pieces = measuring(monkeypatch, counts)
     # Small pieces: the larger tensors are several pieces, merged by two threads and recorded in order.
     monkeypatch.setattr(hubmerge.merging.engine, "_PIECE_ELEMENTS", 4096)
     monkeypatch.setattr(hubmerge.merging.engine, "_merge_threads", lambda device: 2)
@@ -124,18 +167,19 @@ def test_fused_stats_of_merge_and_inspect_equal_the_separate_pass_to_the_bit(
     merged = api.merge(recipe, output_dir=tmp_path / "out", push=False, quiet=True, sanity=False).stats
     inspected = api.inspect(recipe, output_dir=tmp_path / "inspect", quiet=True).stats
     assert merged is not None
-    assert as_text(merged) == as_text(expected)
-    assert as_text(inspected) == as_text(expected)
+    assert (kernel_pieces[0] > 0) == (counts == "kernel")
+    assert_same(merged, expected, counts)
+    assert as_text(inspected) == as_text(merged)  # `hubmerge inspect` measures as the merge does, to the bit
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("counts", ["numpy", "arithmetic"])
+@pytest.mark.parametrize("counts", ["kernel", "numpy", "arithmetic"])
 def test_fused_ties_counts_equal_the_separate_pass_where_sums_cancel_and_inputs_hold_nan(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counts: str
 ) -> None:
     """Exact cancellations (the elected sign is 0: undecided entries, both signs), a zero task vector,
-    and NaN and ±Inf in the sources of a recipe that allows them; counted either way."""
-    monkeypatch.setattr(hubmerge.quality.diagnostics, "_NUMPY_COUNTS", counts == "numpy")
+    and NaN and ±Inf in the sources of a recipe that allows them; counted every way."""
+    kernel_pieces = measuring(monkeypatch, counts)
     base = {k: torch.zeros_like(v) for k, v in random_state_dict(0).items()}
     a = {k: v.clone() for k, v in random_state_dict(1).items()}
     b = {k: -v for k, v in a.items()}  # cancels a everywhere
@@ -159,4 +203,5 @@ def test_fused_ties_counts_equal_the_separate_pass_where_sums_cancel_and_inputs_
     assert sum(norm["dropped"]) > 0 and sum(up["dropped"]) > 0
 
     inspected = api.inspect(recipe, output_dir=tmp_path / "inspect", quiet=True).stats
-    assert as_text(inspected) == as_text(expected)
+    assert (kernel_pieces[0] > 0) == (counts == "kernel")
+    assert_same(inspected, expected, counts)

@@ -23,10 +23,12 @@ against a stand-in such as the models' mean (whose deviations always sum to zero
 always show a cosine of −1).
 
 Not free arithmetic: per piece, the task vectors again, their Gram matrix in float64 (so the numbers do not
-depend on the piece size), and every count as a matrix product of sign vectors (`_counts`) instead of
-boolean masks; about a dozen elementwise passes over the task vectors (on one CPU thread, 256 Ki elements
-and 3 models: ~3.5 ms per piece, ~7.5 ms with a trimming method's counts; the separate pass this replaced took ~4 and
-~15-24 ms, on the main thread, before the piece could be merged). bench/RESULTS.md has the end-to-end cost.
+depend on the piece size) and the sign counts. On a CPU the compiled kernel (`kernel.measure`,
+hubmerge/_kernels.c) takes them all in one pass over the piece's inputs; elsewhere, and where it is not
+built, torch does (`_measure_torch`): about a dozen elementwise passes, every count a matrix product of
+sign vectors (`_counts`) or numpy's compares. Counts are exact either way; the kernel adds the same exact
+float64 products in another order than torch's addmm, so norms and cosines agree to 1e-12 (tests hold
+both). bench/RESULTS.md has the end-to-end cost.
 `--no-stats` or `[output] stats = false` turns them off.
 
 `write_stats` writes `merge_stats.json` and, when matplotlib is installed (`hubmerge[plots]`), the plots.
@@ -48,10 +50,10 @@ import torch
 
 from .. import __version__
 from ..merging.methods import trim_
-from ..merging.methods.base import cpu_array
+from ..merging.methods.base import cpu_array, trim_threshold
 from ..merging.plan import MergePlan, OutputTensor
 from ..publish.files import STATS_FILE, STATS_PLOTS
-from . import plots
+from . import kernel, plots
 
 __all__ = [
     "PLOTS",
@@ -167,6 +169,18 @@ class MergeStats:
             base, models = slices[0], slices[1:]
         else:
             base, models = slices[-1], slices[:-1]
+        measured = self._measure_compiled(tensor, base, models, cuts)
+        return measured if measured is not None else self._measure_torch(tensor, base, models, cuts)
+
+    def _measure_torch(
+        self,
+        tensor: OutputTensor,
+        base: torch.Tensor,
+        models: Sequence[torch.Tensor],
+        cuts: Sequence[float] | None,
+    ) -> Measured:
+        """`measure` by torch's and numpy's elementwise operations: on an accelerator, and on a CPU where
+        the compiled kernel is not built or does not take the inputs."""
         # The engine upcasts only the first slice (methods promote the rest inside their arithmetic); the
         # reference must be in the compute dtype too, or bf16 − bf16 would round every task vector.
         base = base.to(self.plan.compute_dtype)
@@ -214,9 +228,38 @@ class MergeStats:
             sign_sum = self._measure_trims(task_vectors, cuts, sums)
         return Measured(tensor.name, sums, sign_sum)
 
-    def _measure_trims(
-        self, task_vectors: torch.Tensor, cuts: Sequence[float], sums: _Sums
-    ) -> float:
+    def _measure_compiled(
+        self,
+        tensor: OutputTensor,
+        base: torch.Tensor,
+        models: Sequence[torch.Tensor],
+        cuts: Sequence[float] | None,
+    ) -> Measured | None:
+        """`measure` by the compiled kernel in one pass over the inputs (`kernel.measure`): the same numbers,
+        the Gram matrix to float64 rounding. None where the kernel does not apply (then torch measures)."""
+        if self.plan.compute_dtype != torch.float32:
+            return None
+        shrink = None
+        if self.trims:
+            assert cuts is not None
+            shrink = [trim_threshold(cut, torch.float32) for cut in cuts]
+        counts = kernel.measure(base, models, shrink)
+        if counts is None:
+            return None
+        kept = counts.kept + counts.nan if self._nan else counts.kept
+        sums = _Sums(
+            base.numel(),
+            counts.gram,
+            torch.tensor(counts.conflict),
+            counts.model_conflict,
+            kept,
+            counts.dropped,
+            counts.undecided_pos,
+            counts.undecided_neg,
+        )
+        return Measured(tensor.name, sums, float(counts.sign_sum) if self.trims else 0.0)
+
+    def _measure_trims(self, task_vectors: torch.Tensor, cuts: Sequence[float], sums: _Sums) -> float:
         """Fill the trimming counts of `sums` (trimming `task_vectors` in place); return Σ elected signs."""
         n, numel = task_vectors.shape
         for row, cut in zip(task_vectors, cuts, strict=True):

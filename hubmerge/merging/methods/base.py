@@ -47,6 +47,7 @@ __all__ = [
     "Slice",
     "Stats",
     "trim_",
+    "trim_threshold",
     "uniform",
 ]
 
@@ -424,8 +425,14 @@ def trim_(task_vector: Tensor, cut: float) -> Tensor:
     import torch
 
     if cut > 0:
-        torch.hardshrink(task_vector, _below(cut, task_vector.dtype), out=task_vector)
+        torch.hardshrink(task_vector, trim_threshold(cut, task_vector.dtype), out=task_vector)
     return task_vector
+
+
+def trim_threshold(cut: float, dtype: torch.dtype) -> float:
+    """The hardshrink λ of `trim_` for a cut-off in `dtype`: entries with −λ <= τ <= λ become 0, the others
+    (NaN too) are kept; −1 for a cut-off of 0, which keeps every entry."""
+    return _below(cut, dtype) if cut > 0 else -1.0
 
 
 @functools.lru_cache(maxsize=256)
