@@ -78,13 +78,22 @@ VARIANTS = {
     "stats": ("--no-sanity",),
     "default": (),
     "first": (),  # the default command on sources it has never seen: an empty $HUBMERGE_CACHE
+    "stats-torch": (
+        "--no-sanity",
+    ),  # `stats` with the diagnostics' compiled kernel switched off (TORCH_PATH)
 }
 TOOLS = {
     "alone": "hubmerge",
     "stats": "hubmerge +stats",
     "default": "hubmerge default",
     "first": "hubmerge default, first run",
+    "stats-torch": "hubmerge +stats, torch path",
 }
+# What an install without a C compiler runs: the diagnostics measured by torch instead of hubmerge/_kernels.c.
+TORCH_PATH = (
+    "import sys; import hubmerge.quality.kernel as k; k.ENABLED = False; "
+    "from hubmerge.cli import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
 @dataclass(frozen=True)
@@ -412,10 +421,10 @@ def main(argv: list[str] | None = None) -> int:
                         for variant in variants:
                             shutil.rmtree(target, ignore_errors=True)
                             warm(inputs)
+                            entry = ["-c", TORCH_PATH] if variant == "stats-torch" else ["-m", "hubmerge.cli"]
                             command = [
                                 sys.executable,
-                                "-m",
-                                "hubmerge.cli",
+                                *entry,
                                 str(recipe),
                                 "--output",
                                 str(target),
@@ -427,9 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                                 cache = WORK / "first-run-cache"
                                 shutil.rmtree(cache, ignore_errors=True)
                                 run_env = dict(env, HUBMERGE_CACHE=str(cache))
-                            runs[TOOLS[variant]].append(
-                                measure(TOOLS[variant], command, ROOT, log, run_env)
-                            )
+                            runs[TOOLS[variant]].append(measure(TOOLS[variant], command, ROOT, log, run_env))
                         if mergekit is not None:
                             shutil.rmtree(mk_out, ignore_errors=True)
                             warm(inputs)
@@ -592,8 +599,9 @@ def write_results(args: argparse.Namespace, rows: list[dict[str, object]], info:
         for r in variants:
             for name, cell in r["variants"].items():  # type: ignore[attr-defined]
                 flags = " ".join(VARIANTS[name])
+                how = " (compiled kernel off)" if name == "stats-torch" else ""
                 lines.append(
-                    f"| {r['shape']} | {r['models']} | {r['method']} | `hubmerge recipe.toml{' ' + flags if flags else ''}` | "
+                    f"| {r['shape']} | {r['models']} | {r['method']} | `hubmerge recipe.toml{' ' + flags if flags else ''}`{how} | "
                     f"{cell['wall_s']:.1f} | {cell['wall_s'] / float(r['floor_s']):.2f}× | "  # type: ignore[arg-type]
                     f"{cell['wall_s'] / float(r['hubmerge_s']):.2f}× | {cell['rss_gb']:.2f} | "  # type: ignore[arg-type]
                     f"{cell['cpu_s']:.1f} | {cell['walls']} |"
