@@ -30,6 +30,7 @@
 #define FLUSH (1 << 20) /* positions between flushes of the int32 lane counts into int64 */
 
 typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef uint16_t v8h __attribute__((vector_size(16)));
@@ -93,8 +94,10 @@ static inline __attribute__((always_inline)) void measure_n(
             v4d low[MAX_MODELS], high[MAX_MODELS];
             for (int i = 0; i < n; i++) {
                 per[i][HM_MODEL_CONFLICT] += conflict & (t[i] != 0.0f);
-                low[i] = __builtin_convertvector(__builtin_shufflevector(t[i], t[i], 0, 1, 2, 3), v4d);
-                high[i] = __builtin_convertvector(__builtin_shufflevector(t[i], t[i], 4, 5, 6, 7), v4d);
+                v4f half[2];  /* the two halves of t[i] (memcpy: __builtin_shufflevector needs GCC 12) */
+                memcpy(half, &t[i], sizeof half);
+                low[i] = __builtin_convertvector(half[0], v4d);
+                high[i] = __builtin_convertvector(half[1], v4d);
                 /* One float64 accumulator of four lanes per pair: few enough to stay in registers. */
                 for (int j = 0; j <= i; j++) products[i][j] += low[i] * low[j] + high[i] * high[j];
             }
