@@ -1,7 +1,7 @@
 """The one compiled part of hubmerge: the merge diagnostics' single-pass kernel (hubmerge/_kernels.c).
 
 Optional: without a C compiler the build goes on without it, and the diagnostics take their torch path
-(hubmerge/quality/native.py says which one runs). Everything else about the package is in pyproject.toml.
+(hubmerge/quality/kernel.py loads it; a merge without it says so in one line). Everything else about the package is in pyproject.toml.
 """
 
 import sys

@@ -72,7 +72,7 @@ def inputs(
 
 
 def test_the_kernel_is_built() -> None:
-    """`pip install` compiles it (setup.py); without it the diagnostics cost about three times as much."""
+    """`pip install` compiles it (setup.py); without it the diagnostics cost two to five times as much."""
     assert kernel.available(), (
         "hubmerge/_kernels.c was not built: install a C compiler, then `pip install -e .`"
     )
