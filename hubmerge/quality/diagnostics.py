@@ -140,7 +140,6 @@ class MergeStats:
         self.trims = plan.recipe.method.trims
         self.reference = "base" if plan.base is not None else None
         self._sums: dict[str, _Sums] = {}  # every tensor's, from the first piece recorded
-        self._fresh: set[str] = set()  # tensors none of whose pieces is recorded yet
         self._sign_sum = 0.0  # trimming: Σ elected signs over the model, whose sign breaks ties at 0
         # Only a recipe that accepts non-finite inputs can bring a NaN here (the engine refuses them otherwise).
         self._nan = plan.recipe.allow_non_finite
@@ -331,10 +330,8 @@ class MergeStats:
             # and a 0.5B merge's peak memory grew by ~0.15 GB (bench/RESULTS.md).
             n, device = len(self.plan.models), measured.sums.gram.device
             self._sums = {t.name: _Sums.zeros(n, device) for t in self.plan.tensors}
-            self._fresh = set(self._sums)
         sums = self._sums[measured.name]
-        if measured.name in self._fresh:  # the first piece's numbers as they are (not 0.0 + x: -0.0 stays)
-            self._fresh.discard(measured.name)
+        if sums.numel == 0:  # the tensor's first piece: its numbers as they are (not 0.0 + x: -0.0 stays)
             sums.numel = measured.sums.numel
             for name in _Sums.TENSORS:
                 getattr(sums, name).copy_(getattr(measured.sums, name))
